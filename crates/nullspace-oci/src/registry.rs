@@ -1,0 +1,172 @@
+//! Registry access through `oci-client`, which implements the distribution
+//! protocol and the `WWW-Authenticate` challenge flow (anonymous, basic,
+//! bearer token). Everything it returns is verified again by the resolver.
+//!
+//! The rest of nullspace is synchronous streaming code; blob streams are
+//! bridged from the async client through a small bounded channel.
+
+use std::io::{self, Read};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+use crate::auth::{self, Credentials};
+use crate::digest::Digest;
+use crate::error::ErrorKind;
+use crate::manifest::{self, Descriptor};
+use crate::resolve::{Backend, Root};
+
+pub(crate) struct Registry {
+    client: Client,
+    reference: Reference,
+    auth: RegistryAuth,
+    rt: tokio::runtime::Runtime,
+}
+
+fn map_err(e: oci_client::errors::OciDistributionError) -> ErrorKind {
+    use oci_client::errors::OciDistributionError as E;
+    match e {
+        E::AuthenticationFailure(m) => ErrorKind::Auth(m),
+        E::UnauthorizedError { url } => ErrorKind::Auth(format!("unauthorized at {url}")),
+        E::ImageManifestNotFoundError(m) => ErrorKind::NotFound(m),
+        other => {
+            let msg = other.to_string();
+            if msg.contains("401") || msg.to_lowercase().contains("unauthorized") {
+                ErrorKind::Auth(msg)
+            } else if msg.contains("MANIFEST_UNKNOWN") || msg.contains("404") {
+                ErrorKind::NotFound(msg)
+            } else {
+                ErrorKind::Registry(msg)
+            }
+        }
+    }
+}
+
+impl Registry {
+    pub(crate) fn new(
+        reference: Reference,
+        creds: Option<Credentials>,
+        insecure: &[String],
+    ) -> Result<Registry, ErrorKind> {
+        let registry = reference.resolve_registry().to_string();
+        let plain_http = auth::is_loopback(&registry) || insecure.iter().any(|i| *i == registry);
+        let config = ClientConfig {
+            protocol: if plain_http {
+                ClientProtocol::HttpsExcept(vec![registry.clone()])
+            } else {
+                ClientProtocol::Https
+            },
+            connect_timeout: Some(std::time::Duration::from_secs(30)),
+            read_timeout: Some(std::time::Duration::from_secs(300)),
+            ..Default::default()
+        };
+        let creds = creds.or_else(|| auth::from_docker_config(reference.registry()));
+        let auth = match creds {
+            Some(c) => RegistryAuth::Basic(c.username, c.password),
+            None => RegistryAuth::Anonymous,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        Ok(Registry {
+            client: Client::new(config),
+            reference,
+            auth,
+            rt,
+        })
+    }
+
+    fn pull_manifest(&self, reference: &Reference) -> Result<Vec<u8>, ErrorKind> {
+        let (bytes, _digest) = self
+            .rt
+            .block_on(self.client.pull_manifest_raw(
+                reference,
+                &self.auth,
+                manifest::ACCEPTED_MANIFEST_TYPES,
+            ))
+            .map_err(map_err)?;
+        Ok(bytes.to_vec())
+    }
+}
+
+impl Backend for Registry {
+    fn root(&self) -> Result<Root, ErrorKind> {
+        let bytes = self.pull_manifest(&self.reference)?;
+        let expected = match self.reference.digest() {
+            Some(d) => Some((Digest::parse(d)?, bytes.len() as u64)),
+            None => None,
+        };
+        Ok(Root {
+            bytes,
+            expected,
+            declared_type: None,
+        })
+    }
+
+    fn fetch(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>, ErrorKind> {
+        if manifest::ACCEPTED_MANIFEST_TYPES.contains(&desc.media_type.as_str()) {
+            let r = self.reference.clone_with_digest(desc.digest.to_string());
+            return Ok(Box::new(io::Cursor::new(self.pull_manifest(&r)?)));
+        }
+        // Authenticate first (a no-op when a token is cached): blob requests
+        // carry whatever auth the client holds for this registry.
+        self.rt.block_on(
+            self.client
+                .store_auth_if_needed(self.reference.resolve_registry(), &self.auth),
+        );
+        let digest = desc.digest.to_string();
+        let stream = self
+            .rt
+            .block_on(
+                self.client
+                    .pull_blob_stream(&self.reference, digest.as_str()),
+            )
+            .map_err(map_err)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(16);
+        let mut stream = stream.stream;
+        self.rt.spawn(async move {
+            while let Some(chunk) = stream.next().await {
+                let item = chunk.map_err(io::Error::other);
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Box::new(ChannelReader {
+            rx,
+            buf: Bytes::new(),
+            pos: 0,
+        }))
+    }
+}
+
+/// A blocking `Read` over chunks sent by the async side.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    buf: Bytes,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
