@@ -1,0 +1,359 @@
+//! A directory of spooled (uncompressed) layers keyed by the compressed
+//! layer digest:
+//!
+//! ```text
+//! DIR/layers/sha256/<hex>.tar    uncompressed tar (the spool file)
+//! DIR/layers/sha256/<hex>.json   {"digest", "diff_id", "size"}
+//! ```
+//!
+//! Inserts are atomic (temp file + rename; the `.json` is renamed last, so
+//! an entry without it is incomplete and ignored). Recency is the `.tar`
+//! file's mtime, bumped on every hit, because atime is unreliable under
+//! `relatime`/`noatime`. Eviction removes least-recently-used entries
+//! until the total is under `max_bytes`.
+
+use std::fs::{self, File};
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::decode::LayerIndex;
+use crate::error::Error;
+
+/// A validated digest split into algorithm and hex.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedDigest<'a> {
+    /// `sha256` or `sha512`.
+    pub algorithm: &'a str,
+    /// Lowercase hex of the right length.
+    pub hex: &'a str,
+}
+
+/// Validate `algo:hex` before it is ever used in a path: only sha256 (64
+/// hex) and sha512 (128 hex), lowercase.
+pub fn parse_digest(digest: &str) -> Result<ParsedDigest<'_>, Error> {
+    let bad = || Error::InvalidDigest(digest.to_owned());
+    let (algorithm, hex) = digest.split_once(':').ok_or_else(bad)?;
+    let want = match algorithm {
+        "sha256" => 64,
+        "sha512" => 128,
+        _ => return Err(bad()),
+    };
+    if hex.len() != want
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(bad());
+    }
+    Ok(ParsedDigest { algorithm, hex })
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    digest: String,
+    diff_id: String,
+    size: u64,
+}
+
+/// A cache hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedLayer {
+    /// The spooled uncompressed tar.
+    pub tar_path: PathBuf,
+    /// Its diff_id as recorded at insert time.
+    pub diff_id: String,
+    /// Its length.
+    pub size: u64,
+}
+
+/// Counters since the cache was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// `get` calls that found a complete entry.
+    pub hits: u64,
+    /// `get` calls that did not.
+    pub misses: u64,
+    /// Committed inserts.
+    pub inserts: u64,
+    /// Entries removed by eviction.
+    pub evictions: u64,
+    /// Bytes removed by eviction.
+    pub evicted_bytes: u64,
+}
+
+/// Dir-based layer cache; see the module docs for the layout.
+#[derive(Debug)]
+pub struct LayerCache {
+    root: PathBuf,
+    max_bytes: u64,
+    stats: Mutex<CacheStats>,
+}
+
+static TMP: AtomicU64 = AtomicU64::new(0);
+
+impl LayerCache {
+    /// Open (creating directories as needed) a cache at `dir` holding at
+    /// most `max_bytes` of spooled tars after [`LayerCache::evict`].
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<LayerCache, Error> {
+        for algo in ["sha256", "sha512"] {
+            let d = dir.join("layers").join(algo);
+            fs::create_dir_all(&d)
+                .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+        }
+        Ok(LayerCache {
+            root: dir.to_owned(),
+            max_bytes,
+            stats: Mutex::new(CacheStats::default()),
+        })
+    }
+
+    fn paths(&self, digest: &str) -> Result<(PathBuf, PathBuf), Error> {
+        let d = parse_digest(digest)?;
+        let base = self.root.join("layers").join(d.algorithm);
+        Ok((
+            base.join(format!("{}.tar", d.hex)),
+            base.join(format!("{}.json", d.hex)),
+        ))
+    }
+
+    fn bump(&self, f: impl FnOnce(&mut CacheStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(&mut s);
+        }
+    }
+
+    /// Look up a layer by its compressed digest. A hit refreshes the
+    /// entry's recency. Entries whose tar is missing or has the wrong size
+    /// count as misses (and are removed).
+    pub fn get(&self, digest: &str) -> Result<Option<CachedLayer>, Error> {
+        let (tar, json) = self.paths(digest)?;
+        let hit = (|| {
+            let rec: Record = serde_json::from_slice(&fs::read(&json).ok()?).ok()?;
+            let len = fs::metadata(&tar).ok()?.len();
+            (rec.digest == digest && len == rec.size && parse_digest(&rec.diff_id).is_ok())
+                .then_some(rec)
+        })();
+        match hit {
+            Some(rec) => {
+                // Best effort: a failed touch only affects eviction order.
+                if let Ok(f) = File::options().append(true).open(&tar) {
+                    let _ = f.set_modified(SystemTime::now());
+                }
+                self.bump(|s| s.hits += 1);
+                Ok(Some(CachedLayer {
+                    tar_path: tar,
+                    diff_id: rec.diff_id,
+                    size: rec.size,
+                }))
+            }
+            None => {
+                if json.exists() {
+                    let _ = fs::remove_file(&json);
+                    let _ = fs::remove_file(&tar);
+                }
+                self.bump(|s| s.misses += 1);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Start inserting `digest`: returns a temp file to pass to
+    /// [`crate::decode_layer`] as the spool. Commit it with
+    /// [`CacheInsert::commit`]; dropping it uncommitted deletes the temp.
+    pub fn begin_insert(&self, digest: &str) -> Result<CacheInsert, Error> {
+        let (tar, json) = self.paths(digest)?;
+        let tmp = tar.with_extension(format!(
+            "tar.tmp-{}-{}",
+            std::process::id(),
+            TMP.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        Ok(CacheInsert {
+            file,
+            tmp: Some(tmp),
+            tar,
+            json,
+            digest: digest.to_owned(),
+        })
+    }
+
+    /// Re-hash a cached tar and compare with its recorded diff_id.
+    pub fn verify(&self, digest: &str) -> Result<bool, Error> {
+        let Some(hit) = self.get(digest)? else {
+            return Ok(false);
+        };
+        let f = File::open(&hit.tar_path)
+            .map_err(|e| Error::io(format!("opening {}", hit.tar_path.display()), e))?;
+        let mut r = BufReader::with_capacity(1 << 20, f);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = r
+                .read(&mut buf)
+                .map_err(|e| Error::io(format!("reading {}", hit.tar_path.display()), e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(format!("sha256:{}", hex::encode(h.finalize())) == hit.diff_id)
+    }
+
+    /// Evict least-recently-used entries (never those in `keep`, e.g. the
+    /// layers of the image being built) until the cached tars total at
+    /// most `max_bytes`. Also removes stale temp files and incomplete
+    /// entries. Ties in recency break by digest, so the order is stable.
+    pub fn evict(&self, keep: &[&str]) -> Result<u64, Error> {
+        let mut entries: Vec<(SystemTime, String, u64, PathBuf, PathBuf)> = Vec::new();
+        for algo in ["sha256", "sha512"] {
+            let dir = self.root.join("layers").join(algo);
+            let rd = fs::read_dir(&dir)
+                .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+            for de in rd.flatten() {
+                let name = de.file_name().to_string_lossy().into_owned();
+                let Some(hex) = name.strip_suffix(".tar") else {
+                    continue;
+                };
+                let digest = format!("{algo}:{hex}");
+                if parse_digest(&digest).is_err() {
+                    continue;
+                }
+                let tar = de.path();
+                let json = tar.with_extension("json");
+                let Ok(md) = de.metadata() else { continue };
+                if !json.exists() {
+                    // Incomplete (crash between the renames).
+                    let _ = fs::remove_file(&tar);
+                    continue;
+                }
+                let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                entries.push((mtime, digest, md.len(), tar, json));
+            }
+        }
+        let mut total: u64 = entries.iter().map(|e| e.2).sum();
+        entries.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        let mut freed = 0;
+        for (_, digest, len, tar, json) in entries {
+            if total <= self.max_bytes {
+                break;
+            }
+            if keep.contains(&digest.as_str()) {
+                continue;
+            }
+            // json first: a half-removed entry then reads as a miss.
+            let _ = fs::remove_file(&json);
+            fs::remove_file(&tar)
+                .map_err(|e| Error::io(format!("removing {}", tar.display()), e))?;
+            total -= len;
+            freed += len;
+            self.bump(|s| {
+                s.evictions += 1;
+                s.evicted_bytes += len;
+            });
+        }
+        Ok(freed)
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> CacheStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+}
+
+/// An in-progress insert; see [`LayerCache::begin_insert`].
+#[derive(Debug)]
+pub struct CacheInsert {
+    /// The spool file to write the uncompressed layer into.
+    pub file: File,
+    tmp: Option<PathBuf>,
+    tar: PathBuf,
+    json: PathBuf,
+    digest: String,
+}
+
+impl CacheInsert {
+    /// Publish the spooled tar under its digest. Returns the final path.
+    pub fn commit(mut self, index: &LayerIndex, cache: &LayerCache) -> Result<PathBuf, Error> {
+        let tmp = self.tmp.take().ok_or_else(|| Error::CacheCorrupt {
+            digest: self.digest.clone(),
+            reason: "insert already committed".into(),
+        })?;
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", tmp.display()), e))?
+            .len();
+        if len != index.uncompressed_size {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::CacheCorrupt {
+                digest: self.digest.clone(),
+                reason: format!(
+                    "spool holds {len} bytes, index says {}",
+                    index.uncompressed_size
+                ),
+            });
+        }
+        fs::rename(&tmp, &self.tar)
+            .map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
+        let rec = Record {
+            digest: self.digest.clone(),
+            diff_id: index.diff_id.clone(),
+            size: len,
+        };
+        let json_tmp = self.json.with_extension(format!(
+            "json.tmp-{}-{}",
+            std::process::id(),
+            TMP.fetch_add(1, Ordering::Relaxed)
+        ));
+        let body =
+            serde_json::to_vec(&rec).map_err(|e| Error::io("encoding cache record", e.into()))?;
+        fs::write(&json_tmp, body)
+            .map_err(|e| Error::io(format!("writing {}", json_tmp.display()), e))?;
+        fs::rename(&json_tmp, &self.json)
+            .map_err(|e| Error::io(format!("renaming {}", json_tmp.display()), e))?;
+        cache.bump(|s| s.inserts += 1);
+        Ok(self.tar.clone())
+    }
+}
+
+impl Drop for CacheInsert {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_validation() {
+        let ok = format!("sha256:{}", "a".repeat(64));
+        assert!(parse_digest(&ok).is_ok());
+        assert!(parse_digest(&format!("sha512:{}", "0".repeat(128))).is_ok());
+        for bad in [
+            format!("sha256:{}", "A".repeat(64)),
+            format!("sha256:{}", "a".repeat(63)),
+            format!("sha256:../../{}", "a".repeat(58)),
+            format!("md5:{}", "a".repeat(32)),
+            format!("sha512:{}", "a".repeat(64)),
+            "sha256".to_owned(),
+            String::new(),
+        ] {
+            assert!(parse_digest(&bad).is_err(), "{bad}");
+        }
+    }
+}
