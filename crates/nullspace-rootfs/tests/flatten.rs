@@ -12,12 +12,15 @@ fn basic_types_and_content() {
         .file("etc/hostname", 0o644, b"box\n")
         .symlink("etc/alias", "hostname")
         .hardlink("etc/hostname2", "etc/hostname")
-        .entry(&{
-            // old-style '\0' regular file
-            let mut h = Header::new("etc/oldstyle", 0, 0o600);
-            h.size = 3;
-            h
-        }, b"old")
+        .entry(
+            &{
+                // old-style '\0' regular file
+                let mut h = Header::new("etc/oldstyle", 0, 0o600);
+                h.size = 3;
+                h
+            },
+            b"old",
+        )
         .into_tar();
     let b = build(&[l]);
     let img = Img::open(&b);
@@ -134,7 +137,10 @@ fn opaque_whiteout_clears_lower_children_only() {
 
 #[test]
 fn whiteout_of_missing_path_is_noop() {
-    let l = LayerBuilder::new().whiteout("nope/deeper").whiteout("gone").into_tar();
+    let l = LayerBuilder::new()
+        .whiteout("nope/deeper")
+        .whiteout("gone")
+        .into_tar();
     let img = Img::open(&build(&[l]));
     assert!(!img.exists("/nope"));
 }
@@ -158,7 +164,13 @@ fn metadata_is_preserved() {
         .file_owned("bigid", 0o644, big_uid, big_uid + 1, 1_600_000_000, b"x")
         .pax(&[("mtime", b"1650000000.123456789")])
         .file("nanos", 0o644, b"n")
-        .pax(&[("SCHILY.xattr.security.capability", b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"), ("SCHILY.xattr.user.note", b"line1\nline2")])
+        .pax(&[
+            (
+                "SCHILY.xattr.security.capability",
+                b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+            ),
+            ("SCHILY.xattr.user.note", b"line1\nline2"),
+        ])
         .file("caps", 0o755, b"bin")
         .into_tar();
     let b = build(&[l]);
@@ -185,12 +197,15 @@ fn metadata_is_preserved() {
 #[test]
 fn implicit_parents_get_defaults_and_root_meta_from_dot_entry() {
     let l = LayerBuilder::new()
-        .entry(&{
-            let mut h = Header::new("./", b'5', 0o700);
-            h.uid = 5;
-            h.mtime = 1_234_567;
-            h
-        }, &[])
+        .entry(
+            &{
+                let mut h = Header::new("./", b'5', 0o700);
+                h.uid = 5;
+                h.mtime = 1_234_567;
+                h
+            },
+            &[],
+        )
         .file("a/b/c/file", 0o644, b"deep")
         .into_tar();
     let img = Img::open(&build(&[l]));
@@ -206,7 +221,9 @@ fn implicit_parents_get_defaults_and_root_meta_from_dot_entry() {
 fn mount_points_exist() {
     let l = LayerBuilder::new().file("x", 0o644, b"x").into_tar();
     let img = Img::open(&build(&[l]));
-    for d in ["/dev", "/proc", "/sys", "/dev/pts", "/dev/shm", "/run", "/tmp"] {
+    for d in [
+        "/dev", "/proc", "/sys", "/dev/pts", "/dev/shm", "/run", "/tmp",
+    ] {
         assert_eq!(img.kind(d), T::Dir, "{d}");
     }
     assert_eq!(img.mode("/tmp"), 0o1777);
@@ -271,9 +288,18 @@ fn hardlink_survives_deletion_of_original_and_keeps_old_content() {
 #[test]
 fn bad_hardlinks_are_rejected() {
     let cases = [
-        (LayerBuilder::new().hardlink("x", "missing"), "does not exist"),
-        (LayerBuilder::new().dir("d", 0o755).hardlink("x", "d"), "is a directory"),
-        (LayerBuilder::new().hardlink("x", "../../etc/passwd"), "escapes"),
+        (
+            LayerBuilder::new().hardlink("x", "missing"),
+            "does not exist",
+        ),
+        (
+            LayerBuilder::new().dir("d", 0o755).hardlink("x", "d"),
+            "is a directory",
+        ),
+        (
+            LayerBuilder::new().hardlink("x", "../../etc/passwd"),
+            "escapes",
+        ),
         (LayerBuilder::new().hardlink("x", "."), "is a directory"),
     ];
     for (l, want) in cases {
@@ -328,7 +354,9 @@ fn lost_found_in_image() {
     let l = LayerBuilder::new().dir("lost+found", 0o700).into_tar();
     let img = Img::open(&build(&[l]));
     assert_eq!(img.kind("/lost+found"), T::Dir);
-    let l = LayerBuilder::new().file("lost+found/x", 0o644, b"x").into_tar();
+    let l = LayerBuilder::new()
+        .file("lost+found/x", 0o644, b"x")
+        .into_tar();
     assert!(build_err(&[l]).contains("lost+found"));
 }
 

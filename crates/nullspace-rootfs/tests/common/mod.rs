@@ -75,16 +75,18 @@ pub fn build(blobs: &[Vec<u8>]) -> Built {
 pub fn build_err(blobs: &[Vec<u8>]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let opts = RootfsOptions::default();
-    let res = spool(dir.path(), blobs, &opts.limits).and_then(|layers| {
-        build_rootfs(&layers, &opts, &dir.path().join("rootfs.ext4"))
-    });
+    let res = spool(dir.path(), blobs, &opts.limits)
+        .and_then(|layers| build_rootfs(&layers, &opts, &dir.path().join("rootfs.ext4")));
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("rootfs.ext4"))
         .collect();
-    assert!(leftovers.is_empty(), "partial output left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "partial output left behind: {leftovers:?}"
+    );
     match res {
         Ok(_) => panic!("build unexpectedly succeeded"),
         Err(e) => e.to_string(),
@@ -92,7 +94,11 @@ pub fn build_err(blobs: &[Vec<u8>]) -> String {
 }
 
 pub fn fsck(img: &Path) {
-    let out = Command::new("e2fsck").arg("-fn").arg(img).output().expect("run e2fsck");
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(img)
+        .output()
+        .expect("run e2fsck");
     assert!(
         out.status.success(),
         "e2fsck -fn failed ({}):\n{}\n{}",
