@@ -49,8 +49,9 @@ impl Default for Headroom {
     }
 }
 
-/// Options for [`build_rootfs`].
-#[derive(Debug, Clone)]
+/// Options for [`build_rootfs`]. The default is epoch 0, an all-zero
+/// seed, 20% + 64 MiB headroom, no minimum size and no reserved blocks.
+#[derive(Debug, Clone, Default)]
 pub struct RootfsOptions {
     /// Minimum image size (the `--disk-mb` floor). Rounded up to 4096.
     pub min_size_bytes: Option<u64>,
@@ -70,20 +71,6 @@ pub struct RootfsOptions {
     pub reserved_percent: u8,
     /// Optional ext4 volume label (at most 16 bytes).
     pub label: Option<String>,
-}
-
-impl Default for RootfsOptions {
-    fn default() -> Self {
-        RootfsOptions {
-            min_size_bytes: None,
-            headroom: Headroom::default(),
-            uuid_seed: [0; 32],
-            epoch: 0,
-            limits: Limits::default(),
-            reserved_percent: 0,
-            label: None,
-        }
-    }
 }
 
 /// What [`build_rootfs`] produced.
@@ -532,7 +519,7 @@ fn overhead(blocks: u64, inodes: u64) -> u64 {
         .clamp(16, 32768);
     let gdt = (groups * 32).div_ceil(BS);
     let is_power = |mut n: u64, b: u64| {
-        while n % b == 0 {
+        while n.is_multiple_of(b) {
             n /= b;
         }
         n == 1

@@ -233,7 +233,7 @@ fn entry_and_size_limits() {
         },
         ..RootfsOptions::default()
     };
-    let e = try_build_with(&[blob.clone()], &opts)
+    let e = try_build_with(std::slice::from_ref(&blob), &opts)
         .err()
         .unwrap()
         .to_string();
@@ -245,7 +245,7 @@ fn entry_and_size_limits() {
         },
         ..RootfsOptions::default()
     };
-    let e = try_build_with(&[blob.clone()], &opts)
+    let e = try_build_with(std::slice::from_ref(&blob), &opts)
         .err()
         .unwrap()
         .to_string();
