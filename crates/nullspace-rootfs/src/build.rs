@@ -286,7 +286,13 @@ pub fn build_rootfs(
         summary.inodes_used += 1;
         handles[item.id as usize] = Some(h);
     }
-    summary.inodes_total = u64::from(inode_count);
+    // mkext4 rounds the inode count up to whole inode-table blocks per group.
+    let groups = (size_bytes / BS).div_ceil(32768);
+    summary.inodes_total = u64::from(inode_count)
+        .div_ceil(groups)
+        .next_multiple_of(16)
+        .clamp(16, 32768)
+        * groups;
     drop(tree);
 
     let layout = b.seal().map_err(|e| Error::Ext4(format!("seal: {e}")))?;

@@ -20,6 +20,24 @@
 //!    Output goes to a temp file next to the destination and is renamed on
 //!    success only.
 //!
+//! # API
+//!
+//! ```text
+//! decode_layer(layer_name, compressed: impl Read, media_type, spool: &mut File, &Limits) -> Result<LayerIndex>
+//! index_tar_file(layer_name, tar_path, diff_id, &Limits) -> Result<LayerIndex>
+//! build_rootfs(&[SpooledLayer], &RootfsOptions, out: &Path) -> Result<RootfsSummary>
+//! LayerCache::open(dir, max_bytes) / get(digest) / begin_insert(digest) -> CacheInsert
+//!     CacheInsert { file } .commit(&LayerIndex, &cache) / LayerCache::evict(keep) / verify(digest) / stats()
+//! parse_digest(digest) -> Result<ParsedDigest>     // validates before any path use
+//! testutil::LayerBuilder                             // feature "testutil": craft (hostile) layers
+//! ```
+//!
+//! A typical import: for each layer (in parallel), `cache.get(digest)` →
+//! hit: [`index_tar_file`]; miss: [`LayerCache::begin_insert`] →
+//! [`decode_layer`] into `insert.file` → [`CacheInsert::commit`]. Then
+//! [`build_rootfs`] with the [`SpooledLayer`]s bottom first, then
+//! [`LayerCache::evict`] keeping the image's layers.
+//!
 //! # Determinism
 //!
 //! The image is a pure function of the layer contents and
