@@ -18,6 +18,7 @@ mod local;
 pub mod manifest;
 pub mod platform;
 mod registry;
+pub mod report;
 pub mod resolve;
 pub mod source;
 

@@ -52,7 +52,7 @@ impl Registry {
         insecure: &[String],
     ) -> Result<Registry, ErrorKind> {
         let registry = reference.resolve_registry().to_string();
-        let plain_http = auth::is_loopback(&registry) || insecure.iter().any(|i| *i == registry);
+        let plain_http = auth::is_loopback(&registry) || insecure.contains(&registry);
         let config = ClientConfig {
             protocol: if plain_http {
                 ClientProtocol::HttpsExcept(vec![registry.clone()])
@@ -130,7 +130,7 @@ impl Backend for Registry {
         let mut stream = stream.stream;
         self.rt.spawn(async move {
             while let Some(chunk) = stream.next().await {
-                let item = chunk.map_err(io::Error::other);
+                let item = chunk.map_err(normalize_stream_error);
                 let stop = item.is_err();
                 if tx.send(item).await.is_err() || stop {
                     break;
@@ -143,6 +143,22 @@ impl Backend for Registry {
             pos: 0,
         }))
     }
+}
+
+/// oci-client verifies blob digests itself and reports a mismatch in its own
+/// words; report it as the same rule every other source reports.
+fn normalize_stream_error(e: io::Error) -> io::Error {
+    use oci_client::errors::DigestError;
+    if let Some(DigestError::VerificationError { actual, .. }) =
+        e.get_ref().and_then(|i| i.downcast_ref::<DigestError>())
+        && let Ok(actual) = Digest::parse(actual)
+    {
+        return io::Error::new(
+            io::ErrorKind::InvalidData,
+            crate::digest::VerifyError::DigestMismatch { actual },
+        );
+    }
+    e
 }
 
 /// A blocking `Read` over chunks sent by the async side.

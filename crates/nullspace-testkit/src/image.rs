@@ -1,0 +1,380 @@
+//! Images written by code: tar layers, configs, manifests and indexes, as OCI
+//! layouts, OCI archives and docker-archives. Nothing comes from the
+//! internet; skopeo and umoci cross-check what is written here.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+
+pub fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Compression::None => "application/vnd.oci.image.layer.v1.tar",
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+    pub fn compress(self, data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        match self {
+            Compression::None => data.to_vec(),
+            Compression::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(data).expect("in-memory gzip");
+                e.finish().expect("in-memory gzip")
+            }
+            Compression::Zstd => zstd::encode_all(data, 3).expect("in-memory zstd"),
+        }
+    }
+}
+
+/// Builds one tar layer in memory.
+pub struct TarLayer {
+    b: tar::Builder<Vec<u8>>,
+}
+
+impl Default for TarLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TarLayer {
+    pub fn new() -> TarLayer {
+        let mut b = tar::Builder::new(Vec::new());
+        b.mode(tar::HeaderMode::Complete);
+        TarLayer { b }
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_size(size);
+        h.set_mtime(1_700_000_000);
+        h
+    }
+
+    pub fn dir(mut self, path: &str, mode: u32) -> Self {
+        let mut h = Self::header(tar::EntryType::Directory, mode, 0, 0, 0);
+        self.b.append_data(&mut h, path, &[][..]).expect("tar dir");
+        self
+    }
+
+    pub fn file(self, path: &str, mode: u32, content: &[u8]) -> Self {
+        self.file_owned(path, mode, 0, 0, content)
+    }
+
+    pub fn file_owned(mut self, path: &str, mode: u32, uid: u64, gid: u64, content: &[u8]) -> Self {
+        let mut h = Self::header(
+            tar::EntryType::Regular,
+            mode,
+            uid,
+            gid,
+            content.len() as u64,
+        );
+        self.b.append_data(&mut h, path, content).expect("tar file");
+        self
+    }
+
+    pub fn symlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0, 0, 0);
+        self.b
+            .append_link(&mut h, path, target)
+            .expect("tar symlink");
+        self
+    }
+
+    pub fn hardlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = Self::header(tar::EntryType::Link, 0o644, 0, 0, 0);
+        self.b
+            .append_link(&mut h, path, target)
+            .expect("tar hardlink");
+        self
+    }
+
+    pub fn fifo(mut self, path: &str) -> Self {
+        let mut h = Self::header(tar::EntryType::Fifo, 0o644, 0, 0, 0);
+        self.b.append_data(&mut h, path, &[][..]).expect("tar fifo");
+        self
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        self.b.into_inner().expect("tar finish")
+    }
+}
+
+/// A layer ready to go into an image.
+#[derive(Clone)]
+pub struct Layer {
+    pub tar: Vec<u8>,
+    pub compression: Compression,
+    /// Overrides the media type written in the manifest (for tests of
+    /// mislabelled layers).
+    pub media_type: Option<String>,
+}
+
+impl Layer {
+    pub fn new(tar: Vec<u8>, compression: Compression) -> Layer {
+        Layer {
+            tar,
+            compression,
+            media_type: None,
+        }
+    }
+}
+
+/// An image: config fields plus layers.
+#[derive(Clone)]
+pub struct ImageSpec {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+    /// The `config` object (Env, Cmd, …).
+    pub config: Value,
+    pub layers: Vec<Layer>,
+}
+
+impl ImageSpec {
+    pub fn new(layers: Vec<Layer>) -> ImageSpec {
+        ImageSpec {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+            config: json!({}),
+            layers,
+        }
+    }
+    pub fn platform(mut self, os: &str, arch: &str, variant: Option<&str>) -> Self {
+        self.os = os.into();
+        self.architecture = arch.into();
+        self.variant = variant.map(str::to_string);
+        self
+    }
+    pub fn config(mut self, c: Value) -> Self {
+        self.config = c;
+        self
+    }
+
+    pub fn build(&self) -> BuiltImage {
+        let mut blobs = BTreeMap::new();
+        let mut layer_descs = Vec::new();
+        let mut diff_ids = Vec::new();
+        for l in &self.layers {
+            let data = l.compression.compress(&l.tar);
+            let d = sha256(&data);
+            diff_ids.push(sha256(&l.tar));
+            layer_descs.push(json!({
+                "mediaType": l.media_type.clone().unwrap_or_else(|| l.compression.media_type().to_string()),
+                "digest": d, "size": data.len(),
+            }));
+            blobs.insert(d, data);
+        }
+        let mut config = json!({
+            "architecture": self.architecture, "os": self.os,
+            "config": self.config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "created": "2024-01-01T00:00:00Z",
+        });
+        if let Some(v) = &self.variant {
+            config["variant"] = json!(v);
+        }
+        let config_bytes = serde_json::to_vec(&config).expect("json");
+        let config_digest = sha256(&config_bytes);
+        blobs.insert(config_digest.clone(), config_bytes.clone());
+        let manifest = json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_bytes.len()},
+            "layers": layer_descs,
+        });
+        let manifest_bytes = serde_json::to_vec(&manifest).expect("json");
+        BuiltImage {
+            manifest_digest: sha256(&manifest_bytes),
+            manifest_bytes,
+            config_bytes,
+            config_digest,
+            blobs,
+            platform: json!({"os": self.os, "architecture": self.architecture}),
+            variant: self.variant.clone(),
+        }
+    }
+}
+
+/// A built image: every blob, plus its manifest.
+#[derive(Clone)]
+pub struct BuiltImage {
+    pub manifest_bytes: Vec<u8>,
+    pub manifest_digest: String,
+    pub config_bytes: Vec<u8>,
+    pub config_digest: String,
+    pub blobs: BTreeMap<String, Vec<u8>>,
+    pub platform: Value,
+    pub variant: Option<String>,
+}
+
+impl BuiltImage {
+    pub fn descriptor(&self) -> Value {
+        let mut platform = self.platform.clone();
+        if let Some(v) = &self.variant {
+            platform["variant"] = json!(v);
+        }
+        json!({"mediaType": OCI_MANIFEST, "digest": self.manifest_digest,
+               "size": self.manifest_bytes.len(), "platform": platform})
+    }
+    /// Layer blob digests in manifest order.
+    pub fn layer_digests(&self) -> Vec<String> {
+        let m: Value = serde_json::from_slice(&self.manifest_bytes).expect("json");
+        m["layers"]
+            .as_array()
+            .expect("layers")
+            .iter()
+            .map(|l| l["digest"].as_str().expect("digest").to_string())
+            .collect()
+    }
+}
+
+/// An OCI layout being written.
+pub struct Layout<'a> {
+    dir: &'a Path,
+    index: Vec<Value>,
+}
+
+impl<'a> Layout<'a> {
+    pub fn create(dir: &'a Path) -> Layout<'a> {
+        fs::create_dir_all(dir.join("blobs/sha256")).expect("layout dir");
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .expect("oci-layout");
+        Layout {
+            dir,
+            index: Vec::new(),
+        }
+    }
+
+    pub fn blob(&self, digest: &str, data: &[u8]) {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        fs::write(self.dir.join("blobs/sha256").join(hex), data).expect("blob");
+    }
+
+    fn add_blobs(&self, img: &BuiltImage) {
+        for (d, data) in &img.blobs {
+            self.blob(d, data);
+        }
+        self.blob(&img.manifest_digest, &img.manifest_bytes);
+    }
+
+    /// Adds a single-platform image under `tag`.
+    pub fn image(mut self, tag: &str, img: &BuiltImage) -> Self {
+        self.add_blobs(img);
+        let mut d = img.descriptor();
+        d["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
+        self.index.push(d);
+        self
+    }
+
+    /// Adds a multi-platform index under `tag`. Returns the index digest.
+    pub fn index(mut self, tag: &str, images: &[&BuiltImage]) -> (Self, String) {
+        let manifests: Vec<Value> = images
+            .iter()
+            .map(|i| {
+                self.add_blobs(i);
+                i.descriptor()
+            })
+            .collect();
+        let bytes = serde_json::to_vec(
+            &json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}),
+        )
+        .expect("json");
+        let digest = sha256(&bytes);
+        self.blob(&digest, &bytes);
+        self.index.push(
+            json!({"mediaType": OCI_INDEX, "digest": digest, "size": bytes.len(),
+                               "annotations": {"org.opencontainers.image.ref.name": tag}}),
+        );
+        (self, digest)
+    }
+
+    /// Adds a raw document (any bytes) under `tag` with the given media type.
+    pub fn raw(mut self, tag: &str, media_type: &str, bytes: &[u8]) -> Self {
+        let digest = sha256(bytes);
+        self.blob(&digest, bytes);
+        self.index.push(
+            json!({"mediaType": media_type, "digest": digest, "size": bytes.len(),
+                               "annotations": {"org.opencontainers.image.ref.name": tag}}),
+        );
+        self
+    }
+
+    pub fn finish(self) {
+        let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.index});
+        fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&index).expect("json"),
+        )
+        .expect("index.json");
+    }
+}
+
+/// Tars a directory tree (an OCI layout) into `out`: an `oci-archive`.
+pub fn tar_dir(dir: &Path, out: &Path) {
+    let f = fs::File::create(out).expect("archive");
+    let mut b = tar::Builder::new(f);
+    b.append_dir_all(".", dir).expect("tar dir");
+    b.finish().expect("tar finish");
+}
+
+/// Writes a `docker save` archive. `new_format`: layers stored as
+/// `blobs/sha256/<hex>` (Docker 25+) instead of `<n>/layer.tar`.
+pub fn docker_archive(out: &Path, tag: &str, img: &BuiltImage, new_format: bool) {
+    let f = fs::File::create(out).expect("archive");
+    let mut b = tar::Builder::new(f);
+    let add = |b: &mut tar::Builder<fs::File>, path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, data).expect("tar member");
+    };
+    let config_name = if new_format {
+        format!("blobs/sha256/{}", &img.config_digest[7..])
+    } else {
+        format!("{}.json", &img.config_digest[7..])
+    };
+    add(&mut b, &config_name, &img.config_bytes);
+    let mut layers = Vec::new();
+    for (n, d) in img.layer_digests().iter().enumerate() {
+        let name = if new_format {
+            format!("blobs/sha256/{}", &d[7..])
+        } else {
+            format!("{n}/layer.tar")
+        };
+        add(&mut b, &name, &img.blobs[d]);
+        layers.push(name);
+    }
+    let manifest = json!([{"Config": config_name, "RepoTags": [tag], "Layers": layers}]);
+    add(
+        &mut b,
+        "manifest.json",
+        &serde_json::to_vec(&manifest).expect("json"),
+    );
+    b.finish().expect("tar finish");
+}
