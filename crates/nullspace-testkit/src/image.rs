@@ -33,96 +33,17 @@ impl Compression {
         }
     }
     pub fn compress(self, data: &[u8]) -> Vec<u8> {
-        use std::io::Write;
         match self {
             Compression::None => data.to_vec(),
-            Compression::Gzip => {
-                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-                e.write_all(data).expect("in-memory gzip");
-                e.finish().expect("in-memory gzip")
-            }
-            Compression::Zstd => zstd::encode_all(data, 3).expect("in-memory zstd"),
+            Compression::Gzip => nullspace_rootfs::testutil::gzip(data),
+            Compression::Zstd => nullspace_rootfs::testutil::zstd(data),
         }
     }
 }
 
-/// Builds one tar layer in memory.
-pub struct TarLayer {
-    b: tar::Builder<Vec<u8>>,
-}
-
-impl Default for TarLayer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl TarLayer {
-    pub fn new() -> TarLayer {
-        let mut b = tar::Builder::new(Vec::new());
-        b.mode(tar::HeaderMode::Complete);
-        TarLayer { b }
-    }
-
-    fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_uid(uid);
-        h.set_gid(gid);
-        h.set_size(size);
-        h.set_mtime(1_700_000_000);
-        h
-    }
-
-    pub fn dir(mut self, path: &str, mode: u32) -> Self {
-        let mut h = Self::header(tar::EntryType::Directory, mode, 0, 0, 0);
-        self.b.append_data(&mut h, path, &[][..]).expect("tar dir");
-        self
-    }
-
-    pub fn file(self, path: &str, mode: u32, content: &[u8]) -> Self {
-        self.file_owned(path, mode, 0, 0, content)
-    }
-
-    pub fn file_owned(mut self, path: &str, mode: u32, uid: u64, gid: u64, content: &[u8]) -> Self {
-        let mut h = Self::header(
-            tar::EntryType::Regular,
-            mode,
-            uid,
-            gid,
-            content.len() as u64,
-        );
-        self.b.append_data(&mut h, path, content).expect("tar file");
-        self
-    }
-
-    pub fn symlink(mut self, path: &str, target: &str) -> Self {
-        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0, 0, 0);
-        self.b
-            .append_link(&mut h, path, target)
-            .expect("tar symlink");
-        self
-    }
-
-    pub fn hardlink(mut self, path: &str, target: &str) -> Self {
-        let mut h = Self::header(tar::EntryType::Link, 0o644, 0, 0, 0);
-        self.b
-            .append_link(&mut h, path, target)
-            .expect("tar hardlink");
-        self
-    }
-
-    pub fn fifo(mut self, path: &str) -> Self {
-        let mut h = Self::header(tar::EntryType::Fifo, 0o644, 0, 0, 0);
-        self.b.append_data(&mut h, path, &[][..]).expect("tar fifo");
-        self
-    }
-
-    pub fn finish(self) -> Vec<u8> {
-        self.b.into_inner().expect("tar finish")
-    }
-}
+/// Tar layers are crafted with the rootfs crate's builder (it can also
+/// write the hostile shapes raw headers allow).
+pub use nullspace_rootfs::testutil::{Header, LayerBuilder as TarLayer};
 
 /// A layer ready to go into an image.
 #[derive(Clone)]

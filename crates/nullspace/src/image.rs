@@ -33,6 +33,33 @@ pub enum ImageCommand {
         #[command(flatten)]
         opts: SourceOpts,
     },
+    /// Flatten an image into an ext4 root filesystem: DIR/rootfs.ext4 + DIR/template.json.
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    source: String,
+    /// The template directory to create (absent or empty): rootfs.ext4 and template.json.
+    #[arg(long, short)]
+    output: PathBuf,
+    #[command(flatten)]
+    opts: SourceOpts,
+    /// Minimum root filesystem size in MiB (default: content plus headroom).
+    #[arg(long)]
+    disk_mb: Option<u64>,
+    /// Layer cache directory [default: $NULLSPACE_CACHE_DIR, else ~/.cache/nullspace].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Import cold: neither read nor fill the layer cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+    /// Upper bound of the layer cache in MiB, enforced after the import.
+    #[arg(long, default_value_t = 20 * 1024)]
+    cache_max_mb: u64,
+    /// Print template.json to stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -130,7 +157,47 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
             );
             Ok(())
         }
+        ImageCommand::Import(a) => import(a),
     }
+}
+
+fn import(a: ImportArgs) -> Result<()> {
+    use nullspace_build::import::{ImportOptions, default_cache_dir, import};
+    let image = resolve(&a.source, &a.opts)?;
+    let cache_dir = if a.no_cache {
+        None
+    } else {
+        Some(a.cache_dir.or_else(default_cache_dir).context(
+            "no cache directory: set --cache-dir, NULLSPACE_CACHE_DIR or HOME, or pass --no-cache",
+        )?)
+    };
+    let opts = ImportOptions {
+        disk_mb: a.disk_mb,
+        cache_dir,
+        cache_max_bytes: a.cache_max_mb << 20,
+        ..Default::default()
+    };
+    let bar = Bar::new();
+    let meta = import(&image, &a.output, &opts, &bar)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&meta)?);
+    } else {
+        let r = &meta.rootfs;
+        println!(
+            "{} -> {}/{} ({} MiB, {} files, {} dirs, {} symlinks, {} hard links; layers: {} fetched, {} from cache)",
+            image.name,
+            a.output.display(),
+            r.file,
+            r.size_bytes >> 20,
+            r.files,
+            r.dirs,
+            r.symlinks,
+            r.hardlinks,
+            meta.cache.layers_fetched,
+            meta.cache.layers_reused,
+        );
+    }
+    Ok(())
 }
 
 fn print_inspect(r: &InspectReport) {

@@ -22,11 +22,11 @@ fn app_image_with(top_compression: Compression) -> image::BuiltImage {
         .file("etc/os-release", 0o644, b"ID=testkit\n")
         .dir("bin", 0o755)
         .file("bin/app", 0o755, b"#!/bin/sh\necho app\n")
-        .finish();
+        .into_tar();
     let top = TarLayer::new()
         .dir("srv", 0o755)
-        .file_owned("srv/data.txt", 0o640, 1000, 1000, b"payload")
-        .finish();
+        .file_owned("srv/data.txt", 0o640, 1000, 1000, 1_700_000_000, b"payload")
+        .into_tar();
     let mut env = vec!["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello world"];
     if !umoci_compatible {
         env.push("BROKEN");
@@ -260,7 +260,7 @@ fn token_auth_registry_via_www_authenticate_challenge() {
 fn platform_image(os: &str, arch: &str, variant: Option<&str>, marker: &str) -> image::BuiltImage {
     let tar = TarLayer::new()
         .file("marker", 0o644, marker.as_bytes())
-        .finish();
+        .into_tar();
     ImageSpec::new(vec![Layer::new(tar, Compression::Gzip)])
         .platform(os, arch, variant)
         .config(json!({"Env": [format!("MARKER={marker}")]}))
