@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages nullspace and its tests use. Sourced by
+# setup.sh and test.sh; safe to run again (apt-get skips what is installed).
+set -euo pipefail
+
+NULLSPACE_APT_PACKAGES=(
+  docker-registry   # a real OCI registry for tests and the demo
+  skopeo umoci      # peers: tests cross-check our layouts with them
+  e2fsprogs         # e2fsck verifies every rootfs we write
+  busybox-static    # the embedded demo image's userland
+  apache2-utils     # htpasswd, for the registry's basic auth
+  openssl           # signs registry bearer tokens in tests
+  ca-certificates
+)
+
+missing=()
+for p in "${NULLSPACE_APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: ${missing[*]}" >&2
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo (Rust 1.95+) is required" >&2; exit 1; }

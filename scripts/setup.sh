@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One command from a fresh machine to a working nullspace: installs the
+# Debian packages, builds, and runs the main job end to end on the embedded
+# demo image: write it as an OCI layout, push it to a local registry, then
+# inspect, pull and import it into an ext4 template rootfs and verify that
+# rootfs with e2fsck.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh
+
+cargo build --release --workspace --bins
+NS=target/release/nullspace
+OUT=${NULLSPACE_DEMO_DIR:-target/demo}
+rm -rf "$OUT" && mkdir -p "$OUT"
+
+target/release/ns-demo-image "$OUT/layout" demo
+
+# A registry on loopback, stopped when this script exits.
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$OUT/registry.yml" <<YML
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $PWD/$OUT/registry}}
+http: {addr: 127.0.0.1:$PORT, secret: demo}
+YML
+docker-registry serve "$OUT/registry.yml" 2>"$OUT/registry.log" &
+REG_PID=$!
+trap 'kill $REG_PID 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$PORT/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+skopeo copy -q --dest-tls-verify=false "oci:$OUT/layout:demo" "docker://127.0.0.1:$PORT/demo/busybox:latest"
+
+IMG=127.0.0.1:$PORT/demo/busybox:latest
+echo "== nullspace image inspect $IMG"
+$NS image inspect "$IMG"
+echo "== nullspace image pull $IMG"
+$NS image pull "$IMG" --output "$OUT/pulled"
+skopeo inspect "oci:$OUT/pulled:latest" >/dev/null && echo "skopeo accepts the pulled layout"
+echo "== nullspace image import $IMG"
+$NS image import "$IMG" --output "$OUT/template" --cache-dir "$OUT/cache"
+e2fsck -fn "$OUT/template/rootfs.ext4" >/dev/null && echo "e2fsck: $OUT/template/rootfs.ext4 is clean"
+echo "== $OUT/template/template.json (runtime)"
+python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); print(json.dumps(t["runtime"], indent=2))' "$OUT/template/template.json"
