@@ -11,7 +11,8 @@
 
 pub mod auth;
 pub mod config;
-pub mod digest;
+/// Digests live in their own crate (the rootfs cache needs them too).
+pub use nullspace_digest as digest;
 pub mod error;
 pub mod layout;
 mod local;

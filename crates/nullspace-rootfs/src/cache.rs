@@ -25,33 +25,10 @@ use sha2::{Digest, Sha256};
 use crate::decode::LayerIndex;
 use crate::error::Error;
 
-/// A validated digest split into algorithm and hex.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedDigest<'a> {
-    /// `sha256` or `sha512`.
-    pub algorithm: &'a str,
-    /// Lowercase hex of the right length.
-    pub hex: &'a str,
-}
-
-/// Validate `algo:hex` before it is ever used in a path: only sha256 (64
-/// hex) and sha512 (128 hex), lowercase.
-pub fn parse_digest(digest: &str) -> Result<ParsedDigest<'_>, Error> {
-    let bad = || Error::InvalidDigest(digest.to_owned());
-    let (algorithm, hex) = digest.split_once(':').ok_or_else(bad)?;
-    let want = match algorithm {
-        "sha256" => 64,
-        "sha512" => 128,
-        _ => return Err(bad()),
-    };
-    if hex.len() != want
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err(bad());
-    }
-    Ok(ParsedDigest { algorithm, hex })
+/// Validates `algo:hex` before it is ever used in a path (see
+/// [`nullspace_digest::Digest`]).
+pub fn parse_digest(digest: &str) -> Result<nullspace_digest::Digest, Error> {
+    nullspace_digest::Digest::parse(digest).map_err(|_| Error::InvalidDigest(digest.to_owned()))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -115,10 +92,11 @@ impl LayerCache {
 
     fn paths(&self, digest: &str) -> Result<(PathBuf, PathBuf), Error> {
         let d = parse_digest(digest)?;
-        let base = self.root.join("layers").join(d.algorithm);
+        let (algorithm, hex) = d.path_components();
+        let base = self.root.join("layers").join(algorithm);
         Ok((
-            base.join(format!("{}.tar", d.hex)),
-            base.join(format!("{}.json", d.hex)),
+            base.join(format!("{hex}.tar")),
+            base.join(format!("{hex}.json")),
         ))
     }
 

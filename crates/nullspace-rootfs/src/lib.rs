@@ -28,7 +28,7 @@
 //! build_rootfs(&[SpooledLayer], &RootfsOptions, out: &Path) -> Result<RootfsSummary>
 //! LayerCache::open(dir, max_bytes) / get(digest) / begin_insert(digest) -> CacheInsert
 //!     CacheInsert { file } .commit(&LayerIndex, &cache) / LayerCache::evict(keep) / verify(digest) / stats()
-//! parse_digest(digest) -> Result<ParsedDigest>     // validates before any path use
+//! parse_digest(digest) -> Result<nullspace_digest::Digest>   // validates before any path use
 //! testutil::LayerBuilder                             // feature "testutil": craft (hostile) layers
 //! ```
 //!
@@ -128,7 +128,7 @@ mod tree;
 pub mod testutil;
 
 pub use build::{Headroom, RootfsOptions, RootfsSummary, SpooledLayer, build_rootfs};
-pub use cache::{CacheInsert, CacheStats, CachedLayer, LayerCache, ParsedDigest, parse_digest};
+pub use cache::{CacheInsert, CacheStats, CachedLayer, LayerCache, parse_digest};
 pub use decode::{
     Compression, EntryKind, EntryMeta, EntryRec, LayerIndex, decode_layer, index_tar_file,
 };

@@ -12,6 +12,10 @@ use sha2::{Digest as _, Sha256};
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
@@ -74,6 +78,8 @@ pub struct ImageSpec {
     /// The `config` object (Env, Cmd, …).
     pub config: Value,
     pub layers: Vec<Layer>,
+    /// Write Docker schema2 media types instead of OCI ones.
+    pub docker: bool,
 }
 
 impl ImageSpec {
@@ -84,7 +90,13 @@ impl ImageSpec {
             variant: None,
             config: json!({}),
             layers,
+            docker: false,
         }
+    }
+    /// Docker schema2 media types (layers must be gzip).
+    pub fn docker(mut self) -> Self {
+        self.docker = true;
+        self
     }
     pub fn platform(mut self, os: &str, arch: &str, variant: Option<&str>) -> Self {
         self.os = os.into();
@@ -105,8 +117,14 @@ impl ImageSpec {
             let data = l.compression.compress(&l.tar);
             let d = sha256(&data);
             diff_ids.push(sha256(&l.tar));
+            let default_type = if self.docker {
+                assert_eq!(l.compression, Compression::Gzip, "Docker layers are gzip");
+                DOCKER_LAYER
+            } else {
+                l.compression.media_type()
+            };
             layer_descs.push(json!({
-                "mediaType": l.media_type.clone().unwrap_or_else(|| l.compression.media_type().to_string()),
+                "mediaType": l.media_type.clone().unwrap_or_else(|| default_type.to_string()),
                 "digest": d, "size": data.len(),
             }));
             blobs.insert(d, data);
@@ -123,9 +141,14 @@ impl ImageSpec {
         let config_bytes = serde_json::to_vec(&config).expect("json");
         let config_digest = sha256(&config_bytes);
         blobs.insert(config_digest.clone(), config_bytes.clone());
+        let (manifest_type, config_type) = if self.docker {
+            (DOCKER_MANIFEST, DOCKER_CONFIG)
+        } else {
+            (OCI_MANIFEST, OCI_CONFIG)
+        };
         let manifest = json!({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_bytes.len()},
+            "schemaVersion": 2, "mediaType": manifest_type,
+            "config": {"mediaType": config_type, "digest": config_digest, "size": config_bytes.len()},
             "layers": layer_descs,
         });
         let manifest_bytes = serde_json::to_vec(&manifest).expect("json");
@@ -137,6 +160,7 @@ impl ImageSpec {
             blobs,
             platform: json!({"os": self.os, "architecture": self.architecture}),
             variant: self.variant.clone(),
+            manifest_media_type: manifest_type.to_string(),
         }
     }
 }
@@ -151,6 +175,7 @@ pub struct BuiltImage {
     pub blobs: BTreeMap<String, Vec<u8>>,
     pub platform: Value,
     pub variant: Option<String>,
+    pub manifest_media_type: String,
 }
 
 impl BuiltImage {
@@ -159,7 +184,7 @@ impl BuiltImage {
         if let Some(v) = &self.variant {
             platform["variant"] = json!(v);
         }
-        json!({"mediaType": OCI_MANIFEST, "digest": self.manifest_digest,
+        json!({"mediaType": self.manifest_media_type, "digest": self.manifest_digest,
                "size": self.manifest_bytes.len(), "platform": platform})
     }
     /// Layer blob digests in manifest order.
@@ -306,16 +331,29 @@ pub fn docker_archive(out: &Path, tag: &str, img: &BuiltImage, new_format: bool)
 pub fn demo_image() -> anyhow::Result<BuiltImage> {
     let busybox = std::fs::read("/bin/busybox")
         .map_err(|e| anyhow::anyhow!("/bin/busybox (install busybox-static): {e}"))?;
-    let list = std::process::Command::new("/bin/busybox").arg("--list").output()?;
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()?;
     let mut base = TarLayer::new()
         .dir("bin", 0o755)
         .file("bin/busybox", 0o755, &busybox)
         .dir("etc", 0o755)
-        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n")
+        .file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+        )
         .file("etc/group", 0o644, b"root:x:0:\napp:x:1000:\n")
         .file("etc/hostname", 0o644, b"nullspace-demo\n")
         .dir("root", 0o700)
-        .file_owned("home/app/.profile", 0o644, 1000, 1000, 1_700_000_000, b"export PS1='$ '\n");
+        .file_owned(
+            "home/app/.profile",
+            0o644,
+            1000,
+            1000,
+            1_700_000_000,
+            b"export PS1='$ '\n",
+        );
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         let applet = applet.trim();
         if applet.is_empty() || applet == "busybox" || applet.contains('/') {
@@ -325,8 +363,19 @@ pub fn demo_image() -> anyhow::Result<BuiltImage> {
     }
     let app = TarLayer::new()
         .dir("srv", 0o755)
-        .file("srv/index.html", 0o644, b"<h1>hello from a nullspace template</h1>\n")
-        .file_owned("srv/start.sh", 0o755, 0, 0, 1_700_000_000, b"#!/bin/sh\nexec httpd -f -p 8080 -h /srv\n")
+        .file(
+            "srv/index.html",
+            0o644,
+            b"<h1>hello from a nullspace template</h1>\n",
+        )
+        .file_owned(
+            "srv/start.sh",
+            0o755,
+            0,
+            0,
+            1_700_000_000,
+            b"#!/bin/sh\nexec httpd -f -p 8080 -h /srv\n",
+        )
         .whiteout("etc/hostname")
         .into_tar();
     Ok(ImageSpec::new(vec![

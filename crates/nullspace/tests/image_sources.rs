@@ -566,3 +566,57 @@ fn bad_input_errors_are_one_line_and_leave_no_output() {
     );
     assert_eq!(std::fs::read(out.join("keep")).unwrap(), b"x");
 }
+
+#[test]
+fn docker_manifest_list_and_schema2_from_registry() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let docker = |arch: &str, marker: &str| {
+        let tar = TarLayer::new()
+            .file("marker", 0o644, marker.as_bytes())
+            .into_tar();
+        ImageSpec::new(vec![Layer::new(tar, Compression::Gzip)])
+            .platform("linux", arch, None)
+            .config(json!({"Env": [format!("MARKER={marker}")], "Cmd": ["/bin/true"]}))
+            .docker()
+            .build()
+    };
+    let amd = docker("amd64", "docker-amd64");
+    let arm = docker("arm64", "docker-arm64");
+    let src = tmp.path().join("src");
+    let (layout, list_digest) = Layout::create(&src).index("list", &[&arm, &amd]);
+    layout.finish();
+    let r = reg.push_layout(&src, "list", "docker/app");
+
+    let v = inspect_json(&[&r]);
+    assert_eq!(v["image"]["index_digest"], list_digest);
+    assert_eq!(v["image"]["manifest_digest"], amd.manifest_digest);
+    assert_eq!(v["image"]["manifest_media_type"], image::DOCKER_MANIFEST);
+    assert_eq!(v["image"]["layers"][0]["media_type"], image::DOCKER_LAYER);
+    assert_eq!(v["runtime"]["env"]["MARKER"], "docker-amd64");
+
+    // A schema2 manifest by digest, and its pull rewritten as OCI for umoci.
+    let by_digest = format!("{}/docker/app@{}", reg.addr, arm.manifest_digest);
+    let v = inspect_json(&["--platform", "linux/arm64", &by_digest]);
+    assert_eq!(v["runtime"]["env"]["MARKER"], "docker-arm64");
+    let out = tmp.path().join("pulled");
+    let p = nullspace(&["image", "pull", &r, "--output", out.to_str().unwrap()]);
+    p.ok();
+    assert!(p.stdout.contains("rewritten as OCI"), "{}", p.stdout);
+    let v = inspect_json(&[&format!("oci:{}", out.display())]);
+    assert_eq!(v["image"]["manifest_media_type"], image::OCI_MANIFEST);
+    assert_eq!(
+        v["image"]["config_digest"], amd.config_digest,
+        "blobs are unchanged"
+    );
+    let bundle = tmp.path().join("bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:list", out.display()))
+        .arg(&bundle))
+    .ok();
+    assert_eq!(
+        std::fs::read(bundle.join("rootfs/marker")).unwrap(),
+        b"docker-amd64"
+    );
+}

@@ -1,4 +1,5 @@
-//! Content digests (`algorithm:hex`).
+//! nullspace-digest: content digests (`algorithm:hex`), the one place a
+//! digest string is validated.
 //!
 //! A digest taken from a manifest, an index or a user is hostile input: it is
 //! parsed and validated here before it is ever compared, logged as trusted, or
