@@ -414,6 +414,27 @@ NS_IMG="$RUN/ns/rootfs.ext4"
 FSCK=PASS
 e2fsck -fn "$NS_IMG" > "$RUN/fsck.ns" 2>&1 || FSCK=FAIL
 e2fsck -fn "$RUN/peer.ext4" > "$RUN/fsck.peer" 2>&1 || true
+# Informational: the nullspace tree against umoci unpack's (last repetition), by
+# type, mode, owner, size and link count (not for directories: lost+found and
+# ext4 block sizes differ by design), link target, and regular files' md5.
+TREE="skipped (no loop device)"
+tree_list() { (cd "$1" && find . -path ./lost+found -prune -o \
+    -printf '%p %y %m %U %G %n %l ' -printf '%s\n' ) | awk '$2=="d"{$(NF-1)="-"; $NF="-"} {print}' | sort
+    (cd "$1" && find . -path ./lost+found -prune -o -type f -print0 | sort -z | xargs -0r md5sum); }
+if [ -e /dev/loop-control ] && mkdir -p "$RUN/mnt" && mount -o ro,loop "$NS_IMG" "$RUN/mnt" 2>/dev/null; then
+    MOUNTS+=("$RUN/mnt")
+    tree_list "$RUN/mnt" > "$RUN/tree.ns"
+    umount "$RUN/mnt"; MOUNTS=("${MOUNTS[@]:0:${#MOUNTS[@]}-1}")
+    tree_list "$RUN/peer/bundle/rootfs" > "$RUN/tree.peer"
+    diff "$RUN/tree.peer" "$RUN/tree.ns" > "$RUN/tree.diff" || true
+    only_ns=$(grep -c '^>' "$RUN/tree.diff" || true)
+    only_peer=$(grep -c '^<' "$RUN/tree.diff" || true)
+    if [ "$only_ns$only_peer" = 00 ]; then
+        TREE="identical ($(wc -l < "$RUN/tree.ns") entries)"
+    else
+        TREE="$only_peer lines only in umoci's, $only_ns only in nullspace's"
+    fi
+fi
 fsck_summary() { grep -E '[0-9]+/[0-9]+ files .*blocks' "$1" | sed 's/^[^:]*: //' | head -n1 || true; }
 
 # ---------------------------------------------------------------- report
@@ -478,6 +499,8 @@ done
 echo
 echo "nullspace rootfs.ext4: ${NS_MB} MiB; e2fsck -fn: $FSCK ($(fsck_summary "$RUN/fsck.ns"))"
 echo "peer ext4 (mkfs.ext4 -d):  ${MKFS_MB} MiB; e2fsck -fn: $(fsck_summary "$RUN/fsck.peer")"
+echo "tree vs umoci unpack (type mode owner nlink target size md5): $TREE"
+if [ -s "${RUN}/tree.diff" ]; then grep '^[<>]' "$RUN/tree.diff" | head -n 12 | sed 's/^/    /'; fi
 echo
 echo "ratios                                         value   target   result"
 printf '%-44s %7sx  %-7s  %s\n' "peer total / import (cold)" "$R_PEER" ">= 3" "$(verdict "$R_PEER" ">=" 3)"
