@@ -7,7 +7,9 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use nullspace_oci::layout::{Counting, Progress, TempDir, check_output_dir};
 use nullspace_oci::manifest::Descriptor;
@@ -40,6 +42,8 @@ pub enum ImportError {
         expected: String,
         actual: String,
     },
+    #[error("image {image}: import cancelled")]
+    Cancelled { image: String },
     #[error("image {image}: output {path}: {source}")]
     Output {
         image: String,
@@ -61,6 +65,8 @@ pub struct ImportOptions {
     pub limits: Limits,
     /// Layers fetched and decoded at once.
     pub parallelism: usize,
+    /// Set to stop the import: blob reads fail and no rootfs is written.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for ImportOptions {
@@ -71,6 +77,7 @@ impl Default for ImportOptions {
             cache_max_bytes: 20 << 30,
             limits: Limits::default(),
             parallelism: 2,
+            cancel: None,
         }
     }
 }
@@ -169,7 +176,7 @@ pub fn import(
                             i,
                             desc,
                             hits[i].clone(),
-                            &opts.limits,
+                            opts,
                             progress,
                         );
                         let failed = r.is_err();
@@ -207,6 +214,11 @@ pub fn import(
         "every layer is spooled when none failed"
     );
 
+    if is_cancelled(opts) {
+        return Err(ImportError::Cancelled {
+            image: image.name.clone(),
+        });
+    }
     let rootfs_path = tmp.path().join(ROOTFS_FILE);
     let ropts = RootfsOptions {
         min_size_bytes: opts.disk_mb.map(|mb| mb << 20),
@@ -238,6 +250,12 @@ pub fn import(
             layers_reused: reused,
             layers_fetched: layers.len() - reused,
             bytes_fetched: to_fetch,
+            reused: layers
+                .iter()
+                .zip(&hits)
+                .filter(|(_, h)| h.is_some())
+                .map(|(l, _)| l.digest.clone())
+                .collect(),
         },
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| out_err(io::Error::other(e)))?;
@@ -259,9 +277,10 @@ fn spool_layer(
     i: usize,
     desc: &Descriptor,
     hit: Option<nullspace_rootfs::CachedLayer>,
-    limits: &Limits,
+    opts: &ImportOptions,
     progress: &dyn Progress,
 ) -> Result<SpooledLayer, ImportError> {
+    let limits = &opts.limits;
     let name = desc.digest.to_string();
     let rootfs_err = |source| ImportError::Rootfs {
         image: image.name.clone(),
@@ -294,7 +313,10 @@ fn spool_layer(
     let mut insert = cache.begin_insert(&name).map_err(rootfs_err)?;
     let blob = image.open_blob(desc)?;
     let mut reader = Counting {
-        inner: blob,
+        inner: CancelReader {
+            inner: blob,
+            flag: opts.cancel.clone(),
+        },
         progress,
     };
     let index = decode_layer(
@@ -315,6 +337,27 @@ fn spool_layer(
         tar_path,
         index,
     })
+}
+
+fn is_cancelled(opts: &ImportOptions) -> bool {
+    opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+}
+
+/// Fails reads once the cancel flag is set, so a cancelled import stops
+/// within one chunk of every layer in flight.
+struct CancelReader<R> {
+    inner: R,
+    flag: Option<Arc<AtomicBool>>,
+}
+
+impl<R: Read> Read for CancelReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+            // Not ErrorKind::Interrupted: io::copy would retry that forever.
+            return Err(io::Error::other("import cancelled"));
+        }
+        self.inner.read(buf)
+    }
 }
 
 fn blob_error(image: &Image, i: usize, desc: &Descriptor, e: io::Error) -> ImportError {

@@ -31,6 +31,8 @@ pub struct CacheReport {
     pub layers_fetched: usize,
     /// Compressed bytes fetched.
     pub bytes_fetched: u64,
+    /// Digests of the layers taken from the cache.
+    pub reused: Vec<nullspace_oci::Digest>,
 }
 
 #[derive(Debug, Clone, Serialize)]

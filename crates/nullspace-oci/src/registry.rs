@@ -23,7 +23,18 @@ pub(crate) struct Registry {
     client: Client,
     reference: Reference,
     auth: RegistryAuth,
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until drop; see the `Drop` impl.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // An image may be dropped inside someone else's async runtime (the
+        // server); a blocking runtime shutdown would panic there.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 fn map_err(e: oci_client::errors::OciDistributionError) -> ErrorKind {
@@ -76,14 +87,16 @@ impl Registry {
             client: Client::new(config),
             reference,
             auth,
-            rt,
+            rt: Some(rt),
         })
     }
 
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("runtime lives until drop")
+    }
+
     fn pull_manifest(&self, reference: &Reference) -> Result<Vec<u8>, ErrorKind> {
-        let (bytes, _digest) = self
-            .rt
-            .block_on(self.client.pull_manifest_raw(
+        let (bytes, _digest) = self.rt().block_on(self.client.pull_manifest_raw(
                 reference,
                 &self.auth,
                 manifest::ACCEPTED_MANIFEST_TYPES,
@@ -114,21 +127,19 @@ impl Backend for Registry {
         }
         // Authenticate first (a no-op when a token is cached): blob requests
         // carry whatever auth the client holds for this registry.
-        self.rt.block_on(
+        self.rt().block_on(
             self.client
                 .store_auth_if_needed(self.reference.resolve_registry(), &self.auth),
         );
         let digest = desc.digest.to_string();
-        let stream = self
-            .rt
-            .block_on(
+        let stream = self.rt().block_on(
                 self.client
                     .pull_blob_stream(&self.reference, digest.as_str()),
             )
             .map_err(map_err)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(16);
         let mut stream = stream.stream;
-        self.rt.spawn(async move {
+        self.rt().spawn(async move {
             while let Some(chunk) = stream.next().await {
                 let item = chunk.map_err(normalize_stream_error);
                 let stop = item.is_err();

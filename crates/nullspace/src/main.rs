@@ -2,6 +2,7 @@
 
 mod image;
 mod progress;
+mod server;
 
 use std::process::ExitCode;
 
@@ -23,12 +24,19 @@ enum Command {
     /// Inspect, pull and import OCI images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Serve the template build API.
+    Serve(server::ServeArgs),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(server::KeysCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Image(c) => image::run(c),
+        Command::Serve(a) => server::serve(a),
+        Command::Keys(c) => server::keys(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

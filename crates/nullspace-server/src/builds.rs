@@ -1,0 +1,675 @@
+//! The build lifecycle: creation (validation, sanitized persistence),
+//! durable logs, the worker pool, execution, cancellation, recovery.
+//!
+//! Status moves `waiting → building → ready | error | cancelled`; the
+//! terminal write is guarded so it happens once. A build's final log entry
+//! is written before its terminal status, so a reader that sees the status
+//! also sees every entry.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nullspace_build::import::{ImportError, ImportOptions, import};
+use nullspace_oci::layout::NoProgress;
+use nullspace_oci::{Image, ResolveOptions, SourceRef};
+use nullspace_store::{BuildRow, Caller, now_ms};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::{ApiError, ApiResult};
+use crate::model::*;
+use crate::state::{RunSecrets, Shared};
+use crate::templates;
+use crate::validate::{self, Base, Normalized};
+
+pub const TERMINAL: &[&str] = &["ready", "error", "cancelled"];
+
+pub fn is_terminal(status: &str) -> bool {
+    TERMINAL.contains(&status)
+}
+
+/// What a ready build produced, stored in the artifact store (runtime env
+/// values live here, never in API responses).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArtifactManifest {
+    pub rootfs: String,
+    pub rootfs_size: u64,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    pub start_cmd: Option<String>,
+    pub readiness: Option<Value>,
+    pub image: Value,
+    pub oci: OciMetadataOut,
+}
+
+fn entry(rec: &BuildRecord, kind: &str, level: &str, message: impl Into<String>) -> LogEntry {
+    LogEntry {
+        build_id: rec.build_id.clone(),
+        template_id: rec.template_id.clone(),
+        offset: 0,
+        timestamp: String::new(),
+        kind: kind.into(),
+        level: level.into(),
+        message: message.into(),
+        phase: None,
+        step_index: None,
+        total_steps: None,
+        cache_kind: None,
+        cache_status: None,
+        cache_reason: None,
+        cache_subject: None,
+        error_detail: None,
+        result: None,
+        result_metadata: None,
+    }
+}
+
+/// Appends a durable log entry and wakes followers.
+pub async fn append(state: &Shared, mut e: LogEntry) -> ApiResult<i64> {
+    e.timestamp = iso(now_ms());
+    let build_id = e.build_id.clone();
+    let off = state
+        .store
+        .append_log(&build_id, |o| {
+            e.offset = o;
+            serde_json::to_string(&e).unwrap_or_default()
+        })
+        .await?;
+    state.hub.notify(&build_id);
+    Ok(off)
+}
+
+pub async fn log(state: &Shared, rec: &BuildRecord, kind: &str, level: &str, phase: Option<&str>, msg: impl Into<String>) {
+    let mut e = entry(rec, kind, level, msg);
+    e.phase = phase.map(str::to_string);
+    if let Err(err) = append(state, e).await {
+        tracing::error!("log append failed for {}: {}", rec.build_id, err.message);
+    }
+}
+
+pub fn parse_record(row: &BuildRow) -> ApiResult<BuildRecord> {
+    serde_json::from_str(&row.record).map_err(ApiError::internal)
+}
+
+/// Loads a build the caller owns; anything else is "not found".
+pub async fn load(state: &Shared, caller: &Caller, id: &str) -> ApiResult<(BuildRow, BuildRecord)> {
+    let row = state
+        .store
+        .build(id)
+        .await?
+        .filter(|r| r.namespace == caller.namespace)
+        .ok_or_else(|| ApiError::build_not_found(id))?;
+    let rec = parse_record(&row)?;
+    Ok((row, rec))
+}
+
+pub async fn save(state: &Shared, rec: &mut BuildRecord, only_if: &[&str]) -> ApiResult<bool> {
+    rec.updated_at = iso(now_ms());
+    let json = serde_json::to_string(rec).map_err(ApiError::internal)?;
+    Ok(state.store.update_build(&rec.build_id, &rec.status, &json, only_if).await?)
+}
+
+fn sanitize(req: &BuildRequest) -> Definition {
+    let mut r = req.clone();
+    let base_image_auth_kind = r
+        .base_image_auth
+        .take()
+        .and_then(|a| a.get("kind").and_then(Value::as_str).map(str::to_string));
+    let registry_auth_hosts = r
+        .registry_auth
+        .take()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|a| a.get("registry").and_then(Value::as_str).map(str::to_string))
+        .collect();
+    let secret_ids = r.build_secrets.take().unwrap_or_default().into_iter().map(|s| s.id).collect();
+    let mut had_inline_context = false;
+    if let Some(ctx) = r.build_context.as_mut() {
+        for f in &mut ctx.files {
+            if f.content_base64.take().is_some() {
+                had_inline_context = true;
+            }
+        }
+    }
+    r.claim_token = None;
+    Definition {
+        request: r,
+        base_image_auth_kind,
+        registry_auth_hosts,
+        secret_ids,
+        had_inline_context,
+    }
+}
+
+fn sha256_json(v: &impl Serialize) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(serde_json::to_vec(v).unwrap_or_default())))
+}
+
+/// Validates, persists (sanitized) and queues a build.
+pub async fn create(
+    state: &Shared,
+    caller: &Caller,
+    req: BuildRequest,
+    retry_of: Option<(String, String)>,
+) -> ApiResult<BuildRecord> {
+    let n: Normalized = validate::normalize(&req, &caller.namespace, &state.engines).map_err(|issues| {
+        let msg = issues.iter().map(|i| i.message.clone()).collect::<Vec<_>>().join("; ");
+        let code = if issues.iter().any(|i| i.code == "file_upload_error") { "file_upload_error" } else { "invalid_request" };
+        ApiError::new(axum::http::StatusCode::BAD_REQUEST, code, msg)
+    })?;
+    templates::check_claim(state, caller, &n.name, req.claim_token.as_deref()).await?;
+    let template_id = templates::ensure(state, caller, &n.name).await?;
+    let info = templates::info_by_id(state, &template_id).await?;
+    let now = iso(now_ms());
+    let id = nullspace_store::new_id("tb_");
+    let def = sanitize(&req);
+    let rc = req.runtime_config.clone().unwrap_or_default();
+    let rec = BuildRecord {
+        build_id: id.clone(),
+        template_id: template_id.clone(),
+        name: n.name.clone(),
+        tags: n.tags.clone(),
+        status: "waiting".into(),
+        created_at: now.clone(),
+        updated_at: now.clone(),
+        canonical_ref: format!("{}/{}", caller.namespace, n.name),
+        namespace_slug: caller.namespace.clone(),
+        visibility: info.visibility.clone(),
+        build_backend: n.backend.clone(),
+        source_type: n.source_type.into(),
+        source_digest: Some(sha256_json(&def.request)),
+        context_digest: req.build_context.as_ref().map(|c| {
+            let mut files: Vec<(String, String, Option<String>)> =
+                c.files.iter().map(|f| (f.path.clone(), f.entry_type.clone(), f.blob_id.clone())).collect();
+            files.sort();
+            sha256_json(&files)
+        }),
+        dockerfile_digest: req.dockerfile.as_ref().map(|d| sha256_json(d)),
+        triggered_by: caller.key_id.clone(),
+        queued_at: now.clone(),
+        started_at: None,
+        finished_at: None,
+        duration_ms: None,
+        failure_phase: None,
+        build_config: req.build_config.clone().unwrap_or_default(),
+        cache_summary: CacheSummary::default(),
+        artifact_availability: Availability { status: "unavailable".into(), reason: Some("build not finished".into()) },
+        promotability: Promotability { promotable: false, status: "not_ready".into(), reason: Some("build not finished".into()) },
+        runtime_defaults: RuntimeDefaultsOut {
+            default_env_keys: rc.default_envs.iter().flat_map(|m| m.keys().cloned()).collect(),
+            start_cmd: req.start_cmd.clone(),
+            default_user: rc.default_user.clone(),
+            default_workdir: rc.default_workdir.clone(),
+            readiness: rc.readiness.clone(),
+        },
+        oci_metadata: OciMetadataOut::default(),
+        artifact_ids: vec![],
+        error: None,
+        error_detail: None,
+        retry_of_build_id: retry_of.as_ref().map(|r| r.0.clone()),
+        original_build_id: retry_of.as_ref().map(|r| r.1.clone()),
+        cancel_requested_at: None,
+        cancel_requested_by: None,
+        cancellation_reason: None,
+        engine: None,
+    };
+    let row = BuildRow {
+        id: id.clone(),
+        namespace: caller.namespace.clone(),
+        template_id,
+        status: rec.status.clone(),
+        source_type: rec.source_type.clone(),
+        backend: rec.build_backend.clone(),
+        created_at: now_ms(),
+        record: serde_json::to_string(&rec).map_err(ApiError::internal)?,
+        definition: serde_json::to_string(&def).map_err(ApiError::internal)?,
+    };
+    state.secrets.lock().expect("secrets lock").insert(
+        id.clone(),
+        RunSecrets {
+            base_image_auth: req.base_image_auth.clone(),
+            registry_auth: req.registry_auth.clone().unwrap_or_default(),
+            build_secrets: req.build_secrets.clone().unwrap_or_default(),
+        },
+    );
+    state.cancels.lock().expect("cancel lock").insert(id.clone(), Arc::new(AtomicBool::new(false)));
+    state.store.insert_build(&row).await?;
+    // The first entry of every build is its `start` (the SDK's streams
+    // expect one); the worker's own start is a message.
+    log(state, &rec, "start", "info", Some("preparing"), format!("build {} queued: {} from {}", rec.build_id, rec.source_type, describe_base(&n.base, &req))).await;
+    for w in &n.warnings {
+        log(state, &rec, "warning", "warn", Some("preparing"), w.clone()).await;
+    }
+    state.wake.notify_one();
+    Ok(rec)
+}
+
+fn describe_base(base: &Base, req: &BuildRequest) -> String {
+    match base {
+        Base::Image(i) => i.clone(),
+        Base::Template(_) => format!("template {}", req.base_image.as_deref().unwrap_or_default()),
+        Base::Dockerfile => "a Dockerfile".into(),
+    }
+}
+
+/// Marks builds this server was running when it stopped: they cannot be
+/// resumed (credentials were in memory), so they fail with phase
+/// `interrupted` and can be retried.
+pub async fn recover(state: &Shared) -> ApiResult<()> {
+    for status in ["building", "waiting"] {
+        for id in state.store.builds_in_status(status).await? {
+            let Some(row) = state.store.build(&id).await? else { continue };
+            let mut rec = parse_record(&row)?;
+            let def: Definition = serde_json::from_str(&row.definition).unwrap_or_default();
+            // A waiting build without request-time credentials can simply run.
+            if status == "waiting" && def.base_image_auth_kind.is_none() && def.secret_ids.is_empty() && def.registry_auth_hosts.is_empty() {
+                state.cancels.lock().expect("cancel lock").insert(id.clone(), Arc::new(AtomicBool::new(false)));
+                continue;
+            }
+            let msg = if status == "building" {
+                "the server stopped while this build was running"
+            } else {
+                "the server restarted before this build started, and its credentials were not persisted"
+            };
+            fail(state, &mut rec, "interrupted", msg, true, "retry the build (resupply credentials and secrets)").await;
+        }
+    }
+    Ok(())
+}
+
+/// Terminal failure: an `error` entry, then the status.
+pub async fn fail(state: &Shared, rec: &mut BuildRecord, phase: &str, message: &str, retryable: bool, action: &str) {
+    let detail = FailureDetail {
+        code: "build_error".into(),
+        message: message.to_string(),
+        phase: phase.into(),
+        retryable,
+        suggested_action: action.into(),
+        step_index: None,
+        build_id: Some(rec.build_id.clone()),
+        details: None,
+    };
+    let mut e = entry(rec, "error", "error", message);
+    e.phase = Some(phase.into());
+    e.error_detail = Some(detail.clone());
+    let _ = append(state, e).await;
+    let now = now_ms();
+    rec.status = "error".into();
+    rec.error = Some(message.to_string());
+    rec.error_detail = Some(detail);
+    rec.failure_phase = Some(phase.into());
+    rec.finished_at = Some(iso(now));
+    rec.duration_ms = started_ms(rec).map(|s| now - s);
+    rec.artifact_availability = Availability { status: "failed".into(), reason: Some(message.to_string()) };
+    rec.promotability = Promotability { promotable: false, status: "unavailable".into(), reason: Some("build failed".into()) };
+    let _ = save(state, rec, &["waiting", "building"]).await;
+    state.hub.notify(&rec.build_id);
+}
+
+fn started_ms(rec: &BuildRecord) -> Option<i64> {
+    rec.started_at
+        .as_deref()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .map(|d| d.timestamp_millis())
+}
+
+/// Cancels a build: waiting builds stop at once, running ones at their
+/// next check; terminal builds are returned unchanged (idempotent).
+pub async fn cancel(state: &Shared, caller: &Caller, id: &str, reason: Option<String>) -> ApiResult<BuildRecord> {
+    let (_, mut rec) = load(state, caller, id).await?;
+    if is_terminal(&rec.status) {
+        return Ok(rec);
+    }
+    if let Some(flag) = state.cancels.lock().expect("cancel lock").get(id) {
+        flag.store(true, Ordering::SeqCst);
+    }
+    rec.cancel_requested_at = Some(iso(now_ms()));
+    rec.cancel_requested_by = Some(caller.key_id.clone());
+    rec.cancellation_reason = reason.clone();
+    // Take a waiting build the way a worker would (atomically), so no
+    // worker starts it; then write the entry before the terminal status.
+    let json = serde_json::to_string(&rec).map_err(ApiError::internal)?;
+    if rec.status == "waiting" && state.store.claim(id, &json).await? {
+        finish_cancelled(state, &mut rec, &["building"]).await;
+    } else {
+        let _ = save(state, &mut rec, &["building"]).await;
+    }
+    // Return the freshest record (the worker may have finished meanwhile).
+    let (_, rec) = load(state, caller, id).await?;
+    Ok(rec)
+}
+
+async fn finish_cancelled(state: &Shared, rec: &mut BuildRecord, only_if: &[&str]) {
+    let msg = match &rec.cancellation_reason {
+        Some(r) => format!("build cancelled: {r}"),
+        None => "build cancelled".to_string(),
+    };
+    let mut e = entry(rec, "cancelled", "warn", msg);
+    e.phase = Some("cleanup".into());
+    let _ = append(state, e).await;
+    let now = now_ms();
+    rec.status = "cancelled".into();
+    rec.finished_at = Some(iso(now));
+    rec.duration_ms = started_ms(rec).map(|s| now - s);
+    rec.artifact_availability = Availability { status: "unavailable".into(), reason: Some("build cancelled".into()) };
+    rec.promotability = Promotability { promotable: false, status: "unavailable".into(), reason: Some("build cancelled".into()) };
+    let _ = save(state, rec, only_if).await;
+    state.secrets.lock().expect("secrets lock").remove(&rec.build_id);
+    state.hub.notify(&rec.build_id);
+}
+
+/// Starts `n` workers that take waiting builds, oldest first.
+pub fn spawn_workers(state: Shared, n: usize) {
+    for _ in 0..n.max(1) {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                match next_build(&state).await {
+                    Ok(Some(id)) => run(&state, &id).await,
+                    Ok(None) => {
+                        // Poll too: another server sharing the database may
+                        // have queued work.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), state.wake.notified()).await;
+                    }
+                    Err(e) => {
+                        tracing::error!("worker: {}", e.message);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn next_build(state: &Shared) -> ApiResult<Option<String>> {
+    for id in state.store.builds_in_status("waiting").await? {
+        let Some(row) = state.store.build(&id).await? else { continue };
+        let mut rec = parse_record(&row)?;
+        rec.status = "building".into();
+        rec.started_at = Some(iso(now_ms()));
+        rec.updated_at = iso(now_ms());
+        let json = serde_json::to_string(&rec).map_err(ApiError::internal)?;
+        if state.store.claim(&id, &json).await? {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
+}
+
+async fn run(state: &Shared, id: &str) {
+    let Ok(Some(row)) = state.store.build(id).await else { return };
+    let Ok(mut rec) = parse_record(&row) else { return };
+    let def: Definition = serde_json::from_str(&row.definition).unwrap_or_default();
+    let secrets = state.secrets.lock().expect("secrets lock").remove(id).unwrap_or_default();
+    let cancel = state
+        .cancels
+        .lock()
+        .expect("cancel lock")
+        .entry(id.to_string())
+        .or_insert_with(|| Arc::new(AtomicBool::new(false)))
+        .clone();
+    let mut start = entry(&rec, "message", "info", format!("build {} started", rec.build_id));
+    start.phase = Some("preparing".into());
+    let _ = append(state, start).await;
+
+    let outcome = execute(state, &mut rec, &def, &secrets, &cancel).await;
+    drop(secrets);
+    match outcome {
+        Ok(manifest) => finish_ready(state, &mut rec, manifest).await,
+        Err(Failure::Cancelled) => finish_cancelled(state, &mut rec, &["building"]).await,
+        Err(Failure::Failed { phase, message, retryable, action }) => {
+            fail(state, &mut rec, phase, &message, retryable, action).await
+        }
+    }
+    state.cancels.lock().expect("cancel lock").remove(id);
+    state.hub.forget(id);
+}
+
+enum Failure {
+    Cancelled,
+    Failed { phase: &'static str, message: String, retryable: bool, action: &'static str },
+}
+
+fn failed(phase: &'static str, message: impl Into<String>, retryable: bool, action: &'static str) -> Failure {
+    Failure::Failed { phase, message: message.into(), retryable, action }
+}
+
+async fn execute(
+    state: &Shared,
+    rec: &mut BuildRecord,
+    def: &Definition,
+    secrets: &RunSecrets,
+    cancel: &Arc<AtomicBool>,
+) -> Result<ArtifactManifest, Failure> {
+    let req = &def.request;
+    let ns = rec.namespace_slug.clone();
+    let n = validate::normalize(req, &ns, &state.engines)
+        .map_err(|i| failed("preflight", i.iter().map(|x| x.message.clone()).collect::<Vec<_>>().join("; "), false, "fix the request"))?;
+    if !n.steps.is_empty() {
+        return Err(failed(
+            "prepare",
+            format!("{} declarative step(s) need the build VM or a Dockerfile engine, which this server does not have yet", n.steps.len()),
+            false,
+            "build from an image without steps, or use a server with a build VM",
+        ));
+    }
+    let base = match &n.base {
+        Base::Dockerfile => {
+            return Err(failed(
+                "prepare",
+                "this server has no Dockerfile engine configured (buildkit or buildah)",
+                false,
+                "build from base_image, or configure a Dockerfile engine",
+            ));
+        }
+        Base::Template(r) => {
+            log(state, rec, "message", "info", Some("preparing"), format!("resolving template {}", req.base_image.as_deref().unwrap_or_default())).await;
+            let parent = templates::resolve_artifact(state, &ns, r)
+                .await
+                .map_err(|e| failed("prepare", e.message, false, "check the template reference"))?;
+            parent
+        }
+        Base::Image(image_ref) => {
+            import_image(state, rec, image_ref, req, secrets, cancel).await?
+        }
+    };
+    if cancel.load(Ordering::SeqCst) {
+        return Err(Failure::Cancelled);
+    }
+    // Request runtime settings override the image's.
+    let mut m = base;
+    if let Some(rc) = &req.runtime_config {
+        if let Some(envs) = &rc.default_envs {
+            m.env.extend(envs.clone());
+        }
+        if rc.default_user.is_some() {
+            m.user = rc.default_user.clone();
+        }
+        if rc.default_workdir.is_some() {
+            m.workdir = rc.default_workdir.clone();
+        }
+        if rc.readiness.is_some() {
+            m.readiness = rc.readiness.clone();
+        }
+    }
+    if req.start_cmd.is_some() {
+        m.start_cmd = req.start_cmd.clone();
+    }
+    Ok(m)
+}
+
+async fn import_image(
+    state: &Shared,
+    rec: &mut BuildRecord,
+    image_ref: &str,
+    req: &BuildRequest,
+    secrets: &RunSecrets,
+    cancel: &Arc<AtomicBool>,
+) -> Result<ArtifactManifest, Failure> {
+    log(state, rec, "message", "info", Some("preparing"), format!("resolving {image_ref}")).await;
+    let source = SourceRef::parse(image_ref).map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
+    if !matches!(source, SourceRef::Registry(_)) {
+        return Err(failed("prepare", format!("base_image {image_ref:?} must be a registry reference"), false, "use a registry reference"));
+    }
+    let credentials = match &secrets.base_image_auth {
+        None => None,
+        Some(a) if a.get("kind").and_then(Value::as_str) == Some("basic") => Some(nullspace_oci::auth::Credentials {
+            username: a.get("username").and_then(Value::as_str).unwrap_or_default().to_string(),
+            password: a.get("password").and_then(Value::as_str).unwrap_or_default().to_string(),
+        }),
+        Some(a) => {
+            let kind = a.get("kind").and_then(Value::as_str).unwrap_or("unknown");
+            return Err(failed("auth", format!("base_image_auth kind {kind} is not supported by this server (basic is)"), false, "use basic credentials"));
+        }
+    };
+    let opts = ResolveOptions {
+        platform: None,
+        credentials,
+        insecure_registries: state.config.insecure_registries.clone(),
+    };
+    let work = state.work_dir.join(&rec.build_id);
+    let cache_dir = if req.skip_cache == Some(true) { None } else { Some(state.cache_dir.clone()) };
+    let import_opts = ImportOptions {
+        disk_mb: req.build_config.as_ref().and_then(|c| c.disk_mb).map(|d| d as u64),
+        cache_dir,
+        cache_max_bytes: state.config.cache_max_bytes,
+        cancel: Some(cancel.clone()),
+        ..Default::default()
+    };
+    let out = work.join("template");
+    let result = tokio::task::spawn_blocking({
+        let work = work.clone();
+        let out = out.clone();
+        move || -> Result<(Image, nullspace_build::template::TemplateMeta), String> {
+            let _ = std::fs::remove_dir_all(&work);
+            std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+            let image = Image::resolve(&source, &opts).map_err(|e| format!("auth-or-resolve:{e}"))?;
+            let meta = import(&image, &out, &import_opts, &NoProgress).map_err(|e| match e {
+                ImportError::Cancelled { .. } => "cancelled".to_string(),
+                other => other.to_string(),
+            })?;
+            Ok((image, meta))
+        }
+    })
+    .await
+    .map_err(|e| failed("prepare", format!("import worker failed: {e}"), true, "retry the build"))?;
+    let (image, meta) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            if e == "cancelled" || cancel.load(Ordering::SeqCst) {
+                return Err(Failure::Cancelled);
+            }
+            if let Some(msg) = e.strip_prefix("auth-or-resolve:") {
+                let auth = msg.contains("authentication failed");
+                return Err(failed(
+                    if auth { "auth" } else { "prepare" },
+                    msg.to_string(),
+                    !auth,
+                    if auth { "check base_image_auth" } else { "check base_image and retry" },
+                ));
+            }
+            return Err(failed("prepare", e, false, "check the image"));
+        }
+    };
+    for l in &meta.image.layers {
+        let hit = meta.cache.reused.contains(&l.digest);
+        let mut e = entry(rec, "cache", "debug", format!("layer {} {}", l.digest, if hit { "reused" } else { "fetched" }));
+        e.phase = Some("cache".into());
+        e.cache_kind = Some("layer".into());
+        e.cache_subject = Some(l.digest.to_string());
+        e.cache_status = Some(if req.skip_cache == Some(true) { "bypass" } else if hit { "hit" } else { "miss" }.into());
+        if req.skip_cache == Some(true) {
+            e.cache_reason = Some("whole_build_skip_cache".into());
+        }
+        let _ = append(state, e).await;
+    }
+    let cs = &mut rec.cache_summary;
+    if req.skip_cache == Some(true) {
+        cs.layer_bypasses = meta.image.layers.len() as i64;
+    } else {
+        cs.layer_hits = meta.cache.layers_reused as i64;
+        cs.layer_misses = meta.cache.layers_fetched as i64;
+        cs.layer_stores = meta.cache.layers_fetched as i64;
+    }
+    log(state, rec, "message", "info", Some("finalize"), format!(
+        "rootfs: {} MiB, {} files, {} dirs ({} of {} layers from cache)",
+        meta.rootfs.size_bytes >> 20, meta.rootfs.files, meta.rootfs.dirs, meta.cache.layers_reused, meta.image.layers.len()
+    )).await;
+    let artifacts = state.artifacts.clone();
+    let rootfs = out.join("rootfs.ext4");
+    let (digest, size) = tokio::task::spawn_blocking(move || artifacts.adopt(&rootfs))
+        .await
+        .map_err(|e| failed("finalize", e.to_string(), true, "retry"))?
+        .map_err(|e| failed("finalize", format!("storing the rootfs: {e}"), true, "retry"))?;
+    let _ = std::fs::remove_dir_all(&work);
+    let rt = image.runtime_defaults();
+    let oci = image.oci_metadata();
+    let readiness = rt.ready_cmd.as_ref().map(|c| {
+        json!({"kind": "command", "command": c, "timeout_secs": 30, "interval_ms": 500, "startup_grace_secs": 2})
+    });
+    Ok(ArtifactManifest {
+        rootfs: digest.to_string(),
+        rootfs_size: size,
+        env: rt.env.clone(),
+        user: rt.user.clone(),
+        workdir: rt.workdir.clone(),
+        start_cmd: rt.start_cmd.clone(),
+        readiness: readiness.clone(),
+        image: serde_json::to_value(&meta.image).unwrap_or_default(),
+        oci: OciMetadataOut {
+            labels: oci.labels.clone(),
+            exposed_ports: oci.exposed_ports.clone(),
+            volumes: oci.volumes.clone(),
+            healthcheck: oci.healthcheck.as_ref().map(|h| HealthcheckOut {
+                test: h.test.clone(),
+                interval_ns: h.interval_ns,
+                timeout_ns: h.timeout_ns,
+                start_period_ns: h.start_period_ns,
+                retries: h.retries,
+                mapped_readiness: if h.mapped_readiness.is_some() { readiness.clone() } else { None },
+            }),
+        },
+    })
+}
+
+async fn finish_ready(state: &Shared, rec: &mut BuildRecord, m: ArtifactManifest) {
+    let bytes = serde_json::to_vec(&m).unwrap_or_default();
+    let stored = state.artifacts.put(&bytes[..]);
+    let (manifest_digest, _) = match stored {
+        Ok(v) => v,
+        Err(e) => return fail(state, rec, "finalize", &format!("storing the artifact manifest: {e}"), true, "retry").await,
+    };
+    rec.artifact_ids = vec![manifest_digest.to_string()];
+    rec.runtime_defaults = RuntimeDefaultsOut {
+        default_env_keys: m.env.keys().cloned().collect(),
+        start_cmd: m.start_cmd.clone(),
+        default_user: m.user.clone(),
+        default_workdir: m.workdir.clone(),
+        readiness: m.readiness.clone(),
+    };
+    rec.oci_metadata = m.oci.clone();
+    rec.artifact_availability = Availability { status: "available".into(), reason: None };
+    rec.promotability = Promotability { promotable: true, status: "promotable".into(), reason: None };
+    // Tags move to this build only once it is ready.
+    for tag in &rec.tags {
+        if let Err(e) = state.store.set_tag(&rec.template_id, tag, &rec.build_id).await {
+            return fail(state, rec, "finalize", &format!("assigning tag {tag}: {e}"), true, "retry").await;
+        }
+    }
+    let info = templates::info_by_id(state, &rec.template_id).await.ok();
+    let mut end = entry(rec, "end", "info", format!("template {} ready", rec.canonical_ref));
+    end.phase = Some("finalize".into());
+    end.result = info.map(|i| serde_json::to_value(i).unwrap_or_default());
+    end.result_metadata = Some(json!({"runtime_defaults": rec.runtime_defaults, "oci_metadata": rec.oci_metadata}));
+    let _ = append(state, end).await;
+    let now = now_ms();
+    rec.status = "ready".into();
+    rec.finished_at = Some(iso(now));
+    rec.duration_ms = started_ms(rec).map(|s| now - s);
+    let _ = save(state, rec, &["building"]).await;
+    state.hub.notify(&rec.build_id);
+}

@@ -1,0 +1,84 @@
+//! nullspace-server: the template build API the published Python SDK
+//! (`nullspace-sdk` 0.1.9) drives unchanged (see `docs/sdk-contract.md`).
+//!
+//! - [`http`]: routes, auth, SSE; [`builds`]: lifecycle and workers;
+//!   [`templates`]: refs, tags, aliases, claims; [`validate`]/[`plan`]:
+//!   request checks shared by build, validate, plan and retry;
+//!   [`model`]: the wire types.
+//! - State lives in `nullspace-store` (SQLite in the data directory, or
+//!   Postgres), artifacts in its content-addressed store.
+
+pub mod builds;
+pub mod error;
+pub mod http;
+pub mod model;
+pub mod openapi;
+pub mod plan;
+pub mod refs;
+pub mod state;
+pub mod templates;
+pub mod validate;
+
+use std::sync::Arc;
+
+use nullspace_store::Store;
+use nullspace_store::artifacts::Artifacts;
+
+pub use state::{AppState, Config, Shared};
+
+/// Opens the data directory and the database, and recovers builds that
+/// were interrupted by a stop.
+pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let url = config
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite:{}", config.data_dir.join("nullspace.db").display()));
+    let store = Store::open(&url).await?;
+    let artifacts = Artifacts::open(&config.data_dir.join("artifacts"))?;
+    let work_dir = config.data_dir.join("work");
+    std::fs::create_dir_all(&work_dir)?;
+    let state = Arc::new(AppState {
+        cache_dir: config.data_dir.join("cache"),
+        work_dir,
+        config,
+        store,
+        artifacts,
+        hub: Default::default(),
+        engines: Default::default(),
+        wake: Default::default(),
+        cancels: Default::default(),
+        secrets: Default::default(),
+    });
+    builds::recover(&state).await.map_err(|e| anyhow_like::Error(e.message))?;
+    Ok(state)
+}
+
+/// Serves the API on `listener` with `config.workers` build workers.
+pub async fn serve(state: Shared, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    builds::spawn_workers(state.clone(), state.config.workers);
+    axum::serve(listener, http::router(state)).await
+}
+
+/// A minimal error type for start-up (the binary adds context).
+pub mod anyhow_like {
+    #[derive(Debug)]
+    pub struct Error(pub String);
+    impl std::fmt::Display for Error {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl std::error::Error for Error {}
+    impl From<std::io::Error> for Error {
+        fn from(e: std::io::Error) -> Self {
+            Error(e.to_string())
+        }
+    }
+    impl From<nullspace_store::StoreError> for Error {
+        fn from(e: nullspace_store::StoreError) -> Self {
+            Error(e.to_string())
+        }
+    }
+    pub type Result<T> = std::result::Result<T, Error>;
+}

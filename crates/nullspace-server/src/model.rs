@@ -1,0 +1,335 @@
+//! The wire model of the template API, as the published SDK
+//! (`nullspace-sdk` 0.1.9) sends and parses it: see `docs/sdk-contract.md`.
+//! Requests are read leniently (unknown keys ignored); responses omit
+//! unset optional fields rather than sending `null` where the SDK rejects it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// RFC 3339 UTC with `Z`, the form the SDK parses.
+pub fn iso(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct BuildRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_envs: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_cmd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_config: Option<RuntimeConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_context: Option<BuildContext>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_config: Option<BuildConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_backend: Option<String>,
+    /// Credentials: used for the pull, never persisted (only `kind`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_image_auth: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_secrets: Option<Vec<BuildSecret>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_cache: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_args: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct RuntimeConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_workdir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_envs: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct BuildContext {
+    #[serde(default)]
+    pub files: Vec<ContextFile>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct ContextFile {
+    pub path: String,
+    pub entry_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob_id: Option<String>,
+    /// Inline bytes (validate/plan). Never persisted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_base64: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct BuildConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internet_access: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<i64>,
+}
+
+#[derive(Clone, Default, Deserialize, Serialize)]
+pub struct BuildSecret {
+    pub id: String,
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+impl std::fmt::Debug for BuildSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BuildSecret({}, <redacted>)", self.id)
+    }
+}
+
+/// `error_detail`: exactly the keys the SDK's strict parser accepts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FailureDetail {
+    pub code: String,
+    pub message: String,
+    pub phase: String,
+    pub retryable: bool,
+    pub suggested_action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_index: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CacheSummary {
+    pub final_artifact_hits: i64,
+    pub final_artifact_misses: i64,
+    pub final_artifact_bypasses: i64,
+    pub final_artifact_stores: i64,
+    pub layer_hits: i64,
+    pub layer_misses: i64,
+    pub layer_bypasses: i64,
+    pub layer_stores: i64,
+    pub file_blob_hits: i64,
+    pub file_blob_misses: i64,
+    pub file_blob_bypasses: i64,
+    pub file_blob_stores: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RuntimeDefaultsOut {
+    pub default_env_keys: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_cmd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_workdir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct OciMetadataOut {
+    pub labels: BTreeMap<String, String>,
+    pub exposed_ports: Vec<String>,
+    pub volumes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthcheckOut>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HealthcheckOut {
+    pub test: Vec<String>,
+    pub interval_ns: Option<i64>,
+    pub timeout_ns: Option<i64>,
+    pub start_period_ns: Option<i64>,
+    pub retries: Option<i64>,
+    pub mapped_readiness: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Availability {
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Promotability {
+    pub promotable: bool,
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+/// The build record (`POST /v1/templates/builds`, status, cancel, retry).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BuildRecord {
+    pub build_id: String,
+    pub template_id: String,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub status: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub canonical_ref: String,
+    pub namespace_slug: String,
+    pub visibility: String,
+    pub build_backend: String,
+    pub source_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dockerfile_digest: Option<String>,
+    pub triggered_by: String,
+    pub queued_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_phase: Option<String>,
+    pub build_config: BuildConfig,
+    pub cache_summary: CacheSummary,
+    pub artifact_availability: Availability,
+    pub promotability: Promotability,
+    pub runtime_defaults: RuntimeDefaultsOut,
+    pub oci_metadata: OciMetadataOut,
+    pub artifact_ids: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_detail: Option<FailureDetail>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_of_build_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_build_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancellation_reason: Option<String>,
+    /// Which engine ran the build, with its version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+}
+
+/// A log entry (status `entries[]` and SSE `data:`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogEntry {
+    pub build_id: String,
+    pub template_id: String,
+    pub offset: i64,
+    pub timestamp: String,
+    pub kind: String,
+    pub level: String,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_index: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_steps: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_detail: Option<FailureDetail>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_metadata: Option<Value>,
+}
+
+/// TemplateInfo (`end.result`, list/get, tags, visibility, rename, promote).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TemplateInfo {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub tags: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_tag: Option<String>,
+    pub builtin: bool,
+    pub canonical_ref: String,
+    pub namespace_slug: String,
+    pub visibility: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_defaults: Option<RuntimeDefaultsOut>,
+}
+
+/// What the server keeps per template (the `doc` column).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TemplateDoc {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "private")]
+    pub visibility: String,
+}
+
+fn private() -> String {
+    "private".into()
+}
+
+/// The sanitized build definition persisted for retry: everything needed
+/// to run the build again except credentials, secret values and inline
+/// context bytes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Definition {
+    pub request: BuildRequest,
+    /// `base_image_auth.kind`, kept to demand fresh credentials on retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_image_auth_kind: Option<String>,
+    /// Registries that had request-time credentials.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registry_auth_hosts: Vec<String>,
+    /// Ids of the secrets the build used (values are never kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_ids: Vec<String>,
+    /// Whether inline context bytes were dropped (then it cannot retry).
+    #[serde(default)]
+    pub had_inline_context: bool,
+}

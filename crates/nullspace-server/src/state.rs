@@ -1,0 +1,89 @@
+//! Server state shared by handlers and workers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use nullspace_store::Store;
+use nullspace_store::artifacts::Artifacts;
+use serde_json::Value;
+use tokio::sync::{Notify, broadcast};
+
+use crate::model::BuildSecret;
+use crate::validate::Engines;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// `None`: the embedded SQLite database in the data directory.
+    pub database_url: Option<String>,
+    /// Builds run at once by this server.
+    pub workers: usize,
+    pub insecure_registries: Vec<String>,
+    /// Layer cache bound.
+    pub cache_max_bytes: u64,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Config {
+        Config {
+            data_dir,
+            database_url: None,
+            workers: 2,
+            insecure_registries: vec![],
+            cache_max_bytes: 20 << 30,
+        }
+    }
+}
+
+/// Request-time credentials of a build: in memory only, handed from the
+/// request to the worker and dropped when the build ends.
+#[derive(Default)]
+pub struct RunSecrets {
+    pub base_image_auth: Option<Value>,
+    pub registry_auth: Vec<Value>,
+    pub build_secrets: Vec<BuildSecret>,
+}
+
+/// Wakes SSE followers when a build gets a new log entry.
+#[derive(Default)]
+pub struct Hub {
+    channels: Mutex<HashMap<String, broadcast::Sender<()>>>,
+}
+
+impl Hub {
+    pub fn subscribe(&self, build_id: &str) -> broadcast::Receiver<()> {
+        let mut m = self.channels.lock().expect("hub lock");
+        m.entry(build_id.to_string())
+            .or_insert_with(|| broadcast::channel(16).0)
+            .subscribe()
+    }
+    pub fn notify(&self, build_id: &str) {
+        let m = self.channels.lock().expect("hub lock");
+        if let Some(tx) = m.get(build_id) {
+            let _ = tx.send(());
+        }
+    }
+    pub fn forget(&self, build_id: &str) {
+        let mut m = self.channels.lock().expect("hub lock");
+        if m.get(build_id).is_some_and(|tx| tx.receiver_count() == 0) {
+            m.remove(build_id);
+        }
+    }
+}
+
+pub struct AppState {
+    pub config: Config,
+    pub store: Store,
+    pub artifacts: Artifacts,
+    pub cache_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub hub: Hub,
+    pub engines: Engines,
+    pub wake: Notify,
+    pub cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    pub secrets: Mutex<HashMap<String, RunSecrets>>,
+}
+
+pub type Shared = Arc<AppState>;

@@ -1,0 +1,93 @@
+//! `nullspace serve` and `nullspace keys`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+#[derive(Args)]
+pub struct StoreArgs {
+    /// Data directory: the SQLite database, artifacts and the layer cache.
+    #[arg(long, env = "NULLSPACE_DATA_DIR", default_value = "nullspace-data")]
+    data_dir: PathBuf,
+    /// A Postgres URL (postgres://…) to share state between servers;
+    /// default: SQLite in the data directory.
+    #[arg(long, env = "NULLSPACE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+impl StoreArgs {
+    fn config(&self) -> nullspace_server::Config {
+        let mut c = nullspace_server::Config::new(self.data_dir.clone());
+        c.database_url = self.database_url.clone();
+        c
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Address to listen on.
+    #[arg(long, env = "NULLSPACE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Builds run at once.
+    #[arg(long, env = "NULLSPACE_WORKERS", default_value_t = 2)]
+    workers: usize,
+    /// A registry (HOST[:PORT]) that may be reached over plain HTTP.
+    #[arg(long = "insecure-registry")]
+    insecure: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key; the key is printed once and stored hashed.
+    Create {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// A label for the key.
+        #[arg(long)]
+        name: String,
+        /// The caller namespace the key acts as (a slug).
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let mut config = a.store.config();
+    config.workers = a.workers.max(1);
+    config.insecure_registries = a.insecure;
+    runtime()?.block_on(async move {
+        let state = nullspace_server::open(config).await.context("opening the data directory")?;
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .with_context(|| format!("listening on {}", a.listen))?;
+        eprintln!("nullspace serving on http://{}", listener.local_addr()?);
+        nullspace_server::serve(state, listener).await?;
+        Ok(())
+    })
+}
+
+pub fn keys(c: KeysCommand) -> Result<()> {
+    match c {
+        KeysCommand::Create { store, name, namespace } => {
+            anyhow::ensure!(
+                nullspace_server::refs::is_slug(&namespace),
+                "--namespace {namespace:?} must be a slug (lowercase letters and digits, '-' between)"
+            );
+            let config = store.config();
+            runtime()?.block_on(async move {
+                let state = nullspace_server::open(config).await.context("opening the data directory")?;
+                let (id, secret) = state.store.create_key(&name, &namespace).await?;
+                eprintln!("created key {id} ({name}) for namespace {namespace}; it is shown only once:");
+                println!("{secret}");
+                Ok(())
+            })
+        }
+    }
+}
