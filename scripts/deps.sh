@@ -10,6 +10,8 @@ NULLSPACE_APT_PACKAGES=(
   busybox-static    # the embedded demo image's userland
   apache2-utils     # htpasswd, for the registry's basic auth
   openssl           # signs registry bearer tokens in tests
+  postgresql        # the shared store, started per test run by the harness
+  python3-venv      # the published Python SDK runs in a venv for API tests
   ca-certificates
 )
 
@@ -25,3 +27,10 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo (Rust 1.95+) is required" >&2; exit 1; }
+
+# The published Python SDK, unpatched, drives the API tests.
+SDK_VENV=${NULLSPACE_SDK_VENV:-$(dirname "$0")/../target/sdk-venv}
+if [ ! -x "$SDK_VENV/bin/python" ] || ! "$SDK_VENV/bin/python" -c 'import nullspace' 2>/dev/null; then
+  python3 -m venv "$SDK_VENV"
+  "$SDK_VENV/bin/pip" install -q 'nullspace-sdk==0.1.9'
+fi

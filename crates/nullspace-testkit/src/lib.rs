@@ -3,6 +3,7 @@
 
 pub mod image;
 pub mod registry;
+pub mod server;
 pub mod tree;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,184 @@
+//! The real `nullspace serve` on a loopback port with its own data
+//! directory (and optionally a Postgres started here), API keys made with
+//! `nullspace keys create`, and the published Python SDK to drive it.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Run, nullspace_bin, run};
+
+pub struct Server {
+    pub url: String,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+impl Server {
+    pub fn start(data_dir: &Path, database_url: Option<&str>) -> Server {
+        let addr = free_addr();
+        let mut s = Server {
+            url: format!("http://{addr}"),
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            database_url: database_url.map(str::to_string),
+            child: None,
+            log: data_dir.with_extension("server.log"),
+        };
+        s.spawn();
+        s
+    }
+
+    fn base(&self, cmd: &mut Command) {
+        cmd.arg("--data-dir").arg(&self.data_dir);
+        if let Some(u) = &self.database_url {
+            cmd.arg("--database-url").arg(u);
+        }
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(nullspace_bin());
+        cmd.arg("serve").arg("--listen").arg(&self.addr);
+        self.base(&mut cmd);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting nullspace serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if TcpStream::connect(&self.addr).is_ok() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("nullspace serve exited ({status}): {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("nullspace serve did not listen on {}: {}", self.addr, self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Creates an API key for `namespace` and returns the secret.
+    pub fn key(&self, namespace: &str) -> String {
+        let mut cmd = Command::new(nullspace_bin());
+        cmd.args(["keys", "create", "--name", "test", "--namespace", namespace]);
+        self.base(&mut cmd);
+        let r = run(&mut cmd);
+        r.ok();
+        r.stdout.trim().to_string()
+    }
+
+    /// Kills the server without a chance to clean up (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A throwaway Postgres cluster (Debian's postgresql 15) on a loopback
+/// port, run as the `postgres` user, removed on drop.
+pub struct Postgres {
+    pub url: String,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("postgresql is not installed (scripts/deps.sh installs it)")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::Builder::new().prefix("nullspace-pg").tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("data dir");
+        let chown = run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()));
+        chown.ok();
+        let as_pg = |args: &[&str]| {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).args(args);
+            c
+        };
+        let initdb = bin.join("initdb").to_string_lossy().into_owned();
+        let d = data.to_string_lossy().into_owned();
+        run(&mut as_pg(&[&initdb, "-D", &d, "--auth=trust", "-U", "postgres"])).ok();
+        let port = free_addr().rsplit(':').next().expect("port").to_string();
+        let pg_ctl = bin.join("pg_ctl").to_string_lossy().into_owned();
+        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", dir.path().display());
+        let log = dir.path().join("pg.log").to_string_lossy().into_owned();
+        run(&mut as_pg(&[&pg_ctl, "-D", &d, "-o", &opts, "-l", &log, "-w", "start"])).ok();
+        Postgres {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            bin,
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(pg_ctl)
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// The venv Python with `nullspace-sdk==0.1.9` (made by scripts/deps.sh).
+pub fn sdk_python() -> PathBuf {
+    if let Ok(p) = std::env::var("NULLSPACE_SDK_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/sdk-venv/bin/python");
+    assert!(root.exists(), "{} missing: run scripts/deps.sh (it installs nullspace-sdk==0.1.9)", root.display());
+    root
+}
+
+/// Runs a Python script with the SDK pointed at `server` with `key`.
+pub fn run_sdk(server: &Server, key: &str, script: &str, env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(sdk_python());
+    cmd.arg("-c")
+        .arg(script)
+        .env("NULLSPACE_API_URL", &server.url)
+        .env("NULLSPACE_API_KEY", key);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run(&mut cmd)
+}
