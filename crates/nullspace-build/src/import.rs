@@ -6,8 +6,8 @@
 //! the destination and renamed into place at the end.
 
 use std::io;
-use std::path::{Path, PathBuf};
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -170,15 +170,7 @@ pub fn import(
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(desc) = layers.get(i) else { break };
-                        let r = spool_layer(
-                            image,
-                            cache,
-                            i,
-                            desc,
-                            hits[i].clone(),
-                            opts,
-                            progress,
-                        );
+                        let r = spool_layer(image, cache, i, desc, hits[i].clone(), opts, progress);
                         let failed = r.is_err();
                         done.push((i, r));
                         if failed {
@@ -340,7 +332,9 @@ fn spool_layer(
 }
 
 fn is_cancelled(opts: &ImportOptions) -> bool {
-    opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+    opts.cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::Relaxed))
 }
 
 /// Fails reads once the cancel flag is set, so a cancelled import stops
@@ -352,7 +346,11 @@ struct CancelReader<R> {
 
 impl<R: Read> Read for CancelReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+        if self
+            .flag
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed))
+        {
             // Not ErrorKind::Interrupted: io::copy would retry that forever.
             return Err(io::Error::other("import cancelled"));
         }

@@ -96,7 +96,9 @@ impl Registry {
     }
 
     fn pull_manifest(&self, reference: &Reference) -> Result<Vec<u8>, ErrorKind> {
-        let (bytes, _digest) = self.rt().block_on(self.client.pull_manifest_raw(
+        let (bytes, _digest) = self
+            .rt()
+            .block_on(self.client.pull_manifest_raw(
                 reference,
                 &self.auth,
                 manifest::ACCEPTED_MANIFEST_TYPES,
@@ -132,7 +134,9 @@ impl Backend for Registry {
                 .store_auth_if_needed(self.reference.resolve_registry(), &self.auth),
         );
         let digest = desc.digest.to_string();
-        let stream = self.rt().block_on(
+        let stream = self
+            .rt()
+            .block_on(
                 self.client
                     .pull_blob_stream(&self.reference, digest.as_str()),
             )

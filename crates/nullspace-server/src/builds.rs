@@ -81,7 +81,14 @@ pub async fn append(state: &Shared, mut e: LogEntry) -> ApiResult<i64> {
     Ok(off)
 }
 
-pub async fn log(state: &Shared, rec: &BuildRecord, kind: &str, level: &str, phase: Option<&str>, msg: impl Into<String>) {
+pub async fn log(
+    state: &Shared,
+    rec: &BuildRecord,
+    kind: &str,
+    level: &str,
+    phase: Option<&str>,
+    msg: impl Into<String>,
+) {
     let mut e = entry(rec, kind, level, msg);
     e.phase = phase.map(str::to_string);
     if let Err(err) = append(state, e).await {
@@ -108,7 +115,10 @@ pub async fn load(state: &Shared, caller: &Caller, id: &str) -> ApiResult<(Build
 pub async fn save(state: &Shared, rec: &mut BuildRecord, only_if: &[&str]) -> ApiResult<bool> {
     rec.updated_at = iso(now_ms());
     let json = serde_json::to_string(rec).map_err(ApiError::internal)?;
-    Ok(state.store.update_build(&rec.build_id, &rec.status, &json, only_if).await?)
+    Ok(state
+        .store
+        .update_build(&rec.build_id, &rec.status, &json, only_if)
+        .await?)
 }
 
 fn sanitize(req: &BuildRequest) -> Definition {
@@ -122,9 +132,19 @@ fn sanitize(req: &BuildRequest) -> Definition {
         .take()
         .unwrap_or_default()
         .iter()
-        .filter_map(|a| a.get("registry").and_then(Value::as_str).map(str::to_string))
+        .filter_map(|a| {
+            a.get("registry")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .collect();
-    let secret_ids = r.build_secrets.take().unwrap_or_default().into_iter().map(|s| s.id).collect();
+    let secret_ids = r
+        .build_secrets
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
     let mut had_inline_context = false;
     if let Some(ctx) = r.build_context.as_mut() {
         for f in &mut ctx.files {
@@ -145,7 +165,12 @@ fn sanitize(req: &BuildRequest) -> Definition {
 
 fn sha256_json(v: &impl Serialize) -> String {
     use sha2::Digest as _;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(serde_json::to_vec(v).unwrap_or_default())))
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(
+            serde_json::to_vec(v).unwrap_or_default()
+        ))
+    )
 }
 
 /// Validates, persists (sanitized) and queues a build.
@@ -155,11 +180,20 @@ pub async fn create(
     req: BuildRequest,
     retry_of: Option<(String, String)>,
 ) -> ApiResult<BuildRecord> {
-    let n: Normalized = validate::normalize(&req, &caller.namespace, &state.engines).map_err(|issues| {
-        let msg = issues.iter().map(|i| i.message.clone()).collect::<Vec<_>>().join("; ");
-        let code = if issues.iter().any(|i| i.code == "file_upload_error") { "file_upload_error" } else { "invalid_request" };
-        ApiError::new(axum::http::StatusCode::BAD_REQUEST, code, msg)
-    })?;
+    let n: Normalized =
+        validate::normalize(&req, &caller.namespace, &state.engines).map_err(|issues| {
+            let msg = issues
+                .iter()
+                .map(|i| i.message.clone())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let code = if issues.iter().any(|i| i.code == "file_upload_error") {
+                "file_upload_error"
+            } else {
+                "invalid_request"
+            };
+            ApiError::new(axum::http::StatusCode::BAD_REQUEST, code, msg)
+        })?;
     templates::check_claim(state, caller, &n.name, req.claim_token.as_deref()).await?;
     let template_id = templates::ensure(state, caller, &n.name).await?;
     let info = templates::info_by_id(state, &template_id).await?;
@@ -182,12 +216,15 @@ pub async fn create(
         source_type: n.source_type.into(),
         source_digest: Some(sha256_json(&def.request)),
         context_digest: req.build_context.as_ref().map(|c| {
-            let mut files: Vec<(String, String, Option<String>)> =
-                c.files.iter().map(|f| (f.path.clone(), f.entry_type.clone(), f.blob_id.clone())).collect();
+            let mut files: Vec<(String, String, Option<String>)> = c
+                .files
+                .iter()
+                .map(|f| (f.path.clone(), f.entry_type.clone(), f.blob_id.clone()))
+                .collect();
             files.sort();
             sha256_json(&files)
         }),
-        dockerfile_digest: req.dockerfile.as_ref().map(|d| sha256_json(d)),
+        dockerfile_digest: req.dockerfile.as_ref().map(sha256_json),
         triggered_by: caller.key_id.clone(),
         queued_at: now.clone(),
         started_at: None,
@@ -196,10 +233,21 @@ pub async fn create(
         failure_phase: None,
         build_config: req.build_config.clone().unwrap_or_default(),
         cache_summary: CacheSummary::default(),
-        artifact_availability: Availability { status: "unavailable".into(), reason: Some("build not finished".into()) },
-        promotability: Promotability { promotable: false, status: "not_ready".into(), reason: Some("build not finished".into()) },
+        artifact_availability: Availability {
+            status: "unavailable".into(),
+            reason: Some("build not finished".into()),
+        },
+        promotability: Promotability {
+            promotable: false,
+            status: "not_ready".into(),
+            reason: Some("build not finished".into()),
+        },
         runtime_defaults: RuntimeDefaultsOut {
-            default_env_keys: rc.default_envs.iter().flat_map(|m| m.keys().cloned()).collect(),
+            default_env_keys: rc
+                .default_envs
+                .iter()
+                .flat_map(|m| m.keys().cloned())
+                .collect(),
             start_cmd: req.start_cmd.clone(),
             default_user: rc.default_user.clone(),
             default_workdir: rc.default_workdir.clone(),
@@ -235,11 +283,28 @@ pub async fn create(
             build_secrets: req.build_secrets.clone().unwrap_or_default(),
         },
     );
-    state.cancels.lock().expect("cancel lock").insert(id.clone(), Arc::new(AtomicBool::new(false)));
+    state
+        .cancels
+        .lock()
+        .expect("cancel lock")
+        .insert(id.clone(), Arc::new(AtomicBool::new(false)));
     state.store.insert_build(&row).await?;
     // The first entry of every build is its `start` (the SDK's streams
     // expect one); the worker's own start is a message.
-    log(state, &rec, "start", "info", Some("preparing"), format!("build {} queued: {} from {}", rec.build_id, rec.source_type, describe_base(&n.base, &req))).await;
+    log(
+        state,
+        &rec,
+        "start",
+        "info",
+        Some("preparing"),
+        format!(
+            "build {} queued: {} from {}",
+            rec.build_id,
+            rec.source_type,
+            describe_base(&n.base, &req)
+        ),
+    )
+    .await;
     for w in &n.warnings {
         log(state, &rec, "warning", "warn", Some("preparing"), w.clone()).await;
     }
@@ -261,12 +326,22 @@ fn describe_base(base: &Base, req: &BuildRequest) -> String {
 pub async fn recover(state: &Shared) -> ApiResult<()> {
     for status in ["building", "waiting"] {
         for id in state.store.builds_in_status(status).await? {
-            let Some(row) = state.store.build(&id).await? else { continue };
+            let Some(row) = state.store.build(&id).await? else {
+                continue;
+            };
             let mut rec = parse_record(&row)?;
             let def: Definition = serde_json::from_str(&row.definition).unwrap_or_default();
             // A waiting build without request-time credentials can simply run.
-            if status == "waiting" && def.base_image_auth_kind.is_none() && def.secret_ids.is_empty() && def.registry_auth_hosts.is_empty() {
-                state.cancels.lock().expect("cancel lock").insert(id.clone(), Arc::new(AtomicBool::new(false)));
+            if status == "waiting"
+                && def.base_image_auth_kind.is_none()
+                && def.secret_ids.is_empty()
+                && def.registry_auth_hosts.is_empty()
+            {
+                state
+                    .cancels
+                    .lock()
+                    .expect("cancel lock")
+                    .insert(id.clone(), Arc::new(AtomicBool::new(false)));
                 continue;
             }
             let msg = if status == "building" {
@@ -274,14 +349,29 @@ pub async fn recover(state: &Shared) -> ApiResult<()> {
             } else {
                 "the server restarted before this build started, and its credentials were not persisted"
             };
-            fail(state, &mut rec, "interrupted", msg, true, "retry the build (resupply credentials and secrets)").await;
+            fail(
+                state,
+                &mut rec,
+                "interrupted",
+                msg,
+                true,
+                "retry the build (resupply credentials and secrets)",
+            )
+            .await;
         }
     }
     Ok(())
 }
 
 /// Terminal failure: an `error` entry, then the status.
-pub async fn fail(state: &Shared, rec: &mut BuildRecord, phase: &str, message: &str, retryable: bool, action: &str) {
+pub async fn fail(
+    state: &Shared,
+    rec: &mut BuildRecord,
+    phase: &str,
+    message: &str,
+    retryable: bool,
+    action: &str,
+) {
     let detail = FailureDetail {
         code: "build_error".into(),
         message: message.to_string(),
@@ -303,8 +393,15 @@ pub async fn fail(state: &Shared, rec: &mut BuildRecord, phase: &str, message: &
     rec.failure_phase = Some(phase.into());
     rec.finished_at = Some(iso(now));
     rec.duration_ms = started_ms(rec).map(|s| now - s);
-    rec.artifact_availability = Availability { status: "failed".into(), reason: Some(message.to_string()) };
-    rec.promotability = Promotability { promotable: false, status: "unavailable".into(), reason: Some("build failed".into()) };
+    rec.artifact_availability = Availability {
+        status: "failed".into(),
+        reason: Some(message.to_string()),
+    };
+    rec.promotability = Promotability {
+        promotable: false,
+        status: "unavailable".into(),
+        reason: Some("build failed".into()),
+    };
     let _ = save(state, rec, &["waiting", "building"]).await;
     state.hub.notify(&rec.build_id);
 }
@@ -318,7 +415,12 @@ fn started_ms(rec: &BuildRecord) -> Option<i64> {
 
 /// Cancels a build: waiting builds stop at once, running ones at their
 /// next check; terminal builds are returned unchanged (idempotent).
-pub async fn cancel(state: &Shared, caller: &Caller, id: &str, reason: Option<String>) -> ApiResult<BuildRecord> {
+pub async fn cancel(
+    state: &Shared,
+    caller: &Caller,
+    id: &str,
+    reason: Option<String>,
+) -> ApiResult<BuildRecord> {
     let (_, mut rec) = load(state, caller, id).await?;
     if is_terminal(&rec.status) {
         return Ok(rec);
@@ -354,16 +456,28 @@ async fn finish_cancelled(state: &Shared, rec: &mut BuildRecord, only_if: &[&str
     rec.status = "cancelled".into();
     rec.finished_at = Some(iso(now));
     rec.duration_ms = started_ms(rec).map(|s| now - s);
-    rec.artifact_availability = Availability { status: "unavailable".into(), reason: Some("build cancelled".into()) };
-    rec.promotability = Promotability { promotable: false, status: "unavailable".into(), reason: Some("build cancelled".into()) };
+    rec.artifact_availability = Availability {
+        status: "unavailable".into(),
+        reason: Some("build cancelled".into()),
+    };
+    rec.promotability = Promotability {
+        promotable: false,
+        status: "unavailable".into(),
+        reason: Some("build cancelled".into()),
+    };
     let _ = save(state, rec, only_if).await;
-    state.secrets.lock().expect("secrets lock").remove(&rec.build_id);
+    state
+        .secrets
+        .lock()
+        .expect("secrets lock")
+        .remove(&rec.build_id);
     state.hub.notify(&rec.build_id);
 }
 
-/// Starts `n` workers that take waiting builds, oldest first.
+/// Starts `n` workers that take waiting builds, oldest first. `0` only
+/// queues (a server that accepts builds for others to run).
 pub fn spawn_workers(state: Shared, n: usize) {
-    for _ in 0..n.max(1) {
+    for _ in 0..n {
         let state = state.clone();
         tokio::spawn(async move {
             loop {
@@ -372,7 +486,8 @@ pub fn spawn_workers(state: Shared, n: usize) {
                     Ok(None) => {
                         // Poll too: another server sharing the database may
                         // have queued work.
-                        let _ = tokio::time::timeout(Duration::from_secs(1), state.wake.notified()).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), state.wake.notified())
+                            .await;
                     }
                     Err(e) => {
                         tracing::error!("worker: {}", e.message);
@@ -386,7 +501,9 @@ pub fn spawn_workers(state: Shared, n: usize) {
 
 async fn next_build(state: &Shared) -> ApiResult<Option<String>> {
     for id in state.store.builds_in_status("waiting").await? {
-        let Some(row) = state.store.build(&id).await? else { continue };
+        let Some(row) = state.store.build(&id).await? else {
+            continue;
+        };
         let mut rec = parse_record(&row)?;
         rec.status = "building".into();
         rec.started_at = Some(iso(now_ms()));
@@ -400,10 +517,19 @@ async fn next_build(state: &Shared) -> ApiResult<Option<String>> {
 }
 
 async fn run(state: &Shared, id: &str) {
-    let Ok(Some(row)) = state.store.build(id).await else { return };
-    let Ok(mut rec) = parse_record(&row) else { return };
+    let Ok(Some(row)) = state.store.build(id).await else {
+        return;
+    };
+    let Ok(mut rec) = parse_record(&row) else {
+        return;
+    };
     let def: Definition = serde_json::from_str(&row.definition).unwrap_or_default();
-    let secrets = state.secrets.lock().expect("secrets lock").remove(id).unwrap_or_default();
+    let secrets = state
+        .secrets
+        .lock()
+        .expect("secrets lock")
+        .remove(id)
+        .unwrap_or_default();
     let cancel = state
         .cancels
         .lock()
@@ -411,7 +537,12 @@ async fn run(state: &Shared, id: &str) {
         .entry(id.to_string())
         .or_insert_with(|| Arc::new(AtomicBool::new(false)))
         .clone();
-    let mut start = entry(&rec, "message", "info", format!("build {} started", rec.build_id));
+    let mut start = entry(
+        &rec,
+        "message",
+        "info",
+        format!("build {} started", rec.build_id),
+    );
     start.phase = Some("preparing".into());
     let _ = append(state, start).await;
 
@@ -419,10 +550,23 @@ async fn run(state: &Shared, id: &str) {
     drop(secrets);
     match outcome {
         Ok(manifest) => finish_ready(state, &mut rec, manifest).await,
-        Err(Failure::Cancelled) => finish_cancelled(state, &mut rec, &["building"]).await,
-        Err(Failure::Failed { phase, message, retryable, action }) => {
-            fail(state, &mut rec, phase, &message, retryable, action).await
+        Err(Failure::Cancelled) => {
+            // The cancel request was recorded by another task: keep it.
+            if let Ok(Some(row)) = state.store.build(id).await
+                && let Ok(stored) = parse_record(&row)
+            {
+                rec.cancel_requested_at = stored.cancel_requested_at;
+                rec.cancel_requested_by = stored.cancel_requested_by;
+                rec.cancellation_reason = stored.cancellation_reason;
+            }
+            finish_cancelled(state, &mut rec, &["building"]).await
         }
+        Err(Failure::Failed {
+            phase,
+            message,
+            retryable,
+            action,
+        }) => fail(state, &mut rec, phase, &message, retryable, action).await,
     }
     state.cancels.lock().expect("cancel lock").remove(id);
     state.hub.forget(id);
@@ -430,11 +574,26 @@ async fn run(state: &Shared, id: &str) {
 
 enum Failure {
     Cancelled,
-    Failed { phase: &'static str, message: String, retryable: bool, action: &'static str },
+    Failed {
+        phase: &'static str,
+        message: String,
+        retryable: bool,
+        action: &'static str,
+    },
 }
 
-fn failed(phase: &'static str, message: impl Into<String>, retryable: bool, action: &'static str) -> Failure {
-    Failure::Failed { phase, message: message.into(), retryable, action }
+fn failed(
+    phase: &'static str,
+    message: impl Into<String>,
+    retryable: bool,
+    action: &'static str,
+) -> Failure {
+    Failure::Failed {
+        phase,
+        message: message.into(),
+        retryable,
+        action,
+    }
 }
 
 async fn execute(
@@ -446,12 +605,24 @@ async fn execute(
 ) -> Result<ArtifactManifest, Failure> {
     let req = &def.request;
     let ns = rec.namespace_slug.clone();
-    let n = validate::normalize(req, &ns, &state.engines)
-        .map_err(|i| failed("preflight", i.iter().map(|x| x.message.clone()).collect::<Vec<_>>().join("; "), false, "fix the request"))?;
+    let n = validate::normalize(req, &ns, &state.engines).map_err(|i| {
+        failed(
+            "preflight",
+            i.iter()
+                .map(|x| x.message.clone())
+                .collect::<Vec<_>>()
+                .join("; "),
+            false,
+            "fix the request",
+        )
+    })?;
     if !n.steps.is_empty() {
         return Err(failed(
             "prepare",
-            format!("{} declarative step(s) need the build VM or a Dockerfile engine, which this server does not have yet", n.steps.len()),
+            format!(
+                "{} declarative step(s) need the build VM or a Dockerfile engine, which this server does not have yet",
+                n.steps.len()
+            ),
             false,
             "build from an image without steps, or use a server with a build VM",
         ));
@@ -466,15 +637,23 @@ async fn execute(
             ));
         }
         Base::Template(r) => {
-            log(state, rec, "message", "info", Some("preparing"), format!("resolving template {}", req.base_image.as_deref().unwrap_or_default())).await;
-            let parent = templates::resolve_artifact(state, &ns, r)
+            log(
+                state,
+                rec,
+                "message",
+                "info",
+                Some("preparing"),
+                format!(
+                    "resolving template {}",
+                    req.base_image.as_deref().unwrap_or_default()
+                ),
+            )
+            .await;
+            templates::resolve_artifact(state, &ns, r)
                 .await
-                .map_err(|e| failed("prepare", e.message, false, "check the template reference"))?;
-            parent
+                .map_err(|e| failed("prepare", e.message, false, "check the template reference"))?
         }
-        Base::Image(image_ref) => {
-            import_image(state, rec, image_ref, req, secrets, cancel).await?
-        }
+        Base::Image(image_ref) => import_image(state, rec, image_ref, req, secrets, cancel).await?,
     };
     if cancel.load(Ordering::SeqCst) {
         return Err(Failure::Cancelled);
@@ -509,20 +688,49 @@ async fn import_image(
     secrets: &RunSecrets,
     cancel: &Arc<AtomicBool>,
 ) -> Result<ArtifactManifest, Failure> {
-    log(state, rec, "message", "info", Some("preparing"), format!("resolving {image_ref}")).await;
-    let source = SourceRef::parse(image_ref).map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
+    log(
+        state,
+        rec,
+        "message",
+        "info",
+        Some("preparing"),
+        format!("resolving {image_ref}"),
+    )
+    .await;
+    let source = SourceRef::parse(image_ref)
+        .map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
     if !matches!(source, SourceRef::Registry(_)) {
-        return Err(failed("prepare", format!("base_image {image_ref:?} must be a registry reference"), false, "use a registry reference"));
+        return Err(failed(
+            "prepare",
+            format!("base_image {image_ref:?} must be a registry reference"),
+            false,
+            "use a registry reference",
+        ));
     }
     let credentials = match &secrets.base_image_auth {
         None => None,
-        Some(a) if a.get("kind").and_then(Value::as_str) == Some("basic") => Some(nullspace_oci::auth::Credentials {
-            username: a.get("username").and_then(Value::as_str).unwrap_or_default().to_string(),
-            password: a.get("password").and_then(Value::as_str).unwrap_or_default().to_string(),
-        }),
+        Some(a) if a.get("kind").and_then(Value::as_str) == Some("basic") => {
+            Some(nullspace_oci::auth::Credentials {
+                username: a
+                    .get("username")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                password: a
+                    .get("password")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            })
+        }
         Some(a) => {
             let kind = a.get("kind").and_then(Value::as_str).unwrap_or("unknown");
-            return Err(failed("auth", format!("base_image_auth kind {kind} is not supported by this server (basic is)"), false, "use basic credentials"));
+            return Err(failed(
+                "auth",
+                format!("base_image_auth kind {kind} is not supported by this server (basic is)"),
+                false,
+                "use basic credentials",
+            ));
         }
     };
     let opts = ResolveOptions {
@@ -531,9 +739,17 @@ async fn import_image(
         insecure_registries: state.config.insecure_registries.clone(),
     };
     let work = state.work_dir.join(&rec.build_id);
-    let cache_dir = if req.skip_cache == Some(true) { None } else { Some(state.cache_dir.clone()) };
+    let cache_dir = if req.skip_cache == Some(true) {
+        None
+    } else {
+        Some(state.cache_dir.clone())
+    };
     let import_opts = ImportOptions {
-        disk_mb: req.build_config.as_ref().and_then(|c| c.disk_mb).map(|d| d as u64),
+        disk_mb: req
+            .build_config
+            .as_ref()
+            .and_then(|c| c.disk_mb)
+            .map(|d| d as u64),
         cache_dir,
         cache_max_bytes: state.config.cache_max_bytes,
         cancel: Some(cancel.clone()),
@@ -546,7 +762,8 @@ async fn import_image(
         move || -> Result<(Image, nullspace_build::template::TemplateMeta), String> {
             let _ = std::fs::remove_dir_all(&work);
             std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-            let image = Image::resolve(&source, &opts).map_err(|e| format!("auth-or-resolve:{e}"))?;
+            let image =
+                Image::resolve(&source, &opts).map_err(|e| format!("auth-or-resolve:{e}"))?;
             let meta = import(&image, &out, &import_opts, &NoProgress).map_err(|e| match e {
                 ImportError::Cancelled { .. } => "cancelled".to_string(),
                 other => other.to_string(),
@@ -555,7 +772,14 @@ async fn import_image(
         }
     })
     .await
-    .map_err(|e| failed("prepare", format!("import worker failed: {e}"), true, "retry the build"))?;
+    .map_err(|e| {
+        failed(
+            "prepare",
+            format!("import worker failed: {e}"),
+            true,
+            "retry the build",
+        )
+    })?;
     let (image, meta) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -569,7 +793,11 @@ async fn import_image(
                     if auth { "auth" } else { "prepare" },
                     msg.to_string(),
                     !auth,
-                    if auth { "check base_image_auth" } else { "check base_image and retry" },
+                    if auth {
+                        "check base_image_auth"
+                    } else {
+                        "check base_image and retry"
+                    },
                 ));
             }
             return Err(failed("prepare", e, false, "check the image"));
@@ -577,11 +805,29 @@ async fn import_image(
     };
     for l in &meta.image.layers {
         let hit = meta.cache.reused.contains(&l.digest);
-        let mut e = entry(rec, "cache", "debug", format!("layer {} {}", l.digest, if hit { "reused" } else { "fetched" }));
+        let mut e = entry(
+            rec,
+            "cache",
+            "debug",
+            format!(
+                "layer {} {}",
+                l.digest,
+                if hit { "reused" } else { "fetched" }
+            ),
+        );
         e.phase = Some("cache".into());
         e.cache_kind = Some("layer".into());
         e.cache_subject = Some(l.digest.to_string());
-        e.cache_status = Some(if req.skip_cache == Some(true) { "bypass" } else if hit { "hit" } else { "miss" }.into());
+        e.cache_status = Some(
+            if req.skip_cache == Some(true) {
+                "bypass"
+            } else if hit {
+                "hit"
+            } else {
+                "miss"
+            }
+            .into(),
+        );
         if req.skip_cache == Some(true) {
             e.cache_reason = Some("whole_build_skip_cache".into());
         }
@@ -595,16 +841,35 @@ async fn import_image(
         cs.layer_misses = meta.cache.layers_fetched as i64;
         cs.layer_stores = meta.cache.layers_fetched as i64;
     }
-    log(state, rec, "message", "info", Some("finalize"), format!(
-        "rootfs: {} MiB, {} files, {} dirs ({} of {} layers from cache)",
-        meta.rootfs.size_bytes >> 20, meta.rootfs.files, meta.rootfs.dirs, meta.cache.layers_reused, meta.image.layers.len()
-    )).await;
+    log(
+        state,
+        rec,
+        "message",
+        "info",
+        Some("finalize"),
+        format!(
+            "rootfs: {} MiB, {} files, {} dirs ({} of {} layers from cache)",
+            meta.rootfs.size_bytes >> 20,
+            meta.rootfs.files,
+            meta.rootfs.dirs,
+            meta.cache.layers_reused,
+            meta.image.layers.len()
+        ),
+    )
+    .await;
     let artifacts = state.artifacts.clone();
     let rootfs = out.join("rootfs.ext4");
     let (digest, size) = tokio::task::spawn_blocking(move || artifacts.adopt(&rootfs))
         .await
         .map_err(|e| failed("finalize", e.to_string(), true, "retry"))?
-        .map_err(|e| failed("finalize", format!("storing the rootfs: {e}"), true, "retry"))?;
+        .map_err(|e| {
+            failed(
+                "finalize",
+                format!("storing the rootfs: {e}"),
+                true,
+                "retry",
+            )
+        })?;
     let _ = std::fs::remove_dir_all(&work);
     let rt = image.runtime_defaults();
     let oci = image.oci_metadata();
@@ -630,7 +895,11 @@ async fn import_image(
                 timeout_ns: h.timeout_ns,
                 start_period_ns: h.start_period_ns,
                 retries: h.retries,
-                mapped_readiness: if h.mapped_readiness.is_some() { readiness.clone() } else { None },
+                mapped_readiness: if h.mapped_readiness.is_some() {
+                    readiness.clone()
+                } else {
+                    None
+                },
             }),
         },
     })
@@ -641,7 +910,17 @@ async fn finish_ready(state: &Shared, rec: &mut BuildRecord, m: ArtifactManifest
     let stored = state.artifacts.put(&bytes[..]);
     let (manifest_digest, _) = match stored {
         Ok(v) => v,
-        Err(e) => return fail(state, rec, "finalize", &format!("storing the artifact manifest: {e}"), true, "retry").await,
+        Err(e) => {
+            return fail(
+                state,
+                rec,
+                "finalize",
+                &format!("storing the artifact manifest: {e}"),
+                true,
+                "retry",
+            )
+            .await;
+        }
     };
     rec.artifact_ids = vec![manifest_digest.to_string()];
     rec.runtime_defaults = RuntimeDefaultsOut {
@@ -652,19 +931,44 @@ async fn finish_ready(state: &Shared, rec: &mut BuildRecord, m: ArtifactManifest
         readiness: m.readiness.clone(),
     };
     rec.oci_metadata = m.oci.clone();
-    rec.artifact_availability = Availability { status: "available".into(), reason: None };
-    rec.promotability = Promotability { promotable: true, status: "promotable".into(), reason: None };
+    rec.artifact_availability = Availability {
+        status: "available".into(),
+        reason: None,
+    };
+    rec.promotability = Promotability {
+        promotable: true,
+        status: "promotable".into(),
+        reason: None,
+    };
     // Tags move to this build only once it is ready.
     for tag in &rec.tags {
-        if let Err(e) = state.store.set_tag(&rec.template_id, tag, &rec.build_id).await {
-            return fail(state, rec, "finalize", &format!("assigning tag {tag}: {e}"), true, "retry").await;
+        if let Err(e) = state
+            .store
+            .set_tag(&rec.template_id, tag, &rec.build_id)
+            .await
+        {
+            return fail(
+                state,
+                rec,
+                "finalize",
+                &format!("assigning tag {tag}: {e}"),
+                true,
+                "retry",
+            )
+            .await;
         }
     }
     let info = templates::info_by_id(state, &rec.template_id).await.ok();
-    let mut end = entry(rec, "end", "info", format!("template {} ready", rec.canonical_ref));
+    let mut end = entry(
+        rec,
+        "end",
+        "info",
+        format!("template {} ready", rec.canonical_ref),
+    );
     end.phase = Some("finalize".into());
     end.result = info.map(|i| serde_json::to_value(i).unwrap_or_default());
-    end.result_metadata = Some(json!({"runtime_defaults": rec.runtime_defaults, "oci_metadata": rec.oci_metadata}));
+    end.result_metadata =
+        Some(json!({"runtime_defaults": rec.runtime_defaults, "oci_metadata": rec.oci_metadata}));
     let _ = append(state, end).await;
     let now = now_ms();
     rec.status = "ready".into();

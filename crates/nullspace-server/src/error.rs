@@ -13,7 +13,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: String,
     pub message: String,
-    pub detail: Option<FailureDetail>,
+    /// Boxed: most errors have none, and results stay small.
+    pub detail: Option<Box<FailureDetail>>,
 }
 
 impl ApiError {
@@ -33,20 +34,32 @@ impl ApiError {
     }
     /// Not found; also what another caller's private objects look like.
     pub fn template_not_found(r: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "template_not_found", format!("template {r:?} not found"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "template_not_found",
+            format!("template {r:?} not found"),
+        )
     }
     pub fn build_not_found(id: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "template_build_not_found", format!("build {id:?} not found"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "template_build_not_found",
+            format!("build {id:?} not found"),
+        )
     }
     pub fn conflict(code: &str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::CONFLICT, code, message)
     }
     pub fn internal(message: impl std::fmt::Display) -> ApiError {
         tracing::error!("internal error: {message}");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal server error")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "internal server error",
+        )
     }
     pub fn with_detail(mut self, d: FailureDetail) -> ApiError {
-        self.detail = Some(d);
+        self.detail = Some(Box::new(d));
         self
     }
 }

@@ -25,7 +25,10 @@ use crate::validate;
 
 pub fn router(state: Shared) -> Router {
     let v1 = Router::new()
-        .route("/templates", get(list_templates).post(build_blocking_deprecated))
+        .route(
+            "/templates",
+            get(list_templates).post(build_blocking_deprecated),
+        )
         .route("/templates/build", post(build_stream))
         .route("/templates/builds", post(build_background))
         .route("/templates/builds/{id}", get(build_status))
@@ -38,17 +41,32 @@ pub fn router(state: Shared) -> Router {
         .route("/templates/blobs/preflight", post(blobs_preflight))
         .route("/templates/blobs/{blob_id}", put(blob_put))
         .route("/templates/claims", post(claim_create))
-        .route("/templates/claims/{token}", axum::routing::delete(claim_release))
+        .route(
+            "/templates/claims/{token}",
+            axum::routing::delete(claim_release),
+        )
         .route("/templates/namespaces/{slug}", get(namespace_get))
-        .route("/templates/refs/{r}", get(template_get).delete(template_delete))
+        .route(
+            "/templates/refs/{r}",
+            get(template_get).delete(template_delete),
+        )
         .route("/templates/refs/{r}/builds", get(ref_builds))
         .route("/templates/{id}/builds", get(ref_builds))
         .route("/templates/refs/{r}/tags", get(tags_get).post(tags_assign))
-        .route("/templates/refs/{r}/tags/{tag}", axum::routing::delete(tag_remove))
+        .route(
+            "/templates/refs/{r}/tags/{tag}",
+            axum::routing::delete(tag_remove),
+        )
         .route("/templates/refs/{r}/aliases", get(aliases_get))
-        .route("/templates/refs/{r}/aliases/{alias}", axum::routing::delete(alias_remove))
+        .route(
+            "/templates/refs/{r}/aliases/{alias}",
+            axum::routing::delete(alias_remove),
+        )
         .route("/templates/refs/{r}/rename", post(template_rename))
-        .route("/templates/refs/{r}/visibility", axum::routing::patch(template_visibility))
+        .route(
+            "/templates/refs/{r}/visibility",
+            axum::routing::patch(template_visibility),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .nest("/v1", v1)
@@ -68,7 +86,12 @@ async fn auth(State(state): State<Shared>, mut req: Request, next: Next) -> Resp
         .map(str::trim)
         .map(str::to_string);
     let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "missing_api_key", "Authorization: Bearer <API key> is required").into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "Authorization: Bearer <API key> is required",
+        )
+        .into_response();
     };
     match state.store.authenticate(&token).await {
         Ok(Some(caller)) => {
@@ -89,22 +112,35 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
-        let bytes = if bytes.is_empty() { Bytes::from_static(b"{}") } else { bytes };
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::invalid(format!("request body is not valid JSON for this endpoint: {e}")))
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"{}")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            ApiError::invalid(format!(
+                "request body is not valid JSON for this endpoint: {e}"
+            ))
+        })
     }
 }
 
-
 // ---- builds ---------------------------------------------------------------
 
-async fn build_background(State(s): State<Shared>, Extension(c): Extension<Caller>, JsonBody(req): JsonBody<BuildRequest>) -> ApiResult<Response> {
+async fn build_background(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    JsonBody(req): JsonBody<BuildRequest>,
+) -> ApiResult<Response> {
     let rec = builds::create(&s, &c, req, None).await?;
     Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
 }
 
-async fn build_blocking_deprecated(State(s): State<Shared>, Extension(c): Extension<Caller>, JsonBody(req): JsonBody<BuildRequest>) -> ApiResult<Response> {
+async fn build_blocking_deprecated(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    JsonBody(req): JsonBody<BuildRequest>,
+) -> ApiResult<Response> {
     // Deprecated blocking create: wait for the build, answer with the artifact.
     let rec = builds::create(&s, &c, req, None).await?;
     let mut rx = s.hub.subscribe(&rec.build_id);
@@ -115,7 +151,11 @@ async fn build_blocking_deprecated(State(s): State<Shared>, Extension(c): Extens
                 return Ok(Json(templates::info_by_id(&s, &cur.template_id).await?).into_response());
             }
             let detail = cur.error_detail.clone();
-            let mut e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "build_error", cur.error.unwrap_or_else(|| format!("build {}", cur.status)));
+            let mut e = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "build_error",
+                cur.error.unwrap_or_else(|| format!("build {}", cur.status)),
+            );
             if let Some(d) = detail {
                 e = e.with_detail(d);
             }
@@ -125,7 +165,11 @@ async fn build_blocking_deprecated(State(s): State<Shared>, Extension(c): Extens
     }
 }
 
-async fn build_stream(State(s): State<Shared>, Extension(c): Extension<Caller>, JsonBody(req): JsonBody<BuildRequest>) -> ApiResult<Response> {
+async fn build_stream(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    JsonBody(req): JsonBody<BuildRequest>,
+) -> ApiResult<Response> {
     let rec = builds::create(&s, &c, req, None).await?;
     Ok(sse(s, rec.build_id, 0, true))
 }
@@ -133,11 +177,21 @@ async fn build_stream(State(s): State<Shared>, Extension(c): Extension<Caller>, 
 fn parse_offset(raw: &HashMap<String, String>, key: &str) -> ApiResult<Option<i64>> {
     match raw.get(key) {
         None => Ok(None),
-        Some(v) => v.parse::<i64>().ok().filter(|n| *n >= 0).map(Some).ok_or_else(|| ApiError::invalid(format!("{key} must be a non-negative integer"))),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid(format!("{key} must be a non-negative integer"))),
     }
 }
 
-async fn build_status(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+async fn build_status(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
     let offset = parse_offset(&q, "offset")?.unwrap_or(0);
     status_snapshot(&s, &c, &id, offset).await.map(Json)
 }
@@ -147,11 +201,19 @@ async fn status_snapshot(s: &Shared, c: &Caller, id: &str, offset: i64) -> ApiRe
     let (_, rec) = builds::load(s, c, id).await?;
     let entries = s.store.logs(id, offset).await?;
     let next = entries.last().map(|e| e.0 + 1).unwrap_or(offset);
-    let entries: Vec<Value> = entries.iter().filter_map(|e| serde_json::from_str(&e.1).ok()).collect();
+    let entries: Vec<Value> = entries
+        .iter()
+        .filter_map(|e| serde_json::from_str(&e.1).ok())
+        .collect();
     Ok(json!({"build": rec, "entries": entries, "next_offset": next}))
 }
 
-async fn build_logs(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Response> {
+async fn build_logs(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
     builds::load(&s, &c, &id).await?;
     // `offset` wins over `cursor` (an alias kept for reconnecting clients).
     let offset = match parse_offset(&q, "offset")? {
@@ -161,7 +223,11 @@ async fn build_logs(State(s): State<Shared>, Extension(c): Extension<Caller>, Pa
     let follow = match q.get("follow").map(String::as_str) {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") => true,
-        Some(v) => return Err(ApiError::invalid(format!("follow must be true or false, not {v:?}"))),
+        Some(v) => {
+            return Err(ApiError::invalid(format!(
+                "follow must be true or false, not {v:?}"
+            )));
+        }
     };
     Ok(sse(s, id, offset, follow))
 }
@@ -202,7 +268,11 @@ fn sse(s: Shared, build_id: String, offset: i64, follow: bool) -> Response {
             }
             // Keep idle clients (30 s read timeout) connected.
             if last_sent.elapsed() > Duration::from_secs(10) {
-                if tx.send(Ok(Bytes::from_static(b": ping\n\n"))).await.is_err() {
+                if tx
+                    .send(Ok(Bytes::from_static(b": ping\n\n")))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 last_sent = tokio::time::Instant::now();
@@ -228,7 +298,12 @@ struct CancelBody {
     reason: Option<String>,
 }
 
-async fn build_cancel(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(id): Path<String>, JsonBody(b): JsonBody<CancelBody>) -> ApiResult<Json<Value>> {
+async fn build_cancel(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<CancelBody>,
+) -> ApiResult<Json<Value>> {
     builds::cancel(&s, &c, &id, b.reason).await?;
     status_snapshot(&s, &c, &id, 0).await.map(Json)
 }
@@ -241,25 +316,52 @@ struct RetryBody {
     build_secrets: Option<Vec<BuildSecret>>,
 }
 
-async fn build_retry(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(id): Path<String>, JsonBody(b): JsonBody<RetryBody>) -> ApiResult<Response> {
+async fn build_retry(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<RetryBody>,
+) -> ApiResult<Response> {
     let (row, rec) = builds::load(&s, &c, &id).await?;
     if !is_terminal(&rec.status) {
-        return Err(ApiError::conflict("template_build_conflict", format!("build {id} is {}; only finished builds can be retried", rec.status)));
+        return Err(ApiError::conflict(
+            "template_build_conflict",
+            format!(
+                "build {id} is {}; only finished builds can be retried",
+                rec.status
+            ),
+        ));
     }
     let def: Definition = serde_json::from_str(&row.definition).map_err(ApiError::internal)?;
     if def.had_inline_context {
-        return Err(ApiError::conflict("template_build_conflict", format!("build {id} is not retryable: its inline context bytes were not persisted (upload the context as blobs)")));
+        return Err(ApiError::conflict(
+            "template_build_conflict",
+            format!(
+                "build {id} is not retryable: its inline context bytes were not persisted (upload the context as blobs)"
+            ),
+        ));
     }
     if def.base_image_auth_kind.is_some() && b.base_image_auth.is_none() {
-        return Err(ApiError::invalid(format!("build {id} used private base-image credentials ({}); send fresh base_image_auth to retry", def.base_image_auth_kind.as_deref().unwrap_or("?"))));
+        return Err(ApiError::invalid(format!(
+            "build {id} used private base-image credentials ({}); send fresh base_image_auth to retry",
+            def.base_image_auth_kind.as_deref().unwrap_or("?")
+        )));
     }
-    let given: Vec<String> = b.build_secrets.iter().flatten().map(|s| s.id.clone()).collect();
+    let given: Vec<String> = b
+        .build_secrets
+        .iter()
+        .flatten()
+        .map(|s| s.id.clone())
+        .collect();
     let mut want = def.secret_ids.clone();
     let mut have = given.clone();
     want.sort();
     have.sort();
     if want != have {
-        return Err(ApiError::invalid(format!("retry must resupply the same build_secrets ids ({}); old values are never replayed", want.join(", "))));
+        return Err(ApiError::invalid(format!(
+            "retry must resupply the same build_secrets ids ({}); old values are never replayed",
+            want.join(", ")
+        )));
     }
     let mut req = def.request.clone();
     if let Some(t) = b.tags {
@@ -269,7 +371,10 @@ async fn build_retry(State(s): State<Shared>, Extension(c): Extension<Caller>, P
     req.registry_auth = b.registry_auth;
     req.build_secrets = b.build_secrets;
     req.name = Some(rec.name.clone());
-    let original = rec.original_build_id.clone().unwrap_or_else(|| rec.build_id.clone());
+    let original = rec
+        .original_build_id
+        .clone()
+        .unwrap_or_else(|| rec.build_id.clone());
     let new = builds::create(&s, &c, req, Some((rec.build_id.clone(), original))).await?;
     Ok((StatusCode::ACCEPTED, Json(new)).into_response())
 }
@@ -279,55 +384,105 @@ struct PromoteBody {
     tag: String,
 }
 
-async fn build_promote(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(id): Path<String>, JsonBody(b): JsonBody<PromoteBody>) -> ApiResult<Json<TemplateInfo>> {
+async fn build_promote(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<PromoteBody>,
+) -> ApiResult<Json<TemplateInfo>> {
     templates::promote(&s, &c, &id, &b.tag).await.map(Json)
 }
 
-async fn ref_builds(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(r): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+async fn ref_builds(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
     let (row, _) = templates::resolve(&s, &c, &r, true).await?;
     let limit = match q.get("limit") {
         None => 20,
-        Some(l) => l.parse::<i64>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| ApiError::invalid("limit must be 1-100"))?,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| ApiError::invalid("limit must be 1-100"))?,
     };
     let enum_param = |k: &str, allowed: &[&str]| -> ApiResult<Option<String>> {
         match q.get(k) {
             None => Ok(None),
             Some(v) if allowed.contains(&v.as_str()) => Ok(Some(v.clone())),
-            Some(v) => Err(ApiError::invalid(format!("{k} {v:?} must be one of {}", allowed.join(", ")))),
+            Some(v) => Err(ApiError::invalid(format!(
+                "{k} {v:?} must be one of {}",
+                allowed.join(", ")
+            ))),
         }
     };
     let filter = BuildFilter {
-        status: enum_param("status", &["waiting", "building", "ready", "error", "cancelled"])?,
+        status: enum_param(
+            "status",
+            &["waiting", "building", "ready", "error", "cancelled"],
+        )?,
         backend: enum_param("backend", &["native", "buildkit", "buildah"])?,
-        source_type: enum_param("source_type", &["declarative", "dockerfile", "oci_import", "template_base"])?,
+        source_type: enum_param(
+            "source_type",
+            &["declarative", "dockerfile", "oci_import", "template_base"],
+        )?,
     };
     let before = match q.get("cursor") {
         None => None,
         Some(cur) => {
-            let (t, id) = cur.split_once('.').ok_or_else(|| ApiError::invalid("cursor is malformed"))?;
-            Some((t.parse::<i64>().map_err(|_| ApiError::invalid("cursor is malformed"))?, id.to_string()))
+            let (t, id) = cur
+                .split_once('.')
+                .ok_or_else(|| ApiError::invalid("cursor is malformed"))?;
+            Some((
+                t.parse::<i64>()
+                    .map_err(|_| ApiError::invalid("cursor is malformed"))?,
+                id.to_string(),
+            ))
         }
     };
     let rows = s.store.builds(&row.id, &filter, limit + 1, before).await?;
     let more = rows.len() as i64 > limit;
     let page = &rows[..rows.len().min(limit as usize)];
-    let builds: Vec<Value> = page.iter().filter_map(|r| serde_json::from_str(&r.record).ok()).collect();
-    let next_cursor = if more { page.last().map(|r| format!("{}.{}", r.created_at, r.id)) } else { None };
+    let builds: Vec<Value> = page
+        .iter()
+        .filter_map(|r| serde_json::from_str(&r.record).ok())
+        .collect();
+    let next_cursor = if more {
+        page.last().map(|r| format!("{}.{}", r.created_at, r.id))
+    } else {
+        None
+    };
     Ok(Json(json!({"builds": builds, "next_cursor": next_cursor})))
 }
 
 // ---- validate and plan -----------------------------------------------------
 
-async fn validate_request(State(s): State<Shared>, Extension(c): Extension<Caller>, JsonBody(req): JsonBody<BuildRequest>) -> Json<Value> {
+async fn validate_request(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    JsonBody(req): JsonBody<BuildRequest>,
+) -> Json<Value> {
     match validate::normalize(&req, &c.namespace, &s.engines) {
         Ok(n) => Json(json!({"valid": true, "errors": [], "warnings": n.warnings})),
         Err(issues) => Json(json!({"valid": false, "errors": issues, "warnings": []})),
     }
 }
 
-async fn plan_request(State(s): State<Shared>, Extension(c): Extension<Caller>, JsonBody(req): JsonBody<BuildRequest>) -> ApiResult<Json<Value>> {
+async fn plan_request(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    JsonBody(req): JsonBody<BuildRequest>,
+) -> ApiResult<Json<Value>> {
     let n = validate::normalize(&req, &c.namespace, &s.engines).map_err(|issues| {
-        ApiError::invalid(issues.iter().map(|i| i.message.clone()).collect::<Vec<_>>().join("; "))
+        ApiError::invalid(
+            issues
+                .iter()
+                .map(|i| i.message.clone())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
     })?;
     Ok(Json(crate::plan::plan(&req, &n)))
 }
@@ -359,9 +514,16 @@ fn upload_error(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "file_upload_error", message)
 }
 
-async fn blobs_preflight(State(s): State<Shared>, Extension(c): Extension<Caller>, JsonBody(b): JsonBody<PreflightBody>) -> ApiResult<Json<Value>> {
+async fn blobs_preflight(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    JsonBody(b): JsonBody<PreflightBody>,
+) -> ApiResult<Json<Value>> {
     if b.files.len() > validate::MAX_CONTEXT_FILES {
-        return Err(upload_error(format!("at most {} context files", validate::MAX_CONTEXT_FILES)));
+        return Err(upload_error(format!(
+            "at most {} context files",
+            validate::MAX_CONTEXT_FILES
+        )));
     }
     let mut out = Vec::with_capacity(b.files.len());
     for f in &b.files {
@@ -370,34 +532,73 @@ async fn blobs_preflight(State(s): State<Shared>, Extension(c): Extension<Caller
             continue;
         }
         if f.entry_type != "file" {
-            return Err(upload_error(format!("{:?}: entry_type {:?} is not file or dir", f.path, f.entry_type)));
+            return Err(upload_error(format!(
+                "{:?}: entry_type {:?} is not file or dir",
+                f.path, f.entry_type
+            )));
         }
         let sha = f.sha256.as_deref().unwrap_or_default();
-        let digest = nullspace_digest::Digest::parse(&format!("sha256:{sha}"))
-            .map_err(|_| upload_error(format!("{:?}: sha256 must be 64 lowercase hex characters", f.path)))?;
-        let size = f.size_bytes.filter(|n| (0..=MAX_BLOB_BYTES).contains(n))
-            .ok_or_else(|| upload_error(format!("{:?}: size_bytes must be 0-{MAX_BLOB_BYTES}", f.path)))?;
+        let digest = nullspace_digest::Digest::parse(&format!("sha256:{sha}")).map_err(|_| {
+            upload_error(format!(
+                "{:?}: sha256 must be 64 lowercase hex characters",
+                f.path
+            ))
+        })?;
+        let size = f
+            .size_bytes
+            .filter(|n| (0..=MAX_BLOB_BYTES).contains(n))
+            .ok_or_else(|| {
+                upload_error(format!(
+                    "{:?}: size_bytes must be 0-{MAX_BLOB_BYTES}",
+                    f.path
+                ))
+            })?;
         let blob_id = format!("blob_{}", digest.hex());
-        let have = s.store.blob_meta(&c.namespace, &blob_id).await?.is_some_and(|m| m.2) && s.artifacts.contains(&digest);
+        let have = s
+            .store
+            .blob_meta(&c.namespace, &blob_id)
+            .await?
+            .is_some_and(|m| m.2)
+            && s.artifacts.contains(&digest);
         let missing = !have || f.force_upload == Some(true);
         if !have {
-            s.store.put_blob_meta(&c.namespace, &blob_id, sha, size, false).await?;
+            s.store
+                .put_blob_meta(&c.namespace, &blob_id, sha, size, false)
+                .await?;
         }
-        out.push(json!({"path": f.path, "entry_type": "file", "blob_id": blob_id, "missing": missing}));
+        out.push(
+            json!({"path": f.path, "entry_type": "file", "blob_id": blob_id, "missing": missing}),
+        );
     }
     Ok(Json(json!({"files": out})))
 }
 
-async fn blob_put(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(blob_id): Path<String>, _h: HeaderMap, body: Body) -> ApiResult<StatusCode> {
+async fn blob_put(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(blob_id): Path<String>,
+    _h: HeaderMap,
+    body: Body,
+) -> ApiResult<StatusCode> {
     let Some((sha, size, _)) = s.store.blob_meta(&c.namespace, &blob_id).await? else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "blob_not_found", format!("blob {blob_id:?} was not announced by a preflight")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "blob_not_found",
+            format!("blob {blob_id:?} was not announced by a preflight"),
+        ));
     };
-    let expected = nullspace_digest::Digest::parse(&format!("sha256:{sha}")).map_err(ApiError::internal)?;
+    let expected =
+        nullspace_digest::Digest::parse(&format!("sha256:{sha}")).map_err(ApiError::internal)?;
     // Stream the body to a temp file through the verifier.
     use futures_util::StreamExt;
     let mut stream = body.into_data_stream();
-    let tmp = s.artifacts.tmp_dir().join(format!("{blob_id}.{}", nullspace_store::new_id("")));
-    let mut f = tokio::fs::File::create(&tmp).await.map_err(ApiError::internal)?;
+    let tmp = s
+        .artifacts
+        .tmp_dir()
+        .join(format!("{blob_id}.{}", nullspace_store::new_id("")));
+    let mut f = tokio::fs::File::create(&tmp)
+        .await
+        .map_err(ApiError::internal)?;
     let mut hasher = nullspace_digest::Hasher::new(nullspace_digest::Algorithm::Sha256);
     let mut n: i64 = 0;
     use tokio::io::AsyncWriteExt;
@@ -406,17 +607,23 @@ async fn blob_put(State(s): State<Shared>, Extension(c): Extension<Caller>, Path
             let chunk = chunk.map_err(|e| upload_error(format!("reading the upload: {e}")))?;
             n += chunk.len() as i64;
             if n > size {
-                return Err(upload_error(format!("blob {blob_id}: more than the {size} bytes announced")));
+                return Err(upload_error(format!(
+                    "blob {blob_id}: more than the {size} bytes announced"
+                )));
             }
             hasher.update(&chunk);
             f.write_all(&chunk).await.map_err(ApiError::internal)?;
         }
         f.flush().await.map_err(ApiError::internal)?;
         if n != size {
-            return Err(upload_error(format!("blob {blob_id}: {n} bytes uploaded, {size} announced")));
+            return Err(upload_error(format!(
+                "blob {blob_id}: {n} bytes uploaded, {size} announced"
+            )));
         }
         if hasher.clone().finish() != expected {
-            return Err(upload_error(format!("blob {blob_id}: content does not match its sha256")));
+            return Err(upload_error(format!(
+                "blob {blob_id}: content does not match its sha256"
+            )));
         }
         Ok(())
     }
@@ -426,8 +633,13 @@ async fn blob_put(State(s): State<Shared>, Extension(c): Extension<Caller>, Path
         return Err(e);
     }
     let artifacts = s.artifacts.clone();
-    tokio::task::spawn_blocking(move || artifacts.adopt(&tmp)).await.map_err(ApiError::internal)?.map_err(ApiError::internal)?;
-    s.store.put_blob_meta(&c.namespace, &blob_id, &sha, size, true).await?;
+    tokio::task::spawn_blocking(move || artifacts.adopt(&tmp))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    s.store
+        .put_blob_meta(&c.namespace, &blob_id, &sha, size, true)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -435,32 +647,62 @@ async fn blob_put(State(s): State<Shared>, Extension(c): Extension<Caller>, Path
 
 fn mask(v: Value, fields: Option<&String>) -> Value {
     let Some(fields) = fields else { return v };
-    let keep: Vec<&str> = fields.split(',').map(str::trim).filter(|f| !f.is_empty()).collect();
+    let keep: Vec<&str> = fields
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .collect();
     match v {
-        Value::Object(m) => Value::Object(m.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()),
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .filter(|(k, _)| keep.contains(&k.as_str()))
+                .collect(),
+        ),
         other => other,
     }
 }
 
-async fn list_templates(State(s): State<Shared>, Extension(c): Extension<Caller>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+async fn list_templates(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
     let list = templates::list(&s, &c).await?;
     Ok(Json(Value::Array(
-        list.into_iter().map(|i| mask(serde_json::to_value(i).unwrap_or_default(), q.get("fields"))).collect(),
+        list.into_iter()
+            .map(|i| mask(serde_json::to_value(i).unwrap_or_default(), q.get("fields")))
+            .collect(),
     )))
 }
 
-async fn template_get(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(r): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+async fn template_get(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
     let (row, _) = templates::resolve(&s, &c, &r, false).await?;
     let info = templates::info(&s, &row).await?;
-    Ok(Json(mask(serde_json::to_value(info).map_err(ApiError::internal)?, q.get("fields"))))
+    Ok(Json(mask(
+        serde_json::to_value(info).map_err(ApiError::internal)?,
+        q.get("fields"),
+    )))
 }
 
-async fn template_delete(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(r): Path<String>) -> ApiResult<StatusCode> {
+async fn template_delete(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+) -> ApiResult<StatusCode> {
     templates::delete(&s, &c, &r).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn tags_get(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(r): Path<String>) -> ApiResult<Json<Value>> {
+async fn tags_get(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+) -> ApiResult<Json<Value>> {
     templates::tags(&s, &c, &r).await.map(Json)
 }
 
@@ -469,20 +711,37 @@ struct TagsBody {
     tags: Vec<String>,
 }
 
-async fn tags_assign(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(r): Path<String>, JsonBody(b): JsonBody<TagsBody>) -> ApiResult<Json<TemplateInfo>> {
+async fn tags_assign(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+    JsonBody(b): JsonBody<TagsBody>,
+) -> ApiResult<Json<TemplateInfo>> {
     templates::assign_tags(&s, &c, &r, &b.tags).await.map(Json)
 }
 
-async fn tag_remove(State(s): State<Shared>, Extension(c): Extension<Caller>, Path((r, tag)): Path<(String, String)>) -> ApiResult<StatusCode> {
+async fn tag_remove(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((r, tag)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
     templates::remove_tag(&s, &c, &r, &tag).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn aliases_get(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(r): Path<String>) -> ApiResult<Json<Value>> {
+async fn aliases_get(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+) -> ApiResult<Json<Value>> {
     templates::aliases(&s, &c, &r).await.map(Json)
 }
 
-async fn alias_remove(State(s): State<Shared>, Extension(c): Extension<Caller>, Path((r, alias)): Path<(String, String)>) -> ApiResult<StatusCode> {
+async fn alias_remove(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((r, alias)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
     templates::remove_alias(&s, &c, &r, &alias).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -492,7 +751,12 @@ struct RenameBody {
     new_name: String,
 }
 
-async fn template_rename(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(r): Path<String>, JsonBody(b): JsonBody<RenameBody>) -> ApiResult<Json<TemplateInfo>> {
+async fn template_rename(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+    JsonBody(b): JsonBody<RenameBody>,
+) -> ApiResult<Json<TemplateInfo>> {
     templates::rename(&s, &c, &r, &b.new_name).await.map(Json)
 }
 
@@ -501,8 +765,15 @@ struct VisibilityBody {
     visibility: String,
 }
 
-async fn template_visibility(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(r): Path<String>, JsonBody(b): JsonBody<VisibilityBody>) -> ApiResult<Json<TemplateInfo>> {
-    templates::set_visibility(&s, &c, &r, &b.visibility).await.map(Json)
+async fn template_visibility(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+    JsonBody(b): JsonBody<VisibilityBody>,
+) -> ApiResult<Json<TemplateInfo>> {
+    templates::set_visibility(&s, &c, &r, &b.visibility)
+        .await
+        .map(Json)
 }
 
 #[derive(Deserialize)]
@@ -510,25 +781,47 @@ struct ClaimBody {
     template_ref: String,
 }
 
-async fn claim_create(State(s): State<Shared>, Extension(c): Extension<Caller>, JsonBody(b): JsonBody<ClaimBody>) -> ApiResult<Response> {
+async fn claim_create(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    JsonBody(b): JsonBody<ClaimBody>,
+) -> ApiResult<Response> {
     let v = templates::reserve(&s, &c, &b.template_ref).await?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
-async fn claim_release(State(s): State<Shared>, Extension(c): Extension<Caller>, Path(token): Path<String>) -> ApiResult<StatusCode> {
+async fn claim_release(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(token): Path<String>,
+) -> ApiResult<StatusCode> {
     if !s.store.release_claim(&c.namespace, &token).await? {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "claim_not_found", "claim not found"));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "claim_not_found",
+            "claim not found",
+        ));
     }
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn namespace_get(Extension(c): Extension<Caller>, Path(slug): Path<String>) -> ApiResult<Json<Value>> {
+async fn namespace_get(
+    Extension(c): Extension<Caller>,
+    Path(slug): Path<String>,
+) -> ApiResult<Json<Value>> {
     if slug == c.namespace {
-        return Ok(Json(json!({"slug": slug, "kind": "user", "is_default": true})));
+        return Ok(Json(
+            json!({"slug": slug, "kind": "user", "is_default": true}),
+        ));
     }
     if slug == "nullspace" {
-        return Ok(Json(json!({"slug": slug, "kind": "system", "is_default": false})));
+        return Ok(Json(
+            json!({"slug": slug, "kind": "system", "is_default": false}),
+        ));
     }
-    Err(ApiError::new(StatusCode::NOT_FOUND, "namespace_not_found", format!("namespace {slug:?} not found")))
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "namespace_not_found",
+        format!("namespace {slug:?} not found"),
+    ))
 }
-

@@ -50,7 +50,9 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
         cancels: Default::default(),
         secrets: Default::default(),
     });
-    builds::recover(&state).await.map_err(|e| anyhow_like::Error(e.message))?;
+    builds::recover(&state)
+        .await
+        .map_err(|e| anyhow_like::Error(e.message))?;
     Ok(state)
 }
 

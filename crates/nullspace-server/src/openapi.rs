@@ -7,13 +7,41 @@ use axum::Json;
 use serde_json::{Value, json};
 
 pub const PATHS: &[(&str, &str, &str)] = &[
-    ("post", "/v1/templates/builds", "Start a background template build"),
-    ("post", "/v1/templates/build", "Build and stream structured log entries (SSE) until `end`"),
-    ("get", "/v1/templates/builds/{build_id}", "Build status and log entries from `offset`"),
-    ("get", "/v1/templates/builds/{build_id}/logs", "SSE replay of durable log entries (`offset`/`cursor`, `follow`)"),
-    ("post", "/v1/templates/builds/{build_id}/cancel", "Cancel a queued or running build"),
-    ("post", "/v1/templates/builds/{build_id}/retry", "Retry a build from its sanitized persisted definition"),
-    ("post", "/v1/templates/builds/{build_id}/promote", "Move a tag to a ready build"),
+    (
+        "post",
+        "/v1/templates/builds",
+        "Start a background template build",
+    ),
+    (
+        "post",
+        "/v1/templates/build",
+        "Build and stream structured log entries (SSE) until `end`",
+    ),
+    (
+        "get",
+        "/v1/templates/builds/{build_id}",
+        "Build status and log entries from `offset`",
+    ),
+    (
+        "get",
+        "/v1/templates/builds/{build_id}/logs",
+        "SSE replay of durable log entries (`offset`/`cursor`, `follow`)",
+    ),
+    (
+        "post",
+        "/v1/templates/builds/{build_id}/cancel",
+        "Cancel a queued or running build",
+    ),
+    (
+        "post",
+        "/v1/templates/builds/{build_id}/retry",
+        "Retry a build from its sanitized persisted definition",
+    ),
+    (
+        "post",
+        "/v1/templates/builds/{build_id}/promote",
+        "Move a tag to a ready build",
+    ),
     ("post", "/v1/templates/validate", "Validate a build request"),
     ("post", "/v1/templates/plan", "Backend-neutral build plan"),
     ("get", "/v1/templates", "List templates"),
@@ -21,18 +49,50 @@ pub const PATHS: &[(&str, &str, &str)] = &[
     ("get", "/v1/templates/refs/{ref}", "Get a template"),
     ("delete", "/v1/templates/refs/{ref}", "Delete a template"),
     ("get", "/v1/templates/refs/{ref}/builds", "Build history"),
-    ("get", "/v1/templates/{id}/builds", "Build history by template id"),
+    (
+        "get",
+        "/v1/templates/{id}/builds",
+        "Build history by template id",
+    ),
     ("get", "/v1/templates/refs/{ref}/tags", "List tags"),
     ("post", "/v1/templates/refs/{ref}/tags", "Assign tags"),
-    ("delete", "/v1/templates/refs/{ref}/tags/{tag}", "Remove a tag"),
+    (
+        "delete",
+        "/v1/templates/refs/{ref}/tags/{tag}",
+        "Remove a tag",
+    ),
     ("get", "/v1/templates/refs/{ref}/aliases", "List aliases"),
-    ("delete", "/v1/templates/refs/{ref}/aliases/{alias}", "Remove an alias"),
-    ("post", "/v1/templates/refs/{ref}/rename", "Rename (the old name becomes an alias)"),
-    ("patch", "/v1/templates/refs/{ref}/visibility", "Set visibility"),
-    ("post", "/v1/templates/blobs/preflight", "Announce context files; answers which blobs are missing"),
-    ("put", "/v1/templates/blobs/{blob_id}", "Upload a context blob"),
+    (
+        "delete",
+        "/v1/templates/refs/{ref}/aliases/{alias}",
+        "Remove an alias",
+    ),
+    (
+        "post",
+        "/v1/templates/refs/{ref}/rename",
+        "Rename (the old name becomes an alias)",
+    ),
+    (
+        "patch",
+        "/v1/templates/refs/{ref}/visibility",
+        "Set visibility",
+    ),
+    (
+        "post",
+        "/v1/templates/blobs/preflight",
+        "Announce context files; answers which blobs are missing",
+    ),
+    (
+        "put",
+        "/v1/templates/blobs/{blob_id}",
+        "Upload a context blob",
+    ),
     ("post", "/v1/templates/claims", "Reserve a template name"),
-    ("delete", "/v1/templates/claims/{token}", "Release a name claim"),
+    (
+        "delete",
+        "/v1/templates/claims/{token}",
+        "Release a name claim",
+    ),
     ("get", "/v1/templates/namespaces/{slug}", "Get a namespace"),
 ];
 

@@ -22,20 +22,42 @@ pub fn plan(req: &BuildRequest, n: &Normalized) -> Value {
         .iter()
         .flatten()
         .map(|(k, _)| json!({"key": k, "scope": "runtime"}))
-        .chain(req.build_envs.iter().flatten().map(|(k, _)| json!({"key": k, "scope": "build"})))
+        .chain(
+            req.build_envs
+                .iter()
+                .flatten()
+                .map(|(k, _)| json!({"key": k, "scope": "build"})),
+        )
         .collect();
-    let files = req.build_context.as_ref().map(|c| c.files.len()).unwrap_or(0);
+    let files = req
+        .build_context
+        .as_ref()
+        .map(|c| c.files.len())
+        .unwrap_or(0);
     let context_digest = req.build_context.as_ref().map(|c| {
         use sha2::Digest as _;
         let mut entries: Vec<String> = c
             .files
             .iter()
-            .map(|f| format!("{}\0{}\0{}", f.path, f.entry_type, f.blob_id.clone().or(f.content_base64.as_ref().map(|b| {
-                format!("inline:{}", hex::encode(sha2::Sha256::digest(b.as_bytes())))
-            })).unwrap_or_default()))
+            .map(|f| {
+                format!(
+                    "{}\0{}\0{}",
+                    f.path,
+                    f.entry_type,
+                    f.blob_id
+                        .clone()
+                        .or(f.content_base64.as_ref().map(|b| {
+                            format!("inline:{}", hex::encode(sha2::Sha256::digest(b.as_bytes())))
+                        }))
+                        .unwrap_or_default()
+                )
+            })
             .collect();
         entries.sort();
-        format!("sha256:{}", hex::encode(sha2::Sha256::digest(entries.join("\n").as_bytes())))
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(entries.join("\n").as_bytes()))
+        )
     });
     json!({
         "build_plan": {

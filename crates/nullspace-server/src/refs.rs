@@ -15,14 +15,23 @@ pub enum Qualifier {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TemplateRef {
-    Id { id: String, qualifier: Qualifier },
-    Named { namespace: Option<String>, name: String, qualifier: Qualifier },
+    Id {
+        id: String,
+        qualifier: Qualifier,
+    },
+    Named {
+        namespace: Option<String>,
+        name: String,
+        qualifier: Qualifier,
+    },
 }
 
 pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
         && !name.starts_with("tmpl_");
@@ -40,7 +49,8 @@ pub fn check_tag(tag: &str) -> Result<(), String> {
     let ok = !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
         && !tag.starts_with("tb_");
     if ok {
         Ok(())
@@ -53,7 +63,11 @@ pub fn check_tag(tag: &str) -> Result<(), String> {
 
 pub fn is_slug(s: &str) -> bool {
     !s.is_empty()
-        && s.split('-').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        && s.split('-').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
 }
 
 fn qualifier(q: Option<&str>) -> Result<Qualifier, String> {
@@ -79,7 +93,10 @@ impl TemplateRef {
         let qualifier = qualifier(q)?;
         if let Some(id) = path.strip_prefix("tmpl_") {
             if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                return Ok(TemplateRef::Id { id: path.to_string(), qualifier });
+                return Ok(TemplateRef::Id {
+                    id: path.to_string(),
+                    qualifier,
+                });
             }
             return Err(format!("template id {path:?} is malformed"));
         }
@@ -93,7 +110,11 @@ impl TemplateRef {
             None => (None, path),
         };
         check_name("name", name)?;
-        Ok(TemplateRef::Named { namespace, name: name.to_string(), qualifier })
+        Ok(TemplateRef::Named {
+            namespace,
+            name: name.to_string(),
+            qualifier,
+        })
     }
 
     pub fn qualifier(&self) -> &Qualifier {
@@ -111,14 +132,23 @@ mod tests {
     fn refs_parse() {
         assert_eq!(
             TemplateRef::parse("team-a/app:stable").unwrap(),
-            TemplateRef::Named { namespace: Some("team-a".into()), name: "app".into(), qualifier: Qualifier::Tag("stable".into()) }
+            TemplateRef::Named {
+                namespace: Some("team-a".into()),
+                name: "app".into(),
+                qualifier: Qualifier::Tag("stable".into())
+            }
         );
         assert_eq!(
             TemplateRef::parse("app:tb_abc123").unwrap().qualifier(),
             &Qualifier::Build("tb_abc123".into())
         );
-        assert!(matches!(TemplateRef::parse("tmpl_abc").unwrap(), TemplateRef::Id { .. }));
-        for bad in ["", "App", "a/b/c", "Team/app", "app:", "app:-x", "tmpl_", "tmpl_a/b", "a:tb_", "../x"] {
+        assert!(matches!(
+            TemplateRef::parse("tmpl_abc").unwrap(),
+            TemplateRef::Id { .. }
+        ));
+        for bad in [
+            "", "App", "a/b/c", "Team/app", "app:", "app:-x", "tmpl_", "tmpl_a/b", "a:tb_", "../x",
+        ] {
             assert!(TemplateRef::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -18,16 +18,30 @@ fn doc_of(row: &TemplateRow) -> TemplateDoc {
 
 /// The template `(caller, name)`, created private if absent.
 pub async fn ensure(state: &Shared, caller: &Caller, name: &str) -> ApiResult<String> {
-    let doc = serde_json::to_string(&TemplateDoc { description: String::new(), visibility: "private".into() })
-        .map_err(ApiError::internal)?;
-    Ok(state.store.ensure_template(&caller.namespace, name, &doc).await?)
+    let doc = serde_json::to_string(&TemplateDoc {
+        description: String::new(),
+        visibility: "private".into(),
+    })
+    .map_err(ApiError::internal)?;
+    Ok(state
+        .store
+        .ensure_template(&caller.namespace, name, &doc)
+        .await?)
 }
 
-pub async fn check_claim(state: &Shared, caller: &Caller, name: &str, token: Option<&str>) -> ApiResult<()> {
+pub async fn check_claim(
+    state: &Shared,
+    caller: &Caller,
+    name: &str,
+    token: Option<&str>,
+) -> ApiResult<()> {
     if let Some((hash, _)) = state.store.claim_on(&caller.namespace, name).await?
         && token.map(nullspace_store::Store::claim_hash).as_deref() != Some(hash.as_str())
     {
-        return Err(ApiError::conflict("template_name_conflict", format!("template name {name:?} is reserved by a claim")));
+        return Err(ApiError::conflict(
+            "template_name_conflict",
+            format!("template name {name:?} is reserved by a claim"),
+        ));
     }
     Ok(())
 }
@@ -67,17 +81,30 @@ pub async fn info(state: &Shared, row: &TemplateRow) -> ApiResult<TemplateInfo> 
 }
 
 pub async fn info_by_id(state: &Shared, id: &str) -> ApiResult<TemplateInfo> {
-    let row = state.store.template(id).await?.ok_or_else(|| ApiError::template_not_found(id))?;
+    let row = state
+        .store
+        .template(id)
+        .await?
+        .ok_or_else(|| ApiError::template_not_found(id))?;
     info(state, &row).await
 }
 
 /// Resolves a ref the caller may read. `write`: the caller must own it.
-pub async fn resolve(state: &Shared, caller: &Caller, raw: &str, write: bool) -> ApiResult<(TemplateRow, Qualifier)> {
+pub async fn resolve(
+    state: &Shared,
+    caller: &Caller,
+    raw: &str,
+    write: bool,
+) -> ApiResult<(TemplateRow, Qualifier)> {
     let r = TemplateRef::parse(raw).map_err(|_| ApiError::template_not_found(raw))?;
     let row = match &r {
         TemplateRef::Id { id, .. } => state.store.template(id).await?,
-        TemplateRef::Named { namespace, name, .. } => {
-            let ns = namespace.clone().unwrap_or_else(|| caller.namespace.clone());
+        TemplateRef::Named {
+            namespace, name, ..
+        } => {
+            let ns = namespace
+                .clone()
+                .unwrap_or_else(|| caller.namespace.clone());
             match state.store.template_id(&ns, name).await? {
                 Some(id) => state.store.template(&id).await?,
                 // A renamed template keeps its old name as an alias.
@@ -89,7 +116,8 @@ pub async fn resolve(state: &Shared, caller: &Caller, raw: &str, write: bool) ->
         }
     };
     let row = row.ok_or_else(|| ApiError::template_not_found(raw))?;
-    let visible = row.namespace == caller.namespace || (!write && doc_of(&row).visibility == "public");
+    let visible =
+        row.namespace == caller.namespace || (!write && doc_of(&row).visibility == "public");
     if !visible {
         return Err(ApiError::template_not_found(raw));
     }
@@ -97,11 +125,17 @@ pub async fn resolve(state: &Shared, caller: &Caller, raw: &str, write: bool) ->
 }
 
 /// The build a ref points at: an exact build, a tag, or the default tag.
-pub async fn resolve_build(state: &Shared, caller: &Caller, raw: &str) -> ApiResult<(TemplateRow, BuildRecord)> {
+pub async fn resolve_build(
+    state: &Shared,
+    caller: &Caller,
+    raw: &str,
+) -> ApiResult<(TemplateRow, BuildRecord)> {
     let (row, q) = resolve(state, caller, raw, false).await?;
     let build_id = match q {
         Qualifier::Build(b) => b,
-        Qualifier::Tag(t) => tag_target(state, &row.id, &t).await?.ok_or_else(|| ApiError::template_not_found(raw))?,
+        Qualifier::Tag(t) => tag_target(state, &row.id, &t)
+            .await?
+            .ok_or_else(|| ApiError::template_not_found(raw))?,
         Qualifier::None => {
             let tags = state.store.tags(&row.id).await?;
             tags.iter()
@@ -111,31 +145,60 @@ pub async fn resolve_build(state: &Shared, caller: &Caller, raw: &str) -> ApiRes
                 .ok_or_else(|| ApiError::template_not_found(raw))?
         }
     };
-    let b = state.store.build(&build_id).await?.filter(|b| b.template_id == row.id).ok_or_else(|| ApiError::template_not_found(raw))?;
+    let b = state
+        .store
+        .build(&build_id)
+        .await?
+        .filter(|b| b.template_id == row.id)
+        .ok_or_else(|| ApiError::template_not_found(raw))?;
     Ok((row, parse_record(&b)?))
 }
 
 async fn tag_target(state: &Shared, template_id: &str, tag: &str) -> ApiResult<Option<String>> {
-    Ok(state.store.tags(template_id).await?.into_iter().find(|t| t.0 == tag).map(|t| t.1))
+    Ok(state
+        .store
+        .tags(template_id)
+        .await?
+        .into_iter()
+        .find(|t| t.0 == tag)
+        .map(|t| t.1))
 }
 
 /// The artifact of a ready template build, for `template_base` builds.
-pub async fn resolve_artifact(state: &Shared, namespace: &str, r: &TemplateRef) -> ApiResult<ArtifactManifest> {
-    let caller = Caller { key_id: String::new(), namespace: namespace.to_string() };
+pub async fn resolve_artifact(
+    state: &Shared,
+    namespace: &str,
+    r: &TemplateRef,
+) -> ApiResult<ArtifactManifest> {
+    let caller = Caller {
+        key_id: String::new(),
+        namespace: namespace.to_string(),
+    };
     let raw = match r {
         TemplateRef::Id { id, qualifier } => with_q(id, qualifier),
-        TemplateRef::Named { namespace, name, qualifier } => {
-            with_q(&match namespace {
+        TemplateRef::Named {
+            namespace,
+            name,
+            qualifier,
+        } => with_q(
+            &match namespace {
                 Some(ns) => format!("{ns}/{name}"),
                 None => name.clone(),
-            }, qualifier)
-        }
+            },
+            qualifier,
+        ),
     };
     let (_, rec) = resolve_build(state, &caller, &raw).await?;
     if rec.status != "ready" {
-        return Err(ApiError::invalid(format!("template {raw} points at build {} which is {}", rec.build_id, rec.status)));
+        return Err(ApiError::invalid(format!(
+            "template {raw} points at build {} which is {}",
+            rec.build_id, rec.status
+        )));
     }
-    let digest = rec.artifact_ids.first().and_then(|d| nullspace_digest::Digest::parse(d).ok())
+    let digest = rec
+        .artifact_ids
+        .first()
+        .and_then(|d| nullspace_digest::Digest::parse(d).ok())
         .ok_or_else(|| ApiError::invalid(format!("template {raw} has no artifact")))?;
     let bytes = std::fs::read(state.artifacts.path(&digest)).map_err(ApiError::internal)?;
     serde_json::from_slice(&bytes).map_err(ApiError::internal)
@@ -162,7 +225,12 @@ pub async fn delete(state: &Shared, caller: &Caller, raw: &str) -> ApiResult<()>
     Ok(())
 }
 
-pub async fn assign_tags(state: &Shared, caller: &Caller, raw: &str, tags: &[String]) -> ApiResult<TemplateInfo> {
+pub async fn assign_tags(
+    state: &Shared,
+    caller: &Caller,
+    raw: &str,
+    tags: &[String],
+) -> ApiResult<TemplateInfo> {
     if tags.is_empty() {
         return Err(ApiError::invalid("tags: at least one tag"));
     }
@@ -174,7 +242,10 @@ pub async fn assign_tags(state: &Shared, caller: &Caller, raw: &str, tags: &[Str
         return Err(ApiError::template_not_found(raw));
     }
     if rec.status != "ready" {
-        return Err(ApiError::conflict("template_build_conflict", format!("build {} is {}, not ready", rec.build_id, rec.status)));
+        return Err(ApiError::conflict(
+            "template_build_conflict",
+            format!("build {} is {}, not ready", rec.build_id, rec.status),
+        ));
     }
     for t in tags {
         state.store.set_tag(&row.id, t, &rec.build_id).await?;
@@ -182,11 +253,22 @@ pub async fn assign_tags(state: &Shared, caller: &Caller, raw: &str, tags: &[Str
     info(state, &row).await
 }
 
-pub async fn promote(state: &Shared, caller: &Caller, build_id: &str, tag: &str) -> ApiResult<TemplateInfo> {
+pub async fn promote(
+    state: &Shared,
+    caller: &Caller,
+    build_id: &str,
+    tag: &str,
+) -> ApiResult<TemplateInfo> {
     crate::refs::check_tag(tag).map_err(ApiError::invalid)?;
     let (row, rec) = crate::builds::load(state, caller, build_id).await?;
     if rec.status != "ready" {
-        return Err(ApiError::conflict("template_build_conflict", format!("build {build_id} is {}, only ready builds can be promoted", rec.status)));
+        return Err(ApiError::conflict(
+            "template_build_conflict",
+            format!(
+                "build {build_id} is {}, only ready builds can be promoted",
+                rec.status
+            ),
+        ));
     }
     state.store.set_tag(&row.template_id, tag, build_id).await?;
     info_by_id(state, &row.template_id).await
@@ -195,7 +277,11 @@ pub async fn promote(state: &Shared, caller: &Caller, build_id: &str, tag: &str)
 pub async fn remove_tag(state: &Shared, caller: &Caller, raw: &str, tag: &str) -> ApiResult<()> {
     let (row, _) = resolve(state, caller, raw, true).await?;
     if !state.store.remove_tag(&row.id, tag).await? {
-        return Err(ApiError::new(axum::http::StatusCode::NOT_FOUND, "template_tag_not_found", format!("tag {tag:?} not found")));
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "template_tag_not_found",
+            format!("tag {tag:?} not found"),
+        ));
     }
     Ok(())
 }
@@ -221,51 +307,125 @@ pub async fn aliases(state: &Shared, caller: &Caller, raw: &str) -> ApiResult<se
     ))
 }
 
-pub async fn remove_alias(state: &Shared, caller: &Caller, raw: &str, alias: &str) -> ApiResult<()> {
+pub async fn remove_alias(
+    state: &Shared,
+    caller: &Caller,
+    raw: &str,
+    alias: &str,
+) -> ApiResult<()> {
     let (row, _) = resolve(state, caller, raw, true).await?;
     let name = alias.rsplit('/').next().unwrap_or(alias);
     if !state.store.remove_alias(&row.id, name).await? {
-        return Err(ApiError::new(axum::http::StatusCode::NOT_FOUND, "template_alias_not_found", format!("alias {alias:?} not found")));
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "template_alias_not_found",
+            format!("alias {alias:?} not found"),
+        ));
     }
     Ok(())
 }
 
-pub async fn rename(state: &Shared, caller: &Caller, raw: &str, new_name: &str) -> ApiResult<TemplateInfo> {
+pub async fn rename(
+    state: &Shared,
+    caller: &Caller,
+    raw: &str,
+    new_name: &str,
+) -> ApiResult<TemplateInfo> {
     crate::refs::check_name("new_name", new_name).map_err(ApiError::invalid)?;
     let (row, _) = resolve(state, caller, raw, true).await?;
-    if state.store.template_id(&caller.namespace, new_name).await?.is_some() {
-        return Err(ApiError::conflict("template_name_conflict", format!("a template named {new_name:?} exists")));
+    if state
+        .store
+        .template_id(&caller.namespace, new_name)
+        .await?
+        .is_some()
+    {
+        return Err(ApiError::conflict(
+            "template_name_conflict",
+            format!("a template named {new_name:?} exists"),
+        ));
     }
     check_claim(state, caller, new_name, None).await?;
-    state.store.update_template(&row.id, new_name, &row.doc).await?;
-    state.store.add_alias(&caller.namespace, &row.name, &row.id).await?;
+    state
+        .store
+        .update_template(&row.id, new_name, &row.doc)
+        .await?;
+    state
+        .store
+        .add_alias(&caller.namespace, &row.name, &row.id)
+        .await?;
     info_by_id(state, &row.id).await
 }
 
-pub async fn set_visibility(state: &Shared, caller: &Caller, raw: &str, visibility: &str) -> ApiResult<TemplateInfo> {
+pub async fn set_visibility(
+    state: &Shared,
+    caller: &Caller,
+    raw: &str,
+    visibility: &str,
+) -> ApiResult<TemplateInfo> {
     if !["private", "public"].contains(&visibility) {
-        return Err(ApiError::invalid(format!("visibility {visibility:?} must be private or public")));
+        return Err(ApiError::invalid(format!(
+            "visibility {visibility:?} must be private or public"
+        )));
     }
     let (row, _) = resolve(state, caller, raw, true).await?;
     let mut doc = doc_of(&row);
     doc.visibility = visibility.to_string();
-    state.store.update_template(&row.id, &row.name, &serde_json::to_string(&doc).map_err(ApiError::internal)?).await?;
+    state
+        .store
+        .update_template(
+            &row.id,
+            &row.name,
+            &serde_json::to_string(&doc).map_err(ApiError::internal)?,
+        )
+        .await?;
     info_by_id(state, &row.id).await
 }
 
-pub async fn reserve(state: &Shared, caller: &Caller, template_ref: &str) -> ApiResult<serde_json::Value> {
+pub async fn reserve(
+    state: &Shared,
+    caller: &Caller,
+    template_ref: &str,
+) -> ApiResult<serde_json::Value> {
     let r = TemplateRef::parse(template_ref).map_err(ApiError::invalid)?;
-    let TemplateRef::Named { namespace, name, .. } = r else {
+    let TemplateRef::Named {
+        namespace, name, ..
+    } = r
+    else {
         return Err(ApiError::invalid("template_ref must be a name, not an id"));
     };
-    if namespace.as_deref().is_some_and(|ns| ns != caller.namespace) {
-        return Err(ApiError::new(axum::http::StatusCode::FORBIDDEN, "permission_denied", "names can only be reserved in your own namespace"));
+    if namespace
+        .as_deref()
+        .is_some_and(|ns| ns != caller.namespace)
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "permission_denied",
+            "names can only be reserved in your own namespace",
+        ));
     }
-    if state.store.template_id(&caller.namespace, &name).await?.is_some() || state.store.claim_on(&caller.namespace, &name).await?.is_some() {
-        return Err(ApiError::conflict("template_name_conflict", format!("template name {name:?} is taken")));
+    if state
+        .store
+        .template_id(&caller.namespace, &name)
+        .await?
+        .is_some()
+        || state
+            .store
+            .claim_on(&caller.namespace, &name)
+            .await?
+            .is_some()
+    {
+        return Err(ApiError::conflict(
+            "template_name_conflict",
+            format!("template name {name:?} is taken"),
+        ));
     }
-    let (token, expires) = state.store.create_claim(&caller.namespace, &name, CLAIM_TTL_MS).await?;
-    Ok(serde_json::json!({"claim_token": token, "canonical_ref": format!("{}/{name}", caller.namespace), "expires_at": iso(expires)}))
+    let (token, expires) = state
+        .store
+        .create_claim(&caller.namespace, &name, CLAIM_TTL_MS)
+        .await?;
+    Ok(
+        serde_json::json!({"claim_token": token, "canonical_ref": format!("{}/{name}", caller.namespace), "expires_at": iso(expires)}),
+    )
 }
 
 pub fn now_iso() -> String {

@@ -16,7 +16,9 @@ impl Artifacts {
     pub fn open(root: &Path) -> io::Result<Artifacts> {
         fs::create_dir_all(root.join("sha256"))?;
         fs::create_dir_all(root.join("tmp"))?;
-        Ok(Artifacts { root: root.to_path_buf() })
+        Ok(Artifacts {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn path(&self, d: &Digest) -> PathBuf {

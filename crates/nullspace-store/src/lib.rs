@@ -138,10 +138,17 @@ impl Store {
         // SQLite serialises writers; one connection avoids lock errors
         // under the worker pool without hurting (everything is local).
         let max = if backend == Backend::Sqlite { 1 } else { 8 };
-        let pool = AnyPoolOptions::new().max_connections(max).connect(&url).await?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .connect(&url)
+            .await?;
         if backend == Backend::Sqlite {
-            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
-            sqlx::query("PRAGMA busy_timeout=5000").execute(&pool).await?;
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
+            sqlx::query("PRAGMA busy_timeout=5000")
+                .execute(&pool)
+                .await?;
         }
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await?;
@@ -220,10 +227,12 @@ impl Store {
 
     /// `(id, namespace, name, doc, created_at, updated_at)`.
     pub async fn template(&self, id: &str) -> Result<Option<TemplateRow>> {
-        let row = sqlx::query("SELECT id, namespace, name, doc, created_at, updated_at FROM templates WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, namespace, name, doc, created_at, updated_at FROM templates WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(template_row))
     }
 
@@ -252,9 +261,18 @@ impl Store {
     /// history).
     pub async fn delete_template(&self, id: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM tags WHERE template_id = $1").bind(id).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM aliases WHERE template_id = $1").bind(id).execute(&mut *tx).await?;
-        let n = sqlx::query("DELETE FROM templates WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM tags WHERE template_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM aliases WHERE template_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let n = sqlx::query("DELETE FROM templates WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(n.rows_affected() > 0)
     }
@@ -277,11 +295,16 @@ impl Store {
 
     /// `(tag, build_id, created_at)` ordered by tag.
     pub async fn tags(&self, template_id: &str) -> Result<Vec<(String, String, i64)>> {
-        let rows = sqlx::query("SELECT tag, build_id, created_at FROM tags WHERE template_id = $1 ORDER BY tag")
-            .bind(template_id)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        let rows = sqlx::query(
+            "SELECT tag, build_id, created_at FROM tags WHERE template_id = $1 ORDER BY tag",
+        )
+        .bind(template_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 
     pub async fn remove_tag(&self, template_id: &str, tag: &str) -> Result<bool> {
@@ -308,20 +331,23 @@ impl Store {
     }
 
     pub async fn alias_target(&self, namespace: &str, alias: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT template_id FROM aliases WHERE namespace = $1 AND alias = $2")
-            .bind(namespace)
-            .bind(alias)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT template_id FROM aliases WHERE namespace = $1 AND alias = $2")
+                .bind(namespace)
+                .bind(alias)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
     /// `(alias, created_at)` of a template.
     pub async fn aliases(&self, template_id: &str) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query("SELECT alias, created_at FROM aliases WHERE template_id = $1 ORDER BY alias")
-            .bind(template_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT alias, created_at FROM aliases WHERE template_id = $1 ORDER BY alias",
+        )
+        .bind(template_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
@@ -358,7 +384,13 @@ impl Store {
     /// Replaces a build's status and record. With `only_if`, the update
     /// happens only while the status is one of those (returns whether it
     /// did), so a terminal state is never overwritten by a late writer.
-    pub async fn update_build(&self, id: &str, status: &str, record: &str, only_if: &[&str]) -> Result<bool> {
+    pub async fn update_build(
+        &self,
+        id: &str,
+        status: &str,
+        record: &str,
+        only_if: &[&str],
+    ) -> Result<bool> {
         let n = if only_if.is_empty() {
             sqlx::query("UPDATE builds SET status = $1, record = $2 WHERE id = $3")
                 .bind(status)
@@ -446,12 +478,17 @@ impl Store {
 
     /// Appends a log entry; `make` receives the entry's offset (0-based,
     /// dense per build) and returns the JSON to store.
-    pub async fn append_log(&self, build_id: &str, make: impl FnOnce(i64) -> String) -> Result<i64> {
+    pub async fn append_log(
+        &self,
+        build_id: &str,
+        make: impl FnOnce(i64) -> String,
+    ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT COALESCE(MAX(seq) + 1, 0) FROM build_logs WHERE build_id = $1")
-            .bind(build_id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let row =
+            sqlx::query("SELECT COALESCE(MAX(seq) + 1, 0) FROM build_logs WHERE build_id = $1")
+                .bind(build_id)
+                .fetch_one(&mut *tx)
+                .await?;
         let seq: i64 = row.get(0);
         sqlx::query("INSERT INTO build_logs (build_id, seq, entry) VALUES ($1, $2, $3)")
             .bind(build_id)
@@ -465,17 +502,26 @@ impl Store {
 
     /// Entries with offset >= `from`, in order.
     pub async fn logs(&self, build_id: &str, from: i64) -> Result<Vec<(i64, String)>> {
-        let rows = sqlx::query("SELECT seq, entry FROM build_logs WHERE build_id = $1 AND seq >= $2 ORDER BY seq")
-            .bind(build_id)
-            .bind(from)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT seq, entry FROM build_logs WHERE build_id = $1 AND seq >= $2 ORDER BY seq",
+        )
+        .bind(build_id)
+        .bind(from)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     // ---- context blobs --------------------------------------------------
 
-    pub async fn put_blob_meta(&self, namespace: &str, blob_id: &str, sha256: &str, size: i64, uploaded: bool) -> Result<()> {
+    pub async fn put_blob_meta(
+        &self,
+        namespace: &str,
+        blob_id: &str,
+        sha256: &str,
+        size: i64,
+        uploaded: bool,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO blobs (namespace, blob_id, sha256, size_bytes, uploaded, created_at) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (namespace, blob_id) DO UPDATE SET uploaded = excluded.uploaded",
@@ -492,29 +538,42 @@ impl Store {
     }
 
     /// `(sha256, size, uploaded)`.
-    pub async fn blob_meta(&self, namespace: &str, blob_id: &str) -> Result<Option<(String, i64, bool)>> {
-        let row = sqlx::query("SELECT sha256, size_bytes, uploaded FROM blobs WHERE namespace = $1 AND blob_id = $2")
-            .bind(namespace)
-            .bind(blob_id)
-            .fetch_optional(&self.pool)
-            .await?;
+    pub async fn blob_meta(
+        &self,
+        namespace: &str,
+        blob_id: &str,
+    ) -> Result<Option<(String, i64, bool)>> {
+        let row = sqlx::query(
+            "SELECT sha256, size_bytes, uploaded FROM blobs WHERE namespace = $1 AND blob_id = $2",
+        )
+        .bind(namespace)
+        .bind(blob_id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get::<i32, _>(2) != 0)))
     }
 
     // ---- name claims ----------------------------------------------------
 
-    pub async fn create_claim(&self, namespace: &str, name: &str, ttl_ms: i64) -> Result<(String, i64)> {
+    pub async fn create_claim(
+        &self,
+        namespace: &str,
+        name: &str,
+        ttl_ms: i64,
+    ) -> Result<(String, i64)> {
         use rand::Rng as _;
         let raw: [u8; 16] = rand::rng().random();
         let token = format!("claim_{}", hex::encode(raw));
         let expires = now_ms() + ttl_ms;
-        sqlx::query("INSERT INTO claims (token_hash, namespace, name, expires_at) VALUES ($1, $2, $3, $4)")
-            .bind(sha256_hex(&token))
-            .bind(namespace)
-            .bind(name)
-            .bind(expires)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO claims (token_hash, namespace, name, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(sha256_hex(&token))
+        .bind(namespace)
+        .bind(name)
+        .bind(expires)
+        .execute(&self.pool)
+        .await?;
         Ok((token, expires))
     }
 

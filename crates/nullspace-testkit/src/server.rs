@@ -14,6 +14,8 @@ pub struct Server {
     pub addr: String,
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
+    /// Extra `serve` arguments (e.g. `--workers 0`).
+    pub args: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -25,12 +27,17 @@ fn free_addr() -> String {
 
 impl Server {
     pub fn start(data_dir: &Path, database_url: Option<&str>) -> Server {
+        Server::start_with(data_dir, database_url, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, database_url: Option<&str>, args: &[&str]) -> Server {
         let addr = free_addr();
         let mut s = Server {
             url: format!("http://{addr}"),
             addr,
             data_dir: data_dir.to_path_buf(),
             database_url: database_url.map(str::to_string),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
             log: data_dir.with_extension("server.log"),
         };
@@ -47,9 +54,16 @@ impl Server {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new(nullspace_bin());
-        cmd.arg("serve").arg("--listen").arg(&self.addr);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(&self.addr)
+            .args(&self.args);
         self.base(&mut cmd);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
         let child = cmd
             .stdout(Stdio::null())
             .stderr(log)
@@ -68,7 +82,11 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("nullspace serve did not listen on {}: {}", self.addr, self.log_text());
+        panic!(
+            "nullspace serve did not listen on {}: {}",
+            self.addr,
+            self.log_text()
+        );
     }
 
     pub fn log_text(&self) -> String {
@@ -121,10 +139,15 @@ impl Postgres {
             .map(|e| e.path().join("bin"))
             .find(|p| p.join("initdb").exists())
             .expect("initdb");
-        let dir = tempfile::Builder::new().prefix("nullspace-pg").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("nullspace-pg")
+            .tempdir()
+            .expect("tempdir");
         let data = dir.path().join("data");
         std::fs::create_dir(&data).expect("data dir");
-        let chown = run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()));
+        let chown = run(Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path()));
         chown.ok();
         let as_pg = |args: &[&str]| {
             let mut c = Command::new("runuser");
@@ -133,12 +156,26 @@ impl Postgres {
         };
         let initdb = bin.join("initdb").to_string_lossy().into_owned();
         let d = data.to_string_lossy().into_owned();
-        run(&mut as_pg(&[&initdb, "-D", &d, "--auth=trust", "-U", "postgres"])).ok();
+        run(&mut as_pg(&[
+            &initdb,
+            "-D",
+            &d,
+            "--auth=trust",
+            "-U",
+            "postgres",
+        ]))
+        .ok();
         let port = free_addr().rsplit(':').next().expect("port").to_string();
         let pg_ctl = bin.join("pg_ctl").to_string_lossy().into_owned();
-        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", dir.path().display());
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.path().display()
+        );
         let log = dir.path().join("pg.log").to_string_lossy().into_owned();
-        run(&mut as_pg(&[&pg_ctl, "-D", &d, "-o", &opts, "-l", &log, "-w", "start"])).ok();
+        run(&mut as_pg(&[
+            &pg_ctl, "-D", &d, "-o", &opts, "-l", &log, "-w", "start",
+        ]))
+        .ok();
         Postgres {
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             dir,
@@ -166,7 +203,11 @@ pub fn sdk_python() -> PathBuf {
         return PathBuf::from(p);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/sdk-venv/bin/python");
-    assert!(root.exists(), "{} missing: run scripts/deps.sh (it installs nullspace-sdk==0.1.9)", root.display());
+    assert!(
+        root.exists(),
+        "{} missing: run scripts/deps.sh (it installs nullspace-sdk==0.1.9)",
+        root.display()
+    );
     root
 }
 

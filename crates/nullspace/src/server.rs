@@ -31,7 +31,7 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "NULLSPACE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    /// Builds run at once.
+    /// Builds run at once (0: accept and queue builds, run none).
     #[arg(long, env = "NULLSPACE_WORKERS", default_value_t = 2)]
     workers: usize,
     /// A registry (HOST[:PORT]) that may be reached over plain HTTP.
@@ -60,7 +60,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     let mut config = a.store.config();
-    config.workers = a.workers.max(1);
+    config.workers = a.workers;
     config.insecure_registries = a.insecure;
     runtime()?.block_on(async move {
         let state = nullspace_server::open(config).await.context("opening the data directory")?;
