@@ -756,22 +756,44 @@ async fn import_image(
         ..Default::default()
     };
     let out = work.join("template");
-    let result = tokio::task::spawn_blocking({
+    let flag = cancel.clone();
+    let mut task = tokio::task::spawn_blocking({
         let work = work.clone();
         let out = out.clone();
         move || -> Result<(Image, nullspace_build::template::TemplateMeta), String> {
             let _ = std::fs::remove_dir_all(&work);
             std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-            let image =
-                Image::resolve(&source, &opts).map_err(|e| format!("auth-or-resolve:{e}"))?;
-            let meta = import(&image, &out, &import_opts, &NoProgress).map_err(|e| match e {
-                ImportError::Cancelled { .. } => "cancelled".to_string(),
-                other => other.to_string(),
-            })?;
-            Ok((image, meta))
+            let result = Image::resolve(&source, &opts)
+                .map_err(|e| format!("auth-or-resolve:{e}"))
+                .and_then(|image| {
+                    let meta =
+                        import(&image, &out, &import_opts, &NoProgress).map_err(|e| match e {
+                            ImportError::Cancelled { .. } => "cancelled".to_string(),
+                            other => other.to_string(),
+                        })?;
+                    Ok((image, meta))
+                });
+            // A cancelled build's late result is discarded: clean up here,
+            // since the build has already been finished by the worker.
+            if flag.load(Ordering::SeqCst) {
+                let _ = std::fs::remove_dir_all(&work);
+                return Err("cancelled".into());
+            }
+            result
         }
-    })
-    .await
+    });
+    // A network call may block the import thread for minutes; cancellation
+    // must not wait for it.
+    let result = loop {
+        tokio::select! {
+            r = &mut task => break r,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(Failure::Cancelled);
+                }
+            }
+        }
+    }
     .map_err(|e| {
         failed(
             "prepare",

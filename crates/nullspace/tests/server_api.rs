@@ -129,6 +129,43 @@ except BuildError as e:
     print("ERROR", getattr(e.phase, "value", e.phase), e.retryable, e.build_id)
 "#;
 
+/// A registry address that accepts connections and never answers.
+fn tarpit() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    addr
+}
+
+#[test]
+fn cancel_stops_a_running_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"), None);
+    let key = server.key("team-a");
+    let image = format!("{}/stuck/app:1", tarpit());
+    let r = run_sdk(&server, &key, BACKGROUND, &[("NS_IMAGE", &image), ("NS_NAME", "stuck")]);
+    r.ok();
+    let id = r.stdout.trim().to_string();
+    let r = run_sdk(&server, &key, WAIT, &[("NS_BUILD", &id), ("NS_WANT_STATUS", "building")]);
+    assert!(r.stdout.contains("STATUS building"), "{}\n{}", r.stdout, r.stderr);
+    let started = std::time::Instant::now();
+    let r = run_sdk(
+        &server,
+        &key,
+        "import os\nfrom nullspace import TemplateBuild\nh = TemplateBuild.connect(os.environ['NS_BUILD'])\nh.cancel(reason='stop')\nf = h.wait_until_terminal(poll_interval=0.05)\nprint('FINAL', f.build.status.value, f.build.cancellation_reason, [e.kind.value for e in f.entries][-1])",
+        &[("NS_BUILD", &id)],
+    );
+    assert!(r.stdout.contains("FINAL cancelled stop cancelled"), "{}\n{}\n{}", r.stdout, r.stderr, server.log_text());
+    // The import was blocked in a network read with minutes of timeout left:
+    // the cancel did not wait for it.
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
 #[test]
 fn queued_builds_survive_a_crash_and_running_ones_are_marked_interrupted() {
     let tmp = tempfile::tempdir().unwrap();
@@ -152,16 +189,7 @@ fn queued_builds_survive_a_crash_and_running_ones_are_marked_interrupted() {
     // 2. A build stuck on a registry that accepts and never answers (a real
     //    tarpit on loopback) is running when the server is killed: after the
     //    restart it is an error with phase `interrupted`, never `building`.
-    let tarpit = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let tarpit_addr = tarpit.local_addr().unwrap();
-    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let held2 = held.clone();
-    std::thread::spawn(move || {
-        for c in tarpit.incoming().flatten() {
-            held2.lock().unwrap().push(c);
-        }
-    });
-    let stuck_image = format!("{tarpit_addr}/stuck/app:1");
+    let stuck_image = format!("{}/stuck/app:1", tarpit());
     let r = run_sdk(&server, &key, BACKGROUND, &[("NS_IMAGE", &stuck_image), ("NS_NAME", "stuck")]);
     r.ok();
     let stuck = r.stdout.trim().to_string();
