@@ -546,6 +546,7 @@ async fn run(state: &Shared, id: &str) {
     start.phase = Some("preparing".into());
     let _ = append(state, start).await;
 
+    tracing::info!(build = %rec.build_id, source = %rec.source_type, "build started");
     let outcome = execute(state, &mut rec, &def, &secrets, &cancel).await;
     drop(secrets);
     match outcome {
@@ -568,6 +569,7 @@ async fn run(state: &Shared, id: &str) {
             action,
         }) => fail(state, &mut rec, phase, &message, retryable, action).await,
     }
+    tracing::info!(build = %rec.build_id, status = %rec.status, phase = ?rec.failure_phase, "build finished");
     state.cancels.lock().expect("cancel lock").remove(id);
     state.hub.forget(id);
 }

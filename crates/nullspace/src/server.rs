@@ -59,6 +59,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
+    // Build transitions and errors; request bodies (which may carry
+    // credentials) are never logged.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NULLSPACE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let mut config = a.store.config();
     config.workers = a.workers;
     config.insecure_registries = a.insecure;
