@@ -3,10 +3,11 @@
 mod image;
 mod progress;
 mod server;
+mod template;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -29,14 +30,21 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(server::KeysCommand),
+    /// Build and manage templates through the API ($NULLSPACE_API_URL, $NULLSPACE_API_KEY).
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The raw matches are kept: `template build` applies step flags in
+    // command-line order, which only they record.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Image(c) => image::run(c),
         Command::Serve(a) => server::serve(a),
         Command::Keys(c) => server::keys(c),
+        Command::Template(c) => template::run(c, &matches),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
