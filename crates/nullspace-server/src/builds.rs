@@ -209,7 +209,14 @@ pub async fn create(
         status: "waiting".into(),
         created_at: now.clone(),
         updated_at: now.clone(),
-        canonical_ref: format!("{}/{}", caller.namespace, n.name),
+        // The ref this build's tags will make resolvable (`default` first,
+        // as TemplateInfo picks its default tag).
+        canonical_ref: format!(
+            "{}/{}:{}",
+            caller.namespace,
+            n.name,
+            if n.tags.iter().any(|t| t == "default") { "default" } else { n.tags[0].as_str() }
+        ),
         namespace_slug: caller.namespace.clone(),
         visibility: info.visibility.clone(),
         build_backend: n.backend.clone(),
