@@ -258,7 +258,7 @@ fn background_build_wait_status_logs_cancel_promote_retry() {
             .lines()
             .last()
             .unwrap()
-            .starts_with("ready: team-a/bg (template tmpl_"),
+            .starts_with("ready: team-a/bg:one (template tmpl_"),
         "{}",
         w.stdout
     );
