@@ -121,6 +121,39 @@ try:
 except BuildError as e:
     assert "step" in str(e), str(e)
 
+# --- build context blobs: the SDK's preflight + PUT flow ---------------------
+section("blobs")
+import hashlib, tempfile
+ctx = tempfile.mkdtemp()
+with open(os.path.join(ctx, "config.toml"), "w") as f:
+    f.write("answer = 42\n")
+try:
+    Template.build(Template.from_image(IMAGE).set_file_context(ctx).copy("config.toml", "/etc/app/"), name="ctx")
+    raise AssertionError("steps need the build VM (for now)")
+except BuildError as e:
+    assert "step" in str(e)
+body = b"answer = 42\n"
+sha = hashlib.sha256(body).hexdigest()
+pre = api("POST", "/v1/templates/blobs/preflight", json={"files": [
+    {"path": "d", "entry_type": "dir", "mode": "0755"},
+    {"path": "d/config.toml", "entry_type": "file", "mode": "0644", "sha256": sha, "size_bytes": len(body)}]}).json()
+assert [f["path"] for f in pre["files"]] == ["d", "d/config.toml"], pre
+assert pre["files"][1]["missing"] is False, "the SDK already uploaded this content"
+other = b"new content"
+osha = hashlib.sha256(other).hexdigest()
+pre = api("POST", "/v1/templates/blobs/preflight", json={"files": [
+    {"path": "n", "entry_type": "file", "mode": "0644", "sha256": osha, "size_bytes": len(other)}]}).json()
+blob = pre["files"][0]["blob_id"]
+assert pre["files"][0]["missing"] is True
+bad = api("PUT", f"/v1/templates/blobs/{blob}", content=b"evil content")
+assert bad.status_code == 400 and bad.json()["code"] == "file_upload_error", bad.text
+assert api("PUT", f"/v1/templates/blobs/{blob}", content=other).status_code == 204
+# Blobs are per namespace: another caller must upload its own copy.
+pre_b = api("POST", "/v1/templates/blobs/preflight", key=KEY_B, json={"files": [
+    {"path": "n", "entry_type": "file", "mode": "0644", "sha256": osha, "size_bytes": len(other)}]}).json()
+assert pre_b["files"][0]["missing"] is True
+assert api("PUT", "/v1/templates/blobs/blob_unknown", content=b"x").json()["code"] == "blob_not_found"
+
 # --- private registry: credentials used, never kept -------------------------
 section("private image")
 p = Template.build(Template.from_image(PRIVATE, username=PUSER, password=PPASS), name="private")
