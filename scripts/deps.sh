@@ -8,6 +8,7 @@ NULLSPACE_APT_PACKAGES=(
   skopeo umoci      # peers: tests cross-check our layouts with them
   e2fsprogs         # e2fsck verifies every rootfs we write
   busybox-static    # the embedded demo image's userland
+  buildah uidmap    # the daemonless Dockerfile engine (vfs storage, chroot isolation)
   apache2-utils     # htpasswd, for the registry's basic auth
   openssl           # signs registry bearer tokens in tests
   postgresql        # the shared store, started per test run by the harness
