@@ -1,0 +1,271 @@
+//! Processes: the reaper (PID 1 reaps every child), spawning with the
+//! runtime defaults, and the start command's state.
+
+use crate::Config;
+use crate::users;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+#[derive(Debug, Default)]
+pub struct StartState {
+    pub pid: Option<u32>,
+    pub started_unix_ms: u128,
+    pub exit: Option<Exit>,
+    pub spawn_error: Option<String>,
+    pub output: VecDeque<u8>,
+}
+
+const START_OUTPUT_KEEP: usize = 16 * 1024;
+
+#[derive(Default)]
+struct Registry {
+    waiters: HashMap<i32, Sender<Exit>>,
+    unclaimed: HashMap<i32, Exit>,
+}
+
+pub struct Inner {
+    pub cfg: Config,
+    pub boot: Instant,
+    pub start: Mutex<StartState>,
+    reg: Mutex<Registry>,
+}
+
+pub type State = Arc<Inner>;
+
+pub fn new_state(cfg: Config) -> State {
+    Arc::new(Inner {
+        cfg,
+        boot: Instant::now(),
+        start: Mutex::new(StartState::default()),
+        reg: Mutex::new(Registry::default()),
+    })
+}
+
+fn decode_status(status: libc::c_int) -> Exit {
+    if libc::WIFEXITED(status) {
+        Exit::Code(libc::WEXITSTATUS(status))
+    } else {
+        Exit::Signal(libc::WTERMSIG(status))
+    }
+}
+
+/// Reaps every child. A child is first observed with `WNOWAIT` and only
+/// reaped under the registry lock, so `spawn` (which holds that lock) can
+/// register a pid before its exit is delivered, and std's own `waitpid` on a
+/// failed exec never races with us.
+pub fn start_reaper(state: State) {
+    std::thread::spawn(move || {
+        loop {
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let r = unsafe {
+                libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT)
+            };
+            if r != 0 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+            let pid = unsafe { info.si_pid() };
+            let mut reg = state.reg.lock().unwrap();
+            let mut status = 0;
+            let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if got != pid {
+                continue;
+            }
+            let exit = decode_status(status);
+            match reg.waiters.remove(&pid) {
+                Some(tx) => {
+                    let _ = tx.send(exit);
+                }
+                None => {
+                    // Orphans re-parented to PID 1 land here too; keep the
+                    // map bounded.
+                    if reg.unclaimed.len() > 1024 {
+                        reg.unclaimed.clear();
+                    }
+                    reg.unclaimed.insert(pid, exit);
+                }
+            }
+        }
+    });
+}
+
+pub struct Spec<'a> {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: Option<&'a str>,
+    pub stdin: bool,
+    pub new_session: bool,
+}
+
+pub struct Spawned {
+    pub child: std::process::Child,
+    pub exit: Receiver<Exit>,
+}
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Environment: defaults for PATH/HOME/USER, then the template's runtime
+/// env, then the request's.
+pub fn build_env(
+    state: &State,
+    ident: &users::Ident,
+    extra: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
+    env.insert("HOME".to_string(), ident.home.clone());
+    if let Some(n) = &ident.name {
+        env.insert("USER".to_string(), n.clone());
+        env.insert("LOGNAME".to_string(), n.clone());
+    }
+    env.insert("HOSTNAME".to_string(), state.cfg.hostname.clone());
+    env.extend(state.cfg.env.clone());
+    env.extend(extra.clone());
+    env
+}
+
+pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
+    let user = spec.user.or(state.cfg.user.as_deref());
+    let ident = users::resolve(user)?;
+    let env = build_env(state, &ident, &spec.env);
+    let cwd = spec
+        .cwd
+        .clone()
+        .or_else(|| state.cfg.workdir.clone())
+        .unwrap_or_else(|| "/".into());
+    if spec.argv.is_empty() {
+        return Err("empty argv".into());
+    }
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .envs(&env)
+        .current_dir(&cwd)
+        .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let groups = ident.groups.clone();
+    let (uid, gid) = (ident.uid, ident.gid);
+    let new_session = spec.new_session;
+    unsafe {
+        cmd.pre_exec(move || {
+            if new_session {
+                libc::setsid();
+            } else {
+                libc::setpgid(0, 0);
+            }
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = channel();
+    let mut reg = state.reg.lock().unwrap();
+    let child = cmd.spawn().map_err(|e| {
+        format!("{}: {e} (cwd {cwd}, user {})", spec.argv[0], user.unwrap_or("root"))
+    })?;
+    let pid = child.id() as i32;
+    match reg.unclaimed.remove(&pid) {
+        Some(exit) => {
+            let _ = tx.send(exit);
+        }
+        None => {
+            reg.waiters.insert(pid, tx);
+        }
+    }
+    drop(reg);
+    Ok(Spawned { child, exit: rx })
+}
+
+fn now_unix_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Starts the template's start command under `/bin/sh -c` with the runtime
+/// defaults, in its own session; its output is kept (last 16 KiB) and
+/// copied to the console.
+pub fn start_command(state: &State, cmd: &str) -> Result<u32, String> {
+    let spec = Spec {
+        argv: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+        env: BTreeMap::new(),
+        cwd: None,
+        user: None,
+        stdin: false,
+        new_session: true,
+    };
+    // Hold the start lock so the reaper sees the pid before a fast exit.
+    let mut st = state.start.lock().unwrap();
+    let sp = match spawn(state, spec) {
+        Ok(sp) => sp,
+        Err(e) => {
+            st.spawn_error = Some(e.clone());
+            return Err(e);
+        }
+    };
+    let pid = sp.child.id();
+    st.pid = Some(pid);
+    st.started_unix_ms = now_unix_ms();
+    // The registry may already hold its exit if it died instantly.
+    if let Ok(exit) = sp.exit.try_recv() {
+        st.exit = Some(exit);
+    }
+    drop(st);
+    let mut child = sp.child;
+    for r in [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let state = state.clone();
+        std::thread::spawn(move || copy_start_output(state, r));
+    }
+    let st2 = state.clone();
+    std::thread::spawn(move || {
+        if let Ok(exit) = sp.exit.recv() {
+            st2.start.lock().unwrap().exit = Some(exit);
+            crate::log(&format!("start command (pid {pid}) exited: {exit:?}"));
+        }
+    });
+    Ok(pid)
+}
+
+fn copy_start_output(state: State, mut r: Box<dyn Read + Send>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                {
+                    let mut st = state.start.lock().unwrap();
+                    st.output.extend(&buf[..n]);
+                    while st.output.len() > START_OUTPUT_KEEP {
+                        st.output.pop_front();
+                    }
+                }
+                use std::io::Write;
+                let _ = std::io::stderr().write_all(&buf[..n]);
+            }
+        }
+    }
+}

@@ -1,0 +1,50 @@
+use std::time::Duration;
+
+/// Errors with a stable `code()` for build records (`error_detail.phase`).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The VM did not boot or its agent did not answer in time; the VMM
+    /// process has been killed.
+    #[error("vm_create: {message}")]
+    VmCreate { message: String, console_tail: String },
+    /// The image cannot boot as a template (e.g. no /bin/sh).
+    #[error("invalid_rootfs: {0}")]
+    InvalidRootfs(String),
+    /// The start command exited (or could not start) before readiness.
+    #[error("readiness: start command {detail}")]
+    StartExited { detail: String, output: String },
+    /// The readiness probe did not succeed within its timeout.
+    #[error("readiness_timeout: probe did not succeed within {timeout:?}: {last}")]
+    ReadinessTimeout { timeout: Duration, last: String },
+    #[error("agent: {0}")]
+    Agent(String),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    #[error("restore: {0}")]
+    Restore(String),
+    #[error("kernel: {0}")]
+    Kernel(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+impl VmError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            VmError::VmCreate { .. } => "vm_create",
+            VmError::InvalidRootfs(_) => "invalid_rootfs",
+            VmError::StartExited { .. } => "readiness",
+            VmError::ReadinessTimeout { .. } => "readiness_timeout",
+            VmError::Agent(_) => "agent",
+            VmError::Snapshot(_) => "snapshot",
+            VmError::Restore(_) => "restore",
+            VmError::Kernel(_) => "kernel",
+            VmError::Io { .. } => "io",
+        }
+    }
+
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+        let context = context.into();
+        move |source| VmError::Io { context, source }
+    }
+}

@@ -1,0 +1,282 @@
+//! MicroVM end to end under QEMU (TCG here): boot the busybox demo template,
+//! readiness, snapshot, two restored sandboxes, failure cases.
+//! CPU-heavy: run with `--test-threads=1`.
+
+use nullspace_vm::qemu::{BootSpec, QemuVm, QemuVmm, RestoreSpec};
+use nullspace_vm::template::{self, GuestConfig, TemplateSpec};
+use nullspace_vm::{GuestKernel, Probe, Readiness, Vm, VmError};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+struct Fixture {
+    vmm: QemuVmm,
+    rootfs: PathBuf,
+    noshell: PathBuf,
+    dir: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| build_fixture().expect("fixture"))
+}
+
+fn import(img: &nullspace_testkit::image::BuiltImage, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    use nullspace_oci::SourceRef;
+    let layout = dir.join(format!("{name}-layout"));
+    nullspace_testkit::image::Layout::create(&layout).image("1", img).finish();
+    let image = nullspace_oci::Image::resolve(
+        &SourceRef::parse(&format!("oci:{}:1", layout.display()))?,
+        &Default::default(),
+    )?;
+    let out = dir.join(name);
+    nullspace_build::import::import(
+        &image,
+        &out,
+        &nullspace_build::import::ImportOptions::default(),
+        &nullspace_oci::layout::NoProgress,
+    )?;
+    Ok(out.join("rootfs.ext4"))
+}
+
+fn build_fixture() -> anyhow::Result<Fixture> {
+    // Under target/tmp, replaced on every run (not /tmp litter).
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nullspace-vm");
+    let _ = std::fs::remove_dir_all(dir.join("images"));
+    std::fs::create_dir_all(dir.join("images"))?;
+    let t = Instant::now();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let init = nullspace_vm::init_binary::locate_or_build(&workspace)?;
+    eprintln!("[timing] nullspace-init built in {:?}", t.elapsed());
+    let rootfs = import(&nullspace_testkit::image::demo_image()?, &dir.join("images"), "demo")?;
+    // An image without a shell: just a file.
+    let noshell_img = nullspace_testkit::image::ImageSpec::new(vec![nullspace_testkit::image::Layer::new(
+        nullspace_testkit::image::TarLayer::new().dir("etc", 0o755).file("etc/motd", 0o644, b"hi\n").into_tar(),
+        nullspace_testkit::image::Compression::Gzip,
+    )])
+    .build();
+    let noshell = import(&noshell_img, &dir.join("images"), "noshell")?;
+    let t = Instant::now();
+    let vmm = QemuVmm::new(GuestKernel::find()?, &init, &dir.join("cache"))?;
+    eprintln!("[timing] initramfs + accelerator probe: {:?} -> {:?}", t.elapsed(), vmm.accel);
+    Ok(Fixture { vmm, rootfs, noshell, dir })
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie counts as gone: QemuVm reaps on drop, so check state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+fn demo_config(start_cmd: &str) -> GuestConfig {
+    let mut c = GuestConfig::new("nullspace-demo");
+    c.env.insert("PATH".into(), "/bin".into());
+    c.env.insert("GREETING".into(), "hello".into());
+    c.user = Some("app:app".into());
+    c.workdir = Some("/srv".into());
+    c.start_cmd = Some(start_cmd.into());
+    c
+}
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn template_snapshot_and_two_restored_sandboxes() {
+    let f = fixture();
+    let start = "echo $$ > /tmp/pid; date +%s%N > /tmp/started; exec httpd -f -p 8080 -h /srv";
+    let mut spec = TemplateSpec::new(&f.rootfs, demo_config(start));
+    spec.memory_mb = 256;
+    spec.vcpus = 1;
+    spec.disk_mb = Some(64);
+    let mut r = Readiness::new(Probe::Tcp { port: 8080 });
+    r.startup_grace = Duration::from_millis(500);
+    spec.readiness = Some(r);
+    let snapdir = tempfile::Builder::new().prefix("ns-snap-").tempdir().unwrap();
+    let out = snapdir.path().join("snap");
+    let t = Instant::now();
+    let snap = template::build_snapshot(&f.vmm, &spec, &out).expect("snapshot");
+    eprintln!(
+        "[timing] boot {} ms, ready {} ms, snapshot {} ms (total {:?}); memory {} MB, disk {} MB",
+        snap.meta.timings_ms.boot,
+        snap.meta.timings_ms.ready,
+        snap.meta.timings_ms.snapshot,
+        t.elapsed(),
+        snap.meta.memory_bytes >> 20,
+        snap.meta.disk_bytes >> 20
+    );
+    assert!(snap.meta.disk_bytes >= 64 << 20, "grown to disk_mb");
+    let start_pid = snap.meta.start["pid"].as_u64().expect("start pid");
+    assert!(snap.meta.start["running"].as_bool().unwrap());
+
+    // Reopen from disk as the server would.
+    let snap = template::Snapshot::open(&out).unwrap();
+    let mut sandboxes = Vec::new();
+    for name in ["a", "b"] {
+        let t = Instant::now();
+        let mut vm = template::restore(&snap, &RestoreSpec::default()).expect("restore");
+        let restored = t.elapsed();
+        let hi = vm.agent().sh("echo hi", T).unwrap();
+        eprintln!("[timing] sandbox {name}: restore {restored:?}, restore to first exec {:?}", t.elapsed());
+        assert_eq!(hi.stdout_str(), "hi\n");
+        assert!(hi.success());
+        sandboxes.push(vm);
+    }
+    let mut seen = Vec::new();
+    for vm in sandboxes.iter_mut() {
+        let a = vm.agent();
+        let pid = String::from_utf8(a.read_file("/tmp/pid", T).unwrap()).unwrap();
+        let started = String::from_utf8(a.read_file("/tmp/started", T).unwrap()).unwrap();
+        assert_eq!(pid.trim(), start_pid.to_string(), "the pid the start command recorded");
+        let info = a.info(T).unwrap();
+        assert_eq!(info["start"]["pid"].as_u64(), Some(start_pid), "start command not restarted");
+        assert_eq!(info["start"]["running"].as_bool(), Some(true));
+        // The same process still runs (httpd, exec'd from the start shell).
+        let comm = a.sh(&format!("cat /proc/{start_pid}/comm"), T).unwrap();
+        assert_eq!(comm.stdout_str().trim(), "httpd");
+        // Answers on the port (client inside the guest: no host network).
+        let page = a.sh("wget -q -O - http://127.0.0.1:8080/", T).unwrap();
+        assert!(page.stdout_str().contains("hello from a nullspace template"), "{page:?}");
+        // Runtime defaults apply to agent commands too.
+        let who = a.sh("id -u; pwd; echo $GREETING; hostname", T).unwrap();
+        assert_eq!(who.stdout_str(), "1000\n/srv\nhello\nnullspace-demo\n");
+        seen.push((pid, started));
+    }
+    assert_eq!(seen[0], seen[1], "same pid and start time in both sandboxes");
+
+    // Disk isolation: a file written (and synced) in one is not in the other.
+    let (a, b) = sandboxes.split_at_mut(1);
+    a[0].agent().write_file("/tmp/only-in-a", b"A", 0o644, T).unwrap();
+    assert!(a[0].agent().sh("sync; test -e /tmp/only-in-a", T).unwrap().success());
+    assert!(!b[0].agent().sh("test -e /tmp/only-in-a", T).unwrap().success());
+    assert!(b[0].agent().read_file("/tmp/only-in-a", T).is_err());
+
+    // Streaming + exit codes + stdin + root override.
+    let mut chunks = 0;
+    let out = b[0]
+        .agent()
+        .exec_streaming(
+            &nullspace_vm::ExecRequest {
+                cmd: Some("cat; echo err >&2; id -u; exit 7".into()),
+                stdin: Some(b"from stdin\n".to_vec()),
+                user: Some("root".into()),
+                ..Default::default()
+            },
+            T,
+            &mut |_, _| chunks += 1,
+        )
+        .unwrap();
+    assert_eq!(out.code, Some(7));
+    assert_eq!(out.stdout_str(), "from stdin\n0\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert!(chunks >= 2);
+
+    // Cleanup: no QEMU, no sandbox dirs left.
+    let pids: Vec<u32> = sandboxes.iter().map(|v| v.pid()).collect();
+    let dirs: Vec<PathBuf> = sandboxes.iter().map(|v| v.dir().to_path_buf()).collect();
+    drop(sandboxes);
+    for (pid, dir) in pids.iter().zip(&dirs) {
+        assert!(!alive(*pid), "qemu {pid} left running");
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+#[test]
+fn start_command_that_exits_is_a_readiness_error() {
+    let f = fixture();
+    let mut spec = TemplateSpec::new(&f.rootfs, demo_config("echo starting; echo broken >&2; exit 3"));
+    spec.memory_mb = 256;
+    spec.vcpus = 1;
+    spec.readiness = Some(Readiness::new(Probe::Tcp { port: 8080 }));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("snap");
+    let t = Instant::now();
+    let err = template::build_snapshot(&f.vmm, &spec, &out).unwrap_err();
+    eprintln!("[timing] readiness error after {:?}: {err}", t.elapsed());
+    match &err {
+        VmError::StartExited { detail, output } => {
+            assert!(detail.contains("code 3"), "{detail}");
+            assert!(output.contains("broken"), "{output}");
+        }
+        other => panic!("expected StartExited, got {other:?}"),
+    }
+    assert_eq!(err.code(), "readiness");
+    assert!(!out.exists(), "half-written snapshot removed");
+}
+
+#[test]
+fn probe_that_never_succeeds_times_out() {
+    let f = fixture();
+    let mut spec = TemplateSpec::new(&f.rootfs, demo_config("exec sleep 1000"));
+    spec.memory_mb = 256;
+    spec.vcpus = 1;
+    let mut r = Readiness::new(Probe::Http { port: 9999, path: "/health".into() });
+    r.timeout = Duration::from_secs(3);
+    r.startup_grace = Duration::from_millis(200);
+    spec.readiness = Some(r);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("snap");
+    let t = Instant::now();
+    let err = template::build_snapshot(&f.vmm, &spec, &out).unwrap_err();
+    eprintln!("[timing] readiness timeout after {:?}: {err}", t.elapsed());
+    assert!(matches!(err, VmError::ReadinessTimeout { .. }), "{err:?}");
+    assert_eq!(err.code(), "readiness_timeout");
+    assert!(err.to_string().contains("9999"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn image_without_shell_fails_before_boot() {
+    let f = fixture();
+    let spec = TemplateSpec::new(&f.noshell, demo_config("true"));
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let err = template::build_snapshot(&f.vmm, &spec, &dir.path().join("snap")).unwrap_err();
+    assert!(matches!(err, VmError::InvalidRootfs(_)), "{err:?}");
+    assert!(err.to_string().contains("/bin/sh"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "no VM was booted");
+    // The demo image's /bin/sh is a symlink to busybox: accepted.
+    nullspace_vm::rootfs::check_shell(&f.rootfs).unwrap();
+}
+
+#[test]
+fn boot_timeout_kills_the_vm() {
+    let f = fixture();
+    let disk = f.dir.join("images/boot-timeout.ext4");
+    std::fs::copy(&f.rootfs, &disk).unwrap();
+    let spec = BootSpec {
+        disk: disk.clone(),
+        config: demo_config("true"),
+        memory_mb: 256,
+        vcpus: 1,
+        boot_timeout: Duration::from_millis(700),
+    };
+    let before = qemu_pids();
+    let t = Instant::now();
+    let err = QemuVm::boot(&f.vmm, &spec).err().expect("boot must time out");
+    eprintln!("[timing] boot timeout reported after {:?}: {err}", t.elapsed());
+    assert_eq!(err.code(), "vm_create");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let after = qemu_pids();
+    let leaked: Vec<_> = after.iter().filter(|p| !before.contains(p)).collect();
+    assert!(leaked.is_empty(), "qemu left running: {leaked:?}");
+    std::fs::remove_file(disk).unwrap();
+}
+
+fn qemu_pids() -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "qemu-system-x86" && alive(pid) {
+            // Only our own children count (other engineers may run VMs).
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat.rsplit(')').next().and_then(|s| s.split_whitespace().nth(1)).unwrap_or("");
+            if ppid == std::process::id().to_string() {
+                v.push(pid);
+            }
+        }
+    }
+    v
+}
