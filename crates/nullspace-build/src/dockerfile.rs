@@ -315,9 +315,9 @@ fn mounts(run_text: &str) -> Vec<BTreeMap<String, String>> {
         .filter_map(|w| w.strip_prefix("--mount="))
         .map(|m| {
             m.split(',')
-                .filter_map(|kv| {
+                .map(|kv| {
                     let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    Some((k.to_ascii_lowercase(), v.to_string()))
+                    (k.to_ascii_lowercase(), v.to_string())
                 })
                 .collect()
         })
@@ -329,6 +329,10 @@ pub fn analyze(
     build_args: &BTreeMap<String, String>,
 ) -> Result<Analysis, DockerfileError> {
     let (stripped, heredocs) = strip_heredocs(text);
+    // The parser's unescaping rejects `\$` (an escaped dollar, valid in
+    // Dockerfiles and produced by the step renderer); it only matters for
+    // substitution, so the parser sees a plain `$`. Lines are unchanged.
+    let stripped = stripped.replace("\\$", "$");
     let df = Dockerfile::parse(&stripped).map_err(|e| {
         let msg = e.to_string();
         DockerfileError::Parse(msg.lines().take(6).collect::<Vec<_>>().join(" "))

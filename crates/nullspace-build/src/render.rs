@@ -368,7 +368,21 @@ fn copy_line(
     if words.iter().any(|w| {
         w.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'') || w.starts_with('[')
     }) {
-        let escaped: Vec<String> = words.iter().map(|w| dockerfile_literal(w)).collect();
+        // Engines run each JSON element through the Dockerfile word lexer
+        // too (quotes and `$`), so those are backslash-escaped as well.
+        let escaped: Vec<String> = words
+            .iter()
+            .map(|w| {
+                let mut o = String::new();
+                for c in w.chars() {
+                    if matches!(c, '\\' | '$' | '\'' | '"') {
+                        o.push('\\');
+                    }
+                    o.push(c);
+                }
+                o
+            })
+            .collect();
         writeln!(out, " {}", serde_json::to_string(&escaped).unwrap()).unwrap();
     } else {
         for w in &words {
