@@ -29,9 +29,11 @@ if ((${#missing[@]})); then
 fi
 command -v cargo >/dev/null || { echo "cargo (Rust 1.95+) is required" >&2; exit 1; }
 
-# The published Python SDK, unpatched, drives the API tests.
+# The published Python SDK, unpatched, drives the API tests; schemathesis
+# fuzzes the server from its /openapi.json (4.32.5 verified on Python 3.11).
 SDK_VENV=${NULLSPACE_SDK_VENV:-$(dirname "$0")/../target/sdk-venv}
-if [ ! -x "$SDK_VENV/bin/python" ] || ! "$SDK_VENV/bin/python" -c 'import nullspace' 2>/dev/null; then
+if [ ! -x "$SDK_VENV/bin/python" ] || ! "$SDK_VENV/bin/python" -c 'import nullspace' 2>/dev/null \
+  || [ ! -x "$SDK_VENV/bin/schemathesis" ]; then
   python3 -m venv "$SDK_VENV"
-  "$SDK_VENV/bin/pip" install -q 'nullspace-sdk==0.1.9'
+  "$SDK_VENV/bin/pip" install -q 'nullspace-sdk==0.1.9' 'schemathesis==4.32.5'
 fi

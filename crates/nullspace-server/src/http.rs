@@ -10,71 +10,246 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use nullspace_store::{BuildFilter, Caller};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use schemars::{Schema, SchemaGenerator};
+use serde_json::Value;
 
 use crate::builds::{self, is_terminal};
 use crate::error::{ApiError, ApiResult};
 use crate::model::*;
+use crate::openapi::{Op, QueryKind, QueryParam, Route};
 use crate::state::Shared;
 use crate::templates;
 use crate::validate;
 
+/// Every route, documented: `router()` and `/openapi.json` are both built
+/// from this table, so neither can have a path the other lacks.
+pub fn routes() -> Vec<Route> {
+    const LOGS: &[QueryParam] = &[OFFSET, CURSOR_OFFSET, FOLLOW];
+    const HISTORY: &[QueryParam] = &[LIMIT, CURSOR_PAGE, STATUS, BACKEND, SOURCE_TYPE];
+    const FIELDS_ONLY: &[QueryParam] = &[FIELDS];
+    vec![
+        Op::post("/v1/templates/builds", "Start a background template build")
+            .body::<BuildRequest>()
+            .reply::<BuildRecord>(202)
+            .to(build_background),
+        Op::post(
+            "/v1/templates/build",
+            "Build and stream structured log entries (SSE) until `end`",
+        )
+        .body::<BuildRequest>()
+        .sse()
+        .to(build_stream),
+        Op::get(
+            "/v1/templates/builds/{build_id}",
+            "Build status and log entries from `offset`",
+        )
+        .query(&[OFFSET])
+        .reply::<BuildStatus>(200)
+        .to(build_status),
+        Op::get(
+            "/v1/templates/builds/{build_id}/logs",
+            "SSE replay of durable log entries (`offset`/`cursor`, `follow`)",
+        )
+        .query(LOGS)
+        .sse()
+        .to(build_logs),
+        Op::post(
+            "/v1/templates/builds/{build_id}/cancel",
+            "Cancel a queued or running build",
+        )
+        .body::<CancelBody>()
+        .reply::<BuildStatus>(200)
+        .to(build_cancel),
+        Op::post(
+            "/v1/templates/builds/{build_id}/retry",
+            "Retry a build from its sanitized persisted definition",
+        )
+        .body::<RetryBody>()
+        .reply::<BuildRecord>(202)
+        .to(build_retry),
+        Op::post(
+            "/v1/templates/builds/{build_id}/promote",
+            "Move a tag to a ready build",
+        )
+        .body::<PromoteBody>()
+        .reply::<TemplateInfo>(200)
+        .to(build_promote),
+        Op::post("/v1/templates/validate", "Validate a build request")
+            .body::<BuildRequest>()
+            .reply::<ValidateResult>(200)
+            .to(validate_request),
+        Op::post("/v1/templates/plan", "Backend-neutral build plan")
+            .body::<BuildRequest>()
+            .reply_with(200, plan_schema)
+            .to(plan_request),
+        Op::get("/v1/templates", "List templates")
+            .query(FIELDS_ONLY)
+            .reply_with(200, template_list_schema)
+            .to(list_templates),
+        Op::post(
+            "/v1/templates",
+            "Deprecated blocking create: waits for the build",
+        )
+        .body::<BuildRequest>()
+        .reply::<TemplateInfo>(200)
+        .to(build_blocking_deprecated),
+        Op::get("/v1/templates/refs/{ref}", "Get a template")
+            .query(FIELDS_ONLY)
+            .reply_with(200, template_masked_schema)
+            .to(template_get),
+        Op::delete("/v1/templates/refs/{ref}", "Delete a template").to(template_delete),
+        Op::get("/v1/templates/refs/{ref}/builds", "Build history")
+            .query(HISTORY)
+            .reply::<BuildPage>(200)
+            .to(ref_builds),
+        Op::get(
+            "/v1/templates/{template_id}/builds",
+            "Build history by template id",
+        )
+        .query(HISTORY)
+        .reply::<BuildPage>(200)
+        .to(ref_builds),
+        Op::get("/v1/templates/refs/{ref}/tags", "List tags")
+            .reply_list::<TagEntry>()
+            .to(tags_get),
+        Op::post("/v1/templates/refs/{ref}/tags", "Assign tags")
+            .body::<TagsBody>()
+            .reply::<TemplateInfo>(200)
+            .to(tags_assign),
+        Op::delete("/v1/templates/refs/{ref}/tags/{tag}", "Remove a tag").to(tag_remove),
+        Op::get("/v1/templates/refs/{ref}/aliases", "List aliases")
+            .reply_list::<AliasEntry>()
+            .to(aliases_get),
+        Op::delete(
+            "/v1/templates/refs/{ref}/aliases/{alias}",
+            "Remove an alias",
+        )
+        .to(alias_remove),
+        Op::post(
+            "/v1/templates/refs/{ref}/rename",
+            "Rename (the old name becomes an alias)",
+        )
+        .body::<RenameBody>()
+        .reply::<TemplateInfo>(200)
+        .to(template_rename),
+        Op::patch("/v1/templates/refs/{ref}/visibility", "Set visibility")
+            .body::<VisibilityBody>()
+            .reply::<TemplateInfo>(200)
+            .to(template_visibility),
+        Op::post(
+            "/v1/templates/blobs/preflight",
+            "Announce context files; answers which blobs are missing",
+        )
+        .body::<PreflightBody>()
+        .reply::<PreflightResult>(200)
+        .to(blobs_preflight),
+        Op::put("/v1/templates/blobs/{blob_id}", "Upload a context blob")
+            .bytes()
+            .to(blob_put),
+        Op::post("/v1/templates/claims", "Reserve a template name")
+            .body::<ClaimBody>()
+            .reply::<NameClaim>(201)
+            .to(claim_create),
+        Op::delete("/v1/templates/claims/{token}", "Release a name claim").to(claim_release),
+        Op::get("/v1/templates/namespaces/{slug}", "Get a namespace")
+            .reply::<NamespaceInfo>(200)
+            .to(namespace_get),
+        Op::get("/openapi.json", "This document")
+            .public()
+            .reply_with(200, any_object_schema)
+            .to(crate::openapi::document),
+        Op::get("/healthz", "Liveness: `ok`")
+            .public()
+            .text()
+            .to(|| async { "ok" }),
+    ]
+}
+
 pub fn router(state: Shared) -> Router {
-    let v1 = Router::new()
-        .route(
-            "/templates",
-            get(list_templates).post(build_blocking_deprecated),
-        )
-        .route("/templates/build", post(build_stream))
-        .route("/templates/builds", post(build_background))
-        .route("/templates/builds/{id}", get(build_status))
-        .route("/templates/builds/{id}/logs", get(build_logs))
-        .route("/templates/builds/{id}/cancel", post(build_cancel))
-        .route("/templates/builds/{id}/retry", post(build_retry))
-        .route("/templates/builds/{id}/promote", post(build_promote))
-        .route("/templates/validate", post(validate_request))
-        .route("/templates/plan", post(plan_request))
-        .route("/templates/blobs/preflight", post(blobs_preflight))
-        .route("/templates/blobs/{blob_id}", put(blob_put))
-        .route("/templates/claims", post(claim_create))
-        .route(
-            "/templates/claims/{token}",
-            axum::routing::delete(claim_release),
-        )
-        .route("/templates/namespaces/{slug}", get(namespace_get))
-        .route(
-            "/templates/refs/{r}",
-            get(template_get).delete(template_delete),
-        )
-        .route("/templates/refs/{r}/builds", get(ref_builds))
-        .route("/templates/{id}/builds", get(ref_builds))
-        .route("/templates/refs/{r}/tags", get(tags_get).post(tags_assign))
-        .route(
-            "/templates/refs/{r}/tags/{tag}",
-            axum::routing::delete(tag_remove),
-        )
-        .route("/templates/refs/{r}/aliases", get(aliases_get))
-        .route(
-            "/templates/refs/{r}/aliases/{alias}",
-            axum::routing::delete(alias_remove),
-        )
-        .route("/templates/refs/{r}/rename", post(template_rename))
-        .route(
-            "/templates/refs/{r}/visibility",
-            axum::routing::patch(template_visibility),
-        )
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
-        .nest("/v1", v1)
-        .route("/openapi.json", get(crate::openapi::document))
-        .route("/healthz", get(|| async { "ok" }))
+    let mut authed = Router::new();
+    let mut public = Router::new();
+    for Route { op, handler } in routes() {
+        let r = if op.auth { &mut authed } else { &mut public };
+        *r = std::mem::take(r).route(op.path, handler);
+    }
+    authed
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .merge(public)
         // Context blobs are streamed to disk; JSON bodies are bounded.
         .layer(DefaultBodyLimit::max(64 << 20))
         .with_state(state)
+}
+
+// ---- query parameters (documented and parsed from the same lists) ----------
+
+const OFFSET: QueryParam = QueryParam {
+    name: "offset",
+    description: "First log entry to return (0-based)",
+    kind: QueryKind::Offset,
+};
+const CURSOR_OFFSET: QueryParam = QueryParam {
+    name: "cursor",
+    description: "Alias of `offset` for reconnecting clients; `offset` wins",
+    kind: QueryKind::Offset,
+};
+const FOLLOW: QueryParam = QueryParam {
+    name: "follow",
+    description: "Keep streaming new entries until the build is terminal",
+    kind: QueryKind::Bool,
+};
+const LIMIT: QueryParam = QueryParam {
+    name: "limit",
+    description: "Page size (default 20)",
+    kind: QueryKind::Range(1, 100),
+};
+const CURSOR_PAGE: QueryParam = QueryParam {
+    name: "cursor",
+    description: "`next_cursor` of the previous page",
+    kind: QueryKind::Text,
+};
+const BUILD_STATUSES: &[&str] = &["waiting", "building", "ready", "error", "cancelled"];
+const BACKENDS: &[&str] = &["native", "buildkit", "buildah"];
+const SOURCE_TYPES: &[&str] = &["declarative", "dockerfile", "oci_import", "template_base"];
+const STATUS: QueryParam = QueryParam {
+    name: "status",
+    description: "Only builds with this status",
+    kind: QueryKind::OneOf(BUILD_STATUSES),
+};
+const BACKEND: QueryParam = QueryParam {
+    name: "backend",
+    description: "Only builds run by this backend",
+    kind: QueryKind::OneOf(BACKENDS),
+};
+const SOURCE_TYPE: QueryParam = QueryParam {
+    name: "source_type",
+    description: "Only builds of this source type",
+    kind: QueryKind::OneOf(SOURCE_TYPES),
+};
+const FIELDS: QueryParam = QueryParam {
+    name: "fields",
+    description: "Comma-separated keys to keep in each template",
+    kind: QueryKind::Text,
+};
+
+fn plan_schema(_: &mut SchemaGenerator) -> Schema {
+    schemars::json_schema!({"type": "object", "description": "The backend-neutral build plan"})
+}
+
+fn any_object_schema(_: &mut SchemaGenerator) -> Schema {
+    schemars::json_schema!({"type": "object"})
+}
+
+/// A `TemplateInfo`, or with `fields` only the named keys of one.
+fn template_masked_schema(g: &mut SchemaGenerator) -> Schema {
+    let info = serde_json::Value::from(g.subschema_for::<TemplateInfo>());
+    schemars::json_schema!({"anyOf": [info, {"type": "object", "description": "with `fields`: only those keys"}]})
+}
+
+fn template_list_schema(g: &mut SchemaGenerator) -> Schema {
+    let item = serde_json::Value::from(template_masked_schema(g));
+    schemars::json_schema!({"type": "array", "items": item})
 }
 
 async fn auth(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
@@ -191,12 +366,12 @@ async fn build_status(
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    let offset = parse_offset(&q, "offset")?.unwrap_or(0);
+) -> ApiResult<Json<BuildStatus>> {
+    let offset = parse_offset(&q, OFFSET.name)?.unwrap_or(0);
     status_snapshot(&s, &c, &id, offset).await.map(Json)
 }
 
-async fn status_snapshot(s: &Shared, c: &Caller, id: &str, offset: i64) -> ApiResult<Value> {
+async fn status_snapshot(s: &Shared, c: &Caller, id: &str, offset: i64) -> ApiResult<BuildStatus> {
     // Record first, entries second: a terminal status implies every entry.
     let (_, rec) = builds::load(s, c, id).await?;
     let entries = s.store.logs(id, offset).await?;
@@ -205,7 +380,11 @@ async fn status_snapshot(s: &Shared, c: &Caller, id: &str, offset: i64) -> ApiRe
         .iter()
         .filter_map(|e| serde_json::from_str(&e.1).ok())
         .collect();
-    Ok(json!({"build": rec, "entries": entries, "next_offset": next}))
+    Ok(BuildStatus {
+        build: rec,
+        entries,
+        next_offset: next,
+    })
 }
 
 async fn build_logs(
@@ -216,11 +395,11 @@ async fn build_logs(
 ) -> ApiResult<Response> {
     builds::load(&s, &c, &id).await?;
     // `offset` wins over `cursor` (an alias kept for reconnecting clients).
-    let offset = match parse_offset(&q, "offset")? {
+    let offset = match parse_offset(&q, OFFSET.name)? {
         Some(o) => o,
-        None => parse_offset(&q, "cursor")?.unwrap_or(0),
+        None => parse_offset(&q, CURSOR_OFFSET.name)?.unwrap_or(0),
     };
-    let follow = match q.get("follow").map(String::as_str) {
+    let follow = match q.get(FOLLOW.name).map(String::as_str) {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") => true,
         Some(v) => {
@@ -293,27 +472,14 @@ fn tokio_stream_from(
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-#[derive(Deserialize, Default)]
-struct CancelBody {
-    reason: Option<String>,
-}
-
 async fn build_cancel(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
     JsonBody(b): JsonBody<CancelBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<BuildStatus>> {
     builds::cancel(&s, &c, &id, b.reason).await?;
     status_snapshot(&s, &c, &id, 0).await.map(Json)
-}
-
-#[derive(Deserialize, Default)]
-struct RetryBody {
-    tags: Option<Vec<String>>,
-    base_image_auth: Option<Value>,
-    registry_auth: Option<Vec<Value>>,
-    build_secrets: Option<Vec<BuildSecret>>,
 }
 
 async fn build_retry(
@@ -379,11 +545,6 @@ async fn build_retry(
     Ok((StatusCode::ACCEPTED, Json(new)).into_response())
 }
 
-#[derive(Deserialize)]
-struct PromoteBody {
-    tag: String,
-}
-
 async fn build_promote(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
@@ -398,9 +559,9 @@ async fn ref_builds(
     Extension(c): Extension<Caller>,
     Path(r): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<BuildPage>> {
     let (row, _) = templates::resolve(&s, &c, &r, true).await?;
-    let limit = match q.get("limit") {
+    let limit = match q.get(LIMIT.name) {
         None => 20,
         Some(l) => l
             .parse::<i64>()
@@ -419,17 +580,11 @@ async fn ref_builds(
         }
     };
     let filter = BuildFilter {
-        status: enum_param(
-            "status",
-            &["waiting", "building", "ready", "error", "cancelled"],
-        )?,
-        backend: enum_param("backend", &["native", "buildkit", "buildah"])?,
-        source_type: enum_param(
-            "source_type",
-            &["declarative", "dockerfile", "oci_import", "template_base"],
-        )?,
+        status: enum_param(STATUS.name, BUILD_STATUSES)?,
+        backend: enum_param(BACKEND.name, BACKENDS)?,
+        source_type: enum_param(SOURCE_TYPE.name, SOURCE_TYPES)?,
     };
-    let before = match q.get("cursor") {
+    let before = match q.get(CURSOR_PAGE.name) {
         None => None,
         Some(cur) => {
             let (t, id) = cur
@@ -454,7 +609,10 @@ async fn ref_builds(
     } else {
         None
     };
-    Ok(Json(json!({"builds": builds, "next_cursor": next_cursor})))
+    Ok(Json(BuildPage {
+        builds,
+        next_cursor,
+    }))
 }
 
 // ---- validate and plan -----------------------------------------------------
@@ -463,11 +621,19 @@ async fn validate_request(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     JsonBody(req): JsonBody<BuildRequest>,
-) -> Json<Value> {
-    match validate::normalize(&req, &c.namespace, &s.engines) {
-        Ok(n) => Json(json!({"valid": true, "errors": [], "warnings": n.warnings})),
-        Err(issues) => Json(json!({"valid": false, "errors": issues, "warnings": []})),
-    }
+) -> Json<ValidateResult> {
+    Json(match validate::normalize(&req, &c.namespace, &s.engines) {
+        Ok(n) => ValidateResult {
+            valid: true,
+            errors: vec![],
+            warnings: n.warnings,
+        },
+        Err(issues) => ValidateResult {
+            valid: false,
+            errors: issues,
+            warnings: vec![],
+        },
+    })
 }
 
 async fn plan_request(
@@ -489,25 +655,6 @@ async fn plan_request(
 
 // ---- blobs -----------------------------------------------------------------
 
-#[derive(Deserialize)]
-struct PreflightBody {
-    files: Vec<PreflightFile>,
-}
-
-#[derive(Deserialize)]
-struct PreflightFile {
-    path: String,
-    entry_type: String,
-    #[serde(default)]
-    mode: Option<String>,
-    #[serde(default)]
-    sha256: Option<String>,
-    #[serde(default)]
-    size_bytes: Option<i64>,
-    #[serde(default)]
-    force_upload: Option<bool>,
-}
-
 const MAX_BLOB_BYTES: i64 = 1 << 30;
 
 fn upload_error(message: impl Into<String>) -> ApiError {
@@ -518,7 +665,7 @@ async fn blobs_preflight(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     JsonBody(b): JsonBody<PreflightBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PreflightResult>> {
     if b.files.len() > validate::MAX_CONTEXT_FILES {
         return Err(upload_error(format!(
             "at most {} context files",
@@ -528,7 +675,13 @@ async fn blobs_preflight(
     let mut out = Vec::with_capacity(b.files.len());
     for f in &b.files {
         if f.entry_type == "dir" {
-            out.push(json!({"path": f.path, "entry_type": "dir", "mode": f.mode}));
+            out.push(PreflightAnswer {
+                path: f.path.clone(),
+                entry_type: "dir".into(),
+                mode: f.mode.clone(),
+                blob_id: None,
+                missing: None,
+            });
             continue;
         }
         if f.entry_type != "file" {
@@ -566,11 +719,15 @@ async fn blobs_preflight(
                 .put_blob_meta(&c.namespace, &blob_id, sha, size, false)
                 .await?;
         }
-        out.push(
-            json!({"path": f.path, "entry_type": "file", "blob_id": blob_id, "missing": missing}),
-        );
+        out.push(PreflightAnswer {
+            path: f.path.clone(),
+            entry_type: "file".into(),
+            mode: None,
+            blob_id: Some(blob_id),
+            missing: Some(missing),
+        });
     }
-    Ok(Json(json!({"files": out})))
+    Ok(Json(PreflightResult { files: out }))
 }
 
 async fn blob_put(
@@ -670,7 +827,12 @@ async fn list_templates(
     let list = templates::list(&s, &c).await?;
     Ok(Json(Value::Array(
         list.into_iter()
-            .map(|i| mask(serde_json::to_value(i).unwrap_or_default(), q.get("fields")))
+            .map(|i| {
+                mask(
+                    serde_json::to_value(i).unwrap_or_default(),
+                    q.get(FIELDS.name),
+                )
+            })
             .collect(),
     )))
 }
@@ -685,7 +847,7 @@ async fn template_get(
     let info = templates::info(&s, &row).await?;
     Ok(Json(mask(
         serde_json::to_value(info).map_err(ApiError::internal)?,
-        q.get("fields"),
+        q.get(FIELDS.name),
     )))
 }
 
@@ -704,11 +866,6 @@ async fn tags_get(
     Path(r): Path<String>,
 ) -> ApiResult<Json<Value>> {
     templates::tags(&s, &c, &r).await.map(Json)
-}
-
-#[derive(Deserialize)]
-struct TagsBody {
-    tags: Vec<String>,
 }
 
 async fn tags_assign(
@@ -746,11 +903,6 @@ async fn alias_remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-struct RenameBody {
-    new_name: String,
-}
-
 async fn template_rename(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
@@ -758,11 +910,6 @@ async fn template_rename(
     JsonBody(b): JsonBody<RenameBody>,
 ) -> ApiResult<Json<TemplateInfo>> {
     templates::rename(&s, &c, &r, &b.new_name).await.map(Json)
-}
-
-#[derive(Deserialize)]
-struct VisibilityBody {
-    visibility: String,
 }
 
 async fn template_visibility(
@@ -774,11 +921,6 @@ async fn template_visibility(
     templates::set_visibility(&s, &c, &r, &b.visibility)
         .await
         .map(Json)
-}
-
-#[derive(Deserialize)]
-struct ClaimBody {
-    template_ref: String,
 }
 
 async fn claim_create(
@@ -808,16 +950,20 @@ async fn claim_release(
 async fn namespace_get(
     Extension(c): Extension<Caller>,
     Path(slug): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<NamespaceInfo>> {
     if slug == c.namespace {
-        return Ok(Json(
-            json!({"slug": slug, "kind": "user", "is_default": true}),
-        ));
+        return Ok(Json(NamespaceInfo {
+            slug,
+            kind: "user".into(),
+            is_default: true,
+        }));
     }
     if slug == "nullspace" {
-        return Ok(Json(
-            json!({"slug": slug, "kind": "system", "is_default": false}),
-        ));
+        return Ok(Json(NamespaceInfo {
+            slug,
+            kind: "system".into(),
+            is_default: false,
+        }));
     }
     Err(ApiError::new(
         StatusCode::NOT_FOUND,

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -15,7 +16,7 @@ pub fn iso(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 pub struct BuildRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -60,7 +61,7 @@ pub struct BuildRequest {
     pub claim_token: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 pub struct RuntimeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_user: Option<String>,
@@ -72,13 +73,13 @@ pub struct RuntimeConfig {
     pub readiness: Option<Value>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 pub struct BuildContext {
     #[serde(default)]
     pub files: Vec<ContextFile>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 pub struct ContextFile {
     pub path: String,
     pub entry_type: String,
@@ -91,7 +92,7 @@ pub struct ContextFile {
     pub content_base64: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 pub struct BuildConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<i64>,
@@ -103,7 +104,7 @@ pub struct BuildConfig {
     pub disk_mb: Option<i64>,
 }
 
-#[derive(Clone, Default, Deserialize, Serialize)]
+#[derive(Clone, Default, Deserialize, Serialize, JsonSchema)]
 pub struct BuildSecret {
     pub id: String,
     #[serde(default)]
@@ -119,7 +120,7 @@ impl std::fmt::Debug for BuildSecret {
 }
 
 /// `error_detail`: exactly the keys the SDK's strict parser accepts.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct FailureDetail {
     pub code: String,
     pub message: String,
@@ -134,7 +135,7 @@ pub struct FailureDetail {
     pub details: Option<Value>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct CacheSummary {
     pub final_artifact_hits: i64,
     pub final_artifact_misses: i64,
@@ -150,7 +151,7 @@ pub struct CacheSummary {
     pub file_blob_stores: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct RuntimeDefaultsOut {
     pub default_env_keys: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,7 +164,7 @@ pub struct RuntimeDefaultsOut {
     pub readiness: Option<Value>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct OciMetadataOut {
     pub labels: BTreeMap<String, String>,
     pub exposed_ports: Vec<String>,
@@ -172,7 +173,7 @@ pub struct OciMetadataOut {
     pub healthcheck: Option<HealthcheckOut>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct HealthcheckOut {
     pub test: Vec<String>,
     pub interval_ns: Option<i64>,
@@ -182,13 +183,13 @@ pub struct HealthcheckOut {
     pub mapped_readiness: Option<Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct Availability {
     pub status: String,
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct Promotability {
     pub promotable: bool,
     pub status: String,
@@ -196,7 +197,7 @@ pub struct Promotability {
 }
 
 /// The build record (`POST /v1/templates/builds`, status, cancel, retry).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct BuildRecord {
     pub build_id: String,
     pub template_id: String,
@@ -253,7 +254,7 @@ pub struct BuildRecord {
 }
 
 /// A log entry (status `entries[]` and SSE `data:`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct LogEntry {
     pub build_id: String,
     pub template_id: String,
@@ -285,7 +286,7 @@ pub struct LogEntry {
 }
 
 /// TemplateInfo (`end.result`, list/get, tags, visibility, rename, promote).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct TemplateInfo {
     pub id: String,
     pub name: String,
@@ -332,4 +333,167 @@ pub struct Definition {
     /// Whether inline context bytes were dropped (then it cannot retry).
     #[serde(default)]
     pub had_inline_context: bool,
+}
+
+// ---- small request bodies ---------------------------------------------------
+// Read leniently like `BuildRequest`: an empty body is `{}`.
+
+/// `POST /v1/templates/builds/{build_id}/cancel`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+pub struct CancelBody {
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/templates/builds/{build_id}/retry`: fresh credentials and
+/// secrets (old values are never replayed), optionally new tags.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+pub struct RetryBody {
+    pub tags: Option<Vec<String>>,
+    pub base_image_auth: Option<Value>,
+    pub registry_auth: Option<Vec<Value>>,
+    pub build_secrets: Option<Vec<BuildSecret>>,
+}
+
+/// `POST /v1/templates/builds/{build_id}/promote`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct PromoteBody {
+    pub tag: String,
+}
+
+/// `POST /v1/templates/blobs/preflight`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct PreflightBody {
+    pub files: Vec<PreflightFile>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct PreflightFile {
+    pub path: String,
+    /// `file` or `dir`.
+    pub entry_type: String,
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Files: 64 lowercase hex characters.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub size_bytes: Option<i64>,
+    #[serde(default)]
+    pub force_upload: Option<bool>,
+}
+
+/// `POST /v1/templates/refs/{ref}/tags`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct TagsBody {
+    pub tags: Vec<String>,
+}
+
+/// `POST /v1/templates/refs/{ref}/rename`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct RenameBody {
+    pub new_name: String,
+}
+
+/// `PATCH /v1/templates/refs/{ref}/visibility`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct VisibilityBody {
+    /// `private` or `public`.
+    pub visibility: String,
+}
+
+/// `POST /v1/templates/claims`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ClaimBody {
+    pub template_ref: String,
+}
+
+// ---- responses built in `http.rs` and `templates.rs` ------------------------
+
+/// Every error: `code` picks the SDK's exception class.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_detail: Option<FailureDetail>,
+}
+
+/// Build status (`GET /v1/templates/builds/{build_id}`, cancel).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BuildStatus {
+    pub build: BuildRecord,
+    /// Durable log entries from `offset`, as stored.
+    #[schemars(with = "Vec<LogEntry>")]
+    pub entries: Vec<Value>,
+    pub next_offset: i64,
+}
+
+/// A page of build history, newest first.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BuildPage {
+    #[schemars(with = "Vec<BuildRecord>")]
+    pub builds: Vec<Value>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /v1/templates/validate`: always 200; problems are in `errors`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ValidateResult {
+    pub valid: bool,
+    pub errors: Vec<crate::validate::Issue>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PreflightResult {
+    pub files: Vec<PreflightAnswer>,
+}
+
+/// One answer per announced path, in request order.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PreflightAnswer {
+    pub path: String,
+    pub entry_type: String,
+    /// Dirs: echoed from the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Files: where to `PUT` the bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blob_id: Option<String>,
+    /// Files: whether the bytes must be uploaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing: Option<bool>,
+}
+
+/// `GET /v1/templates/refs/{ref}/tags` items (built in `templates.rs`).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TagEntry {
+    pub tag: String,
+    pub build_id: String,
+    pub created_at: String,
+}
+
+/// `GET /v1/templates/refs/{ref}/aliases` items (built in `templates.rs`).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AliasEntry {
+    pub alias_ref: String,
+    pub created_at: String,
+}
+
+/// `POST /v1/templates/claims` (built in `templates.rs`).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct NameClaim {
+    pub claim_token: String,
+    pub canonical_ref: String,
+    pub expires_at: String,
+}
+
+/// `GET /v1/templates/namespaces/{slug}`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct NamespaceInfo {
+    pub slug: String,
+    /// `user` or `system`.
+    pub kind: String,
+    pub is_default: bool,
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::model::BuildRequest;
 use crate::refs::{self, TemplateRef};
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
 pub struct Issue {
     pub code: String,
     pub message: String,
