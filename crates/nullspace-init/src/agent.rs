@@ -87,7 +87,11 @@ pub fn serve(state: State) -> ! {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let mut pfd = libc::pollfd { fd: input.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: input.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let r = unsafe { libc::poll(&mut pfd, 1, 1000) };
         if r <= 0 {
             continue;
@@ -128,7 +132,11 @@ fn handle_line(state: &State, out: &Out, line: &[u8]) {
         Err(_) => return, // resync garbage (e.g. half a line from an old session)
     };
     let id = req.get("id").cloned().unwrap_or(Value::Null);
-    let op = req.get("op").and_then(Value::as_str).unwrap_or("").to_string();
+    let op = req
+        .get("op")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let (state, out) = (state.clone(), out.clone());
     let run = move || {
         let res = match op.as_str() {
@@ -191,7 +199,11 @@ fn argv_of(req: &Value) -> Result<Vec<String>, String> {
     if let Some(a) = req.get("argv").and_then(Value::as_array) {
         return a
             .iter()
-            .map(|x| x.as_str().map(str::to_string).ok_or_else(|| "argv must be strings".to_string()))
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| "argv must be strings".to_string())
+            })
             .collect();
     }
     if let Some(c) = req.get("cmd").and_then(Value::as_str) {
@@ -225,8 +237,20 @@ fn exec(state: &State, out: &Out, id: &Value, req: &Value) -> Result<(), String>
     let done = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
     for (name, r) in [
-        ("stdout", sp.child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>)),
-        ("stderr", sp.child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)),
+        (
+            "stdout",
+            sp.child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
+        (
+            "stderr",
+            sp.child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
     ] {
         let Some(mut r) = r else { continue };
         let (out, id, done) = (out.clone(), id.clone(), done.clone());
@@ -239,13 +263,19 @@ fn exec(state: &State, out: &Out, id: &Value, req: &Value) -> Result<(), String>
                         if done.load(Ordering::SeqCst) {
                             return;
                         }
-                        send(&out, json!({"id": id, "type": name, "data": b64::encode(&b[..n])}));
+                        send(
+                            &out,
+                            json!({"id": id, "type": name, "data": b64::encode(&b[..n])}),
+                        );
                     }
                 }
             }
         }));
     }
-    let timeout = req.get("timeout_ms").and_then(Value::as_u64).map(Duration::from_millis);
+    let timeout = req
+        .get("timeout_ms")
+        .and_then(Value::as_u64)
+        .map(Duration::from_millis);
     let mut timed_out = false;
     let exit = match timeout {
         Some(t) => match sp.exit.recv_timeout(t) {
@@ -274,12 +304,17 @@ fn exec(state: &State, out: &Out, id: &Value, req: &Value) -> Result<(), String>
         Exit::Code(c) => (json!(c), Value::Null),
         Exit::Signal(s) => (Value::Null, json!(s)),
     };
-    send(out, json!({"id": id, "type": "exit", "code": code, "signal": signal, "timed_out": timed_out}));
+    send(
+        out,
+        json!({"id": id, "type": "exit", "code": code, "signal": signal, "timed_out": timed_out}),
+    );
     Ok(())
 }
 
 fn req_str<'a>(req: &'a Value, k: &str) -> Result<&'a str, String> {
-    req.get(k).and_then(Value::as_str).ok_or_else(|| format!("missing {k}"))
+    req.get(k)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("missing {k}"))
 }
 
 fn write_file(req: &Value) -> Result<Value, String> {
@@ -316,7 +351,11 @@ fn read_file(req: &Value) -> Result<Value, String> {
 fn probe(state: &State, req: &Value) -> Result<Value, String> {
     let p = req.get("probe").ok_or("missing probe")?;
     let kind = p.get("kind").and_then(Value::as_str).unwrap_or("");
-    let limit = Duration::from_millis(req.get("timeout_ms").and_then(Value::as_u64).unwrap_or(2000));
+    let limit = Duration::from_millis(
+        req.get("timeout_ms")
+            .and_then(Value::as_u64)
+            .unwrap_or(2000),
+    );
     let host = p.get("host").and_then(Value::as_str).unwrap_or("127.0.0.1");
     let port = p.get("port").and_then(Value::as_u64).unwrap_or(0) as u16;
     let (ready, detail) = match kind {
@@ -329,7 +368,10 @@ fn probe(state: &State, req: &Value) -> Result<Value, String> {
             http_get(host, port, path, limit)
         }
         "command" => {
-            let cmd = p.get("cmd").and_then(Value::as_str).ok_or("command probe needs cmd")?;
+            let cmd = p
+                .get("cmd")
+                .and_then(Value::as_str)
+                .ok_or("command probe needs cmd")?;
             let spec = procs::Spec {
                 argv: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
                 env: BTreeMap::new(),
@@ -387,6 +429,10 @@ fn http_get(host: &str, port: u16, path: &str, limit: Duration) -> (bool, String
     }
     let line = String::from_utf8_lossy(&head);
     let line = line.lines().next().unwrap_or("").to_string();
-    let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let code: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     ((200..400).contains(&code), format!("GET {path}: {line}"))
 }

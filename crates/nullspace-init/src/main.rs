@@ -54,7 +54,10 @@ impl Config {
             workdir: s("workdir").filter(|u| !u.trim().is_empty()),
             start_cmd: s("start_cmd").filter(|u| !u.trim().is_empty()),
             agent_port: s("agent_port").unwrap_or_else(|| "nullspace.agent".into()),
-            probe_only: v.get("probe_only").and_then(Value::as_bool).unwrap_or(false),
+            probe_only: v
+                .get("probe_only")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         }
     }
 }
@@ -81,15 +84,29 @@ fn cstr(s: &str) -> CString {
     CString::new(s).expect("no NUL in path")
 }
 
-fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), String> {
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), String> {
     let (s, t, f, d) = (cstr(src), cstr(target), cstr(fstype), cstr(data));
     let r = unsafe {
         libc::mount(
             s.as_ptr(),
             t.as_ptr(),
-            if fstype.is_empty() { std::ptr::null() } else { f.as_ptr() },
+            if fstype.is_empty() {
+                std::ptr::null()
+            } else {
+                f.as_ptr()
+            },
             flags,
-            if data.is_empty() { std::ptr::null() } else { d.as_ptr() as *const libc::c_void },
+            if data.is_empty() {
+                std::ptr::null()
+            } else {
+                d.as_ptr() as *const libc::c_void
+            },
         )
     };
     if r != 0 {
@@ -103,7 +120,10 @@ fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str
 
 fn mkdir_p(path: &str, mode: u32) {
     use std::os::unix::fs::DirBuilderExt;
-    let _ = std::fs::DirBuilder::new().recursive(true).mode(mode).create(path);
+    let _ = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path);
 }
 
 fn insmod(path: &str) -> Result<(), String> {
@@ -137,10 +157,22 @@ fn stage1() -> Config {
     mkdir_p("/proc", 0o555);
     mkdir_p("/sys", 0o555);
     let _ = mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
-    mount("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "")
-        .unwrap_or_else(|e| fatal(&e));
-    mount("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "")
-        .unwrap_or_else(|e| fatal(&e));
+    mount(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )
+    .unwrap_or_else(|e| fatal(&e));
+    mount(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )
+    .unwrap_or_else(|e| fatal(&e));
 
     let cfg = std::fs::read("/nullspace/config.json")
         .ok()
@@ -198,10 +230,22 @@ fn stage1() -> Config {
 fn stage2(cfg: &Config) {
     mkdir_p("/dev/pts", 0o755);
     mkdir_p("/dev/shm", 0o1777);
-    if let Err(e) = mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "mode=0620,ptmxmode=0666") {
+    if let Err(e) = mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "mode=0620,ptmxmode=0666",
+    ) {
         log(&e);
     }
-    if let Err(e) = mount("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777") {
+    if let Err(e) = mount(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    ) {
         log(&e);
     }
     for (link, target) in [
@@ -284,6 +328,9 @@ fn main() {
             Err(e) => log(&format!("start command failed to start: {e}")),
         }
     }
-    log(&format!("userspace ready in {} ms", boot.elapsed().as_millis()));
+    log(&format!(
+        "userspace ready in {} ms",
+        boot.elapsed().as_millis()
+    ));
     agent::serve(state);
 }

@@ -68,9 +68,8 @@ pub fn start_reaper(state: State) {
     std::thread::spawn(move || {
         loop {
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            let r = unsafe {
-                libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT)
-            };
+            let r =
+                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
             if r != 0 {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 continue;
@@ -153,7 +152,11 @@ pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
         .env_clear()
         .envs(&env)
         .current_dir(&cwd)
-        .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+        .stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let groups = ident.groups.clone();
@@ -178,7 +181,11 @@ pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
     let (tx, rx) = channel();
     let mut reg = state.reg.lock().unwrap();
     let child = cmd.spawn().map_err(|e| {
-        format!("{}: {e} (cwd {cwd}, user {})", spec.argv[0], user.unwrap_or("root"))
+        format!(
+            "{}: {e} (cwd {cwd}, user {})",
+            spec.argv[0],
+            user.unwrap_or("root")
+        )
     })?;
     let pid = child.id() as i32;
     match reg.unclaimed.remove(&pid) {
@@ -231,8 +238,14 @@ pub fn start_command(state: &State, cmd: &str) -> Result<u32, String> {
     drop(st);
     let mut child = sp.child;
     for r in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
     ]
     .into_iter()
     .flatten()

@@ -24,8 +24,15 @@ pub fn resolve(spec: Option<&str>) -> Result<Ident, String> {
     resolve_in(spec, &read("/etc/passwd"), &read("/etc/group"))
 }
 
-pub fn resolve_in(spec: Option<&str>, passwd: &[Vec<String>], group: &[Vec<String>]) -> Result<Ident, String> {
-    let spec = spec.map(str::trim).filter(|s| !s.is_empty()).unwrap_or("root");
+pub fn resolve_in(
+    spec: Option<&str>,
+    passwd: &[Vec<String>],
+    group: &[Vec<String>],
+) -> Result<Ident, String> {
+    let spec = spec
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("root");
     let (user, grp) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -36,9 +43,13 @@ pub fn resolve_in(spec: Option<&str>, passwd: &[Vec<String>], group: &[Vec<Strin
     let (name, uid, mut gid, home) = match entry {
         Some(p) => (
             Some(p[0].clone()),
-            p[2].parse::<u32>().map_err(|_| format!("bad uid in /etc/passwd for {}", p[0]))?,
+            p[2].parse::<u32>()
+                .map_err(|_| format!("bad uid in /etc/passwd for {}", p[0]))?,
             p[3].parse::<u32>().unwrap_or(0),
-            p.get(5).cloned().filter(|h| !h.is_empty()).unwrap_or_else(|| "/".into()),
+            p.get(5)
+                .cloned()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "/".into()),
         ),
         None => match user.parse::<u32>() {
             // A numeric uid need not exist in /etc/passwd.
@@ -51,7 +62,9 @@ pub fn resolve_in(spec: Option<&str>, passwd: &[Vec<String>], group: &[Vec<Strin
     }
     if let Some(g) = grp.filter(|g| !g.is_empty()) {
         gid = match group.iter().find(|e| e.len() >= 3 && e[0] == g) {
-            Some(e) => e[2].parse().map_err(|_| format!("bad gid in /etc/group for {g}"))?,
+            Some(e) => e[2]
+                .parse()
+                .map_err(|_| format!("bad gid in /etc/group for {g}"))?,
             None => g
                 .parse::<u32>()
                 .map_err(|_| format!("group {g:?} not found in /etc/group"))?,
@@ -69,14 +82,22 @@ pub fn resolve_in(spec: Option<&str>, passwd: &[Vec<String>], group: &[Vec<Strin
             }
         }
     }
-    Ok(Ident { name, uid, gid, groups, home })
+    Ok(Ident {
+        name,
+        uid,
+        gid,
+        groups,
+        home,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     fn db(s: &str) -> Vec<Vec<String>> {
-        s.lines().map(|l| l.split(':').map(str::to_string).collect()).collect()
+        s.lines()
+            .map(|l| l.split(':').map(str::to_string).collect())
+            .collect()
     }
     #[test]
     fn forms() {
@@ -85,7 +106,10 @@ mod tests {
         let r = resolve_in(None, &p, &g).unwrap();
         assert_eq!((r.uid, r.gid, r.home.as_str()), (0, 0, "/root"));
         let a = resolve_in(Some("app:app"), &p, &g).unwrap();
-        assert_eq!((a.uid, a.gid, a.groups.clone()), (1000, 1000, vec![1000, 10]));
+        assert_eq!(
+            (a.uid, a.gid, a.groups.clone()),
+            (1000, 1000, vec![1000, 10])
+        );
         let n = resolve_in(Some("1000:10"), &p, &g).unwrap();
         assert_eq!((n.uid, n.gid), (1000, 10));
         let x = resolve_in(Some("4242:4343"), &p, &g).unwrap();

@@ -33,7 +33,10 @@ pub struct ExecRequest {
 
 impl ExecRequest {
     pub fn shell(cmd: &str) -> Self {
-        ExecRequest { cmd: Some(cmd.to_string()), ..Default::default() }
+        ExecRequest {
+            cmd: Some(cmd.to_string()),
+            ..Default::default()
+        }
     }
 }
 
@@ -74,7 +77,12 @@ impl AgentClient {
             }
         };
         let writer = s.try_clone().map_err(VmError::io("agent socket"))?;
-        Ok(AgentClient { path: path.to_path_buf(), reader: BufReader::new(s), writer, next_id: 1 })
+        Ok(AgentClient {
+            path: path.to_path_buf(),
+            reader: BufReader::new(s),
+            writer,
+            next_id: 1,
+        })
     }
 
     pub fn socket_path(&self) -> &Path {
@@ -87,7 +95,9 @@ impl AgentClient {
         req["id"] = json!(id);
         let mut line = req.to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).map_err(|e| VmError::Agent(format!("send: {e}")))?;
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| VmError::Agent(format!("send: {e}")))?;
         Ok(id)
     }
 
@@ -97,7 +107,9 @@ impl AgentClient {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(VmError::Agent("timed out waiting for the guest agent".into()));
+                return Err(VmError::Agent(
+                    "timed out waiting for the guest agent".into(),
+                ));
             }
             self.reader
                 .get_ref()
@@ -117,7 +129,9 @@ impl AgentClient {
                 }
                 Err(e) => return Err(VmError::Agent(format!("recv: {e}"))),
             }
-            let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
             if v.get("id").and_then(Value::as_u64) == Some(id) {
                 return Ok(v);
             }
@@ -132,7 +146,10 @@ impl AgentClient {
         match v.get("type").and_then(Value::as_str) {
             Some("ok") => Ok(v),
             Some("error") => Err(VmError::Agent(
-                v.get("message").and_then(Value::as_str).unwrap_or("error").to_string(),
+                v.get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error")
+                    .to_string(),
             )),
             _ => Err(VmError::Agent(format!("unexpected reply {v}"))),
         }
@@ -157,7 +174,11 @@ impl AgentClient {
         let deadline = Instant::now() + limit;
         let mut r = json!({"op": "exec", "env": req.env});
         if req.argv.is_empty() {
-            r["cmd"] = json!(req.cmd.clone().ok_or_else(|| VmError::Agent("exec: no argv or cmd".into()))?);
+            r["cmd"] = json!(
+                req.cmd
+                    .clone()
+                    .ok_or_else(|| VmError::Agent("exec: no argv or cmd".into()))?
+            );
         } else {
             r["argv"] = json!(req.argv);
         }
@@ -200,7 +221,10 @@ impl AgentClient {
                 }
                 Some("error") => {
                     return Err(VmError::Agent(
-                        v.get("message").and_then(Value::as_str).unwrap_or("exec failed").to_string(),
+                        v.get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or("exec failed")
+                            .to_string(),
                     ));
                 }
                 _ => {}
@@ -217,9 +241,18 @@ impl AgentClient {
         self.exec(&ExecRequest::shell(cmd), limit)
     }
 
-    pub fn write_file(&mut self, path: &str, data: &[u8], mode: u32, limit: Duration) -> Result<(), VmError> {
-        self.call(json!({"op": "write_file", "path": path, "data": B64.encode(data), "mode": mode}), limit)
-            .map(|_| ())
+    pub fn write_file(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        mode: u32,
+        limit: Duration,
+    ) -> Result<(), VmError> {
+        self.call(
+            json!({"op": "write_file", "path": path, "data": B64.encode(data), "mode": mode}),
+            limit,
+        )
+        .map(|_| ())
     }
 
     pub fn read_file(&mut self, path: &str, limit: Duration) -> Result<Vec<u8>, VmError> {
@@ -229,14 +262,21 @@ impl AgentClient {
     }
 
     /// One probe attempt in the guest: `(ready, detail)`.
-    pub fn probe_once(&mut self, probe: Value, attempt_limit: Duration) -> Result<(bool, String), VmError> {
+    pub fn probe_once(
+        &mut self,
+        probe: Value,
+        attempt_limit: Duration,
+    ) -> Result<(bool, String), VmError> {
         let v = self.call(
             json!({"op": "probe", "probe": probe, "timeout_ms": attempt_limit.as_millis() as u64}),
             attempt_limit + Duration::from_secs(10),
         )?;
         Ok((
             v.get("ready").and_then(Value::as_bool).unwrap_or(false),
-            v.get("detail").and_then(Value::as_str).unwrap_or("").to_string(),
+            v.get("detail")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
         ))
     }
 }

@@ -77,10 +77,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.cpio");
         std::fs::write(&p, &bytes).unwrap();
-        if let Ok(out) = std::process::Command::new("cpio").args(["-it", "-F"]).arg(&p).output() {
+        if let Ok(out) = std::process::Command::new("cpio")
+            .args(["-it", "-F"])
+            .arg(&p)
+            .output()
+        {
             if out.status.success() {
                 let list = String::from_utf8_lossy(&out.stdout);
-                assert_eq!(list.lines().collect::<Vec<_>>(), ["dev", "dev/console", "init"]);
+                assert_eq!(
+                    list.lines().collect::<Vec<_>>(),
+                    ["dev", "dev/console", "init"]
+                );
             }
         }
     }

@@ -6,7 +6,10 @@ pub enum VmError {
     /// The VM did not boot or its agent did not answer in time; the VMM
     /// process has been killed.
     #[error("vm_create: {message}")]
-    VmCreate { message: String, console_tail: String },
+    VmCreate {
+        message: String,
+        console_tail: String,
+    },
     /// The image cannot boot as a template (e.g. no /bin/sh).
     #[error("invalid_rootfs: {0}")]
     InvalidRootfs(String),
@@ -25,7 +28,10 @@ pub enum VmError {
     #[error("kernel: {0}")]
     Kernel(String),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 impl VmError {

@@ -4,9 +4,9 @@
 //! a second cpio archive appended at boot (the kernel unpacks concatenated
 //! archives), so the cached part is shared by every template.
 
+use crate::VmError;
 use crate::cpio::CpioWriter;
 use crate::kernel::{GUEST_MODULES, GuestKernel};
-use crate::VmError;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,10 @@ fn find_module(kernel: &GuestKernel, name: &str) -> Result<PathBuf, VmError> {
     let mut stack = vec![kernel.modules_dir.join("kernel")];
     let alt = name.replace('_', "-");
     while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).map_err(VmError::io(d.display().to_string()))?.flatten() {
+        for e in std::fs::read_dir(&d)
+            .map_err(VmError::io(d.display().to_string()))?
+            .flatten()
+        {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
@@ -82,7 +85,10 @@ fn depends(ko: &[u8]) -> Vec<String> {
 }
 
 /// Loads `names` and their dependencies, in load order.
-pub fn modules_in_order(kernel: &GuestKernel, names: &[&str]) -> Result<Vec<(String, Vec<u8>)>, VmError> {
+pub fn modules_in_order(
+    kernel: &GuestKernel,
+    names: &[&str],
+) -> Result<Vec<(String, Vec<u8>)>, VmError> {
     let mut loaded: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut todo: Vec<String> = names.iter().map(|s| s.to_string()).collect();
@@ -119,7 +125,11 @@ pub fn modules_in_order(kernel: &GuestKernel, names: &[&str]) -> Result<Vec<(Str
 }
 
 /// Builds (or reuses) the base initramfs in `cache_dir`; returns its path.
-pub fn build_base(kernel: &GuestKernel, init_bin: &Path, cache_dir: &Path) -> Result<PathBuf, VmError> {
+pub fn build_base(
+    kernel: &GuestKernel,
+    init_bin: &Path,
+    cache_dir: &Path,
+) -> Result<PathBuf, VmError> {
     let init = std::fs::read(init_bin).map_err(VmError::io(init_bin.display().to_string()))?;
     let hash = hex::encode(&Sha256::digest(&init)[..8]);
     std::fs::create_dir_all(cache_dir).map_err(VmError::io(cache_dir.display().to_string()))?;
@@ -131,7 +141,14 @@ pub fn build_base(kernel: &GuestKernel, init_bin: &Path, cache_dir: &Path) -> Re
     let mut w = CpioWriter::new(Vec::new());
     let io = VmError::io("initramfs");
     (|| -> std::io::Result<()> {
-        for d in ["dev", "proc", "sys", "newroot", "nullspace", "nullspace/modules"] {
+        for d in [
+            "dev",
+            "proc",
+            "sys",
+            "newroot",
+            "nullspace",
+            "nullspace/modules",
+        ] {
             w.dir(d, 0o755)?;
         }
         w.char_dev("dev/console", 0o600, 5, 1)?;
@@ -149,7 +166,8 @@ pub fn build_base(kernel: &GuestKernel, init_bin: &Path, cache_dir: &Path) -> Re
     let bytes = w.finish().map_err(VmError::io("initramfs"))?;
     let tmp = tempfile::NamedTempFile::new_in(cache_dir).map_err(VmError::io("initramfs temp"))?;
     std::fs::write(tmp.path(), &bytes).map_err(VmError::io("initramfs write"))?;
-    tmp.persist(&path).map_err(|e| VmError::io("initramfs persist")(e.error))?;
+    tmp.persist(&path)
+        .map_err(|e| VmError::io("initramfs persist")(e.error))?;
     Ok(path)
 }
 
@@ -157,7 +175,8 @@ pub fn build_base(kernel: &GuestKernel, init_bin: &Path, cache_dir: &Path) -> Re
 pub fn write_with_config(base: &Path, config_json: &[u8], out: &Path) -> Result<(), VmError> {
     let mut bytes = std::fs::read(base).map_err(VmError::io(base.display().to_string()))?;
     let mut w = CpioWriter::new(Vec::new());
-    w.file("nullspace/config.json", 0o644, config_json).map_err(VmError::io("config cpio"))?;
+    w.file("nullspace/config.json", 0o644, config_json)
+        .map_err(VmError::io("config cpio"))?;
     bytes.extend(w.finish().map_err(VmError::io("config cpio"))?);
     std::fs::write(out, bytes).map_err(VmError::io(out.display().to_string()))
 }

@@ -12,7 +12,13 @@ pub struct GuestKernel {
 }
 
 /// Modules the initramfs loads (virtio-mmio block + serial).
-pub const GUEST_MODULES: &[&str] = &["virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_console"];
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio",
+    "virtio_ring",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+];
 
 impl GuestKernel {
     /// The newest `/boot/vmlinuz-*-cloud-amd64` with its `/lib/modules`
@@ -26,19 +32,29 @@ impl GuestKernel {
             .flatten()
             .map(|e| e.path())
             .filter(|p| {
-                let n = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+                let n = p
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .to_string();
                 n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
             })
             .collect();
         found.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
         let best = found.pop().ok_or_else(|| {
-            VmError::Kernel("no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)".into())
+            VmError::Kernel(
+                "no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)".into(),
+            )
         })?;
         Self::from_vmlinuz(&best)
     }
 
     pub fn from_vmlinuz(p: &Path) -> Result<GuestKernel, VmError> {
-        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
         let version = name
             .strip_prefix("vmlinuz-")
             .ok_or_else(|| VmError::Kernel(format!("{}: not a vmlinuz-VERSION file", p.display())))?
@@ -48,9 +64,16 @@ impl GuestKernel {
             return Err(VmError::Kernel(format!("{}: missing", p.display())));
         }
         if !modules_dir.is_dir() {
-            return Err(VmError::Kernel(format!("{}: missing", modules_dir.display())));
+            return Err(VmError::Kernel(format!(
+                "{}: missing",
+                modules_dir.display()
+            )));
         }
-        Ok(GuestKernel { version, vmlinuz: p.to_path_buf(), modules_dir })
+        Ok(GuestKernel {
+            version,
+            vmlinuz: p.to_path_buf(),
+            modules_dir,
+        })
     }
 }
 

@@ -44,7 +44,12 @@ pub fn detect_accel(kernel: &GuestKernel, base_initrd: &Path) -> Accel {
         Ok("tcg") => Accel::Tcg,
         Ok("kvm") => Accel::Kvm,
         _ => {
-            if std::fs::File::options().read(true).write(true).open("/dev/kvm").is_err() {
+            if std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_err()
+            {
                 return Accel::Tcg;
             }
             match probe_kvm(kernel, base_initrd) {
@@ -56,14 +61,34 @@ pub fn detect_accel(kernel: &GuestKernel, base_initrd: &Path) -> Accel {
 }
 
 fn probe_kvm(kernel: &GuestKernel, base_initrd: &Path) -> Result<bool, VmError> {
-    let dir = tempfile::Builder::new().prefix("ns-kvmprobe-").tempdir().map_err(VmError::io("tempdir"))?;
+    let dir = tempfile::Builder::new()
+        .prefix("ns-kvmprobe-")
+        .tempdir()
+        .map_err(VmError::io("tempdir"))?;
     let initrd = dir.path().join("initrd");
-    let cfg = GuestConfig { probe_only: true, ..Default::default() };
-    initramfs::write_with_config(base_initrd, &serde_json::to_vec(&cfg).unwrap_or_default(), &initrd)?;
+    let cfg = GuestConfig {
+        probe_only: true,
+        ..Default::default()
+    };
+    initramfs::write_with_config(
+        base_initrd,
+        &serde_json::to_vec(&cfg).unwrap_or_default(),
+        &initrd,
+    )?;
     let log = dir.path().join("console.log");
     let mut child = ChildGuard(Some(
         Command::new(QEMU)
-            .args(["-M", "microvm", "-accel", "kvm", "-m", "128", "-nographic", "-no-reboot", "-kernel"])
+            .args([
+                "-M",
+                "microvm",
+                "-accel",
+                "kvm",
+                "-m",
+                "128",
+                "-nographic",
+                "-no-reboot",
+                "-kernel",
+            ])
             .arg(&kernel.vmlinuz)
             .arg("-initrd")
             .arg(&initrd)
@@ -76,7 +101,10 @@ fn probe_kvm(kernel: &GuestKernel, base_initrd: &Path) -> Result<bool, VmError> 
     ));
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(8) {
-        if std::fs::read_to_string(&log).unwrap_or_default().contains("NULLSPACE_PROBE_OK") {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("NULLSPACE_PROBE_OK")
+        {
             return Ok(true);
         }
         if let Some(c) = child.0.as_mut() {
@@ -86,7 +114,9 @@ fn probe_kvm(kernel: &GuestKernel, base_initrd: &Path) -> Result<bool, VmError> 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(std::fs::read_to_string(&log).unwrap_or_default().contains("NULLSPACE_PROBE_OK"))
+    Ok(std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("NULLSPACE_PROBE_OK"))
 }
 
 /// Kills and reaps the child on drop.
@@ -116,7 +146,11 @@ impl QemuVmm {
         which(QEMU)?;
         let base_initrd = initramfs::build_base(&kernel, init_bin, cache_dir)?;
         let accel = detect_accel(&kernel, &base_initrd);
-        Ok(QemuVmm { kernel, base_initrd, accel })
+        Ok(QemuVmm {
+            kernel,
+            base_initrd,
+            accel,
+        })
     }
 }
 
@@ -156,7 +190,10 @@ pub struct RestoreSpec {
 
 impl Default for RestoreSpec {
     fn default() -> Self {
-        RestoreSpec { work_dir: None, timeout: Duration::from_secs(60) }
+        RestoreSpec {
+            work_dir: None,
+            timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -185,7 +222,7 @@ fn machine_args(meta: &VmMeta, dir: &Path, initrd: &Path, drive: &str) -> Vec<St
             "-initrd".into(),
             initrd.display().to_string(),
             "-append".into(),
-            "console=ttyS0 panic=-1 edd=off quiet".into(),
+            kernel_cmdline(meta.accel),
             "-drive".into(),
             format!("id=rootfs,if=none,{drive}"),
             "-device".into(),
@@ -193,7 +230,10 @@ fn machine_args(meta: &VmMeta, dir: &Path, initrd: &Path, drive: &str) -> Vec<St
             "-device".into(),
             "virtio-serial-device".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={},server=on,wait=off", dir.join("agent.sock").display()),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                dir.join("agent.sock").display()
+            ),
             "-device".into(),
             format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
             "-qmp".into(),
@@ -204,6 +244,32 @@ fn machine_args(meta: &VmMeta, dir: &Path, initrd: &Path, drive: &str) -> Vec<St
     a
 }
 
+/// Under TCG the guest calibrates its TSC against the PIT, which fails when
+/// the host is busy ("tsc: Unable to calibrate against PIT"), and the boot
+/// then hangs. The TCG guest TSC runs at the host's rate: pass it in.
+fn kernel_cmdline(accel: Accel) -> String {
+    let mut c = "console=ttyS0 panic=-1 edd=off".to_string();
+    if accel == Accel::Tcg {
+        if let Some(khz) = host_tsc_khz() {
+            c.push_str(&format!(" tsc_early_khz={khz} tsc=reliable no_timer_check"));
+        }
+    }
+    c
+}
+
+fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -211,7 +277,8 @@ fn tail(s: &str, n: usize) -> String {
 
 impl QemuVm {
     fn spawn(dir: tempfile::TempDir, meta: VmMeta, args: Vec<String>) -> Result<QemuVm, VmError> {
-        let log = std::fs::File::create(dir.path().join("console.log")).map_err(VmError::io("console log"))?;
+        let log = std::fs::File::create(dir.path().join("console.log"))
+            .map_err(VmError::io("console log"))?;
         let log2 = log.try_clone().map_err(VmError::io("console log"))?;
         let child = Command::new(QEMU)
             .args(&args)
@@ -219,8 +286,17 @@ impl QemuVm {
             .stdout(log)
             .stderr(log2)
             .spawn()
-            .map_err(|e| VmError::VmCreate { message: format!("{QEMU}: {e}"), console_tail: String::new() })?;
-        Ok(QemuVm { child: ChildGuard(Some(child)), dir, agent: None, meta, ready_ms: 0 })
+            .map_err(|e| VmError::VmCreate {
+                message: format!("{QEMU}: {e}"),
+                console_tail: String::new(),
+            })?;
+        Ok(QemuVm {
+            child: ChildGuard(Some(child)),
+            dir,
+            agent: None,
+            meta,
+            ready_ms: 0,
+        })
     }
 
     fn fail(&mut self, message: String) -> VmError {
@@ -229,13 +305,18 @@ impl QemuVm {
             let _ = c.kill();
             let _ = c.wait();
         }
-        VmError::VmCreate { message, console_tail: tail(&self.console(), 30) }
+        VmError::VmCreate {
+            message,
+            console_tail: tail(&self.console(), 30),
+        }
     }
 
     fn exited(&mut self) -> Option<String> {
         let c = self.child.0.as_mut()?;
         match c.try_wait() {
-            Ok(Some(st)) => Some(format!("{QEMU} exited ({st}) before the guest agent answered")),
+            Ok(Some(st)) => Some(format!(
+                "{QEMU} exited ({st}) before the guest agent answered"
+            )),
             _ => None,
         }
     }
@@ -261,7 +342,9 @@ impl QemuVm {
         let mut agent = agent;
         let left = deadline.saturating_duration_since(Instant::now());
         if let Err(e) = agent.ping(left) {
-            let m = self.exited().unwrap_or_else(|| format!("guest agent did not answer within the boot limit ({e})"));
+            let m = self.exited().unwrap_or_else(|| {
+                format!("guest agent did not answer within the boot limit ({e})")
+            });
             return Err(self.fail(m));
         }
         self.agent = Some(agent);
@@ -270,7 +353,10 @@ impl QemuVm {
 
     pub fn boot(vmm: &QemuVmm, spec: &BootSpec) -> Result<QemuVm, VmError> {
         let t0 = Instant::now();
-        let dir = tempfile::Builder::new().prefix("ns-vm-").tempdir().map_err(VmError::io("tempdir"))?;
+        let dir = tempfile::Builder::new()
+            .prefix("ns-vm-")
+            .tempdir()
+            .map_err(VmError::io("tempdir"))?;
         let initrd = dir.path().join("initrd.img");
         let cfg = serde_json::to_vec(&spec.config).unwrap_or_default();
         initramfs::write_with_config(&vmm.base_initrd, &cfg, &initrd)?;
@@ -281,8 +367,14 @@ impl QemuVm {
             vcpus: spec.vcpus,
             accel: vmm.accel,
         };
-        let disk = std::fs::canonicalize(&spec.disk).map_err(VmError::io(spec.disk.display().to_string()))?;
-        let args = machine_args(&meta, dir.path(), &initrd, &format!("file={},format=raw", disk.display()));
+        let disk = std::fs::canonicalize(&spec.disk)
+            .map_err(VmError::io(spec.disk.display().to_string()))?;
+        let args = machine_args(
+            &meta,
+            dir.path(),
+            &initrd,
+            &format!("file={},format=raw", disk.display()),
+        );
         let mut vm = QemuVm::spawn(dir, meta, args)?;
         vm.attach_agent(t0 + spec.boot_timeout)?;
         vm.ready_ms = t0.elapsed().as_millis();
@@ -299,7 +391,8 @@ impl QemuVm {
         }
         .map_err(VmError::io("sandbox dir"))?;
         let overlay = dir.path().join("disk.qcow2");
-        let base = std::fs::canonicalize(snap.disk()).map_err(VmError::io(snap.disk().display().to_string()))?;
+        let base = std::fs::canonicalize(snap.disk())
+            .map_err(VmError::io(snap.disk().display().to_string()))?;
         let out = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
             .arg(&base)
@@ -307,7 +400,10 @@ impl QemuVm {
             .output()
             .map_err(VmError::io("qemu-img (install qemu-utils)"))?;
         if !out.status.success() {
-            return Err(VmError::Restore(format!("qemu-img create: {}", String::from_utf8_lossy(&out.stderr))));
+            return Err(VmError::Restore(format!(
+                "qemu-img create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
         }
         let meta = snap.meta.vm.clone();
         let mut args = machine_args(
@@ -318,21 +414,30 @@ impl QemuVm {
         );
         let mem = snap.dir.join("memory.bin");
         args.push("-incoming".into());
-        args.push(format!("exec:cat '{}'", mem.display().to_string().replace('\'', "'\\''")));
+        args.push(format!(
+            "exec:cat '{}'",
+            mem.display().to_string().replace('\'', "'\\''")
+        ));
         let mut vm = QemuVm::spawn(dir, meta, args)?;
         let deadline = t0 + spec.timeout;
         let qmp_path = vm.dir.path().join("qmp.sock");
-        let mut qmp = Qmp::connect(&qmp_path, spec.timeout).map_err(|e| vm.fail(format!("restore: {e}")))?;
+        let mut qmp =
+            Qmp::connect(&qmp_path, spec.timeout).map_err(|e| vm.fail(format!("restore: {e}")))?;
         loop {
             let st = qmp.status().map_err(|e| vm.fail(format!("restore: {e}")))?;
             match st.as_str() {
                 "paused" | "postmigrate" => {
-                    qmp.execute("cont", json!({})).map_err(|e| vm.fail(format!("restore: {e}")))?;
+                    qmp.execute("cont", json!({}))
+                        .map_err(|e| vm.fail(format!("restore: {e}")))?;
                     break;
                 }
                 "running" => break,
                 "inmigrate" | "prelaunch" => {}
-                other => return Err(vm.fail(format!("restore: VM state {other:?} after incoming migration"))),
+                other => {
+                    return Err(vm.fail(format!(
+                        "restore: VM state {other:?} after incoming migration"
+                    )));
+                }
             }
             if Instant::now() > deadline {
                 return Err(vm.fail("restore: incoming migration did not finish in time".into()));
@@ -362,7 +467,10 @@ impl QemuVm {
         let mem = dir.join("memory.bin");
         let mut qmp = Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))?;
         qmp.execute("stop", json!({}))?;
-        let uri = format!("exec:cat > '{}'", mem.display().to_string().replace('\'', "'\\''"));
+        let uri = format!(
+            "exec:cat > '{}'",
+            mem.display().to_string().replace('\'', "'\\''")
+        );
         qmp.execute("migrate", json!({"uri": uri}))?;
         let t = Instant::now();
         loop {
@@ -375,7 +483,9 @@ impl QemuVm {
                 _ => {}
             }
             if t.elapsed() > Duration::from_secs(120) {
-                return Err(VmError::Snapshot("migration did not complete within 120 s".into()));
+                return Err(VmError::Snapshot(
+                    "migration did not complete within 120 s".into(),
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -399,7 +509,9 @@ impl QemuVm {
 
 impl Vm for QemuVm {
     fn agent(&mut self) -> &mut AgentClient {
-        self.agent.as_mut().expect("agent attached after boot/restore")
+        self.agent
+            .as_mut()
+            .expect("agent attached after boot/restore")
     }
 
     fn snapshot(self: Box<Self>, dir: &Path) -> Result<(), VmError> {

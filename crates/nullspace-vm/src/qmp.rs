@@ -29,7 +29,10 @@ impl Qmp {
             .set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(VmError::io("qmp"))?;
         let writer = stream.try_clone().map_err(VmError::io("qmp"))?;
-        let mut q = Qmp { reader: BufReader::new(stream), writer };
+        let mut q = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
         q.read_msg()?; // greeting
         q.execute("qmp_capabilities", json!({}))?;
         Ok(q)
@@ -37,7 +40,10 @@ impl Qmp {
 
     fn read_msg(&mut self) -> Result<Value, VmError> {
         let mut line = String::new();
-        let n = self.reader.read_line(&mut line).map_err(VmError::io("qmp read"))?;
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(VmError::io("qmp read"))?;
         if n == 0 {
             return Err(VmError::Agent("QMP connection closed".into()));
         }
@@ -52,7 +58,9 @@ impl Qmp {
         }
         let mut s = msg.to_string();
         s.push('\n');
-        self.writer.write_all(s.as_bytes()).map_err(VmError::io("qmp write"))?;
+        self.writer
+            .write_all(s.as_bytes())
+            .map_err(VmError::io("qmp write"))?;
         loop {
             let v = self.read_msg()?;
             if let Some(r) = v.get("return") {
@@ -66,6 +74,9 @@ impl Qmp {
 
     pub fn status(&mut self) -> Result<String, VmError> {
         let r = self.execute("query-status", json!({}))?;
-        Ok(r.get("status").and_then(Value::as_str).unwrap_or("").to_string())
+        Ok(r.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string())
     }
 }

@@ -23,7 +23,11 @@ impl Probe {
         if let Some(s) = v.as_str() {
             return Ok(Probe::Command { cmd: s.to_string() });
         }
-        let kind = v.get("kind").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("");
+        let kind = v
+            .get("kind")
+            .or_else(|| v.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let port = || {
             v.get("port")
                 .and_then(Value::as_u64)
@@ -35,7 +39,11 @@ impl Probe {
             "tcp" => Probe::Tcp { port: port()? },
             "http" => Probe::Http {
                 port: port()?,
-                path: v.get("path").and_then(Value::as_str).unwrap_or("/").to_string(),
+                path: v
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .unwrap_or("/")
+                    .to_string(),
             },
             "command" => Probe::Command {
                 cmd: v
@@ -133,9 +141,15 @@ pub fn wait_ready(agent: &mut AgentClient, r: &Readiness) -> Result<ReadyReport,
     let step = r.interval.max(Duration::from_millis(50));
     sleep_watching(agent, r.startup_grace, step)?;
     let Some(probe) = r.probe.guest_json() else {
-        let Probe::Timeout { timeout_ms } = r.probe else { unreachable!() };
+        let Probe::Timeout { timeout_ms } = r.probe else {
+            unreachable!()
+        };
         sleep_watching(agent, Duration::from_millis(timeout_ms), step)?;
-        return Ok(ReadyReport { elapsed: t0.elapsed(), attempts: 0, detail: format!("waited {timeout_ms} ms") });
+        return Ok(ReadyReport {
+            elapsed: t0.elapsed(),
+            attempts: 0,
+            detail: format!("waited {timeout_ms} ms"),
+        });
     };
     let deadline = Instant::now() + r.timeout;
     let mut attempts = 0;
@@ -143,13 +157,23 @@ pub fn wait_ready(agent: &mut AgentClient, r: &Readiness) -> Result<ReadyReport,
         check_start(agent)?;
         attempts += 1;
         let left = deadline.saturating_duration_since(Instant::now());
-        let (ready, detail) = agent.probe_once(probe.clone(), left.clamp(Duration::from_millis(200), Duration::from_secs(5)))?;
+        let (ready, detail) = agent.probe_once(
+            probe.clone(),
+            left.clamp(Duration::from_millis(200), Duration::from_secs(5)),
+        )?;
         if ready {
-            return Ok(ReadyReport { elapsed: t0.elapsed(), attempts, detail });
+            return Ok(ReadyReport {
+                elapsed: t0.elapsed(),
+                attempts,
+                detail,
+            });
         }
         if Instant::now() + step > deadline {
             check_start(agent)?;
-            return Err(VmError::ReadinessTimeout { timeout: r.timeout, last: detail });
+            return Err(VmError::ReadinessTimeout {
+                timeout: r.timeout,
+                last: detail,
+            });
         }
         std::thread::sleep(step);
     }

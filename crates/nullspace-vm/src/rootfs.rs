@@ -10,13 +10,21 @@ fn debugfs(img: &Path, req: &str) -> Result<String, VmError> {
         .arg(img)
         .output()
         .map_err(VmError::io("debugfs (install e2fsprogs)"))?;
-    Ok(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
 }
 
 /// What `path` is in the image after following symlinks (at most 40):
 /// `Some(type)` from debugfs (`regular`, `directory`, …) or `None`.
 pub fn resolve_type(img: &Path, path: &str) -> Result<Option<String>, VmError> {
-    let mut comps: Vec<String> = path.split('/').filter(|c| !c.is_empty()).map(str::to_string).collect();
+    let mut comps: Vec<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .collect();
     comps.reverse();
     let mut cur: Vec<String> = Vec::new();
     let mut hops = 0;
@@ -88,24 +96,39 @@ pub fn check_shell(img: &Path) -> Result<(), VmError> {
 /// Grows the ext4 image to at least `disk_mb` MiB (`truncate` + `resize2fs`).
 pub fn grow(img: &Path, disk_mb: u64) -> Result<(), VmError> {
     let want = disk_mb << 20;
-    let len = std::fs::metadata(img).map_err(VmError::io(img.display().to_string()))?.len();
+    let len = std::fs::metadata(img)
+        .map_err(VmError::io(img.display().to_string()))?
+        .len();
     if len >= want {
         return Ok(());
     }
-    let f = std::fs::OpenOptions::new().write(true).open(img).map_err(VmError::io("grow"))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .map_err(VmError::io("grow"))?;
     f.set_len(want).map_err(VmError::io("grow"))?;
     drop(f);
     let run = |args: &[&str]| -> Result<std::process::Output, VmError> {
-        Command::new(args[0]).args(&args[1..]).arg(img).output().map_err(VmError::io(args[0]))
+        Command::new(args[0])
+            .args(&args[1..])
+            .arg(img)
+            .output()
+            .map_err(VmError::io(args[0]))
     };
     let fsck = run(&["e2fsck", "-fy"])?;
     // 0: clean, 1: fixed. Anything else is a broken image.
     if !matches!(fsck.status.code(), Some(0 | 1)) {
-        return Err(VmError::InvalidRootfs(format!("e2fsck: {}", String::from_utf8_lossy(&fsck.stdout))));
+        return Err(VmError::InvalidRootfs(format!(
+            "e2fsck: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        )));
     }
     let out = run(&["resize2fs"])?;
     if !out.status.success() {
-        return Err(VmError::InvalidRootfs(format!("resize2fs: {}", String::from_utf8_lossy(&out.stderr))));
+        return Err(VmError::InvalidRootfs(format!(
+            "resize2fs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
     Ok(())
 }

@@ -84,8 +84,12 @@ impl Snapshot {
     pub fn open(dir: &Path) -> Result<Snapshot, VmError> {
         let p = dir.join(SNAPSHOT_FILE);
         let b = std::fs::read(&p).map_err(VmError::io(p.display().to_string()))?;
-        let meta = serde_json::from_slice(&b).map_err(|e| VmError::Restore(format!("{}: {e}", p.display())))?;
-        Ok(Snapshot { dir: dir.to_path_buf(), meta })
+        let meta = serde_json::from_slice(&b)
+            .map_err(|e| VmError::Restore(format!("{}: {e}", p.display())))?;
+        Ok(Snapshot {
+            dir: dir.to_path_buf(),
+            meta,
+        })
     }
 }
 
@@ -180,12 +184,19 @@ pub fn build_snapshot(vmm: &QemuVmm, spec: &TemplateSpec, out: &Path) -> Result<
         start: info["start"].clone(),
         disk_bytes: size(disk),
         memory_bytes: size(out.join("memory.bin")),
-        timings_ms: Timings { boot: boot_ms, ready: ready_ms, snapshot: snapshot_ms },
+        timings_ms: Timings {
+            boot: boot_ms,
+            ready: ready_ms,
+            snapshot: snapshot_ms,
+        },
     };
     let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
     std::fs::write(out.join(SNAPSHOT_FILE), json).map_err(VmError::io("snapshot.json"))?;
     guard.1 = true;
-    Ok(Snapshot { dir: out.to_path_buf(), meta })
+    Ok(Snapshot {
+        dir: out.to_path_buf(),
+        meta,
+    })
 }
 
 /// A sandbox from a snapshot: a new QEMU with `-incoming`, a qcow2 overlay

@@ -21,10 +21,16 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| build_fixture().expect("fixture"))
 }
 
-fn import(img: &nullspace_testkit::image::BuiltImage, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+fn import(
+    img: &nullspace_testkit::image::BuiltImage,
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<PathBuf> {
     use nullspace_oci::SourceRef;
     let layout = dir.join(format!("{name}-layout"));
-    nullspace_testkit::image::Layout::create(&layout).image("1", img).finish();
+    nullspace_testkit::image::Layout::create(&layout)
+        .image("1", img)
+        .finish();
     let image = nullspace_oci::Image::resolve(
         &SourceRef::parse(&format!("oci:{}:1", layout.display()))?,
         &Default::default(),
@@ -48,24 +54,46 @@ fn build_fixture() -> anyhow::Result<Fixture> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let init = nullspace_vm::init_binary::locate_or_build(&workspace)?;
     eprintln!("[timing] nullspace-init built in {:?}", t.elapsed());
-    let rootfs = import(&nullspace_testkit::image::demo_image()?, &dir.join("images"), "demo")?;
+    let rootfs = import(
+        &nullspace_testkit::image::demo_image()?,
+        &dir.join("images"),
+        "demo",
+    )?;
     // An image without a shell: just a file.
-    let noshell_img = nullspace_testkit::image::ImageSpec::new(vec![nullspace_testkit::image::Layer::new(
-        nullspace_testkit::image::TarLayer::new().dir("etc", 0o755).file("etc/motd", 0o644, b"hi\n").into_tar(),
-        nullspace_testkit::image::Compression::Gzip,
-    )])
-    .build();
+    let noshell_img =
+        nullspace_testkit::image::ImageSpec::new(vec![nullspace_testkit::image::Layer::new(
+            nullspace_testkit::image::TarLayer::new()
+                .dir("etc", 0o755)
+                .file("etc/motd", 0o644, b"hi\n")
+                .into_tar(),
+            nullspace_testkit::image::Compression::Gzip,
+        )])
+        .build();
     let noshell = import(&noshell_img, &dir.join("images"), "noshell")?;
     let t = Instant::now();
     let vmm = QemuVmm::new(GuestKernel::find()?, &init, &dir.join("cache"))?;
-    eprintln!("[timing] initramfs + accelerator probe: {:?} -> {:?}", t.elapsed(), vmm.accel);
-    Ok(Fixture { vmm, rootfs, noshell, dir })
+    eprintln!(
+        "[timing] initramfs + accelerator probe: {:?} -> {:?}",
+        t.elapsed(),
+        vmm.accel
+    );
+    Ok(Fixture {
+        vmm,
+        rootfs,
+        noshell,
+        dir,
+    })
 }
 
 fn alive(pid: u32) -> bool {
     // A zombie counts as gone: QemuVm reaps on drop, so check state.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -89,11 +117,14 @@ fn template_snapshot_and_two_restored_sandboxes() {
     let mut spec = TemplateSpec::new(&f.rootfs, demo_config(start));
     spec.memory_mb = 256;
     spec.vcpus = 1;
-    spec.disk_mb = Some(64);
+    spec.disk_mb = Some(128);
     let mut r = Readiness::new(Probe::Tcp { port: 8080 });
     r.startup_grace = Duration::from_millis(500);
     spec.readiness = Some(r);
-    let snapdir = tempfile::Builder::new().prefix("ns-snap-").tempdir().unwrap();
+    let snapdir = tempfile::Builder::new()
+        .prefix("ns-snap-")
+        .tempdir()
+        .unwrap();
     let out = snapdir.path().join("snap");
     let t = Instant::now();
     let snap = template::build_snapshot(&f.vmm, &spec, &out).expect("snapshot");
@@ -106,7 +137,7 @@ fn template_snapshot_and_two_restored_sandboxes() {
         snap.meta.memory_bytes >> 20,
         snap.meta.disk_bytes >> 20
     );
-    assert!(snap.meta.disk_bytes >= 64 << 20, "grown to disk_mb");
+    assert!(snap.meta.disk_bytes >= 128 << 20, "grown to disk_mb");
     let start_pid = snap.meta.start["pid"].as_u64().expect("start pid");
     assert!(snap.meta.start["running"].as_bool().unwrap());
 
@@ -118,7 +149,10 @@ fn template_snapshot_and_two_restored_sandboxes() {
         let mut vm = template::restore(&snap, &RestoreSpec::default()).expect("restore");
         let restored = t.elapsed();
         let hi = vm.agent().sh("echo hi", T).unwrap();
-        eprintln!("[timing] sandbox {name}: restore {restored:?}, restore to first exec {:?}", t.elapsed());
+        eprintln!(
+            "[timing] sandbox {name}: restore {restored:?}, restore to first exec {:?}",
+            t.elapsed()
+        );
         assert_eq!(hi.stdout_str(), "hi\n");
         assert!(hi.success());
         sandboxes.push(vm);
@@ -128,28 +162,56 @@ fn template_snapshot_and_two_restored_sandboxes() {
         let a = vm.agent();
         let pid = String::from_utf8(a.read_file("/tmp/pid", T).unwrap()).unwrap();
         let started = String::from_utf8(a.read_file("/tmp/started", T).unwrap()).unwrap();
-        assert_eq!(pid.trim(), start_pid.to_string(), "the pid the start command recorded");
+        assert_eq!(
+            pid.trim(),
+            start_pid.to_string(),
+            "the pid the start command recorded"
+        );
         let info = a.info(T).unwrap();
-        assert_eq!(info["start"]["pid"].as_u64(), Some(start_pid), "start command not restarted");
+        assert_eq!(
+            info["start"]["pid"].as_u64(),
+            Some(start_pid),
+            "start command not restarted"
+        );
         assert_eq!(info["start"]["running"].as_bool(), Some(true));
         // The same process still runs (httpd, exec'd from the start shell).
         let comm = a.sh(&format!("cat /proc/{start_pid}/comm"), T).unwrap();
         assert_eq!(comm.stdout_str().trim(), "httpd");
         // Answers on the port (client inside the guest: no host network).
         let page = a.sh("wget -q -O - http://127.0.0.1:8080/", T).unwrap();
-        assert!(page.stdout_str().contains("hello from a nullspace template"), "{page:?}");
+        assert!(
+            page.stdout_str()
+                .contains("hello from a nullspace template"),
+            "{page:?}"
+        );
         // Runtime defaults apply to agent commands too.
         let who = a.sh("id -u; pwd; echo $GREETING; hostname", T).unwrap();
         assert_eq!(who.stdout_str(), "1000\n/srv\nhello\nnullspace-demo\n");
         seen.push((pid, started));
     }
-    assert_eq!(seen[0], seen[1], "same pid and start time in both sandboxes");
+    assert_eq!(
+        seen[0], seen[1],
+        "same pid and start time in both sandboxes"
+    );
 
     // Disk isolation: a file written (and synced) in one is not in the other.
     let (a, b) = sandboxes.split_at_mut(1);
-    a[0].agent().write_file("/tmp/only-in-a", b"A", 0o644, T).unwrap();
-    assert!(a[0].agent().sh("sync; test -e /tmp/only-in-a", T).unwrap().success());
-    assert!(!b[0].agent().sh("test -e /tmp/only-in-a", T).unwrap().success());
+    a[0].agent()
+        .write_file("/tmp/only-in-a", b"A", 0o644, T)
+        .unwrap();
+    assert!(
+        a[0].agent()
+            .sh("sync; test -e /tmp/only-in-a", T)
+            .unwrap()
+            .success()
+    );
+    assert!(
+        !b[0]
+            .agent()
+            .sh("test -e /tmp/only-in-a", T)
+            .unwrap()
+            .success()
+    );
     assert!(b[0].agent().read_file("/tmp/only-in-a", T).is_err());
 
     // Streaming + exit codes + stdin + root override.
@@ -185,7 +247,10 @@ fn template_snapshot_and_two_restored_sandboxes() {
 #[test]
 fn start_command_that_exits_is_a_readiness_error() {
     let f = fixture();
-    let mut spec = TemplateSpec::new(&f.rootfs, demo_config("echo starting; echo broken >&2; exit 3"));
+    let mut spec = TemplateSpec::new(
+        &f.rootfs,
+        demo_config("echo starting; echo broken >&2; exit 3"),
+    );
     spec.memory_mb = 256;
     spec.vcpus = 1;
     spec.readiness = Some(Readiness::new(Probe::Tcp { port: 8080 }));
@@ -211,7 +276,10 @@ fn probe_that_never_succeeds_times_out() {
     let mut spec = TemplateSpec::new(&f.rootfs, demo_config("exec sleep 1000"));
     spec.memory_mb = 256;
     spec.vcpus = 1;
-    let mut r = Readiness::new(Probe::Http { port: 9999, path: "/health".into() });
+    let mut r = Readiness::new(Probe::Http {
+        port: 9999,
+        path: "/health".into(),
+    });
     r.timeout = Duration::from_secs(3);
     r.startup_grace = Duration::from_millis(200);
     spec.readiness = Some(r);
@@ -254,8 +322,13 @@ fn boot_timeout_kills_the_vm() {
     };
     let before = qemu_pids();
     let t = Instant::now();
-    let err = QemuVm::boot(&f.vmm, &spec).err().expect("boot must time out");
-    eprintln!("[timing] boot timeout reported after {:?}: {err}", t.elapsed());
+    let err = QemuVm::boot(&f.vmm, &spec)
+        .err()
+        .expect("boot must time out");
+    eprintln!(
+        "[timing] boot timeout reported after {:?}: {err}",
+        t.elapsed()
+    );
     assert_eq!(err.code(), "vm_create");
     assert!(t.elapsed() < Duration::from_secs(5));
     let after = qemu_pids();
@@ -267,12 +340,18 @@ fn boot_timeout_kills_the_vm() {
 fn qemu_pids() -> Vec<u32> {
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         if comm.trim() == "qemu-system-x86" && alive(pid) {
             // Only our own children count (other engineers may run VMs).
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat.rsplit(')').next().and_then(|s| s.split_whitespace().nth(1)).unwrap_or("");
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().nth(1))
+                .unwrap_or("");
             if ppid == std::process::id().to_string() {
                 v.push(pid);
             }
