@@ -14,6 +14,9 @@ NULLSPACE_APT_PACKAGES=(
   postgresql        # the shared store, started per test run by the harness
   python3-venv      # the published Python SDK runs in a venv for API tests
   ca-certificates
+  qemu-system-x86   # the microVM VMM (microvm machine; TCG here, KVM when a probe boots)
+  qemu-utils        # qemu-img: a qcow2 overlay per restored sandbox (must match qemu-system's 7.2)
+  linux-image-cloud-amd64  # the guest kernel + the virtio modules the initramfs loads
 )
 
 missing=()

@@ -56,11 +56,11 @@ fn find_port(name: &str) -> Option<String> {
 fn open_port(name: &str) -> File {
     let t = Instant::now();
     loop {
-        if let Some(p) = find_port(name) {
-            if let Ok(f) = File::options().read(true).write(true).open(&p) {
-                crate::log(&format!("agent on {p}"));
-                return f;
-            }
+        if let Some(p) = find_port(name)
+            && let Ok(f) = File::options().read(true).write(true).open(&p)
+        {
+            crate::log(&format!("agent on {p}"));
+            return f;
         }
         if t.elapsed() > Duration::from_secs(10) {
             // Fallback: the first virtio console, in raw mode.

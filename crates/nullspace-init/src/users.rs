@@ -73,12 +73,12 @@ pub fn resolve_in(
     let mut groups = vec![gid];
     if let Some(n) = &name {
         for e in group {
-            if e.len() >= 4 && e[3].split(',').any(|m| m == n) {
-                if let Ok(g) = e[2].parse::<u32>() {
-                    if !groups.contains(&g) {
-                        groups.push(g);
-                    }
-                }
+            if e.len() >= 4
+                && e[3].split(',').any(|m| m == n)
+                && let Ok(g) = e[2].parse::<u32>()
+                && !groups.contains(&g)
+            {
+                groups.push(g);
             }
         }
     }

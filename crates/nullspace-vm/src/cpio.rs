@@ -81,14 +81,13 @@ mod tests {
             .args(["-it", "-F"])
             .arg(&p)
             .output()
+            && out.status.success()
         {
-            if out.status.success() {
-                let list = String::from_utf8_lossy(&out.stdout);
-                assert_eq!(
-                    list.lines().collect::<Vec<_>>(),
-                    ["dev", "dev/console", "init"]
-                );
-            }
+            let list = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                list.lines().collect::<Vec<_>>(),
+                ["dev", "dev/console", "init"]
+            );
         }
     }
 }

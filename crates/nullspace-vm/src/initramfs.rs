@@ -26,10 +26,10 @@ fn find_module(kernel: &GuestKernel, name: &str) -> Result<PathBuf, VmError> {
             }
             let f = e.file_name().to_string_lossy().to_string();
             for ext in [".ko", ".ko.xz", ".ko.zst", ".ko.gz"] {
-                if let Some(stem) = f.strip_suffix(ext) {
-                    if stem == name || stem == alt {
-                        return Ok(p);
-                    }
+                if let Some(stem) = f.strip_suffix(ext)
+                    && (stem == name || stem == alt)
+                {
+                    return Ok(p);
                 }
             }
         }

@@ -40,7 +40,7 @@ impl GuestKernel {
                 n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
             })
             .collect();
-        found.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+        found.sort_by_key(|a| version_key(a));
         let best = found.pop().ok_or_else(|| {
             VmError::Kernel(
                 "no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)".into(),

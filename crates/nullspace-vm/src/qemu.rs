@@ -107,10 +107,10 @@ fn probe_kvm(kernel: &GuestKernel, base_initrd: &Path) -> Result<bool, VmError> 
         {
             return Ok(true);
         }
-        if let Some(c) = child.0.as_mut() {
-            if let Ok(Some(_)) = c.try_wait() {
-                break;
-            }
+        if let Some(c) = child.0.as_mut()
+            && let Ok(Some(_)) = c.try_wait()
+        {
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -209,38 +209,35 @@ pub struct QemuVm {
 fn machine_args(meta: &VmMeta, dir: &Path, initrd: &Path, drive: &str) -> Vec<String> {
     let mut a: Vec<String> = vec!["-M".into(), "microvm".into()];
     a.extend(meta.accel.args().iter().map(|s| s.to_string()));
-    a.extend(
-        [
-            "-m".to_string(),
-            meta.memory_mb.to_string(),
-            "-smp".into(),
-            meta.vcpus.to_string(),
-            "-nographic".into(),
-            "-no-reboot".into(),
-            "-kernel".into(),
-            meta.vmlinuz.display().to_string(),
-            "-initrd".into(),
-            initrd.display().to_string(),
-            "-append".into(),
-            kernel_cmdline(meta.accel),
-            "-drive".into(),
-            format!("id=rootfs,if=none,{drive}"),
-            "-device".into(),
-            "virtio-blk-device,drive=rootfs".into(),
-            "-device".into(),
-            "virtio-serial-device".into(),
-            "-chardev".into(),
-            format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                dir.join("agent.sock").display()
-            ),
-            "-device".into(),
-            format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
-        ]
-        .into_iter(),
-    );
+    a.extend([
+        "-m".to_string(),
+        meta.memory_mb.to_string(),
+        "-smp".into(),
+        meta.vcpus.to_string(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        meta.vmlinuz.display().to_string(),
+        "-initrd".into(),
+        initrd.display().to_string(),
+        "-append".into(),
+        kernel_cmdline(meta.accel),
+        "-drive".into(),
+        format!("id=rootfs,if=none,{drive}"),
+        "-device".into(),
+        "virtio-blk-device,drive=rootfs".into(),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            dir.join("agent.sock").display()
+        ),
+        "-device".into(),
+        format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
+    ]);
     a
 }
 
@@ -249,10 +246,10 @@ fn machine_args(meta: &VmMeta, dir: &Path, initrd: &Path, drive: &str) -> Vec<St
 /// then hangs. The TCG guest TSC runs at the host's rate: pass it in.
 fn kernel_cmdline(accel: Accel) -> String {
     let mut c = "console=ttyS0 panic=-1 edd=off".to_string();
-    if accel == Accel::Tcg {
-        if let Some(khz) = host_tsc_khz() {
-            c.push_str(&format!(" tsc_early_khz={khz} tsc=reliable no_timer_check"));
-        }
+    if accel == Accel::Tcg
+        && let Some(khz) = host_tsc_khz()
+    {
+        c.push_str(&format!(" tsc_early_khz={khz} tsc=reliable no_timer_check"));
     }
     c
 }
