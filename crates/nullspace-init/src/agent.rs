@@ -226,6 +226,7 @@ fn exec(state: &State, out: &Out, id: &Value, req: &Value) -> Result<(), String>
         user: req.get("user").and_then(Value::as_str),
         stdin: stdin_data.is_some(),
         new_session: false,
+        capture: true,
     };
     let mut sp = procs::spawn(state, spec)?;
     let pid = sp.child.id() as i32;
@@ -379,10 +380,11 @@ fn probe(state: &State, req: &Value) -> Result<Value, String> {
                 user: None,
                 stdin: false,
                 new_session: false,
+                capture: false,
             };
             let sp = procs::spawn(state, spec)?;
             let pid = sp.child.id() as i32;
-            drop(sp.child); // pipes closed; output discarded
+            drop(sp.child); // output went to /dev/null
             match sp.exit.recv_timeout(limit) {
                 Ok(Exit::Code(0)) => (true, "exit 0".into()),
                 Ok(e) => (false, format!("{e:?}")),

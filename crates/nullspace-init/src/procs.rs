@@ -106,6 +106,8 @@ pub struct Spec<'a> {
     pub user: Option<&'a str>,
     pub stdin: bool,
     pub new_session: bool,
+    /// Pipe stdout/stderr to the caller; otherwise /dev/null.
+    pub capture: bool,
 }
 
 pub struct Spawned {
@@ -157,8 +159,16 @@ pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(if spec.capture {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(if spec.capture {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
     let groups = ident.groups.clone();
     let (uid, gid) = (ident.uid, ident.gid);
     let new_session = spec.new_session;
@@ -218,6 +228,7 @@ pub fn start_command(state: &State, cmd: &str) -> Result<u32, String> {
         user: None,
         stdin: false,
         new_session: true,
+        capture: true,
     };
     // Hold the start lock so the reaper sees the pid before a fast exit.
     let mut st = state.start.lock().unwrap();

@@ -37,7 +37,7 @@ impl Accel {
 
 static ACCEL: OnceLock<Accel> = OnceLock::new();
 
-/// KVM only if a probe guest boots under it within 8 s; else TCG. Cached
+/// KVM only if a probe guest boots under it within 5 s; else TCG. Cached
 /// per process; `NULLSPACE_VM_ACCEL=tcg|kvm` overrides.
 pub fn detect_accel(kernel: &GuestKernel, base_initrd: &Path) -> Accel {
     *ACCEL.get_or_init(|| match std::env::var("NULLSPACE_VM_ACCEL").as_deref() {
@@ -100,7 +100,7 @@ fn probe_kvm(kernel: &GuestKernel, base_initrd: &Path) -> Result<bool, VmError> 
             .map_err(VmError::io(QEMU))?,
     ));
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(8) {
+    while t.elapsed() < Duration::from_secs(5) {
         if std::fs::read_to_string(&log)
             .unwrap_or_default()
             .contains("NULLSPACE_PROBE_OK")
@@ -445,6 +445,16 @@ impl QemuVm {
         vm.attach_agent(deadline)?;
         vm.ready_ms = t0.elapsed().as_millis();
         Ok(vm)
+    }
+
+    /// Drops the agent connection and connects again (what a host does
+    /// after its own restart; the guest keeps serving across it).
+    pub fn reconnect_agent(&mut self, limit: Duration) -> Result<(), VmError> {
+        self.agent = None;
+        let mut a = AgentClient::connect(&self.dir.path().join("agent.sock"), limit)?;
+        a.ping(limit)?;
+        self.agent = Some(a);
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {

@@ -89,6 +89,26 @@ impl Readiness {
     }
 }
 
+impl Readiness {
+    /// The server's `runtime_config.readiness` object (`kind`, `port`,
+    /// `path`, `command`, `timeout_ms`, plus `timeout_secs`, `interval_ms`,
+    /// `startup_grace_secs` modifiers), or a plain string (command probe).
+    pub fn from_json(v: &Value) -> Result<Readiness, VmError> {
+        let mut r = Readiness::new(Probe::from_json(v)?);
+        let int = |k: &str| v.get(k).and_then(Value::as_u64);
+        if let Some(t) = int("timeout_secs") {
+            r.timeout = Duration::from_secs(t);
+        }
+        if let Some(i) = int("interval_ms") {
+            r.interval = Duration::from_millis(i);
+        }
+        if let Some(g) = int("startup_grace_secs") {
+            r.startup_grace = Duration::from_secs(g);
+        }
+        Ok(r)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ReadyReport {
     pub elapsed: Duration,
@@ -176,5 +196,59 @@ pub fn wait_ready(agent: &mut AgentClient, r: &Readiness) -> Result<ReadyReport,
             });
         }
         std::thread::sleep(step);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_shapes() {
+        let r = Readiness::from_json(&json!({"kind": "command", "command": "test -e /x", "timeout_secs": 30, "interval_ms": 500, "startup_grace_secs": 2})).unwrap();
+        assert_eq!(
+            r.probe,
+            Probe::Command {
+                cmd: "test -e /x".into()
+            }
+        );
+        assert_eq!(
+            (r.timeout, r.interval, r.startup_grace),
+            (
+                Duration::from_secs(30),
+                Duration::from_millis(500),
+                Duration::from_secs(2)
+            )
+        );
+        let r = Readiness::from_json(
+            &json!({"kind": "http", "port": 8080, "path": "/health", "timeout_secs": 5}),
+        )
+        .unwrap();
+        assert_eq!(
+            r.probe,
+            Probe::Http {
+                port: 8080,
+                path: "/health".into()
+            }
+        );
+        assert_eq!(r.timeout, Duration::from_secs(5));
+        assert_eq!(
+            Readiness::from_json(&json!({"kind": "tcp", "port": 1}))
+                .unwrap()
+                .probe,
+            Probe::Tcp { port: 1 }
+        );
+        assert_eq!(
+            Readiness::from_json(&json!({"kind": "timeout", "timeout_ms": 1500}))
+                .unwrap()
+                .probe,
+            Probe::Timeout { timeout_ms: 1500 }
+        );
+        assert_eq!(
+            Readiness::from_json(&json!("true")).unwrap().probe,
+            Probe::Command { cmd: "true".into() }
+        );
+        assert!(Readiness::from_json(&json!({"kind": "tcp"})).is_err());
+        assert!(Readiness::from_json(&json!({"kind": "grpc", "port": 1})).is_err());
     }
 }

@@ -113,6 +113,7 @@ const T: Duration = Duration::from_secs(30);
 #[test]
 fn template_snapshot_and_two_restored_sandboxes() {
     let f = fixture();
+    let tmp_before = tmp_entries();
     let start = "echo $$ > /tmp/pid; date +%s%N > /tmp/started; exec httpd -f -p 8080 -h /srv";
     let mut spec = TemplateSpec::new(&f.rootfs, demo_config(start));
     spec.memory_mb = 256;
@@ -234,6 +235,45 @@ fn template_snapshot_and_two_restored_sandboxes() {
     assert_eq!(out.stderr, b"err\n");
     assert!(chunks >= 2);
 
+    // The guest agent survives the host dropping and reopening the channel.
+    a[0].reconnect_agent(T).unwrap();
+    assert_eq!(
+        a[0].agent().sh("echo again", T).unwrap().stdout_str(),
+        "again\n"
+    );
+
+    // Probe kinds, one attempt each, in the guest.
+    let ag = a[0].agent();
+    for (probe, want) in [
+        (
+            serde_json::json!({"kind": "http", "port": 8080, "path": "/"}),
+            true,
+        ),
+        (
+            serde_json::json!({"kind": "http", "port": 8080, "path": "/missing"}),
+            false,
+        ),
+        (serde_json::json!({"kind": "tcp", "port": 8080}), true),
+        (serde_json::json!({"kind": "tcp", "port": 9}), false),
+        (
+            serde_json::json!({"kind": "command", "cmd": "test -e /tmp/pid"}),
+            true,
+        ),
+        (
+            serde_json::json!({"kind": "command", "cmd": "ps -eo comm= | grep -Fx httpd"}),
+            true,
+        ),
+        (
+            serde_json::json!({"kind": "command", "cmd": "false"}),
+            false,
+        ),
+    ] {
+        let (ready, detail) = ag
+            .probe_once(probe.clone(), Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(ready, want, "{probe}: {detail}");
+    }
+
     // Cleanup: no QEMU, no sandbox dirs left.
     let pids: Vec<u32> = sandboxes.iter().map(|v| v.pid()).collect();
     let dirs: Vec<PathBuf> = sandboxes.iter().map(|v| v.dir().to_path_buf()).collect();
@@ -242,6 +282,22 @@ fn template_snapshot_and_two_restored_sandboxes() {
         assert!(!alive(*pid), "qemu {pid} left running");
         assert!(!dir.exists(), "{} left behind", dir.display());
     }
+    drop(snapdir);
+    let left: Vec<_> = tmp_entries()
+        .into_iter()
+        .filter(|e| !tmp_before.contains(e))
+        .collect();
+    assert!(left.is_empty(), "temp files left: {left:?}");
+}
+
+/// Our temp dirs in the system temp dir (`ns-vm-`, `ns-sbx-`, `ns-snap-`, `ns-kvmprobe-`).
+fn tmp_entries() -> Vec<String> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("ns-"))
+        .collect()
 }
 
 #[test]
