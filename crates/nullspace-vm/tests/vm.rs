@@ -115,9 +115,8 @@ fn template_snapshot_and_two_restored_sandboxes() {
     let f = fixture();
     let tmp_before = tmp_entries();
     let start = "echo $$ > /tmp/pid; date +%s%N > /tmp/started; exec httpd -f -p 8080 -h /srv";
+    // The spec's default build VM: 2 vCPUs, 512 MiB.
     let mut spec = TemplateSpec::new(&f.rootfs, demo_config(start));
-    spec.memory_mb = 256;
-    spec.vcpus = 1;
     spec.disk_mb = Some(128);
     let mut r = Readiness::new(Probe::Tcp { port: 8080 });
     r.startup_grace = Duration::from_millis(500);
