@@ -215,11 +215,21 @@ pub async fn create(
             "{}/{}:{}",
             caller.namespace,
             n.name,
-            if n.tags.iter().any(|t| t == "default") { "default" } else { n.tags[0].as_str() }
+            if n.tags.iter().any(|t| t == "default") {
+                "default"
+            } else {
+                n.tags[0].as_str()
+            }
         ),
         namespace_slug: caller.namespace.clone(),
         visibility: info.visibility.clone(),
-        build_backend: n.backend.clone(),
+        // The published SDK parses this as native|buildkit only: any
+        // Dockerfile engine reports as `buildkit`; `engine` says which ran.
+        build_backend: if n.backend == "native" {
+            "native".into()
+        } else {
+            "buildkit".into()
+        },
         source_type: n.source_type.into(),
         source_digest: Some(sha256_json(&def.request)),
         context_digest: req.build_context.as_ref().map(|c| {
@@ -277,7 +287,7 @@ pub async fn create(
         template_id,
         status: rec.status.clone(),
         source_type: rec.source_type.clone(),
-        backend: rec.build_backend.clone(),
+        backend: n.backend.clone(),
         created_at: now_ms(),
         record: serde_json::to_string(&rec).map_err(ApiError::internal)?,
         definition: serde_json::to_string(&def).map_err(ApiError::internal)?,
@@ -379,8 +389,22 @@ pub async fn fail(
     retryable: bool,
     action: &str,
 ) {
+    fail_with(state, rec, "build_error", phase, message, retryable, action).await
+}
+
+/// Terminal failure with an explicit `error_detail.code` (the SDK picks the
+/// exception class from it).
+pub async fn fail_with(
+    state: &Shared,
+    rec: &mut BuildRecord,
+    code: &str,
+    phase: &str,
+    message: &str,
+    retryable: bool,
+    action: &str,
+) {
     let detail = FailureDetail {
-        code: "build_error".into(),
+        code: code.into(),
         message: message.to_string(),
         phase: phase.into(),
         retryable,
@@ -557,7 +581,18 @@ async fn run(state: &Shared, id: &str) {
     let outcome = execute(state, &mut rec, &def, &secrets, &cancel).await;
     drop(secrets);
     match outcome {
-        Ok(manifest) => finish_ready(state, &mut rec, manifest).await,
+        Ok((manifest, cache_key)) => {
+            finish_ready(state, &mut rec, manifest).await;
+            if let Some(key) = cache_key
+                && rec.status == "ready"
+                && let Err(e) = state
+                    .store
+                    .cache_put(&rec.namespace_slug, &key, &rec.build_id)
+                    .await
+            {
+                tracing::warn!(build = %rec.build_id, "final-artifact cache store failed: {e}");
+            }
+        }
         Err(Failure::Cancelled) => {
             // The cancel request was recorded by another task: keep it.
             if let Ok(Some(row)) = state.store.build(id).await
@@ -574,7 +609,8 @@ async fn run(state: &Shared, id: &str) {
             message,
             retryable,
             action,
-        }) => fail(state, &mut rec, phase, &message, retryable, action).await,
+            code,
+        }) => fail_with(state, &mut rec, code, phase, &message, retryable, action).await,
     }
     tracing::info!(build = %rec.build_id, status = %rec.status, phase = ?rec.failure_phase, "build finished");
     state.cancels.lock().expect("cancel lock").remove(id);
@@ -588,6 +624,8 @@ enum Failure {
         message: String,
         retryable: bool,
         action: &'static str,
+        /// `build_error`, or `file_upload_error` for context failures.
+        code: &'static str,
     },
 }
 
@@ -602,6 +640,7 @@ fn failed(
         message: message.into(),
         retryable,
         action,
+        code: "build_error",
     }
 }
 
@@ -611,7 +650,7 @@ async fn execute(
     def: &Definition,
     secrets: &RunSecrets,
     cancel: &Arc<AtomicBool>,
-) -> Result<ArtifactManifest, Failure> {
+) -> Result<(ArtifactManifest, Option<String>), Failure> {
     let req = &def.request;
     let ns = rec.namespace_slug.clone();
     let n = validate::normalize(req, &ns, &state.engines).map_err(|i| {
@@ -625,50 +664,124 @@ async fn execute(
             "fix the request",
         )
     })?;
-    if !n.steps.is_empty() {
-        return Err(failed(
-            "prepare",
-            format!(
-                "{} declarative step(s) need the build VM or a Dockerfile engine, which this server does not have yet",
-                n.steps.len()
-            ),
-            false,
-            "build from an image without steps, or use a server with a build VM",
-        ));
-    }
-    let base = match &n.base {
-        Base::Dockerfile => {
+    let engine_path = matches!(n.base, Base::Dockerfile) || !n.steps.is_empty();
+    let mut cache_key = None;
+    let base = if engine_path {
+        if n.backend == "native" {
             return Err(failed(
                 "prepare",
-                "this server has no Dockerfile engine configured (buildkit or buildah)",
+                format!(
+                    "{} declarative step(s) with the native backend need the build VM, which this server does not have yet",
+                    n.steps.len()
+                ),
                 false,
-                "build from base_image, or configure a Dockerfile engine",
+                "send build_backend buildah (or buildkit) to run the steps through a Dockerfile engine",
             ));
         }
-        Base::Template(r) => {
-            log(
+        if matches!(n.base, Base::Template(_)) {
+            return Err(failed(
+                "prepare",
+                "declarative steps on a template base need the build VM, which this server does not have yet",
+                false,
+                "build the steps on an OCI base image",
+            ));
+        }
+        let key = final_cache_key(def, &n);
+        if req.skip_cache == Some(true) {
+            rec.cache_summary.final_artifact_bypasses = 1;
+            cache_entry(
                 state,
                 rec,
-                "message",
-                "info",
-                Some("preparing"),
-                format!(
-                    "resolving template {}",
-                    req.base_image.as_deref().unwrap_or_default()
-                ),
+                "final_artifact",
+                "bypass",
+                Some("whole_build_skip_cache"),
+                &key,
             )
             .await;
-            templates::resolve_artifact(state, &ns, r)
-                .await
-                .map_err(|e| failed("prepare", e.message, false, "check the template reference"))?
+        } else if let Some(m) = cached_artifact(state, &ns, &key).await {
+            rec.cache_summary.final_artifact_hits = 1;
+            cache_entry(state, rec, "final_artifact", "hit", None, &key).await;
+            return Ok((with_request_overrides(m, req), None));
+        } else {
+            rec.cache_summary.final_artifact_misses = 1;
+            cache_entry(
+                state,
+                rec,
+                "final_artifact",
+                "miss",
+                Some("missing_or_incompatible"),
+                &key,
+            )
+            .await;
+            cache_key = Some(key);
         }
-        Base::Image(image_ref) => import_image(state, rec, image_ref, req, secrets, cancel).await?,
+        let layout = engine_build(state, rec, def, secrets, cancel, &n).await?;
+        let source = SourceRef::OciDir {
+            path: layout,
+            reference: Some("latest".into()),
+        };
+        let imported = import_source(state, rec, source, None, req, cancel).await;
+        // The engine's work dir (context, output layout) is done with.
+        let _ = std::fs::remove_dir_all(state.work_dir.join(&rec.build_id));
+        imported?
+    } else {
+        match &n.base {
+            Base::Template(r) => {
+                log(
+                    state,
+                    rec,
+                    "message",
+                    "info",
+                    Some("preparing"),
+                    format!(
+                        "resolving template {}",
+                        req.base_image.as_deref().unwrap_or_default()
+                    ),
+                )
+                .await;
+                templates::resolve_artifact(state, &ns, r)
+                    .await
+                    .map_err(|e| {
+                        failed("prepare", e.message, false, "check the template reference")
+                    })?
+            }
+            Base::Image(image_ref) => {
+                log(
+                    state,
+                    rec,
+                    "message",
+                    "info",
+                    Some("preparing"),
+                    format!("resolving {image_ref}"),
+                )
+                .await;
+                let source = SourceRef::parse(image_ref)
+                    .map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
+                if !matches!(source, SourceRef::Registry(_)) {
+                    return Err(failed(
+                        "prepare",
+                        format!("base_image {image_ref:?} must be a registry reference"),
+                        false,
+                        "use a registry reference",
+                    ));
+                }
+                let credentials = basic_credentials(secrets)?;
+                import_source(state, rec, source, credentials, req, cancel).await?
+            }
+            Base::Dockerfile => unreachable!("engine path"),
+        }
     };
     if cancel.load(Ordering::SeqCst) {
         return Err(Failure::Cancelled);
     }
-    // Request runtime settings override the image's.
-    let mut m = base;
+    if cache_key.is_some() {
+        rec.cache_summary.final_artifact_stores = 1;
+    }
+    Ok((with_request_overrides(base, req), cache_key))
+}
+
+/// Request runtime settings override the image's (and the steps').
+fn with_request_overrides(mut m: ArtifactManifest, req: &BuildRequest) -> ArtifactManifest {
     if let Some(rc) = &req.runtime_config {
         if let Some(envs) = &rc.default_envs {
             m.env.extend(envs.clone());
@@ -686,69 +799,347 @@ async fn execute(
     if req.start_cmd.is_some() {
         m.start_cmd = req.start_cmd.clone();
     }
-    Ok(m)
+    m
 }
 
-async fn import_image(
+/// The final-artifact cache key: every input that decides an engine build's
+/// result (source, steps, Dockerfile, context blobs, args, target, backend,
+/// envs, runtime settings, disk size), never names, tags or credentials.
+fn final_cache_key(def: &Definition, n: &Normalized) -> String {
+    let mut r = def.request.clone();
+    r.name = None;
+    r.alias = None;
+    r.tags = None;
+    r.skip_cache = None;
+    r.claim_token = None;
+    if let Some(c) = r.build_config.as_mut() {
+        // Build VM size does not change what an engine produces.
+        c.vcpus = None;
+        c.memory_mib = None;
+    }
+    sha256_json(&json!({"v": 1, "backend": n.backend, "request": r, "secret_ids": def.secret_ids}))
+}
+
+async fn cached_artifact(state: &Shared, ns: &str, key: &str) -> Option<ArtifactManifest> {
+    let build_id = state.store.cache_get(ns, key).await.ok()??;
+    let row = state.store.build(&build_id).await.ok()??;
+    let rec = parse_record(&row).ok()?;
+    if rec.status != "ready" {
+        return None;
+    }
+    let digest = nullspace_digest::Digest::parse(rec.artifact_ids.first()?).ok()?;
+    let bytes = std::fs::read(state.artifacts.path(&digest)).ok()?;
+    let m: ArtifactManifest = serde_json::from_slice(&bytes).ok()?;
+    let rootfs = nullspace_digest::Digest::parse(&m.rootfs).ok()?;
+    state.artifacts.contains(&rootfs).then_some(m)
+}
+
+async fn cache_entry(
+    state: &Shared,
+    rec: &BuildRecord,
+    kind: &str,
+    status: &str,
+    reason: Option<&str>,
+    subject: &str,
+) {
+    let mut e = entry(rec, "cache", "info", format!("{kind} cache {status}"));
+    e.phase = Some("cache".into());
+    e.cache_kind = Some(kind.into());
+    e.cache_status = Some(status.into());
+    e.cache_reason = reason.map(str::to_string);
+    e.cache_subject = Some(subject.to_string());
+    let _ = append(state, e).await;
+}
+
+fn basic_credentials(
+    secrets: &RunSecrets,
+) -> Result<Option<nullspace_oci::auth::Credentials>, Failure> {
+    let Some(a) = &secrets.base_image_auth else {
+        return Ok(None);
+    };
+    let field = |k: &str| {
+        a.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    match a.get("kind").and_then(Value::as_str) {
+        Some("basic") => Ok(Some(nullspace_oci::auth::Credentials {
+            username: field("username"),
+            password: field("password"),
+        })),
+        other => Err(failed(
+            "auth",
+            format!(
+                "base_image_auth kind {} is not supported by this server (basic is)",
+                other.unwrap_or("unknown")
+            ),
+            false,
+            "use basic credentials",
+        )),
+    }
+}
+
+/// Runs blocking work; a cancel stops waiting for it at once (the work's
+/// late result is discarded).
+async fn blocking<T: Send + 'static>(
+    cancel: &Arc<AtomicBool>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Failure> {
+    let mut task = tokio::task::spawn_blocking(f);
+    loop {
+        tokio::select! {
+            r = &mut task => return r.map_err(|e| failed("prepare", format!("worker task failed: {e}"), true, "retry the build")),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(Failure::Cancelled);
+                }
+            }
+        }
+    }
+}
+
+/// Builds the Dockerfile (given, or rendered from the steps) with the
+/// requested engine; returns the OCI layout it produced.
+async fn engine_build(
     state: &Shared,
     rec: &mut BuildRecord,
-    image_ref: &str,
-    req: &BuildRequest,
+    def: &Definition,
     secrets: &RunSecrets,
     cancel: &Arc<AtomicBool>,
-) -> Result<ArtifactManifest, Failure> {
+    n: &Normalized,
+) -> Result<std::path::PathBuf, Failure> {
+    use nullspace_build::context::{ContextEntry, EntrySource, EntryType, materialize};
+    use nullspace_build::engine::{EngineBuild, RegistryCredential};
+    let req = &def.request;
+    let engine = state
+        .engine_list
+        .iter()
+        .find(|e| e.name() == n.backend)
+        .cloned()
+        .ok_or_else(|| {
+            failed(
+                "preflight",
+                format!("engine {} is not available on this server", n.backend),
+                false,
+                "choose an available build_backend",
+            )
+        })?;
+    rec.engine = Some(format!("{} {}", engine.name(), engine.version()));
+    let (dockerfile, bust) = match &n.base {
+        Base::Dockerfile => (req.dockerfile.clone().unwrap_or_default(), None),
+        _ => {
+            let empty = std::collections::BTreeMap::new();
+            let input = nullspace_build::render::RenderInput {
+                base_image: req.base_image.as_deref().unwrap_or_default(),
+                steps: &n.steps,
+                build_envs: req.build_envs.as_ref().unwrap_or(&empty),
+                runtime_envs: req
+                    .runtime_config
+                    .as_ref()
+                    .and_then(|r| r.default_envs.as_ref())
+                    .unwrap_or(&empty),
+            };
+            let r = nullspace_build::render::render(&input)
+                .map_err(|e| failed("preflight", e.to_string(), false, "fix the steps"))?;
+            (r.dockerfile, r.cache_bust_arg)
+        }
+    };
+    // The build context: uploaded blobs (verified at upload) or inline bytes.
+    let mut entries = Vec::new();
+    for f in req.build_context.iter().flat_map(|c| &c.files) {
+        let is_dir = f.entry_type == "dir";
+        let mode = f
+            .mode
+            .as_deref()
+            .and_then(|m| u32::from_str_radix(m, 8).ok())
+            .unwrap_or(if is_dir { 0o755 } else { 0o644 });
+        let source = if is_dir {
+            None
+        } else if let Some(blob) = &f.blob_id {
+            let uploaded = state
+                .store
+                .blob_meta(&rec.namespace_slug, blob)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|m| m.2);
+            let digest = blob
+                .strip_prefix("blob_")
+                .and_then(|h| nullspace_digest::Digest::parse(&format!("sha256:{h}")).ok())
+                .filter(|_| uploaded)
+                .ok_or_else(|| Failure::Failed {
+                    phase: "blob_upload",
+                    message: format!("build_context {:?}: blob {blob} was not uploaded", f.path),
+                    retryable: false,
+                    action: "upload the context again (preflight, then PUT)",
+                    code: "file_upload_error",
+                })?;
+            Some(EntrySource::File(state.artifacts.path(&digest)))
+        } else {
+            // Inline bytes are not persisted: a build created with them and
+            // run later (after a restart) cannot have them.
+            return Err(Failure::Failed {
+                phase: "blob_upload",
+                message: format!(
+                    "build_context {:?}: inline content is not kept for builds; upload it as a blob",
+                    f.path
+                ),
+                retryable: false,
+                action: "upload the context with the blob preflight",
+                code: "file_upload_error",
+            });
+        };
+        entries.push(ContextEntry {
+            path: f.path.clone(),
+            entry_type: if is_dir {
+                EntryType::Dir
+            } else {
+                EntryType::File
+            },
+            mode,
+            source,
+        });
+    }
+    let df_name = if entries.iter().any(|e| e.path == "Dockerfile") {
+        ".nullspace.Dockerfile"
+    } else {
+        "Dockerfile"
+    };
+    let mut creds: Vec<RegistryCredential> = secrets
+        .registry_auth
+        .iter()
+        .filter_map(|a| {
+            let auth = a.get("auth")?;
+            if auth.get("kind")?.as_str()? != "basic" {
+                return None;
+            }
+            Some(RegistryCredential {
+                registry: a.get("registry")?.as_str()?.to_string(),
+                username: auth.get("username")?.as_str()?.to_string(),
+                password: auth.get("password")?.as_str()?.to_string(),
+            })
+        })
+        .collect();
+    if let Some(c) = basic_credentials(secrets)? {
+        let host = match &n.base {
+            Base::Dockerfile => nullspace_build::dockerfile::analyze(
+                &dockerfile,
+                &req.build_args.clone().unwrap_or_default(),
+            )
+            .map_err(|e| failed("preflight", e.to_string(), false, "fix the Dockerfile"))?
+            .base_image_auth_host(&|r: &str| r.starts_with("tmpl_") || r.starts_with("nullspace/"))
+            .map_err(|e| {
+                failed(
+                    "preflight",
+                    format!("base_image_auth: {e}"),
+                    false,
+                    "use registry_auth per registry instead",
+                )
+            })?,
+            _ => nullspace_build::dockerfile::registry_host(
+                req.base_image.as_deref().unwrap_or_default(),
+            ),
+        };
+        creds.push(RegistryCredential {
+            registry: host,
+            username: c.username,
+            password: c.password,
+        });
+    }
+    let mut args = req.build_args.clone().unwrap_or_default();
+    if let Some(b) = bust {
+        args.insert(b, rec.build_id.clone());
+    }
+    let build_secrets: Vec<(String, String)> = secrets
+        .build_secrets
+        .iter()
+        .map(|s| (s.id.clone(), s.value.clone().unwrap_or_default()))
+        .collect();
+    let network = req.build_config.as_ref().and_then(|c| c.internet_access) != Some(false);
+    let target = req.target.clone();
+    let work = state.work_dir.join(&rec.build_id);
+    let ctx = work.join("context");
+    let out = work.join("engine-out");
+    let handle = tokio::runtime::Handle::current();
+    let st = state.clone();
+    let log_rec = rec.clone();
+    let flag = cancel.clone();
     log(
         state,
         rec,
         "message",
         "info",
-        Some("preparing"),
-        format!("resolving {image_ref}"),
+        Some("step"),
+        format!(
+            "building with {} ({} context entries)",
+            rec.engine.as_deref().unwrap_or_default(),
+            entries.len()
+        ),
     )
     .await;
-    let source = SourceRef::parse(image_ref)
-        .map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
-    if !matches!(source, SourceRef::Registry(_)) {
-        return Err(failed(
-            "prepare",
-            format!("base_image {image_ref:?} must be a registry reference"),
+    let result = blocking(cancel, move || -> Result<std::path::PathBuf, String> {
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&ctx).map_err(|e| e.to_string())?;
+        materialize(&ctx, &entries).map_err(|e| format!("context:{e}"))?;
+        std::fs::write(ctx.join(df_name), &dockerfile).map_err(|e| e.to_string())?;
+        let forward = |line: &str| {
+            let mut e = entry(&log_rec, "message", "info", line.to_string());
+            e.phase = Some("step".into());
+            let _ = handle.block_on(append(&st, e));
+        };
+        let mut b = EngineBuild::new(&ctx, &out, &forward);
+        b.dockerfile = df_name;
+        b.build_args = args;
+        b.target = target;
+        b.secrets = build_secrets;
+        b.network = network;
+        b.registry_auth = creds;
+        b.cancel = Some(flag);
+        let output = engine.build(&b).map_err(|e| e.to_string())?;
+        Ok(output.layout_dir)
+    })
+    .await?;
+    match result {
+        Ok(layout) => Ok(layout),
+        Err(e) if cancel.load(Ordering::SeqCst) => {
+            let _ = e;
+            Err(Failure::Cancelled)
+        }
+        Err(e) if e.starts_with("context:") => Err(Failure::Failed {
+            phase: "blob_upload",
+            message: e["context:".len()..].to_string(),
+            retryable: false,
+            action: "fix the build context",
+            code: "file_upload_error",
+        }),
+        Err(e) => Err(failed(
+            "build_step",
+            e,
             false,
-            "use a registry reference",
-        ));
+            "fix the Dockerfile or steps; see the log",
+        )),
     }
-    let credentials = match &secrets.base_image_auth {
-        None => None,
-        Some(a) if a.get("kind").and_then(Value::as_str) == Some("basic") => {
-            Some(nullspace_oci::auth::Credentials {
-                username: a
-                    .get("username")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-                password: a
-                    .get("password")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-            })
-        }
-        Some(a) => {
-            let kind = a.get("kind").and_then(Value::as_str).unwrap_or("unknown");
-            return Err(failed(
-                "auth",
-                format!("base_image_auth kind {kind} is not supported by this server (basic is)"),
-                false,
-                "use basic credentials",
-            ));
-        }
-    };
+}
+
+async fn import_source(
+    state: &Shared,
+    rec: &mut BuildRecord,
+    source: SourceRef,
+    credentials: Option<nullspace_oci::auth::Credentials>,
+    req: &BuildRequest,
+    cancel: &Arc<AtomicBool>,
+) -> Result<ArtifactManifest, Failure> {
     let opts = ResolveOptions {
         platform: None,
         credentials,
         insecure_registries: state.config.insecure_registries.clone(),
     };
-    let work = state.work_dir.join(&rec.build_id);
-    let cache_dir = if req.skip_cache == Some(true) {
+    let work = state.work_dir.join(format!("{}-import", rec.build_id));
+    // Only registry layers are worth caching: an engine's output layout is
+    // unique to its build (the engine keeps its own layer cache), and caching
+    // it would keep another copy of whatever the build wrote.
+    let cache_dir = if req.skip_cache == Some(true) || !matches!(source, SourceRef::Registry(_)) {
         None
     } else {
         Some(state.cache_dir.clone())

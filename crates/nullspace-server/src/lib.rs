@@ -38,6 +38,21 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
     let artifacts = Artifacts::open(&config.data_dir.join("artifacts"))?;
     let work_dir = config.data_dir.join("work");
     std::fs::create_dir_all(&work_dir)?;
+    let mut engine_config =
+        nullspace_build::engine::EngineConfig::new(config.data_dir.join("engines"));
+    engine_config.buildkit_addr = config.buildkit_addr.clone();
+    let engine_list: Vec<Arc<dyn nullspace_build::engine::DockerfileEngine>> =
+        nullspace_build::engine::detect(&engine_config)
+            .into_iter()
+            .map(Arc::from)
+            .collect();
+    for e in &engine_list {
+        tracing::info!(
+            engine = e.name(),
+            version = e.version(),
+            "Dockerfile engine available"
+        );
+    }
     let state = Arc::new(AppState {
         cache_dir: config.data_dir.join("cache"),
         work_dir,
@@ -45,7 +60,10 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
         store,
         artifacts,
         hub: Default::default(),
-        engines: Default::default(),
+        engines: validate::Engines {
+            available: engine_list.iter().map(|e| e.name().to_string()).collect(),
+        },
+        engine_list,
         wake: Default::default(),
         cancels: Default::default(),
         secrets: Default::default(),

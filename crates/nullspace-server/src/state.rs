@@ -23,6 +23,8 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// Layer cache bound.
     pub cache_max_bytes: u64,
+    /// A BuildKit daemon (`buildctl --addr`), if there is one.
+    pub buildkit_addr: Option<String>,
 }
 
 impl Config {
@@ -33,6 +35,7 @@ impl Config {
             workers: 2,
             insecure_registries: vec![],
             cache_max_bytes: 20 << 30,
+            buildkit_addr: None,
         }
     }
 }
@@ -81,6 +84,8 @@ pub struct AppState {
     pub work_dir: PathBuf,
     pub hub: Hub,
     pub engines: Engines,
+    /// The Dockerfile engines found at start-up, default first.
+    pub engine_list: Vec<Arc<dyn nullspace_build::engine::DockerfileEngine>>,
     pub wake: Notify,
     pub cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     pub secrets: Mutex<HashMap<String, RunSecrets>>,

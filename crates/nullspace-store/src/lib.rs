@@ -62,6 +62,9 @@ const SCHEMA: &[&str] = &[
         namespace TEXT NOT NULL, blob_id TEXT NOT NULL, sha256 TEXT NOT NULL,
         size_bytes BIGINT NOT NULL, uploaded INTEGER NOT NULL, created_at BIGINT NOT NULL,
         PRIMARY KEY (namespace, blob_id))",
+    "CREATE TABLE IF NOT EXISTS artifact_cache (
+        namespace TEXT NOT NULL, cache_key TEXT NOT NULL, build_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL, PRIMARY KEY (namespace, cache_key))",
     "CREATE TABLE IF NOT EXISTS claims (
         token_hash TEXT PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL,
         expires_at BIGINT NOT NULL)",
@@ -551,6 +554,34 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get::<i32, _>(2) != 0)))
+    }
+
+    // ---- final-artifact cache ------------------------------------------
+
+    /// Records that `build_id` (ready) produced the artifact for `key`.
+    pub async fn cache_put(&self, namespace: &str, key: &str, build_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO artifact_cache (namespace, cache_key, build_id, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (namespace, cache_key) DO UPDATE SET build_id = excluded.build_id, created_at = excluded.created_at",
+        )
+        .bind(namespace)
+        .bind(key)
+        .bind(build_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn cache_get(&self, namespace: &str, key: &str) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT build_id FROM artifact_cache WHERE namespace = $1 AND cache_key = $2",
+        )
+        .bind(namespace)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     // ---- name claims ----------------------------------------------------

@@ -129,10 +129,17 @@ impl ImageSpec {
             }));
             blobs.insert(d, data);
         }
+        // One history entry per layer: buildah refuses base images whose
+        // history lists no layers.
+        let history: Vec<Value> = diff_ids
+            .iter()
+            .map(|_| json!({"created": "2024-01-01T00:00:00Z", "created_by": "nullspace-testkit"}))
+            .collect();
         let mut config = json!({
             "architecture": self.architecture, "os": self.os,
             "config": self.config,
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": history,
             "created": "2024-01-01T00:00:00Z",
         });
         if let Some(v) = &self.variant {

@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// A registry (HOST[:PORT]) that may be reached over plain HTTP.
     #[arg(long = "insecure-registry")]
     insecure: Vec<String>,
+    /// A BuildKit daemon address for `buildctl --addr` (e.g. unix:///run/buildkit/buildkitd.sock).
+    #[arg(long, env = "NULLSPACE_BUILDKIT_ADDR")]
+    buildkit_addr: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -55,7 +58,9 @@ pub enum KeysCommand {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -63,15 +68,19 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     // credentials) are never logged.
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NULLSPACE_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("NULLSPACE_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let mut config = a.store.config();
     config.workers = a.workers;
     config.insecure_registries = a.insecure;
+    config.buildkit_addr = a.buildkit_addr;
     runtime()?.block_on(async move {
-        let state = nullspace_server::open(config).await.context("opening the data directory")?;
+        let state = nullspace_server::open(config)
+            .await
+            .context("opening the data directory")?;
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
             .with_context(|| format!("listening on {}", a.listen))?;
@@ -83,16 +92,24 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 
 pub fn keys(c: KeysCommand) -> Result<()> {
     match c {
-        KeysCommand::Create { store, name, namespace } => {
+        KeysCommand::Create {
+            store,
+            name,
+            namespace,
+        } => {
             anyhow::ensure!(
                 nullspace_server::refs::is_slug(&namespace),
                 "--namespace {namespace:?} must be a slug (lowercase letters and digits, '-' between)"
             );
             let config = store.config();
             runtime()?.block_on(async move {
-                let state = nullspace_server::open(config).await.context("opening the data directory")?;
+                let state = nullspace_server::open(config)
+                    .await
+                    .context("opening the data directory")?;
                 let (id, secret) = state.store.create_key(&name, &namespace).await?;
-                eprintln!("created key {id} ({name}) for namespace {namespace}; it is shown only once:");
+                eprintln!(
+                    "created key {id} ({name}) for namespace {namespace}; it is shown only once:"
+                );
                 println!("{secret}");
                 Ok(())
             })

@@ -17,7 +17,9 @@ const VALIDATION: &str = include_str!("sdk/validation.py");
 
 fn push_demo(reg: &Registry, tmp: &Path, repo: &str) -> String {
     let layout = tmp.join(format!("layout-{}", repo.replace('/', "-")));
-    Layout::create(&layout).image("1", &demo_image().expect("demo image")).finish();
+    Layout::create(&layout)
+        .image("1", &demo_image().expect("demo image"))
+        .finish();
     reg.push_layout(&layout, "1", repo)
 }
 
@@ -26,7 +28,9 @@ fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -72,7 +76,12 @@ fn suite(database_url: Option<&str>) {
         server.log_text()
     );
     let r = run_sdk(&server, &key_a, VALIDATION, &env);
-    assert!(r.status.success() && r.stdout.contains("VALIDATION OK"), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.status.success() && r.stdout.contains("VALIDATION OK"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
 
     // Credentials and secrets reached the server (the private build used the
     // password) but are nowhere under its data directory or in its log...
@@ -83,11 +92,21 @@ fn suite(database_url: Option<&str>) {
     }
     // ...nor in the shared database.
     if let Some(url) = database_url {
-        let dump = run(Command::new("runuser").args(["-u", "postgres", "--", "pg_dump", "--data-only", url]));
+        let dump = run(Command::new("runuser").args([
+            "-u",
+            "postgres",
+            "--",
+            "pg_dump",
+            "--data-only",
+            url,
+        ]));
         dump.ok();
         assert!(dump.stdout.contains("tb_"), "the dump holds the builds");
         for needle in [PASSWORD, secret] {
-            assert!(!dump.stdout.contains(needle), "{needle:?} in the Postgres dump");
+            assert!(
+                !dump.stdout.contains(needle),
+                "{needle:?} in the Postgres dump"
+            );
         }
     }
 }
@@ -148,11 +167,26 @@ fn cancel_stops_a_running_build() {
     let server = Server::start(&tmp.path().join("data"), None);
     let key = server.key("team-a");
     let image = format!("{}/stuck/app:1", tarpit());
-    let r = run_sdk(&server, &key, BACKGROUND, &[("NS_IMAGE", &image), ("NS_NAME", "stuck")]);
+    let r = run_sdk(
+        &server,
+        &key,
+        BACKGROUND,
+        &[("NS_IMAGE", &image), ("NS_NAME", "stuck")],
+    );
     r.ok();
     let id = r.stdout.trim().to_string();
-    let r = run_sdk(&server, &key, WAIT, &[("NS_BUILD", &id), ("NS_WANT_STATUS", "building")]);
-    assert!(r.stdout.contains("STATUS building"), "{}\n{}", r.stdout, r.stderr);
+    let r = run_sdk(
+        &server,
+        &key,
+        WAIT,
+        &[("NS_BUILD", &id), ("NS_WANT_STATUS", "building")],
+    );
+    assert!(
+        r.stdout.contains("STATUS building"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
     let started = std::time::Instant::now();
     let r = run_sdk(
         &server,
@@ -160,10 +194,20 @@ fn cancel_stops_a_running_build() {
         "import os\nfrom nullspace import TemplateBuild\nh = TemplateBuild.connect(os.environ['NS_BUILD'])\nh.cancel(reason='stop')\nf = h.wait_until_terminal(poll_interval=0.05)\nprint('FINAL', f.build.status.value, f.build.cancellation_reason, [e.kind.value for e in f.entries][-1])",
         &[("NS_BUILD", &id)],
     );
-    assert!(r.stdout.contains("FINAL cancelled stop cancelled"), "{}\n{}\n{}", r.stdout, r.stderr, server.log_text());
+    assert!(
+        r.stdout.contains("FINAL cancelled stop cancelled"),
+        "{}\n{}\n{}",
+        r.stdout,
+        r.stderr,
+        server.log_text()
+    );
     // The import was blocked in a network read with minutes of timeout left:
     // the cancel did not wait for it.
-    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -177,27 +221,59 @@ fn queued_builds_survive_a_crash_and_running_ones_are_marked_interrupted() {
     //    runs the queued build from the durable queue.
     let mut server = Server::start_with(&data, None, &["--workers", "0"]);
     let key = server.key("team-a");
-    let r = run_sdk(&server, &key, BACKGROUND, &[("NS_IMAGE", &image), ("NS_NAME", "queued")]);
+    let r = run_sdk(
+        &server,
+        &key,
+        BACKGROUND,
+        &[("NS_IMAGE", &image), ("NS_NAME", "queued")],
+    );
     r.ok();
     let queued = r.stdout.trim().to_string();
     server.kill();
     server.args = vec![];
     server.restart();
     let r = run_sdk(&server, &key, WAIT, &[("NS_BUILD", &queued)]);
-    assert!(r.stdout.contains("FINAL ready"), "{}\n{}\n{}", r.stdout, r.stderr, server.log_text());
+    assert!(
+        r.stdout.contains("FINAL ready"),
+        "{}\n{}\n{}",
+        r.stdout,
+        r.stderr,
+        server.log_text()
+    );
 
     // 2. A build stuck on a registry that accepts and never answers (a real
     //    tarpit on loopback) is running when the server is killed: after the
     //    restart it is an error with phase `interrupted`, never `building`.
     let stuck_image = format!("{}/stuck/app:1", tarpit());
-    let r = run_sdk(&server, &key, BACKGROUND, &[("NS_IMAGE", &stuck_image), ("NS_NAME", "stuck")]);
+    let r = run_sdk(
+        &server,
+        &key,
+        BACKGROUND,
+        &[("NS_IMAGE", &stuck_image), ("NS_NAME", "stuck")],
+    );
     r.ok();
     let stuck = r.stdout.trim().to_string();
-    let r = run_sdk(&server, &key, WAIT, &[("NS_BUILD", &stuck), ("NS_WANT_STATUS", "building")]);
-    assert!(r.stdout.contains("STATUS building"), "{}\n{}", r.stdout, r.stderr);
+    let r = run_sdk(
+        &server,
+        &key,
+        WAIT,
+        &[("NS_BUILD", &stuck), ("NS_WANT_STATUS", "building")],
+    );
+    assert!(
+        r.stdout.contains("STATUS building"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
     server.restart();
     let r = run_sdk(&server, &key, WAIT, &[("NS_BUILD", &stuck)]);
-    assert!(r.stdout.contains("ERROR interrupted True"), "{}\n{}\n{}", r.stdout, r.stderr, server.log_text());
+    assert!(
+        r.stdout.contains("ERROR interrupted True"),
+        "{}\n{}\n{}",
+        r.stdout,
+        r.stderr,
+        server.log_text()
+    );
     // The logs written before the crash survived it.
     let r = run_sdk(
         &server,
@@ -205,5 +281,9 @@ fn queued_builds_survive_a_crash_and_running_ones_are_marked_interrupted() {
         "import os\nfrom nullspace import TemplateBuild\nprint([e.kind.value for e in TemplateBuild.connect(os.environ['NS_BUILD']).logs()])",
         &[("NS_BUILD", &stuck)],
     );
-    assert!(r.stdout.contains("'start'") && r.stdout.contains("'error'"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("'start'") && r.stdout.contains("'error'"),
+        "{}",
+        r.stdout
+    );
 }
