@@ -579,3 +579,87 @@ fn auth_and_configuration_errors() {
         .env_remove("NULLSPACE_API_KEY"));
     assert_one_line_error(&r, "NULLSPACE_API_KEY is not set");
 }
+
+#[test]
+fn declarative_build_through_the_dockerfile_engine_from_the_cli() {
+    assert!(
+        nullspace_testkit::have("buildah"),
+        "buildah is not installed (scripts/deps.sh installs it)"
+    );
+    let e = env();
+    // A base with a shell: the busybox demo image (its default user is
+    // `app`, so the steps switch to root first, as Docker semantics need).
+    let layout = e._tmp.path().join("demo");
+    Layout::create(&layout)
+        .image("1", &nullspace_testkit::image::demo_image().unwrap())
+        .finish();
+    let image = e._reg.push_layout(&layout, "1", "demo/shell");
+    let out = e.ok(&[
+        "build",
+        "--from-image",
+        &image,
+        "--name",
+        "decl",
+        "--backend",
+        "buildah",
+        "--set-user",
+        "root",
+        "--run-cmd",
+        "echo ran > /ran.txt",
+        "--make-dir",
+        "/data",
+        "--set-workdir",
+        "/data",
+        "--set-runtime-env",
+        "MODE=prod",
+        "--start-cmd",
+        "sleep 1000",
+        "--json",
+    ]);
+    let rec: Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|err| panic!("{err}: {}", out.stdout));
+    let rec = if rec.get("build").is_some() {
+        rec["build"].clone()
+    } else {
+        rec
+    };
+    assert_eq!(rec["status"], "ready", "{rec}");
+    assert!(
+        rec["engine"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("buildah"),
+        "{rec}"
+    );
+    let rd = &rec["runtime_defaults"];
+    assert_eq!(rd["default_workdir"], "/data", "{rd}");
+    assert_eq!(rd["default_user"], "root", "{rd}");
+    assert_eq!(rd["start_cmd"], "sleep 1000", "{rd}");
+    assert!(
+        rd["default_env_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k == "MODE"),
+        "{rd}"
+    );
+    // plan shows the rendered Dockerfile the engine ran.
+    let plan = e.ok_json(&[
+        "plan",
+        "--from-image",
+        &image,
+        "--backend",
+        "buildah",
+        "--run-cmd",
+        "echo ran > /ran.txt",
+        "--make-dir",
+        "/data",
+    ]);
+    let df = plan["build_plan"]["dockerfile"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        df.contains("RUN mkdir -p /data") && df.contains("echo ran > /ran.txt"),
+        "{plan}"
+    );
+}
