@@ -112,6 +112,7 @@ const T: Duration = Duration::from_secs(30);
 
 #[test]
 fn template_snapshot_and_two_restored_sandboxes() {
+    let _serial = serial();
     let f = fixture();
     let tmp_before = tmp_entries();
     let start = "echo $$ > /tmp/pid; date +%s%N > /tmp/started; exec httpd -f -p 8080 -h /srv";
@@ -301,6 +302,7 @@ fn tmp_entries() -> Vec<String> {
 
 #[test]
 fn start_command_that_exits_is_a_readiness_error() {
+    let _serial = serial();
     let f = fixture();
     let mut spec = TemplateSpec::new(
         &f.rootfs,
@@ -327,6 +329,7 @@ fn start_command_that_exits_is_a_readiness_error() {
 
 #[test]
 fn probe_that_never_succeeds_times_out() {
+    let _serial = serial();
     let f = fixture();
     let mut spec = TemplateSpec::new(&f.rootfs, demo_config("exec sleep 1000"));
     spec.memory_mb = 256;
@@ -351,6 +354,7 @@ fn probe_that_never_succeeds_times_out() {
 
 #[test]
 fn image_without_shell_fails_before_boot() {
+    let _serial = serial();
     let f = fixture();
     let spec = TemplateSpec::new(&f.noshell, demo_config("true"));
     let dir = tempfile::tempdir().unwrap();
@@ -365,6 +369,7 @@ fn image_without_shell_fails_before_boot() {
 
 #[test]
 fn boot_timeout_kills_the_vm() {
+    let _serial = serial();
     let f = fixture();
     let disk = f.dir.join("images/boot-timeout.ext4");
     std::fs::copy(&f.rootfs, &disk).unwrap();
@@ -390,6 +395,13 @@ fn boot_timeout_kills_the_vm() {
     let leaked: Vec<_> = after.iter().filter(|p| !before.contains(p)).collect();
     assert!(leaked.is_empty(), "qemu left running: {leaked:?}");
     std::fs::remove_file(disk).unwrap();
+}
+
+/// VM tests run one at a time: TCG guests are CPU-heavy, and the leak checks
+/// compare process lists, which a concurrent test's QEMU would disturb.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn qemu_pids() -> Vec<u32> {
