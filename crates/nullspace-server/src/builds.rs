@@ -42,6 +42,9 @@ pub struct ArtifactManifest {
     pub readiness: Option<Value>,
     pub image: Value,
     pub oci: OciMetadataOut,
+    /// The build VM's snapshot directory (memory + disk), when built with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 fn entry(rec: &BuildRecord, kind: &str, level: &str, message: impl Into<String>) -> LogEntry {
@@ -777,7 +780,129 @@ async fn execute(
     if cache_key.is_some() {
         rec.cache_summary.final_artifact_stores = 1;
     }
-    Ok((with_request_overrides(base, req), cache_key))
+    let m = with_request_overrides(base, req);
+    let m = match state.vmm.clone() {
+        Some(vmm) => snapshot_in_vm(state, rec, m, req, cancel, vmm).await?,
+        None => m,
+    };
+    Ok((m, cache_key))
+}
+
+/// Boots the template in the build VM, runs its start command with the
+/// runtime defaults, waits for readiness and snapshots memory and disk.
+async fn snapshot_in_vm(
+    state: &Shared,
+    rec: &mut BuildRecord,
+    mut m: ArtifactManifest,
+    req: &BuildRequest,
+    cancel: &Arc<AtomicBool>,
+    vmm: Arc<nullspace_vm::QemuVmm>,
+) -> Result<ArtifactManifest, Failure> {
+    use nullspace_vm::template::{TemplateSpec, build_snapshot};
+    let rootfs = nullspace_digest::Digest::parse(&m.rootfs)
+        .map(|d| state.artifacts.path(&d))
+        .map_err(|e| failed("finalize", e.to_string(), false, "retry"))?;
+    let mut config = nullspace_vm::GuestConfig::new(&rec.name);
+    config.env = m.env.clone();
+    config.user = m.user.clone();
+    config.workdir = m.workdir.clone();
+    config.start_cmd = m.start_cmd.clone();
+    let mut spec = TemplateSpec::new(&rootfs, config);
+    spec.readiness = m
+        .readiness
+        .as_ref()
+        .map(nullspace_vm::Readiness::from_json)
+        .transpose()
+        .map_err(|e| {
+            failed(
+                "preflight",
+                format!("readiness: {e}"),
+                false,
+                "fix the readiness probe",
+            )
+        })?;
+    if let Some(c) = &req.build_config {
+        if let Some(mem) = c.memory_mib {
+            spec.memory_mb = mem as u32;
+        }
+        if let Some(v) = c.vcpus {
+            spec.vcpus = v as u32;
+        }
+        spec.disk_mb = c.disk_mb.map(|d| d as u64);
+    }
+    let dir = state.config.data_dir.join("artifacts/snapshots");
+    std::fs::create_dir_all(&dir).map_err(|e| failed("snapshot", e.to_string(), true, "retry"))?;
+    let out = dir.join(&rec.build_id);
+    log(
+        state,
+        rec,
+        "message",
+        "info",
+        Some("vm_create"),
+        format!(
+            "booting the build VM ({} MiB, {} vCPU, {:?}); start command: {}",
+            spec.memory_mb,
+            spec.vcpus,
+            vmm.accel,
+            m.start_cmd.as_deref().unwrap_or("none")
+        ),
+    )
+    .await;
+    let task_out = out.clone();
+    let result = blocking(cancel, move || build_snapshot(&vmm, &spec, &task_out)).await;
+    let snap = match result {
+        Ok(Ok(snap)) => snap,
+        Ok(Err(e)) => {
+            // Log phases follow the VM's own steps; error_detail.phase must
+            // stay within the SDK's enum.
+            let (log_phase, phase) = match e.code() {
+                "vm_create" | "kernel" => ("vm_create", "prepare"),
+                "invalid_rootfs" => ("vm_create", "preflight"),
+                "readiness" | "readiness_timeout" => ("readiness", "readiness"),
+                "snapshot" => ("snapshot", "snapshot"),
+                _ => ("startup", "finalize"),
+            };
+            // A `message` at error level: the SDK stops at the first `error`
+            // entry, which must be the terminal one with its error_detail.
+            log(
+                state,
+                rec,
+                "message",
+                "error",
+                Some(log_phase),
+                format!("{}: {e}", e.code()),
+            )
+            .await;
+            return Err(failed(
+                phase,
+                format!("{}: {e}", e.code()),
+                e.code() == "vm_create",
+                "check the start command and readiness probe; see the log",
+            ));
+        }
+        Err(f) => {
+            let _ = std::fs::remove_dir_all(&out);
+            return Err(f);
+        }
+    };
+    let t = &snap.meta.timings_ms;
+    log(
+        state,
+        rec,
+        "message",
+        "info",
+        Some("snapshot"),
+        format!(
+            "snapshot taken: {} MiB memory, {} MiB disk (boot {} ms, ready {} ms)",
+            snap.meta.memory_bytes >> 20,
+            snap.meta.disk_bytes >> 20,
+            t.boot,
+            t.ready
+        ),
+    )
+    .await;
+    m.snapshot = Some(out.display().to_string());
+    Ok(m)
 }
 
 /// Request runtime settings override the image's (and the steps').
@@ -1307,6 +1432,7 @@ async fn import_source(
         start_cmd: rt.start_cmd.clone(),
         readiness: readiness.clone(),
         image: serde_json::to_value(&meta.image).unwrap_or_default(),
+        snapshot: None,
         oci: OciMetadataOut {
             labels: oci.labels.clone(),
             exposed_ports: oci.exposed_ports.clone(),

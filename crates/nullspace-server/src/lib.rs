@@ -53,6 +53,29 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
             "Dockerfile engine available"
         );
     }
+    let vmm = if config.build_vm {
+        let init = config
+            .init_bin
+            .clone()
+            .or_else(|| std::env::var_os("NULLSPACE_INIT_BIN").map(Into::into))
+            .ok_or_else(|| {
+                anyhow_like::Error(
+                    "--build-vm needs the static guest init: --init-bin PATH or NULLSPACE_INIT_BIN (cargo build --release -p nullspace-init with RUSTFLAGS=\"-C target-feature=+crt-static\")".into(),
+                )
+            })?;
+        let cache = config.data_dir.join("vm-cache");
+        let vmm = tokio::task::spawn_blocking(move || {
+            let kernel = nullspace_vm::GuestKernel::find()?;
+            nullspace_vm::QemuVmm::new(kernel, &init, &cache)
+        })
+        .await
+        .map_err(|e| anyhow_like::Error(e.to_string()))?
+        .map_err(|e| anyhow_like::Error(format!("build VM: {e}")))?;
+        tracing::info!(accel = ?vmm.accel, kernel = %vmm.kernel.version, "build VM ready");
+        Some(Arc::new(vmm))
+    } else {
+        None
+    };
     let state = Arc::new(AppState {
         cache_dir: config.data_dir.join("cache"),
         work_dir,
@@ -64,6 +87,7 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
             available: engine_list.iter().map(|e| e.name().to_string()).collect(),
         },
         engine_list,
+        vmm,
         wake: Default::default(),
         cancels: Default::default(),
         secrets: Default::default(),

@@ -25,6 +25,11 @@ pub struct Config {
     pub cache_max_bytes: u64,
     /// A BuildKit daemon (`buildctl --addr`), if there is one.
     pub buildkit_addr: Option<String>,
+    /// Boot every template in a build VM, run its start command, wait for
+    /// readiness and snapshot it (QEMU). Off: the rootfs is the artifact.
+    pub build_vm: bool,
+    /// The static guest init (`nullspace-init`) for the build VM.
+    pub init_bin: Option<PathBuf>,
 }
 
 impl Config {
@@ -36,6 +41,8 @@ impl Config {
             insecure_registries: vec![],
             cache_max_bytes: 20 << 30,
             buildkit_addr: None,
+            build_vm: false,
+            init_bin: None,
         }
     }
 }
@@ -86,6 +93,8 @@ pub struct AppState {
     pub engines: Engines,
     /// The Dockerfile engines found at start-up, default first.
     pub engine_list: Vec<Arc<dyn nullspace_build::engine::DockerfileEngine>>,
+    /// The build VM driver, when `Config::build_vm` is on.
+    pub vmm: Option<Arc<nullspace_vm::QemuVmm>>,
     pub wake: Notify,
     pub cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     pub secrets: Mutex<HashMap<String, RunSecrets>>,

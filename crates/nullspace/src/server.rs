@@ -40,6 +40,12 @@ pub struct ServeArgs {
     /// A BuildKit daemon address for `buildctl --addr` (e.g. unix:///run/buildkit/buildkitd.sock).
     #[arg(long, env = "NULLSPACE_BUILDKIT_ADDR")]
     buildkit_addr: Option<String>,
+    /// Finish every build in a QEMU build VM: start command, readiness, snapshot.
+    #[arg(long, env = "NULLSPACE_BUILD_VM")]
+    build_vm: bool,
+    /// The static guest init for the build VM [default: $NULLSPACE_INIT_BIN].
+    #[arg(long)]
+    init_bin: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -77,6 +83,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     config.workers = a.workers;
     config.insecure_registries = a.insecure;
     config.buildkit_addr = a.buildkit_addr;
+    config.build_vm = a.build_vm;
+    config.init_bin = a.init_bin;
     runtime()?.block_on(async move {
         let state = nullspace_server::open(config)
             .await

@@ -1,0 +1,105 @@
+//! Builds finished in the build VM (`nullspace serve --build-vm`), driven by
+//! the published SDK: the start command runs in the VM before the snapshot;
+//! a sandbox restored from the snapshot finds it running, not restarted.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nullspace_testkit::image::{Layout, demo_image};
+use nullspace_testkit::registry::{Auth, Registry};
+use nullspace_testkit::server::{Server, run_sdk};
+use nullspace_vm::Vm as _;
+
+const SCRIPT: &str = r#"
+import os
+from nullspace import Template, TemplateBuild, wait_for_port
+from nullspace.errors import BuildError
+IMAGE = os.environ["NS_IMAGE"]
+start = "sh -c 'echo $$ > /tmp/pid; exec httpd -f -p 8080 -h /srv'"
+b = Template.build(Template.from_image(IMAGE).set_start_cmd(start, wait_for_port(8080)), name="web")
+kinds = [e.phase for e in TemplateBuild.connect(b.build_id).logs()]
+assert "vm_create" in kinds and "snapshot" in kinds, kinds
+print("BUILD", b.build_id)
+try:
+    Template.build(Template.from_image(IMAGE).set_start_cmd("sh -c 'exit 3'", wait_for_port(8080)), name="broken")
+    raise AssertionError("a start command that exits must fail readiness")
+except BuildError as e:
+    print("FAILED", getattr(e.phase, "value", e.phase))
+print("VM OK")
+"#;
+
+#[test]
+fn build_vm_runs_the_start_command_and_snapshots_a_ready_template() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let init = nullspace_vm::init_binary::locate_or_build(&workspace).expect("guest init");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let layout = tmp.path().join("layout");
+    Layout::create(&layout)
+        .image("1", &demo_image().unwrap())
+        .finish();
+    let image = reg.push_layout(&layout, "1", "demo/web");
+    let data = tmp.path().join("data");
+    let server = Server::start_with(
+        &data,
+        None,
+        &["--build-vm", "--init-bin", init.to_str().unwrap()],
+    );
+    let key = server.key("team-a");
+    let r = run_sdk(&server, &key, SCRIPT, &[("NS_IMAGE", &image)]);
+    assert!(
+        r.status.success() && r.stdout.contains("VM OK"),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        server.log_text()
+    );
+    assert!(r.stdout.contains("FAILED readiness"), "{}", r.stdout);
+    let build = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("BUILD "))
+        .unwrap()
+        .to_string();
+
+    // The artifact manifest names the snapshot; restore it as a sandbox.
+    let script = format!(
+        "import httpx, os\nr = httpx.get(os.environ['NULLSPACE_API_URL'] + '/v1/templates/builds/{build}', headers={{'Authorization': 'Bearer ' + os.environ['NULLSPACE_API_KEY']}})\nprint(r.json()['build']['artifact_ids'][0])"
+    );
+    let a = run_sdk(&server, &key, &script, &[]);
+    a.ok();
+    let hex = a.stdout.trim().strip_prefix("sha256:").unwrap().to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("artifacts/sha256").join(hex)).unwrap())
+            .unwrap();
+    let snap_dir = manifest["snapshot"]
+        .as_str()
+        .expect("snapshot in the artifact manifest");
+    let snap = nullspace_vm::Snapshot::open(Path::new(snap_dir)).unwrap();
+    let mut vm = nullspace_vm::template::restore(
+        &snap,
+        &nullspace_vm::RestoreSpec {
+            work_dir: Some(tmp.path().to_path_buf()),
+            timeout: Duration::from_secs(60),
+        },
+    )
+    .unwrap();
+    let out = vm
+        .agent()
+        .sh(
+            "cat /proc/$(cat /tmp/pid)/comm; wget -q -O - http://127.0.0.1:8080/",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.starts_with("httpd\n"),
+        "the start command is not running after restore: {text:?}"
+    );
+    assert!(text.contains("hello from a nullspace template"), "{text:?}");
+    let info = vm.agent().info(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        info["start"]["pid"], snap.meta.start["pid"],
+        "restored, not restarted: {info}"
+    );
+}
