@@ -104,7 +104,16 @@ pub fn parse_record(row: &BuildRow) -> ApiResult<BuildRecord> {
 }
 
 /// Loads a build the caller owns; anything else is "not found".
+/// Ids we issue are `[A-Za-z0-9_]`; anything else cannot exist, and must
+/// not reach the database (Postgres rejects NUL bytes in text).
+pub fn plausible_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 pub async fn load(state: &Shared, caller: &Caller, id: &str) -> ApiResult<(BuildRow, BuildRecord)> {
+    if !plausible_id(id) {
+        return Err(ApiError::build_not_found(id));
+    }
     let row = state
         .store
         .build(id)

@@ -292,6 +292,12 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
         } else {
             bytes
         };
+        // No field of the API carries a NUL, and Postgres cannot store one.
+        if bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) || bytes.contains(&0) {
+            return Err(ApiError::invalid(
+                "request body: NUL characters are not allowed",
+            ));
+        }
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             ApiError::invalid(format!(
                 "request body is not valid JSON for this endpoint: {e}"
@@ -589,6 +595,7 @@ async fn ref_builds(
         Some(cur) => {
             let (t, id) = cur
                 .split_once('.')
+                .filter(|(_, id)| builds::plausible_id(id))
                 .ok_or_else(|| ApiError::invalid("cursor is malformed"))?;
             Some((
                 t.parse::<i64>()
@@ -737,6 +744,13 @@ async fn blob_put(
     _h: HeaderMap,
     body: Body,
 ) -> ApiResult<StatusCode> {
+    if !builds::plausible_id(&blob_id) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "blob_not_found",
+            format!("blob {blob_id:?} was not announced by a preflight"),
+        ));
+    }
     let Some((sha, size, _)) = s.store.blob_meta(&c.namespace, &blob_id).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -62,4 +62,12 @@ invalid({**ok, "steps": [{"action": "make_dir", "path": "/x", "mode": "999"}]}, 
 
 bad_json = httpx.post(URL + "/v1/templates/builds", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
 assert bad_json.status_code == 400 and bad_json.json()["code"] == "invalid_request"
+# NUL bytes never reach the store (Postgres cannot hold them): 400 / 404.
+nul = post("/v1/templates/builds", {"base_image": "x\u0000y"})
+assert nul.status_code == 400 and "NUL" in nul.json()["error"], nul.text
+for path in ["/v1/templates/builds/tb_%00x", "/v1/templates/builds/tb_x%00/logs"]:
+    r = httpx.get(URL + path, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404, (path, r.status_code, r.text)
+r = httpx.put(URL + "/v1/templates/blobs/blob_%00", content=b"x", headers={"Authorization": f"Bearer {KEY}"})
+assert r.status_code == 404, r.text
 print("VALIDATION OK")
