@@ -403,32 +403,115 @@ fn path_word(s: &Step<'_>, key: &str) -> Result<String, RenderError> {
     Ok(shell_quote(p))
 }
 
-fn render_step(s: &Step<'_>, out: &mut String, r: &mut Rendered) -> Result<(), RenderError> {
-    match s.action {
+/// The shell command a shell-rendered action runs (`apt_install`,
+/// `pip_install`, `npm_install`, `bun_install`, `git_clone`, `remove`,
+/// `rename`, `make_dir`, `make_symlink`): exactly the text after `RUN ` in
+/// the Dockerfile [`render`] writes. `None` for every other action (`run`,
+/// `copy`, `workdir`, …), which are not a fixed shell line. The native build
+/// backend runs these lines in the build VM, so both backends share one
+/// rendering.
+pub fn step_shell(index: usize, step: &Value) -> Result<Option<String>, RenderError> {
+    let action = step
+        .get("action")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let s = Step {
+        index,
+        action: &action,
+        v: step,
+    };
+    if !step.is_object() {
+        return Err(s.err("a step must be an object"));
+    }
+    shell_step(&s)
+}
+
+fn shell_step(s: &Step<'_>) -> Result<Option<String>, RenderError> {
+    let cmd = match s.action {
         "apt_install" => {
             let p = s.packages()?;
-            writeln!(
-                out,
-                "RUN apt-get update && apt-get install -y {p} && rm -rf /var/lib/apt/lists/*"
-            )
-            .unwrap();
+            format!("apt-get update && apt-get install -y {p} && rm -rf /var/lib/apt/lists/*")
         }
         "pip_install" => {
             let p = s.packages()?;
             // `g` is sent only when false: absent means system-wide.
             let user = if s.bool("g", true)? { "" } else { "--user " };
-            writeln!(out, "RUN pip install {user}--no-cache-dir {p}").unwrap();
+            format!("pip install {user}--no-cache-dir {p}")
         }
         "npm_install" => {
             let p = s.packages()?;
             let g = if s.bool("g", false)? { "-g " } else { "" };
-            writeln!(out, "RUN npm install {g}{p}").unwrap();
+            format!("npm install {g}{p}")
         }
         "bun_install" => {
             let p = s.packages()?;
             let g = if s.bool("g", false)? { "--global " } else { "" };
-            writeln!(out, "RUN bun add {g}{p}").unwrap();
+            format!("bun add {g}{p}")
         }
+        "git_clone" => {
+            let url = s.str("url")?;
+            no_newline(s, url)?;
+            if url.starts_with('-') {
+                return Err(s.err("url looks like an option"));
+            }
+            let path = s.opt_str("path")?.unwrap_or("/workspace");
+            no_newline(s, path)?;
+            let mut cmd = String::from("git clone");
+            if let Some(b) = s.opt_str("branch")? {
+                no_newline(s, b)?;
+                write!(cmd, " --branch {}", shell_quote(b)).unwrap();
+            }
+            match s.v.get("depth") {
+                None | Some(Value::Null) => {}
+                Some(d) => {
+                    let d = d
+                        .as_u64()
+                        .filter(|d| *d > 0)
+                        .ok_or_else(|| s.err("depth must be a positive integer"))?;
+                    write!(cmd, " --depth {d}").unwrap();
+                }
+            }
+            write!(cmd, " -- {} {}", shell_quote(url), shell_quote(path)).unwrap();
+            cmd
+        }
+        "remove" => {
+            let p = path_word(s, "path")?;
+            let flags = match (s.bool("recursive", false)?, s.bool("force", false)?) {
+                (true, true) => "-rf ",
+                (true, false) => "-r ",
+                (false, true) => "-f ",
+                (false, false) => "",
+            };
+            format!("rm {flags}{p}")
+        }
+        "rename" => {
+            let (src, dst) = (path_word(s, "src")?, path_word(s, "dst")?);
+            let f = if s.bool("force", false)? { "-f " } else { "" };
+            format!("mv {f}{src} {dst}")
+        }
+        "make_dir" => {
+            let p = path_word(s, "path")?;
+            match mode_of(s, s.v, "mode")? {
+                Some(m) => format!("mkdir -p {p} && chmod {m} {p}"),
+                None => format!("mkdir -p {p}"),
+            }
+        }
+        "make_symlink" => {
+            let (target, path) = (path_word(s, "target")?, path_word(s, "path")?);
+            format!("ln -s {target} {path}")
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(cmd))
+}
+
+fn render_step(s: &Step<'_>, out: &mut String, r: &mut Rendered) -> Result<(), RenderError> {
+    if let Some(cmd) = shell_step(s)? {
+        writeln!(out, "RUN {cmd}").unwrap();
+        return Ok(());
+    }
+    match s.action {
         "run" => {
             let cmd = s.str("command")?;
             if cmd.contains('\0') {
@@ -462,32 +545,6 @@ fn render_step(s: &Step<'_>, out: &mut String, r: &mut Rendered) -> Result<(), R
                 copy_line(s, out, item, &mut r.context_refs)?;
             }
         }
-        "git_clone" => {
-            let url = s.str("url")?;
-            no_newline(s, url)?;
-            if url.starts_with('-') {
-                return Err(s.err("url looks like an option"));
-            }
-            let path = s.opt_str("path")?.unwrap_or("/workspace");
-            no_newline(s, path)?;
-            let mut cmd = String::from("git clone");
-            if let Some(b) = s.opt_str("branch")? {
-                no_newline(s, b)?;
-                write!(cmd, " --branch {}", shell_quote(b)).unwrap();
-            }
-            match s.v.get("depth") {
-                None | Some(Value::Null) => {}
-                Some(d) => {
-                    let d = d
-                        .as_u64()
-                        .filter(|d| *d > 0)
-                        .ok_or_else(|| s.err("depth must be a positive integer"))?;
-                    write!(cmd, " --depth {d}").unwrap();
-                }
-            }
-            write!(cmd, " -- {} {}", shell_quote(url), shell_quote(path)).unwrap();
-            writeln!(out, "RUN {cmd}").unwrap();
-        }
         "workdir" => {
             let p = s.str("path")?;
             no_newline(s, p)?;
@@ -504,32 +561,6 @@ fn render_step(s: &Step<'_>, out: &mut String, r: &mut Rendered) -> Result<(), R
             }
             writeln!(out, "USER {u}").unwrap();
             r.runtime.user = Some(u.to_string());
-        }
-        "remove" => {
-            let p = path_word(s, "path")?;
-            let flags = match (s.bool("recursive", false)?, s.bool("force", false)?) {
-                (true, true) => "-rf ",
-                (true, false) => "-r ",
-                (false, true) => "-f ",
-                (false, false) => "",
-            };
-            writeln!(out, "RUN rm {flags}{p}").unwrap();
-        }
-        "rename" => {
-            let (src, dst) = (path_word(s, "src")?, path_word(s, "dst")?);
-            let f = if s.bool("force", false)? { "-f " } else { "" };
-            writeln!(out, "RUN mv {f}{src} {dst}").unwrap();
-        }
-        "make_dir" => {
-            let p = path_word(s, "path")?;
-            match mode_of(s, s.v, "mode")? {
-                Some(m) => writeln!(out, "RUN mkdir -p {p} && chmod {m} {p}").unwrap(),
-                None => writeln!(out, "RUN mkdir -p {p}").unwrap(),
-            }
-        }
-        "make_symlink" => {
-            let (target, path) = (path_word(s, "target")?, path_word(s, "path")?);
-            writeln!(out, "RUN ln -s {target} {path}").unwrap();
         }
         "" => return Err(s.err("action is required")),
         other => return Err(s.err(format!("unknown action {other:?}"))),

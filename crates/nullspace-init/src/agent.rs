@@ -10,8 +10,9 @@
 //! | `ping` | | `ok` |
 //! | `info` | | `ok {start:{pid, started_unix_ms, running, exit_code, signal, spawn_error, output}, uptime_ms, hostname}` |
 //! | `exec` | `argv: [..]` or `cmd: "sh line"`, `env`, `cwd`, `user`, `stdin` (b64), `timeout_ms` | `stdout`/`stderr {data}`* then `exit {code, signal, timed_out}` |
-//! | `write_file` | `path`, `data` (b64), `mode`, `append` | `ok {bytes}` |
+//! | `write_file` | `path`, `data` (b64), `mode`, `append`, `exact_mode` (chmod to `mode`, ignoring the umask) | `ok {bytes}` |
 //! | `read_file` | `path` | `ok {data}` |
+//! | `start` | `cmd` (optional), `env`, `user`, `workdir`: replace the runtime defaults, then start `cmd` as the supervised start command (what `info` reports) | `ok {pid}` |
 //! | `probe` | `probe: {kind: tcp|http|command, port, host, path, cmd}`, `timeout_ms` | `ok {ready, detail}` |
 //!
 //! Failures are `error {message}`. Lines are self-delimiting, so after the
@@ -146,6 +147,7 @@ fn handle_line(state: &State, out: &Out, line: &[u8]) {
             "write_file" => write_file(&req),
             "read_file" => read_file(&req),
             "probe" => probe(&state, &req),
+            "start" => start(&state, &req),
             other => Err(format!("unknown op {other:?}")),
         };
         match res {
@@ -171,7 +173,7 @@ fn info(state: &State) -> Value {
     let output: Vec<u8> = st.output.iter().copied().collect();
     json!({
         "start": {
-            "configured": state.cfg.start_cmd.is_some(),
+            "configured": st.configured,
             "pid": st.pid,
             "started_unix_ms": st.started_unix_ms as u64,
             "running": st.pid.is_some() && st.exit.is_none(),
@@ -183,6 +185,35 @@ fn info(state: &State) -> Value {
         "uptime_ms": state.boot.elapsed().as_millis() as u64,
         "hostname": state.cfg.hostname,
     })
+}
+
+/// The `start` op: new runtime defaults (for the start command and every
+/// later exec, including in restored sandboxes), then the start command.
+fn start(state: &State, req: &Value) -> Result<Value, String> {
+    let opt = |k: &str| {
+        req.get(k)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    if let Some(u) = opt("user") {
+        crate::users::resolve(Some(&u))?;
+    }
+    {
+        let mut d = state.defaults.lock().unwrap();
+        d.env = str_map(req.get("env"));
+        d.user = opt("user");
+        d.workdir = opt("workdir");
+    }
+    match opt("cmd") {
+        Some(cmd) => {
+            let pid = procs::start_command(state, &cmd)?;
+            crate::log(&format!("start command running as pid {pid}"));
+            Ok(json!({"pid": pid}))
+        }
+        None => Ok(json!({"pid": null})),
+    }
 }
 
 fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
@@ -336,6 +367,13 @@ fn write_file(req: &Value) -> Result<Value, String> {
         .open(path)
         .map_err(|e| format!("{path}: {e}"))?;
     f.write_all(&data).map_err(|e| format!("{path}: {e}"))?;
+    if req.get("exact_mode").and_then(Value::as_bool) == Some(true) {
+        // The mode as given, not reduced by the umask (and also on an
+        // existing file).
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|e| format!("chmod {path}: {e}"))?;
+    }
     Ok(json!({"bytes": data.len()}))
 }
 

@@ -7,7 +7,8 @@
 //! root there (mount --move + chroot, like `switch_root`). The same process
 //! carries on as PID 1 of the template rootfs: `/dev/pts`, `/dev/shm`,
 //! hostname, `lo` up, the start command with the runtime defaults from
-//! `/nullspace/config.json` (read before the switch), zombie reaping, and the
+//! `/nullspace/config.json` (read before the switch; with `defer_start` the
+//! host starts it later through the agent's `start` op), zombie reaping, and the
 //! agent on the virtio-serial port named `nullspace.agent` (see `agent.rs`
 //! for the protocol).
 
@@ -33,6 +34,9 @@ pub struct Config {
     pub agent_port: String,
     /// Probe mode (KVM check): print the marker and power off.
     pub probe_only: bool,
+    /// Do not run `start_cmd` at boot: the host runs build steps first and
+    /// then sends the agent's `start` op.
+    pub defer_start: bool,
 }
 
 impl Config {
@@ -56,6 +60,10 @@ impl Config {
             agent_port: s("agent_port").unwrap_or_else(|| "nullspace.agent".into()),
             probe_only: v
                 .get("probe_only")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            defer_start: v
+                .get("defer_start")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
         }
@@ -322,7 +330,7 @@ fn main() {
     stage2(&cfg);
     let state = procs::new_state(cfg.clone());
     procs::start_reaper(state.clone());
-    if let Some(cmd) = &cfg.start_cmd {
+    if let Some(cmd) = cfg.start_cmd.as_ref().filter(|_| !cfg.defer_start) {
         match procs::start_command(&state, cmd) {
             Ok(pid) => log(&format!("start command running as pid {pid}")),
             Err(e) => log(&format!("start command failed to start: {e}")),

@@ -19,6 +19,8 @@ pub enum Exit {
 
 #[derive(Debug, Default)]
 pub struct StartState {
+    /// A start command was configured at boot or sent with the `start` op.
+    pub configured: bool,
     pub pid: Option<u32>,
     pub started_unix_ms: u128,
     pub exit: Option<Exit>,
@@ -34,8 +36,19 @@ struct Registry {
     unclaimed: HashMap<i32, Exit>,
 }
 
+/// Runtime defaults for spawned processes: from the boot config, replaced
+/// by the `start` op (a build that ran steps before starting the start
+/// command hands over the final defaults then).
+#[derive(Debug, Clone, Default)]
+pub struct Defaults {
+    pub env: BTreeMap<String, String>,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+}
+
 pub struct Inner {
     pub cfg: Config,
+    pub defaults: Mutex<Defaults>,
     pub boot: Instant,
     pub start: Mutex<StartState>,
     reg: Mutex<Registry>,
@@ -44,8 +57,14 @@ pub struct Inner {
 pub type State = Arc<Inner>;
 
 pub fn new_state(cfg: Config) -> State {
+    let defaults = Defaults {
+        env: cfg.env.clone(),
+        user: cfg.user.clone(),
+        workdir: cfg.workdir.clone(),
+    };
     Arc::new(Inner {
         cfg,
+        defaults: Mutex::new(defaults),
         boot: Instant::now(),
         start: Mutex::new(StartState::default()),
         reg: Mutex::new(Registry::default()),
@@ -121,6 +140,7 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// env, then the request's.
 pub fn build_env(
     state: &State,
+    defaults: &Defaults,
     ident: &users::Ident,
     extra: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
@@ -132,19 +152,20 @@ pub fn build_env(
         env.insert("LOGNAME".to_string(), n.clone());
     }
     env.insert("HOSTNAME".to_string(), state.cfg.hostname.clone());
-    env.extend(state.cfg.env.clone());
+    env.extend(defaults.env.clone());
     env.extend(extra.clone());
     env
 }
 
 pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
-    let user = spec.user.or(state.cfg.user.as_deref());
+    let defaults = state.defaults.lock().unwrap().clone();
+    let user = spec.user.or(defaults.user.as_deref());
     let ident = users::resolve(user)?;
-    let env = build_env(state, &ident, &spec.env);
+    let env = build_env(state, &defaults, &ident, &spec.env);
     let cwd = spec
         .cwd
         .clone()
-        .or_else(|| state.cfg.workdir.clone())
+        .or_else(|| defaults.workdir.clone())
         .unwrap_or_else(|| "/".into());
     if spec.argv.is_empty() {
         return Err("empty argv".into());
@@ -232,6 +253,16 @@ pub fn start_command(state: &State, cmd: &str) -> Result<u32, String> {
     };
     // Hold the start lock so the reaper sees the pid before a fast exit.
     let mut st = state.start.lock().unwrap();
+    if st.pid.is_some() && st.exit.is_none() {
+        return Err(format!(
+            "the start command is already running (pid {:?})",
+            st.pid
+        ));
+    }
+    *st = StartState {
+        configured: true,
+        ..Default::default()
+    };
     let sp = match spawn(state, spec) {
         Ok(sp) => sp,
         Err(e) => {

@@ -255,6 +255,50 @@ impl AgentClient {
         .map(|_| ())
     }
 
+    /// Writes `data` in chunks of at most 4 MiB (the agent's lines stay
+    /// small), then sets exactly `mode` (not reduced by the guest umask).
+    pub fn write_file_exact(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        mode: u32,
+        limit: Duration,
+    ) -> Result<(), VmError> {
+        const CHUNK: usize = 4 << 20;
+        let mut off = 0;
+        loop {
+            let end = (off + CHUNK).min(data.len());
+            self.call(
+                json!({"op": "write_file", "path": path, "data": B64.encode(&data[off..end]),
+                       "mode": mode, "append": off > 0, "exact_mode": true}),
+                limit,
+            )?;
+            off = end;
+            if off >= data.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Replaces the guest's runtime defaults (env, user, workdir: used by the
+    /// start command and every later exec, also in restored sandboxes) and
+    /// starts `cmd` as the supervised start command (reported by `info`).
+    /// Returns its pid. For a VM booted with `GuestConfig::defer_start`.
+    pub fn start(
+        &mut self,
+        cmd: Option<&str>,
+        env: &BTreeMap<String, String>,
+        user: Option<&str>,
+        workdir: Option<&str>,
+        limit: Duration,
+    ) -> Result<Option<u32>, VmError> {
+        let v = self.call(
+            json!({"op": "start", "cmd": cmd, "env": env, "user": user, "workdir": workdir}),
+            limit,
+        )?;
+        Ok(v.get("pid").and_then(Value::as_u64).map(|p| p as u32))
+    }
+
     pub fn read_file(&mut self, path: &str, limit: Duration) -> Result<Vec<u8>, VmError> {
         let v = self.call(json!({"op": "read_file", "path": path}), limit)?;
         B64.decode(v.get("data").and_then(Value::as_str).unwrap_or(""))

@@ -19,6 +19,16 @@ pub enum VmError {
     /// The readiness probe did not succeed within its timeout.
     #[error("readiness_timeout: probe did not succeed within {timeout:?}: {last}")]
     ReadinessTimeout { timeout: Duration, last: String },
+    /// A build step (native backend) failed: its index in the step list,
+    /// the action, the exit code (None: killed, or it could not run) and
+    /// the last lines of its output. The VM has been killed.
+    #[error("step {index} ({action}) failed{}: {tail}", exit_code.map(|c| format!(" with exit code {c}")).unwrap_or_default())]
+    StepFailed {
+        index: usize,
+        action: String,
+        exit_code: Option<i32>,
+        tail: String,
+    },
     #[error("agent: {0}")]
     Agent(String),
     #[error("snapshot: {0}")]
@@ -41,6 +51,7 @@ impl VmError {
             VmError::InvalidRootfs(_) => "invalid_rootfs",
             VmError::StartExited { .. } => "readiness",
             VmError::ReadinessTimeout { .. } => "readiness_timeout",
+            VmError::StepFailed { .. } => "step",
             VmError::Agent(_) => "agent",
             VmError::Snapshot(_) => "snapshot",
             VmError::Restore(_) => "restore",

@@ -1,16 +1,20 @@
-//! Template snapshots: boot the template rootfs, start the start command
-//! with the runtime defaults, wait for readiness, snapshot memory + disk.
+//! Template snapshots: boot the template rootfs, optionally run declarative
+//! build steps in it ([`build_snapshot_with_steps`], the native backend),
+//! start the start command with the runtime defaults, wait for readiness,
+//! snapshot memory + disk.
 //! Sandboxes restore it with a qcow2 overlay each.
 //!
 //! A snapshot directory holds `disk.ext4` (the rootfs as of the snapshot,
 //! grown to `disk_mb`), `memory.bin` (QEMU migration stream), `initrd.img`
 //! (the exact initramfs the VM booted) and `snapshot.json` ([`SnapshotMeta`]).
 
+use crate::agent::{AgentClient, ExecRequest};
 use crate::qemu::{Accel, BootSpec, QemuVm, QemuVmm, RestoreSpec};
 use crate::readiness::{Readiness, wait_ready};
 use crate::{VmError, rootfs};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,6 +29,10 @@ pub struct GuestConfig {
     pub agent_port: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub probe_only: bool,
+    /// Boot without starting `start_cmd`: the host runs build steps first,
+    /// then starts it with [`AgentClient::start`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub defer_start: bool,
 }
 
 impl GuestConfig {
@@ -66,6 +74,9 @@ pub struct Timings {
     pub ready: u64,
     /// `stop` + migrate + quit.
     pub snapshot: u64,
+    /// Build steps (native backend): agent up to the last step done.
+    #[serde(default)]
+    pub steps: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +149,36 @@ impl Drop for DirGuard<'_> {
 /// Boots the template, waits for readiness and snapshots it into `out`
 /// (created; must not exist). On failure `out` is removed and no VM is left.
 pub fn build_snapshot(vmm: &QemuVmm, spec: &TemplateSpec, out: &Path) -> Result<Snapshot, VmError> {
+    build_inner(vmm, spec, None, out)
+}
+
+/// Like [`build_snapshot`], but boots without the start command, runs the
+/// declarative `steps` in the VM (native backend) on the disk that becomes
+/// the snapshot's, then starts the start command with the runtime defaults
+/// as the steps left them (`spec.config`'s env/user/workdir are the base,
+/// e.g. from the image config), waits for readiness and snapshots.
+///
+/// `on_step` sees every step start, its output, and its end. A failing step
+/// is [`VmError::StepFailed`]; the VM is killed and `out` removed. The
+/// snapshot's `meta.config` holds the final runtime defaults.
+pub fn build_snapshot_with_steps(
+    vmm: &QemuVmm,
+    spec: &TemplateSpec,
+    steps: &[Step],
+    on_step: &mut dyn FnMut(usize, &Step, StepEvent<'_>),
+    out: &Path,
+) -> Result<Snapshot, VmError> {
+    build_inner(vmm, spec, Some((steps, on_step)), out)
+}
+
+type StepsArg<'a, 'b> = Option<(&'a [Step], &'b mut dyn FnMut(usize, &Step, StepEvent<'_>))>;
+
+fn build_inner(
+    vmm: &QemuVmm,
+    spec: &TemplateSpec,
+    steps: StepsArg<'_, '_>,
+    out: &Path,
+) -> Result<Snapshot, VmError> {
     rootfs::check_shell(&spec.rootfs)?;
     std::fs::create_dir(out).map_err(VmError::io(out.display().to_string()))?;
     let mut guard = DirGuard(out, false);
@@ -146,17 +187,67 @@ pub fn build_snapshot(vmm: &QemuVmm, spec: &TemplateSpec, out: &Path) -> Result<
     if let Some(mb) = spec.disk_mb {
         rootfs::grow(&disk, mb)?;
     }
+    let mut boot_config = spec.config.clone();
+    boot_config.defer_start = steps.is_some();
     let boot = BootSpec {
         disk: disk.clone(),
-        config: spec.config.clone(),
+        config: boot_config,
         memory_mb: spec.memory_mb,
         vcpus: spec.vcpus,
         boot_timeout: spec.boot_timeout,
     };
     let mut vm = QemuVm::boot(vmm, &boot)?;
     let boot_ms = vm.ready_ms as u64;
-    let t_ready = Instant::now();
     let agent = crate::Vm::agent(&mut vm);
+    let mut config = spec.config.clone();
+    let mut steps_ms = 0;
+    if let Some((steps, on_step)) = steps {
+        let t_steps = Instant::now();
+        let mut st = StepState {
+            env: config.env.clone(),
+            build_env: BTreeMap::new(),
+            user: config.user.clone(),
+            workdir: config.workdir.clone(),
+        };
+        for (i, step) in steps.iter().enumerate() {
+            on_step(i, step, StepEvent::Started);
+            let t = Instant::now();
+            run_step(agent, &mut st, i, step, on_step)?;
+            on_step(
+                i,
+                step,
+                StepEvent::Finished {
+                    elapsed: t.elapsed(),
+                },
+            );
+        }
+        // The page cache is in the memory snapshot too, but the disk file
+        // must be complete on its own (e.g. for a later cold boot).
+        let sync = agent.exec(&root_argv(&["sync"]), STEP_TIMEOUT)?;
+        if !sync.success() {
+            return Err(VmError::Snapshot(format!("sync in the guest: {sync:?}")));
+        }
+        config.env = st.env;
+        config.user = st.user;
+        config.workdir = st.workdir;
+        steps_ms = t_steps.elapsed().as_millis() as u64;
+        agent
+            .start(
+                config.start_cmd.as_deref(),
+                &config.env,
+                config.user.as_deref(),
+                config.workdir.as_deref(),
+                Duration::from_secs(30),
+            )
+            .map_err(|e| match e {
+                VmError::Agent(m) => VmError::StartExited {
+                    detail: format!("could not start: {m}"),
+                    output: String::new(),
+                },
+                e => e,
+            })?;
+    }
+    let t_ready = Instant::now();
     match &spec.readiness {
         Some(r) => {
             wait_ready(agent, r)?;
@@ -180,7 +271,7 @@ pub fn build_snapshot(vmm: &QemuVmm, spec: &TemplateSpec, out: &Path) -> Result<
     let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let meta = SnapshotMeta {
         vm: vm_meta,
-        config: spec.config.clone(),
+        config,
         start: info["start"].clone(),
         disk_bytes: size(disk),
         memory_bytes: size(out.join("memory.bin")),
@@ -188,6 +279,7 @@ pub fn build_snapshot(vmm: &QemuVmm, spec: &TemplateSpec, out: &Path) -> Result<
             boot: boot_ms,
             ready: ready_ms,
             snapshot: snapshot_ms,
+            steps: steps_ms,
         },
     };
     let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
@@ -203,4 +295,429 @@ pub fn build_snapshot(vmm: &QemuVmm, spec: &TemplateSpec, out: &Path) -> Result<
 /// over the snapshot disk, `cont`, agent reconnected.
 pub fn restore(snapshot: &Snapshot, spec: &RestoreSpec) -> Result<QemuVm, VmError> {
     QemuVm::restore(snapshot, spec)
+}
+
+/// Commands and file operations of one build step run at most this long.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// One declarative build step, executed natively in the build VM by
+/// [`build_snapshot_with_steps`]. Mirrors the SDK's step actions (contract
+/// §3.3); `nullspace-server`'s `native` module maps the request JSON here.
+///
+/// Run-type steps (`Run`, `Shell`, `MakeDir`, `MakeSymlink`, `Remove`,
+/// `Rename`) run as the current user (the last `User` step, else the
+/// template's user) in the current workdir, with the runtime and build envs
+/// so far, like `RUN` after `USER`/`WORKDIR`/`ENV` in a Dockerfile. `Copy`
+/// writes as root and then applies `user`/`mode`, like `COPY --chown/--chmod`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// `sh -c command`, as `user` when given (else the current user).
+    Run {
+        command: String,
+        user: Option<String>,
+    },
+    /// A shell line rendered by `nullspace_build::render::step_shell`
+    /// (`apt_install`, `pip_install`, `npm_install`, `bun_install`,
+    /// `git_clone`): `action` is the SDK action name for logs and errors.
+    Shell { action: String, command: String },
+    /// Host files or directories (`(host path, is_dir)`) copied into the
+    /// guest. A file goes to `dst`, or into it when `dst` ends with `/`, is
+    /// an existing directory or there are several sources; a directory's
+    /// contents go into `dst`. `mode` applies to every copied entry,
+    /// otherwise the host modes are kept; `user` (`user[:group]`) owns them.
+    Copy {
+        sources: Vec<(PathBuf, bool)>,
+        dst: String,
+        user: Option<String>,
+        mode: Option<u32>,
+    },
+    /// `mkdir -p`, then `chmod mode` when given.
+    MakeDir { path: String, mode: Option<u32> },
+    /// `ln -s target path`.
+    MakeSymlink { target: String, path: String },
+    /// `rm [-r] [-f] path`.
+    Remove {
+        path: String,
+        recursive: bool,
+        force: bool,
+    },
+    /// `mv [-f] src dst`.
+    Rename {
+        src: String,
+        dst: String,
+        force: bool,
+    },
+    /// Later steps' cwd and the runtime default (created if missing;
+    /// relative paths resolve against the current workdir).
+    Workdir { path: String },
+    /// Later steps' user and the runtime default.
+    User { user: String },
+    /// Runtime envs: later steps see them and the template keeps them.
+    Env { envs: BTreeMap<String, String> },
+    /// Build envs: later steps see them; never persisted.
+    BuildEnv { envs: BTreeMap<String, String> },
+    /// A cache boundary; nothing to run.
+    SkipCache,
+}
+
+impl Step {
+    /// The SDK action name (for logs and errors).
+    pub fn action(&self) -> &str {
+        match self {
+            Step::Run { .. } => "run",
+            Step::Shell { action, .. } => action,
+            Step::Copy { .. } => "copy",
+            Step::MakeDir { .. } => "make_dir",
+            Step::MakeSymlink { .. } => "make_symlink",
+            Step::Remove { .. } => "remove",
+            Step::Rename { .. } => "rename",
+            Step::Workdir { .. } => "workdir",
+            Step::User { .. } => "user",
+            Step::Env { .. } => "env",
+            Step::BuildEnv { .. } => "build_env",
+            Step::SkipCache => "skip_cache",
+        }
+    }
+
+    /// A one-line description for build logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Step::Run { command, user } => match user {
+                Some(u) => format!("run (as {u}): {command}"),
+                None => format!("run: {command}"),
+            },
+            Step::Shell { action, command } => format!("{action}: {command}"),
+            Step::Copy { sources, dst, .. } => {
+                let names: Vec<String> = sources
+                    .iter()
+                    .map(|(p, _)| {
+                        p.file_name()
+                            .map(|n| n.to_string_lossy().to_string())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                format!("copy {} -> {dst}", names.join(" "))
+            }
+            Step::MakeDir { path, mode } => match mode {
+                Some(m) => format!("make_dir {path} (mode {m:04o})"),
+                None => format!("make_dir {path}"),
+            },
+            Step::MakeSymlink { target, path } => format!("make_symlink {path} -> {target}"),
+            Step::Remove { path, .. } => format!("remove {path}"),
+            Step::Rename { src, dst, .. } => format!("rename {src} -> {dst}"),
+            Step::Workdir { path } => format!("workdir {path}"),
+            Step::User { user } => format!("user {user}"),
+            Step::Env { envs } => {
+                format!("env {}", envs.keys().cloned().collect::<Vec<_>>().join(" "))
+            }
+            Step::BuildEnv { envs } => format!(
+                "build env {}",
+                envs.keys().cloned().collect::<Vec<_>>().join(" ")
+            ),
+            Step::SkipCache => "skip_cache".into(),
+        }
+    }
+}
+
+/// What [`build_snapshot_with_steps`] reports per step.
+#[derive(Debug)]
+pub enum StepEvent<'a> {
+    Started,
+    /// A chunk of the step's output (stdout or stderr, as it streams).
+    Output(&'a [u8]),
+    Finished {
+        elapsed: Duration,
+    },
+}
+
+struct StepState {
+    env: BTreeMap<String, String>,
+    build_env: BTreeMap<String, String>,
+    user: Option<String>,
+    workdir: Option<String>,
+}
+
+fn root_argv(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        user: Some("root".into()),
+        cwd: Some("/".into()),
+        timeout: Some(STEP_TIMEOUT),
+        ..Default::default()
+    }
+}
+
+/// The last `max` bytes of `out`, cut to whole lines where possible.
+fn tail(out: &[u8], max: usize) -> String {
+    let s = String::from_utf8_lossy(&out[out.len().saturating_sub(max)..]).to_string();
+    if out.len() > max
+        && let Some(i) = s.find('\n')
+    {
+        return s[i + 1..].trim_end().to_string();
+    }
+    s.trim_end().to_string()
+}
+
+fn resolve_path(workdir: Option<&str>, p: &str) -> String {
+    if p.starts_with('/') {
+        p.to_string()
+    } else {
+        let base = workdir.unwrap_or("/").trim_end_matches('/');
+        format!("{base}/{p}")
+    }
+}
+
+fn run_step(
+    agent: &mut AgentClient,
+    st: &mut StepState,
+    index: usize,
+    step: &Step,
+    on_step: &mut dyn FnMut(usize, &Step, StepEvent<'_>),
+) -> Result<(), VmError> {
+    let failed = |exit_code: Option<i32>, tail: String| VmError::StepFailed {
+        index,
+        action: step.action().to_string(),
+        exit_code,
+        tail,
+    };
+    // Runs `req` with the step's env/cwd (and user unless set), streaming
+    // output to `on_step`; a non-zero exit is the step's failure.
+    let mut run = |agent: &mut AgentClient, mut req: ExecRequest| -> Result<(), VmError> {
+        let mut env = st.env.clone();
+        env.extend(st.build_env.clone());
+        req.env = env;
+        if req.cwd.is_none() {
+            req.cwd = st.workdir.clone();
+        }
+        if req.user.is_none() {
+            req.user = st.user.clone();
+        }
+        req.timeout = Some(STEP_TIMEOUT);
+        let mut combined = Vec::new();
+        let out = agent.exec_streaming(
+            &req,
+            STEP_TIMEOUT + Duration::from_secs(60),
+            &mut |_, d: &[u8]| {
+                combined.extend_from_slice(d);
+                if combined.len() > 64 << 10 {
+                    combined.drain(..combined.len() - (16 << 10));
+                }
+                on_step(index, step, StepEvent::Output(d));
+            },
+        );
+        match out {
+            Ok(o) if o.success() => Ok(()),
+            Ok(o) => {
+                let mut t = tail(&combined, 4096);
+                if o.timed_out {
+                    t.push_str("\n(timed out)");
+                } else if let Some(sig) = o.signal {
+                    t.push_str(&format!("\n(killed by signal {sig})"));
+                }
+                Err(failed(o.code, t))
+            }
+            Err(VmError::Agent(m)) => Err(failed(None, m)),
+            Err(e) => Err(e),
+        }
+    };
+    let argv = |a: &[&str]| ExecRequest {
+        argv: a.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    match step {
+        Step::Run { command, user } => run(
+            agent,
+            ExecRequest {
+                cmd: Some(command.clone()),
+                user: user.clone(),
+                ..Default::default()
+            },
+        ),
+        Step::Shell { command, .. } => run(agent, ExecRequest::shell(command)),
+        Step::MakeDir { path, mode } => {
+            run(agent, argv(&["mkdir", "-p", "--", path]))?;
+            match mode {
+                Some(m) => run(agent, argv(&["chmod", &format!("{m:o}"), "--", path])),
+                None => Ok(()),
+            }
+        }
+        Step::MakeSymlink { target, path } => run(agent, argv(&["ln", "-s", "--", target, path])),
+        Step::Remove {
+            path,
+            recursive,
+            force,
+        } => {
+            let mut a = vec!["rm"];
+            match (recursive, force) {
+                (true, true) => a.push("-rf"),
+                (true, false) => a.push("-r"),
+                (false, true) => a.push("-f"),
+                (false, false) => {}
+            }
+            a.extend(["--", path.as_str()]);
+            run(agent, argv(&a))
+        }
+        Step::Rename { src, dst, force } => {
+            let mut a = vec!["mv"];
+            if *force {
+                a.push("-f");
+            }
+            a.extend(["--", src.as_str(), dst.as_str()]);
+            run(agent, argv(&a))
+        }
+        Step::Workdir { path } => {
+            let p = resolve_path(st.workdir.as_deref(), path);
+            run(agent, root_argv(&["mkdir", "-p", "--", &p]))?;
+            st.workdir = Some(p);
+            Ok(())
+        }
+        Step::User { user } => {
+            st.user = Some(user.clone());
+            Ok(())
+        }
+        Step::Env { envs } => {
+            st.env.extend(envs.clone());
+            Ok(())
+        }
+        Step::BuildEnv { envs } => {
+            st.build_env.extend(envs.clone());
+            Ok(())
+        }
+        Step::SkipCache => Ok(()),
+        Step::Copy {
+            sources,
+            dst,
+            user,
+            mode,
+        } => {
+            let dst_abs = resolve_path(st.workdir.as_deref(), dst);
+            let into_dir = dst.ends_with('/')
+                || sources.len() > 1
+                || sources.iter().any(|(_, d)| *d)
+                || agent
+                    .exec(&root_argv(&["test", "-d", &dst_abs]), STEP_TIMEOUT)?
+                    .success();
+            let base = dst_abs.trim_end_matches('/').to_string();
+            let base = if base.is_empty() {
+                "/".to_string()
+            } else {
+                base
+            };
+            let join = |rel: &str| {
+                if base == "/" {
+                    format!("/{rel}")
+                } else {
+                    format!("{base}/{rel}")
+                }
+            };
+            // (guest path, mode) of every directory and file to create.
+            let mut dirs: Vec<(String, u32)> = vec![];
+            let mut files: Vec<(String, PathBuf, u32)> = vec![];
+            if into_dir {
+                dirs.push((base.clone(), mode.unwrap_or(0o755)));
+            }
+            for (host, is_dir) in sources {
+                if *is_dir {
+                    walk(host, "", &mut |rel, p, md| {
+                        let m = mode.unwrap_or(md.permissions().mode() & 0o7777);
+                        if md.is_dir() {
+                            dirs.push((join(rel), m));
+                        } else {
+                            files.push((join(rel), p.to_path_buf(), m));
+                        }
+                    })
+                    .map_err(|e| failed(None, format!("{}: {e}", host.display())))?;
+                } else {
+                    let md = std::fs::metadata(host)
+                        .map_err(|e| failed(None, format!("{}: {e}", host.display())))?;
+                    let m = mode.unwrap_or(md.permissions().mode() & 0o7777);
+                    let name = host
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default();
+                    let target = if into_dir { join(&name) } else { base.clone() };
+                    files.push((target, host.clone(), m));
+                }
+            }
+            if !into_dir && let Some(parent) = Path::new(&base).parent() {
+                let parent = parent.to_string_lossy().to_string();
+                run(agent, root_argv(&["mkdir", "-p", "--", &parent]))?;
+            }
+            let mut paths: Vec<&str> = vec![];
+            for batch in dirs.chunks(200) {
+                let mut a = vec!["mkdir", "-p", "--"];
+                a.extend(batch.iter().map(|(p, _)| p.as_str()));
+                run(agent, root_argv(&a))?;
+            }
+            // Directory modes as in the context (or `mode`), grouped per mode.
+            let mut by_mode: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+            for (p, m) in &dirs {
+                if p != &base || mode.is_some() {
+                    by_mode.entry(*m).or_default().push(p);
+                }
+            }
+            for (m, ps) in &by_mode {
+                for batch in ps.chunks(200) {
+                    let ms = format!("{m:o}");
+                    let mut a = vec!["chmod", ms.as_str(), "--"];
+                    a.extend(batch);
+                    run(agent, root_argv(&a))?;
+                }
+            }
+            for (g, h, m) in &files {
+                let data =
+                    std::fs::read(h).map_err(|e| failed(None, format!("{}: {e}", h.display())))?;
+                agent
+                    .write_file_exact(g, &data, *m, STEP_TIMEOUT)
+                    .map_err(|e| match e {
+                        VmError::Agent(m) => failed(None, m),
+                        e => e,
+                    })?;
+            }
+            if let Some(u) = user {
+                paths.extend(dirs.iter().map(|(p, _)| p.as_str()));
+                paths.extend(files.iter().map(|(p, _, _)| p.as_str()));
+                for batch in paths.chunks(200) {
+                    let mut a = vec!["chown", u.as_str(), "--"];
+                    a.extend(batch);
+                    run(agent, root_argv(&a))?;
+                }
+            }
+            drop(run);
+            let list: String = files.iter().map(|(g, _, _)| format!("{g}\n")).collect();
+            on_step(index, step, StepEvent::Output(list.as_bytes()));
+            Ok(())
+        }
+    }
+}
+
+/// Every entry under `dir` (not `dir` itself), parents before children:
+/// `f(relative path, host path, metadata)`. Symlinks are refused (the SDK
+/// never uploads them).
+fn walk(
+    dir: &Path,
+    rel: &str,
+    f: &mut dyn FnMut(&str, &Path, &std::fs::Metadata),
+) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().to_string();
+        let r = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let md = std::fs::symlink_metadata(e.path())?;
+        if md.file_type().is_symlink() {
+            return Err(std::io::Error::other(format!(
+                "{r}: symlinks are not supported in the build context"
+            )));
+        }
+        f(&r, &e.path(), &md);
+        if md.is_dir() {
+            walk(&e.path(), &r, f)?;
+        }
+    }
+    Ok(())
 }
