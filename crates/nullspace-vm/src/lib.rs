@@ -16,6 +16,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod readiness;
 pub mod rootfs;
+pub mod sandbox;
 pub mod template;
 
 pub use agent::{AgentClient, ExecOutput, ExecRequest};

@@ -461,6 +461,15 @@ impl QemuVm {
         self.dir.path()
     }
 
+    /// Releases QEMU and the VM directory from this handle's cleanup: the
+    /// process keeps running and the directory stays (see [`crate::sandbox`]).
+    pub(crate) fn release(self) -> (u32, PathBuf) {
+        let QemuVm { mut child, dir, .. } = self;
+        // Dropping a `Child` neither kills nor waits for it.
+        let pid = child.0.take().map(|c| c.id()).unwrap_or(0);
+        (pid, dir.keep())
+    }
+
     pub fn meta(&self) -> &VmMeta {
         &self.meta
     }

@@ -2,6 +2,7 @@
 
 mod image;
 mod progress;
+mod sandbox;
 mod server;
 mod template;
 
@@ -33,6 +34,9 @@ enum Command {
     /// Build and manage templates through the API ($NULLSPACE_API_URL, $NULLSPACE_API_KEY).
     #[command(subcommand)]
     Template(template::TemplateCommand),
+    /// Restore template snapshots as sandboxes on this machine and run commands in them.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => server::serve(a),
         Command::Keys(c) => server::keys(c),
         Command::Template(c) => template::run(c, &matches),
+        Command::Sandbox(c) => sandbox::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,151 @@
+//! Sandboxes that outlive the process that restored them: a restored
+//! [`QemuVm`] is [`detach`](QemuVm::detach)ed into a [`SandboxHandle`]
+//! (QEMU's pid and its directory: overlay, agent and QMP sockets, console
+//! log), which can be saved, reattached to from another process with
+//! [`SandboxHandle::agent`], and ended with [`SandboxHandle::kill`].
+
+use crate::VmError;
+use crate::agent::AgentClient;
+use crate::qemu::{QemuVm, RestoreSpec};
+use crate::qmp::Qmp;
+use crate::template::Snapshot;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A running QEMU that no Rust value owns: nothing kills it or removes its
+/// directory until [`SandboxHandle::kill`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxHandle {
+    pub pid: u32,
+    /// QEMU's private directory: `disk.qcow2`, `agent.sock`, `qmp.sock`,
+    /// `console.log`.
+    pub dir: PathBuf,
+    pub agent_socket: PathBuf,
+    pub qmp_socket: PathBuf,
+}
+
+impl QemuVm {
+    /// Leaves QEMU running and its directory in place after this value is
+    /// gone (the agent connection is closed; the guest waits for the next).
+    pub fn detach(self) -> SandboxHandle {
+        let (pid, dir) = self.release();
+        SandboxHandle {
+            pid,
+            agent_socket: dir.join("agent.sock"),
+            qmp_socket: dir.join("qmp.sock"),
+            dir,
+        }
+    }
+}
+
+/// Restores `snapshot` (see [`crate::template::restore`]) and detaches it.
+pub fn restore_detached(
+    snapshot: &Snapshot,
+    spec: &RestoreSpec,
+) -> Result<(SandboxHandle, u128), VmError> {
+    let vm = QemuVm::restore(snapshot, spec)?;
+    let ms = vm.ready_ms;
+    Ok((vm.detach(), ms))
+}
+
+/// `/proc/<pid>/stat` state and command line, or `None` if gone.
+fn proc_state(pid: u32) -> Option<(char, Vec<u8>)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the parenthesised command name.
+    let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    Some((state, cmdline))
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+impl SandboxHandle {
+    /// QEMU is running: the pid exists, is not a zombie, and its command
+    /// line names this sandbox's agent socket (so a reused pid is not taken
+    /// for it).
+    pub fn alive(&self) -> bool {
+        match proc_state(self.pid) {
+            Some((state, cmdline)) => {
+                state != 'Z'
+                    && state != 'X'
+                    && contains(&cmdline, self.agent_socket.as_os_str().as_encoded_bytes())
+            }
+            None => false,
+        }
+    }
+
+    /// Connects to the guest agent and waits for its answer within `limit`.
+    pub fn agent(&self, limit: Duration) -> Result<AgentClient, VmError> {
+        if !self.alive() {
+            return Err(VmError::Agent(format!(
+                "the sandbox's QEMU (pid {}) is not running",
+                self.pid
+            )));
+        }
+        let mut a = AgentClient::connect(&self.agent_socket, limit)?;
+        a.ping(limit)?;
+        Ok(a)
+    }
+
+    /// Console (serial) output so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+    }
+
+    /// Ends QEMU (QMP `quit`, then SIGKILL after `grace`) and removes its
+    /// directory. Succeeds when QEMU was already gone.
+    pub fn kill(&self, grace: Duration) -> Result<(), VmError> {
+        if self.alive() {
+            if let Ok(mut q) = Qmp::connect(&self.qmp_socket, grace.min(Duration::from_secs(2))) {
+                let _ = q.execute("quit", json!({}));
+            }
+            let t = Instant::now();
+            while self.alive() && t.elapsed() < grace {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.alive() {
+                // SAFETY: kill(2) on a pid checked above to be this
+                // sandbox's QEMU.
+                unsafe {
+                    libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+                }
+                let t = Instant::now();
+                while self.alive() && t.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if self.alive() {
+                    return Err(VmError::Agent(format!(
+                        "QEMU (pid {}) did not exit after SIGKILL",
+                        self.pid
+                    )));
+                }
+            }
+        }
+        // The pid's zombie (if its parent is this process) is reaped here.
+        reap(self.pid);
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VmError::io(self.dir.display().to_string())(e)),
+        }
+    }
+}
+
+/// Reaps `pid` if it is an exited child of this process (no-op otherwise).
+fn reap(pid: u32) {
+    let mut status = 0;
+    // SAFETY: WNOHANG waitpid on a specific pid only affects that child.
+    unsafe {
+        libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG);
+    }
+}
+
+/// Whether `path` fits a Unix socket address (`sun_path`, 108 bytes with
+/// the terminating NUL).
+pub fn socket_path_fits(path: &Path) -> bool {
+    path.as_os_str().len() < 108
+}
