@@ -445,7 +445,7 @@ mod tests {
             json!({"action":"copy","sources":["builder-context/step-1/src-0/config.toml"],"dst":"/x","mode":"abc"}),
         ] {
             assert!(
-                steps_from_request(&[bad.clone()], d.path()).is_err(),
+                steps_from_request(std::slice::from_ref(&bad), d.path()).is_err(),
                 "{bad}"
             );
         }

@@ -683,7 +683,6 @@ fn run_step(
                     run(agent, root_argv(&a))?;
                 }
             }
-            drop(run);
             let list: String = files.iter().map(|(g, _, _)| format!("{g}\n")).collect();
             on_step(index, step, StepEvent::Output(list.as_bytes()));
             Ok(())
