@@ -678,18 +678,37 @@ async fn execute(
     })?;
     let engine_path = matches!(n.base, Base::Dockerfile) || !n.steps.is_empty();
     let mut cache_key = None;
-    let base = if engine_path {
-        if n.backend == "native" {
+    if engine_path && n.backend == "native" && !matches!(n.base, Base::Dockerfile) {
+        // The native backend: the steps run inside the build VM.
+        let Some(vmm) = state.vmm.clone() else {
             return Err(failed(
                 "prepare",
                 format!(
-                    "{} declarative step(s) with the native backend need the build VM, which this server does not have yet",
+                    "{} declarative step(s) with the native backend need the build VM, and this server runs without --build-vm",
                     n.steps.len()
                 ),
                 false,
-                "send build_backend buildah (or buildkit) to run the steps through a Dockerfile engine",
+                "send build_backend buildah (or buildkit) to run the steps through a Dockerfile engine, or use a server started with --build-vm",
             ));
+        };
+        let mut m = resolve_base(state, rec, &n, req, secrets, cancel).await?;
+        // Steps start from the image's defaults; the native plan applies the
+        // request's runtime workdir/user/envs after them (where the SDK's
+        // own `workdir`/`user` steps put them too).
+        if req.start_cmd.is_some() {
+            m.start_cmd = req.start_cmd.clone();
         }
+        if let Some(r) = req
+            .runtime_config
+            .as_ref()
+            .and_then(|r| r.readiness.clone())
+        {
+            m.readiness = Some(r);
+        }
+        let m = snapshot_in_vm(state, rec, m, req, cancel, vmm, &n.steps).await?;
+        return Ok((m, None));
+    }
+    let base = if engine_path {
         if matches!(n.base, Base::Template(_)) {
             return Err(failed(
                 "prepare",
@@ -737,51 +756,7 @@ async fn execute(
         let _ = std::fs::remove_dir_all(state.work_dir.join(&rec.build_id));
         imported?
     } else {
-        match &n.base {
-            Base::Template(r) => {
-                log(
-                    state,
-                    rec,
-                    "message",
-                    "info",
-                    Some("preparing"),
-                    format!(
-                        "resolving template {}",
-                        req.base_image.as_deref().unwrap_or_default()
-                    ),
-                )
-                .await;
-                templates::resolve_artifact(state, &ns, r)
-                    .await
-                    .map_err(|e| {
-                        failed("prepare", e.message, false, "check the template reference")
-                    })?
-            }
-            Base::Image(image_ref) => {
-                log(
-                    state,
-                    rec,
-                    "message",
-                    "info",
-                    Some("preparing"),
-                    format!("resolving {image_ref}"),
-                )
-                .await;
-                let source = SourceRef::parse(image_ref)
-                    .map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
-                if !matches!(source, SourceRef::Registry(_)) {
-                    return Err(failed(
-                        "prepare",
-                        format!("base_image {image_ref:?} must be a registry reference"),
-                        false,
-                        "use a registry reference",
-                    ));
-                }
-                let credentials = basic_credentials(secrets)?;
-                import_source(state, rec, source, credentials, req, cancel).await?
-            }
-            Base::Dockerfile => unreachable!("engine path"),
-        }
+        resolve_base(state, rec, &n, req, secrets, cancel).await?
     };
     if cancel.load(Ordering::SeqCst) {
         return Err(Failure::Cancelled);
@@ -791,7 +766,7 @@ async fn execute(
     }
     let m = with_request_overrides(base, req);
     let m = match state.vmm.clone() {
-        Some(vmm) => snapshot_in_vm(state, rec, m, req, cancel, vmm).await?,
+        Some(vmm) => snapshot_in_vm(state, rec, m, req, cancel, vmm, &[]).await?,
         None => m,
     };
     Ok((m, cache_key))
@@ -806,8 +781,11 @@ async fn snapshot_in_vm(
     req: &BuildRequest,
     cancel: &Arc<AtomicBool>,
     vmm: Arc<nullspace_vm::QemuVmm>,
+    steps: &[Value],
 ) -> Result<ArtifactManifest, Failure> {
-    use nullspace_vm::template::{TemplateSpec, build_snapshot};
+    use nullspace_vm::template::{
+        StepEvent, TemplateSpec, build_snapshot, build_snapshot_with_steps,
+    };
     let rootfs = nullspace_digest::Digest::parse(&m.rootfs)
         .map(|d| state.artifacts.path(&d))
         .map_err(|e| failed("finalize", e.to_string(), false, "retry"))?;
@@ -857,14 +835,82 @@ async fn snapshot_in_vm(
         ),
     )
     .await;
+    // Native steps: the context is materialized on the host and copied in
+    // by the agent; each step logs its start, output and end.
+    let native = if steps.is_empty() {
+        None
+    } else {
+        let entries = context_entries(state, rec, req).await?;
+        let ctx = state.work_dir.join(format!("{}-native", rec.build_id));
+        let _ = std::fs::remove_dir_all(&ctx);
+        std::fs::create_dir_all(&ctx)
+            .map_err(|e| failed("prepare", e.to_string(), true, "retry"))?;
+        nullspace_build::context::materialize(&ctx, &entries).map_err(|e| Failure::Failed {
+            phase: "blob_upload",
+            message: e.to_string(),
+            retryable: false,
+            action: "fix the build context",
+            code: "file_upload_error",
+        })?;
+        let plan = crate::native::plan(
+            req.build_envs.as_ref(),
+            steps,
+            req.runtime_config.as_ref(),
+            &ctx,
+        )
+        .map_err(|e| failed("preflight", e, false, "fix the steps"))?;
+        Some((plan, ctx))
+    };
     let task_out = out.clone();
-    let result = blocking(cancel, move || build_snapshot(&vmm, &spec, &task_out)).await;
+    let handle = tokio::runtime::Handle::current();
+    let st = state.clone();
+    let log_rec = rec.clone();
+    let total = steps.len() as i64;
+    let native_task = native.clone();
+    let result = blocking(cancel, move || match &native_task {
+        None => build_snapshot(&vmm, &spec, &task_out),
+        Some((plan, _)) => {
+            let mut on_step = |i: usize, step: &nullspace_vm::template::Step, ev: StepEvent<'_>| {
+                let index = plan.request_index(i).map(|x| x as i64 + 1);
+                let (kind, msg) = match ev {
+                    StepEvent::Started => (
+                        "message",
+                        format!(
+                            "step {}: {step:?}",
+                            index.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+                        ),
+                    ),
+                    StepEvent::Output(b) => {
+                        ("message", String::from_utf8_lossy(b).trim_end().to_string())
+                    }
+                    StepEvent::Finished { elapsed } => (
+                        "message",
+                        format!("step done in {} ms", elapsed.as_millis()),
+                    ),
+                };
+                if msg.is_empty() {
+                    return;
+                }
+                let mut e = entry(&log_rec, kind, "info", msg);
+                e.phase = Some("step".into());
+                e.step_index = index;
+                e.total_steps = Some(total);
+                let _ = handle.block_on(append(&st, e));
+            };
+            build_snapshot_with_steps(&vmm, &spec, &plan.steps, &mut on_step, &task_out)
+        }
+    })
+    .await;
+    if let Some((_, ctx)) = &native {
+        let _ = std::fs::remove_dir_all(ctx);
+    }
     let snap = match result {
         Ok(Ok(snap)) => snap,
         Ok(Err(e)) => {
             // Log phases follow the VM's own steps; error_detail.phase must
             // stay within the SDK's enum.
             let (log_phase, phase) = match e.code() {
+                "step" => ("step", "build_step"),
                 "vm_create" | "kernel" => ("vm_create", "prepare"),
                 "invalid_rootfs" => ("vm_create", "preflight"),
                 "readiness" | "readiness_timeout" => ("readiness", "readiness"),
@@ -910,8 +956,71 @@ async fn snapshot_in_vm(
         ),
     )
     .await;
+    if !steps.is_empty() {
+        // Steps set the final runtime defaults (workdir, user, envs).
+        let c = &snap.meta.config;
+        m.env = c.env.clone();
+        m.user = c.user.clone();
+        m.workdir = c.workdir.clone();
+    }
     m.snapshot = Some(out.display().to_string());
     Ok(m)
+}
+
+/// The base of a non-engine build: a registry image imported, or a
+/// template's artifact.
+async fn resolve_base(
+    state: &Shared,
+    rec: &mut BuildRecord,
+    n: &Normalized,
+    req: &BuildRequest,
+    secrets: &RunSecrets,
+    cancel: &Arc<AtomicBool>,
+) -> Result<ArtifactManifest, Failure> {
+    let ns = rec.namespace_slug.clone();
+    Ok(match &n.base {
+        Base::Template(r) => {
+            log(
+                state,
+                rec,
+                "message",
+                "info",
+                Some("preparing"),
+                format!(
+                    "resolving template {}",
+                    req.base_image.as_deref().unwrap_or_default()
+                ),
+            )
+            .await;
+            templates::resolve_artifact(state, &ns, r)
+                .await
+                .map_err(|e| failed("prepare", e.message, false, "check the template reference"))?
+        }
+        Base::Image(image_ref) => {
+            log(
+                state,
+                rec,
+                "message",
+                "info",
+                Some("preparing"),
+                format!("resolving {image_ref}"),
+            )
+            .await;
+            let source = SourceRef::parse(image_ref)
+                .map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
+            if !matches!(source, SourceRef::Registry(_)) {
+                return Err(failed(
+                    "prepare",
+                    format!("base_image {image_ref:?} must be a registry reference"),
+                    false,
+                    "use a registry reference",
+                ));
+            }
+            let credentials = basic_credentials(secrets)?;
+            import_source(state, rec, source, credentials, req, cancel).await?
+        }
+        Base::Dockerfile => unreachable!("engine path"),
+    })
 }
 
 /// Request runtime settings override the image's (and the steps').
@@ -1033,53 +1142,14 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Builds the Dockerfile (given, or rendered from the steps) with the
-/// requested engine; returns the OCI layout it produced.
-async fn engine_build(
+/// The build context of a request as entries to materialize: uploaded
+/// blobs (verified by sha256 at upload) of the caller's namespace.
+async fn context_entries(
     state: &Shared,
-    rec: &mut BuildRecord,
-    def: &Definition,
-    secrets: &RunSecrets,
-    cancel: &Arc<AtomicBool>,
-    n: &Normalized,
-) -> Result<std::path::PathBuf, Failure> {
-    use nullspace_build::context::{ContextEntry, EntrySource, EntryType, materialize};
-    use nullspace_build::engine::{EngineBuild, RegistryCredential};
-    let req = &def.request;
-    let engine = state
-        .engine_list
-        .iter()
-        .find(|e| e.name() == n.backend)
-        .cloned()
-        .ok_or_else(|| {
-            failed(
-                "preflight",
-                format!("engine {} is not available on this server", n.backend),
-                false,
-                "choose an available build_backend",
-            )
-        })?;
-    rec.engine = Some(format!("{} {}", engine.name(), engine.version()));
-    let (dockerfile, bust) = match &n.base {
-        Base::Dockerfile => (req.dockerfile.clone().unwrap_or_default(), None),
-        _ => {
-            let empty = std::collections::BTreeMap::new();
-            let input = nullspace_build::render::RenderInput {
-                base_image: req.base_image.as_deref().unwrap_or_default(),
-                steps: &n.steps,
-                build_envs: req.build_envs.as_ref().unwrap_or(&empty),
-                runtime_envs: req
-                    .runtime_config
-                    .as_ref()
-                    .and_then(|r| r.default_envs.as_ref())
-                    .unwrap_or(&empty),
-            };
-            let r = nullspace_build::render::render(&input)
-                .map_err(|e| failed("preflight", e.to_string(), false, "fix the steps"))?;
-            (r.dockerfile, r.cache_bust_arg)
-        }
-    };
-    // The build context: uploaded blobs (verified at upload) or inline bytes.
+    rec: &BuildRecord,
+    req: &BuildRequest,
+) -> Result<Vec<nullspace_build::context::ContextEntry>, Failure> {
+    use nullspace_build::context::{ContextEntry, EntrySource, EntryType};
     let mut entries = Vec::new();
     for f in req.build_context.iter().flat_map(|c| &c.files) {
         let is_dir = f.entry_type == "dir";
@@ -1135,6 +1205,56 @@ async fn engine_build(
             source,
         });
     }
+    Ok(entries)
+}
+
+/// Builds the Dockerfile (given, or rendered from the steps) with the
+/// requested engine; returns the OCI layout it produced.
+async fn engine_build(
+    state: &Shared,
+    rec: &mut BuildRecord,
+    def: &Definition,
+    secrets: &RunSecrets,
+    cancel: &Arc<AtomicBool>,
+    n: &Normalized,
+) -> Result<std::path::PathBuf, Failure> {
+    use nullspace_build::context::materialize;
+    use nullspace_build::engine::{EngineBuild, RegistryCredential};
+    let req = &def.request;
+    let engine = state
+        .engine_list
+        .iter()
+        .find(|e| e.name() == n.backend)
+        .cloned()
+        .ok_or_else(|| {
+            failed(
+                "preflight",
+                format!("engine {} is not available on this server", n.backend),
+                false,
+                "choose an available build_backend",
+            )
+        })?;
+    rec.engine = Some(format!("{} {}", engine.name(), engine.version()));
+    let (dockerfile, bust) = match &n.base {
+        Base::Dockerfile => (req.dockerfile.clone().unwrap_or_default(), None),
+        _ => {
+            let empty = std::collections::BTreeMap::new();
+            let input = nullspace_build::render::RenderInput {
+                base_image: req.base_image.as_deref().unwrap_or_default(),
+                steps: &n.steps,
+                build_envs: req.build_envs.as_ref().unwrap_or(&empty),
+                runtime_envs: req
+                    .runtime_config
+                    .as_ref()
+                    .and_then(|r| r.default_envs.as_ref())
+                    .unwrap_or(&empty),
+            };
+            let r = nullspace_build::render::render(&input)
+                .map_err(|e| failed("preflight", e.to_string(), false, "fix the steps"))?;
+            (r.dockerfile, r.cache_bust_arg)
+        }
+    };
+    let entries = context_entries(state, rec, req).await?;
     let df_name = if entries.iter().any(|e| e.path == "Dockerfile") {
         ".nullspace.Dockerfile"
     } else {

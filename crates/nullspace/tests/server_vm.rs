@@ -25,8 +25,59 @@ try:
     raise AssertionError("a start command that exits must fail readiness")
 except BuildError as e:
     print("FAILED", getattr(e.phase, "value", e.phase))
+# Native declarative steps (default backend) run inside the build VM.
+import tempfile
+ctx = tempfile.mkdtemp()
+with open(os.path.join(ctx, "config.toml"), "w") as f:
+    f.write("answer = 42\n")
+steps = (Template.from_image(IMAGE).set_file_context(ctx)
+         .set_user("root")
+         .run_cmd("echo ran > /ran.txt")
+         .copy("config.toml", "/etc/app/")
+         .make_dir("/data", mode=0o700)
+         .set_workdir("/data")
+         .set_runtime_envs({"MODE": "prod"})
+         .set_start_cmd("sh -c 'pwd > /tmp/cwd; id -u > /tmp/uid; echo $MODE > /tmp/mode; exec httpd -f -p 8080 -h /srv'", wait_for_port(8080)))
+n = Template.build(steps, name="native")
+st = TemplateBuild.connect(n.build_id).get_status().build
+assert st.build_backend.value == "native", st.build_backend
+rd = st.runtime_defaults
+assert rd.default_workdir == "/data" and rd.default_user == "root" and "MODE" in rd.default_env_keys, rd
+idx = [e.step_index for e in TemplateBuild.connect(n.build_id).logs() if e.phase == "step"]
+assert 1 in idx and max(i for i in idx if i) >= 5, idx
+print("NATIVE", n.build_id)
+try:
+    Template.build(Template.from_image(IMAGE).run_cmd("exit 9"), name="native-broken")
+    raise AssertionError("a failing step must fail the build")
+except BuildError as e:
+    print("STEPFAIL", getattr(e.phase, "value", e.phase))
 print("VM OK")
 "#;
+
+fn snapshot_of(server: &Server, key: &str, data: &Path, build: &str) -> nullspace_vm::Snapshot {
+    let script = format!(
+        "import httpx, os\nr = httpx.get(os.environ['NULLSPACE_API_URL'] + '/v1/templates/builds/{build}', headers={{'Authorization': 'Bearer ' + os.environ['NULLSPACE_API_KEY']}})\nprint(r.json()['build']['artifact_ids'][0])"
+    );
+    let a = run_sdk(server, key, &script, &[]);
+    a.ok();
+    let hex = a.stdout.trim().strip_prefix("sha256:").unwrap().to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("artifacts/sha256").join(hex)).unwrap())
+            .unwrap();
+    nullspace_vm::Snapshot::open(Path::new(manifest["snapshot"].as_str().expect("snapshot")))
+        .unwrap()
+}
+
+fn restore(snap: &nullspace_vm::Snapshot, dir: &Path) -> nullspace_vm::QemuVm {
+    nullspace_vm::template::restore(
+        snap,
+        &nullspace_vm::RestoreSpec {
+            work_dir: Some(dir.to_path_buf()),
+            timeout: Duration::from_secs(60),
+        },
+    )
+    .unwrap()
+}
 
 #[test]
 fn build_vm_runs_the_start_command_and_snapshots_a_ready_template() {
