@@ -112,6 +112,31 @@ fn build_vm_runs_the_start_command_and_snapshots_a_ready_template() {
         .find_map(|l| l.strip_prefix("BUILD "))
         .unwrap()
         .to_string();
+    assert!(r.stdout.contains("STEPFAIL build_step"), "{}", r.stdout);
+    let native = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("NATIVE "))
+        .unwrap()
+        .to_string();
+
+    // The native build's snapshot holds what the steps did, and its start
+    // command ran with the final defaults.
+    {
+        let snap = snapshot_of(&server, &key, &data, &native);
+        let mut vm = restore(&snap, tmp.path());
+        let out = vm
+            .agent()
+            .sh(
+                "cat /ran.txt /etc/app/config.toml /tmp/cwd /tmp/uid /tmp/mode; stat -c %a /data",
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "ran\nanswer = 42\n/data\n0\nprod\n700\n"
+        );
+    }
 
     // The artifact manifest names the snapshot; restore it as a sandbox.
     let script = format!(
