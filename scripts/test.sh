@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
+# The Debian-based VM template test needs a realistic Debian image
+# (debootstrap + python3): build it once (about a minute) and require it.
+if [ ! -f /var/tmp/nullspace-bench/oci-app/index.json ]; then
+  bash bench/import.sh --build-only
+fi
+export NULLSPACE_REQUIRE_DEBIAN_VM=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
