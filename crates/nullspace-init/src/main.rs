@@ -6,7 +6,8 @@
 //! (ext4) at `/newroot`, moves `/dev`, `/proc`, `/sys` into it and switches
 //! root there (mount --move + chroot, like `switch_root`). The same process
 //! carries on as PID 1 of the template rootfs: `/dev/pts`, `/dev/shm`,
-//! hostname, `lo` up, the start command with the runtime defaults from
+//! hostname, `lo` up, `eth0` when the config has `network` (see `net.rs`),
+//! the start command with the runtime defaults from
 //! `/nullspace/config.json` (read before the switch; with `defer_start` the
 //! host starts it later through the agent's `start` op), zombie reaping, and the
 //! agent on the virtio-serial port named `nullspace.agent` (see `agent.rs`
@@ -14,6 +15,7 @@
 
 mod agent;
 mod b64;
+mod net;
 mod procs;
 mod users;
 
@@ -37,6 +39,9 @@ pub struct Config {
     /// Do not run `start_cmd` at boot: the host runs build steps first and
     /// then sends the agent's `start` op.
     pub defer_start: bool,
+    /// A virtio-net device is attached (QEMU user-mode networking): load
+    /// the net modules and configure `eth0` (see [`net::setup`]).
+    pub network: bool,
 }
 
 impl Config {
@@ -66,6 +71,7 @@ impl Config {
                 .get("defer_start")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            network: v.get("network").and_then(Value::as_bool).unwrap_or(false),
         }
     }
 }
@@ -188,7 +194,10 @@ fn stage1() -> Config {
         .map(|v| Config::parse(&v))
         .unwrap_or_else(|| Config::parse(&Value::Null));
 
-    let list = std::fs::read_to_string("/nullspace/modules.list").unwrap_or_default();
+    let mut list = std::fs::read_to_string("/nullspace/modules.list").unwrap_or_default();
+    if cfg.network {
+        list.push_str(&std::fs::read_to_string("/nullspace/modules.net.list").unwrap_or_default());
+    }
     for m in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if let Err(e) = insmod(&format!("/nullspace/modules/{m}")) {
             fatal(&e);
@@ -280,6 +289,11 @@ fn stage2(cfg: &Config) {
     }
     if let Err(e) = loopback_up() {
         log(&format!("lo up: {e}"));
+    }
+    if cfg.network
+        && let Err(e) = net::setup()
+    {
+        log(&format!("network: {e}"));
     }
 }
 

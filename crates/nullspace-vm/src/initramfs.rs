@@ -1,12 +1,14 @@
 //! The initramfs: `nullspace-init` as `/init`, the virtio modules of the
 //! guest kernel (decompressed) and `/nullspace/modules.list` in dependency
-//! order. Cached by kernel version + init binary hash. The per-VM config is
+//! order, plus `/nullspace/modules.net.list` (the virtio-net modules not
+//! already in the first list; init loads them only with `network`). Cached
+//! by kernel version + init binary hash + module lists. The per-VM config is
 //! a second cpio archive appended at boot (the kernel unpacks concatenated
 //! archives), so the cached part is shared by every template.
 
 use crate::VmError;
 use crate::cpio::CpioWriter;
-use crate::kernel::{GUEST_MODULES, GuestKernel};
+use crate::kernel::{GUEST_MODULES, GuestKernel, NET_MODULES};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -131,13 +133,23 @@ pub fn build_base(
     cache_dir: &Path,
 ) -> Result<PathBuf, VmError> {
     let init = std::fs::read(init_bin).map_err(VmError::io(init_bin.display().to_string()))?;
-    let hash = hex::encode(&Sha256::digest(&init)[..8]);
+    let mut h = Sha256::new();
+    h.update(&init);
+    for m in GUEST_MODULES.iter().chain([&"|"]).chain(NET_MODULES) {
+        h.update(m.as_bytes());
+        h.update(b"\n");
+    }
+    let hash = hex::encode(&h.finalize()[..8]);
     std::fs::create_dir_all(cache_dir).map_err(VmError::io(cache_dir.display().to_string()))?;
     let path = cache_dir.join(format!("initramfs-{}-{hash}.cpio", kernel.version));
     if path.is_file() {
         return Ok(path);
     }
     let mods = modules_in_order(kernel, GUEST_MODULES)?;
+    let net_mods: Vec<(String, Vec<u8>)> = modules_in_order(kernel, NET_MODULES)?
+        .into_iter()
+        .filter(|(n, _)| !mods.iter().any(|(m, _)| m == n))
+        .collect();
     let mut w = CpioWriter::new(Vec::new());
     let io = VmError::io("initramfs");
     (|| -> std::io::Result<()> {
@@ -160,6 +172,12 @@ pub fn build_base(
             list.push_str(&format!("{n}.ko\n"));
         }
         w.file("nullspace/modules.list", 0o644, list.as_bytes())?;
+        let mut net_list = String::new();
+        for (n, data) in &net_mods {
+            w.file(&format!("nullspace/modules/{n}.ko"), 0o644, data)?;
+            net_list.push_str(&format!("{n}.ko\n"));
+        }
+        w.file("nullspace/modules.net.list", 0o644, net_list.as_bytes())?;
         Ok(())
     })()
     .map_err(io)?;

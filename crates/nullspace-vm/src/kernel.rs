@@ -20,6 +20,11 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_console",
 ];
 
+/// Modules for guest networking (`virtio-net-device`), loaded by init only
+/// when the config asks for the network (dependencies resolved from
+/// `.modinfo`: `net_failover`, `failover`).
+pub const NET_MODULES: &[&str] = &["virtio_net"];
+
 impl GuestKernel {
     /// The newest `/boot/vmlinuz-*-cloud-amd64` with its `/lib/modules`
     /// (`NULLSPACE_GUEST_KERNEL` may name a vmlinuz explicitly).

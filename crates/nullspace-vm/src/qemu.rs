@@ -178,6 +178,9 @@ pub struct BootSpec {
     /// From QEMU start to the agent's first answer; on expiry the VM is
     /// killed and `vm_create` returned.
     pub boot_timeout: Duration,
+    /// QEMU user-mode networking (`-netdev user` + `virtio-net-device`);
+    /// overrides `config.network`. Recorded in [`VmMeta::network`].
+    pub network: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +241,16 @@ fn machine_args(meta: &VmMeta, dir: &Path, initrd: &Path, drive: &str) -> Vec<St
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
     ]);
+    if meta.network {
+        // User-mode NAT: guest 10.0.2.15, gateway 10.0.2.2 (= the host's
+        // loopback), DNS forwarder 10.0.2.3.
+        a.extend([
+            "-netdev".to_string(),
+            "user,id=n0".into(),
+            "-device".into(),
+            "virtio-net-device,netdev=n0".into(),
+        ]);
+    }
     a
 }
 
@@ -355,7 +368,9 @@ impl QemuVm {
             .tempdir()
             .map_err(VmError::io("tempdir"))?;
         let initrd = dir.path().join("initrd.img");
-        let cfg = serde_json::to_vec(&spec.config).unwrap_or_default();
+        let mut config = spec.config.clone();
+        config.network = spec.network;
+        let cfg = serde_json::to_vec(&config).unwrap_or_default();
         initramfs::write_with_config(&vmm.base_initrd, &cfg, &initrd)?;
         let meta = VmMeta {
             vmlinuz: vmm.kernel.vmlinuz.clone(),
@@ -363,6 +378,7 @@ impl QemuVm {
             memory_mb: spec.memory_mb,
             vcpus: spec.vcpus,
             accel: vmm.accel,
+            network: spec.network,
         };
         let disk = std::fs::canonicalize(&spec.disk)
             .map_err(VmError::io(spec.disk.display().to_string()))?;

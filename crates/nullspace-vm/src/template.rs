@@ -33,6 +33,13 @@ pub struct GuestConfig {
     /// then starts it with [`AgentClient::start`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub defer_start: bool,
+    /// The VM has a virtio-net device (QEMU user-mode networking): init
+    /// loads `virtio_net`, configures `eth0` as 10.0.2.15/24 via 10.0.2.2
+    /// and, when the rootfs has no usable `/etc/resolv.conf`, writes
+    /// `nameserver 10.0.2.3` (QEMU's DNS forwarder) into it. Set from
+    /// [`BootSpec::network`](crate::qemu::BootSpec::network) at boot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
 }
 
 impl GuestConfig {
@@ -53,6 +60,10 @@ pub struct VmMeta {
     pub memory_mb: u32,
     pub vcpus: u32,
     pub accel: Accel,
+    /// QEMU user-mode networking (`-netdev user` + `virtio-net-device`):
+    /// a restore must recreate the same device set.
+    #[serde(default)]
+    pub network: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +130,10 @@ pub struct TemplateSpec {
     /// Minimum rootfs size; grown before boot.
     pub disk_mb: Option<u64>,
     pub boot_timeout: Duration,
+    /// Guest networking (QEMU user-mode NAT to the host's network, e.g. for
+    /// `apt_install`/`pip_install` steps); default off. Sandboxes restored
+    /// from the snapshot keep the network device.
+    pub network: bool,
 }
 
 impl TemplateSpec {
@@ -131,6 +146,7 @@ impl TemplateSpec {
             vcpus: 2,
             disk_mb: None,
             boot_timeout: Duration::from_secs(60),
+            network: false,
         }
     }
 }
@@ -195,11 +211,13 @@ fn build_inner(
         memory_mb: spec.memory_mb,
         vcpus: spec.vcpus,
         boot_timeout: spec.boot_timeout,
+        network: spec.network,
     };
     let mut vm = QemuVm::boot(vmm, &boot)?;
     let boot_ms = vm.ready_ms as u64;
     let agent = crate::Vm::agent(&mut vm);
     let mut config = spec.config.clone();
+    config.network = spec.network;
     let mut steps_ms = 0;
     if let Some((steps, on_step)) = steps {
         let t_steps = Instant::now();

@@ -185,6 +185,9 @@ fn template_snapshot_and_two_restored_sandboxes() {
                 .contains("hello from a nullspace template"),
             "{page:?}"
         );
+        // No network device by default: only `lo`.
+        let ifs = a.sh("ls /sys/class/net", T).unwrap();
+        assert_eq!(ifs.stdout_str(), "lo\n");
         // Runtime defaults apply to agent commands too.
         let who = a.sh("id -u; pwd; echo $GREETING; hostname", T).unwrap();
         assert_eq!(who.stdout_str(), "1000\n/srv\nhello\nnullspace-demo\n");
@@ -290,6 +293,95 @@ fn template_snapshot_and_two_restored_sandboxes() {
     assert!(left.is_empty(), "temp files left: {left:?}");
 }
 
+/// A one-shot HTTP server on the host's loopback; answers every request
+/// with `body` until the test ends.
+fn host_http_server(body: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = write!(
+                c,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// `network: true`: the guest gets `eth0` (10.0.2.15/24 via 10.0.2.2) and
+/// reaches a host server on 127.0.0.1 through QEMU's gateway address, during
+/// a build step and in a sandbox restored from the snapshot. No external
+/// address is contacted.
+#[test]
+fn network_reaches_host_via_user_net_gateway() {
+    let _serial = serial();
+    let f = fixture();
+    let port = host_http_server("hello from the host\n");
+    let url = format!("http://10.0.2.2:{port}/");
+    let mut spec = TemplateSpec::new(&f.rootfs, demo_config("exec sleep 100000"));
+    spec.network = true;
+    spec.memory_mb = 256;
+    spec.vcpus = 1;
+    let steps = vec![template::Step::Run {
+        command: format!("wget -q -O /tmp/fetched {url} && cat /tmp/fetched"),
+        user: None,
+    }];
+    let dir = tempfile::Builder::new()
+        .prefix("ns-snap-")
+        .tempdir()
+        .unwrap();
+    let out = dir.path().join("snap");
+    let mut step_out = Vec::new();
+    let t = Instant::now();
+    let snap = template::build_snapshot_with_steps(
+        &f.vmm,
+        &spec,
+        &steps,
+        &mut |_, _, ev| {
+            if let template::StepEvent::Output(d) = ev {
+                step_out.extend_from_slice(d);
+            }
+        },
+        &out,
+    )
+    .expect("snapshot with network");
+    eprintln!("[timing] network template: {:?}", t.elapsed());
+    assert_eq!(String::from_utf8_lossy(&step_out), "hello from the host\n");
+    assert!(snap.meta.vm.network, "network recorded in the VM shape");
+    assert!(snap.meta.config.network);
+
+    let snap = template::Snapshot::open(&out).unwrap();
+    let t = Instant::now();
+    let mut vm = template::restore(&snap, &RestoreSpec::default()).expect("restore");
+    let a = vm.agent();
+    assert_eq!(a.sh("echo hi", T).unwrap().stdout_str(), "hi\n");
+    eprintln!("[timing] network restore to first exec: {:?}", t.elapsed());
+    let ip = a
+        .sh("ip -4 addr show eth0 2>&1 || ifconfig eth0", T)
+        .unwrap();
+    assert!(ip.stdout_str().contains("10.0.2.15"), "{ip:?}");
+    let route = a.sh("cat /proc/net/route", T).unwrap();
+    // Default route (destination 0) via 10.0.2.2 (little-endian hex).
+    assert!(
+        route
+            .stdout_str()
+            .lines()
+            .any(|l| l.starts_with("eth0\t00000000\t0202000A")),
+        "{route:?}"
+    );
+    let resolv = a.read_file("/etc/resolv.conf", T).unwrap();
+    assert_eq!(resolv, b"nameserver 10.0.2.3\n");
+    let page = a.sh(&format!("wget -q -O - {url}"), T).unwrap();
+    assert_eq!(page.stdout_str(), "hello from the host\n", "{page:?}");
+    drop(vm);
+}
+
 /// Our temp dirs in the system temp dir (`ns-vm-`, `ns-sbx-`, `ns-snap-`, `ns-kvmprobe-`).
 fn tmp_entries() -> Vec<String> {
     std::fs::read_dir(std::env::temp_dir())
@@ -379,6 +471,7 @@ fn boot_timeout_kills_the_vm() {
         memory_mb: 256,
         vcpus: 1,
         boot_timeout: Duration::from_millis(700),
+        network: false,
     };
     let before = qemu_pids();
     let t = Instant::now();

@@ -1,0 +1,127 @@
+//! Guest networking with QEMU user-mode NAT (`-netdev user`): `eth0` gets
+//! the static defaults of QEMU's built-in DHCP server (no DHCP client in
+//! the guest): 10.0.2.15/24, default route via 10.0.2.2 (which is also the
+//! host's loopback), DNS forwarder 10.0.2.3.
+//!
+//! `/etc/resolv.conf`: written (`nameserver 10.0.2.3`) only when the rootfs
+//! has none, an empty one, one without a `nameserver` line, or a symlink
+//! that does not resolve (e.g. to systemd-resolved's stub). Container images
+//! usually ship none (the runtime bind-mounts it); an image's own non-empty
+//! resolv.conf is kept. The written file stays in the template (and its
+//! snapshot), which keeps the network device.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub const IFACE: &str = "eth0";
+const ADDR: [u8; 4] = [10, 0, 2, 15];
+const MASK: [u8; 4] = [255, 255, 255, 0];
+const GATEWAY: [u8; 4] = [10, 0, 2, 2];
+const DNS: &str = "10.0.2.3";
+
+fn sockaddr(ip: [u8; 4]) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes).
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+struct Fd(libc::c_int);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        unsafe {
+            libc::close(self.0);
+        }
+    }
+}
+
+fn ioctl<T>(fd: &Fd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
+    let r = unsafe { libc::ioctl(fd.0, req as _, arg as *mut T) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("{what}: {e}"));
+    }
+    Ok(())
+}
+
+fn ifreq(name: &str) -> libc::ifreq {
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
+        ifr.ifr_name[i] = b as libc::c_char;
+    }
+    ifr
+}
+
+/// Waits for `eth0`, configures it and the default route, and DNS.
+pub fn setup() -> Result<(), String> {
+    let t = Instant::now();
+    let sys = format!("/sys/class/net/{IFACE}");
+    while !Path::new(&sys).exists() {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err(format!("{IFACE} did not appear (virtio_net not loaded?)"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    let fd = Fd(fd);
+    let mut ifr = ifreq(IFACE);
+    ifr.ifr_ifru.ifru_addr = sockaddr(ADDR);
+    ioctl(&fd, libc::SIOCSIFADDR, &mut ifr, "SIOCSIFADDR")?;
+    let mut ifr = ifreq(IFACE);
+    ifr.ifr_ifru.ifru_netmask = sockaddr(MASK);
+    ioctl(&fd, libc::SIOCSIFNETMASK, &mut ifr, "SIOCSIFNETMASK")?;
+    let mut ifr = ifreq(IFACE);
+    ioctl(&fd, libc::SIOCGIFFLAGS, &mut ifr, "SIOCGIFFLAGS")?;
+    unsafe {
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    ioctl(&fd, libc::SIOCSIFFLAGS, &mut ifr, "SIOCSIFFLAGS")?;
+    let dev = std::ffi::CString::new(IFACE).expect("no NUL");
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr([0, 0, 0, 0]);
+    rt.rt_genmask = sockaddr([0, 0, 0, 0]);
+    rt.rt_gateway = sockaddr(GATEWAY);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
+    match ioctl(
+        &fd,
+        libc::SIOCADDRT,
+        &mut rt,
+        "SIOCADDRT default via 10.0.2.2",
+    ) {
+        Err(e) if !e.contains("File exists") => return Err(e),
+        _ => {}
+    }
+    resolv_conf()?;
+    crate::log(&format!(
+        "{IFACE} up: 10.0.2.15/24 via 10.0.2.2 in {} ms",
+        t.elapsed().as_millis()
+    ));
+    Ok(())
+}
+
+fn resolv_conf() -> Result<(), String> {
+    let p = Path::new("/etc/resolv.conf");
+    let usable = std::fs::read_to_string(p)
+        .map(|s| s.lines().any(|l| l.trim_start().starts_with("nameserver")))
+        .unwrap_or(false);
+    if usable {
+        return Ok(());
+    }
+    // A dangling symlink (or an unreadable file): replace it.
+    if std::fs::symlink_metadata(p).is_ok() && std::fs::metadata(p).is_err() {
+        let _ = std::fs::remove_file(p);
+    }
+    let _ = std::fs::create_dir_all("/etc");
+    std::fs::write(p, format!("nameserver {DNS}\n")).map_err(|e| format!("/etc/resolv.conf: {e}"))
+}
