@@ -30,6 +30,11 @@ pub struct Config {
     pub build_vm: bool,
     /// The static guest init (`nullspace-init`) for the build VM.
     pub init_bin: Option<PathBuf>,
+    /// Give build VMs outbound network (QEMU user networking) when a build
+    /// asks for `internet_access`. Opt-in: user networking also reaches the
+    /// host's loopback services, which hostile build steps must not see
+    /// unless the operator accepts that.
+    pub build_vm_network: bool,
 }
 
 impl Config {
@@ -43,6 +48,7 @@ impl Config {
             buildkit_addr: None,
             build_vm: false,
             init_bin: None,
+            build_vm_network: false,
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// The static guest init for the build VM [default: $NULLSPACE_INIT_BIN].
     #[arg(long)]
     init_bin: Option<PathBuf>,
+    /// Let build VMs reach the network when a build asks for internet_access
+    /// (QEMU user networking: this also reaches the host's loopback services).
+    #[arg(long, env = "NULLSPACE_BUILD_VM_NETWORK")]
+    build_vm_network: bool,
 }
 
 #[derive(Subcommand)]
@@ -85,6 +89,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     config.buildkit_addr = a.buildkit_addr;
     config.build_vm = a.build_vm;
     config.init_bin = a.init_bin;
+    config.build_vm_network = a.build_vm_network;
     runtime()?.block_on(async move {
         let state = nullspace_server::open(config)
             .await

@@ -179,3 +179,61 @@ fn build_vm_runs_the_start_command_and_snapshots_a_ready_template() {
         "restored, not restarted: {info}"
     );
 }
+
+const NET_SCRIPT: &str = r#"
+import os, threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from nullspace import Template
+from nullspace.errors import BuildError
+IMAGE = os.environ["NS_IMAGE"]
+
+class Ok(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"from-host")
+    def log_message(self, *a):
+        pass
+
+srv = HTTPServer(("127.0.0.1", 0), Ok)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+# QEMU user networking maps the gateway 10.0.2.2 to the host's loopback.
+step = f"wget -q -O /tmp/fetched http://10.0.2.2:{srv.server_port}/ && grep -q from-host /tmp/fetched"
+b = Template.build(Template.from_image(IMAGE).run_cmd(step), name="net")
+print("NET ON", b.status.value)
+try:
+    Template.build(Template.from_image(IMAGE).run_cmd(step), name="net", tags=["off"], internet_access=False)
+    print("NET OFF built")
+except BuildError as e:
+    print("NET OFF", getattr(e.phase, "value", e.phase))
+"#;
+
+#[test]
+fn build_vm_network_follows_internet_access_when_the_operator_allows_it() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let init = nullspace_vm::init_binary::locate_or_build(&workspace).expect("guest init");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let layout = tmp.path().join("layout");
+    Layout::create(&layout)
+        .image("1", &demo_image().unwrap())
+        .finish();
+    let image = reg.push_layout(&layout, "1", "demo/net");
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        None,
+        &[
+            "--build-vm",
+            "--build-vm-network",
+            "--init-bin",
+            init.to_str().unwrap(),
+        ],
+    );
+    let key = server.key("team-a");
+    let r = run_sdk(&server, &key, NET_SCRIPT, &[("NS_IMAGE", &image)]);
+    assert!(
+        r.stdout.contains("NET ON ready") && r.stdout.contains("NET OFF build_step"),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        server.log_text()
+    );
+}
