@@ -40,3 +40,29 @@ $NS image import "$IMG" --output "$OUT/template" --cache-dir "$OUT/cache"
 e2fsck -fn "$OUT/template/rootfs.ext4" >/dev/null && echo "e2fsck: $OUT/template/rootfs.ext4 is clean"
 echo "== $OUT/template/template.json (runtime)"
 python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); print(json.dumps(t["runtime"], indent=2))' "$OUT/template/template.json"
+
+echo "== the template build server: a build VM snapshot, then a sandbox restored from it"
+# The guest's PID 1 is a static binary of its own.
+RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release -p nullspace-init \
+  --target x86_64-unknown-linux-gnu --target-dir target/guest
+INIT=$PWD/target/guest/x86_64-unknown-linux-gnu/release/nullspace-init
+DATA=$OUT/server
+KEY=$($NS keys create --data-dir "$DATA" --name demo --namespace demo)
+SPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+$NS serve --data-dir "$DATA" --listen "127.0.0.1:$SPORT" --build-vm --init-bin "$INIT" 2>"$OUT/server.log" &
+SRV_PID=$!
+trap 'kill $REG_PID $SRV_PID 2>/dev/null || true' EXIT
+for _ in $(seq 300); do curl -fsS "http://127.0.0.1:$SPORT/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+# The published Python SDK, unchanged, builds the template: import, boot,
+# start command (busybox httpd), readiness from the image's HEALTHCHECK, snapshot.
+NULLSPACE_API_URL="http://127.0.0.1:$SPORT" NULLSPACE_API_KEY="$KEY" target/sdk-venv/bin/python - "$IMG" <<'PY'
+import sys
+from nullspace import Template
+b = Template.build(Template.from_image(sys.argv[1]), name="demo", on_log_entry=lambda e: print("  ", e))
+print("template", b.canonical_ref, b.status.value)
+PY
+SBX=$($NS sandbox create demo --data-dir "$DATA" --namespace demo)
+echo "sandbox $SBX restored from the snapshot; the start command is already serving:"
+$NS sandbox exec "$SBX" --data-dir "$DATA" -- wget -q -O - http://127.0.0.1:8080/
+$NS sandbox kill "$SBX" --data-dir "$DATA"
+echo "done: see README.md for the commands"
