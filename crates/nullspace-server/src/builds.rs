@@ -830,10 +830,11 @@ async fn snapshot_in_vm(
         "info",
         Some("vm_create"),
         format!(
-            "booting the build VM ({} MiB, {} vCPU, {:?}); start command: {}",
+            "booting the build VM ({} MiB, {} vCPU, {:?}, network {}); start command: {}",
             spec.memory_mb,
             spec.vcpus,
             vmm.accel,
+            if spec.network { "on" } else { "off" },
             m.start_cmd.as_deref().unwrap_or("none")
         ),
     )

@@ -133,6 +133,20 @@ impl Registry {
         }
     }
 
+    /// Pushes the embedded demo image (busybox, see
+    /// [`crate::image::demo_image`]) as `REPO:1` and returns its reference.
+    /// `scratch` holds the layout written on the way.
+    pub fn push_demo(&self, scratch: &Path, repo: &str) -> String {
+        let layout = scratch.join(format!("demo-layout-{}", repo.replace('/', "-")));
+        crate::image::Layout::create(&layout)
+            .image(
+                "1",
+                &crate::image::demo_image().expect("demo image (busybox-static)"),
+            )
+            .finish();
+        self.push_layout(&layout, "1", repo)
+    }
+
     /// Pushes `oci:LAYOUT:TAG` to `REPO:TAG` with skopeo (`--all` keeps
     /// indexes), which also cross-checks what the testkit wrote.
     pub fn push_layout(&self, layout: &Path, tag: &str, repo: &str) -> String {

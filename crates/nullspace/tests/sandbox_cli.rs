@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nullspace_testkit::image::{Layout, demo_image};
 use nullspace_testkit::registry::{Auth, Registry};
 use nullspace_testkit::server::{Server, run_sdk};
 use nullspace_testkit::{Run, nullspace_bin, run};
@@ -79,11 +78,7 @@ fn sandboxes_restored_from_one_snapshot_share_the_started_process_but_not_the_di
     let init = nullspace_vm::init_binary::locate_or_build(&workspace).expect("guest init");
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start(Auth::None);
-    let layout = tmp.path().join("layout");
-    Layout::create(&layout)
-        .image("1", &demo_image().unwrap())
-        .finish();
-    let image = reg.push_layout(&layout, "1", "demo/web");
+    let image = reg.push_demo(tmp.path(), "demo/web");
     let data = tmp.path().join("data");
     let server = Server::start_with(
         &data,
@@ -235,11 +230,7 @@ fn sandboxes_restored_from_one_snapshot_share_the_started_process_but_not_the_di
 fn a_template_built_without_the_build_vm_has_no_snapshot_to_restore() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start(Auth::None);
-    let layout = tmp.path().join("layout");
-    Layout::create(&layout)
-        .image("1", &demo_image().unwrap())
-        .finish();
-    let image = reg.push_layout(&layout, "1", "demo/plain");
+    let image = reg.push_demo(tmp.path(), "demo/plain");
     let data = tmp.path().join("data");
     let server = Server::start(&data, None);
     let key = server.key("default");

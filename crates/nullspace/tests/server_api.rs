@@ -7,21 +7,12 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use nullspace_testkit::image::{Layout, demo_image};
 use nullspace_testkit::registry::{Auth, PASSWORD, Registry, USER};
 use nullspace_testkit::run;
 use nullspace_testkit::server::{Postgres, Server, run_sdk};
 
 const SUITE: &str = include_str!("sdk/api_suite.py");
 const VALIDATION: &str = include_str!("sdk/validation.py");
-
-fn push_demo(reg: &Registry, tmp: &Path, repo: &str) -> String {
-    let layout = tmp.join(format!("layout-{}", repo.replace('/', "-")));
-    Layout::create(&layout)
-        .image("1", &demo_image().expect("demo image"))
-        .finish();
-    reg.push_layout(&layout, "1", repo)
-}
 
 /// Every file under `dir` that contains `needle`.
 fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
@@ -51,8 +42,8 @@ fn suite(database_url: Option<&str>) {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start(Auth::None);
     let private = Registry::start(Auth::Basic);
-    let image = push_demo(&reg, tmp.path(), "demo/app");
-    let private_image = push_demo(&private, tmp.path(), "private/app");
+    let image = reg.push_demo(tmp.path(), "demo/app");
+    let private_image = private.push_demo(tmp.path(), "private/app");
     let data = tmp.path().join("data");
     let server = Server::start(&data, database_url);
     let key_a = server.key("team-a");
@@ -214,7 +205,7 @@ fn cancel_stops_a_running_build() {
 fn queued_builds_survive_a_crash_and_running_ones_are_marked_interrupted() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start(Auth::None);
-    let image = push_demo(&reg, tmp.path(), "demo/app");
+    let image = reg.push_demo(tmp.path(), "demo/app");
     let data = tmp.path().join("data");
 
     // 1. A server with no workers queues the build; it crashes; a new server

@@ -5,7 +5,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use nullspace_testkit::image::{Layout, demo_image};
 use nullspace_testkit::registry::{Auth, Registry};
 use nullspace_testkit::server::{Server, run_sdk};
 use nullspace_testkit::tree;
@@ -79,11 +78,7 @@ fn dockerfile_and_declarative_builds_with_the_machine_engine() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start(Auth::None);
-    let layout = tmp.path().join("layout");
-    Layout::create(&layout)
-        .image("1", &demo_image().unwrap())
-        .finish();
-    let image = reg.push_layout(&layout, "1", "demo/base");
+    let image = reg.push_demo(tmp.path(), "demo/base");
     let data = tmp.path().join("data");
     let server = Server::start(&data, None);
     let key = server.key("team-a");

@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use nullspace_testkit::image::{Layout, demo_image};
 use nullspace_testkit::registry::{Auth, Registry};
 use nullspace_testkit::server::{Server, run_sdk};
 use nullspace_vm::Vm as _;
@@ -85,11 +84,7 @@ fn build_vm_runs_the_start_command_and_snapshots_a_ready_template() {
     let init = nullspace_vm::init_binary::locate_or_build(&workspace).expect("guest init");
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start(Auth::None);
-    let layout = tmp.path().join("layout");
-    Layout::create(&layout)
-        .image("1", &demo_image().unwrap())
-        .finish();
-    let image = reg.push_layout(&layout, "1", "demo/web");
+    let image = reg.push_demo(tmp.path(), "demo/web");
     let data = tmp.path().join("data");
     let server = Server::start_with(
         &data,
@@ -212,11 +207,7 @@ fn build_vm_network_follows_internet_access_when_the_operator_allows_it() {
     let init = nullspace_vm::init_binary::locate_or_build(&workspace).expect("guest init");
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start(Auth::None);
-    let layout = tmp.path().join("layout");
-    Layout::create(&layout)
-        .image("1", &demo_image().unwrap())
-        .finish();
-    let image = reg.push_layout(&layout, "1", "demo/net");
+    let image = reg.push_demo(tmp.path(), "demo/net");
     let server = Server::start_with(
         &tmp.path().join("data"),
         None,
