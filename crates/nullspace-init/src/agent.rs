@@ -14,6 +14,7 @@
 //! | `read_file` | `path` | `ok {data}` |
 //! | `start` | `cmd` (optional), `env`, `user`, `workdir`: replace the runtime defaults, then start `cmd` as the supervised start command (what `info` reports) | `ok {pid}` |
 //! | `probe` | `probe: {kind: tcp|http|command, port, host, path, cmd}`, `timeout_ms` | `ok {ready, detail}` |
+//! | `set_time` | `unix_ns`: sets `CLOCK_REALTIME` (the host sends its time after a restore) | `ok {previous_unix_ns}` |
 //!
 //! Failures are `error {message}`. Lines are self-delimiting, so after the
 //! host drops the connection (or a snapshot is restored behind a new QEMU
@@ -148,6 +149,7 @@ fn handle_line(state: &State, out: &Out, line: &[u8]) {
             "read_file" => read_file(&req),
             "probe" => probe(&state, &req),
             "start" => start(&state, &req),
+            "set_time" => set_time(&req),
             other => Err(format!("unknown op {other:?}")),
         };
         match res {
@@ -185,6 +187,36 @@ fn info(state: &State) -> Value {
         "uptime_ms": state.boot.elapsed().as_millis() as u64,
         "hostname": state.cfg.hostname,
     })
+}
+
+/// The `set_time` op: a restored snapshot's wall clock continues from the
+/// snapshot's time, so the host sends its own.
+fn set_time(req: &Value) -> Result<Value, String> {
+    let ns = req
+        .get("unix_ns")
+        .and_then(Value::as_u64)
+        .ok_or("set_time needs unix_ns")?;
+    let mut prev = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: plain syscalls on valid, initialised timespecs.
+    let r = unsafe {
+        libc::clock_gettime(libc::CLOCK_REALTIME, &mut prev);
+        libc::clock_settime(libc::CLOCK_REALTIME, &ts)
+    };
+    if r != 0 {
+        return Err(format!(
+            "clock_settime: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let prev_ns = prev.tv_sec as u64 * 1_000_000_000 + prev.tv_nsec as u64;
+    Ok(json!({"previous_unix_ns": prev_ns}))
 }
 
 /// The `start` op: new runtime defaults (for the start command and every

@@ -299,6 +299,25 @@ impl AgentClient {
         Ok(v.get("pid").and_then(Value::as_u64).map(|p| p as u32))
     }
 
+    /// Sets the guest's wall clock (`CLOCK_REALTIME`) to `time`. Returns the
+    /// guest's previous wall clock.
+    pub fn set_time(
+        &mut self,
+        time: std::time::SystemTime,
+        limit: Duration,
+    ) -> Result<std::time::SystemTime, VmError> {
+        let ns = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| VmError::Agent(format!("set_time: {e}")))?
+            .as_nanos() as u64;
+        let v = self.call(json!({"op": "set_time", "unix_ns": ns}), limit)?;
+        let prev = v
+            .get("previous_unix_ns")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        Ok(std::time::UNIX_EPOCH + Duration::from_nanos(prev))
+    }
+
     pub fn read_file(&mut self, path: &str, limit: Duration) -> Result<Vec<u8>, VmError> {
         let v = self.call(json!({"op": "read_file", "path": path}), limit)?;
         B64.decode(v.get("data").and_then(Value::as_str).unwrap_or(""))

@@ -459,8 +459,31 @@ impl QemuVm {
         }
         drop(qmp);
         vm.attach_agent(deadline)?;
+        vm.sync_guest_clock(deadline)?;
         vm.ready_ms = t0.elapsed().as_millis();
         Ok(vm)
+    }
+
+    /// Sends the host's wall clock to a restored guest (whose clock continues
+    /// from the snapshot's time). A guest whose agent predates the
+    /// `set_time` op is logged and left as is; any other failure is an error.
+    fn sync_guest_clock(&mut self, deadline: Instant) -> Result<(), VmError> {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        let Some(agent) = self.agent.as_mut() else {
+            return Ok(());
+        };
+        match agent.set_time(std::time::SystemTime::now(), left) {
+            Ok(_) => Ok(()),
+            Err(VmError::Agent(m)) if m.contains("unknown op") => {
+                eprintln!(
+                    "nullspace-vm: guest agent cannot set its clock ({m}); wall clock is stale"
+                );
+                Ok(())
+            }
+            Err(e) => Err(self.fail(format!("restore: setting the guest clock: {e}"))),
+        }
     }
 
     /// Drops the agent connection and connects again (what a host does

@@ -144,6 +144,9 @@ fn template_snapshot_and_two_restored_sandboxes() {
 
     // Reopen from disk as the server would.
     let snap = template::Snapshot::open(&out).unwrap();
+    // Let the snapshot's wall clock fall behind: a restored guest would
+    // continue from it if the host did not send its time.
+    std::thread::sleep(Duration::from_secs(3));
     let mut sandboxes = Vec::new();
     for name in ["a", "b"] {
         let t = Instant::now();
@@ -156,6 +159,17 @@ fn template_snapshot_and_two_restored_sandboxes() {
         );
         assert_eq!(hi.stdout_str(), "hi\n");
         assert!(hi.success());
+        // The guest's wall clock is the host's, not the snapshot's.
+        let guest = vm.agent().sh("date +%s", T).unwrap();
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let guest: i64 = guest.stdout_str().trim().parse().expect("date +%s");
+        assert!(
+            (guest - host).abs() <= 2,
+            "sandbox {name}: guest clock {guest}, host {host}"
+        );
         sandboxes.push(vm);
     }
     let mut seen = Vec::new();
