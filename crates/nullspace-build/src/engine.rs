@@ -581,6 +581,16 @@ impl Buildah {
     }
 }
 
+/// Maps an I/O failure of an engine's `context` step to [`EngineError::Io`].
+fn io_err(engine: &str, context: &str) -> impl FnOnce(std::io::Error) -> EngineError + use<> {
+    let (engine, context) = (engine.to_string(), context.to_string());
+    move |source| EngineError::Io {
+        engine,
+        context,
+        source,
+    }
+}
+
 impl DockerfileEngine for Buildah {
     fn name(&self) -> &'static str {
         "buildah"
@@ -594,14 +604,7 @@ impl DockerfileEngine for Buildah {
         const E: &str = "buildah";
         let start = Instant::now();
         let (dockerfile, analysis) = prepare(E, b)?;
-        let io = |context: &str| {
-            let context = context.to_string();
-            move |source| EngineError::Io {
-                engine: E.into(),
-                context,
-                source,
-            }
-        };
+        let io = |context: &str| io_err(E, context);
         fs::create_dir_all(&self.root).map_err(io("storage"))?;
         fs::create_dir_all(&self.runroot).map_err(io("storage"))?;
         let scrub = scrubber_for(b);
@@ -820,14 +823,7 @@ impl DockerfileEngine for Buildkit {
         const E: &str = "buildkit";
         let start = Instant::now();
         let (_, analysis) = prepare(E, b)?;
-        let io = |context: &str| {
-            let context = context.to_string();
-            move |source| EngineError::Io {
-                engine: E.into(),
-                context,
-                source,
-            }
-        };
+        let io = |context: &str| io_err(E, context);
         let scrub = scrubber_for(b);
         let private = PrivateDir::new(&self.secret_root).map_err(io("private dir"))?;
         let secrets = write_secrets(&private, &b.secrets).map_err(io("secrets"))?;

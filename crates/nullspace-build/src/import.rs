@@ -359,11 +359,7 @@ impl<R: Read> Read for CancelReader<R> {
 }
 
 fn blob_error(image: &Image, i: usize, desc: &Descriptor, e: io::Error) -> ImportError {
-    let object = format!("layer {i} {}", desc.digest);
-    match nullspace_oci::error::verify_error_of(&e) {
-        Some(v) => OciError::at(&image.name, object, v.clone()).into(),
-        None => OciError::at(&image.name, object, e).into(),
-    }
+    OciError::reading(&image.name, format!("layer {i} {}", desc.digest), e).into()
 }
 
 /// A decode error caused by the blob failing verification is reported as

@@ -120,20 +120,7 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
         context_refs: vec![],
     };
     for (index, step) in input.steps.iter().enumerate() {
-        let action = step
-            .get("action")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let s = Step {
-            index,
-            action: &action,
-            v: step,
-        };
-        if !step.is_object() {
-            return Err(s.err("a step must be an object"));
-        }
-        render_step(&s, &mut out, &mut rendered)?;
+        with_step(index, step, |s| render_step(s, &mut out, &mut rendered))?;
     }
     for (name, value) in input.runtime_envs {
         check_env("runtime", name, value)?;
@@ -411,20 +398,25 @@ fn path_word(s: &Step<'_>, key: &str) -> Result<String, RenderError> {
 /// backend runs these lines in the build VM, so both backends share one
 /// rendering.
 pub fn step_shell(index: usize, step: &Value) -> Result<Option<String>, RenderError> {
-    let action = step
-        .get("action")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    with_step(index, step, shell_step)
+}
+
+/// Runs `f` on step `index` of a request, which must be a JSON object.
+fn with_step<T>(
+    index: usize,
+    step: &Value,
+    f: impl FnOnce(&Step<'_>) -> Result<T, RenderError>,
+) -> Result<T, RenderError> {
+    let action = step.get("action").and_then(Value::as_str).unwrap_or("");
     let s = Step {
         index,
-        action: &action,
+        action,
         v: step,
     };
     if !step.is_object() {
         return Err(s.err("a step must be an object"));
     }
-    shell_step(&s)
+    f(&s)
 }
 
 fn shell_step(s: &Step<'_>) -> Result<Option<String>, RenderError> {

@@ -78,6 +78,18 @@ impl std::error::Error for OciError {
     }
 }
 
+impl OciError {
+    /// A failed read of a blob: a verification failure (from a
+    /// [`crate::digest::VerifyingReader`]) is reported as that rule, any
+    /// other error as I/O.
+    pub fn reading(image: impl Into<String>, object: impl Into<String>, e: io::Error) -> OciError {
+        match verify_error_of(&e) {
+            Some(v) => OciError::at(image, object, v.clone()),
+            None => OciError::at(image, object, e),
+        }
+    }
+}
+
 /// Unwraps an io::Error raised by a [`crate::digest::VerifyingReader`].
 pub fn verify_error_of(e: &io::Error) -> Option<&VerifyError> {
     e.get_ref()

@@ -242,10 +242,7 @@ fn copy_blob(
             fs::File::create(&part).map_err(|e| OciError::at(&image.name, obj(), e))?,
         );
         let mut r = Counting { inner: r, progress };
-        io::copy(&mut r, &mut f).map_err(|e| match crate::error::verify_error_of(&e) {
-            Some(v) => OciError::at(&image.name, obj(), v.clone()),
-            None => OciError::at(&image.name, obj(), e),
-        })?;
+        io::copy(&mut r, &mut f).map_err(|e| OciError::reading(&image.name, obj(), e))?;
         f.flush().map_err(|e| OciError::at(&image.name, obj(), e))?;
         fs::rename(&part, &dest).map_err(|e| OciError::at(&image.name, obj(), e))?;
         Ok(())

@@ -90,10 +90,7 @@ fn read_doc(
     let mut out = Vec::with_capacity(desc.size as usize);
     VerifyingReader::new(r, desc.digest.clone(), desc.size)
         .read_to_end(&mut out)
-        .map_err(|e| match crate::error::verify_error_of(&e) {
-            Some(v) => OciError::at(name, obj(), v.clone()),
-            None => OciError::at(name, obj(), e),
-        })?;
+        .map_err(|e| OciError::reading(name, obj(), e))?;
     Ok(out)
 }
 
