@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# Installs the Debian packages nullspace and its tests use. Sourced by
-# setup.sh and test.sh; safe to run again (apt-get skips what is installed).
+# Installs the Debian packages nullspace and its tests use, then checks that
+# every external program the project calls exists. Run by setup.sh and
+# test.sh; safe to run again.
+#
+# The whole list goes to one `apt-get install` every run: cheap when all is
+# installed, and apt resolves conflicts across the list together. (Machines
+# of this kind ship backports' qemu-utils 10; installing Debian 12's
+# qemu-system-x86 7.2 on its own removes it, and qemu-img with it.)
 set -euo pipefail
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 NULLSPACE_APT_PACKAGES=(
   docker-registry   # a real OCI registry for tests and the demo
@@ -13,30 +22,92 @@ NULLSPACE_APT_PACKAGES=(
   openssl           # signs registry bearer tokens in tests
   postgresql        # the shared store, started per test run by the harness
   python3-venv      # the published Python SDK runs in a venv for API tests
-  ca-certificates
-  qemu-system-x86   # the microVM VMM (microvm machine; TCG here, KVM when a probe boots)
-  qemu-utils        # qemu-img: a qcow2 overlay per restored sandbox (must match qemu-system's 7.2)
+  ca-certificates curl
+  cpio              # the guest initramfs is packed with it
+  util-linux        # unshare (engine builds without network), runuser
+  debootstrap       # the realistic Debian image of the VM test and benchmarks
   linux-image-cloud-amd64  # the guest kernel + the virtio modules the initramfs loads
 )
+# The VMM and qemu-img come from bookworm-backports (QEMU 10): the same
+# version for both, and the one the machine image already carries for
+# qemu-utils. Fast restore wants QEMU 9+ too.
+QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
 
-missing=()
-for p in "${NULLSPACE_APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "installing: ${missing[*]}" >&2
+# Debian's mirror as the machine's apt sources name it (one-line or deb822).
+debian_mirror() {
+  local m
+  m=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+      | awk '$1=="deb" { for (i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//) { print $i; break } }' \
+      | grep -v -e security -e backports | grep -i debian | head -n1 || true)
+  if [ -z "$m" ]; then
+    m=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null \
+        | awk 'BEGIN{RS=""} /Suites:[^\n]*bookworm( |\n|$)/ && !/security/ {
+                 if (match($0, /URIs:[ \t]*[^ \t\n]+/)) { s=substr($0,RSTART,RLENGTH); sub(/URIs:[ \t]*/,"",s); print s } }' \
+        | grep -i debian | head -n1 || true)
+  fi
+  echo "${m:-http://deb.debian.org/debian}"
+}
+
+BACKPORTS=/etc/apt/sources.list.d/nullspace-backports.sources
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "adding bookworm-backports from $(debian_mirror)" >&2
+  printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+    "$(debian_mirror)" | $SUDO tee "$BACKPORTS" >/dev/null
+fi
+
+# `apt-get update` only when the lists are older than a day or backports is
+# not in them yet; the install itself runs every time.
+stamp=/var/lib/apt/periodic/nullspace-update-stamp
+if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ] \
+   || ! grep -q bookworm-backports <<<"$(apt-cache policy 2>/dev/null)"; then
   $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  $SUDO mkdir -p "$(dirname "$stamp")" && $SUDO touch "$stamp"
 fi
-command -v cargo >/dev/null || { echo "cargo (Rust 1.95+) is required" >&2; exit 1; }
+# Pin QEMU and the firmware it needs to backports, so apt takes their
+# matching dependencies (qemu-system-common/-data, seabios) from there too.
+PIN=/etc/apt/preferences.d/nullspace-qemu
+printf 'Package: qemu-system-* qemu-utils qemu-block-extra seabios ipxe-qemu\nPin: release n=bookworm-backports\nPin-Priority: 990\n' \
+  | $SUDO tee "$PIN" >/dev/null
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+  "${NULLSPACE_APT_PACKAGES[@]}" "${QEMU_PACKAGES[@]}" \
+  -o Dpkg::Options::=--force-confold >/tmp/nullspace-apt.log 2>&1 \
+  || { tail -n 30 /tmp/nullspace-apt.log >&2; echo "error: apt-get install failed (log: /tmp/nullspace-apt.log)" >&2; exit 1; }
 
-# The published Python SDK, unpatched, drives the API tests; schemathesis
-# fuzzes the server from its /openapi.json (4.32.5 verified on Python 3.11).
-SDK_VENV=${NULLSPACE_SDK_VENV:-$(dirname "$0")/../target/sdk-venv}
-if [ ! -x "$SDK_VENV/bin/python" ] || ! "$SDK_VENV/bin/python" -c 'import nullspace' 2>/dev/null \
-  || [ ! -x "$SDK_VENV/bin/schemathesis" ]; then
-  python3 -m venv "$SDK_VENV"
-  "$SDK_VENV/bin/pip" install -q 'nullspace-sdk==0.1.9' 'schemathesis==4.32.5'
+# Every program the project, its tests and its benchmarks call. One line
+# names whatever is missing.
+REQUIRED_PROGRAMS=(
+  qemu-system-x86_64 qemu-img buildah skopeo umoci docker-registry e2fsck debugfs
+  mkfs.ext4 htpasswd openssl cpio unshare runuser busybox curl debootstrap python3
+  cargo
+)
+missing=()
+for p in "${REQUIRED_PROGRAMS[@]}"; do command -v "$p" >/dev/null 2>&1 || missing+=("$p"); done
+pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
+for p in initdb pg_ctl postgres pg_dump; do [ -x "$pgbin/$p" ] || missing+=("$p (postgresql)"); done
+ls /boot/vmlinuz-*cloud-amd64 >/dev/null 2>&1 || missing+=("/boot/vmlinuz-*-cloud-amd64 (linux-image-cloud-amd64)")
+if ((${#missing[@]})); then
+  echo "error: set-up finished but these programs are missing: ${missing[*]}" >&2
+  exit 1
 fi
+qemu_sys=$(qemu-system-x86_64 --version | head -n1 | grep -o 'version [0-9.]*' | cut -d' ' -f2)
+qemu_img=$(qemu-img --version | head -n1 | grep -o 'version [0-9.]*' | cut -d' ' -f2)
+if [ "${qemu_sys%%.*}" != "${qemu_img%%.*}" ]; then
+  echo "error: qemu-system-x86_64 $qemu_sys and qemu-img $qemu_img differ in major version" >&2
+  exit 1
+fi
+
+# The published Python SDK, unpatched, drives the API tests: 0.1.9
+# (`Sandbox`) and 1.0.3 (`Machine`, today's PyPI release) each in a venv of
+# its own. schemathesis fuzzes the server from its /openapi.json.
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+sdk_venv() { # sdk_venv DIR VERSION EXTRA...
+  local dir=$1 ver=$2; shift 2
+  if [ ! -x "$dir/bin/python" ] \
+     || [ "$("$dir/bin/python" -c 'import importlib.metadata as m; print(m.version("nullspace-sdk"))' 2>/dev/null)" != "$ver" ]; then
+    rm -rf "$dir"
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install -q "nullspace-sdk==$ver" "$@"
+  fi
+}
+sdk_venv "${NULLSPACE_SDK_VENV:-$ROOT/target/sdk-venv}" 0.1.9 'schemathesis==4.32.5'
+sdk_venv "${NULLSPACE_SDK1_VENV:-$ROOT/target/sdk1-venv}" 1.0.3
