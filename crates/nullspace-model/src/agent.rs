@@ -24,7 +24,7 @@
 //! | `ping` | `pong` |
 //! | `info` | `info {protocol, start, uptime_ms, hostname}` |
 //! | `exec {argv\|cmd, env, cwd, user, stdin, stdin_open, timeout_ms}` | `started {pid}`, `stdout`/`stderr {data}`*, `exit {code, signal, timed_out}` |
-//! | `exec {…, background: true, ring_bytes}` | `started {pid}` |
+//! | `exec {…, background: true, ring_bytes}` | `spawned {pid}` |
 //! | `attach {pid, replay}` | `started {pid}`, `stdout`/`stderr`*, `exit {…, dropped}` |
 //! | `processes` | `processes {processes}` |
 //! | `output {pid}` | `stdout`/`stderr`*, `output_end {running, exit, stdout_dropped, stderr_dropped}` |
@@ -38,7 +38,7 @@
 //! | `remove {path, recursive, user}` | `ok` |
 //! | `rename {from, to, user}` | `file {info}` (of `to`) |
 //! | `chmod {path, mode, user}` | `ok` |
-//! | `start {cmd, env, user, workdir}` | `started {pid}` |
+//! | `start {cmd, env, user, workdir}` | `spawned {pid}` (null without `cmd`) |
 //! | `probe {probe, timeout_ms}` | `probe {ready, detail}` |
 //! | `set_time {unix_ns}` | `time {previous_unix_ns}` |
 //! | `reseed {data}` | `ok` |
@@ -488,9 +488,14 @@ pub enum Event {
         message: String,
     },
     Info(AgentInfo),
-    /// A process started (`exec`, `attach`, `start`; `start` without a
-    /// command has none).
+    /// The stream of a foreground `exec` or an `attach` began: the
+    /// process's pid. Not final.
     Started {
+        pid: u32,
+    },
+    /// A background `exec` or the `start` command runs (`start` without a
+    /// command has no pid). Final.
+    Spawned {
         pid: Option<u32>,
     },
     Stdout {
@@ -1058,7 +1063,8 @@ mod tests {
 
     #[test]
     fn finality_and_stream_accounting() {
-        assert!(!Event::Started { pid: Some(1) }.is_final());
+        assert!(!Event::Started { pid: 1 }.is_final());
+        assert!(Event::Spawned { pid: Some(1) }.is_final());
         assert!(!Event::Stdout { data: vec![] }.is_final());
         assert!(Event::Exit(ExitStatus::default()).is_final());
         assert!(Event::ListEnd { truncated: false }.is_final());
