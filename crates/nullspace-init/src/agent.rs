@@ -225,7 +225,8 @@ fn open_port(name: &str) -> File {
             if let Ok(f) = File::options().read(true).write(true).open("/dev/hvc0") {
                 if let Ok(mut t) = rustix::termios::tcgetattr(&f) {
                     t.make_raw();
-                    let _ = rustix::termios::tcsetattr(&f, rustix::termios::OptionalActions::Now, &t);
+                    let _ =
+                        rustix::termios::tcsetattr(&f, rustix::termios::OptionalActions::Now, &t);
                 }
                 crate::log("agent on /dev/hvc0");
                 return f;
@@ -322,9 +323,7 @@ pub fn serve(state: State) -> ! {
                 lines.reset();
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Ok(n) => lines.push(&chunk[..n], &mut |line| {
-                handle_line(&state, &conn, line)
-            }),
+            Ok(n) => lines.push(&chunk[..n], &mut |line| handle_line(&state, &conn, line)),
             Err(e) => {
                 crate::log(&format!("agent read: {e}"));
                 lines.reset();
@@ -398,7 +397,10 @@ fn handle_line(state: &State, conn: &Arc<Conn>, line: &[u8]) {
             move || run(&state, &resp, op)
         });
     if let Err(e) = spawned {
-        finish(&resp, Err(Failure::new(ErrorCode::Busy, format!("thread: {e}"))));
+        finish(
+            &resp,
+            Err(Failure::new(ErrorCode::Busy, format!("thread: {e}"))),
+        );
     }
 }
 

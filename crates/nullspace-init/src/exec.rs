@@ -228,7 +228,11 @@ fn wait_drained(drain: &DrainState, exited: Instant) {
             d.abandoned = true;
             return;
         }
-        d = drain.1.wait_timeout(d, Duration::from_millis(50)).unwrap().0;
+        d = drain
+            .1
+            .wait_timeout(d, Duration::from_millis(50))
+            .unwrap()
+            .0;
     }
 }
 
@@ -331,8 +335,7 @@ pub fn exec(state: &State, resp: &Resp, spec: ExecSpec) -> Outcome {
     if spec.background {
         admit(&mut table, ring)?;
     }
-    let mut sp =
-        procs::spawn(state, pspec).map_err(|e| Failure::new(ErrorCode::SpawnFailed, e))?;
+    let mut sp = procs::spawn(state, pspec).map_err(|e| Failure::new(ErrorCode::SpawnFailed, e))?;
     let pid = sp.child.id();
     let stdin = sp.child.stdin.take();
     let proc = Arc::new(Proc {
@@ -479,7 +482,14 @@ fn find(state: &State, pid: u32) -> Result<Arc<Proc>, Failure> {
 
 /// The `processes` op: tracked processes, then the start command.
 pub fn processes(state: &State) -> Event {
-    let procs: Vec<Arc<Proc>> = state.table.procs.lock().unwrap().values().cloned().collect();
+    let procs: Vec<Arc<Proc>> = state
+        .table
+        .procs
+        .lock()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect();
     let mut list: Vec<ProcessInfo> = procs.iter().map(|p| p.info()).collect();
     let st = state.start.lock().unwrap();
     if let Some(pid) = st.pid {
@@ -575,7 +585,11 @@ pub fn attach(state: &State, resp: &Resp, pid: u32, replay: bool) -> Outcome {
                 if q.done || !resp.live() {
                     break None;
                 }
-                q = sub.cv.wait_timeout(q, Duration::from_millis(100)).unwrap().0;
+                q = sub
+                    .cv
+                    .wait_timeout(q, Duration::from_millis(100))
+                    .unwrap()
+                    .0;
             }
         };
         match next {
@@ -619,8 +633,8 @@ pub fn kill(state: &State, pid: u32, signal: i32, group: bool) -> Outcome {
     if !running {
         return Ok(Event::Ok);
     }
-    let p = rustix::process::Pid::from_raw(pid as i32)
-        .ok_or_else(|| Failure::bad("kill: pid 0"))?;
+    let p =
+        rustix::process::Pid::from_raw(pid as i32).ok_or_else(|| Failure::bad("kill: pid 0"))?;
     let r = if group {
         rustix::process::kill_process_group(p, sig)
             .or_else(|_| rustix::process::kill_process(p, sig))

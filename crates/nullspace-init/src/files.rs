@@ -42,7 +42,10 @@ impl AsUser {
         }
         let groups: Vec<Gid> = id.groups.iter().map(|g| Gid::from_raw(*g)).collect();
         let fail = |what: &str, e: rustix::io::Errno| {
-            Failure::new(ErrorCode::Io, format!("switching to user {spec:?}: {what}: {e}"))
+            Failure::new(
+                ErrorCode::Io,
+                format!("switching to user {spec:?}: {what}: {e}"),
+            )
         };
         let guard = AsUser { switched: true };
         // Effective ids only: the saved ids stay root, so the switch back is
@@ -66,7 +69,9 @@ impl Drop for AsUser {
             .and_then(|_| rustix::thread::set_thread_groups(&[]));
         if let Err(e) = back {
             // A thread that cannot become root again must not serve more.
-            crate::log(&format!("agent: switching a request thread back to root: {e}"));
+            crate::log(&format!(
+                "agent: switching a request thread back to root: {e}"
+            ));
             std::process::abort();
         }
     }
@@ -247,8 +252,7 @@ pub fn list_dir(
         let Ok(info) = file_info(&p, &names) else {
             continue; // gone meanwhile
         };
-        let descend = d < depth
-            && std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir());
+        let descend = d < depth && std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir());
         count += 1;
         batch.push(info);
         if batch.len() >= LIST_BATCH
@@ -333,8 +337,7 @@ pub fn write(state: &State, spec: &WriteFileSpec) -> Outcome {
         f.seek(SeekFrom::Start(off))
             .map_err(|e| Failure::io(&name, e))?;
     }
-    f.write_all(&spec.data)
-        .map_err(|e| Failure::io(&name, e))?;
+    f.write_all(&spec.data).map_err(|e| Failure::io(&name, e))?;
     if spec.exact_mode {
         // The mode as given, not reduced by the umask (and also on an
         // existing file).
@@ -408,7 +411,9 @@ pub fn rename(state: &State, from: &str, to: &str, user: Option<&str>) -> Outcom
 pub fn chmod(state: &State, path: &str, mode: u32, user: Option<&str>) -> Outcome {
     let p = absolute(state, path)?;
     if mode > 0o7777 {
-        return Err(Failure::bad(format!("mode {mode:o} is not a permission mode")));
+        return Err(Failure::bad(format!(
+            "mode {mode:o} is not a permission mode"
+        )));
     }
     let _as = AsUser::switch(state, user)?;
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))

@@ -57,7 +57,13 @@ fn fatal(msg: &str) -> ! {
     }
 }
 
-fn mount(src: &str, target: &str, fstype: &str, flags: MountFlags, data: &str) -> Result<(), String> {
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MountFlags,
+    data: &str,
+) -> Result<(), String> {
     let data = (!data.is_empty())
         .then(|| std::ffi::CString::new(data))
         .transpose()
@@ -102,7 +108,13 @@ fn stage1() -> Config {
     mkdir_p("/dev", 0o755);
     mkdir_p("/proc", 0o555);
     mkdir_p("/sys", 0o555);
-    let _ = mount("devtmpfs", "/dev", "devtmpfs", MountFlags::NOSUID, "mode=0755");
+    let _ = mount(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MountFlags::NOSUID,
+        "mode=0755",
+    );
     let nsne = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     mount("proc", "/proc", "proc", nsne, "").unwrap_or_else(|e| fatal(&e));
     mount("sysfs", "/sys", "sysfs", nsne, "").unwrap_or_else(|e| fatal(&e));

@@ -891,7 +891,12 @@ impl AgentClient {
     }
 
     /// Metadata of a guest path, as `user` (default: the runtime user).
-    pub fn stat(&self, path: &str, user: Option<&str>, limit: Duration) -> Result<FileInfo, VmError> {
+    pub fn stat(
+        &self,
+        path: &str,
+        user: Option<&str>,
+        limit: Duration,
+    ) -> Result<FileInfo, VmError> {
         let op = Op::Stat {
             path: path.to_string(),
             user: user.map(str::to_string),
@@ -1247,8 +1252,8 @@ impl AgentClient {
         probe: Value,
         attempt_limit: Duration,
     ) -> Result<(bool, String), VmError> {
-        let probe: ProbeSpec = serde_json::from_value(probe)
-            .map_err(|e| VmError::Agent(format!("probe: {e}")))?;
+        let probe: ProbeSpec =
+            serde_json::from_value(probe).map_err(|e| VmError::Agent(format!("probe: {e}")))?;
         let op = Op::Probe {
             probe,
             timeout_ms: Some(attempt_limit.as_millis() as u64),

@@ -483,11 +483,22 @@ impl QemuVm {
     /// Drops the agent connection and connects again (what a host does
     /// after its own restart; the guest keeps serving across it).
     pub fn reconnect_agent(&mut self, limit: Duration) -> Result<(), VmError> {
+        self.reconnect_agent_with(crate::agent::Limits::default(), limit)
+            .map(|_| ())
+    }
+
+    /// [`QemuVm::reconnect_agent`] with other client limits; returns (a
+    /// clone of) the VM's new client.
+    pub fn reconnect_agent_with(
+        &mut self,
+        limits: crate::agent::Limits,
+        limit: Duration,
+    ) -> Result<AgentClient, VmError> {
         self.agent = None;
-        let a = AgentClient::connect(&self.dir.path().join("agent.sock"), limit)?;
+        let a = AgentClient::connect_with(&self.dir.path().join("agent.sock"), limit, limits)?;
         a.ping(limit)?;
-        self.agent = Some(a);
-        Ok(())
+        self.agent = Some(a.clone());
+        Ok(a)
     }
 
     pub fn dir(&self) -> &Path {
