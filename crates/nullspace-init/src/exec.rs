@@ -372,6 +372,10 @@ pub fn exec(state: &State, resp: &Resp, spec: ExecSpec) -> Outcome {
     let fg = (!spec.background).then(|| resp.clone());
     if let Some(r) = &fg {
         *r.ctl().kill_pgid.lock().unwrap() = Some(pid);
+        // A cancel that came before the pid was known kills it now.
+        if r.cancelled() {
+            kill_group(pid, 9);
+        }
         r.send(Event::Started { pid });
     }
     let drain: DrainState = Arc::new((

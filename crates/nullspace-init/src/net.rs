@@ -20,18 +20,16 @@ const MASK: [u8; 4] = [255, 255, 255, 0];
 const GATEWAY: [u8; 4] = [10, 0, 2, 2];
 const DNS: &str = "10.0.2.3";
 
+/// An AF_INET `sockaddr` (port 0): `sa_data` is the port, then the address.
 fn sockaddr(ip: [u8; 4]) -> libc::sockaddr {
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(ip),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in and sockaddr are both plain 16-byte C structs
-    // (the kernel reads an AF_INET sockaddr as a sockaddr_in).
-    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+    let mut sa_data = [0 as libc::c_char; 14];
+    for (d, b) in sa_data[2..6].iter_mut().zip(ip) {
+        *d = b as libc::c_char;
+    }
+    libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data,
+    }
 }
 
 /// A socket for interface ioctls; closed on drop.

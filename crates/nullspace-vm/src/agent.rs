@@ -196,7 +196,14 @@ struct Slot {
     tx: Sender<Event>,
     /// Stream bytes delivered to the channel and not yet consumed.
     queued: Arc<AtomicUsize>,
+    /// Events without stream data received (a request has two at most:
+    /// `started` and its final event).
+    others: usize,
 }
+
+/// More events without stream data than this for one request is a guest
+/// flooding the host.
+const MAX_OTHER_EVENTS: usize = 8;
 
 /// State shared with the reader thread.
 struct Shared {
@@ -360,17 +367,20 @@ fn reader(sock: UnixStream, shared: Arc<Shared>, max_line: usize) {
             continue;
         }
         let mut pending = shared.pending.lock().unwrap();
-        let Some(slot) = pending.get(&reply.id) else {
+        let Some(slot) = pending.get_mut(&reply.id) else {
             continue; // a finished, cancelled or old-session request
         };
         let n = reply.event.stream_bytes();
-        if slot.queued.load(Ordering::SeqCst) + n > overrun {
+        if n == 0 {
+            slot.others += 1;
+        }
+        if slot.queued.load(Ordering::SeqCst) + n > overrun || slot.others > MAX_OTHER_EVENTS {
             // The guest ignored the flow-control window.
             let slot = pending.remove(&reply.id);
             if let Some(s) = slot {
                 let _ = s.tx.send(Event::error(
                     ErrorCode::Other,
-                    "the guest agent overran the stream window; request dropped",
+                    "the guest agent overran the request's flow-control window; request dropped",
                 ));
             }
             continue;
@@ -630,6 +640,7 @@ impl AgentClient {
             Slot {
                 tx,
                 queued: queued.clone(),
+                others: 0,
             },
         );
         let name = op.name();
