@@ -159,6 +159,66 @@ fn exec_printing_2_gib_stays_within_the_memory_bound() {
     );
 }
 
+/// Flow control: a consumer slower than the guest's output neither grows
+/// the host's memory (the guest waits for credit; the process blocks on its
+/// pipe) nor delays other requests on the same connection.
+#[test]
+fn slow_reader_neither_buffers_nor_stalls_others() {
+    let _s = serial();
+    let mut vm = boot("slow-reader", 2);
+    let agent = vm.agent().clone();
+    let pinger = agent.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done2 = done.clone();
+    let pings = std::thread::spawn(move || {
+        let mut worst = Duration::ZERO;
+        let mut n = 0;
+        while !done2.load(std::sync::atomic::Ordering::SeqCst) {
+            let t = Instant::now();
+            pinger.ping(T).unwrap();
+            worst = worst.max(t.elapsed());
+            n += 1;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (n, worst)
+    });
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let rss0 = status_kb("VmRSS:");
+    let mut seen = 0usize;
+    let t = Instant::now();
+    let out = agent
+        .exec_streaming(
+            &ExecRequest::shell("dd if=/dev/zero bs=1048576 count=32 2>/dev/null"),
+            Duration::from_secs(600),
+            &mut |_, d| {
+                seen += d.len();
+                // About 3 MiB/s: slower than the guest produces.
+                std::thread::sleep(Duration::from_millis(20));
+            },
+        )
+        .unwrap();
+    let took = t.elapsed();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (n, worst) = pings.join().unwrap();
+    let grew = status_kb("VmHWM:").saturating_sub(rss0) << 10;
+    let bound = agent.limits().memory_bound(1) as u64;
+    eprintln!(
+        "[figures] slow reader: 32 MiB in {took:?}; peak RSS +{} KiB (bound {} KiB); {n} pings meanwhile, slowest {worst:?}",
+        grew >> 10,
+        bound >> 10
+    );
+    assert!(out.success());
+    assert_eq!(seen, 32 << 20);
+    assert!(grew <= bound + (8 << 20), "peak RSS grew by {grew} bytes");
+    assert!(n >= 5, "{n} pings");
+    // Not queued behind the stream (which took the whole `took`); the bound
+    // is loose because TCG guests on a loaded host answer slowly.
+    assert!(
+        worst < Duration::from_secs(5) && worst * 3 < took,
+        "a ping waited {worst:?} during a {took:?} stream"
+    );
+}
+
 /// A reply line longer than the client's limit drops the connection with a
 /// clear error instead of being buffered; a new connection works. A request
 /// longer than the guest's limit is refused before anything is sent.
