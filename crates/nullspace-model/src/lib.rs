@@ -1,5 +1,16 @@
 //! Types shared across nullspace crates, without I/O. One module per
 //! concept; each is plain data with serde (de)serialisation.
+//!
+//! - [`agent`]: the host-guest agent protocol; [`guest`]: the guest
+//!   configuration;
+//! - [`refs`]: template names, tags and references;
+//! - [`shell`]: the one POSIX shell quoter;
+//! - [`build`]: the build model: the request as the SDK sends it, its
+//!   normalisation into a [`build::plan::BuildPlan`] (steps, probes,
+//!   context manifest, digests) and the status/phase/code vocabularies.
 
 pub mod agent;
+pub mod build;
 pub mod guest;
+pub mod refs;
+pub mod shell;
