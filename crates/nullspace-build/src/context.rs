@@ -2,14 +2,15 @@
 //! types and modes) into a directory, and reading a local directory the way
 //! Docker does (`.dockerignore`, no symlinks or special files).
 //!
-//! `.dockerignore` matching follows Docker's `moby/patternmatcher` (no crate
-//! implements it; `ignore`/`globset` use gitignore rules, which differ):
+//! `.dockerignore` matching follows Docker's `moby/patternmatcher`. Each
+//! pattern is a `globset` glob with literal separators (so `*` and `?`
+//! never cross a `/`, as in Go's `filepath.Match`) and backslash escapes;
+//! the file-level rules, which no glob crate has, are written here:
 //! - one pattern per line, `#` comments and blank lines skipped, surrounding
 //!   whitespace trimmed, the pattern cleaned like Go's `filepath.Clean`
 //!   (`./a//b/` → `a/b`) and a leading `/` dropped (patterns are relative to
 //!   the context root, never "anywhere" as in gitignore);
-//! - `*` matches within one path component, `?` one character other than
-//!   `/`, `[…]` a class, `**` any number of components, `\` escapes;
+//! - `**` matches any number of components, `[…]` a class;
 //! - a pattern matches a path or any of its parent directories;
 //! - `!pattern` re-includes; the last matching line wins.
 //!
@@ -20,7 +21,9 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+
+use nullspace_model::build::rules;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
@@ -50,11 +53,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryType {
-    File,
-    Dir,
-}
+/// `file` or `dir`: the build model's entry type.
+pub use nullspace_model::build::status::EntryType;
 
 #[derive(Debug, Clone)]
 pub enum EntrySource {
@@ -75,27 +75,11 @@ pub struct ContextEntry {
 }
 
 /// Checks a context path and returns it normalised (`./` and duplicate
-/// slashes removed).
+/// slashes removed): the model's one context-path rule.
 pub fn clean_relative(path: &str) -> Result<PathBuf, ContextError> {
-    if path.is_empty() || path.contains('\0') {
-        return Err(invalid(path, "empty path or NUL byte"));
-    }
-    let p = Path::new(path);
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(invalid(path, "absolute paths are not allowed"));
-            }
-            Component::ParentDir => return Err(invalid(path, "`..` is not allowed")),
-        }
-    }
-    if out.as_os_str().is_empty() {
-        return Err(invalid(path, "names the context root"));
-    }
-    Ok(out)
+    rules::context_path(path)
+        .map(PathBuf::from)
+        .map_err(|e| invalid(path, e.to_string()))
 }
 
 /// Creates the entries under `dir` (which must exist). Parents are created
@@ -163,7 +147,7 @@ pub fn materialize(dir: &Path, entries: &[ContextEntry]) -> Result<(), ContextEr
 struct Rule {
     line: usize,
     exclusion: bool,
-    re: regex::Regex,
+    glob: globset::GlobMatcher,
 }
 
 /// Parsed `.dockerignore` rules.
@@ -192,53 +176,13 @@ fn clean_pattern(p: &str) -> String {
     parts.join("/")
 }
 
-fn compile(pattern: &str) -> Result<regex::Regex, String> {
-    let mut re = String::from("^");
-    let chars: Vec<char> = pattern.chars().collect();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        match c {
-            '*' => {
-                if chars.get(i + 1) == Some(&'*') {
-                    i += 1;
-                    // `**/` matches zero or more directories.
-                    if chars.get(i + 1) == Some(&'/') {
-                        i += 1;
-                        re.push_str("(.*/)?");
-                    } else {
-                        re.push_str(".*");
-                    }
-                } else {
-                    re.push_str("[^/]*");
-                }
-            }
-            '?' => re.push_str("[^/]"),
-            '[' => {
-                let end = chars[i + 1..]
-                    .iter()
-                    .position(|c| *c == ']')
-                    .ok_or("unterminated [")?;
-                let mut class: String = chars[i + 1..i + 1 + end].iter().collect();
-                if class.starts_with('!') {
-                    class.replace_range(0..1, "^");
-                }
-                re.push('[');
-                re.push_str(&class.replace('\\', "\\\\").replace('[', "\\["));
-                re.push(']');
-                i += end + 1;
-            }
-            '\\' => {
-                i += 1;
-                let n = chars.get(i).ok_or("trailing backslash")?;
-                re.push_str(&regex::escape(&n.to_string()));
-            }
-            c => re.push_str(&regex::escape(&c.to_string())),
-        }
-        i += 1;
-    }
-    re.push('$');
-    regex::Regex::new(&re).map_err(|e| e.to_string())
+fn compile(pattern: &str) -> Result<globset::GlobMatcher, String> {
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| e.kind().to_string())
 }
 
 impl DockerIgnore {
@@ -257,14 +201,14 @@ impl DockerIgnore {
             if cleaned.is_empty() {
                 continue;
             }
-            let re = compile(&cleaned).map_err(|message| ContextError::Pattern {
+            let glob = compile(&cleaned).map_err(|message| ContextError::Pattern {
                 line: n + 1,
                 message,
             })?;
             rules.push(Rule {
                 line: n + 1,
                 exclusion,
-                re,
+                glob,
             });
         }
         Ok(DockerIgnore { rules })
@@ -274,12 +218,12 @@ impl DockerIgnore {
     pub fn is_ignored(&self, path: &str) -> bool {
         let mut ignored = false;
         for r in &self.rules {
-            let mut hit = r.re.is_match(path);
+            let mut hit = r.glob.is_match(path);
             if !hit {
                 // Parent directories.
                 let mut p = path;
                 while let Some((parent, _)) = p.rsplit_once('/') {
-                    if r.re.is_match(parent) {
+                    if r.glob.is_match(parent) {
                         hit = true;
                         break;
                     }
@@ -298,7 +242,7 @@ impl DockerIgnore {
         self.rules
             .iter()
             .rev()
-            .find(|r| r.re.is_match(path))
+            .find(|r| r.glob.is_match(path))
             .map(|r| r.line)
     }
 
@@ -442,6 +386,16 @@ mod tests {
         assert!(ig.is_ignored("foo") && !ig.is_ignored("fooo"));
         assert!(ig.is_ignored("a.c") && !ig.is_ignored("c.c"));
         assert_eq!(ig.deciding_line("docs/keep.md"), Some(8));
+
+        // `**` in the middle spans zero or more components; classes negate
+        // with `!`; `\\` escapes a metacharacter.
+        let ig = DockerIgnore::parse("a/**/z\n[!x]y\nlit\\*\n").unwrap();
+        assert!(ig.is_ignored("a/z") && ig.is_ignored("a/b/c/z"));
+        assert!(!ig.is_ignored("b/a/z"));
+        assert!(ig.is_ignored("ay") && !ig.is_ignored("xy"));
+        assert!(ig.is_ignored("lit*") && !ig.is_ignored("litx"));
+        let e = DockerIgnore::parse("ok\n[unterminated\n").unwrap_err();
+        assert!(e.to_string().starts_with(".dockerignore line 2:"), "{e}");
     }
 
     #[test]

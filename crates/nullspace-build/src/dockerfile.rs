@@ -1,10 +1,13 @@
 //! Dockerfile analysis for validate/plan and for choosing an engine.
 //!
-//! Parsing is done by the `dockerfile-parser` crate (0.9, a pest grammar of
-//! Dockerfile syntax). It does not know heredocs, so this module finds them
-//! first (`RUN`/`COPY`/`ADD` lines with `<<[-]WORD`), blanks their bodies
-//! (keeping the line count, so every line number stays right) and reports
-//! them: BuildKit's Dockerfile frontend runs them, buildah 1.28 does not.
+//! Parsing is done by the `parse-dockerfile` crate: every instruction typed,
+//! with byte spans (so line numbers are exact), parser directives
+//! (`# escape=`) and heredocs (`RUN <<EOF`, `COPY <<EOF`), which it parses
+//! as part of their instruction. Heredocs are reported: BuildKit's
+//! Dockerfile frontend runs them, buildah 1.28 does not. (It replaced
+//! `dockerfile-parser` 0.9, a pest grammar that knew no heredocs, rejected
+//! `\$` and gave no parser directives; this module had to blank heredoc
+//! bodies by regex before parsing.)
 //!
 //! What is reported:
 //! - stages: index, alias, the `FROM` line, the raw image text, the text after
@@ -24,13 +27,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use dockerfile_parser::{Dockerfile, ImageRef, Instruction};
+use parse_dockerfile::{Instruction, Source};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DockerfileError {
-    #[error("Dockerfile does not parse: {0}")]
-    Parse(String),
+    #[error("Dockerfile does not parse: line {line}: {message}")]
+    Parse { line: usize, message: String },
     #[error("Dockerfile has no FROM instruction")]
     NoFrom,
     #[error("Dockerfile line {line}: {message}")]
@@ -38,11 +41,11 @@ pub enum DockerfileError {
     #[error("target stage {0:?} is not a stage of the Dockerfile")]
     NoTarget(String),
     #[error(
-        "Dockerfile line {line}: heredocs (`<<{word}`) are not supported by {engine}; use the buildkit engine or a RUN/COPY without a heredoc"
+        "Dockerfile line {line}: heredocs ({instruction} <<…) are not supported by {engine}; use the buildkit engine or a RUN/COPY without a heredoc"
     )]
     HeredocUnsupported {
         line: usize,
-        word: String,
+        instruction: String,
         engine: String,
     },
 }
@@ -89,8 +92,10 @@ pub struct Note {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Heredoc {
+    /// The line of the instruction that has the heredoc.
     pub line: usize,
-    pub word: String,
+    /// `RUN`, `COPY` or `ADD`.
+    pub instruction: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -205,7 +210,7 @@ impl Analysis {
         {
             return Err(DockerfileError::HeredocUnsupported {
                 line: h.line,
-                word: h.word.clone(),
+                instruction: h.instruction.clone(),
                 engine: "buildah 1.28".into(),
             });
         }
@@ -213,9 +218,15 @@ impl Analysis {
     }
 }
 
-/// The registry host of an image reference (`docker.io` for Hub names).
+/// The registry host of an image reference (`docker.io` for Hub names):
+/// the first component when it looks like a host (has a `.` or `:`, or is
+/// `localhost`), as Docker's reference grammar decides.
 pub fn registry_host(reference: &str) -> String {
-    match ImageRef::parse(reference).registry {
+    let registry = reference
+        .split_once('/')
+        .map(|(first, _)| first)
+        .filter(|f| f.contains(['.', ':']) || *f == "localhost");
+    match registry {
         Some(r) if r == "index.docker.io" || r == "registry-1.docker.io" => "docker.io".into(),
         Some(r) => r.to_ascii_lowercase(),
         None => "docker.io".into(),
@@ -226,62 +237,9 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// Finds heredocs and returns the text with their bodies blanked.
-fn strip_heredocs(text: &str) -> (String, Vec<Heredoc>) {
-    let marker = regex::Regex::new(r#"<<(-?)(["']?)([A-Za-z_][A-Za-z0-9_]*)(["']?)"#).unwrap();
-    let lines: Vec<&str> = text.split('\n').collect();
-    let mut out: Vec<String> = Vec::with_capacity(lines.len());
-    let mut found = vec![];
-    let mut continued = false;
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        out.push(line.to_string());
-        let first = line
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_ascii_uppercase();
-        let is_instr = !continued && matches!(first.as_str(), "RUN" | "COPY" | "ADD");
-        continued = line.trim_end().ends_with('\\');
-        i += 1;
-        if !is_instr {
-            continue;
-        }
-        let before = found.len();
-        for caps in marker.captures_iter(line) {
-            if caps[2] != caps[4] {
-                continue;
-            }
-            let strip_tabs = &caps[1] == "-";
-            let word = caps[3].to_string();
-            found.push(Heredoc {
-                line: i,
-                word: word.clone(),
-            });
-            while i < lines.len() {
-                let body = lines[i];
-                let b = if strip_tabs {
-                    body.trim_start_matches('\t')
-                } else {
-                    body
-                };
-                out.push(String::new());
-                i += 1;
-                if b.trim_end_matches('\r') == word {
-                    break;
-                }
-            }
-        }
-        if found.len() > before {
-            continued = false;
-        }
-    }
-    (out.join("\n"), found)
-}
-
-/// `$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR:+alt}` substitution. None when
-/// a variable is unset (without a default).
+/// `$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR:+alt}` substitution (the
+/// parser keeps words as written; Docker expands only these forms in
+/// `FROM`). None when a variable is unset (without a default).
 fn substitute(s: &str, vars: &BTreeMap<String, String>) -> Option<String> {
     let re = regex::Regex::new(
         r"\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)(?::([-+])([^}]*))?\})",
@@ -308,18 +266,26 @@ fn substitute(s: &str, vars: &BTreeMap<String, String>) -> Option<String> {
     Some(out)
 }
 
-/// `key=value` pairs of every `--mount=` flag on a RUN line.
-fn mounts(run_text: &str) -> Vec<BTreeMap<String, String>> {
-    run_text
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("--mount="))
-        .map(|m| {
-            m.split(',')
-                .map(|kv| {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    (k.to_ascii_lowercase(), v.to_string())
-                })
-                .collect()
+/// `key=value` pairs of a `--mount=` flag value.
+fn mount(value: &str) -> BTreeMap<String, String> {
+    value
+        .split(',')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_ascii_lowercase(), v.to_string())
+        })
+        .collect()
+}
+
+/// `NAME[=default]` words of an `ARG` (surrounding quotes dropped).
+fn arg_words(text: &str) -> Vec<(String, Option<String>)> {
+    text.split_whitespace()
+        .map(|w| match w.split_once('=') {
+            Some((k, v)) => (
+                k.to_string(),
+                Some(v.trim_matches(|c| c == '"' || c == '\'').to_string()),
+            ),
+            None => (w.to_string(), None),
         })
         .collect()
 }
@@ -328,46 +294,52 @@ pub fn analyze(
     text: &str,
     build_args: &BTreeMap<String, String>,
 ) -> Result<Analysis, DockerfileError> {
-    let (stripped, heredocs) = strip_heredocs(text);
-    // The parser's unescaping rejects `\$` (an escaped dollar, valid in
-    // Dockerfiles and produced by the step renderer); it only matters for
-    // substitution, so the parser sees a plain `$`. Lines are unchanged.
-    let stripped = stripped.replace("\\$", "$");
-    let df = Dockerfile::parse(&stripped).map_err(|e| {
-        let msg = e.to_string();
-        DockerfileError::Parse(msg.lines().take(6).collect::<Vec<_>>().join(" "))
+    let df = parse_dockerfile::parse(text).map_err(|e| {
+        // The one error without a position is "no FROM" (line 0).
+        if e.line() == 0 {
+            DockerfileError::NoFrom
+        } else {
+            DockerfileError::Parse {
+                line: e.line(),
+                message: format!("{e:#}"),
+            }
+        }
     })?;
     let mut a = Analysis {
         stages: vec![],
         global_args: BTreeMap::new(),
         metadata: vec![],
         warnings: vec![],
-        heredocs,
+        heredocs: vec![],
         imported_images: vec![],
         secret_ids: BTreeSet::new(),
     };
     let mut vars = BTreeMap::new();
-    for arg in &df.global_args {
-        let name = arg.name.content.clone();
-        let default = arg.value.as_ref().map(|v| v.content.clone());
-        let value = build_args.get(&name).cloned().or(default.clone());
-        if let Some(v) = value {
-            vars.insert(name.clone(), v);
+    for arg in df.global_args() {
+        for (name, default) in arg_words(&arg.arguments.value) {
+            let value = build_args.get(&name).cloned().or(default.clone());
+            if let Some(v) = value {
+                vars.insert(name.clone(), v);
+            }
+            a.global_args.insert(name, default);
         }
-        a.global_args.insert(name, default);
     }
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
     let stage_ref = |names: &BTreeMap<String, usize>, count: usize, r: &str| -> bool {
         let l = r.to_ascii_lowercase();
         names.contains_key(&l) || l.parse::<usize>().is_ok_and(|i| i < count)
     };
+    let line_at = |offset: usize| line_of(text, offset);
     for ins in &df.instructions {
-        let span = ins.span();
-        let line = line_of(&stripped, span.start);
-        let itext = &stripped[span.start..span.end.min(stripped.len())];
+        let note = |line: usize, instruction: &str, message: &str| Note {
+            line,
+            instruction: instruction.into(),
+            message: message.into(),
+        };
         match ins {
             Instruction::From(from) => {
-                let raw = from.image.content.clone();
+                let line = line_at(from.from.span.start);
+                let raw = from.image.value.to_string();
                 let variable = raw.contains('$');
                 let resolved = substitute(&raw, &vars);
                 let index = a.stages.len();
@@ -388,7 +360,7 @@ pub fn analyze(
                         },
                     },
                 };
-                let name = from.alias.as_ref().map(|a| a.content.to_ascii_lowercase());
+                let name = from.as_.as_ref().map(|(_, n)| n.value.to_ascii_lowercase());
                 if let Some(n) = &name {
                     names.insert(n.clone(), index);
                 }
@@ -403,19 +375,44 @@ pub fn analyze(
                 });
             }
             Instruction::Copy(copy) => {
-                for f in &copy.flags {
-                    if f.name.content.eq_ignore_ascii_case("from")
-                        && !stage_ref(&names, a.stages.len(), &f.value.content)
+                let line = line_at(copy.copy.span.start);
+                for f in &copy.options {
+                    if f.name.value.eq_ignore_ascii_case("from")
+                        && let Some(v) = &f.value
+                        && !stage_ref(&names, a.stages.len(), &v.value)
                     {
                         a.imported_images.push(ImportedImage {
                             line,
-                            reference: f.value.content.clone(),
+                            reference: v.value.to_string(),
                         });
                     }
                 }
+                if copy.src.iter().any(|s| matches!(s, Source::HereDoc(_))) {
+                    a.heredocs.push(Heredoc {
+                        line,
+                        instruction: "COPY".into(),
+                    });
+                }
             }
-            Instruction::Run(_) => {
-                for m in mounts(itext) {
+            Instruction::Add(add) if add.src.iter().any(|s| matches!(s, Source::HereDoc(_))) => {
+                a.heredocs.push(Heredoc {
+                    line: line_at(add.add.span.start),
+                    instruction: "ADD".into(),
+                });
+            }
+            Instruction::Run(run) => {
+                let line = line_at(run.run.span.start);
+                if !run.here_docs.is_empty() {
+                    a.heredocs.push(Heredoc {
+                        line,
+                        instruction: "RUN".into(),
+                    });
+                }
+                for f in &run.options {
+                    if !f.name.value.eq_ignore_ascii_case("mount") {
+                        continue;
+                    }
+                    let m = mount(f.value.as_ref().map(|v| v.value.as_ref()).unwrap_or(""));
                     let ty = m.get("type").map(String::as_str).unwrap_or("bind");
                     if let Some(from) = m.get("from")
                         && !stage_ref(&names, a.stages.len(), from)
@@ -438,55 +435,46 @@ pub fn analyze(
                     }
                 }
             }
-            Instruction::Label(_) => a.metadata.push(Note {
-                line,
-                instruction: "LABEL".into(),
-                message: "kept in the image config only".into(),
-            }),
-            Instruction::Misc(m) => {
-                let name = m.instruction.content.to_ascii_uppercase();
-                let (meta, message) = match name.as_str() {
-                    "EXPOSE" => (
-                        true,
-                        "recorded as image metadata; sandboxes expose ports by their own settings",
-                    ),
-                    "VOLUME" => (
-                        true,
-                        "recorded as image metadata; no volume is created in sandboxes",
-                    ),
-                    "HEALTHCHECK" => (
-                        true,
-                        "recorded as image metadata; use a readiness check (ready_cmd) for templates",
-                    ),
-                    "ONBUILD" => (
-                        false,
-                        "ignored: ONBUILD triggers are not run by later builds",
-                    ),
-                    "STOPSIGNAL" => (false, "ignored: sandboxes are not stopped by a signal"),
-                    "SHELL" => (
-                        false,
-                        "applies to this build's RUN lines only; ignored at runtime",
-                    ),
-                    "MAINTAINER" => (false, "ignored (deprecated; use LABEL)"),
-                    "ADD" | "WORKDIR" | "USER" => continue,
-                    other => {
-                        return Err(DockerfileError::Line {
-                            line,
-                            message: format!("unknown instruction {other}"),
-                        });
-                    }
-                };
-                let note = Note {
-                    line,
-                    instruction: name,
-                    message: message.into(),
-                };
-                if meta {
-                    a.metadata.push(note);
-                } else {
-                    a.warnings.push(note);
-                }
-            }
+            Instruction::Label(l) => a.metadata.push(note(
+                line_at(l.label.span.start),
+                "LABEL",
+                "kept in the image config only",
+            )),
+            Instruction::Expose(e) => a.metadata.push(note(
+                line_at(e.expose.span.start),
+                "EXPOSE",
+                "recorded as image metadata; sandboxes expose ports by their own settings",
+            )),
+            Instruction::Volume(v) => a.metadata.push(note(
+                line_at(v.volume.span.start),
+                "VOLUME",
+                "recorded as image metadata; no volume is created in sandboxes",
+            )),
+            Instruction::Healthcheck(h) => a.metadata.push(note(
+                line_at(h.healthcheck.span.start),
+                "HEALTHCHECK",
+                "recorded as image metadata; use a readiness check (ready_cmd) for templates",
+            )),
+            Instruction::Onbuild(o) => a.warnings.push(note(
+                line_at(o.onbuild.span.start),
+                "ONBUILD",
+                "ignored: ONBUILD triggers are not run by later builds",
+            )),
+            Instruction::Stopsignal(st) => a.warnings.push(note(
+                line_at(st.stopsignal.span.start),
+                "STOPSIGNAL",
+                "ignored: sandboxes are not stopped by a signal",
+            )),
+            Instruction::Shell(sh) => a.warnings.push(note(
+                line_at(sh.shell.span.start),
+                "SHELL",
+                "applies to this build's RUN lines only; ignored at runtime",
+            )),
+            Instruction::Maintainer(m) => a.warnings.push(note(
+                line_at(m.maintainer.span.start),
+                "MAINTAINER",
+                "ignored (deprecated; use LABEL)",
+            )),
             _ => {}
         }
     }
@@ -642,8 +630,8 @@ mod tests {
     }
 
     #[test]
-    fn heredocs_found_and_blanked() {
-        let t = "FROM alpine\nRUN <<EOF\necho hi\nFROM nope\nEOF\nCOPY <<-'X' /a\n\tcontent\n\tX\nRUN echo done \\\n  <<notaheredoc\nUSER app\n";
+    fn heredocs_are_part_of_their_instruction() {
+        let t = "FROM alpine\nRUN <<EOF\necho hi\nFROM nope\nEOF\nCOPY <<-'X' /a\n\tcontent\n\tX\nRUN echo done\nUSER app\n";
         let a = an(t);
         assert_eq!(a.stages.len(), 1, "heredoc bodies are not instructions");
         assert_eq!(
@@ -651,11 +639,11 @@ mod tests {
             vec![
                 Heredoc {
                     line: 2,
-                    word: "EOF".into()
+                    instruction: "RUN".into()
                 },
                 Heredoc {
                     line: 6,
-                    word: "X".into()
+                    instruction: "COPY".into()
                 }
             ]
         );
@@ -669,18 +657,34 @@ mod tests {
     fn errors() {
         assert_eq!(
             analyze("RUN true\n", &BTreeMap::new()),
+            Err(DockerfileError::Parse {
+                line: 1,
+                message: "expected FROM".into()
+            })
+        );
+        assert_eq!(
+            analyze("# only a comment\n", &BTreeMap::new()),
             Err(DockerfileError::NoFrom)
         );
         assert_eq!(
             analyze("FROM alpine\nFOO bar baz\n", &BTreeMap::new()),
-            Err(DockerfileError::Line {
+            Err(DockerfileError::Parse {
                 line: 2,
-                message: "unknown instruction FOO".into()
+                message: "unknown instruction 'FOO'".into()
             })
         );
         assert!(matches!(
             analyze("FROM alpine\nCOPY\n", &BTreeMap::new()),
-            Err(DockerfileError::Parse(_))
+            Err(DockerfileError::Parse { line: 2, .. })
         ));
+        let e = analyze("FROM alpine\nRUN <<EOF\nno end\n", &BTreeMap::new()).unwrap_err();
+        assert!(e.to_string().contains("here-document"), "{e}");
+        // `\$` (the step renderer escapes `$`) and the escape directive parse.
+        an("FROM alpine\nWORKDIR /srv/\\$app\n");
+        let a = an("# escape=`\nFROM alpine\nRUN echo a `\n  b\nUSER app\n");
+        assert_eq!(a.stages[0].line, 2);
+        assert_eq!(registry_host("localhost:5000/a/b:1"), "localhost:5000");
+        assert_eq!(registry_host("library/ubuntu"), "docker.io");
+        assert_eq!(registry_host("ghcr.io/o/x"), "ghcr.io");
     }
 }

@@ -379,7 +379,7 @@ fn declarative_steps_end_to_end(env: &Env) {
         {"action":"workdir","path":"/opt/app"},
         {"action":"user","user":"app"},
     ]);
-    let steps = steps.as_array().unwrap().clone();
+    let steps = nullspace_model::build::step::parse_all(steps.as_array().unwrap()).unwrap();
     let build_envs = BTreeMap::from([("BUILD_ONLY".to_string(), "b$1 'x'".to_string())]);
     let runtime_envs = BTreeMap::from([("MODE".to_string(), "prod".to_string())]);
     let rendered = render(&RenderInput {

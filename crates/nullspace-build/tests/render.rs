@@ -1,18 +1,38 @@
-//! Snapshot tests: each declarative action and its rendered Dockerfile.
+//! Snapshot tests: each declarative action (as the SDK sends it, parsed by
+//! the model) and its rendered Dockerfile. Step rules are the model's: a
+//! step that breaks one never reaches the renderer.
 
 use std::collections::BTreeMap;
 
-use nullspace_build::render::{RenderError, RenderInput, Rendered, render};
+use nullspace_build::render::{RenderError, RenderInput, Rendered, render, render_plan};
+use nullspace_model::build::plan::{PlanContext, plan};
+use nullspace_model::build::request::BuildRequest;
+use nullspace_model::build::step::{Step, StepError, parse_all};
 use serde_json::{Value, json};
 
-fn r(steps: Value) -> Result<Rendered, RenderError> {
-    let steps = steps.as_array().unwrap().clone();
+#[derive(Debug)]
+#[allow(dead_code)] // read through Debug in failure messages
+enum E {
+    Step(Vec<StepError>),
+    Render(RenderError),
+}
+
+fn r(steps: Value) -> Result<Rendered, E> {
+    let steps = parse_all(steps.as_array().unwrap()).map_err(E::Step)?;
     render(&RenderInput {
         base_image: "ubuntu:22.04",
         steps: &steps,
         build_envs: &BTreeMap::new(),
         runtime_envs: &BTreeMap::new(),
     })
+    .map_err(E::Render)
+}
+
+fn step_error(steps: Value) -> String {
+    match r(steps) {
+        Err(E::Step(e)) => e[0].to_string(),
+        other => panic!("not a step error: {other:?}"),
+    }
 }
 
 /// The body after the FROM line.
@@ -49,10 +69,8 @@ fn apt_pip_npm_bun() {
          RUN bun add zod\n\
          RUN bun add --global tsx @scope/pkg@1.2\n"
     );
-    let e =
-        r(json!([{"action":"apt_install","packages":["--allow-unauthenticated"]}])).unwrap_err();
     assert_eq!(
-        e.to_string(),
+        step_error(json!([{"action":"apt_install","packages":["--allow-unauthenticated"]}])),
         "steps[0] (apt_install): package \"--allow-unauthenticated\" looks like an option"
     );
     assert!(r(json!([{"action":"npm_install","packages":[]}])).is_err());
@@ -176,7 +194,10 @@ fn envs_and_errors() {
         ("PLAIN".to_string(), "1".to_string()),
     ]);
     let runtime = BTreeMap::from([("MODE".to_string(), "prod $X".to_string())]);
-    let steps = vec![json!({"action":"run","command":"echo $PLAIN"})];
+    let steps = vec![Step::Run {
+        command: "echo $PLAIN".into(),
+        user: None,
+    }];
     let out = render(&RenderInput {
         base_image: "127.0.0.1:5000/base:1",
         steps: &steps,
@@ -206,17 +227,40 @@ fn envs_and_errors() {
     })
     .unwrap_err();
     assert!(e.to_string().contains("build env \"1X\""), "{e}");
-    let e = r(json!([{"action":"frobnicate"}])).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "steps[0] (frobnicate): unknown action \"frobnicate\""
+    assert!(
+        step_error(json!([{"action":"frobnicate"}]))
+            .starts_with("steps[0] (frobnicate): unknown action \"frobnicate\" (known: ")
     );
-    let e = r(json!([{"packages":["x"]}])).unwrap_err();
-    assert_eq!(e.to_string(), "steps[0] (?): action is required");
+    assert_eq!(
+        step_error(json!([{"packages":["x"]}])),
+        "steps[0] (?): \"action\" is required"
+    );
     let e = render(&RenderInput {
         base_image: "$BASE",
         ..Default::default()
     })
     .unwrap_err();
     assert!(matches!(e, RenderError::Base(_)));
+}
+
+/// A declarative plan renders from the plan itself: its base, build envs,
+/// steps and runtime envs.
+#[test]
+fn render_from_the_plan() {
+    let req: BuildRequest = serde_json::from_value(json!({
+        "base_image": "127.0.0.1:5000/base:1",
+        "steps": [{"action": "make_dir", "path": "/data"}],
+        "build_envs": {"B": "1"},
+        "runtime_config": {"default_envs": {"R": "2"}},
+        "build_backend": "buildah"
+    }))
+    .unwrap();
+    let p = plan(&req, &PlanContext::default()).unwrap();
+    assert_eq!(
+        render_plan(&p).unwrap().dockerfile,
+        "FROM 127.0.0.1:5000/base:1\nARG B=\"1\"\nRUN mkdir -p /data\nENV R=\"2\"\n"
+    );
+    let df: BuildRequest = serde_json::from_value(json!({"dockerfile": "FROM x\n"})).unwrap();
+    let p = plan(&df, &PlanContext::default()).unwrap();
+    assert_eq!(render_plan(&p), Err(RenderError::NotDeclarative));
 }

@@ -288,46 +288,9 @@ fn map_healthcheck(h: &Healthcheck) -> (Option<String>, Option<String>) {
     }
 }
 
-// Words `sh` treats specially in command position; quoting them keeps them
-// plain arguments.
-const RESERVED: &[&str] = &[
-    "!", "{", "}", "case", "do", "done", "elif", "else", "esac", "fi", "for", "if", "in", "then",
-    "until", "while", "function", "select", "[[", "]]", "time",
-];
-
-/// Quotes one word for POSIX `sh` only when it needs it: a word made only of
-/// characters with no meaning to the shell stays bare; anything else is
-/// single-quoted (a `'` becomes `'\''`). `sh -c` splits the result back into
-/// exactly the original word.
-pub fn shell_quote(word: &str) -> String {
-    let safe = !word.is_empty()
-        && !RESERVED.contains(&word)
-        && word
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_@%+:,./-".contains(&b));
-    if safe {
-        return word.to_string();
-    }
-    let mut out = String::with_capacity(word.len() + 2);
-    out.push('\'');
-    for c in word.chars() {
-        if c == '\'' {
-            out.push_str("'\\''");
-        } else {
-            out.push(c);
-        }
-    }
-    out.push('\'');
-    out
-}
-
-/// Joins an argv into one shell command line (see [`shell_quote`]).
-pub fn shell_join(argv: &[String]) -> String {
-    argv.iter()
-        .map(|w| shell_quote(w))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+/// The one shell quoter, shared through `nullspace-model` (the tests below
+/// run its output through a real `sh`).
+pub use nullspace_model::shell::{join as shell_join, quote as shell_quote};
 
 #[cfg(test)]
 mod tests {
@@ -379,12 +342,7 @@ mod tests {
     #[test]
     fn quotes_only_what_needs_quoting() {
         assert_eq!(
-            shell_join(&[
-                "/usr/bin/python3".into(),
-                "-m".into(),
-                "http.server".into(),
-                "8080".into()
-            ]),
+            shell_join(&["/usr/bin/python3", "-m", "http.server", "8080"]),
             "/usr/bin/python3 -m http.server 8080"
         );
         assert_eq!(shell_quote(""), "''");

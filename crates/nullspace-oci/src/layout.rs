@@ -51,13 +51,11 @@ pub struct PullSummary {
 }
 
 /// A directory that is removed on drop unless kept.
-pub struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
-    /// Creates `.<name>.tmp-<pid>-<n>` next to `target`.
+    /// Creates `.<name>.tmp-…` next to `target` (removed on drop unless
+    /// persisted).
     pub fn beside(target: &Path) -> io::Result<TempDir> {
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -67,36 +65,24 @@ impl TempDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "out".into());
-        for n in 0..1000 {
-            let path = parent.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
-            match fs::create_dir(&path) {
-                Ok(()) => return Ok(TempDir { path, keep: false }),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(io::Error::other("could not create a temporary directory"))
+        tempfile::Builder::new()
+            .prefix(&format!(".{name}.tmp-"))
+            .tempdir_in(parent)
+            .map(TempDir)
     }
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
     /// Moves the directory to `target`, which must not exist or be an empty
-    /// directory.
-    pub fn persist(mut self, target: &Path) -> io::Result<()> {
+    /// directory; on failure the temporary directory is still removed.
+    pub fn persist(self, target: &Path) -> io::Result<()> {
         if target.is_dir() {
             fs::remove_dir(target)?;
         }
-        fs::rename(&self.path, target)?;
-        self.keep = true;
+        fs::rename(self.0.path(), target)?;
+        // Renamed away: nothing left for the guard to remove.
+        let _ = self.0.keep();
         Ok(())
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = fs::remove_dir_all(&self.path);
-        }
     }
 }
 

@@ -37,22 +37,44 @@ impl Drop for Registry {
     }
 }
 
+/// The client's error as ours, by its variant and the registry's status or
+/// error codes (never by its message text).
 fn map_err(e: oci_client::errors::OciDistributionError) -> ErrorKind {
     use oci_client::errors::OciDistributionError as E;
+    use oci_client::errors::OciErrorCode as C;
+    let msg = e.to_string();
     match e {
         E::AuthenticationFailure(m) => ErrorKind::Auth(m),
         E::UnauthorizedError { url } => ErrorKind::Auth(format!("unauthorized at {url}")),
         E::ImageManifestNotFoundError(m) => ErrorKind::NotFound(m),
-        other => {
-            let msg = other.to_string();
-            if msg.contains("401") || msg.to_lowercase().contains("unauthorized") {
+        E::ServerError {
+            code: 401 | 403, ..
+        } => ErrorKind::Auth(msg),
+        E::ServerError { code: 404, .. } => ErrorKind::NotFound(msg),
+        E::RegistryError { ref envelope, .. } => {
+            let codes: Vec<&C> = envelope.errors.iter().map(|e| &e.code).collect();
+            if codes
+                .iter()
+                .any(|c| matches!(c, C::Unauthorized | C::Denied))
+            {
                 ErrorKind::Auth(msg)
-            } else if msg.contains("MANIFEST_UNKNOWN") || msg.contains("404") {
+            } else if codes.iter().any(|c| {
+                matches!(
+                    c,
+                    C::ManifestUnknown | C::NameUnknown | C::NotFound | C::BlobUnknown
+                )
+            }) {
                 ErrorKind::NotFound(msg)
             } else {
                 ErrorKind::Registry(msg)
             }
         }
+        E::RequestError(ref r) => match r.status().map(|s| s.as_u16()) {
+            Some(401 | 403) => ErrorKind::Auth(msg),
+            Some(404) => ErrorKind::NotFound(msg),
+            _ => ErrorKind::Registry(msg),
+        },
+        _ => ErrorKind::Registry(msg),
     }
 }
 

@@ -5,7 +5,6 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use mkext4::sink::FileSink;
 use mkext4::{FsBuilder, InodeCount, InodeHandle, Options};
@@ -93,20 +92,6 @@ pub struct RootfsSummary {
     /// File content bytes written.
     pub data_bytes: u64,
 }
-
-/// Removes the temp output unless disarmed: no partial image survives an
-/// error (or a panic).
-struct TempGuard(Option<PathBuf>);
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Flatten `layers` (bottom first) and write an ext4 image to `out`.
 ///
@@ -301,13 +286,17 @@ pub fn build_rootfs(
     let file_name = out
         .file_name()
         .ok_or_else(|| Error::Options(format!("output path {} has no file name", out.display())))?;
-    let tmp = out.with_file_name(format!(
-        "{}.tmp-{}-{}",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut guard = TempGuard(Some(tmp.clone()));
+    // Removed on drop unless persisted: no partial image survives an error
+    // (or a panic).
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let temp = tempfile::Builder::new()
+        .prefix(&format!("{}.tmp-", file_name.to_string_lossy()))
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), e))?;
+    let tmp = temp.path().to_path_buf();
     let mut sink = FileSink::create(&tmp, layout.image_len())
         .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
     {
@@ -328,13 +317,12 @@ pub fn build_rootfs(
         summary.data_bytes = s.data_bytes;
     }
     drop(sink);
-    std::fs::rename(&tmp, out).map_err(|e| {
+    temp.persist(out).map_err(|e| {
         Error::io(
             format!("renaming {} to {}", tmp.display(), out.display()),
-            e,
+            e.error,
         )
     })?;
-    guard.0 = None;
     Ok(summary)
 }
 

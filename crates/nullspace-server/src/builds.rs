@@ -21,7 +21,10 @@ use crate::error::{ApiError, ApiResult};
 use crate::model::*;
 use crate::state::{RunSecrets, Shared};
 use crate::templates;
-use crate::validate::{self, Base, Normalized};
+use crate::validate;
+use nullspace_model::build::context::{Content, ContextManifest};
+use nullspace_model::build::plan::{BuildPlan, Route, Source};
+use nullspace_model::build::probe::Readiness;
 
 pub const TERMINAL: &[&str] = &["ready", "error", "cancelled"];
 
@@ -175,16 +178,6 @@ fn sanitize(req: &BuildRequest) -> Definition {
     }
 }
 
-fn sha256_json(v: &impl Serialize) -> String {
-    use sha2::Digest as _;
-    format!(
-        "sha256:{}",
-        hex::encode(sha2::Sha256::digest(
-            serde_json::to_vec(v).unwrap_or_default()
-        ))
-    )
-}
-
 /// Validates, persists (sanitized) and queues a build.
 pub async fn create(
     state: &Shared,
@@ -192,32 +185,23 @@ pub async fn create(
     req: BuildRequest,
     retry_of: Option<(String, String)>,
 ) -> ApiResult<BuildRecord> {
-    let n: Normalized =
-        validate::normalize(&req, &caller.namespace, &state.engines).map_err(|issues| {
-            let msg = issues
-                .iter()
-                .map(|i| i.message.clone())
-                .collect::<Vec<_>>()
-                .join("; ");
-            let code = if issues.iter().any(|i| i.code == "file_upload_error") {
-                "file_upload_error"
-            } else {
-                "invalid_request"
-            };
-            ApiError::new(axum::http::StatusCode::BAD_REQUEST, code, msg)
-        })?;
-    templates::check_claim(state, caller, &n.name, req.claim_token.as_deref()).await?;
-    let template_id = templates::ensure(state, caller, &n.name).await?;
+    let p = validate::plan(&req, &caller.namespace, &state.engines)
+        .map_err(|issues| validate::rejection(&issues))?;
+    let name = p
+        .name
+        .clone()
+        .unwrap_or_else(|| nullspace_store::new_id("t-").replace('_', "-"));
+    templates::check_claim(state, caller, &name, req.claim_token.as_deref()).await?;
+    let template_id = templates::ensure(state, caller, &name).await?;
     let info = templates::info_by_id(state, &template_id).await?;
     let now = iso(now_ms());
     let id = nullspace_store::new_id("tb_");
     let def = sanitize(&req);
-    let rc = req.runtime_config.clone().unwrap_or_default();
     let rec = BuildRecord {
         build_id: id.clone(),
         template_id: template_id.clone(),
-        name: n.name.clone(),
-        tags: n.tags.clone(),
+        name: name.clone(),
+        tags: p.tags.clone(),
         status: "waiting".into(),
         created_at: now.clone(),
         updated_at: now.clone(),
@@ -226,34 +210,23 @@ pub async fn create(
         canonical_ref: format!(
             "{}/{}:{}",
             caller.namespace,
-            n.name,
-            if n.tags.iter().any(|t| t == "default") {
+            name,
+            if p.tags.iter().any(|t| t == "default") {
                 "default"
             } else {
-                n.tags[0].as_str()
+                p.tags[0].as_str()
             }
         ),
         namespace_slug: caller.namespace.clone(),
         visibility: info.visibility.clone(),
         // The published SDK parses this as native|buildkit only: any
         // Dockerfile engine reports as `buildkit`; `engine` says which ran.
-        build_backend: if n.backend == "native" {
-            "native".into()
-        } else {
-            "buildkit".into()
-        },
-        source_type: n.source_type.into(),
-        source_digest: Some(sha256_json(&def.request)),
-        context_digest: req.build_context.as_ref().map(|c| {
-            let mut files: Vec<(String, String, Option<String>)> = c
-                .files
-                .iter()
-                .map(|f| (f.path.clone(), f.entry_type.clone(), f.blob_id.clone()))
-                .collect();
-            files.sort();
-            sha256_json(&files)
-        }),
-        dockerfile_digest: req.dockerfile.as_ref().map(sha256_json),
+        build_backend: p.backend.record().as_str().into(),
+        source_type: p.source_type.as_str().into(),
+        // The plan's digests: `POST /v1/templates/plan` shows the same.
+        source_digest: Some(p.digests.source_digest.clone()),
+        context_digest: p.digests.context_digest.clone(),
+        dockerfile_digest: p.digests.dockerfile_digest.clone(),
         triggered_by: caller.key_id.clone(),
         queued_at: now.clone(),
         started_at: None,
@@ -272,15 +245,11 @@ pub async fn create(
             reason: Some("build not finished".into()),
         },
         runtime_defaults: RuntimeDefaultsOut {
-            default_env_keys: rc
-                .default_envs
-                .iter()
-                .flat_map(|m| m.keys().cloned())
-                .collect(),
-            start_cmd: req.start_cmd.clone(),
-            default_user: rc.default_user.clone(),
-            default_workdir: rc.default_workdir.clone(),
-            readiness: rc.readiness.clone(),
+            default_env_keys: p.runtime.env.0.keys().cloned().collect(),
+            start_cmd: p.runtime.start_cmd.clone(),
+            default_user: p.runtime.user.clone(),
+            default_workdir: p.runtime.workdir.clone(),
+            readiness: p.runtime.readiness.as_ref().map(Readiness::to_json),
         },
         oci_metadata: OciMetadataOut::default(),
         artifact_ids: vec![],
@@ -299,7 +268,7 @@ pub async fn create(
         template_id,
         status: rec.status.clone(),
         source_type: rec.source_type.clone(),
-        backend: n.backend.clone(),
+        backend: p.backend.as_str().into(),
         created_at: now_ms(),
         record: serde_json::to_string(&rec).map_err(ApiError::internal)?,
         definition: serde_json::to_string(&def).map_err(ApiError::internal)?,
@@ -330,22 +299,22 @@ pub async fn create(
             "build {} queued: {} from {}",
             rec.build_id,
             rec.source_type,
-            describe_base(&n.base, &req)
+            describe_source(&p.source)
         ),
     )
     .await;
-    for w in &n.warnings {
+    for w in &p.warnings {
         log(state, &rec, "warning", "warn", Some("preparing"), w.clone()).await;
     }
     state.wake.notify_one();
     Ok(rec)
 }
 
-fn describe_base(base: &Base, req: &BuildRequest) -> String {
-    match base {
-        Base::Image(i) => i.clone(),
-        Base::Template(_) => format!("template {}", req.base_image.as_deref().unwrap_or_default()),
-        Base::Dockerfile => "a Dockerfile".into(),
+fn describe_source(source: &Source) -> String {
+    match source {
+        Source::Image { reference } => reference.clone(),
+        Source::Template { reference } => format!("template {reference}"),
+        Source::Dockerfile { .. } => "a Dockerfile".into(),
     }
 }
 
@@ -425,20 +394,35 @@ pub async fn fail_with(
         build_id: Some(rec.build_id.clone()),
         details: None,
     };
-    let mut e = entry(rec, "error", "error", message);
-    e.phase = Some(phase.into());
+    fail_detail(state, rec, detail, None).await
+}
+
+/// Terminal failure with a whole `error_detail` (a failed step carries its
+/// 1-based `step_index`, which the entry repeats with `total_steps`).
+async fn fail_detail(
+    state: &Shared,
+    rec: &mut BuildRecord,
+    detail: FailureDetail,
+    total_steps: Option<i64>,
+) {
+    let message = detail.message.clone();
+    let phase = detail.phase.clone();
+    let mut e = entry(rec, "error", "error", &message);
+    e.phase = Some(phase.clone());
+    e.step_index = detail.step_index;
+    e.total_steps = total_steps.filter(|_| detail.step_index.is_some());
     e.error_detail = Some(detail.clone());
     let _ = append(state, e).await;
     let now = now_ms();
     rec.status = "error".into();
-    rec.error = Some(message.to_string());
+    rec.error = Some(message.clone());
     rec.error_detail = Some(detail);
-    rec.failure_phase = Some(phase.into());
+    rec.failure_phase = Some(phase);
     rec.finished_at = Some(iso(now));
     rec.duration_ms = started_ms(rec).map(|s| now - s);
     rec.artifact_availability = Availability {
         status: "failed".into(),
-        reason: Some(message.to_string()),
+        reason: Some(message),
     };
     rec.promotability = Promotability {
         promotable: false,
@@ -622,7 +606,20 @@ async fn run(state: &Shared, id: &str) {
             retryable,
             action,
             code,
-        }) => fail_with(state, &mut rec, code, phase, &message, retryable, action).await,
+            step,
+        }) => {
+            let detail = FailureDetail {
+                code: code.into(),
+                message,
+                phase: phase.into(),
+                retryable,
+                suggested_action: action.into(),
+                step_index: step.map(|s| s.0),
+                build_id: Some(rec.build_id.clone()),
+                details: None,
+            };
+            fail_detail(state, &mut rec, detail, step.map(|s| s.1)).await
+        }
     }
     tracing::info!(build = %rec.build_id, status = %rec.status, phase = ?rec.failure_phase, "build finished");
     state.cancels.lock().expect("cancel lock").remove(id);
@@ -638,6 +635,8 @@ enum Failure {
         action: &'static str,
         /// `build_error`, or `file_upload_error` for context failures.
         code: &'static str,
+        /// A failed step: its 1-based index and the number of steps.
+        step: Option<(i64, i64)>,
     },
 }
 
@@ -653,6 +652,7 @@ fn failed(
         retryable,
         action,
         code: "build_error",
+        step: None,
     }
 }
 
@@ -665,7 +665,7 @@ async fn execute(
 ) -> Result<(ArtifactManifest, Option<String>), Failure> {
     let req = &def.request;
     let ns = rec.namespace_slug.clone();
-    let n = validate::normalize(req, &ns, &state.engines).map_err(|i| {
+    let p = validate::plan(req, &ns, &state.engines).map_err(|i| {
         failed(
             "preflight",
             i.iter()
@@ -676,87 +676,83 @@ async fn execute(
             "fix the request",
         )
     })?;
-    let engine_path = matches!(n.base, Base::Dockerfile) || !n.steps.is_empty();
     let mut cache_key = None;
-    if engine_path && n.backend == "native" && !matches!(n.base, Base::Dockerfile) {
-        // The native backend: the steps run inside the build VM.
-        let Some(vmm) = state.vmm.clone() else {
-            return Err(failed(
-                "prepare",
-                format!(
-                    "{} declarative step(s) with the native backend need the build VM, and this server runs without --build-vm",
-                    n.steps.len()
-                ),
-                false,
-                "send build_backend buildah (or buildkit) to run the steps through a Dockerfile engine, or use a server started with --build-vm",
-            ));
-        };
-        let mut m = resolve_base(state, rec, &n, req, secrets, cancel).await?;
-        // Steps start from the image's defaults; the native plan applies the
-        // request's runtime workdir/user/envs after them (where the SDK's
-        // own `workdir`/`user` steps put them too).
-        if req.start_cmd.is_some() {
-            m.start_cmd = req.start_cmd.clone();
+    let base = match p.route {
+        Route::NativeSteps => {
+            // The native backend: the steps run inside the build VM.
+            let Some(vmm) = state.vmm.clone() else {
+                return Err(failed(
+                    "prepare",
+                    format!(
+                        "{} declarative step(s) with the native backend need the build VM, and this server runs without --build-vm",
+                        p.steps.len()
+                    ),
+                    false,
+                    "send build_backend buildah (or buildkit) to run the steps through a Dockerfile engine, or use a server started with --build-vm",
+                ));
+            };
+            let mut m = resolve_base(state, rec, &p, secrets, cancel).await?;
+            // Steps start from the image's defaults; the native plan applies
+            // the request's runtime workdir/user/envs after them (where the
+            // SDK's own `workdir`/`user` steps put them too).
+            if p.runtime.start_cmd.is_some() {
+                m.start_cmd = p.runtime.start_cmd.clone();
+            }
+            if let Some(r) = &p.runtime.readiness {
+                m.readiness = Some(r.to_json());
+            }
+            let m = snapshot_in_vm(state, rec, m, &p, cancel, vmm, true).await?;
+            return Ok((m, None));
         }
-        if let Some(r) = req
-            .runtime_config
-            .as_ref()
-            .and_then(|r| r.readiness.clone())
-        {
-            m.readiness = Some(r);
+        Route::Engine => {
+            if matches!(p.source, Source::Template { .. }) {
+                return Err(failed(
+                    "prepare",
+                    "declarative steps on a template base need the build VM, which this server does not have yet",
+                    false,
+                    "build the steps on an OCI base image",
+                ));
+            }
+            let key = p.cache.final_artifact_inputs.clone();
+            if p.cache.skip_cache {
+                rec.cache_summary.final_artifact_bypasses = 1;
+                cache_entry(
+                    state,
+                    rec,
+                    "final_artifact",
+                    "bypass",
+                    Some("whole_build_skip_cache"),
+                    &key,
+                )
+                .await;
+            } else if let Some(m) = cached_artifact(state, &ns, &key).await {
+                rec.cache_summary.final_artifact_hits = 1;
+                cache_entry(state, rec, "final_artifact", "hit", None, &key).await;
+                return Ok((with_request_overrides(m, &p), None));
+            } else {
+                rec.cache_summary.final_artifact_misses = 1;
+                cache_entry(
+                    state,
+                    rec,
+                    "final_artifact",
+                    "miss",
+                    Some("missing_or_incompatible"),
+                    &key,
+                )
+                .await;
+                cache_key = Some(key);
+            }
+            let layout = engine_build(state, rec, &p, secrets, cancel).await?;
+            let source = SourceRef::OciDir {
+                path: layout,
+                reference: Some("latest".into()),
+            };
+            let imported = import_source(state, rec, source, None, &p, cancel).await;
+            // The engine's work dir (context, output layout) is done with.
+            let _ = std::fs::remove_dir_all(state.work_dir.join(&rec.build_id));
+            imported?
         }
-        let m = snapshot_in_vm(state, rec, m, req, cancel, vmm, &n.steps).await?;
-        return Ok((m, None));
-    }
-    let base = if engine_path {
-        if matches!(n.base, Base::Template(_)) {
-            return Err(failed(
-                "prepare",
-                "declarative steps on a template base need the build VM, which this server does not have yet",
-                false,
-                "build the steps on an OCI base image",
-            ));
-        }
-        let key = final_cache_key(def, &n);
-        if req.skip_cache == Some(true) {
-            rec.cache_summary.final_artifact_bypasses = 1;
-            cache_entry(
-                state,
-                rec,
-                "final_artifact",
-                "bypass",
-                Some("whole_build_skip_cache"),
-                &key,
-            )
-            .await;
-        } else if let Some(m) = cached_artifact(state, &ns, &key).await {
-            rec.cache_summary.final_artifact_hits = 1;
-            cache_entry(state, rec, "final_artifact", "hit", None, &key).await;
-            return Ok((with_request_overrides(m, req), None));
-        } else {
-            rec.cache_summary.final_artifact_misses = 1;
-            cache_entry(
-                state,
-                rec,
-                "final_artifact",
-                "miss",
-                Some("missing_or_incompatible"),
-                &key,
-            )
-            .await;
-            cache_key = Some(key);
-        }
-        let layout = engine_build(state, rec, def, secrets, cancel, &n).await?;
-        let source = SourceRef::OciDir {
-            path: layout,
-            reference: Some("latest".into()),
-        };
-        let imported = import_source(state, rec, source, None, req, cancel).await;
-        // The engine's work dir (context, output layout) is done with.
-        let _ = std::fs::remove_dir_all(state.work_dir.join(&rec.build_id));
-        imported?
-    } else {
-        resolve_base(state, rec, &n, req, secrets, cancel).await?
+        Route::Import => resolve_base(state, rec, &p, secrets, cancel).await?,
     };
     if cancel.load(Ordering::SeqCst) {
         return Err(Failure::Cancelled);
@@ -764,9 +760,9 @@ async fn execute(
     if cache_key.is_some() {
         rec.cache_summary.final_artifact_stores = 1;
     }
-    let m = with_request_overrides(base, req);
+    let m = with_request_overrides(base, &p);
     let m = match state.vmm.clone() {
-        Some(vmm) => snapshot_in_vm(state, rec, m, req, cancel, vmm, &[]).await?,
+        Some(vmm) => snapshot_in_vm(state, rec, m, &p, cancel, vmm, false).await?,
         None => m,
     };
     Ok((m, cache_key))
@@ -774,14 +770,15 @@ async fn execute(
 
 /// Boots the template in the build VM, runs its start command with the
 /// runtime defaults, waits for readiness and snapshots memory and disk.
+/// With `native`, the plan's steps run in the VM first.
 async fn snapshot_in_vm(
     state: &Shared,
     rec: &mut BuildRecord,
     mut m: ArtifactManifest,
-    req: &BuildRequest,
+    p: &BuildPlan,
     cancel: &Arc<AtomicBool>,
     vmm: Arc<nullspace_vm::QemuVmm>,
-    steps: &[Value],
+    native: bool,
 ) -> Result<ArtifactManifest, Failure> {
     use nullspace_vm::template::{
         StepEvent, TemplateSpec, build_snapshot, build_snapshot_with_steps,
@@ -796,12 +793,11 @@ async fn snapshot_in_vm(
     config.start_cmd = m.start_cmd.clone();
     let mut spec = TemplateSpec::new(&rootfs, config);
     // Network only when the operator allows it and the build wants it.
-    spec.network = state.config.build_vm_network
-        && req.build_config.as_ref().and_then(|c| c.internet_access) != Some(false);
+    spec.network = state.config.build_vm_network && p.vm.internet_access;
     spec.readiness = m
         .readiness
         .as_ref()
-        .map(nullspace_vm::Readiness::from_json)
+        .map(|r| Readiness::parse(r).map(|r| crate::native::vm_readiness(&r)))
         .transpose()
         .map_err(|e| {
             failed(
@@ -811,15 +807,9 @@ async fn snapshot_in_vm(
                 "fix the readiness probe",
             )
         })?;
-    if let Some(c) = &req.build_config {
-        if let Some(mem) = c.memory_mib {
-            spec.memory_mb = mem as u32;
-        }
-        if let Some(v) = c.vcpus {
-            spec.vcpus = v as u32;
-        }
-        spec.disk_mb = c.disk_mb.map(|d| d as u64);
-    }
+    spec.memory_mb = p.vm.memory_mib;
+    spec.vcpus = p.vm.vcpus;
+    spec.disk_mb = p.vm.disk_mb;
     let dir = state.config.data_dir.join("artifacts/snapshots");
     std::fs::create_dir_all(&dir).map_err(|e| failed("snapshot", e.to_string(), true, "retry"))?;
     let out = dir.join(&rec.build_id);
@@ -840,11 +830,11 @@ async fn snapshot_in_vm(
     )
     .await;
     // Native steps: the context is materialized on the host and copied in
-    // by the agent; each step logs its start, output and end.
-    let native = if steps.is_empty() {
-        None
-    } else {
-        let entries = context_entries(state, rec, req).await?;
+    // by the agent; each step logs its start, output and end with its
+    // 1-based index among the plan's steps.
+    let total = p.total_steps() as i64;
+    let native = if native && !p.steps.is_empty() {
+        let entries = context_entries(state, rec, p.context.as_ref()).await?;
         let ctx = state.work_dir.join(format!("{}-native", rec.build_id));
         let _ = std::fs::remove_dir_all(&ctx);
         std::fs::create_dir_all(&ctx)
@@ -855,50 +845,41 @@ async fn snapshot_in_vm(
             retryable: false,
             action: "fix the build context",
             code: "file_upload_error",
+            step: None,
         })?;
-        let plan = crate::native::plan(
-            req.build_envs.as_ref(),
-            steps,
-            req.runtime_config.as_ref(),
-            &ctx,
-        )
-        .map_err(|e| failed("preflight", e, false, "fix the steps"))?;
+        let plan = crate::native::plan(p, &ctx)
+            .map_err(|e| failed("blob_upload", e, false, "upload the build context"))?;
         Some((plan, ctx))
+    } else {
+        None
     };
     let task_out = out.clone();
     let handle = tokio::runtime::Handle::current();
     let st = state.clone();
     let log_rec = rec.clone();
-    let total = steps.len() as i64;
     let native_task = native.clone();
     let result = blocking(cancel, move || match &native_task {
         None => build_snapshot(&vmm, &spec, &task_out),
         Some((plan, _)) => {
             let mut on_step = |i: usize, step: &nullspace_vm::template::Step, ev: StepEvent<'_>| {
-                let index = plan.request_index(i).map(|x| x as i64 + 1);
-                let (kind, msg) = match ev {
-                    StepEvent::Started => (
-                        "message",
-                        format!(
-                            "step {}: {step:?}",
-                            index.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
-                        ),
-                    ),
-                    StepEvent::Output(b) => {
-                        ("message", String::from_utf8_lossy(b).trim_end().to_string())
+                let index = plan.step_number(i);
+                let msg = match ev {
+                    StepEvent::Started => match index {
+                        Some(n) => format!("step {n}/{total}: {}", step.describe()),
+                        None => step.describe(),
+                    },
+                    StepEvent::Output(b) => String::from_utf8_lossy(b).trim_end().to_string(),
+                    StepEvent::Finished { elapsed } => {
+                        format!("step done in {} ms", elapsed.as_millis())
                     }
-                    StepEvent::Finished { elapsed } => (
-                        "message",
-                        format!("step done in {} ms", elapsed.as_millis()),
-                    ),
                 };
                 if msg.is_empty() {
                     return;
                 }
-                let mut e = entry(&log_rec, kind, "info", msg);
+                let mut e = entry(&log_rec, "message", "info", msg);
                 e.phase = Some("step".into());
                 e.step_index = index;
-                e.total_steps = Some(total);
+                e.total_steps = index.map(|_| total);
                 let _ = handle.block_on(append(&st, e));
             };
             build_snapshot_with_steps(&vmm, &spec, &plan.steps, &mut on_step, &task_out)
@@ -921,23 +902,52 @@ async fn snapshot_in_vm(
                 "snapshot" => ("snapshot", "snapshot"),
                 _ => ("startup", "finalize"),
             };
+            // A failed step is named by its 1-based place among the
+            // request's steps (the VM counts the steps it was given).
+            let (message, step) = match (&e, &native) {
+                (
+                    nullspace_vm::VmError::StepFailed {
+                        index,
+                        action,
+                        exit_code,
+                        tail,
+                    },
+                    Some((plan, _)),
+                ) => {
+                    let n = plan.step_number(*index);
+                    let exit = exit_code
+                        .map(|c| format!(" with exit code {c}"))
+                        .unwrap_or_default();
+                    let which = match n {
+                        Some(n) => format!("step {n} of {total} ({action})"),
+                        None => format!("the {action} setup step"),
+                    };
+                    (
+                        format!("step: {which} failed{exit}: {tail}"),
+                        n.map(|n| (n, total)),
+                    )
+                }
+                _ => (format!("{}: {e}", e.code()), None),
+            };
             // A `message` at error level: the SDK stops at the first `error`
             // entry, which must be the terminal one with its error_detail.
-            log(
-                state,
-                rec,
-                "message",
-                "error",
-                Some(log_phase),
-                format!("{}: {e}", e.code()),
-            )
-            .await;
-            return Err(failed(
+            let mut entry_ = entry(rec, "message", "error", message.clone());
+            entry_.phase = Some(log_phase.into());
+            entry_.step_index = step.map(|s| s.0);
+            entry_.total_steps = step.map(|s| s.1);
+            let _ = append(state, entry_).await;
+            return Err(Failure::Failed {
                 phase,
-                format!("{}: {e}", e.code()),
-                e.code() == "vm_create",
-                "check the start command and readiness probe; see the log",
-            ));
+                message,
+                retryable: e.code() == "vm_create",
+                action: if step.is_some() {
+                    "fix the failing step; its output is in the log"
+                } else {
+                    "check the start command and readiness probe; see the log"
+                },
+                code: "build_error",
+                step,
+            });
         }
         Err(f) => {
             let _ = std::fs::remove_dir_all(&out);
@@ -960,7 +970,7 @@ async fn snapshot_in_vm(
         ),
     )
     .await;
-    if !steps.is_empty() {
+    if native.is_some() {
         // Steps set the final runtime defaults (workdir, user, envs).
         let c = &snap.meta.config;
         m.env = c.env.clone();
@@ -976,95 +986,80 @@ async fn snapshot_in_vm(
 async fn resolve_base(
     state: &Shared,
     rec: &mut BuildRecord,
-    n: &Normalized,
-    req: &BuildRequest,
+    p: &BuildPlan,
     secrets: &RunSecrets,
     cancel: &Arc<AtomicBool>,
 ) -> Result<ArtifactManifest, Failure> {
     let ns = rec.namespace_slug.clone();
-    Ok(match &n.base {
-        Base::Template(r) => {
+    Ok(match &p.source {
+        Source::Template { reference } => {
             log(
                 state,
                 rec,
                 "message",
                 "info",
                 Some("preparing"),
-                format!(
-                    "resolving template {}",
-                    req.base_image.as_deref().unwrap_or_default()
-                ),
+                format!("resolving template {reference}"),
             )
             .await;
-            templates::resolve_artifact(state, &ns, r)
+            let r = crate::refs::TemplateRef::parse(reference)
+                .map_err(|e| failed("prepare", e, false, "check the template reference"))?;
+            templates::resolve_artifact(state, &ns, &r)
                 .await
                 .map_err(|e| failed("prepare", e.message, false, "check the template reference"))?
         }
-        Base::Image(image_ref) => {
+        Source::Image { reference } => {
             log(
                 state,
                 rec,
                 "message",
                 "info",
                 Some("preparing"),
-                format!("resolving {image_ref}"),
+                format!("resolving {reference}"),
             )
             .await;
-            let source = SourceRef::parse(image_ref)
+            let source = SourceRef::parse(reference)
                 .map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
             if !matches!(source, SourceRef::Registry(_)) {
                 return Err(failed(
                     "prepare",
-                    format!("base_image {image_ref:?} must be a registry reference"),
+                    format!("base_image {reference:?} must be a registry reference"),
                     false,
                     "use a registry reference",
                 ));
             }
             let credentials = basic_credentials(secrets)?;
-            import_source(state, rec, source, credentials, req, cancel).await?
+            import_source(state, rec, source, credentials, p, cancel).await?
         }
-        Base::Dockerfile => unreachable!("engine path"),
+        Source::Dockerfile { .. } => {
+            return Err(failed(
+                "preflight",
+                "a Dockerfile has no base to resolve",
+                false,
+                "send base_image",
+            ));
+        }
     })
 }
 
-/// Request runtime settings override the image's (and the steps').
-fn with_request_overrides(mut m: ArtifactManifest, req: &BuildRequest) -> ArtifactManifest {
-    if let Some(rc) = &req.runtime_config {
-        if let Some(envs) = &rc.default_envs {
-            m.env.extend(envs.clone());
-        }
-        if rc.default_user.is_some() {
-            m.user = rc.default_user.clone();
-        }
-        if rc.default_workdir.is_some() {
-            m.workdir = rc.default_workdir.clone();
-        }
-        if rc.readiness.is_some() {
-            m.readiness = rc.readiness.clone();
-        }
+/// The request's runtime settings (the plan's) override the image's (and
+/// the steps').
+fn with_request_overrides(mut m: ArtifactManifest, p: &BuildPlan) -> ArtifactManifest {
+    let r = &p.runtime;
+    m.env.extend(r.env.0.clone());
+    if r.user.is_some() {
+        m.user = r.user.clone();
     }
-    if req.start_cmd.is_some() {
-        m.start_cmd = req.start_cmd.clone();
+    if r.workdir.is_some() {
+        m.workdir = r.workdir.clone();
+    }
+    if let Some(rd) = &r.readiness {
+        m.readiness = Some(rd.to_json());
+    }
+    if r.start_cmd.is_some() {
+        m.start_cmd = r.start_cmd.clone();
     }
     m
-}
-
-/// The final-artifact cache key: every input that decides an engine build's
-/// result (source, steps, Dockerfile, context blobs, args, target, backend,
-/// envs, runtime settings, disk size), never names, tags or credentials.
-fn final_cache_key(def: &Definition, n: &Normalized) -> String {
-    let mut r = def.request.clone();
-    r.name = None;
-    r.alias = None;
-    r.tags = None;
-    r.skip_cache = None;
-    r.claim_token = None;
-    if let Some(c) = r.build_config.as_mut() {
-        // Build VM size does not change what an engine produces.
-        c.vcpus = None;
-        c.memory_mib = None;
-    }
-    sha256_json(&json!({"v": 1, "backend": n.backend, "request": r, "secret_ids": def.secret_ids}))
 }
 
 async fn cached_artifact(state: &Shared, ns: &str, key: &str) -> Option<ArtifactManifest> {
@@ -1151,114 +1146,115 @@ async fn blocking<T: Send + 'static>(
 async fn context_entries(
     state: &Shared,
     rec: &BuildRecord,
-    req: &BuildRequest,
+    context: Option<&ContextManifest>,
 ) -> Result<Vec<nullspace_build::context::ContextEntry>, Failure> {
-    use nullspace_build::context::{ContextEntry, EntrySource, EntryType};
+    use nullspace_build::context::{ContextEntry, EntrySource};
     let mut entries = Vec::new();
-    for f in req.build_context.iter().flat_map(|c| &c.files) {
-        let is_dir = f.entry_type == "dir";
-        let mode = f
-            .mode
-            .as_deref()
-            .and_then(|m| u32::from_str_radix(m, 8).ok())
-            .unwrap_or(if is_dir { 0o755 } else { 0o644 });
-        let source = if is_dir {
-            None
-        } else if let Some(blob) = &f.blob_id {
-            let uploaded = state
-                .store
-                .blob_meta(&rec.namespace_slug, blob)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|m| m.2);
-            let digest = blob
-                .strip_prefix("blob_")
-                .and_then(|h| nullspace_digest::Digest::parse(&format!("sha256:{h}")).ok())
-                .filter(|_| uploaded)
-                .ok_or_else(|| Failure::Failed {
+    for e in context.iter().flat_map(|c| &c.entries) {
+        let source = match &e.content {
+            None => None,
+            Some(Content::Blob { blob_id, sha256 }) => {
+                let uploaded = state
+                    .store
+                    .blob_meta(&rec.namespace_slug, blob_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| m.2);
+                let digest = sha256
+                    .as_ref()
+                    .and_then(|h| nullspace_digest::Digest::parse(&format!("sha256:{h}")).ok())
+                    .filter(|_| uploaded)
+                    .ok_or_else(|| Failure::Failed {
+                        phase: "blob_upload",
+                        message: format!(
+                            "build_context {:?}: blob {blob_id} was not uploaded",
+                            e.path
+                        ),
+                        retryable: false,
+                        action: "upload the context again (preflight, then PUT)",
+                        code: "file_upload_error",
+                        step: None,
+                    })?;
+                Some(EntrySource::File(state.artifacts.path(&digest)))
+            }
+            Some(Content::Inline { .. }) => {
+                // Inline bytes are not persisted: a build created with them
+                // and run later (after a restart) cannot have them.
+                return Err(Failure::Failed {
                     phase: "blob_upload",
-                    message: format!("build_context {:?}: blob {blob} was not uploaded", f.path),
+                    message: format!(
+                        "build_context {:?}: inline content is not kept for builds; upload it as a blob",
+                        e.path
+                    ),
                     retryable: false,
-                    action: "upload the context again (preflight, then PUT)",
+                    action: "upload the context with the blob preflight",
                     code: "file_upload_error",
-                })?;
-            Some(EntrySource::File(state.artifacts.path(&digest)))
-        } else {
-            // Inline bytes are not persisted: a build created with them and
-            // run later (after a restart) cannot have them.
-            return Err(Failure::Failed {
-                phase: "blob_upload",
-                message: format!(
-                    "build_context {:?}: inline content is not kept for builds; upload it as a blob",
-                    f.path
-                ),
-                retryable: false,
-                action: "upload the context with the blob preflight",
-                code: "file_upload_error",
-            });
+                    step: None,
+                });
+            }
         };
         entries.push(ContextEntry {
-            path: f.path.clone(),
-            entry_type: if is_dir {
-                EntryType::Dir
-            } else {
-                EntryType::File
-            },
-            mode,
+            path: e.path.clone(),
+            entry_type: e.entry_type,
+            mode: e.mode.bits(),
             source,
         });
     }
     Ok(entries)
 }
 
-/// Builds the Dockerfile (given, or rendered from the steps) with the
-/// requested engine; returns the OCI layout it produced.
+/// Why an engine build failed, as it crosses from the blocking task.
+#[derive(Debug, thiserror::Error)]
+enum EngineFailure {
+    /// The uploaded context could not be laid out (the caller's input).
+    #[error(transparent)]
+    Context(#[from] nullspace_build::context::ContextError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Engine(#[from] nullspace_build::engine::EngineError),
+}
+
+/// Builds the Dockerfile (given, or rendered from the plan's steps) with
+/// the plan's engine; returns the OCI layout it produced.
 async fn engine_build(
     state: &Shared,
     rec: &mut BuildRecord,
-    def: &Definition,
+    p: &BuildPlan,
     secrets: &RunSecrets,
     cancel: &Arc<AtomicBool>,
-    n: &Normalized,
 ) -> Result<std::path::PathBuf, Failure> {
     use nullspace_build::context::materialize;
     use nullspace_build::engine::{EngineBuild, RegistryCredential};
-    let req = &def.request;
     let engine = state
         .engine_list
         .iter()
-        .find(|e| e.name() == n.backend)
+        .find(|e| e.name() == p.backend.as_str())
         .cloned()
         .ok_or_else(|| {
             failed(
                 "preflight",
-                format!("engine {} is not available on this server", n.backend),
+                format!("engine {} is not available on this server", p.backend),
                 false,
                 "choose an available build_backend",
             )
         })?;
     rec.engine = Some(format!("{} {}", engine.name(), engine.version()));
-    let (dockerfile, bust) = match &n.base {
-        Base::Dockerfile => (req.dockerfile.clone().unwrap_or_default(), None),
-        _ => {
-            let empty = std::collections::BTreeMap::new();
-            let input = nullspace_build::render::RenderInput {
-                base_image: req.base_image.as_deref().unwrap_or_default(),
-                steps: &n.steps,
-                build_envs: req.build_envs.as_ref().unwrap_or(&empty),
-                runtime_envs: req
-                    .runtime_config
-                    .as_ref()
-                    .and_then(|r| r.default_envs.as_ref())
-                    .unwrap_or(&empty),
-            };
-            let r = nullspace_build::render::render(&input)
+    let (dockerfile, bust, build_args, target) = match &p.source {
+        Source::Dockerfile {
+            text,
+            build_args,
+            target,
+            ..
+        } => (text.clone(), None, build_args.clone(), target.clone()),
+        Source::Image { .. } | Source::Template { .. } => {
+            let r = nullspace_build::render::render_plan(p)
                 .map_err(|e| failed("preflight", e.to_string(), false, "fix the steps"))?;
-            (r.dockerfile, r.cache_bust_arg)
+            (r.dockerfile, r.cache_bust_arg, Default::default(), None)
         }
     };
-    let entries = context_entries(state, rec, req).await?;
+    let entries = context_entries(state, rec, p.context.as_ref()).await?;
     let df_name = if entries.iter().any(|e| e.path == "Dockerfile") {
         ".nullspace.Dockerfile"
     } else {
@@ -1267,37 +1263,36 @@ async fn engine_build(
     let mut creds: Vec<RegistryCredential> = secrets
         .registry_auth
         .iter()
-        .filter_map(|a| {
-            let auth = a.get("auth")?;
-            if auth.get("kind")?.as_str()? != "basic" {
-                return None;
-            }
-            Some(RegistryCredential {
-                registry: a.get("registry")?.as_str()?.to_string(),
-                username: auth.get("username")?.as_str()?.to_string(),
-                password: auth.get("password")?.as_str()?.to_string(),
-            })
+        .filter_map(|a| match RegistryAuth::parse(a).ok()? {
+            RegistryAuth {
+                registry,
+                auth: Credentials::Basic { username, password },
+            } => Some(RegistryCredential {
+                registry,
+                username,
+                password,
+            }),
+            _ => None,
         })
         .collect();
     if let Some(c) = basic_credentials(secrets)? {
-        let host = match &n.base {
-            Base::Dockerfile => nullspace_build::dockerfile::analyze(
-                &dockerfile,
-                &req.build_args.clone().unwrap_or_default(),
-            )
-            .map_err(|e| failed("preflight", e.to_string(), false, "fix the Dockerfile"))?
-            .base_image_auth_host(&|r: &str| r.starts_with("tmpl_") || r.starts_with("nullspace/"))
-            .map_err(|e| {
-                failed(
-                    "preflight",
-                    format!("base_image_auth: {e}"),
-                    false,
-                    "use registry_auth per registry instead",
-                )
-            })?,
-            _ => nullspace_build::dockerfile::registry_host(
-                req.base_image.as_deref().unwrap_or_default(),
-            ),
+        let host = match &p.source {
+            Source::Dockerfile { .. } => {
+                nullspace_build::dockerfile::analyze(&dockerfile, &build_args)
+                    .map_err(|e| failed("preflight", e.to_string(), false, "fix the Dockerfile"))?
+                    .base_image_auth_host(&|r: &str| crate::refs::names_template(r, None).is_some())
+                    .map_err(|e| {
+                        failed(
+                            "preflight",
+                            format!("base_image_auth: {e}"),
+                            false,
+                            "use registry_auth per registry instead",
+                        )
+                    })?
+            }
+            other => {
+                nullspace_build::dockerfile::registry_host(other.base_ref().unwrap_or_default())
+            }
         };
         creds.push(RegistryCredential {
             registry: host,
@@ -1305,7 +1300,7 @@ async fn engine_build(
             password: c.password,
         });
     }
-    let mut args = req.build_args.clone().unwrap_or_default();
+    let mut args = build_args;
     if let Some(b) = bust {
         args.insert(b, rec.build_id.clone());
     }
@@ -1314,8 +1309,7 @@ async fn engine_build(
         .iter()
         .map(|s| (s.id.clone(), s.value.clone().unwrap_or_default()))
         .collect();
-    let network = req.build_config.as_ref().and_then(|c| c.internet_access) != Some(false);
-    let target = req.target.clone();
+    let network = p.vm.internet_access;
     let work = state.work_dir.join(&rec.build_id);
     let ctx = work.join("context");
     let out = work.join("engine-out");
@@ -1336,44 +1330,45 @@ async fn engine_build(
         ),
     )
     .await;
-    let result = blocking(cancel, move || -> Result<std::path::PathBuf, String> {
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&ctx).map_err(|e| e.to_string())?;
-        materialize(&ctx, &entries).map_err(|e| format!("context:{e}"))?;
-        std::fs::write(ctx.join(df_name), &dockerfile).map_err(|e| e.to_string())?;
-        let forward = |line: &str| {
-            let mut e = entry(&log_rec, "message", "info", line.to_string());
-            e.phase = Some("step".into());
-            let _ = handle.block_on(append(&st, e));
-        };
-        let mut b = EngineBuild::new(&ctx, &out, &forward);
-        b.dockerfile = df_name;
-        b.build_args = args;
-        b.target = target;
-        b.secrets = build_secrets;
-        b.network = network;
-        b.registry_auth = creds;
-        b.cancel = Some(flag);
-        let output = engine.build(&b).map_err(|e| e.to_string())?;
-        Ok(output.layout_dir)
-    })
+    let result = blocking(
+        cancel,
+        move || -> Result<std::path::PathBuf, EngineFailure> {
+            let _ = std::fs::remove_dir_all(&work);
+            std::fs::create_dir_all(&ctx)?;
+            materialize(&ctx, &entries)?;
+            std::fs::write(ctx.join(df_name), &dockerfile)?;
+            let forward = |line: &str| {
+                let mut e = entry(&log_rec, "message", "info", line.to_string());
+                e.phase = Some("step".into());
+                let _ = handle.block_on(append(&st, e));
+            };
+            let mut b = EngineBuild::new(&ctx, &out, &forward);
+            b.dockerfile = df_name;
+            b.build_args = args;
+            b.target = target;
+            b.secrets = build_secrets;
+            b.network = network;
+            b.registry_auth = creds;
+            b.cancel = Some(flag);
+            let output = engine.build(&b)?;
+            Ok(output.layout_dir)
+        },
+    )
     .await?;
     match result {
         Ok(layout) => Ok(layout),
-        Err(e) if cancel.load(Ordering::SeqCst) => {
-            let _ = e;
-            Err(Failure::Cancelled)
-        }
-        Err(e) if e.starts_with("context:") => Err(Failure::Failed {
+        Err(_) if cancel.load(Ordering::SeqCst) => Err(Failure::Cancelled),
+        Err(EngineFailure::Context(e)) => Err(Failure::Failed {
             phase: "blob_upload",
-            message: e["context:".len()..].to_string(),
+            message: e.to_string(),
             retryable: false,
             action: "fix the build context",
             code: "file_upload_error",
+            step: None,
         }),
         Err(e) => Err(failed(
             "build_step",
-            e,
+            e.to_string(),
             false,
             "fix the Dockerfile or steps; see the log",
         )),
@@ -1385,7 +1380,7 @@ async fn import_source(
     rec: &mut BuildRecord,
     source: SourceRef,
     credentials: Option<nullspace_oci::auth::Credentials>,
-    req: &BuildRequest,
+    p: &BuildPlan,
     cancel: &Arc<AtomicBool>,
 ) -> Result<ArtifactManifest, Failure> {
     let opts = ResolveOptions {
@@ -1397,17 +1392,13 @@ async fn import_source(
     // Only registry layers are worth caching: an engine's output layout is
     // unique to its build (the engine keeps its own layer cache), and caching
     // it would keep another copy of whatever the build wrote.
-    let cache_dir = if req.skip_cache == Some(true) || !matches!(source, SourceRef::Registry(_)) {
+    let cache_dir = if p.cache.skip_cache || !matches!(source, SourceRef::Registry(_)) {
         None
     } else {
         Some(state.cache_dir.clone())
     };
     let import_opts = ImportOptions {
-        disk_mb: req
-            .build_config
-            .as_ref()
-            .and_then(|c| c.disk_mb)
-            .map(|d| d as u64),
+        disk_mb: p.vm.disk_mb,
         cache_dir,
         cache_max_bytes: state.config.cache_max_bytes,
         cancel: Some(cancel.clone()),
@@ -1499,7 +1490,7 @@ async fn import_source(
         e.cache_kind = Some("layer".into());
         e.cache_subject = Some(l.digest.to_string());
         e.cache_status = Some(
-            if req.skip_cache == Some(true) {
+            if p.cache.skip_cache {
                 "bypass"
             } else if hit {
                 "hit"
@@ -1508,13 +1499,13 @@ async fn import_source(
             }
             .into(),
         );
-        if req.skip_cache == Some(true) {
+        if p.cache.skip_cache {
             e.cache_reason = Some("whole_build_skip_cache".into());
         }
         let _ = append(state, e).await;
     }
     let cs = &mut rec.cache_summary;
-    if req.skip_cache == Some(true) {
+    if p.cache.skip_cache {
         cs.layer_bypasses = meta.image.layers.len() as i64;
     } else {
         cs.layer_hits = meta.cache.layers_reused as i64;
@@ -1553,9 +1544,11 @@ async fn import_source(
     let _ = std::fs::remove_dir_all(&work);
     let rt = image.runtime_defaults();
     let oci = image.oci_metadata();
-    let readiness = rt.ready_cmd.as_ref().map(|c| {
-        json!({"kind": "command", "command": c, "timeout_secs": 30, "interval_ms": 500, "startup_grace_secs": 2})
-    });
+    // A mapped HEALTHCHECK is a command probe with the default schedule.
+    let readiness = rt
+        .ready_cmd
+        .as_ref()
+        .map(|c| Readiness::command(c).to_json());
     Ok(ArtifactManifest {
         rootfs: digest.to_string(),
         rootfs_size: size,

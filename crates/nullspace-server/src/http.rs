@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
+use nullspace_model::build::status;
 use nullspace_store::{BuildFilter, Caller};
 use schemars::{Schema, SchemaGenerator};
 use serde_json::Value;
@@ -80,10 +81,13 @@ pub fn routes() -> Vec<Route> {
             .body::<BuildRequest>()
             .reply::<ValidateResult>(200)
             .to(validate_request),
-        Op::post("/v1/templates/plan", "Backend-neutral build plan")
-            .body::<BuildRequest>()
-            .reply_with(200, plan_schema)
-            .to(plan_request),
+        Op::post(
+            "/v1/templates/plan",
+            "The build plan: what a build of this request runs, with its digests",
+        )
+        .body::<BuildRequest>()
+        .reply::<PlanResponse>(200)
+        .to(plan_request),
         Op::get("/v1/templates", "List templates")
             .query(FIELDS_ONLY)
             .reply_with(200, template_list_schema)
@@ -209,9 +213,9 @@ const CURSOR_PAGE: QueryParam = QueryParam {
     description: "`next_cursor` of the previous page",
     kind: QueryKind::Text,
 };
-const BUILD_STATUSES: &[&str] = &["waiting", "building", "ready", "error", "cancelled"];
-const BACKENDS: &[&str] = &["native", "buildkit", "buildah"];
-const SOURCE_TYPES: &[&str] = &["declarative", "dockerfile", "oci_import", "template_base"];
+const BUILD_STATUSES: &[&str] = status::BuildStatus::NAMES;
+const BACKENDS: &[&str] = status::Backend::NAMES;
+const SOURCE_TYPES: &[&str] = status::SourceType::NAMES;
 const STATUS: QueryParam = QueryParam {
     name: "status",
     description: "Only builds with this status",
@@ -232,10 +236,6 @@ const FIELDS: QueryParam = QueryParam {
     description: "Comma-separated keys to keep in each template",
     kind: QueryKind::Text,
 };
-
-fn plan_schema(_: &mut SchemaGenerator) -> Schema {
-    schemars::json_schema!({"type": "object", "description": "The backend-neutral build plan"})
-}
 
 fn any_object_schema(_: &mut SchemaGenerator) -> Schema {
     schemars::json_schema!({"type": "object"})
@@ -629,35 +629,21 @@ async fn validate_request(
     Extension(c): Extension<Caller>,
     JsonBody(req): JsonBody<BuildRequest>,
 ) -> Json<ValidateResult> {
-    Json(match validate::normalize(&req, &c.namespace, &s.engines) {
-        Ok(n) => ValidateResult {
-            valid: true,
-            errors: vec![],
-            warnings: n.warnings,
-        },
-        Err(issues) => ValidateResult {
-            valid: false,
-            errors: issues,
-            warnings: vec![],
-        },
-    })
+    Json(ValidateResult::of(&validate::plan(
+        &req,
+        &c.namespace,
+        &s.engines,
+    )))
 }
 
 async fn plan_request(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     JsonBody(req): JsonBody<BuildRequest>,
-) -> ApiResult<Json<Value>> {
-    let n = validate::normalize(&req, &c.namespace, &s.engines).map_err(|issues| {
-        ApiError::invalid(
-            issues
-                .iter()
-                .map(|i| i.message.clone())
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
-    Ok(Json(crate::plan::plan(&req, &n)))
+) -> ApiResult<Json<PlanResponse>> {
+    let plan =
+        validate::plan(&req, &c.namespace, &s.engines).map_err(|i| validate::rejection(&i))?;
+    Ok(Json(crate::plan::response(plan)))
 }
 
 // ---- blobs -----------------------------------------------------------------

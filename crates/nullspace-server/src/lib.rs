@@ -78,7 +78,10 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
         artifacts,
         hub: Default::default(),
         engines: validate::Engines {
-            available: engine_list.iter().map(|e| e.name().to_string()).collect(),
+            available: engine_list
+                .iter()
+                .filter_map(|e| nullspace_model::build::status::Backend::parse(e.name()))
+                .collect(),
         },
         engine_list,
         vmm,

@@ -1,7 +1,8 @@
 //! The wire model of the template API, as the published SDK
 //! (`nullspace-sdk` 0.1.9) sends and parses it: see `docs/sdk-contract.md`.
-//! Requests are read leniently (unknown keys ignored); responses omit
-//! unset optional fields rather than sending `null` where the SDK rejects it.
+//! Requests (and the plan) are `nullspace_model::build`'s, re-exported
+//! here; responses omit unset optional fields rather than sending `null`
+//! where the SDK rejects it.
 
 use std::collections::BTreeMap;
 
@@ -9,114 +10,16 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// The request bodies and the plan's views live in the build model, shared
+/// with the CLI.
+pub use nullspace_model::build::plan::{Issue, PlanResponse, ValidateResult};
+pub use nullspace_model::build::request::*;
+
 /// RFC 3339 UTC with `Z`, the form the SDK parses.
 pub fn iso(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
-pub struct BuildRequest {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alias: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tags: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_image: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dockerfile: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub steps: Option<Vec<Value>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build_envs: Option<BTreeMap<String, String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_cmd: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime_config: Option<RuntimeConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build_context: Option<BuildContext>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build_config: Option<BuildConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build_backend: Option<String>,
-    /// Credentials: used for the pull, never persisted (only `kind`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_image_auth: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub registry_auth: Option<Vec<Value>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build_secrets: Option<Vec<BuildSecret>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub skip_cache: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dockerfile_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build_args: Option<BTreeMap<String, String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claim_token: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
-pub struct RuntimeConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_workdir: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_envs: Option<BTreeMap<String, String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub readiness: Option<Value>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
-pub struct BuildContext {
-    #[serde(default)]
-    pub files: Vec<ContextFile>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
-pub struct ContextFile {
-    pub path: String,
-    pub entry_type: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blob_id: Option<String>,
-    /// Inline bytes (validate/plan). Never persisted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_base64: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
-pub struct BuildConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vcpus: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_mib: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub internet_access: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_mb: Option<i64>,
-}
-
-#[derive(Clone, Default, Deserialize, Serialize, JsonSchema)]
-pub struct BuildSecret {
-    pub id: String,
-    #[serde(default)]
-    pub value: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<String>,
-}
-
-impl std::fmt::Debug for BuildSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BuildSecret({}, <redacted>)", self.id)
-    }
 }
 
 /// `error_detail`: exactly the keys the SDK's strict parser accepts.
@@ -335,78 +238,6 @@ pub struct Definition {
     pub had_inline_context: bool,
 }
 
-// ---- small request bodies ---------------------------------------------------
-// Read leniently like `BuildRequest`: an empty body is `{}`.
-
-/// `POST /v1/templates/builds/{build_id}/cancel`.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
-pub struct CancelBody {
-    pub reason: Option<String>,
-}
-
-/// `POST /v1/templates/builds/{build_id}/retry`: fresh credentials and
-/// secrets (old values are never replayed), optionally new tags.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
-pub struct RetryBody {
-    pub tags: Option<Vec<String>>,
-    pub base_image_auth: Option<Value>,
-    pub registry_auth: Option<Vec<Value>>,
-    pub build_secrets: Option<Vec<BuildSecret>>,
-}
-
-/// `POST /v1/templates/builds/{build_id}/promote`.
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct PromoteBody {
-    pub tag: String,
-}
-
-/// `POST /v1/templates/blobs/preflight`.
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct PreflightBody {
-    pub files: Vec<PreflightFile>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct PreflightFile {
-    pub path: String,
-    /// `file` or `dir`.
-    pub entry_type: String,
-    #[serde(default)]
-    pub mode: Option<String>,
-    /// Files: 64 lowercase hex characters.
-    #[serde(default)]
-    pub sha256: Option<String>,
-    #[serde(default)]
-    pub size_bytes: Option<i64>,
-    #[serde(default)]
-    pub force_upload: Option<bool>,
-}
-
-/// `POST /v1/templates/refs/{ref}/tags`.
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct TagsBody {
-    pub tags: Vec<String>,
-}
-
-/// `POST /v1/templates/refs/{ref}/rename`.
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct RenameBody {
-    pub new_name: String,
-}
-
-/// `PATCH /v1/templates/refs/{ref}/visibility`.
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct VisibilityBody {
-    /// `private` or `public`.
-    pub visibility: String,
-}
-
-/// `POST /v1/templates/claims`.
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct ClaimBody {
-    pub template_ref: String,
-}
-
 // ---- responses built in `http.rs` and `templates.rs` ------------------------
 
 /// Every error: `code` picks the SDK's exception class.
@@ -435,14 +266,6 @@ pub struct BuildPage {
     pub builds: Vec<Value>,
     /// Pass as `cursor` for the next page; `null` on the last one.
     pub next_cursor: Option<String>,
-}
-
-/// `POST /v1/templates/validate`: always 200; problems are in `errors`.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct ValidateResult {
-    pub valid: bool,
-    pub errors: Vec<crate::validate::Issue>,
-    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]

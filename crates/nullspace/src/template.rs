@@ -9,8 +9,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{ArgAction, ArgMatches, Args, Subcommand, ValueEnum};
+use nullspace_model::build::plan::{PlanContext, PlanResponse, plan as build_plan};
+use nullspace_model::build::probe::Readiness;
+use nullspace_model::build::request::{
+    BuildConfig, BuildRequest, BuildSecret, CancelBody, Credentials, PromoteBody, RenameBody,
+    RetryBody, RuntimeConfig, TagsBody,
+};
+use nullspace_model::build::rules;
+use nullspace_model::build::status::BuildStatus as Status;
+use nullspace_model::build::step::Step;
+use nullspace_model::refs;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Method;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Value, json};
 
 #[derive(Subcommand)]
 pub enum TemplateCommand {
@@ -198,7 +210,8 @@ pub struct BuildArgs {
     /// Start the build and print its id instead of streaming the log.
     #[arg(long, conflicts_with_all = ["dry_run", "log_format"])]
     background: bool,
-    /// Print the request JSON (secrets redacted) and send nothing.
+    /// Print the request JSON (secrets redacted) and the plan derived from
+    /// it, and send nothing.
     #[arg(long)]
     dry_run: bool,
     /// How the streamed log is printed [default: text].
@@ -238,9 +251,12 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    fn auth(&self) -> Option<Value> {
+    fn auth(&self) -> Option<Credentials> {
         match (&self.registry_username, &self.registry_password) {
-            (Some(u), Some(p)) => Some(json!({"kind": "basic", "username": u, "password": p})),
+            (Some(u), Some(p)) => Some(Credentials::Basic {
+                username: u.clone(),
+                password: p.clone(),
+            }),
             _ => None,
         }
     }
@@ -461,7 +477,7 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
             json,
         } => {
             let path = format!("/v1/templates/builds/{}/promote", enc(&build_id));
-            let info = Api::from_env()?.post(&path, &json!({"tag": tag}))?;
+            let info = Api::from_env()?.post(&path, &PromoteBody { tag })?;
             print_info(&info, json)
         }
         TemplateCommand::List { fields, json } => list(fields, json),
@@ -486,7 +502,7 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
             new_name,
             json,
         } => {
-            let body = json!({"new_name": new_name});
+            let body = RenameBody { new_name };
             let info = Api::from_env()?.post(&ref_path(&template_ref, "/rename"), &body)?;
             print_info(&info, json)
         }
@@ -679,8 +695,10 @@ impl Api {
         self.send_json(Method::GET, path, None)
     }
 
-    fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        self.send_json(Method::POST, path, Some(body))
+    /// POSTs a typed body (its JSON).
+    fn post<B: Serialize + ?Sized>(&self, path: &str, body: &B) -> Result<Value> {
+        let body = serde_json::to_value(body).context("encoding the request")?;
+        self.send_json(Method::POST, path, Some(&body))
     }
 
     /// Reads an SSE log stream: one JSON entry per `data: ` line (comments,
@@ -708,17 +726,16 @@ impl Api {
     }
 }
 
+/// What `urllib.parse.quote(x, safe='')` leaves as is.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// `urllib.parse.quote(x, safe='')`: refs and tags travel as one segment.
 fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 fn ref_path(r: &str, rest: &str) -> String {
@@ -763,10 +780,12 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
 fn build(a: BuildArgs, m: &ArgMatches) -> Result<()> {
     let mut body = request(&a.spec, m)?;
     if let Some(d) = a.disk_mb {
-        body["build_config"]["disk_mb"] = json!(d);
+        body.build_config
+            .get_or_insert_with(Default::default)
+            .disk_mb = Some(d as i64);
     }
     if a.dry_run {
-        return print_json(&redacted(&body));
+        return dry_run(&body);
     }
     let api = Api::from_env()?;
     if a.background {
@@ -775,6 +794,34 @@ fn build(a: BuildArgs, m: &ArgMatches) -> Result<()> {
     }
     let printer = Printer::new(a.log_format.unwrap_or(LogFormat::Text), a.json);
     build_streaming(&api, &body, &printer, a.json)
+}
+
+/// `--dry-run`: the request as it would be sent (secrets redacted) and the
+/// plan the model derives from it, as the server would (its engines and
+/// namespace aside); nothing is sent.
+fn dry_run(body: &BuildRequest) -> Result<()> {
+    #[derive(Serialize)]
+    struct DryRun {
+        request: BuildRequest,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        plan: Option<PlanResponse>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        errors: Vec<nullspace_model::build::plan::Issue>,
+    }
+    let (plan, errors) = match build_plan(body, &PlanContext::default()) {
+        Ok(p) => (Some(PlanResponse::new(p)), vec![]),
+        Err(e) => (None, e),
+    };
+    let n = errors.len();
+    print_json(&serde_json::to_value(DryRun {
+        request: body.redacted(),
+        plan,
+        errors,
+    })?)?;
+    if n > 0 {
+        bail!("the build request is invalid ({n} error(s))");
+    }
+    Ok(())
 }
 
 fn print_started(rec: &Value, json_out: bool) -> Result<()> {
@@ -793,10 +840,16 @@ fn print_started(rec: &Value, json_out: bool) -> Result<()> {
 
 /// The blocking build: `POST /v1/templates/build` streams log entries; the
 /// build succeeded only when an `end` entry with a `result` arrives (§5).
-fn build_streaming(api: &Api, body: &Value, printer: &Printer, json_out: bool) -> Result<()> {
+fn build_streaming(
+    api: &Api,
+    body: &BuildRequest,
+    printer: &Printer,
+    json_out: bool,
+) -> Result<()> {
+    let body = serde_json::to_value(body).context("encoding the request")?;
     let mut last: Option<Value> = None;
     let mut failure: Option<ApiError> = None;
-    api.sse(Method::POST, "/v1/templates/build", Some(body), |e| {
+    api.sse(Method::POST, "/v1/templates/build", Some(&body), |e| {
         printer.print(&e)?;
         let kind = s(&e, "kind").to_string();
         if kind == "error" {
@@ -875,22 +928,6 @@ fn plan(a: InspectArgs, m: &ArgMatches) -> Result<()> {
     print_json(&Api::from_env()?.post("/v1/templates/plan", &body)?)
 }
 
-/// Secret values and passwords never reach the terminal.
-fn redacted(body: &Value) -> Value {
-    let mut b = body.clone();
-    if let Some(list) = b.get_mut("build_secrets").and_then(Value::as_array_mut) {
-        for sec in list {
-            sec["value"] = json!("<redacted>");
-        }
-    }
-    if let Some(auth) = b.get_mut("base_image_auth").and_then(Value::as_object_mut)
-        && auth.contains_key("password")
-    {
-        auth.insert("password".into(), json!("<redacted>"));
-    }
-    b
-}
-
 // ---- the request body (contract §3) ----------------------------------------
 
 enum Source {
@@ -898,17 +935,18 @@ enum Source {
     Dockerfile(String),
 }
 
-/// The build request, keys omitted when unset, as the SDK sends it.
-fn request(f: &BuildFlags, m: &ArgMatches) -> Result<Value> {
+/// The build request, built from the model's types: keys omitted when
+/// unset, as the SDK sends it.
+fn request(f: &BuildFlags, m: &ArgMatches) -> Result<BuildRequest> {
     let source = source(f)?;
     let steps = Steps::from_matches(m)?;
     let build_envs = key_values(&f.set_build_env, "--set-build-env")?;
-    let mut body = Map::new();
-    match &source {
+    let mut body = BuildRequest::default();
+    match source {
         Source::Image(b) => {
-            body.insert("base_image".into(), json!(b));
+            body.base_image = Some(b);
             if !steps.steps.is_empty() || !build_envs.is_empty() || f.start_cmd.is_some() {
-                body.insert("steps".into(), json!(steps.steps));
+                body.set_steps(&steps.steps);
             }
         }
         Source::Dockerfile(d) => {
@@ -920,50 +958,48 @@ fn request(f: &BuildFlags, m: &ArgMatches) -> Result<Value> {
             if matches!(f.backend, Some(Backend::Native)) {
                 bail!("--backend native cannot build a Dockerfile (use buildkit or buildah)");
             }
-            body.insert("dockerfile".into(), json!(d));
+            body.dockerfile = Some(d);
         }
     }
     if !build_envs.is_empty() {
-        body.insert("build_envs".into(), json!(build_envs));
+        body.build_envs = Some(build_envs);
     }
-    if let Some(c) = &f.start_cmd {
-        body.insert("start_cmd".into(), json!(c));
-    }
+    body.start_cmd = f.start_cmd.clone();
     let runtime = runtime_config(f, &steps)?;
     if !runtime.is_empty() {
-        body.insert("runtime_config".into(), Value::Object(runtime));
+        body.runtime_config = Some(runtime);
     }
     if let Some(auth) = f.registry.auth() {
         if f.from_base_image == Some(None) {
             bail!("registry credentials need an explicit image: --from-base-image REF");
         }
-        body.insert("base_image_auth".into(), auth);
+        body.set_base_image_auth(&auth);
     }
     let secrets = build_secrets(&f.build_secrets)?;
     if !secrets.is_empty() {
-        body.insert("build_secrets".into(), json!(secrets));
+        body.build_secrets = Some(secrets);
     }
     if let Some(n) = &f.name {
         if n.is_empty() || n.contains(['/', ':']) {
             bail!("--name {n:?} must be a single name segment (no '/' or ':'; use --tag for tags)");
         }
-        body.insert("name".into(), json!(n));
+        body.name = Some(n.clone());
     }
     if !f.tags.is_empty() {
-        body.insert("tags".into(), json!(f.tags));
+        body.tags = Some(f.tags.clone());
     }
-    let mut config = json!({"vcpus": f.cpu_count, "memory_mib": f.memory_mb});
-    if f.no_internet_access {
-        config["internet_access"] = json!(false);
-    }
-    body.insert("build_config".into(), config);
-    if let Some(b) = &f.backend {
-        body.insert("build_backend".into(), json!(enum_name(b)));
-    }
+    body.build_config = Some(BuildConfig {
+        vcpus: Some(f.cpu_count.into()),
+        memory_mib: Some(f.memory_mb.into()),
+        // Sent only when false, like the SDK.
+        internet_access: f.no_internet_access.then_some(false),
+        disk_mb: None,
+    });
+    body.build_backend = f.backend.as_ref().map(enum_name);
     if f.skip_cache {
-        body.insert("skip_cache".into(), json!(true));
+        body.skip_cache = Some(true);
     }
-    Ok(Value::Object(body))
+    Ok(body)
 }
 
 fn source(f: &BuildFlags) -> Result<Source> {
@@ -990,7 +1026,7 @@ fn source(f: &BuildFlags) -> Result<Source> {
     } else if let Some(v) = &f.from_bun_image {
         format!("oven/bun:{v}")
     } else if let Some(r) = &f.from_template {
-        normalize_template_ref(r)?
+        refs::from_template(r).map_err(|e| anyhow!("--from-template: {e}"))?
     } else if let Some(p) = &f.from_dockerfile {
         let text =
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -1008,62 +1044,10 @@ fn source(f: &BuildFlags) -> Result<Source> {
     Ok(Source::Image(image))
 }
 
-fn is_slug(s: &str) -> bool {
-    !s.is_empty()
-        && s.split('-').all(|p| {
-            !p.is_empty()
-                && p.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        })
-}
-
-fn is_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
-        && groups
-            .iter()
-            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// `from_template` normalisation (contract §3.2): bare names and `name:tag`
-/// mean the builtin `nullspace/` namespace, except exact `tb_` builds.
-fn normalize_template_ref(r: &str) -> Result<String> {
-    let r = r.trim();
-    let bad = |why: &str| anyhow!("--from-template {r:?}: {why}");
-    if r.is_empty() {
-        return Err(bad("empty reference"));
-    }
-    if r.starts_with("tmpl_") && !r.contains(['/', ':']) {
-        return Ok(r.to_string());
-    }
-    if let Some((ns, rest)) = r.split_once('/') {
-        let name = rest.split_once(':').map_or(rest, |(n, _)| n);
-        if name.is_empty() || rest.contains('/') {
-            return Err(bad("expected NAMESPACE/NAME[:TAG]"));
-        }
-        if ns == "nullspace" {
-            return match rest.split_once(':') {
-                Some((_, t)) if !t.is_empty() => Ok(r.to_string()),
-                _ => Err(bad("builtin templates need a tag: nullspace/NAME:TAG")),
-            };
-        }
-        if !is_slug(ns) && !is_uuid(ns) {
-            return Err(bad("the namespace must be a lowercase slug or a UUID"));
-        }
-        return Ok(r.to_string());
-    }
-    match r.split_once(':') {
-        Some((n, t)) if n.is_empty() || t.is_empty() => Err(bad("expected NAME:TAG")),
-        Some((_, t)) if t.starts_with("tb_") => Ok(r.to_string()),
-        Some((n, t)) => Ok(format!("nullspace/{n}:{t}")),
-        None => Ok(format!("nullspace/{r}:latest")),
-    }
-}
-
 /// Steps in command-line order, and the runtime defaults set by
 /// `--set-user` / `--set-workdir` (which are steps too, §3.3).
 struct Steps {
-    steps: Vec<Value>,
+    steps: Vec<Step>,
     user: Option<String>,
     workdir: Option<String>,
 }
@@ -1119,18 +1103,36 @@ impl Steps {
         let step = match id {
             "set_user" => {
                 self.user = Some(v.clone());
-                json!({"action": "user", "user": v})
+                Step::User { user: v }
             }
             "set_workdir" => {
                 self.workdir = Some(v.clone());
-                json!({"action": "workdir", "path": v})
+                Step::Workdir { path: v }
             }
-            "run_cmd" => json!({"action": "run", "command": v}),
-            "apt_install" | "pip_install" | "npm_install" | "bun_install" => {
-                json!({"action": id, "packages": packages(&v, &flag(id))?})
-            }
-            "make_dir" => json!({"action": "make_dir", "path": v}),
-            "step_skip_cache" => json!({"action": "skip_cache"}),
+            "run_cmd" => Step::Run {
+                command: v,
+                user: None,
+            },
+            "apt_install" => Step::AptInstall {
+                packages: packages(&v, &flag(id))?,
+            },
+            "pip_install" => Step::PipInstall {
+                packages: packages(&v, &flag(id))?,
+                g: true,
+            },
+            "npm_install" => Step::NpmInstall {
+                packages: packages(&v, &flag(id))?,
+                g: false,
+            },
+            "bun_install" => Step::BunInstall {
+                packages: packages(&v, &flag(id))?,
+                g: false,
+            },
+            "make_dir" => Step::MakeDir {
+                path: v,
+                mode: None,
+            },
+            "step_skip_cache" => Step::SkipCache,
             modifier => return self.modify(modifier, v, prev),
         };
         self.steps.push(step);
@@ -1139,16 +1141,21 @@ impl Steps {
 
     /// Scope modifiers must come right after their step flag (as in the SDK CLI).
     fn modify(&mut self, id: &str, v: String, prev: &str) -> Result<()> {
-        let (owner, key, value) = match id {
-            "run_user" => ("run_cmd", "user", json!(v)),
-            "pip_user_install" => ("pip_install", "g", json!(false)),
-            "npm_global" => ("npm_install", "g", json!(true)),
-            "bun_global" => ("bun_install", "g", json!(true)),
+        let owner = match id {
+            "run_user" => "run_cmd",
+            "pip_user_install" => "pip_install",
+            "npm_global" => "npm_install",
+            "bun_global" => "bun_install",
             other => bail!("unknown step flag {other}"),
         };
         match self.steps.last_mut() {
             Some(step) if prev == owner => {
-                step[key] = value;
+                match step {
+                    Step::Run { user, .. } => *user = Some(v),
+                    Step::PipInstall { g, .. } => *g = false,
+                    Step::NpmInstall { g, .. } | Step::BunInstall { g, .. } => *g = true,
+                    _ => bail!("{} must come right after a {}", flag(id), flag(owner)),
+                }
                 Ok(())
             }
             _ => bail!("{} must come right after a {}", flag(id), flag(owner)),
@@ -1183,51 +1190,47 @@ fn key_values(list: &[String], what: &str) -> Result<BTreeMap<String, String>> {
 }
 
 /// `ID=VALUE` pairs; error messages name the id only, never the value.
-fn build_secrets(list: &[String]) -> Result<Vec<Value>> {
+fn build_secrets(list: &[String]) -> Result<Vec<BuildSecret>> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for (i, item) in list.iter().enumerate() {
         let Some((id, value)) = item.split_once('=') else {
             bail!("--build-secret #{} must be ID=VALUE", i + 1);
         };
-        if id.is_empty()
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        {
-            bail!(
-                "--build-secret #{}: the id must match [A-Za-z0-9._-]+",
-                i + 1
-            );
+        if let Err(e) = rules::secret_id(id) {
+            bail!("--build-secret #{}: {e}", i + 1);
         }
         if !seen.insert(id.to_string()) {
             bail!("--build-secret {id:?} is given twice");
         }
-        out.push(json!({"id": id, "value": value, "source": "value"}));
+        out.push(BuildSecret {
+            id: id.to_string(),
+            value: Some(value.to_string()),
+            source: Some("value".into()),
+        });
     }
     Ok(out)
 }
 
-fn runtime_config(f: &BuildFlags, steps: &Steps) -> Result<Map<String, Value>> {
-    let mut rc = Map::new();
-    if let Some(u) = steps.user.as_ref().filter(|u| !u.is_empty()) {
-        rc.insert("default_user".into(), json!(u));
-    }
-    if let Some(w) = steps.workdir.as_ref().filter(|w| !w.is_empty()) {
-        rc.insert("default_workdir".into(), json!(w));
-    }
+fn runtime_config(f: &BuildFlags, steps: &Steps) -> Result<RuntimeConfig> {
+    let mut rc = RuntimeConfig {
+        default_user: steps.user.clone().filter(|u| !u.is_empty()),
+        default_workdir: steps.workdir.clone().filter(|w| !w.is_empty()),
+        ..Default::default()
+    };
     let envs = key_values(&f.set_runtime_env, "--set-runtime-env")?;
     if !envs.is_empty() {
-        rc.insert("default_envs".into(), json!(envs));
+        rc.default_envs = Some(envs);
     }
     if let Some(r) = readiness(f)? {
-        rc.insert("readiness".into(), r);
+        rc.set_readiness(&r);
     }
     Ok(rc)
 }
 
-/// The probe JSON of the SDK's `wait_for_*` helpers (contract §3.4).
-fn readiness(f: &BuildFlags) -> Result<Option<Value>> {
+/// The probe of the SDK's `wait_for_*` helpers (contract §3.4), with the
+/// model's default schedule unless the `--ready-*` modifiers say otherwise.
+fn readiness(f: &BuildFlags) -> Result<Option<Readiness>> {
     if let Some(ms) = f.ready_timeout_ms {
         if f.ready_timeout_secs.is_some()
             || f.ready_interval_ms.is_some()
@@ -1237,28 +1240,34 @@ fn readiness(f: &BuildFlags) -> Result<Option<Value>> {
                 "--ready-timeout-ms is a fixed delay: the other --ready-* modifiers do not apply"
             );
         }
-        return Ok(Some(json!({"kind": "timeout", "timeout_ms": ms})));
+        return Ok(Some(Readiness::timeout(ms)));
     }
     let mut probe = if let Some(p) = f.ready_port {
         if p == 0 {
             bail!("--ready-port must be 1-65535");
         }
-        json!({"kind": "tcp", "port": p})
+        Readiness::tcp(p)
     } else if let Some(u) = &f.ready_url {
         let (port, path) = parse_ready_url(u)?;
-        json!({"kind": "http", "port": port, "path": path})
+        Readiness::http(port, &path)
     } else if let Some(p) = &f.ready_file {
-        json!({"kind": "command", "command": format!("test -e {}", shell_quote(p))})
+        Readiness::file(p)
     } else if let Some(n) = &f.ready_process {
-        json!({"kind": "command", "command": format!("ps -eo comm= | grep -Fx -- {} >/dev/null", shell_quote(n))})
+        Readiness::process(n)
     } else if let Some(c) = &f.ready_cmd {
-        json!({"kind": "command", "command": c})
+        Readiness::command(c)
     } else {
         return Ok(None);
     };
-    probe["timeout_secs"] = json!(f.ready_timeout_secs.unwrap_or(30));
-    probe["interval_ms"] = json!(f.ready_interval_ms.unwrap_or(500));
-    probe["startup_grace_secs"] = json!(f.ready_startup_grace_secs.unwrap_or(2));
+    if let Some(t) = f.ready_timeout_secs {
+        probe.timeout_secs = t;
+    }
+    if let Some(i) = f.ready_interval_ms {
+        probe.interval_ms = i;
+    }
+    if let Some(g) = f.ready_startup_grace_secs {
+        probe.startup_grace_secs = g;
+    }
     Ok(Some(probe))
 }
 
@@ -1295,15 +1304,6 @@ fn parse_ready_url(url: &str) -> Result<(u16, String)> {
         .filter(|p| *p != 0)
         .ok_or_else(|| bad("the port must be 1-65535"))?;
     Ok((port, path.to_string()))
-}
-
-/// Python's `shlex.quote`, which the SDK uses for file and process probes.
-fn shell_quote(s: &str) -> String {
-    let safe = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
-    if !s.is_empty() && s.chars().all(safe) {
-        return s.to_string();
-    }
-    format!("'{}'", s.replace('\'', "'\"'\"'"))
 }
 
 // ---- log entries -------------------------------------------------------------
@@ -1414,7 +1414,7 @@ fn logs(build_id: &str, offset: u64, follow: bool, json_out: bool) -> Result<()>
 }
 
 fn is_terminal(status: &str) -> bool {
-    matches!(status, "ready" | "error" | "cancelled")
+    Status::parse(status).is_some_and(Status::is_terminal)
 }
 
 /// Polls the status endpoint from `offset` (each answer's `next_offset`
@@ -1490,10 +1490,7 @@ fn finished(rec: &Value, json_out: bool) -> Result<()> {
 }
 
 fn cancel(build_id: &str, reason: Option<String>, json_out: bool) -> Result<()> {
-    let body = match reason {
-        Some(r) => json!({"reason": r}),
-        None => json!({}),
-    };
+    let body = CancelBody { reason };
     let path = format!("/v1/templates/builds/{}/cancel", enc(build_id));
     let snap = Api::from_env()?.post(&path, &body)?;
     if json_out {
@@ -1510,19 +1507,15 @@ fn retry(
     registry: &RegistryArgs,
     json_out: bool,
 ) -> Result<()> {
-    let mut body = Map::new();
-    if !tags.is_empty() {
-        body.insert("tags".into(), json!(tags));
-    }
-    if let Some(a) = registry.auth() {
-        body.insert("base_image_auth".into(), a);
-    }
     let secrets = build_secrets(secrets)?;
-    if !secrets.is_empty() {
-        body.insert("build_secrets".into(), json!(secrets));
-    }
+    let body = RetryBody {
+        tags: (!tags.is_empty()).then_some(tags),
+        base_image_auth: registry.auth().map(|a| a.to_json()),
+        registry_auth: None,
+        build_secrets: (!secrets.is_empty()).then_some(secrets),
+    };
     let path = format!("/v1/templates/builds/{}/retry", enc(build_id));
-    let rec = Api::from_env()?.post(&path, &Value::Object(body))?;
+    let rec = Api::from_env()?.post(&path, &body)?;
     print_started(&rec, json_out)
 }
 
@@ -1583,7 +1576,7 @@ fn tag(t: TagCommand) -> Result<()> {
             tags,
             json,
         } => {
-            let info = api.post(&ref_path(&template_ref, "/tags"), &json!({"tags": tags}))?;
+            let info = api.post(&ref_path(&template_ref, "/tags"), &TagsBody { tags })?;
             print_info(&info, json)
         }
         TagCommand::List { template_ref, json } => {
@@ -1621,20 +1614,6 @@ mod tests {
     }
 
     #[test]
-    fn normalizes_template_refs_like_the_sdk() {
-        let n = |r: &str| normalize_template_ref(r).unwrap();
-        assert_eq!(n("base"), "nullspace/base:latest");
-        assert_eq!(n("base:v2"), "nullspace/base:v2");
-        assert_eq!(n("myname:tb_abc"), "myname:tb_abc");
-        assert_eq!(n("tmpl_xyz"), "tmpl_xyz");
-        assert_eq!(n("acme/tools:stable"), "acme/tools:stable");
-        assert_eq!(n("nullspace/base:latest"), "nullspace/base:latest");
-        for bad in ["a/b/c", "Acme/x", "nullspace/base", ":x", ""] {
-            assert!(normalize_template_ref(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn ready_url_rules() {
         assert_eq!(
             parse_ready_url("http://127.0.0.1:3000/ready").unwrap(),
@@ -1655,13 +1634,6 @@ mod tests {
         ] {
             assert!(parse_ready_url(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn quotes_like_shlex() {
-        assert_eq!(shell_quote("/tmp/ready"), "/tmp/ready");
-        assert_eq!(shell_quote("/tmp/ready flag"), "'/tmp/ready flag'");
-        assert_eq!(shell_quote("it's"), "'it'\"'\"'s'");
     }
 
     #[test]

@@ -537,7 +537,8 @@ fn validate_plan_and_dry_run() {
         "{}",
         r.stdout
     );
-    let body: Value = serde_json::from_str(&r.stdout).unwrap();
+    let out: Value = serde_json::from_str(&r.stdout).unwrap();
+    let body = &out["request"];
     assert_eq!(
         body["build_secrets"],
         json!([{"id": "x", "value": "<redacted>", "source": "value"}])
@@ -552,6 +553,41 @@ fn validate_plan_and_dry_run() {
     );
     assert_eq!(body["build_config"], json!({"vcpus": 2, "memory_mib": 512}));
     assert_eq!(body["build_backend"], "buildkit");
+    // ...and the plan the model derives from it, computed locally: the
+    // steps numbered from 1, the engine route, the digests a build records.
+    let plan = &out["plan"];
+    assert_eq!(plan["source_type"], "declarative", "{plan}");
+    assert_eq!(plan["build_backend"], "buildkit");
+    assert_eq!(plan["build_plan"]["route"], "engine");
+    assert_eq!(
+        plan["build_plan"]["run_steps"],
+        json!([{"index": 2, "action": "run", "command": "echo one", "user": "app"}])
+    );
+    assert!(
+        plan["source_digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{plan}"
+    );
+    assert_eq!(plan["requires_base_image_auth"], true);
+    assert_eq!(plan["build_plan"]["secret_ids"], json!(["x"]));
+    // An invalid request is reported, not printed as if it would build.
+    let mut cmd = Command::new(nullspace_bin());
+    cmd.args([
+        "template",
+        "build",
+        "--dry-run",
+        "--from-image",
+        "r.example/x:1",
+        "--set-runtime-env",
+        "1BAD=x",
+    ])
+    .env_remove("NULLSPACE_API_URL")
+    .env_remove("NULLSPACE_API_KEY");
+    let r = run(&mut cmd);
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    let out: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(out["errors"][0]["code"], "invalid_env", "{out}");
 
     // --background cannot be combined with --dry-run.
     let r = e.cli(&["build", "--from-image", "x", "--background", "--dry-run"]);

@@ -45,11 +45,26 @@ assert rd.default_workdir == "/data" and rd.default_user == "root" and "MODE" in
 idx = [e.step_index for e in TemplateBuild.connect(n.build_id).logs() if e.phase == "step"]
 assert 1 in idx and max(i for i in idx if i) >= 5, idx
 print("NATIVE", n.build_id)
+# A failing step is named by its 1-based place among the request's steps,
+# in error_detail and in the log entries (with total_steps).
+seen = []
+failing = (Template.from_image(IMAGE).run_cmd("true").make_dir("/made")
+           .run_cmd("echo doomed; exit 9").run_cmd("echo never"))
 try:
-    Template.build(Template.from_image(IMAGE).run_cmd("exit 9"), name="native-broken")
+    Template.build(failing, name="native-broken", on_log_entry=seen.append)
     raise AssertionError("a failing step must fail the build")
 except BuildError as e:
-    print("STEPFAIL", getattr(e.phase, "value", e.phase))
+    assert e.step_index == 3, (e.step_index, str(e))
+    assert "step 3 of 4 (run) failed with exit code 9" in str(e), str(e)
+    print("STEPFAIL", getattr(e.phase, "value", e.phase), e.step_index)
+steps_seen = [(x.step_index, x.total_steps) for x in seen if x.phase == "step"]
+assert steps_seen and all(t == 4 for _, t in steps_seen), steps_seen
+assert {i for i, _ in steps_seen} == {1, 2, 3}, steps_seen
+err = [x for x in seen if x.kind.value == "error"]
+assert len(err) == 1 and err[0].step_index == 3 and err[0].total_steps == 4, err
+assert err[0].error_detail.step_index == 3, err[0].error_detail
+st = TemplateBuild.connect(err[0].build_id).get_status().build
+assert st.error_detail.step_index == 3 and st.failure_phase == "build_step", st
 print("VM OK")
 "#;
 
@@ -107,7 +122,7 @@ fn build_vm_runs_the_start_command_and_snapshots_a_ready_template() {
         .find_map(|l| l.strip_prefix("BUILD "))
         .unwrap()
         .to_string();
-    assert!(r.stdout.contains("STEPFAIL build_step"), "{}", r.stdout);
+    assert!(r.stdout.contains("STEPFAIL build_step 3"), "{}", r.stdout);
     let native = r
         .stdout
         .lines()

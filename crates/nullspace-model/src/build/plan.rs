@@ -433,16 +433,8 @@ pub fn plan(req: &BuildRequest, ctx: &PlanContext<'_>) -> Result<BuildPlan, Vec<
     if let Some(secrets) = &req.build_secrets {
         let mut seen = BTreeSet::new();
         for s in secrets {
-            if s.id.is_empty()
-                || !s
-                    .id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            {
-                errs.push(issue(
-                    C::InvalidSecret,
-                    format!("build_secrets: id {:?} must match [A-Za-z0-9._-]+", s.id),
-                ));
+            if let Err(e) = rules::secret_id(&s.id) {
+                errs.push(issue(C::InvalidSecret, format!("build_secrets: {e}")));
             }
             if !seen.insert(s.id.clone()) {
                 errs.push(issue(

@@ -28,6 +28,8 @@ pub enum RuleError {
     Option(String),
     #[error("path {0:?} must be absolute")]
     NotAbsolute(String),
+    #[error("secret id {0:?} must match [A-Za-z0-9._-]+")]
+    SecretId(String),
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`: a name `sh`, Dockerfile `ARG`/`ENV` and the
@@ -180,6 +182,20 @@ pub fn not_option(v: &str) -> Result<(), RuleError> {
         Err(RuleError::Option(v.to_string()))
     } else {
         Ok(())
+    }
+}
+
+/// A build secret id: `[A-Za-z0-9._-]+` (a file name under
+/// `/run/secrets`).
+pub fn secret_id(id: &str) -> Result<(), RuleError> {
+    if !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(RuleError::SecretId(id.to_string()))
     }
 }
 

@@ -25,19 +25,19 @@ pub enum Step {
     /// sends `g` only when it is false.
     PipInstall {
         packages: Vec<String>,
-        #[serde(skip_serializing_if = "is_true")]
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
         g: bool,
     },
     /// `npm install`, global when `g` (sent only when true).
     NpmInstall {
         packages: Vec<String>,
-        #[serde(skip_serializing_if = "is_false")]
+        #[serde(default, skip_serializing_if = "is_false")]
         g: bool,
     },
     /// `bun add`, global when `g` (sent only when true).
     BunInstall {
         packages: Vec<String>,
-        #[serde(skip_serializing_if = "is_false")]
+        #[serde(default, skip_serializing_if = "is_false")]
         g: bool,
     },
     /// `sh -c command`, as `user` when given.
@@ -87,6 +87,12 @@ pub enum Step {
     MakeSymlink { target: String, path: String },
 }
 
+// `default`s: the schema of a field that may be omitted on the wire.
+#[allow(dead_code)]
+fn yes() -> bool {
+    true
+}
+
 fn is_true(b: &bool) -> bool {
     *b
 }
@@ -110,7 +116,7 @@ pub struct CopyItem {
     pub mode: Option<Mode>,
     /// Re-upload the sources even when the server has them (a hint for the
     /// blob preflight; no effect on the build).
-    #[serde(skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub force_upload: bool,
 }
 
