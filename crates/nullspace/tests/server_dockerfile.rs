@@ -141,3 +141,117 @@ fn dockerfile_and_declarative_builds_with_the_machine_engine() {
     assert_eq!(t["etc/app/app.conf"].mode, 0o640);
     assert_eq!(t["data"].mode, 0o700);
 }
+
+const DIGESTS: &str = r#"
+import os, tempfile, time
+import httpx
+from nullspace import Template, TemplateBuild
+from nullspace.errors import BuildError
+IMAGE = os.environ["NS_IMAGE"]
+URL, KEY = os.environ["NULLSPACE_API_URL"], os.environ["NULLSPACE_API_KEY"]
+
+def record(build_id, terminal=True):
+    while True:
+        b = TemplateBuild.connect(build_id).get_status().build
+        if not terminal or b.status.value in ("ready", "error", "cancelled"):
+            return b
+        time.sleep(0.25)
+
+def same(kind, plan, rec):
+    got = (rec.source_digest, rec.dockerfile_digest, rec.context_digest)
+    want = (plan.source_digest, plan.dockerfile_digest,
+            plan.context_manifest.context_digest if plan.context_manifest else None)
+    assert got == want, (kind, got, want)
+    assert rec.source_digest and rec.source_digest.startswith("sha256:"), (kind, rec.source_digest)
+    print("SAME", kind, rec.status.value, rec.source_type.value,
+          "dockerfile" if rec.dockerfile_digest else "-", "context" if rec.context_digest else "-")
+
+# OCI import.
+b = Template.from_image(IMAGE).set_start_cmd("sleep 1000")
+h = Template.build_in_background(b, name="dig-oci")
+same("oci_import", Template.plan(b, name="dig-oci"), record(h.build_id))
+
+# Dockerfile text, no context.
+b = Template.from_dockerfile_content(f"FROM {IMAGE}\nRUN echo hi > /hi\n")
+h = Template.build_in_background(b, name="dig-df")
+same("dockerfile", Template.plan(b, name="dig-df"), record(h.build_id))
+
+# A Dockerfile with a context directory: plan sends the files inline, the
+# build uploads them as blobs; the context digest is the same.
+ctx = tempfile.mkdtemp()
+os.makedirs(os.path.join(ctx, "src"))
+for n in ("a.txt", "b.txt"):
+    with open(os.path.join(ctx, "src", n), "w") as f:
+        f.write("hello " + n + "\n")
+with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+    f.write(f"FROM {IMAGE}\nCOPY src /src\n")
+b = Template.from_dockerfile(os.path.join(ctx, "Dockerfile"))
+h = Template.build_in_background(b, name="dig-ctx")
+p = Template.plan(b, name="dig-ctx")
+assert p.context_manifest and p.context_manifest.file_count == 2, p.context_manifest
+same("context_upload", p, record(h.build_id))
+
+# Declarative steps with an uploaded context (the SDK default, native: this
+# server has no build VM, so it fails in prepare; the digests are recorded
+# when the build is created).
+cfg = tempfile.mkdtemp()
+with open(os.path.join(cfg, "config.toml"), "w") as f:
+    f.write("answer = 42\n")
+b = (Template.from_image(IMAGE).set_file_context(cfg).copy("config.toml", "/etc/app/")
+     .run_cmd("echo ran > /ran").set_runtime_envs({"MODE": "prod"}))
+p = Template.plan(b, name="dig-decl")
+h = Template.build_in_background(b, name="dig-decl")
+rec = record(h.build_id)
+assert rec.status.value == "error" and rec.failure_phase == "prepare", rec
+same("declarative", p, rec)
+
+# The same declarative request on the Dockerfile engine (raw HTTP: the SDK
+# only names native|buildkit), built for real.
+body = {"base_image": IMAGE, "name": "dig-decl-engine", "build_backend": "buildah",
+        "steps": [{"action": "make_dir", "path": "/data", "mode": "0700"}, {"action": "run", "command": "echo ran > /ran"}],
+        "runtime_config": {"default_envs": {"MODE": "prod"}}}
+hdr = {"Authorization": f"Bearer {KEY}"}
+plan = httpx.post(URL + "/v1/templates/plan", json=body, headers=hdr).json()
+created = httpx.post(URL + "/v1/templates/builds", json=body, headers=hdr).json()
+rec = record(created["build_id"])
+assert rec.status.value == "ready", rec
+assert (rec.source_digest, rec.dockerfile_digest, rec.context_digest) == (plan["source_digest"], plan["dockerfile_digest"], None), (rec, plan)
+assert plan["build_plan"]["steps"][0] == {"action": "make_dir", "path": "/data", "mode": "0700"}, plan["build_plan"]
+print("SAME declarative_engine", rec.status.value)
+print("DIGESTS OK")
+"#;
+
+/// `POST /v1/templates/plan` and the build record of the same request show
+/// the same source, Dockerfile and context digests (one function computes
+/// them): an OCI import, a Dockerfile, a Dockerfile with an uploaded
+/// context (inline in the plan, blobs in the build) and declarative steps
+/// with an uploaded context.
+#[test]
+fn plan_and_build_record_the_same_digests() {
+    assert!(
+        nullspace_testkit::have("buildah"),
+        "buildah is not installed (scripts/deps.sh installs it)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let image = reg.push_demo(tmp.path(), "demo/digests");
+    let server = Server::start(&tmp.path().join("data"), None);
+    let key = server.key("team-a");
+    let r = run_sdk(&server, &key, DIGESTS, &[("NS_IMAGE", &image)]);
+    assert!(
+        r.status.success() && r.stdout.contains("DIGESTS OK"),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        server.log_text()
+    );
+    for line in [
+        "SAME oci_import ready oci_import - -",
+        "SAME dockerfile ready dockerfile dockerfile -",
+        "SAME context_upload ready dockerfile dockerfile context",
+        "SAME declarative error declarative - context",
+        "SAME declarative_engine ready",
+    ] {
+        assert!(r.stdout.contains(line), "{line}: {}", r.stdout);
+    }
+}
