@@ -38,11 +38,11 @@ struct Row {
 fn bench(vmm: &QemuVmm, name: &str, spec: &TemplateSpec, reps: usize) -> anyhow::Result<Row> {
     let dir = tempfile::Builder::new().prefix("ns-snap-").tempdir()?;
     let out = dir.path().join("snap");
-    let snap = template::build_snapshot(vmm, spec, &out)?;
+    let snap = template::build_snapshot(vmm, spec, &out, &nocancel())?;
     let mut restore_exec_ms = vec![];
     for _ in 0..reps {
         let t = Instant::now();
-        let mut vm = template::restore(&snap, &RestoreSpec::default())?;
+        let mut vm = template::restore(&snap, &RestoreSpec::default(), &nocancel())?;
         let o = vm.agent().sh("echo hi", Duration::from_secs(60))?;
         anyhow::ensure!(o.stdout_str() == "hi\n", "exec after restore: {o:?}");
         restore_exec_ms.push(t.elapsed().as_millis());
@@ -137,4 +137,8 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn nocancel() -> nullspace_vm::CancellationToken {
+    nullspace_vm::CancellationToken::new()
 }

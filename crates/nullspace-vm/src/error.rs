@@ -37,6 +37,23 @@ pub enum VmError {
     Restore(String),
     #[error("kernel: {0}")]
     Kernel(String),
+    /// The operation's cancellation token fired; its QEMU processes are
+    /// gone and its directories removed.
+    #[error("cancelled")]
+    Cancelled,
+    /// The snapshot cannot be restored by this nullspace or this host's
+    /// QEMU (format version, QEMU major version): one line naming the
+    /// snapshot and saying to rebuild it.
+    #[error("snapshot {dir}: {detail}")]
+    Incompatible { dir: String, detail: String },
+    /// A snapshot file is missing or differs from its manifest (size,
+    /// sha256): one line naming the file.
+    #[error("snapshot {dir}: {file}: {detail}")]
+    Corrupt {
+        dir: String,
+        file: String,
+        detail: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -56,6 +73,9 @@ impl VmError {
             VmError::Snapshot(_) => "snapshot",
             VmError::Restore(_) => "restore",
             VmError::Kernel(_) => "kernel",
+            VmError::Cancelled => "cancelled",
+            VmError::Incompatible { .. } => "snapshot_incompatible",
+            VmError::Corrupt { .. } => "snapshot_corrupt",
             VmError::Io { .. } => "io",
         }
     }

@@ -4,9 +4,11 @@
 //! host owns the schedule. The timeout counts from the end of the grace
 //! period. A start command that exits before readiness fails at once.
 
+use crate::process::sleep_cancellable;
 use crate::{AgentClient, VmError};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Probe {
@@ -142,7 +144,12 @@ fn check_start(agent: &mut AgentClient) -> Result<(), VmError> {
     Ok(())
 }
 
-fn sleep_watching(agent: &mut AgentClient, d: Duration, step: Duration) -> Result<(), VmError> {
+fn sleep_watching(
+    agent: &mut AgentClient,
+    d: Duration,
+    step: Duration,
+    cancel: &CancellationToken,
+) -> Result<(), VmError> {
     let end = Instant::now() + d;
     loop {
         check_start(agent)?;
@@ -150,21 +157,27 @@ fn sleep_watching(agent: &mut AgentClient, d: Duration, step: Duration) -> Resul
         if left.is_zero() {
             return Ok(());
         }
-        std::thread::sleep(left.min(step));
+        sleep_cancellable(cancel, left.min(step))?;
     }
 }
 
 /// Waits until the template is ready, or fails with `StartExited` /
-/// `ReadinessTimeout`.
-pub fn wait_ready(agent: &mut AgentClient, r: &Readiness) -> Result<ReadyReport, VmError> {
+/// `ReadinessTimeout`; [`VmError::Cancelled`] within 50 ms of `cancel`
+/// firing (between probe attempts; an attempt in flight ends when the
+/// caller kills the VM).
+pub fn wait_ready(
+    agent: &mut AgentClient,
+    r: &Readiness,
+    cancel: &CancellationToken,
+) -> Result<ReadyReport, VmError> {
     let t0 = Instant::now();
     let step = r.interval.max(Duration::from_millis(50));
-    sleep_watching(agent, r.startup_grace, step)?;
+    sleep_watching(agent, r.startup_grace, step, cancel)?;
     let Some(probe) = r.probe.guest_json() else {
         let Probe::Timeout { timeout_ms } = r.probe else {
             unreachable!()
         };
-        sleep_watching(agent, Duration::from_millis(timeout_ms), step)?;
+        sleep_watching(agent, Duration::from_millis(timeout_ms), step, cancel)?;
         return Ok(ReadyReport {
             elapsed: t0.elapsed(),
             attempts: 0,
@@ -174,6 +187,9 @@ pub fn wait_ready(agent: &mut AgentClient, r: &Readiness) -> Result<ReadyReport,
     let deadline = Instant::now() + r.timeout;
     let mut attempts = 0;
     loop {
+        if cancel.is_cancelled() {
+            return Err(VmError::Cancelled);
+        }
         check_start(agent)?;
         attempts += 1;
         let left = deadline.saturating_duration_since(Instant::now());
@@ -195,7 +211,7 @@ pub fn wait_ready(agent: &mut AgentClient, r: &Readiness) -> Result<ReadyReport,
                 last: detail,
             });
         }
-        std::thread::sleep(step);
+        sleep_cancellable(cancel, step)?;
     }
 }
 

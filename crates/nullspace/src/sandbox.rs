@@ -246,7 +246,8 @@ fn resolve(
             rec.build_id
         );
     };
-    Ok((rec, PathBuf::from(snap)))
+    // Relative to the artifact store (absolute in records of older versions).
+    Ok((rec, data_dir.join("artifacts").join(snap)))
 }
 
 fn create(
@@ -285,6 +286,7 @@ fn create(
             work_dir: Some(dir.clone()),
             timeout: Duration::from_secs(timeout),
         },
+        &nullspace_vm::CancellationToken::new(),
     );
     let (vm, restore_ms) = match restored {
         Ok(r) => r,

@@ -63,8 +63,10 @@ fn snapshot_of(server: &Server, key: &str, data: &Path, build: &str) -> nullspac
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data.join("artifacts/sha256").join(hex)).unwrap())
             .unwrap();
-    nullspace_vm::Snapshot::open(Path::new(manifest["snapshot"].as_str().expect("snapshot")))
-        .unwrap()
+    // Relative to the artifact store.
+    let rel = manifest["snapshot"].as_str().expect("snapshot");
+    assert!(!rel.starts_with('/'), "{rel}");
+    nullspace_vm::Snapshot::open(&data.join("artifacts").join(rel)).unwrap()
 }
 
 fn restore(snap: &nullspace_vm::Snapshot, dir: &Path) -> nullspace_vm::QemuVm {
@@ -74,6 +76,7 @@ fn restore(snap: &nullspace_vm::Snapshot, dir: &Path) -> nullspace_vm::QemuVm {
             work_dir: Some(dir.to_path_buf()),
             timeout: Duration::from_secs(60),
         },
+        &nullspace_vm::CancellationToken::new(),
     )
     .unwrap()
 }
@@ -146,13 +149,14 @@ fn build_vm_runs_the_start_command_and_snapshots_a_ready_template() {
     let snap_dir = manifest["snapshot"]
         .as_str()
         .expect("snapshot in the artifact manifest");
-    let snap = nullspace_vm::Snapshot::open(Path::new(snap_dir)).unwrap();
+    let snap = nullspace_vm::Snapshot::open(&data.join("artifacts").join(snap_dir)).unwrap();
     let mut vm = nullspace_vm::template::restore(
         &snap,
         &nullspace_vm::RestoreSpec {
             work_dir: Some(tmp.path().to_path_buf()),
             timeout: Duration::from_secs(60),
         },
+        &nullspace_vm::CancellationToken::new(),
     )
     .unwrap();
     let out = vm
