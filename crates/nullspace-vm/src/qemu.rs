@@ -1033,12 +1033,13 @@ impl QemuVm {
     /// The build VM's snapshot: pause, write the device state (mapped: the
     /// RAM is already in its file) or device state + RAM (streamed) into
     /// `out`, quit QEMU, copy the kernel and initramfs in. Returns the
-    /// QEMU version. The files are committed by the caller.
+    /// QEMU version and how long the VM was paused until its state was
+    /// written. The files are committed by the caller.
     pub(crate) fn snapshot_build(
         mut self,
         out: &Path,
         watch: &Watch,
-    ) -> Result<QemuVersion, VmError> {
+    ) -> Result<(QemuVersion, Duration), VmError> {
         // Drop the agent connection first: the guest sees the host leave,
         // and a restored guest waits for the next host to connect.
         self.agent = None;
@@ -1046,10 +1047,14 @@ impl QemuVm {
         let stream = out.join(if mapped { "device.state" } else { "memory.bin" });
         let mut qmp = self.qmp(Duration::from_secs(10), watch)?;
         let version = qmp.version()?;
-        qmp.execute("stop", json!({}))?;
         set_migration(&mut qmp, mapped)?;
+        let t = Instant::now();
+        qmp.execute("stop", json!({}))?;
         qmp.execute("migrate", json!({"channels": file_channel(&stream)}))?;
         wait_migration(&mut qmp, watch, Duration::from_secs(120))?;
+        // The snapshot's content is fixed from here (a stopped guest does
+        // not write its RAM); the rest is cleanup and commit.
+        let paused = t.elapsed();
         let _ = qmp.execute("quit", json!({}));
         drop(qmp);
         // QEMU unmaps guest RAM as it exits: only then is `memory.ram` done.
@@ -1057,7 +1062,7 @@ impl QemuVm {
         std::fs::copy(&self.initrd, out.join("initrd.img")).map_err(VmError::io("copy initrd"))?;
         std::fs::copy(&self.meta.vmlinuz, out.join("vmlinuz"))
             .map_err(VmError::io(format!("copy {}", self.meta.vmlinuz.display())))?;
-        Ok(version)
+        Ok((version, paused))
     }
 
     /// Snapshots a restored VM into `out` (created; must not exist) and
@@ -1110,19 +1115,21 @@ impl QemuVm {
         let mut guard = DirGuard(&out, false);
         let om = &origin.manifest;
         let mapped = om.memory.mode == MemoryMode::Mapped;
-        let t0 = Instant::now();
-        let start = match self.agent.as_mut() {
-            Some(a) => a
+        let mut qmp = self.qmp(Duration::from_secs(10), watch)?;
+        let version = qmp.version()?;
+        // The start command's state, from the guest while it runs (a paused
+        // guest cannot answer: then the parent's record stands).
+        let start = match (qmp.status()?.as_str(), self.agent.as_mut()) {
+            ("running", Some(a)) => a
                 .info(Duration::from_secs(10))
                 .ok()
                 .map(|i| i["start"].clone()),
-            None => None,
+            _ => None,
         };
         // As for a build snapshot: the guest in the snapshot has seen the
         // host leave and waits for the next one.
         self.agent = None;
-        let mut qmp = self.qmp(Duration::from_secs(10), watch)?;
-        let version = qmp.version()?;
+        let t0 = Instant::now();
         if qmp.status()? == "postmigrate" {
             // Paused after an earlier snapshot: QEMU migrates only after the
             // VM ran again (it runs for the few ms between the two commands).

@@ -80,14 +80,14 @@ pub struct Timings {
     pub boot: u64,
     /// Agent up to readiness (includes the startup grace).
     pub ready: u64,
-    /// The VM paused: `stop` + migrate (+ the disk overlay copied, for a
-    /// snapshot of a restored VM).
+    /// The VM paused until the snapshot's content was written: `stop` +
+    /// migrate (+ the disk overlay copied, for a snapshot of a restored VM).
     pub snapshot: u64,
     /// Build steps (native backend): agent up to the last step done.
     #[serde(default)]
     pub steps: u64,
-    /// Writing out the snapshot after the VM is gone: fsync, sha256,
-    /// manifest (for a restored VM's snapshot: the memory file too).
+    /// Everything after that: QEMU's exit, copies, fsync, sha256, the
+    /// manifest (for a restored VM's snapshot: writing the memory file).
     #[serde(default)]
     pub commit: u64,
 }
