@@ -529,6 +529,22 @@ fn wait_migration(q: &mut Qmp, watch: &Watch, limit: Duration) -> Result<(), VmE
     }
 }
 
+/// Cancels an outgoing migration and waits (up to 5 s) until it is over.
+fn stop_migration(q: &mut Qmp) {
+    let _ = q.execute("migrate_cancel", json!({}));
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        match q.execute("query-migrate", json!({})) {
+            Ok(r) => match r.get("status").and_then(Value::as_str) {
+                Some("active" | "setup" | "cancelling" | "device" | "pre-switchover") => {}
+                _ => return,
+            },
+            Err(_) => return,
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Waits for an incoming migration to leave `inmigrate`; `Ok(true)` if
 /// the VM is paused (loaded), `Ok(false)` if it already runs.
 fn wait_incoming(q: &mut Qmp, watch: &Watch, deadline: Instant) -> Result<bool, VmError> {
@@ -1141,6 +1157,11 @@ impl QemuVm {
         let migrated = qmp
             .execute("migrate", json!({"channels": file_channel(&stream)}))
             .and_then(|_| wait_migration(&mut qmp, watch, Duration::from_secs(300)));
+        if migrated.is_err() {
+            // Cancelled or failed: make sure no migration is still running
+            // before the VM is resumed (a completed one would pause it).
+            stop_migration(&mut qmp);
+        }
         // The disk overlay as of the pause (QEMU flushed it at `stop`).
         let n = om.disk.len();
         let top = format!("disk.{n}.qcow2");

@@ -951,3 +951,37 @@ fn build_vms_record_a_pidfile_and_owner_in_the_run_dir_and_the_kvm_probe_leaves_
     assert!(!alive(pid));
     assert!(!dir.exists());
 }
+
+#[test]
+fn cancel_during_a_snapshot_of_a_restored_vm_keeps_the_vm_and_leaves_nothing() {
+    let _s = serial();
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let mut vm = restore(&f.template);
+    let before = count(&mut vm);
+    let token = CancellationToken::new();
+    let t2 = token.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        t2.cancel();
+    });
+    let out = work.path().join("fork");
+    let t = Instant::now();
+    let err = vm
+        .snapshot(&out, AfterSnapshot::Resume, &token)
+        .expect_err("cancelled");
+    eprintln!(
+        "[timing] cancelled snapshot returned after {:?}: {err}",
+        t.elapsed()
+    );
+    assert!(matches!(err, VmError::Cancelled), "{err:?}");
+    assert!(!out.exists(), "nothing half-written");
+    assert!(
+        our_qemus("ns-fork-").is_empty(),
+        "the temporary QEMU is gone"
+    );
+    // The VM itself goes on (resumed, as asked).
+    assert_eq!(vm.status().unwrap(), "running");
+    vm.reconnect_agent(T).unwrap();
+    assert!(count(&mut vm) > before);
+}
