@@ -261,13 +261,9 @@ fn create(
     let root = data.sandboxes()?;
     let data_dir = root.parent().expect("sandboxes has a parent").to_path_buf();
     let (rec, snap_dir) = resolve(&data_dir, database_url, namespace, raw)?;
-    let snapshot = Snapshot::open(&snap_dir).with_context(|| {
-        format!(
-            "template {raw} (build {}): snapshot {}",
-            rec.build_id,
-            snap_dir.display()
-        )
-    })?;
+    // The error names the snapshot directory and the rule it broke.
+    let snapshot = Snapshot::open(&snap_dir)
+        .with_context(|| format!("template {raw} (build {})", rec.build_id))?;
     std::fs::create_dir_all(&root).with_context(|| root.display().to_string())?;
     let id = new_id()?;
     let dir = root.join(&id);
