@@ -1,4 +1,6 @@
-//! Types shared across nullspace crates. No I/O: serde, serde_json and
-//! thiserror only. One module per concept.
+//! Types shared across nullspace crates, without I/O. One module per
+//! concept; each is plain data with serde (de)serialisation.
 
+pub mod agent;
+pub mod guest;
 pub mod snapshot;

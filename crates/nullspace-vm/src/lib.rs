@@ -26,7 +26,9 @@ pub mod sandbox;
 pub mod snapshot;
 pub mod template;
 
-pub use agent::{AgentClient, ExecOutput, ExecRequest};
+pub use agent::{
+    AgentClient, ExecOutput, ExecRequest, Limits, ProcessOutput, Stream, WriteOptions,
+};
 pub use error::VmError;
 pub use kernel::GuestKernel;
 pub use process::reap_stale;

@@ -4,11 +4,9 @@
 //! host owns the schedule. The timeout counts from the end of the grace
 //! period. A start command that exits before readiness fails at once.
 
-use crate::process::sleep_cancellable;
 use crate::{AgentClient, VmError};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Probe {
@@ -118,38 +116,32 @@ pub struct ReadyReport {
     pub detail: String,
 }
 
-fn check_start(agent: &mut AgentClient) -> Result<(), VmError> {
-    let info = agent.info(Duration::from_secs(10))?;
-    let s = &info["start"];
-    if !s["configured"].as_bool().unwrap_or(false) {
+fn check_start(agent: &AgentClient) -> Result<(), VmError> {
+    let s = agent.agent_info(Duration::from_secs(10))?.start;
+    if !s.configured {
         return Ok(());
     }
-    if let Some(e) = s["spawn_error"].as_str() {
+    if let Some(e) = s.spawn_error {
         return Err(VmError::StartExited {
             detail: format!("could not start: {e}"),
             output: String::new(),
         });
     }
-    if !s["running"].as_bool().unwrap_or(true) {
-        let detail = match (s["exit_code"].as_i64(), s["signal"].as_i64()) {
+    if !s.running {
+        let detail = match (s.exit_code, s.signal) {
             (Some(c), _) => format!("exited with code {c} before it was ready"),
             (_, Some(sig)) => format!("was killed by signal {sig} before it was ready"),
             _ => "exited before it was ready".to_string(),
         };
         return Err(VmError::StartExited {
             detail,
-            output: s["output"].as_str().unwrap_or("").to_string(),
+            output: s.output,
         });
     }
     Ok(())
 }
 
-fn sleep_watching(
-    agent: &mut AgentClient,
-    d: Duration,
-    step: Duration,
-    cancel: &CancellationToken,
-) -> Result<(), VmError> {
+fn sleep_watching(agent: &AgentClient, d: Duration, step: Duration) -> Result<(), VmError> {
     let end = Instant::now() + d;
     loop {
         check_start(agent)?;
@@ -157,27 +149,21 @@ fn sleep_watching(
         if left.is_zero() {
             return Ok(());
         }
-        sleep_cancellable(cancel, left.min(step))?;
+        agent.sleep(left.min(step))?;
     }
 }
 
 /// Waits until the template is ready, or fails with `StartExited` /
-/// `ReadinessTimeout`; [`VmError::Cancelled`] within 50 ms of `cancel`
-/// firing (between probe attempts; an attempt in flight ends when the
-/// caller kills the VM).
-pub fn wait_ready(
-    agent: &mut AgentClient,
-    r: &Readiness,
-    cancel: &CancellationToken,
-) -> Result<ReadyReport, VmError> {
+/// `ReadinessTimeout` (or `Cancelled`, by the agent client's token).
+pub fn wait_ready(agent: &AgentClient, r: &Readiness) -> Result<ReadyReport, VmError> {
     let t0 = Instant::now();
     let step = r.interval.max(Duration::from_millis(50));
-    sleep_watching(agent, r.startup_grace, step, cancel)?;
+    sleep_watching(agent, r.startup_grace, step)?;
     let Some(probe) = r.probe.guest_json() else {
         let Probe::Timeout { timeout_ms } = r.probe else {
             unreachable!()
         };
-        sleep_watching(agent, Duration::from_millis(timeout_ms), step, cancel)?;
+        sleep_watching(agent, Duration::from_millis(timeout_ms), step)?;
         return Ok(ReadyReport {
             elapsed: t0.elapsed(),
             attempts: 0,
@@ -187,9 +173,6 @@ pub fn wait_ready(
     let deadline = Instant::now() + r.timeout;
     let mut attempts = 0;
     loop {
-        if cancel.is_cancelled() {
-            return Err(VmError::Cancelled);
-        }
         check_start(agent)?;
         attempts += 1;
         let left = deadline.saturating_duration_since(Instant::now());
@@ -211,7 +194,7 @@ pub fn wait_ready(
                 last: detail,
             });
         }
-        sleep_cancellable(cancel, step)?;
+        agent.sleep(step)?;
     }
 }
 

@@ -16,46 +16,15 @@ use crate::{VmError, rootfs};
 use nullspace_model::snapshot::{
     Device, DiskFormat, DiskLayer, FORMAT_VERSION, Kernel, Memory, SnapshotManifest,
 };
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// What `nullspace-init` reads from `/nullspace/config.json`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct GuestConfig {
-    pub hostname: String,
-    pub env: BTreeMap<String, String>,
-    pub user: Option<String>,
-    pub workdir: Option<String>,
-    pub start_cmd: Option<String>,
-    pub agent_port: String,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub probe_only: bool,
-    /// Boot without starting `start_cmd`: the host runs build steps first,
-    /// then starts it with [`AgentClient::start`].
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub defer_start: bool,
-    /// The VM has a virtio-net device (QEMU user-mode networking): init
-    /// loads `virtio_net`, configures `eth0` as 10.0.2.15/24 via 10.0.2.2
-    /// and, when the rootfs has no usable `/etc/resolv.conf`, writes
-    /// `nameserver 10.0.2.3` (QEMU's DNS forwarder) into it. Set from
-    /// [`BootSpec::network`](crate::qemu::BootSpec::network) at boot.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub network: bool,
-}
-
-impl GuestConfig {
-    pub fn new(hostname: &str) -> GuestConfig {
-        GuestConfig {
-            hostname: hostname.to_string(),
-            agent_port: crate::qemu::AGENT_PORT.to_string(),
-            ..Default::default()
-        }
-    }
-}
+/// What `nullspace-init` reads from `/nullspace/config.json` (shared with
+/// the guest through `nullspace-model`).
+pub use nullspace_model::guest::GuestConfig;
 
 /// Inputs of a template snapshot.
 #[derive(Debug, Clone)]
@@ -168,7 +137,11 @@ fn build_inner(
     };
     let mut vm = QemuVm::boot_watched(vmm, &boot, watch)?;
     let boot_ms = vm.ready_ms as u64;
-    let agent = crate::Vm::agent(&mut vm);
+    // Every agent wait of the build (steps, readiness) also watches the
+    // token: a cancelled call stops its command in the guest at once, and
+    // the watch kills QEMU besides.
+    let mut cancellable = crate::Vm::agent(&mut vm).with_cancel(watch.token().clone());
+    let agent = &mut cancellable;
     let mut config = spec.config.clone();
     config.network = spec.network;
     let mut steps_ms = 0;
@@ -213,7 +186,7 @@ fn build_inner(
                 Duration::from_secs(30),
             )
             .map_err(|e| match e {
-                VmError::Agent(m) => VmError::StartExited {
+                VmError::Agent(m) | VmError::Guest { message: m, .. } => VmError::StartExited {
                     detail: format!("could not start: {m}"),
                     output: String::new(),
                 },
@@ -223,7 +196,7 @@ fn build_inner(
     let t_ready = Instant::now();
     match &spec.readiness {
         Some(r) => {
-            wait_ready(agent, r, watch.token())?;
+            wait_ready(agent, r)?;
         }
         None => {
             let none = Readiness {
@@ -232,7 +205,7 @@ fn build_inner(
                 interval: Duration::from_millis(100),
                 startup_grace: Duration::ZERO,
             };
-            wait_ready(agent, &none, watch.token())?;
+            wait_ready(agent, &none)?;
         }
     }
     let ready_ms = t_ready.elapsed().as_millis() as u64;
@@ -526,7 +499,7 @@ fn run_step(
                 }
                 Err(failed(o.code, t))
             }
-            Err(VmError::Agent(m)) => Err(failed(None, m)),
+            Err(VmError::Agent(m) | VmError::Guest { message: m, .. }) => Err(failed(None, m)),
             Err(e) => Err(e),
         }
     };
@@ -675,12 +648,16 @@ fn run_step(
                 }
             }
             for (g, h, m) in &files {
-                let data =
-                    std::fs::read(h).map_err(|e| failed(None, format!("{}: {e}", h.display())))?;
+                // Streamed in chunks: never the whole file in memory.
+                let mut src = std::fs::File::open(h)
+                    .map_err(|e| failed(None, format!("{}: {e}", h.display())))?;
                 agent
-                    .write_file_exact(g, &data, *m, STEP_TIMEOUT)
+                    .copy_to_guest(&mut src, g, *m, STEP_TIMEOUT)
                     .map_err(|e| match e {
-                        VmError::Agent(m) => failed(None, m),
+                        VmError::Agent(m) | VmError::Guest { message: m, .. } => failed(None, m),
+                        VmError::Io { context, source } => {
+                            failed(None, format!("{context}: {source}"))
+                        }
                         e => e,
                     })?;
             }

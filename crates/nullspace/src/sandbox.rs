@@ -357,7 +357,7 @@ fn exec(id: &str, data: &DataDir, req: &ExecRequest) -> Result<i32> {
     // other `exec`s of this sandbox instead of timing out.
     let lock = std::fs::File::create(dir.join("exec.lock"))?;
     lock.lock()?;
-    let mut agent =
+    let agent =
         s.vm.agent(Duration::from_secs(30))
             .with_context(|| format!("sandbox {id}: guest agent"))?;
     let limit = req

@@ -233,6 +233,48 @@ fn build_vm_network_follows_internet_access_when_the_operator_allows_it() {
     );
 }
 
+const DEFAULT_SCRIPT: &str = r#"
+import os
+from nullspace import Template, TemplateBuild
+IMAGE = os.environ["NS_IMAGE"]
+b = Template.build(Template.from_image(IMAGE).run_cmd("echo native > /tmp/native.txt"), name="plain")
+st = TemplateBuild.connect(b.build_id).get_status().build
+phases = [e.phase for e in TemplateBuild.connect(b.build_id).logs()]
+assert st.build_backend.value == "native", st.build_backend
+assert "vm_create" in phases and "snapshot" in phases, phases
+print("DEFAULT", b.status.value)
+"#;
+
+/// A server started with no VM flags at all finds the guest init in its data
+/// directory, turns the build VM on, and builds declarative steps with the
+/// SDK's default (native) backend.
+#[test]
+fn a_default_server_has_the_build_vm_when_the_machine_can_run_it() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let init = nullspace_vm::init_binary::locate_or_build(&workspace).expect("guest init");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let image = reg.push_demo(tmp.path(), "demo/default");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("guest")).unwrap();
+    std::fs::copy(&init, data.join("guest/nullspace-init")).unwrap();
+    let server = Server::start_with(&data, None, &["--auto-build-vm"]);
+    let key = server.key("team-a");
+    let r = run_sdk(&server, &key, DEFAULT_SCRIPT, &[("NS_IMAGE", &image)]);
+    assert!(
+        r.stdout.contains("DEFAULT ready"),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        server.log_text()
+    );
+    assert!(
+        server.log_text().contains("build VM ready"),
+        "{}",
+        server.log_text()
+    );
+}
+
 const SLOW: &str = r#"
 import os
 from nullspace import Template
