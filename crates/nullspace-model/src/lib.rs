@@ -2,7 +2,7 @@
 //! concept; each is plain data with serde (de)serialisation.
 //!
 //! - [`agent`]: the host-guest agent protocol; [`guest`]: the guest
-//!   configuration;
+//!   configuration; [`snapshot`]: the snapshot manifest;
 //! - [`refs`]: template names, tags and references;
 //! - [`shell`]: the one POSIX shell quoter;
 //! - [`build`]: the build model: the request as the SDK sends it, its
@@ -14,3 +14,4 @@ pub mod build;
 pub mod guest;
 pub mod refs;
 pub mod shell;
+pub mod snapshot;
