@@ -782,8 +782,9 @@ async fn snapshot_in_vm(
     vmm: Arc<nullspace_vm::QemuVmm>,
     native: bool,
 ) -> Result<ArtifactManifest, Failure> {
+    use nullspace_model::build::step::Step;
     use nullspace_vm::template::{
-        StepEvent, TemplateSpec, build_snapshot, build_snapshot_with_steps,
+        NativeSteps, StepEvent, TemplateSpec, build_snapshot, build_snapshot_with_steps,
     };
     let rootfs = nullspace_digest::Digest::parse(&m.rootfs)
         .map(|d| state.artifacts.path(&d))
@@ -799,7 +800,7 @@ async fn snapshot_in_vm(
     spec.readiness = m
         .readiness
         .as_ref()
-        .map(|r| Readiness::parse(r).map(|r| crate::native::vm_readiness(&r)))
+        .map(Readiness::parse)
         .transpose()
         .map_err(|e| {
             failed(
@@ -849,9 +850,25 @@ async fn snapshot_in_vm(
             code: "file_upload_error",
             step: None,
         })?;
-        let plan = crate::native::plan(p, &ctx)
-            .map_err(|e| failed("blob_upload", e, false, "upload the build context"))?;
-        Some((plan, ctx))
+        // Every copy source must be in the uploaded context.
+        for src in p
+            .steps
+            .iter()
+            .flat_map(|s| s.copies())
+            .flat_map(|c| &c.sources)
+        {
+            if !p.context.as_ref().is_some_and(|c| c.covers(src)) {
+                return Err(failed(
+                    "blob_upload",
+                    format!(
+                        "source {src:?} is not in the uploaded build context; upload it with the build"
+                    ),
+                    false,
+                    "upload the build context",
+                ));
+            }
+        }
+        Some((p.clone(), ctx))
     } else {
         None
     };
@@ -878,14 +895,13 @@ async fn snapshot_in_vm(
     let vm_token = token.clone();
     let task = tokio::task::spawn_blocking(move || match &native_task {
         None => build_snapshot(&vmm, &spec, &task_out, &vm_token),
-        Some((plan, _)) => {
-            let mut on_step = |i: usize, step: &nullspace_vm::template::Step, ev: StepEvent<'_>| {
-                let index = plan.step_number(i);
+        Some((plan, ctx)) => {
+            let mut on_step = |i: usize, step: &Step, ev: StepEvent<'_>| {
+                let index = Some(i as i64 + 1);
                 let msg = match ev {
-                    StepEvent::Started => match index {
-                        Some(n) => format!("step {n}/{total}: {}", step.describe()),
-                        None => step.describe(),
-                    },
+                    StepEvent::Started => {
+                        format!("step {}/{total}: {}", i + 1, step.describe())
+                    }
                     StepEvent::Output(b) => String::from_utf8_lossy(b).trim_end().to_string(),
                     StepEvent::Finished { elapsed } => {
                         format!("step done in {} ms", elapsed.as_millis())
@@ -900,7 +916,8 @@ async fn snapshot_in_vm(
                 e.total_steps = index.map(|_| total);
                 let _ = handle.block_on(append(&st, e));
             };
-            build_snapshot_with_steps(&vmm, &spec, &plan.steps, &mut on_step, &task_out, &vm_token)
+            let steps = NativeSteps::of_plan(plan, ctx);
+            build_snapshot_with_steps(&vmm, &spec, &steps, &mut on_step, &task_out, &vm_token)
         }
     });
     let result = task.await.map_err(|e| {
@@ -930,24 +947,21 @@ async fn snapshot_in_vm(
                 _ => ("startup", "finalize"),
             };
             // A failed step is named by its 1-based place among the
-            // request's steps (the VM counts the steps it was given).
-            let (message, step) = match (&e, &native) {
-                (
-                    nullspace_vm::VmError::StepFailed {
-                        index,
-                        action,
-                        exit_code,
-                        tail,
-                    },
-                    Some((plan, _)),
-                ) => {
-                    let n = plan.step_number(*index);
+            // request's steps.
+            let (message, step) = match &e {
+                nullspace_vm::VmError::StepFailed {
+                    index,
+                    action,
+                    exit_code,
+                    tail,
+                } => {
+                    let n = index.map(|i| i as i64 + 1);
                     let exit = exit_code
                         .map(|c| format!(" with exit code {c}"))
                         .unwrap_or_default();
                     let which = match n {
                         Some(n) => format!("step {n} of {total} ({action})"),
-                        None => format!("the {action} setup step"),
+                        None => format!("the runtime {action} setting"),
                     };
                     (
                         format!("step: {which} failed{exit}: {tail}"),

@@ -12,7 +12,6 @@ pub mod builds;
 pub mod error;
 pub mod http;
 pub mod model;
-pub mod native;
 pub mod openapi;
 pub mod plan;
 pub mod refs;

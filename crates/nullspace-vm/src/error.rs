@@ -19,12 +19,18 @@ pub enum VmError {
     /// The readiness probe did not succeed within its timeout.
     #[error("readiness_timeout: probe did not succeed within {timeout:?}: {last}")]
     ReadinessTimeout { timeout: Duration, last: String },
-    /// A build step (native backend) failed: its index in the step list,
-    /// the action, the exit code (None: killed, or it could not run) and
-    /// the last lines of its output. The VM has been killed.
-    #[error("step {index} ({action}) failed{}: {tail}", exit_code.map(|c| format!(" with exit code {c}")).unwrap_or_default())]
+    /// A build step (native backend) failed: its 0-based index in the step
+    /// list (`None`: the runtime settings applied after the steps), the
+    /// action, the exit code (None: killed, or it could not run) and the
+    /// last lines of its output. The VM has been killed. The message counts
+    /// steps from 1, as the build API does.
+    #[error(
+        "{} ({action}) failed{}: {tail}",
+        index.map(|i| format!("step {}", i + 1)).unwrap_or_else(|| "the runtime setting".into()),
+        exit_code.map(|c| format!(" with exit code {c}")).unwrap_or_default()
+    )]
     StepFailed {
-        index: usize,
+        index: Option<usize>,
         action: String,
         exit_code: Option<i32>,
         tail: String,

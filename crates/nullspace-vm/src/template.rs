@@ -13,6 +13,8 @@ use crate::readiness::{Readiness, wait_ready};
 use crate::snapshot::{self as snapfs};
 pub use crate::snapshot::{SNAPSHOT_FILE, Snapshot, SnapshotMeta, Timings, VmMeta};
 use crate::{VmError, rootfs};
+use nullspace_model::build::plan::BuildPlan;
+use nullspace_model::build::step::{CopyItem, Step};
 use nullspace_model::snapshot::{
     Device, DiskFormat, DiskLayer, FORMAT_VERSION, Kernel, Memory, SnapshotManifest,
 };
@@ -80,20 +82,67 @@ pub fn build_snapshot(
     process::settle(r, watch)
 }
 
+/// The native backend's input: a plan's declarative steps (the build
+/// model's one [`Step`] type) and what they run with.
+#[derive(Debug, Clone, Copy)]
+pub struct NativeSteps<'a> {
+    pub steps: &'a [Step],
+    /// Where the uploaded context was materialized: a copy source
+    /// (`builder-context/step-N/src-M/…`) is the host path `context_root/src`.
+    pub context_root: &'a Path,
+    /// Seen by every step; never kept in the template.
+    pub build_env: &'a BTreeMap<String, String>,
+    /// The request's runtime settings, applied after the steps (the
+    /// template keeps them): envs, then the workdir (created) and user.
+    pub runtime_env: &'a BTreeMap<String, String>,
+    pub runtime_workdir: Option<&'a str>,
+    pub runtime_user: Option<&'a str>,
+}
+
+static NO_ENV: BTreeMap<String, String> = BTreeMap::new();
+
+impl<'a> NativeSteps<'a> {
+    /// `steps` alone: no build envs, no runtime settings.
+    pub fn new(steps: &'a [Step], context_root: &'a Path) -> NativeSteps<'a> {
+        NativeSteps {
+            steps,
+            context_root,
+            build_env: &NO_ENV,
+            runtime_env: &NO_ENV,
+            runtime_workdir: None,
+            runtime_user: None,
+        }
+    }
+
+    /// The steps of a plan with its build envs and runtime settings.
+    pub fn of_plan(plan: &'a BuildPlan, context_root: &'a Path) -> NativeSteps<'a> {
+        NativeSteps {
+            steps: &plan.steps,
+            context_root,
+            build_env: &plan.build_envs.0,
+            runtime_env: &plan.runtime.env.0,
+            runtime_workdir: plan.runtime.workdir.as_deref(),
+            runtime_user: plan.runtime.user.as_deref(),
+        }
+    }
+}
+
 /// Like [`build_snapshot`], but boots without the start command, runs the
-/// declarative `steps` in the VM (native backend) on the disk that becomes
+/// declarative steps in the VM (native backend) on the disk that becomes
 /// the snapshot's, then starts the start command with the runtime defaults
-/// as the steps left them (`spec.config`'s env/user/workdir are the base,
-/// e.g. from the image config), waits for readiness and snapshots.
+/// as the steps (and the runtime settings after them) left them
+/// (`spec.config`'s env/user/workdir are the base, e.g. from the image
+/// config), waits for readiness and snapshots.
 ///
-/// `on_step` sees every step start, its output, and its end. A failing step
-/// is [`VmError::StepFailed`]; the VM is killed and `out` removed. The
-/// snapshot's `meta.config` holds the final runtime defaults. Cancel works
-/// as for [`build_snapshot`], during a step too.
+/// `on_step` sees every step start, its output, and its end, with the
+/// step's 0-based index in `steps.steps`. A failing step is
+/// [`VmError::StepFailed`] with that index; the VM is killed and `out`
+/// removed. The snapshot's `meta.config` holds the final runtime defaults.
+/// Cancel works as for [`build_snapshot`], during a step too.
 pub fn build_snapshot_with_steps(
     vmm: &QemuVmm,
     spec: &TemplateSpec,
-    steps: &[Step],
+    steps: &NativeSteps<'_>,
     on_step: &mut dyn FnMut(usize, &Step, StepEvent<'_>),
     out: &Path,
     cancel: &CancellationToken,
@@ -103,12 +152,15 @@ pub fn build_snapshot_with_steps(
     process::settle(r, watch)
 }
 
-type StepsArg<'a, 'b> = Option<(&'a [Step], &'b mut dyn FnMut(usize, &Step, StepEvent<'_>))>;
+type StepsArg<'a, 'b, 'c> = Option<(
+    &'a NativeSteps<'c>,
+    &'b mut dyn FnMut(usize, &Step, StepEvent<'_>),
+)>;
 
 fn build_inner(
     vmm: &QemuVmm,
     spec: &TemplateSpec,
-    steps: StepsArg<'_, '_>,
+    steps: StepsArg<'_, '_, '_>,
     out: &Path,
     watch: &Watch,
 ) -> Result<Snapshot, VmError> {
@@ -145,19 +197,26 @@ fn build_inner(
     let mut config = spec.config.clone();
     config.network = spec.network;
     let mut steps_ms = 0;
-    if let Some((steps, on_step)) = steps {
+    if let Some((native, on_step)) = steps {
         let t_steps = Instant::now();
         let mut st = StepState {
             env: config.env.clone(),
-            build_env: BTreeMap::new(),
+            build_env: native.build_env.clone(),
             user: config.user.clone(),
             workdir: config.workdir.clone(),
         };
-        for (i, step) in steps.iter().enumerate() {
+        for (i, step) in native.steps.iter().enumerate() {
             watch.check()?;
             on_step(i, step, StepEvent::Started);
             let t = Instant::now();
-            run_step(agent, &mut st, i, step, on_step)?;
+            run_step(
+                agent,
+                &mut st,
+                Some(i),
+                step,
+                native.context_root,
+                &mut |ev| on_step(i, step, ev),
+            )?;
             on_step(
                 i,
                 step,
@@ -165,6 +224,24 @@ fn build_inner(
                     elapsed: t.elapsed(),
                 },
             );
+        }
+        // The runtime settings the request sets, after the steps (the SDK
+        // also sends them as `workdir`/`user` steps; repeating is harmless
+        // and covers requests that only set `runtime_config`).
+        st.env.extend(native.runtime_env.clone());
+        if let Some(w) = native.runtime_workdir {
+            let step = Step::Workdir { path: w.into() };
+            run_step(
+                agent,
+                &mut st,
+                None,
+                &step,
+                native.context_root,
+                &mut |_| {},
+            )?;
+        }
+        if let Some(u) = native.runtime_user {
+            st.user = Some(u.to_string());
         }
         watch.check()?;
         // The page cache is in the memory snapshot too, but the disk file
@@ -283,125 +360,6 @@ pub fn restore(
 /// Commands and file operations of one build step run at most this long.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// One declarative build step, executed natively in the build VM by
-/// [`build_snapshot_with_steps`]. Mirrors the SDK's step actions (contract
-/// §3.3); `nullspace-server`'s `native` module maps the request JSON here.
-///
-/// Run-type steps (`Run`, `Shell`, `MakeDir`, `MakeSymlink`, `Remove`,
-/// `Rename`) run as the current user (the last `User` step, else the
-/// template's user) in the current workdir, with the runtime and build envs
-/// so far, like `RUN` after `USER`/`WORKDIR`/`ENV` in a Dockerfile. `Copy`
-/// writes as root and then applies `user`/`mode`, like `COPY --chown/--chmod`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    /// `sh -c command`, as `user` when given (else the current user).
-    Run {
-        command: String,
-        user: Option<String>,
-    },
-    /// A shell line rendered by `nullspace_build::render::step_shell`
-    /// (`apt_install`, `pip_install`, `npm_install`, `bun_install`,
-    /// `git_clone`): `action` is the SDK action name for logs and errors.
-    Shell { action: String, command: String },
-    /// Host files or directories (`(host path, is_dir)`) copied into the
-    /// guest. A file goes to `dst`, or into it when `dst` ends with `/`, is
-    /// an existing directory or there are several sources; a directory's
-    /// contents go into `dst`. `mode` applies to every copied entry,
-    /// otherwise the host modes are kept; `user` (`user[:group]`) owns them.
-    Copy {
-        sources: Vec<(PathBuf, bool)>,
-        dst: String,
-        user: Option<String>,
-        mode: Option<u32>,
-    },
-    /// `mkdir -p`, then `chmod mode` when given.
-    MakeDir { path: String, mode: Option<u32> },
-    /// `ln -s target path`.
-    MakeSymlink { target: String, path: String },
-    /// `rm [-r] [-f] path`.
-    Remove {
-        path: String,
-        recursive: bool,
-        force: bool,
-    },
-    /// `mv [-f] src dst`.
-    Rename {
-        src: String,
-        dst: String,
-        force: bool,
-    },
-    /// Later steps' cwd and the runtime default (created if missing;
-    /// relative paths resolve against the current workdir).
-    Workdir { path: String },
-    /// Later steps' user and the runtime default.
-    User { user: String },
-    /// Runtime envs: later steps see them and the template keeps them.
-    Env { envs: BTreeMap<String, String> },
-    /// Build envs: later steps see them; never persisted.
-    BuildEnv { envs: BTreeMap<String, String> },
-    /// A cache boundary; nothing to run.
-    SkipCache,
-}
-
-impl Step {
-    /// The SDK action name (for logs and errors).
-    pub fn action(&self) -> &str {
-        match self {
-            Step::Run { .. } => "run",
-            Step::Shell { action, .. } => action,
-            Step::Copy { .. } => "copy",
-            Step::MakeDir { .. } => "make_dir",
-            Step::MakeSymlink { .. } => "make_symlink",
-            Step::Remove { .. } => "remove",
-            Step::Rename { .. } => "rename",
-            Step::Workdir { .. } => "workdir",
-            Step::User { .. } => "user",
-            Step::Env { .. } => "env",
-            Step::BuildEnv { .. } => "build_env",
-            Step::SkipCache => "skip_cache",
-        }
-    }
-
-    /// A one-line description for build logs.
-    pub fn describe(&self) -> String {
-        match self {
-            Step::Run { command, user } => match user {
-                Some(u) => format!("run (as {u}): {command}"),
-                None => format!("run: {command}"),
-            },
-            Step::Shell { action, command } => format!("{action}: {command}"),
-            Step::Copy { sources, dst, .. } => {
-                let names: Vec<String> = sources
-                    .iter()
-                    .map(|(p, _)| {
-                        p.file_name()
-                            .map(|n| n.to_string_lossy().to_string())
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                format!("copy {} -> {dst}", names.join(" "))
-            }
-            Step::MakeDir { path, mode } => match mode {
-                Some(m) => format!("make_dir {path} (mode {m:04o})"),
-                None => format!("make_dir {path}"),
-            },
-            Step::MakeSymlink { target, path } => format!("make_symlink {path} -> {target}"),
-            Step::Remove { path, .. } => format!("remove {path}"),
-            Step::Rename { src, dst, .. } => format!("rename {src} -> {dst}"),
-            Step::Workdir { path } => format!("workdir {path}"),
-            Step::User { user } => format!("user {user}"),
-            Step::Env { envs } => {
-                format!("env {}", envs.keys().cloned().collect::<Vec<_>>().join(" "))
-            }
-            Step::BuildEnv { envs } => format!(
-                "build env {}",
-                envs.keys().cloned().collect::<Vec<_>>().join(" ")
-            ),
-            Step::SkipCache => "skip_cache".into(),
-        }
-    }
-}
-
 /// What [`build_snapshot_with_steps`] reports per step.
 #[derive(Debug)]
 pub enum StepEvent<'a> {
@@ -450,12 +408,21 @@ fn resolve_path(workdir: Option<&str>, p: &str) -> String {
     }
 }
 
+/// Runs one step. Run-type steps (`run`, the shell-run actions,
+/// `make_dir`, `make_symlink`, `remove`, `rename`) run as the current user
+/// (the last `user` step, else the template's) in the current workdir, with
+/// the runtime and build envs so far, like `RUN` after `USER`/`WORKDIR`/
+/// `ENV` in a Dockerfile; the shell-run actions run
+/// [`Step::shell_command`], the same line the Dockerfile renderer writes,
+/// and the file operations run as argv (no quoting involved). `copy` writes
+/// as root and then applies `user`/`mode`, like `COPY --chown/--chmod`.
 fn run_step(
     agent: &mut AgentClient,
     st: &mut StepState,
-    index: usize,
+    index: Option<usize>,
     step: &Step,
-    on_step: &mut dyn FnMut(usize, &Step, StepEvent<'_>),
+    context_root: &Path,
+    emit: &mut dyn FnMut(StepEvent<'_>),
 ) -> Result<(), VmError> {
     let failed = |exit_code: Option<i32>, tail: String| VmError::StepFailed {
         index,
@@ -485,7 +452,7 @@ fn run_step(
                 if combined.len() > 64 << 10 {
                     combined.drain(..combined.len() - (16 << 10));
                 }
-                on_step(index, step, StepEvent::Output(d));
+                emit(StepEvent::Output(d));
             },
         );
         match out {
@@ -516,11 +483,21 @@ fn run_step(
                 ..Default::default()
             },
         ),
-        Step::Shell { command, .. } => run(agent, ExecRequest::shell(command)),
+        Step::AptInstall { .. }
+        | Step::PipInstall { .. }
+        | Step::NpmInstall { .. }
+        | Step::BunInstall { .. }
+        | Step::GitClone { .. } => {
+            let command = step.shell_command().unwrap_or_default();
+            run(agent, ExecRequest::shell(&command))
+        }
         Step::MakeDir { path, mode } => {
             run(agent, argv(&["mkdir", "-p", "--", path]))?;
             match mode {
-                Some(m) => run(agent, argv(&["chmod", &format!("{m:o}"), "--", path])),
+                Some(m) => run(
+                    agent,
+                    argv(&["chmod", &format!("{:o}", m.bits()), "--", path]),
+                ),
                 None => Ok(()),
             }
         }
@@ -558,123 +535,153 @@ fn run_step(
             st.user = Some(user.clone());
             Ok(())
         }
-        Step::Env { envs } => {
-            st.env.extend(envs.clone());
-            Ok(())
-        }
-        Step::BuildEnv { envs } => {
-            st.build_env.extend(envs.clone());
-            Ok(())
-        }
         Step::SkipCache => Ok(()),
-        Step::Copy {
-            sources,
-            dst,
-            user,
-            mode,
-        } => {
-            let dst_abs = resolve_path(st.workdir.as_deref(), dst);
-            let into_dir = dst.ends_with('/')
-                || sources.len() > 1
-                || sources.iter().any(|(_, d)| *d)
-                || agent
-                    .exec(&root_argv(&["test", "-d", &dst_abs]), STEP_TIMEOUT)?
-                    .success();
-            let base = dst_abs.trim_end_matches('/').to_string();
-            let base = if base.is_empty() {
-                "/".to_string()
-            } else {
-                base
-            };
-            let join = |rel: &str| {
-                if base == "/" {
-                    format!("/{rel}")
-                } else {
-                    format!("{base}/{rel}")
-                }
-            };
-            // (guest path, mode) of every directory and file to create.
-            let mut dirs: Vec<(String, u32)> = vec![];
-            let mut files: Vec<(String, PathBuf, u32)> = vec![];
-            if into_dir {
-                dirs.push((base.clone(), mode.unwrap_or(0o755)));
+        Step::Copy(_) | Step::CopyItems { .. } => {
+            let mut copied = String::new();
+            for item in step.copies() {
+                let sources = resolve_sources(context_root, item).map_err(|m| failed(None, m))?;
+                copied.push_str(&copy_item(agent, st, item, &sources, &mut run, &failed)?);
             }
-            for (host, is_dir) in sources {
-                if *is_dir {
-                    walk(host, "", &mut |rel, p, md| {
-                        let m = mode.unwrap_or(md.permissions().mode() & 0o7777);
-                        if md.is_dir() {
-                            dirs.push((join(rel), m));
-                        } else {
-                            files.push((join(rel), p.to_path_buf(), m));
-                        }
-                    })
-                    .map_err(|e| failed(None, format!("{}: {e}", host.display())))?;
-                } else {
-                    let md = std::fs::metadata(host)
-                        .map_err(|e| failed(None, format!("{}: {e}", host.display())))?;
-                    let m = mode.unwrap_or(md.permissions().mode() & 0o7777);
-                    let name = host
-                        .file_name()
-                        .map(|n| n.to_string_lossy().to_string())
-                        .unwrap_or_default();
-                    let target = if into_dir { join(&name) } else { base.clone() };
-                    files.push((target, host.clone(), m));
-                }
-            }
-            if !into_dir && let Some(parent) = Path::new(&base).parent() {
-                let parent = parent.to_string_lossy().to_string();
-                run(agent, root_argv(&["mkdir", "-p", "--", &parent]))?;
-            }
-            let mut paths: Vec<&str> = vec![];
-            for batch in dirs.chunks(200) {
-                let mut a = vec!["mkdir", "-p", "--"];
-                a.extend(batch.iter().map(|(p, _)| p.as_str()));
-                run(agent, root_argv(&a))?;
-            }
-            // Directory modes as in the context (or `mode`), grouped per mode.
-            let mut by_mode: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
-            for (p, m) in &dirs {
-                if p != &base || mode.is_some() {
-                    by_mode.entry(*m).or_default().push(p);
-                }
-            }
-            for (m, ps) in &by_mode {
-                for batch in ps.chunks(200) {
-                    let ms = format!("{m:o}");
-                    let mut a = vec!["chmod", ms.as_str(), "--"];
-                    a.extend(batch);
-                    run(agent, root_argv(&a))?;
-                }
-            }
-            for (g, h, m) in &files {
-                // Streamed in chunks: never the whole file in memory.
-                let mut src = std::fs::File::open(h)
-                    .map_err(|e| failed(None, format!("{}: {e}", h.display())))?;
-                agent
-                    .copy_to_guest(&mut src, g, *m, STEP_TIMEOUT)
-                    .map_err(|e| match e {
-                        VmError::Agent(m) | VmError::Guest { message: m, .. } => failed(None, m),
-                        VmError::Io { context, source } => {
-                            failed(None, format!("{context}: {source}"))
-                        }
-                        e => e,
-                    })?;
-            }
-            if let Some(u) = user {
-                paths.extend(dirs.iter().map(|(p, _)| p.as_str()));
-                paths.extend(files.iter().map(|(p, _, _)| p.as_str()));
-                for batch in paths.chunks(200) {
-                    let mut a = vec!["chown", u.as_str(), "--"];
-                    a.extend(batch);
-                    run(agent, root_argv(&a))?;
-                }
-            }
-            let list: String = files.iter().map(|(g, _, _)| format!("{g}\n")).collect();
-            on_step(index, step, StepEvent::Output(list.as_bytes()));
+            emit(StepEvent::Output(copied.as_bytes()));
             Ok(())
         }
     }
+}
+
+/// A copy's sources as `(host path, is a directory)`, each under
+/// `context_root` (the plan checked the paths: relative, no `..`).
+fn resolve_sources(context_root: &Path, item: &CopyItem) -> Result<Vec<(PathBuf, bool)>, String> {
+    let mut out = vec![];
+    for src in &item.sources {
+        let host = context_root.join(src);
+        let md = std::fs::symlink_metadata(&host).map_err(|e| {
+            format!(
+                "source {src:?} is not in the uploaded build context ({e}); upload it with the build"
+            )
+        })?;
+        if md.is_dir() {
+            out.push((host, true));
+        } else if md.is_file() {
+            out.push((host, false));
+        } else {
+            return Err(format!("source {src:?} is not a regular file or directory"));
+        }
+    }
+    Ok(out)
+}
+
+/// One copy: a file goes to `dst`, or into it when `dst` ends with `/`, is
+/// an existing directory or there are several sources; a directory's
+/// contents go into `dst`. `mode` applies to every copied entry, otherwise
+/// the host modes are kept; `user` (`user[:group]`) owns them. Returns the
+/// guest paths of the files written, one per line.
+fn copy_item(
+    agent: &mut AgentClient,
+    st: &StepState,
+    item: &CopyItem,
+    sources: &[(PathBuf, bool)],
+    run: &mut dyn FnMut(&mut AgentClient, ExecRequest) -> Result<(), VmError>,
+    failed: &dyn Fn(Option<i32>, String) -> VmError,
+) -> Result<String, VmError> {
+    let (dst, user) = (&item.dst, &item.user);
+    let mode = item.mode.map(|m| m.bits());
+    let dst_abs = resolve_path(st.workdir.as_deref(), dst);
+    let into_dir = dst.ends_with('/')
+        || sources.len() > 1
+        || sources.iter().any(|(_, d)| *d)
+        || agent
+            .exec(&root_argv(&["test", "-d", &dst_abs]), STEP_TIMEOUT)?
+            .success();
+    let base = dst_abs.trim_end_matches('/').to_string();
+    let base = if base.is_empty() {
+        "/".to_string()
+    } else {
+        base
+    };
+    let join = |rel: &str| {
+        if base == "/" {
+            format!("/{rel}")
+        } else {
+            format!("{base}/{rel}")
+        }
+    };
+    // (guest path, mode) of every directory and file to create.
+    let mut dirs: Vec<(String, u32)> = vec![];
+    let mut files: Vec<(String, PathBuf, u32)> = vec![];
+    if into_dir {
+        dirs.push((base.clone(), mode.unwrap_or(0o755)));
+    }
+    for (host, is_dir) in sources {
+        if *is_dir {
+            walk(host, "", &mut |rel, p, md| {
+                let m = mode.unwrap_or(md.permissions().mode() & 0o7777);
+                if md.is_dir() {
+                    dirs.push((join(rel), m));
+                } else {
+                    files.push((join(rel), p.to_path_buf(), m));
+                }
+            })
+            .map_err(|e| failed(None, format!("{}: {e}", host.display())))?;
+        } else {
+            let md = std::fs::metadata(host)
+                .map_err(|e| failed(None, format!("{}: {e}", host.display())))?;
+            let m = mode.unwrap_or(md.permissions().mode() & 0o7777);
+            let name = host
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let target = if into_dir { join(&name) } else { base.clone() };
+            files.push((target, host.clone(), m));
+        }
+    }
+    if !into_dir && let Some(parent) = Path::new(&base).parent() {
+        let parent = parent.to_string_lossy().to_string();
+        run(agent, root_argv(&["mkdir", "-p", "--", &parent]))?;
+    }
+    let mut paths: Vec<&str> = vec![];
+    for batch in dirs.chunks(200) {
+        let mut a = vec!["mkdir", "-p", "--"];
+        a.extend(batch.iter().map(|(p, _)| p.as_str()));
+        run(agent, root_argv(&a))?;
+    }
+    // Directory modes as in the context (or `mode`), grouped per mode.
+    let mut by_mode: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    for (p, m) in &dirs {
+        if p != &base || mode.is_some() {
+            by_mode.entry(*m).or_default().push(p);
+        }
+    }
+    for (m, ps) in &by_mode {
+        for batch in ps.chunks(200) {
+            let ms = format!("{m:o}");
+            let mut a = vec!["chmod", ms.as_str(), "--"];
+            a.extend(batch);
+            run(agent, root_argv(&a))?;
+        }
+    }
+    for (g, h, m) in &files {
+        // Streamed in chunks: never the whole file in memory.
+        let mut src =
+            std::fs::File::open(h).map_err(|e| failed(None, format!("{}: {e}", h.display())))?;
+        agent
+            .copy_to_guest(&mut src, g, *m, STEP_TIMEOUT)
+            .map_err(|e| match e {
+                VmError::Agent(m) | VmError::Guest { message: m, .. } => failed(None, m),
+                VmError::Io { context, source } => failed(None, format!("{context}: {source}")),
+                e => e,
+            })?;
+    }
+    if let Some(u) = user {
+        paths.extend(dirs.iter().map(|(p, _)| p.as_str()));
+        paths.extend(files.iter().map(|(p, _, _)| p.as_str()));
+        for batch in paths.chunks(200) {
+            let mut a = vec!["chown", u.as_str(), "--"];
+            a.extend(batch);
+            run(agent, root_argv(&a))?;
+        }
+    }
+    // The guest paths written, for the log.
+    Ok(files.iter().map(|(g, _, _)| format!("{g}\n")).collect())
 }
 
 /// Every entry under `dir` (not `dir` itself), parents before children:

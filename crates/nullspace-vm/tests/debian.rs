@@ -11,8 +11,9 @@
 //! `NULLSPACE_REQUIRE_DEBIAN_VM=1`, which makes a missing image a failure.
 //! CPU-heavy: run with `--test-threads=1`.
 
+use nullspace_model::build::step::Step;
 use nullspace_vm::qemu::{QemuVmm, RestoreSpec};
-use nullspace_vm::template::{self, GuestConfig, Step, TemplateSpec};
+use nullspace_vm::template::{self, GuestConfig, TemplateSpec};
 use nullspace_vm::{GuestKernel, Probe, Readiness, Vm};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -90,10 +91,11 @@ fn debian_template_with_python_start_command() {
         .unwrap();
     let snap_out = snapdir.path().join("snap");
     let t = Instant::now();
+    let no_context = std::env::temp_dir();
     let snap = template::build_snapshot_with_steps(
         &vmm,
         &spec,
-        &steps,
+        &template::NativeSteps::new(&steps, &no_context),
         &mut |_, _, _| {},
         &snap_out,
         &nocancel(),

@@ -5,8 +5,9 @@
 //! QEMU versions); cancellation and stale-process reaping.
 //! CPU-heavy: run with `--test-threads=1`.
 
+use nullspace_model::build::step::Step;
 use nullspace_vm::qemu::{AfterSnapshot, MemoryMode, QemuVm, QemuVmm, RestoreSpec};
-use nullspace_vm::template::{self, GuestConfig, Snapshot, Step, StepEvent, TemplateSpec};
+use nullspace_vm::template::{self, GuestConfig, Snapshot, StepEvent, TemplateSpec};
 use nullspace_vm::{CancellationToken, GuestKernel, Probe, Readiness, Vm, VmError};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -103,7 +104,7 @@ fn counter_spec(rootfs: &Path, mode: MemoryMode) -> TemplateSpec {
     spec.memory_mode = mode;
     spec.boot_timeout = Duration::from_secs(120);
     let mut r = Readiness::new(Probe::Command {
-        cmd: "test \"$(cat /tmp/count)\" -ge 20".into(),
+        command: "test \"$(cat /tmp/count)\" -ge 20".into(),
     });
     r.startup_grace = Duration::ZERO;
     r.interval = Duration::from_millis(200);
@@ -728,7 +729,9 @@ fn cancel_build(
             });
         }
     };
-    let err = template::build_snapshot_with_steps(&vmm, &spec, &steps, &mut on_step, &out, &token)
+    let no_context = std::env::temp_dir();
+    let native = template::NativeSteps::new(&steps, &no_context);
+    let err = template::build_snapshot_with_steps(&vmm, &spec, &native, &mut on_step, &out, &token)
         .err()
         .unwrap_or_else(|| panic!("{name}: the build must be cancelled"));
     let took = cancelled_at.lock().unwrap().expect("cancelled").elapsed();
@@ -757,7 +760,7 @@ fn cancel_build(
 fn cancel_during_a_slow_readiness_wait_kills_qemu_within_2s() {
     let _s = serial();
     let mut r = Readiness::new(Probe::Command {
-        cmd: "false".into(),
+        command: "false".into(),
     });
     r.timeout = Duration::from_secs(300);
     r.interval = Duration::from_secs(5);
@@ -790,7 +793,9 @@ fn cancel_during_a_long_step_kills_qemu_within_2s() {
                 user: None,
             },
         ],
-        Readiness::new(Probe::Command { cmd: "true".into() }),
+        Readiness::new(Probe::Command {
+            command: "true".into(),
+        }),
         |ev, i, _| matches!(ev, StepEvent::Started) && i == 1,
     );
 }

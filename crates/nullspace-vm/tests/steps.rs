@@ -1,11 +1,13 @@
 //! Native declarative build steps in the build VM (busybox demo template):
 //! one boot runs every step kind, starts the start command with the
 //! defaults the steps left, snapshots; a restore checks files, modes and the
-//! start command's user/workdir/env. Plus a failing step.
+//! start command's user/workdir/env. Plus a failing step. The steps are the
+//! build model's, parsed from the SDK's JSON as the server does.
 //! CPU-heavy: run with `--test-threads=1`.
 
+use nullspace_model::build::step::{Step, parse_all};
 use nullspace_vm::qemu::{QemuVmm, RestoreSpec};
-use nullspace_vm::template::{self, GuestConfig, Step, StepEvent, TemplateSpec};
+use nullspace_vm::template::{self, GuestConfig, NativeSteps, StepEvent, TemplateSpec};
 use nullspace_vm::{GuestKernel, Probe, Readiness, Vm, VmError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -82,91 +84,45 @@ fn every_step_kind_then_start_command_snapshot_and_restore() {
     let big: Vec<u8> = (0..(5 << 20)).map(|i| (i % 251) as u8).collect();
     std::fs::write(ctx.path().join("big.bin"), &big).unwrap();
 
-    let steps = vec![
-        Step::BuildEnv {
-            envs: env(&[("BUILD_ONLY", "b1")]),
-        },
-        Step::Run {
-            command: "id -u > /tmp/root-uid; echo $BUILD_ONLY > /tmp/build-env".into(),
-            user: None,
-        },
-        Step::Run {
-            command: "id -u > /tmp/app-uid".into(),
-            user: Some("app".into()),
-        },
-        Step::Copy {
-            sources: vec![(file.clone(), false)],
-            dst: "/etc/app/".into(),
-            user: None,
-            mode: None,
-        },
-        Step::Copy {
-            sources: vec![(file.clone(), false)],
-            dst: "/etc/renamed.toml".into(),
-            user: Some("app".into()),
-            mode: Some(0o600),
-        },
-        Step::Copy {
-            sources: vec![(app.clone(), true)],
-            dst: "/opt/app".into(),
-            user: Some("app".into()),
-            mode: None,
-        },
-        Step::Copy {
-            sources: vec![(ctx.path().join("big.bin"), false)],
-            dst: "/opt/big.bin".into(),
-            user: None,
-            mode: Some(0o644),
-        },
-        Step::MakeDir {
-            path: "/data".into(),
-            mode: Some(0o700),
-        },
-        Step::MakeSymlink {
-            target: "/data".into(),
-            path: "/d".into(),
-        },
-        Step::Run {
-            command: "echo junk > /tmp/junk; mkdir -p /tmp/tree/x; echo a > /tmp/a".into(),
-            user: None,
-        },
-        Step::Remove {
-            path: "/tmp/junk".into(),
-            recursive: false,
-            force: false,
-        },
-        Step::Remove {
-            path: "/tmp/tree".into(),
-            recursive: true,
-            force: true,
-        },
-        Step::Rename {
-            src: "/tmp/a".into(),
-            dst: "/tmp/b".into(),
-            force: true,
-        },
-        Step::Shell {
-            action: "apt_install".into(),
-            command: "echo pretend-install > /tmp/shell-step".into(),
-        },
-        Step::SkipCache,
-        Step::Workdir {
-            path: "/srv/site".into(),
-        },
-        Step::Env {
-            envs: env(&[("GREETING", "hi there")]),
-        },
-        Step::Run {
-            command: "chown app /srv/site; pwd > /tmp/run-pwd; echo \"$GREETING\" > /tmp/run-env"
-                .into(),
-            user: None,
-        },
-        Step::User { user: "app".into() },
-        Step::Run {
-            command: "id -u > /tmp/later-uid; echo hello from steps > index.html".into(),
-            user: None,
-        },
-    ];
+    // A stand-in `apt-get` (busybox has none): the apt_install step runs
+    // the model's shell line, which calls it twice.
+    let fake_apt = "printf '#!/bin/sh\\necho pretend-install \"$@\" > /tmp/shell-step\\n' > /bin/apt-get; chmod +x /bin/apt-get";
+    let steps = parse_all(
+        serde_json::json!([
+            {"action": "run", "command": "id -u > /tmp/root-uid; echo $BUILD_ONLY > /tmp/build-env"},
+            {"action": "run", "command": "id -u > /tmp/app-uid", "user": "app"},
+            {"action": "copy", "sources": ["config.toml"], "dst": "/etc/app/"},
+            {"action": "copy", "sources": ["config.toml"], "dst": "/etc/renamed.toml", "user": "app", "mode": "0600"},
+            {"action": "copy_items", "items": [
+                {"sources": ["app"], "dst": "/opt/app", "user": "app"},
+                {"sources": ["big.bin"], "dst": "/opt/big.bin", "mode": "0644"}]},
+            {"action": "make_dir", "path": "/data", "mode": "0700"},
+            {"action": "make_symlink", "target": "/data", "path": "/d"},
+            {"action": "run", "command": "echo junk > /tmp/junk; mkdir -p /tmp/tree/x; echo a > /tmp/a"},
+            {"action": "remove", "path": "/tmp/junk", "recursive": false, "force": false},
+            {"action": "remove", "path": "/tmp/tree", "recursive": true, "force": true},
+            {"action": "rename", "src": "/tmp/a", "dst": "/tmp/b", "force": true},
+            {"action": "run", "command": fake_apt},
+            {"action": "apt_install", "packages": ["curl"]},
+            {"action": "skip_cache"},
+            {"action": "workdir", "path": "/srv/site"},
+            {"action": "run", "command": "chown app /srv/site; pwd > /tmp/run-pwd; echo \"$GREETING\" > /tmp/run-env"},
+            {"action": "user", "user": "app"},
+            {"action": "run", "command": "id -u > /tmp/later-uid; echo hello from steps > index.html"}
+        ])
+        .as_array()
+        .unwrap(),
+    )
+    .unwrap();
+    let build_env = env(&[("BUILD_ONLY", "b1")]);
+    // Runtime envs come after the steps (as `ENV` lines at the end of a
+    // rendered Dockerfile): the start command sees them, the steps do not.
+    let runtime_env = env(&[("GREETING", "hi there")]);
+    let native = NativeSteps {
+        build_env: &build_env,
+        runtime_env: &runtime_env,
+        ..NativeSteps::new(&steps, ctx.path())
+    };
     let start = "echo $$ > /tmp/start-pid; (id -u; pwd; echo \"$GREETING\"; echo \"${BUILD_ONLY:-unset}\") > /tmp/start-facts; exec httpd -f -p 8080 -h .";
     let mut spec = TemplateSpec::new(rootfs, base_config(start));
     spec.disk_mb = Some(128);
@@ -184,7 +140,7 @@ fn every_step_kind_then_start_command_snapshot_and_restore() {
     let snap = template::build_snapshot_with_steps(
         vmm,
         &spec,
-        &steps,
+        &native,
         &mut |i, s, e| match e {
             StepEvent::Started => events.push((i, format!("start {}", s.action()))),
             StepEvent::Output(d) => output.push_str(&String::from_utf8_lossy(d)),
@@ -204,7 +160,7 @@ fn every_step_kind_then_start_command_snapshot_and_restore() {
         t.elapsed()
     );
     assert_eq!(events.len(), steps.len() * 2, "{events:?}");
-    assert_eq!(events[0], (0, "start build_env".into()));
+    assert_eq!(events[0], (0, "start run".into()));
     assert!(output.contains("/opt/app/sub/data.txt"), "{output}");
     // The final runtime defaults are in the snapshot meta.
     assert_eq!(snap.meta.config.user.as_deref(), Some("app"));
@@ -239,7 +195,7 @@ fn every_step_kind_then_start_command_snapshot_and_restore() {
     );
     assert_eq!(
         facts,
-        "0\nb1\n1000\npretend-install\n/srv/site\nhi there\n1000\na\n"
+        "0\nb1\n1000\npretend-install install -y curl\n/srv/site\n\n1000\na\n"
     );
     // Files, modes, owners (stat: mode octal, uid, name).
     let st = sh(
@@ -282,20 +238,16 @@ fn failing_step_reports_its_index_and_leaves_no_vm() {
     let _serial = serial();
     let (vmm, rootfs) = fixture();
     let spec = TemplateSpec::new(rootfs, base_config("exec sleep 1000"));
+    let run = |c: &str| Step::Run {
+        command: c.into(),
+        user: None,
+    };
     let steps = vec![
-        Step::Run {
-            command: "echo fine".into(),
-            user: None,
-        },
-        Step::Run {
-            command: "echo about to fail; echo oops >&2; exit 5".into(),
-            user: None,
-        },
-        Step::Run {
-            command: "echo never".into(),
-            user: None,
-        },
+        run("echo fine"),
+        run("echo about to fail; echo oops >&2; exit 5"),
+        run("echo never"),
     ];
+    let no_context = std::env::temp_dir();
     let snapdir = tempfile::Builder::new()
         .prefix("ns-snap-")
         .tempdir()
@@ -306,7 +258,7 @@ fn failing_step_reports_its_index_and_leaves_no_vm() {
     let err = template::build_snapshot_with_steps(
         vmm,
         &spec,
-        &steps,
+        &NativeSteps::new(&steps, &no_context),
         &mut |i, _, e| {
             if let StepEvent::Started = e {
                 seen.push(i)
@@ -324,7 +276,7 @@ fn failing_step_reports_its_index_and_leaves_no_vm() {
             exit_code,
             tail,
         } => {
-            assert_eq!(*index, 1);
+            assert_eq!(*index, Some(1));
             assert_eq!(action, "run");
             assert_eq!(*exit_code, Some(5));
             assert!(
@@ -335,6 +287,11 @@ fn failing_step_reports_its_index_and_leaves_no_vm() {
         e => panic!("{e:?}"),
     }
     assert_eq!(err.code(), "step");
+    assert!(
+        err.to_string()
+            .starts_with("step 2 (run) failed with exit code 5"),
+        "{err}"
+    );
     assert_eq!(seen, vec![0, 1]);
     assert!(!out.exists(), "half-written snapshot left");
     assert_eq!(qemu_children(), before, "qemu left running");
@@ -347,14 +304,14 @@ fn failing_step_reports_its_index_and_leaves_no_vm() {
     let err = template::build_snapshot_with_steps(
         vmm,
         &spec,
-        &steps,
+        &NativeSteps::new(&steps, &no_context),
         &mut |_, _, _| {},
         &out,
         &nocancel(),
     )
     .expect_err("unknown user");
     assert!(
-        matches!(&err, VmError::StepFailed { index: 0, exit_code: None, tail, .. } if tail.contains("nobody-here")),
+        matches!(&err, VmError::StepFailed { index: Some(0), exit_code: None, tail, .. } if tail.contains("nobody-here")),
         "{err:?}"
     );
     assert_eq!(qemu_children(), before, "qemu left running");

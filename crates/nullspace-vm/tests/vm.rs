@@ -374,7 +374,7 @@ fn network_reaches_host_via_user_net_gateway() {
     spec.network = true;
     spec.memory_mb = 256;
     spec.vcpus = 1;
-    let steps = vec![template::Step::Run {
+    let steps = vec![nullspace_model::build::step::Step::Run {
         command: format!("wget -q -O /tmp/fetched {url} && cat /tmp/fetched"),
         user: None,
     }];
@@ -385,10 +385,11 @@ fn network_reaches_host_via_user_net_gateway() {
     let out = dir.path().join("snap");
     let mut step_out = Vec::new();
     let t = Instant::now();
+    let no_context = std::env::temp_dir();
     let snap = template::build_snapshot_with_steps(
         &f.vmm,
         &spec,
-        &steps,
+        &template::NativeSteps::new(&steps, &no_context),
         &mut |_, _, ev| {
             if let template::StepEvent::Output(d) = ev {
                 step_out.extend_from_slice(d);

@@ -1260,13 +1260,13 @@ fn readiness(f: &BuildFlags) -> Result<Option<Readiness>> {
         return Ok(None);
     };
     if let Some(t) = f.ready_timeout_secs {
-        probe.timeout_secs = t;
+        probe.timeout = Duration::from_secs(t);
     }
     if let Some(i) = f.ready_interval_ms {
-        probe.interval_ms = i;
+        probe.interval = Duration::from_millis(i);
     }
     if let Some(g) = f.ready_startup_grace_secs {
-        probe.startup_grace_secs = g;
+        probe.startup_grace = Duration::from_secs(g);
     }
     Ok(Some(probe))
 }

@@ -920,7 +920,11 @@ mod tests {
         );
         let r = p.runtime.readiness.unwrap();
         assert_eq!(
-            (r.timeout_secs, r.interval_ms, r.startup_grace_secs),
+            (
+                r.timeout.as_secs(),
+                r.interval.as_millis(),
+                r.startup_grace.as_secs()
+            ),
             (30, 500, 2)
         );
         assert_eq!(

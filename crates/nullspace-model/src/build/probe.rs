@@ -2,6 +2,8 @@
 //! snapshot. The probe shapes are the SDK's `wait_for_*` helpers
 //! (contract §3.4); the timing defaults live here and nowhere else.
 
+use std::time::Duration;
+
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
@@ -9,11 +11,11 @@ use crate::agent::ProbeSpec;
 use crate::shell;
 
 /// `timeout_secs` when a probe does not say (the SDK's default too).
-pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// `interval_ms` when a probe does not say.
-pub const DEFAULT_INTERVAL_MS: u64 = 500;
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
 /// `startup_grace_secs` when a probe does not say.
-pub const DEFAULT_STARTUP_GRACE_SECS: u64 = 2;
+pub const DEFAULT_STARTUP_GRACE: Duration = Duration::from_secs(2);
 /// Largest timing value accepted (a day in milliseconds).
 pub const MAX_TIMING: u64 = 86_400_000;
 
@@ -33,13 +35,15 @@ pub enum Probe {
 }
 
 /// A probe and its schedule. The timeout counts from the end of the grace
-/// period; a start command that exits first fails readiness at once.
+/// period; a start command that exits first fails readiness at once. On
+/// the wire the timings are `timeout_secs`, `interval_ms` and
+/// `startup_grace_secs` (whole units).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
     pub probe: Probe,
-    pub timeout_secs: u64,
-    pub interval_ms: u64,
-    pub startup_grace_secs: u64,
+    pub timeout: Duration,
+    pub interval: Duration,
+    pub startup_grace: Duration,
 }
 
 /// Why a readiness value was refused (the message names the rule).
@@ -52,9 +56,9 @@ impl Readiness {
     pub fn new(probe: Probe) -> Readiness {
         Readiness {
             probe,
-            timeout_secs: DEFAULT_TIMEOUT_SECS,
-            interval_ms: DEFAULT_INTERVAL_MS,
-            startup_grace_secs: DEFAULT_STARTUP_GRACE_SECS,
+            timeout: DEFAULT_TIMEOUT,
+            interval: DEFAULT_INTERVAL,
+            startup_grace: DEFAULT_STARTUP_GRACE,
         }
     }
 
@@ -96,9 +100,9 @@ impl Readiness {
     pub fn timeout(timeout_ms: u64) -> Readiness {
         Readiness {
             probe: Probe::Timeout { timeout_ms },
-            timeout_secs: 0,
-            interval_ms: DEFAULT_INTERVAL_MS,
-            startup_grace_secs: 0,
+            timeout: Duration::ZERO,
+            interval: DEFAULT_INTERVAL,
+            startup_grace: Duration::ZERO,
         }
     }
 
@@ -107,9 +111,9 @@ impl Readiness {
     pub fn to_json(&self) -> Value {
         let mut v = serde_json::to_value(&self.probe).unwrap_or_default();
         if !matches!(self.probe, Probe::Timeout { .. }) {
-            v["timeout_secs"] = json!(self.timeout_secs);
-            v["interval_ms"] = json!(self.interval_ms);
-            v["startup_grace_secs"] = json!(self.startup_grace_secs);
+            v["timeout_secs"] = json!(self.timeout.as_secs());
+            v["interval_ms"] = json!(self.interval.as_millis() as u64);
+            v["startup_grace_secs"] = json!(self.startup_grace.as_secs());
         }
         v
     }
@@ -212,13 +216,13 @@ impl Readiness {
             p => Readiness::new(p),
         };
         if let Some(t) = timing("timeout_secs")? {
-            r.timeout_secs = t;
+            r.timeout = Duration::from_secs(t);
         }
         if let Some(i) = timing("interval_ms")? {
-            r.interval_ms = i;
+            r.interval = Duration::from_millis(i);
         }
         if let Some(g) = timing("startup_grace_secs")? {
-            r.startup_grace_secs = g;
+            r.startup_grace = Duration::from_secs(g);
         }
         Ok(r)
     }
@@ -301,10 +305,7 @@ mod tests {
                 command: "test -e '/tmp/ready flag'".into()
             }
         );
-        assert_eq!(
-            Readiness::tcp(1).to_json()["timeout_secs"],
-            DEFAULT_TIMEOUT_SECS
-        );
+        assert_eq!(Readiness::tcp(1).to_json()["timeout_secs"], 30);
     }
 
     #[test]
