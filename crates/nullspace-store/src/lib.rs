@@ -629,6 +629,18 @@ impl Store {
             .collect())
     }
 
+    /// The live (waiting or building) builds `owner` holds.
+    pub async fn owned_builds(&self, owner: &str) -> Result<Vec<BuildRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds WHERE owner = $1 AND status IN ('waiting', 'building')
+             ORDER BY created_at, id"
+        ))
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(build_row).collect())
+    }
+
     /// Live builds whose owner is gone: the lease expired before `now`, or
     /// the owner is one of `dead` (a process known to have exited). Running
     /// builds without an owner (made before leases existed) count too.
