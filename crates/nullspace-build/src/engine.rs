@@ -686,8 +686,8 @@ impl DockerfileEngine for Buildah {
             insecure,
             !b.network,
         ));
-        let built =
-            run_streaming(E, "build", c, b.log, &scrub, cancel, pids).and_then(|r| check(E, "build", r));
+        let built = run_streaming(E, "build", c, b.log, &scrub, cancel, pids)
+            .and_then(|r| check(E, "build", r));
         // Secrets and credentials leave tmpfs before anything else happens.
         drop(private);
         let result = built.and_then(|_| {

@@ -14,11 +14,11 @@ use nullspace_oci::layout::{Counting, Progress, TempDir, check_output_dir};
 use nullspace_oci::manifest::Descriptor;
 use nullspace_oci::report::ImageReport;
 use nullspace_oci::{Digest, Image, OciError};
-use tokio_util::sync::CancellationToken;
 use nullspace_rootfs::{
     LayerCache, LayerIndex, Limits, RootfsOptions, SpooledLayer, build_rootfs, decode_layer,
     index_tar_file,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::template::{CacheReport, ROOTFS_FILE, RootfsReport, TEMPLATE_FILE, TemplateMeta};
 

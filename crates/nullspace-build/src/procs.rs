@@ -217,14 +217,21 @@ impl PidDir {
         Ok(PidFile { path: Some(path) })
     }
 
-    /// The processes recorded here that still run.
-    pub fn running(&self) -> Vec<ProcessRecord> {
+    /// Every process recorded here, running or not.
+    pub fn recorded(&self) -> Vec<ProcessRecord> {
         let Ok(rd) = fs::read_dir(&self.dir) else {
             return vec![];
         };
         rd.flatten()
             .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
             .filter_map(|e| serde_json::from_slice::<ProcessRecord>(&fs::read(e.path()).ok()?).ok())
+            .collect()
+    }
+
+    /// The processes recorded here that still run.
+    pub fn running(&self) -> Vec<ProcessRecord> {
+        self.recorded()
+            .into_iter()
             .filter(ProcessRecord::is_running)
             .collect()
     }
@@ -286,7 +293,11 @@ pub fn reap_stale(run_root: &Path, wait: Duration) -> io::Result<Reaped> {
         if !dir.is_dir() {
             continue;
         }
-        let Ok(lock) = fs::File::options().read(true).write(true).open(dir.join("lock")) else {
+        let Ok(lock) = fs::File::options()
+            .read(true)
+            .write(true)
+            .open(dir.join("lock"))
+        else {
             // No lock file: a directory half made or half removed.
             if dir.join("lock").exists() {
                 continue;
@@ -301,6 +312,16 @@ pub fn reap_stale(run_root: &Path, wait: Duration) -> io::Result<Reaped> {
         for rec in pids.running() {
             kill_tree(rec.pid);
             out.killed.push(rec);
+        }
+        // A recorded process that died with its server may have left
+        // children behind, reparented away from it but still in the process
+        // group it led (we made each child a group leader). Its group id
+        // cannot have been reused while any member lives.
+        for rec in pids.recorded() {
+            let leader_gone = ProcessRecord::of(rec.pid).is_none();
+            if leader_gone && let Some(g) = Pid::from_raw(rec.pid as i32) {
+                let _ = rustix::process::kill_process_group(g, Signal::KILL);
+            }
         }
         let deadline = Instant::now() + wait;
         while out.killed.iter().any(ProcessRecord::is_running) && Instant::now() < deadline {
@@ -331,11 +352,15 @@ mod tests {
         }
         let members = tree(child.id());
         assert_eq!(members.len(), 3, "{members:?}");
-        let records: Vec<_> = members.iter().filter_map(|p| ProcessRecord::of(*p)).collect();
+        let records: Vec<_> = members
+            .iter()
+            .filter_map(|p| ProcessRecord::of(*p))
+            .collect();
         let t = Instant::now();
         assert_eq!(kill_tree(child.id()), 3);
         child.wait().unwrap();
-        while records.iter().any(ProcessRecord::is_running) && t.elapsed() < Duration::from_secs(2) {
+        while records.iter().any(ProcessRecord::is_running) && t.elapsed() < Duration::from_secs(2)
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(
@@ -370,13 +395,24 @@ mod tests {
 
         let r = reap_stale(root.path(), Duration::from_secs(5)).unwrap();
         assert_eq!(r.dead_owners, ["own_dead"]);
-        assert_eq!(r.killed.iter().map(|k| k.pid).collect::<Vec<_>>(), [stale.id()]);
-        assert!(stale.try_wait().unwrap().is_some() || {
-            std::thread::sleep(Duration::from_millis(200));
-            stale.try_wait().unwrap().is_some()
-        });
-        assert!(keep.try_wait().unwrap().is_none(), "a live owner's child was killed");
-        assert!(other.try_wait().unwrap().is_none(), "a reused pid was killed");
+        assert_eq!(
+            r.killed.iter().map(|k| k.pid).collect::<Vec<_>>(),
+            [stale.id()]
+        );
+        assert!(
+            stale.try_wait().unwrap().is_some() || {
+                std::thread::sleep(Duration::from_millis(200));
+                stale.try_wait().unwrap().is_some()
+            }
+        );
+        assert!(
+            keep.try_wait().unwrap().is_none(),
+            "a live owner's child was killed"
+        );
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "a reused pid was killed"
+        );
         assert!(!dead.exists() && live.pids.path().exists());
         for c in [&mut keep, &mut other] {
             let _ = c.kill();

@@ -110,7 +110,9 @@ fn mark_snapshot(dir: &Path, m: &mut Marks) {
     };
     for e in rd.flatten() {
         let p = e.path();
-        let small = e.metadata().is_ok_and(|md| md.is_file() && md.len() < 4 << 20);
+        let small = e
+            .metadata()
+            .is_ok_and(|md| md.is_file() && md.len() < 4 << 20);
         if small
             && p.extension().is_some_and(|x| x == "json")
             && let Ok(v) = serde_json::from_slice::<Value>(&std::fs::read(&p).unwrap_or_default())
@@ -248,14 +250,15 @@ pub async fn collect(state: &Shared, policy: &Policy, dry_run: bool) -> ApiResul
     }
     let st = state.clone();
     let pol = policy.clone();
-    let (files, errors) = tokio::task::spawn_blocking(move || sweep(&st, &pol, &marks, dry_run))
-        .await
-        .map_err(ApiError::internal)?;
-    report.items.extend(files.0);
+    let ((items, errors), orphaned) =
+        tokio::task::spawn_blocking(move || sweep(&st, &pol, &marks, dry_run))
+            .await
+            .map_err(ApiError::internal)?;
+    report.items.extend(items);
     report.errors.extend(errors);
     // Ready builds of deleted templates whose artifacts are gone now.
     if !dry_run {
-        for id in files.1 {
+        for id in orphaned {
             if let Ok(Some(row)) = state.store.build(&id).await
                 && let Ok(mut rec) = builds::parse_record(&row)
                 && rec.artifact_availability.status == "available"
@@ -295,9 +298,7 @@ fn sweep(state: &Shared, policy: &Policy, marks: &Marks, dry_run: bool) -> Swept
     let mut errors = vec![];
     let mut take = |kind: &'static str, p: PathBuf, items: &mut Vec<Item>| {
         let bytes = size_of(&p);
-        if !dry_run
-            && let Err(e) = remove(&p)
-        {
+        if !dry_run && let Err(e) = remove(&p) {
             errors.push(format!("removing {}: {e}", p.display()));
             return;
         }
@@ -309,14 +310,22 @@ fn sweep(state: &Shared, policy: &Policy, marks: &Marks, dry_run: bool) -> Swept
     };
     let art = state.config.data_dir.join("artifacts");
     for alg in ["sha256", "sha512"] {
-        for e in std::fs::read_dir(art.join(alg)).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(art.join(alg))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let digest = format!("{alg}:{}", e.file_name().to_string_lossy());
             if !marks.digests.contains(&digest) && older_than(&e.path(), policy.min_age) {
                 take("artifact", e.path(), &mut items);
             }
         }
     }
-    for e in std::fs::read_dir(state.snapshots_dir()).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(state.snapshots_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         let p = e.path();
         if marks.live.contains(owner_of(&name))
@@ -327,12 +336,20 @@ fn sweep(state: &Shared, policy: &Policy, marks: &Marks, dry_run: bool) -> Swept
         }
         take("snapshot", p, &mut items);
     }
-    for e in std::fs::read_dir(art.join("tmp")).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(art.join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if older_than(&e.path(), policy.leftover_age) {
             take("tmp", e.path(), &mut items);
         }
     }
-    for e in std::fs::read_dir(&state.work_dir).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(&state.work_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if !marks.live.contains(owner_of(&name)) && older_than(&e.path(), policy.leftover_age) {
             take("work", e.path(), &mut items);

@@ -160,10 +160,11 @@ pub async fn serve_until(
         .map(|every| tokio::spawn(gc::periodic(state.clone(), every)));
     let workers = builds::queue::spawn_workers(&state, state.config.workers);
     let shutdown = state.shutdown.clone();
-    let http = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
-        stop.await;
-        shutdown.cancel();
-    });
+    let http =
+        axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
+            stop.await;
+            shutdown.cancel();
+        });
     let served = http.await;
     state.shutdown.cancel();
     builds::queue::drain(&state, workers, state.config.shutdown_grace).await;

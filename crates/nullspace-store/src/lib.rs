@@ -44,7 +44,11 @@ pub fn now_ms() -> i64 {
 /// both drivers (and of libsqlite3) for the proc-macro host, on every CI run.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "initial", include_str!("../migrations/0001_initial.sql")),
-    (2, "build leases", include_str!("../migrations/0002_build_leases.sql")),
+    (
+        2,
+        "build leases",
+        include_str!("../migrations/0002_build_leases.sql"),
+    ),
 ];
 
 #[derive(Debug)]
@@ -65,13 +69,7 @@ impl<'s> MigrationSource<'s> for Embedded {
             Ok(MIGRATIONS
                 .iter()
                 .map(|(v, d, sql)| {
-                    Migration::new(
-                        *v,
-                        (*d).into(),
-                        MigrationType::Simple,
-                        (*sql).into(),
-                        false,
-                    )
+                    Migration::new(*v, (*d).into(), MigrationType::Simple, (*sql).into(), false)
                 })
                 .collect())
         })

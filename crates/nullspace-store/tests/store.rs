@@ -43,7 +43,10 @@ async fn exercise(store: &Store) {
             .unwrap();
     }
     let lease = now_ms() + 30_000;
-    assert_eq!(store.claim("tb_0", "own_a", lease, "{}").await.unwrap(), Some(1));
+    assert_eq!(
+        store.claim("tb_0", "own_a", lease, "{}").await.unwrap(),
+        Some(1)
+    );
     assert_eq!(
         store.claim("tb_0", "own_b", lease, "{}").await.unwrap(),
         None,
@@ -155,7 +158,10 @@ async fn leases(store: &Store) {
     };
     store.insert_build(&row("tb_l1", None)).await.unwrap();
     // Pinned to server A (it holds the credentials): B may not claim it.
-    store.insert_build(&row("tb_l2", Some("own_a"))).await.unwrap();
+    store
+        .insert_build(&row("tb_l2", Some("own_a")))
+        .await
+        .unwrap();
     let claimable = |owner: &'static str| {
         let store = store.clone();
         async move {
@@ -169,7 +175,10 @@ async fn leases(store: &Store) {
     assert_eq!(store.claim("tb_l2", "own_b", 0, "{}").await.unwrap(), None);
 
     let soon = now_ms() + 60_000;
-    assert_eq!(store.claim("tb_l1", "own_a", soon, "{}").await.unwrap(), Some(1));
+    assert_eq!(
+        store.claim("tb_l1", "own_a", soon, "{}").await.unwrap(),
+        Some(1)
+    );
     // Only the owner writes into a running build's log and status.
     assert!(
         store
@@ -180,7 +189,9 @@ async fn leases(store: &Store) {
     );
     assert_eq!(
         store
-            .append_log("tb_l1", LogGate::Owner("own_a"), |o| format!("{{\"o\":{o}}}"))
+            .append_log("tb_l1", LogGate::Owner("own_a"), |o| format!(
+                "{{\"o\":{o}}}"
+            ))
             .await
             .unwrap(),
         Some(0)
@@ -196,11 +207,22 @@ async fn leases(store: &Store) {
         cache: None,
         finished_at: Some(now_ms()),
     };
-    assert!(!store.transition("tb_l1", &done(Writer::Owner("own_b"))).await.unwrap());
+    assert!(
+        !store
+            .transition("tb_l1", &done(Writer::Owner("own_b")))
+            .await
+            .unwrap()
+    );
     // A live lease is not recoverable by anyone.
     assert!(
         !store
-            .transition("tb_l1", &done(Writer::Recovery { now: now_ms(), dead: &[] }))
+            .transition(
+                "tb_l1",
+                &done(Writer::Recovery {
+                    now: now_ms(),
+                    dead: &[]
+                })
+            )
             .await
             .unwrap()
     );
@@ -214,11 +236,30 @@ async fn leases(store: &Store) {
     );
 
     // A cancel request from any server reaches the owner's poll.
-    assert!(store.request_cancel("tb_l1", "key_x", Some("stop"), now_ms()).await.unwrap());
-    assert!(!store.request_cancel("tb_l1", "key_y", None, now_ms()).await.unwrap(), "first wins");
-    assert_eq!(store.owned_running("own_a").await.unwrap(), [("tb_l1".to_string(), true)]);
+    assert!(
+        store
+            .request_cancel("tb_l1", "key_x", Some("stop"), now_ms())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .request_cancel("tb_l1", "key_y", None, now_ms())
+            .await
+            .unwrap(),
+        "first wins"
+    );
+    assert_eq!(
+        store.owned_running("own_a").await.unwrap(),
+        [("tb_l1".to_string(), true)]
+    );
     let r = store.build("tb_l1").await.unwrap().unwrap();
-    assert_eq!(r.cancel.as_ref().map(|c| (c.by.as_str(), c.reason.as_deref())), Some(("key_x", Some("stop"))));
+    assert_eq!(
+        r.cancel
+            .as_ref()
+            .map(|c| (c.by.as_str(), c.reason.as_deref())),
+        Some(("key_x", Some("stop")))
+    );
     assert_eq!(r.owner.as_deref(), Some("own_a"));
 
     // The lease lapses (the owner stopped renewing): recoverable, once.
@@ -234,7 +275,10 @@ async fn leases(store: &Store) {
                     id,
                     &Transition {
                         from: &["building"],
-                        writer: Writer::Recovery { now: now_ms(), dead: &[] },
+                        writer: Writer::Recovery {
+                            now: now_ms(),
+                            dead: &[],
+                        },
                         status: "waiting",
                         record: "{}",
                         owner: None,
@@ -258,10 +302,22 @@ async fn leases(store: &Store) {
     let r = store.build("tb_l1").await.unwrap().unwrap();
     assert_eq!((r.status.as_str(), r.owner.as_deref()), ("waiting", None));
     // A dead owner's builds recover at once, lease or not.
-    assert_eq!(store.renew_leases("own_a", now_ms() + 60_000).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .renew_leases("own_a", now_ms() + 60_000)
+            .await
+            .unwrap(),
+        1
+    );
     let dead = vec!["own_a".to_string()];
     assert_eq!(
-        store.recoverable(now_ms(), &dead).await.unwrap().iter().filter(|r| r.id == "tb_l2").count(),
+        store
+            .recoverable(now_ms(), &dead)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.id == "tb_l2")
+            .count(),
         1
     );
 }
@@ -330,12 +386,21 @@ async fn upgrades_a_legacy_store(url: &str) {
     c.close().await.unwrap();
 
     let store = Store::open(url).await.unwrap();
-    assert_eq!(store.schema_versions().await.unwrap(), [1, nullspace_store::SCHEMA_VERSION]);
+    assert_eq!(
+        store.schema_versions().await.unwrap(),
+        [1, nullspace_store::SCHEMA_VERSION]
+    );
     let old = store.build("tb_old").await.unwrap().unwrap();
-    assert_eq!((old.status.as_str(), old.record.as_str()), ("ready", "{\"old\":true}"));
+    assert_eq!(
+        (old.status.as_str(), old.record.as_str()),
+        ("ready", "{\"old\":true}")
+    );
     assert_eq!((old.owner, old.attempt, old.cancel), (None, 0, None));
     assert_eq!(store.logs("tb_old", 0).await.unwrap().len(), 1);
-    assert_eq!(store.template_id("team-a", "old").await.unwrap().as_deref(), Some("tmpl_old"));
+    assert_eq!(
+        store.template_id("team-a", "old").await.unwrap().as_deref(),
+        Some("tmpl_old")
+    );
     drop(store);
     // Reopening is a no-op, and the upgraded store works as a new one does.
     let store = Store::open(url).await.unwrap();

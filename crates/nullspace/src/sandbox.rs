@@ -200,7 +200,9 @@ fn resolve(
             .await
             .context("opening the data directory's database")?;
         let artifacts = nullspace_store::artifacts::Artifacts::open(&data_dir.join("artifacts"))?;
-        let state = Arc::new(nullspace_server::AppState::offline(config, store, artifacts));
+        let state = Arc::new(nullspace_server::AppState::offline(
+            config, store, artifacts,
+        ));
         let caller = nullspace_store::Caller {
             key_id: String::new(),
             namespace: namespace.to_string(),

@@ -218,7 +218,11 @@ pub fn gc(a: GcArgs) -> Result<()> {
                 eprintln!("error: {e}");
             }
         }
-        anyhow::ensure!(r.errors.is_empty(), "{} items could not be removed", r.errors.len());
+        anyhow::ensure!(
+            r.errors.is_empty(),
+            "{} items could not be removed",
+            r.errors.len()
+        );
         Ok(())
     })
 }

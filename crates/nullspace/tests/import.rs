@@ -475,7 +475,7 @@ fn concurrent_imports_with_a_tiny_cache_limit_both_succeed() {
             })
             .collect()
     };
-    for round in 0..4u64 {
+    for round in 0..8u64 {
         let shared = Layer::new(
             TarLayer::new()
                 .file("shared.bin", 0o644, &noise(1000 + round, 2 << 20))
@@ -532,7 +532,9 @@ fn concurrent_imports_with_a_tiny_cache_limit_both_succeed() {
                 String::from_utf8_lossy(&o.stderr)
             );
             let t = tree::from_ext4(&out.join("rootfs.ext4")).unwrap();
-            assert!(t.contains_key("shared.bin") && t.contains_key(&format!("side{side}/layer3.bin")));
+            assert!(
+                t.contains_key("shared.bin") && t.contains_key(&format!("side{side}/layer3.bin"))
+            );
         }
     }
 }

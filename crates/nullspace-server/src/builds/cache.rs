@@ -113,13 +113,12 @@ async fn resolve_bases(
         for r in refs {
             let source = SourceRef::parse(&r).map_err(|e| format!("base image {r:?}: {e}"))?;
             let host = nullspace_build::dockerfile::registry_host(&r);
-            let credentials = creds
-                .iter()
-                .find(|c| c.registry == host)
-                .map(|c| nullspace_oci::auth::Credentials {
+            let credentials = creds.iter().find(|c| c.registry == host).map(|c| {
+                nullspace_oci::auth::Credentials {
                     username: c.username.clone(),
                     password: c.password.clone(),
-                });
+                }
+            });
             let opts = ResolveOptions {
                 platform: None,
                 credentials,

@@ -573,13 +573,13 @@ pub async fn finish_cancelled(
 /// Puts a running build back in the queue (its server stopped, or died
 /// and its lease expired) with a message saying why; another worker, here
 /// or on another server, runs it again from the start.
-pub async fn requeue(
-    state: &Shared,
-    writer: Writer<'_>,
-    rec: &mut BuildRecord,
-    why: &str,
-) -> bool {
-    let mut e = entry(rec, "message", "warn", format!("{why}; the build is queued again"));
+pub async fn requeue(state: &Shared, writer: Writer<'_>, rec: &mut BuildRecord, why: &str) -> bool {
+    let mut e = entry(
+        rec,
+        "message",
+        "warn",
+        format!("{why}; the build is queued again"),
+    );
     e.phase = Some("preparing".into());
     rec.status = "waiting".into();
     rec.started_at = None;

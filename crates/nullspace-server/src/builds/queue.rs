@@ -141,10 +141,24 @@ async fn run_inner(state: &Shared, id: &str, attempt: i64, handle: &RunHandle) {
             true
         }
         (Err(_), Some(StopReason::Shutdown)) => {
-            hand_back(state, Writer::Owner(owner), &row, &mut rec, "the server stopped").await
+            hand_back(
+                state,
+                Writer::Owner(owner),
+                &row,
+                &mut rec,
+                "the server stopped",
+            )
+            .await
         }
         (Ok(built), None | Some(StopReason::Shutdown)) => {
-            finish_ready(state, owner, &mut rec, built.manifest, built.cache_key.as_deref()).await
+            finish_ready(
+                state,
+                owner,
+                &mut rec,
+                built.manifest,
+                built.cache_key.as_deref(),
+            )
+            .await
         }
         (Ok(_), Some(StopReason::Cancel)) | (Err(Failure::Cancelled), _) => {
             // The cancel request was recorded by whoever asked: keep it.
@@ -240,13 +254,9 @@ pub async fn monitor(state: Shared) {
         // Credentials of builds that ended elsewhere (a cancel on another
         // server) or never ran are dropped after a minute.
         if let Ok(live) = state.store.owned_builds(&state.owner).await {
-            state
-                .secrets
-                .lock()
-                .expect("secrets lock")
-                .retain(|id, s| {
-                    live.iter().any(|r| r.id == *id) || s.created.elapsed() < Duration::from_secs(60)
-                });
+            state.secrets.lock().expect("secrets lock").retain(|id, s| {
+                live.iter().any(|r| r.id == *id) || s.created.elapsed() < Duration::from_secs(60)
+            });
         }
         if state.shutdown.is_cancelled() && state.running.lock().expect("running lock").is_empty() {
             return;
@@ -268,15 +278,7 @@ pub async fn recover_once(state: &Shared, dead: &[String]) -> ApiResult<usize> {
             Some(_) => "the server that ran this build stopped renewing its lease",
             None => "the server stopped",
         };
-        if hand_back(
-            state,
-            Writer::Recovery { now, dead },
-            &row,
-            &mut rec,
-            why,
-        )
-        .await
-        {
+        if hand_back(state, Writer::Recovery { now, dead }, &row, &mut rec, why).await {
             tracing::warn!(build = %row.id, owner = ?row.owner, status = %rec.status, "recovered a build whose server is gone");
             n += 1;
         }

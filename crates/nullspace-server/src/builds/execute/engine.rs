@@ -191,7 +191,14 @@ pub async fn engine_build(
         Ok(output.layout_dir)
     })
     .await
-    .map_err(|e| failed("prepare", format!("engine task failed: {e}"), true, "retry the build"))?;
+    .map_err(|e| {
+        failed(
+            "prepare",
+            format!("engine task failed: {e}"),
+            true,
+            "retry the build",
+        )
+    })?;
     match result {
         Ok(layout) => Ok(layout),
         Err(_) if run.token.is_cancelled() => Err(Failure::Cancelled),

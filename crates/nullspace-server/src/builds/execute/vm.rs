@@ -154,7 +154,14 @@ pub async fn snapshot_in_vm(
         }
     })
     .await
-    .map_err(|e| failed("snapshot", format!("build VM task failed: {e}"), true, "retry the build"));
+    .map_err(|e| {
+        failed(
+            "snapshot",
+            format!("build VM task failed: {e}"),
+            true,
+            "retry the build",
+        )
+    });
     if let Some((_, ctx)) = &native {
         let _ = std::fs::remove_dir_all(ctx);
     }
