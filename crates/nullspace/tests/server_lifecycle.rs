@@ -610,3 +610,119 @@ fn gc_removes_what_nothing_references_and_nothing_that_something_does() {
         "{again:#?}"
     );
 }
+
+/// A cancel sent to server B for a build running on server A (one
+/// Postgres) reaches A: A's processes for it end within 2 s and the build
+/// ends `cancelled`, its last entry the terminal one.
+#[test]
+fn a_cancel_sent_to_another_server_reaches_the_owner() {
+    needs_buildah();
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = Postgres::start();
+    let reg = Registry::start(Auth::None);
+    let image = reg.push_demo(tmp.path(), "demo/base");
+    let a = Server::start(&tmp.path().join("a"), Some(&pg.url));
+    let key = a.key("team-a");
+    let api_a = Api::new(&a, &key);
+    let id = api_a.start(
+        "remote",
+        &format!("FROM {image}\nUSER root\nRUN echo go && sleep 60\n"),
+    );
+    api_a.wait_for(&id, Duration::from_secs(300), |_, e| {
+        e.iter().any(|x| x["message"].as_str() == Some("go"))
+    });
+    let b = Server::start_with(&tmp.path().join("b"), Some(&pg.url), &["--workers", "0"]);
+    let api_b = Api::new(&b, &key);
+    let before = children_of(&a);
+    assert!(!before.is_empty());
+    let asked = Instant::now();
+    api_b.call(
+        reqwest::Method::POST,
+        &format!("/v1/templates/builds/{id}/cancel"),
+        Some(json!({"reason": "from b"})),
+    );
+    while (before.iter().any(ProcessRecord::is_running) || !children_of(&a).is_empty())
+        && asked.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gone_after = asked.elapsed();
+    eprintln!(
+        "cross-server cancel: the owner's processes gone {} ms after the request",
+        gone_after.as_millis()
+    );
+    assert!(
+        gone_after < Duration::from_secs(2),
+        "{gone_after:?}: {:?}",
+        children_of(&a)
+    );
+    let (rec, e) = api_b.wait_terminal(&id);
+    assert_eq!(rec["status"], "cancelled", "{rec}");
+    assert_eq!(rec["cancellation_reason"], "from b");
+    assert_eq!(
+        e.last().unwrap()["kind"],
+        "cancelled",
+        "{:#?}",
+        messages(&e)
+    );
+}
+
+/// A server frozen (SIGSTOP) past its lease loses its build to another
+/// server, which re-queues and finishes it; thawed, the stale server's
+/// worker finds its lease gone, stops, and writes nothing: one re-queue,
+/// one `end`, the new owner's result.
+#[test]
+fn a_stale_server_that_lost_its_lease_writes_nothing() {
+    needs_buildah();
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = Postgres::start();
+    let reg = Registry::start(Auth::None);
+    let image = reg.push_demo(tmp.path(), "demo/base");
+    let lease = ["--build-lease-secs", "3"];
+    let a = Server::start_with(&tmp.path().join("a"), Some(&pg.url), &lease);
+    let key = a.key("team-a");
+    let api_a = Api::new(&a, &key);
+    let id = api_a.start("stale", &format!("FROM {image}\n{SLEEPY}"));
+    api_a.wait_for(&id, Duration::from_secs(300), |_, e| {
+        e.iter().any(|x| x["message"].as_str() == Some("start"))
+    });
+    let a_pid = a.pid().unwrap().to_string();
+    nullspace_testkit::run(std::process::Command::new("kill").args(["-STOP", &a_pid])).ok();
+    let b = Server::start_with(&tmp.path().join("b"), Some(&pg.url), &lease);
+    let api_b = Api::new(&b, &key);
+    // B recovers the build and starts it again (attempt 2).
+    api_b.wait_for(&id, Duration::from_secs(120), |_, e| {
+        e.iter().any(|x| {
+            x["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("(attempt 2)"))
+        })
+    });
+    nullspace_testkit::run(std::process::Command::new("kill").args(["-CONT", &a_pid])).ok();
+    let (rec, e) = api_b.wait_terminal(&id);
+    let m = messages(&e);
+    assert_eq!(rec["status"], "ready", "{rec}\n{m:#?}");
+    assert_eq!(
+        m.iter().filter(|l| l.contains("queued again")).count(),
+        1,
+        "{m:#?}"
+    );
+    assert_eq!(e.iter().filter(|x| x["kind"] == "end").count(), 1, "{m:#?}");
+    // A noticed, and its late result changed nothing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // (Either its monitor stopped the worker, or the worker's final write
+    // was refused: both say another server owns the build.)
+    while !a.log_text().contains("another server") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(a.log_text().contains("another server"), "{}", a.log_text());
+    std::thread::sleep(Duration::from_secs(1));
+    let (after, e2) = api_b.status(&id);
+    assert_eq!(
+        e2.len(),
+        e.len(),
+        "entries after the end: {:#?}",
+        messages(&e2)
+    );
+    assert_eq!(after["updated_at"], rec["updated_at"]);
+}
