@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::builds::{self, ArtifactManifest};
+use crate::builds;
 use crate::error::{ApiError, ApiResult};
 use crate::model::{Availability, iso};
 use crate::state::Shared;
@@ -130,13 +130,14 @@ fn mark_manifest(state: &Shared, digest: &str, m: &mut Marks) {
     let Ok(bytes) = std::fs::read(state.artifacts.path(&d)) else {
         return;
     };
-    if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
-        digests_in(&v, &mut m.digests);
-    }
-    if let Ok(man) = serde_json::from_slice::<ArtifactManifest>(&bytes)
-        && let Some(s) = man.snapshot
-    {
-        let p = Path::new(&s);
+    let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
+        return;
+    };
+    digests_in(&v, &mut m.digests);
+    // Read as JSON, not as [`ArtifactManifest`]: a manifest this version
+    // cannot parse still protects what it names.
+    if let Some(s) = v.get("snapshot").and_then(Value::as_str) {
+        let p = Path::new(s);
         let p = if p.is_absolute() {
             p.to_path_buf()
         } else {
@@ -154,8 +155,9 @@ async fn mark(state: &Shared) -> ApiResult<Marks> {
                 m.live.insert(b.id.clone());
             }
             "ready" if b.template_exists => {
-                if let Ok(rec) = serde_json::from_str::<crate::model::BuildRecord>(&b.record) {
-                    for a in &rec.artifact_ids {
+                let rec: Value = serde_json::from_str(&b.record).unwrap_or_default();
+                for a in rec["artifact_ids"].as_array().into_iter().flatten() {
+                    if let Some(a) = a.as_str() {
                         mark_manifest(state, a, &mut m);
                     }
                 }

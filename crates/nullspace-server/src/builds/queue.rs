@@ -102,12 +102,27 @@ async fn run_inner(state: &Shared, id: &str, attempt: i64, handle: &RunHandle) {
         handle.stop(StopReason::Cancel);
     }
     let def: Definition = serde_json::from_str(&row.definition).unwrap_or_default();
-    let secrets = state
+    let Some(secrets) = state
         .secrets
         .lock()
         .expect("secrets lock")
         .remove(id)
-        .unwrap_or_default();
+        .or_else(|| (!lifecycle::needs_credentials(&def)).then(Default::default))
+    else {
+        // Request-time credentials this server does not hold (a build queued
+        // before leases pinned such builds to their server): it cannot run.
+        lifecycle::fail(
+            state,
+            Writer::Owner(owner),
+            &mut rec,
+            "interrupted",
+            "this build's credentials were not persisted, and the server that took the request no longer holds them",
+            true,
+            "retry the build (resupply credentials and secrets)",
+        )
+        .await;
+        return;
+    };
     let mut start = entry(
         &rec,
         "message",
