@@ -157,9 +157,16 @@ impl ProcessRecord {
         })
     }
 
-    /// Whether the process this record describes still runs.
+    /// Whether the process this record describes still runs: same pid,
+    /// same start time, and the same command line, or the tail of it (a
+    /// wrapper such as `unshare --net -- buildah …` that exec'd its program
+    /// after it was recorded).
     pub fn is_running(&self) -> bool {
-        ProcessRecord::of(self.pid).is_some_and(|now| now == *self)
+        ProcessRecord::of(self.pid).is_some_and(|now| {
+            now.start_time == self.start_time
+                && !now.cmdline.is_empty()
+                && self.cmdline.ends_with(&now.cmdline)
+        })
     }
 }
 
@@ -298,11 +305,14 @@ pub fn reap_stale(run_root: &Path, wait: Duration) -> io::Result<Reaped> {
             .write(true)
             .open(dir.join("lock"))
         else {
-            // No lock file: a directory half made or half removed.
-            if dir.join("lock").exists() {
-                continue;
+            // No lock file: a directory half removed, or one a server is
+            // creating right now (left alone for a minute).
+            let stale = fs::metadata(&dir)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60));
+            if stale && !dir.join("lock").exists() {
+                let _ = fs::remove_dir_all(&dir);
             }
-            let _ = fs::remove_dir_all(&dir);
             continue;
         };
         if lock.try_lock().is_err() {
