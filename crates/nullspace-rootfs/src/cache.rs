@@ -48,7 +48,32 @@ struct Record {
 /// A shared lock on a cache entry: eviction leaves the entry alone while
 /// any clone of this lives.
 #[derive(Debug, Clone)]
-pub struct LayerLease(#[allow(dead_code)] Arc<File>);
+pub struct LayerLease(#[allow(dead_code)] Arc<LeaseInner>);
+
+#[derive(Debug)]
+struct LeaseInner {
+    _file: File,
+    /// A private spool (another import committed the same layer first),
+    /// removed with the last clone of the lease.
+    scratch: Option<PathBuf>,
+}
+
+impl Drop for LeaseInner {
+    fn drop(&mut self) {
+        if let Some(p) = self.scratch.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+impl LayerLease {
+    fn of(file: File) -> LayerLease {
+        LayerLease(Arc::new(LeaseInner {
+            _file: file,
+            scratch: None,
+        }))
+    }
+}
 
 /// A cache hit (or a committed insert), leased until dropped.
 #[derive(Debug, Clone)]
@@ -155,7 +180,7 @@ impl LayerCache {
                     tar_path: tar,
                     diff_id: rec.diff_id,
                     size: rec.size,
-                    lease: LayerLease(Arc::new(f)),
+                    lease: LayerLease::of(f),
                 }))
             }
             None => {
@@ -246,8 +271,15 @@ impl LayerCache {
                 let json = tar.with_extension("json");
                 let Ok(md) = de.metadata() else { continue };
                 if !json.exists() {
-                    // Incomplete (crash between the renames).
-                    let _ = fs::remove_file(&tar);
+                    // Incomplete: a crash between the renames, or an insert
+                    // committing right now (it holds its lease).
+                    if let Ok(f) = File::open(&tar)
+                        && f.try_lock().is_ok()
+                        && same_file(&f, &tar)
+                        && !json.exists()
+                    {
+                        let _ = fs::remove_file(&tar);
+                    }
                     continue;
                 }
                 let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -324,17 +356,37 @@ impl CacheInsert {
                 ),
             });
         }
-        // Another import committed the same layer meanwhile: keep theirs
-        // (replacing it would swap the inode under their lease).
-        if self.json.exists()
-            && let Some(hit) = cache.get(&self.digest)?
-            && hit.diff_id == index.diff_id
-        {
-            let _ = fs::remove_file(&tmp);
-            return Ok(hit);
+        // Never replace a committed tar (another import may be reading
+        // it under its lease): if one appeared meanwhile, this insert's
+        // spool (the same bytes) is used privately and removed after.
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &tmp,
+            rustix::fs::CWD,
+            &self.tar,
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::EXIST) => {
+                let file = self
+                    .file
+                    .try_clone()
+                    .map_err(|e| Error::io(format!("leasing {}", tmp.display()), e))?;
+                return Ok(CachedLayer {
+                    tar_path: tmp.clone(),
+                    diff_id: index.diff_id.clone(),
+                    size: len,
+                    lease: LayerLease(Arc::new(LeaseInner {
+                        _file: file,
+                        scratch: Some(tmp),
+                    })),
+                });
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(Error::io(format!("renaming {}", tmp.display()), e.into()));
+            }
         }
-        fs::rename(&tmp, &self.tar)
-            .map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
         let rec = Record {
             digest: self.digest.clone(),
             diff_id: index.diff_id.clone(),
@@ -360,7 +412,7 @@ impl CacheInsert {
             tar_path: self.tar.clone(),
             diff_id: index.diff_id.clone(),
             size: len,
-            lease: LayerLease(Arc::new(file)),
+            lease: LayerLease::of(file),
         })
     }
 }

@@ -12,8 +12,8 @@
 //!   manifest names it; a commit sets the mtime, so young files are spared);
 //! - final-artifact cache entries whose build is no longer a root;
 //! - logs of builds that ended more than [`Policy::log_retention`] ago;
-//! - leftovers in `artifacts/tmp/` and `work/` older than
-//!   [`Policy::leftover_age`] that no live build owns.
+//! - leftovers in `artifacts/tmp/`, `work/` and the layer cache's temp
+//!   spools older than [`Policy::leftover_age`] that no live build owns.
 //!
 //! A ready build whose artifacts were collected says so in its record
 //! (`artifact_availability: unavailable`).
