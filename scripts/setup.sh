@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 
 cargo build --release --workspace --bins
+# The guest's PID 1 is a static binary of its own; `nullspace serve` finds it
+# in guest/ beside the nullspace binary and turns the build VM on.
+RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release -p nullspace-init \
+  --target x86_64-unknown-linux-gnu --target-dir target/guest
+mkdir -p target/release/guest
+install -m 0755 target/guest/x86_64-unknown-linux-gnu/release/nullspace-init target/release/guest/nullspace-init
 NS=target/release/nullspace
 OUT=${NULLSPACE_DEMO_DIR:-target/demo}
 rm -rf "$OUT" && mkdir -p "$OUT"
@@ -42,17 +48,15 @@ echo "== $OUT/template/template.json (runtime)"
 python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); print(json.dumps(t["runtime"], indent=2))' "$OUT/template/template.json"
 
 echo "== the template build server: a build VM snapshot, then a sandbox restored from it"
-# The guest's PID 1 is a static binary of its own.
-RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release -p nullspace-init \
-  --target x86_64-unknown-linux-gnu --target-dir target/guest
-INIT=$PWD/target/guest/x86_64-unknown-linux-gnu/release/nullspace-init
 DATA=$OUT/server
 KEY=$($NS keys create --data-dir "$DATA" --name demo --namespace demo)
 SPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-$NS serve --data-dir "$DATA" --listen "127.0.0.1:$SPORT" --build-vm --init-bin "$INIT" 2>"$OUT/server.log" &
+# No VM flags: the build VM is on by default wherever it can run.
+$NS serve --data-dir "$DATA" --listen "127.0.0.1:$SPORT" 2>"$OUT/server.log" &
 SRV_PID=$!
 trap 'kill $REG_PID $SRV_PID 2>/dev/null || true' EXIT
-for _ in $(seq 300); do curl -fsS "http://127.0.0.1:$SPORT/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 600); do curl -fsS "http://127.0.0.1:$SPORT/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+grep -q "build VM ready" "$OUT/server.log" || { cat "$OUT/server.log" >&2; echo "error: the server started without its build VM" >&2; exit 1; }
 # The published Python SDK, unchanged, builds the template: import, boot,
 # start command (busybox httpd), readiness from the image's HEALTHCHECK, snapshot.
 NULLSPACE_API_URL="http://127.0.0.1:$SPORT" NULLSPACE_API_KEY="$KEY" target/sdk-venv/bin/python - "$IMG" <<'PY'

@@ -10,10 +10,13 @@ if [ ! -f /var/tmp/nullspace-bench/oci-app/index.json ]; then
   bash bench/import.sh --build-only
 fi
 export NULLSPACE_REQUIRE_DEBIAN_VM=1
+# Style and lints are part of the suite: CI fails on either.
+cargo fmt --all --check
+cargo clippy -q --workspace --all-targets -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace 2>&1 | tee "$log"
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # cargo prints one result line per test target, the last often for a target

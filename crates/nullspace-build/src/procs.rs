@@ -29,6 +29,10 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 
+/// Owner directories under the run root are named with this prefix (other
+/// entries there, e.g. the build VM's `ns-*` directories, belong to others).
+pub const OWNER_PREFIX: &str = "own_";
+
 /// Prepares `cmd` as described in the module docs.
 pub fn prepare(cmd: &mut Command) {
     cmd.process_group(0);
@@ -297,7 +301,7 @@ pub fn reap_stale(run_root: &Path, wait: Duration) -> io::Result<Reaped> {
     };
     for e in rd.flatten() {
         let dir = e.path();
-        if !dir.is_dir() {
+        if !dir.is_dir() || !e.file_name().to_string_lossy().starts_with(OWNER_PREFIX) {
             continue;
         }
         let Ok(lock) = fs::File::options()
@@ -403,8 +407,20 @@ mod tests {
         )
         .unwrap();
 
+        // Not an owner directory (the build VM's): never touched.
+        let vm_dir = root.path().join("ns-vm1");
+        fs::create_dir_all(&vm_dir).unwrap();
+        fs::File::open(&vm_dir)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+
         let r = reap_stale(root.path(), Duration::from_secs(5)).unwrap();
         assert_eq!(r.dead_owners, ["own_dead"]);
+        assert!(
+            vm_dir.exists(),
+            "another component's run directory was removed"
+        );
         assert_eq!(
             r.killed.iter().map(|k| k.pid).collect::<Vec<_>>(),
             [stale.id()]

@@ -137,13 +137,7 @@ fn mark_manifest(state: &Shared, digest: &str, m: &mut Marks) {
     // Read as JSON, not as [`ArtifactManifest`]: a manifest this version
     // cannot parse still protects what it names.
     if let Some(s) = v.get("snapshot").and_then(Value::as_str) {
-        let p = Path::new(s);
-        let p = if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            state.config.data_dir.join("artifacts").join(p)
-        };
-        mark_snapshot(&p, m);
+        mark_snapshot(&builds::snapshot_path(state, s), m);
     }
 }
 

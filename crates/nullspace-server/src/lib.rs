@@ -26,7 +26,7 @@ use std::sync::Arc;
 use nullspace_store::Store;
 use nullspace_store::artifacts::Artifacts;
 
-pub use state::{AppState, Config, Shared};
+pub use state::{AppState, BuildVm, Config, Shared};
 
 fn database_url(config: &Config) -> String {
     config
@@ -74,28 +74,21 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
             "Dockerfile engine available"
         );
     }
-    let vmm = if config.build_vm {
-        let init = config
-            .init_bin
-            .clone()
-            .or_else(|| std::env::var_os("NULLSPACE_INIT_BIN").map(Into::into))
-            .ok_or_else(|| {
-                anyhow_like::Error(
-                    "--build-vm needs the static guest init: --init-bin PATH or NULLSPACE_INIT_BIN (cargo build --release -p nullspace-init with RUSTFLAGS=\"-C target-feature=+crt-static\")".into(),
-                )
-            })?;
-        let cache = config.data_dir.join("vm-cache");
-        let vmm = tokio::task::spawn_blocking(move || {
-            let kernel = nullspace_vm::GuestKernel::find()?;
-            nullspace_vm::QemuVmm::new(kernel, &init, &cache)
-        })
-        .await
-        .map_err(|e| anyhow_like::Error(e.to_string()))?
-        .map_err(|e| anyhow_like::Error(format!("build VM: {e}")))?;
-        tracing::info!(accel = ?vmm.accel, kernel = %vmm.kernel.version, "build VM ready");
-        Some(Arc::new(vmm))
-    } else {
-        None
+    let vmm = match config.build_vm {
+        state::BuildVm::Off => None,
+        mode => match start_vmm(config).await {
+            Ok(vmm) => {
+                tracing::info!(accel = ?vmm.accel, kernel = %vmm.kernel.version, "build VM ready");
+                Some(Arc::new(vmm))
+            }
+            Err(e) if mode == state::BuildVm::Auto => {
+                tracing::warn!(
+                    "build VM off: {e}; builds end with the rootfs and native steps fail (--build-vm makes this fatal)"
+                );
+                None
+            }
+            Err(e) => return Err(anyhow_like::Error(format!("build VM: {e}"))),
+        },
     };
     state.engines = validate::Engines {
         available: engine_list.iter().map(|e| e.name().to_string()).collect(),
@@ -103,6 +96,41 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
     state.engine_list = engine_list;
     state.vmm = vmm;
     Ok(Arc::new(state))
+}
+
+/// The build VM driver: QEMU, the guest kernel and the guest init, found
+/// on this machine (the KVM probe and the initramfs take a few seconds).
+async fn start_vmm(config: &Config) -> Result<nullspace_vm::QemuVmm, nullspace_vm::VmError> {
+    let init =
+        nullspace_vm::init_binary::discover(config.init_bin.as_deref(), Some(&config.data_dir))?;
+    let cache = config.data_dir.join("vm-cache");
+    // Build VMs keep their sockets, owner record and QEMU pidfile here.
+    let run = config.data_dir.join("run");
+    tokio::task::spawn_blocking(move || {
+        // QEMUs that a server which died left behind (a live server's VMs
+        // on the same data directory are left alone).
+        match nullspace_vm::reap_stale(&run) {
+            Ok(k) if !k.is_empty() => {
+                tracing::warn!(pids = ?k, "ended QEMU processes a previous run left")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "checking for QEMU processes a previous run left")
+            }
+        }
+        let kernel = nullspace_vm::GuestKernel::find()?;
+        match nullspace_vm::QemuVmm::with_run_dir(kernel.clone(), &init, &cache, &run) {
+            Err(nullspace_vm::VmError::VmCreate { message, .. })
+                if message.contains("too long") =>
+            {
+                tracing::warn!(%message, "build VM sockets go to the system temp dir");
+                nullspace_vm::QemuVmm::new(kernel, &init, &cache)
+            }
+            r => r,
+        }
+    })
+    .await
+    .map_err(|e| nullspace_vm::VmError::Kernel(e.to_string()))?
 }
 
 /// Serves the API on `listener` with `config.workers` build workers until

@@ -29,8 +29,9 @@ pub struct Config {
     pub buildkit_addr: Option<String>,
     /// Boot every template in a build VM, run its start command, wait for
     /// readiness and snapshot it (QEMU). Off: the rootfs is the artifact.
-    pub build_vm: bool,
-    /// The static guest init (`nullspace-init`) for the build VM.
+    pub build_vm: BuildVm,
+    /// The static guest init (`nullspace-init`) for the build VM; `None`:
+    /// found by `nullspace_vm::init_binary::discover`.
     pub init_bin: Option<PathBuf>,
     /// Give build VMs outbound network (QEMU user networking) when a build
     /// asks for `internet_access`. Opt-in: user networking also reaches the
@@ -65,7 +66,7 @@ impl Config {
             insecure_registries: vec![],
             cache_max_bytes: 20 << 30,
             buildkit_addr: None,
-            build_vm: false,
+            build_vm: BuildVm::Off,
             init_bin: None,
             build_vm_network: false,
             lease: Duration::from_secs(30),
@@ -86,6 +87,19 @@ impl Config {
         self.recovery_interval = (lease / 6).max(Duration::from_millis(200));
         self
     }
+}
+
+/// Whether builds end in a build VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildVm {
+    /// Never (CLI commands that only open the store, `--no-build-vm`).
+    Off,
+    /// When this machine can run one: QEMU, a guest kernel and the guest
+    /// init are all found and the VMM starts. Otherwise the server logs why
+    /// and runs without (the default of `nullspace serve`).
+    Auto,
+    /// Always: start-up fails with the reason if the VM cannot run.
+    On,
 }
 
 /// Request-time credentials of a build: in memory only, handed from the
@@ -179,7 +193,7 @@ impl AppState {
             engine_list: vec![],
             vmm: None,
             wake: Default::default(),
-            owner: nullspace_store::new_id("own_"),
+            owner: nullspace_store::new_id(nullspace_build::procs::OWNER_PREFIX),
             running: Default::default(),
             secrets: Default::default(),
             shutdown: CancellationToken::new(),

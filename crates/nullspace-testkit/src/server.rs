@@ -57,7 +57,18 @@ impl Server {
         cmd.arg("serve")
             .arg("--listen")
             .arg(&self.addr)
-            .args(&self.args);
+            .args(self.args.iter().filter(|a| *a != "--auto-build-vm"));
+        // The build VM is on by default wherever it can run; API tests that
+        // do not ask for it run without (fast, and independent of whether
+        // a guest init happens to be installed). `--auto-build-vm` (a
+        // testkit-only marker, not passed on) keeps the server's default.
+        if !self
+            .args
+            .iter()
+            .any(|a| a == "--build-vm" || a == "--no-build-vm" || a == "--auto-build-vm")
+        {
+            cmd.arg("--no-build-vm");
+        }
         self.base(&mut cmd);
         let log = std::fs::OpenOptions::new()
             .create(true)

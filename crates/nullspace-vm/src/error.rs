@@ -29,14 +29,41 @@ pub enum VmError {
         exit_code: Option<i32>,
         tail: String,
     },
+    /// The host↔guest channel failed (connection, timeout, protocol).
     #[error("agent: {0}")]
     Agent(String),
+    /// The guest agent refused or failed a request (`code` tells why:
+    /// `not_found`, `permission_denied`, `busy` …).
+    #[error("agent: {op}: {message}")]
+    Guest {
+        op: String,
+        code: nullspace_model::agent::ErrorCode,
+        message: String,
+    },
+    /// The caller's cancellation token fired: what the call started in the
+    /// guest has been told to stop; for VM calls (build, restore, snapshot)
+    /// its QEMU processes are gone and its directories removed.
+    #[error("cancelled")]
+    Cancelled,
     #[error("snapshot: {0}")]
     Snapshot(String),
     #[error("restore: {0}")]
     Restore(String),
     #[error("kernel: {0}")]
     Kernel(String),
+    /// The snapshot cannot be restored by this nullspace or this host's
+    /// QEMU (format version, QEMU major version): one line naming the
+    /// snapshot and saying to rebuild it.
+    #[error("snapshot {dir}: {detail}")]
+    Incompatible { dir: String, detail: String },
+    /// A snapshot file is missing or differs from its manifest (size,
+    /// sha256): one line naming the file.
+    #[error("snapshot {dir}: {file}: {detail}")]
+    Corrupt {
+        dir: String,
+        file: String,
+        detail: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -52,10 +79,14 @@ impl VmError {
             VmError::StartExited { .. } => "readiness",
             VmError::ReadinessTimeout { .. } => "readiness_timeout",
             VmError::StepFailed { .. } => "step",
-            VmError::Agent(_) => "agent",
+            VmError::Agent(_) | VmError::Guest { .. } => "agent",
+            VmError::Cancelled => "cancelled",
             VmError::Snapshot(_) => "snapshot",
             VmError::Restore(_) => "restore",
             VmError::Kernel(_) => "kernel",
+
+            VmError::Incompatible { .. } => "snapshot_incompatible",
+            VmError::Corrupt { .. } => "snapshot_corrupt",
             VmError::Io { .. } => "io",
         }
     }

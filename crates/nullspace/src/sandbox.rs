@@ -235,7 +235,8 @@ fn resolve(
             rec.build_id
         );
     };
-    Ok((rec, PathBuf::from(snap)))
+    // Relative to the artifact store (absolute in records of older versions).
+    Ok((rec, data_dir.join("artifacts").join(snap)))
 }
 
 fn create(
@@ -249,13 +250,9 @@ fn create(
     let root = data.sandboxes()?;
     let data_dir = root.parent().expect("sandboxes has a parent").to_path_buf();
     let (rec, snap_dir) = resolve(&data_dir, database_url, namespace, raw)?;
-    let snapshot = Snapshot::open(&snap_dir).with_context(|| {
-        format!(
-            "template {raw} (build {}): snapshot {}",
-            rec.build_id,
-            snap_dir.display()
-        )
-    })?;
+    // The error names the snapshot directory and the rule it broke.
+    let snapshot = Snapshot::open(&snap_dir)
+        .with_context(|| format!("template {raw} (build {})", rec.build_id))?;
     std::fs::create_dir_all(&root).with_context(|| root.display().to_string())?;
     let id = new_id()?;
     let dir = root.join(&id);
@@ -274,6 +271,7 @@ fn create(
             work_dir: Some(dir.clone()),
             timeout: Duration::from_secs(timeout),
         },
+        &nullspace_vm::CancellationToken::new(),
     );
     let (vm, restore_ms) = match restored {
         Ok(r) => r,
@@ -348,7 +346,7 @@ fn exec(id: &str, data: &DataDir, req: &ExecRequest) -> Result<i32> {
     // other `exec`s of this sandbox instead of timing out.
     let lock = std::fs::File::create(dir.join("exec.lock"))?;
     lock.lock()?;
-    let mut agent =
+    let agent =
         s.vm.agent(Duration::from_secs(30))
             .with_context(|| format!("sandbox {id}: guest agent"))?;
     let limit = req

@@ -40,10 +40,17 @@ pub struct ServeArgs {
     /// A BuildKit daemon address for `buildctl --addr` (e.g. unix:///run/buildkit/buildkitd.sock).
     #[arg(long, env = "NULLSPACE_BUILDKIT_ADDR")]
     buildkit_addr: Option<String>,
-    /// Finish every build in a QEMU build VM: start command, readiness, snapshot.
-    #[arg(long, env = "NULLSPACE_BUILD_VM")]
+    /// Require the QEMU build VM (start command, readiness, snapshot, native
+    /// steps): fail at start-up if it cannot run. Default: on whenever this
+    /// machine can run it.
+    #[arg(long, env = "NULLSPACE_BUILD_VM", conflicts_with = "no_build_vm")]
     build_vm: bool,
-    /// The static guest init for the build VM [default: $NULLSPACE_INIT_BIN].
+    /// Never boot build VMs: a template is its rootfs, and native steps fail.
+    #[arg(long, env = "NULLSPACE_NO_BUILD_VM")]
+    no_build_vm: bool,
+    /// The static guest init for the build VM [default: $NULLSPACE_INIT_BIN,
+    /// else <dir of nullspace>/guest/nullspace-init, DATA_DIR/guest/nullspace-init,
+    /// /usr/local/lib/nullspace/nullspace-init, /usr/lib/nullspace/nullspace-init].
     #[arg(long)]
     init_bin: Option<PathBuf>,
     /// Let build VMs reach the network when a build asks for internet_access
@@ -146,7 +153,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     config.workers = a.workers;
     config.insecure_registries = a.insecure;
     config.buildkit_addr = a.buildkit_addr;
-    config.build_vm = a.build_vm;
+    config.build_vm = if a.no_build_vm {
+        nullspace_server::BuildVm::Off
+    } else if a.build_vm {
+        nullspace_server::BuildVm::On
+    } else {
+        nullspace_server::BuildVm::Auto
+    };
     config.init_bin = a.init_bin;
     config.build_vm_network = a.build_vm_network;
     let mut config = config.with_lease(std::time::Duration::from_secs(

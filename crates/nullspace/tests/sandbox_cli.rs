@@ -224,6 +224,52 @@ fn sandboxes_restored_from_one_snapshot_share_the_started_process_but_not_the_di
     assert_eq!(r.stdout.trim(), "[]");
     let r = exec(&data, &ids[0], &["true"]);
     assert!(r.stderr.contains("no sandbox"), "{}", r.stderr);
+
+    // The data directory moved elsewhere (server stopped): the template
+    // still restores, its snapshot being self-contained and recorded
+    // relative to the artifact store.
+    let mut server = server;
+    server.kill();
+    let moved = tmp.path().join("elsewhere/data");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(&data, &moved).unwrap();
+    let _cleanup_moved = Cleanup(moved.clone());
+    let r = sandbox(&moved, &["create", "web", "--namespace", "team-a"]);
+    r.ok();
+    let id = r.stdout.trim().to_string();
+    let r = exec(
+        &moved,
+        &id,
+        &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"],
+    );
+    r.ok();
+    assert!(r.stdout.contains("hello from a nullspace template"));
+    sandbox(&moved, &["kill", &id]).ok();
+
+    // A tampered snapshot file is refused in one line naming it.
+    let snaps = moved.join("artifacts/snapshots");
+    let snap = std::fs::read_dir(&snaps)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let ram = snap.join("memory.ram");
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&ram).unwrap();
+    f.write_all_at(b"tampered", 4096).unwrap();
+    drop(f);
+    let r = sandbox(&moved, &["create", "web", "--namespace", "team-a"]);
+    assert!(!r.status.success());
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("memory.ram (memory): sha256")
+            && r.stderr.contains("rebuild the template"),
+        "{}",
+        r.stderr
+    );
+    assert!(processes_mentioning(&moved.display().to_string()).is_empty());
 }
 
 #[test]

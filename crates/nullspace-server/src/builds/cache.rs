@@ -217,7 +217,7 @@ async fn cached_artifact(state: &Shared, ns: &str, key: &str) -> Option<Artifact
     let snapshot_ok = m
         .snapshot
         .as_ref()
-        .is_none_or(|s| std::path::Path::new(s).is_dir());
+        .is_none_or(|s| super::snapshot_path(state, s).is_dir());
     if !(state.artifacts.contains(&rootfs) && snapshot_ok) {
         return None;
     }
@@ -225,7 +225,7 @@ async fn cached_artifact(state: &Shared, ns: &str, key: &str) -> Option<Artifact
     // that build's own manifest (ready) names it.
     let now = std::time::SystemTime::now();
     let mut paths = vec![state.artifacts.path(&digest), state.artifacts.path(&rootfs)];
-    paths.extend(m.snapshot.as_ref().map(std::path::PathBuf::from));
+    paths.extend(m.snapshot.as_ref().map(|s| super::snapshot_path(state, s)));
     for p in paths {
         if let Ok(f) = std::fs::File::open(&p) {
             let _ = f.set_modified(now);

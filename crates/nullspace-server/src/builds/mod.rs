@@ -53,7 +53,10 @@ pub struct ArtifactManifest {
     pub readiness: Option<Value>,
     pub image: Value,
     pub oci: OciMetadataOut,
-    /// The build VM's snapshot directory (memory + disk), when built with one.
+    /// The build VM's snapshot directory (memory + disk), when built with
+    /// one: relative to the artifact store (`snapshots/<build>.<attempt>`),
+    /// so a moved data directory still restores (absolute in records of
+    /// older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
 }
@@ -101,6 +104,12 @@ impl RunHandle {
     pub fn reason(&self) -> Option<StopReason> {
         self.reason.get().copied()
     }
+}
+
+/// A manifest's snapshot directory: relative to the artifact store, or
+/// absolute (records of older versions).
+pub fn snapshot_path(state: &crate::state::Shared, snapshot: &str) -> std::path::PathBuf {
+    state.config.data_dir.join("artifacts").join(snapshot)
 }
 
 impl Default for RunHandle {

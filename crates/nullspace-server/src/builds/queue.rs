@@ -331,8 +331,8 @@ pub async fn reap_dead_owners(state: &Shared) -> Vec<String> {
             for k in &r.killed {
                 tracing::warn!(pid = k.pid, cmd = ?k.cmdline.first(), "ended a process a previous server left running");
             }
-            // TODO(h2): also call nullspace_vm's reap_stale for VM pidfiles
-            // once it lands, with the same dead owners.
+            // Build VMs (`run/ns-*`) are nullspace_vm::reap_stale's, run
+            // when the VM driver starts.
             r.dead_owners
         }
         Ok(Err(e)) => {

@@ -62,7 +62,8 @@ pub async fn snapshot_in_vm(
     }
     let dir = state.snapshots_dir();
     std::fs::create_dir_all(&dir).map_err(|e| failed("snapshot", e.to_string(), true, "retry"))?;
-    let out = dir.join(format!("{}.{}", rec.build_id, run.attempt));
+    let snap_name = format!("{}.{}", rec.build_id, run.attempt);
+    let out = dir.join(&snap_name);
     let _ = std::fs::remove_dir_all(&out);
     run.log(
         rec,
@@ -111,13 +112,12 @@ pub async fn snapshot_in_vm(
     let log_rec = rec.clone();
     let total = steps.len() as i64;
     let native_task = native.clone();
-    // TODO(h2): pass `run.token` to build_snapshot / build_snapshot_with_steps
-    // once they take `&CancellationToken` (h2 adds it), so a cancel kills the
-    // VM within 2 s. Until then a cancelled build waits here for the VM to
-    // end by itself (its worker slot stays taken; nothing is deleted under
-    // it, and its log entries are refused once the build is terminal).
+    // The VM driver watches the build's token: on cancel it kills and
+    // reaps QEMU and removes its directories before it returns, and the
+    // worker waits for that (its slot bounds VMs).
+    let token = run.token.clone();
     let result = tokio::task::spawn_blocking(move || match &native_task {
-        None => build_snapshot(&vmm, &spec, &task_out),
+        None => build_snapshot(&vmm, &spec, &task_out, &token),
         Some((plan, _)) => {
             let mut on_step = |i: usize, step: &nullspace_vm::template::Step, ev: StepEvent<'_>| {
                 let index = plan.request_index(i).map(|x| x as i64 + 1);
@@ -150,7 +150,7 @@ pub async fn snapshot_in_vm(
                     e,
                 ));
             };
-            build_snapshot_with_steps(&vmm, &spec, &plan.steps, &mut on_step, &task_out)
+            build_snapshot_with_steps(&vmm, &spec, &plan.steps, &mut on_step, &task_out, &token)
         }
     })
     .await
@@ -172,6 +172,7 @@ pub async fn snapshot_in_vm(
     }
     let snap = match result? {
         Ok(snap) => snap,
+        Err(nullspace_vm::VmError::Cancelled) => return Err(Failure::Cancelled),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&out);
             // Log phases follow the VM's own steps; error_detail.phase must
@@ -224,6 +225,7 @@ pub async fn snapshot_in_vm(
         m.user = c.user.clone();
         m.workdir = c.workdir.clone();
     }
-    m.snapshot = Some(out.display().to_string());
+    // Relative to the artifact store, so a moved data directory restores.
+    m.snapshot = Some(format!("snapshots/{snap_name}"));
     Ok(m)
 }
