@@ -114,6 +114,36 @@ impl Server {
         r.stdout.trim().to_string()
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the server to exit;
+    /// returns its exit status (None: still running, then killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    /// Starts the server again after [`Server::kill`] or
+    /// [`Server::terminate`].
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
     /// Kills the server without a chance to clean up (a crash).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -200,20 +200,9 @@ fn resolve(
             .await
             .context("opening the data directory's database")?;
         let artifacts = nullspace_store::artifacts::Artifacts::open(&data_dir.join("artifacts"))?;
-        let state = Arc::new(nullspace_server::AppState {
-            cache_dir: data_dir.join("cache"),
-            work_dir: data_dir.join("work"),
-            config,
-            store,
-            artifacts,
-            hub: Default::default(),
-            engines: nullspace_server::validate::Engines { available: vec![] },
-            engine_list: vec![],
-            vmm: None,
-            wake: Default::default(),
-            cancels: Default::default(),
-            secrets: Default::default(),
-        });
+        let state = Arc::new(nullspace_server::AppState::offline(
+            config, store, artifacts,
+        ));
         let caller = nullspace_store::Caller {
             key_id: String::new(),
             namespace: namespace.to_string(),
