@@ -290,10 +290,22 @@ fn arg_words(text: &str) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// Docker accepts `ENTRYPOINT []` and `CMD []` (they reset what the base
+/// image set); parse-dockerfile 0.1.9 rejects an empty exec form. The
+/// analysis reads neither instruction, so such a line is parsed as `[""]`
+/// (same line, so every position stays exact); the engine gets the text
+/// as written.
+fn accept_empty_exec_forms(text: &str) -> std::borrow::Cow<'_, str> {
+    let re = regex::Regex::new(r"(?im)^([ \t]*(?:ENTRYPOINT|CMD)[ \t]*)\[[ \t]*\]([ \t]*)$")
+        .expect("a valid pattern");
+    re.replace_all(text, r#"${1}[""]${2}"#)
+}
+
 pub fn analyze(
     text: &str,
     build_args: &BTreeMap<String, String>,
 ) -> Result<Analysis, DockerfileError> {
+    let text = &*accept_empty_exec_forms(text);
     let df = parse_dockerfile::parse(text).map_err(|e| {
         // The one error without a position is "no FROM" (line 0).
         if e.line() == 0 {
@@ -651,6 +663,30 @@ mod tests {
         let e = a.check_engine("buildah").unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
         assert!(e.to_string().contains("not supported by buildah"), "{e}");
+    }
+
+    #[test]
+    fn empty_exec_forms_reset_and_parse() {
+        let a = analyze(
+            "FROM alpine\nENTRYPOINT []\ncmd [ ]\nEXPOSE 80\n",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(a.stages.len(), 1);
+        // Positions after the rewritten lines are unchanged.
+        assert!(a.metadata.iter().any(|m| m.line == 4), "{:?}", a.metadata);
+        // A non-empty array and a shell form are left alone.
+        assert!(
+            analyze(
+                "FROM alpine\nCMD [\"sh\"]\nENTRYPOINT sh\n",
+                &BTreeMap::new()
+            )
+            .is_ok()
+        );
+        assert!(matches!(
+            analyze("FROM alpine\nENTRYPOINT\n", &BTreeMap::new()),
+            Err(DockerfileError::Parse { line: 2, .. })
+        ));
     }
 
     #[test]

@@ -164,7 +164,8 @@ def same(kind, plan, rec):
     assert got == want, (kind, got, want)
     assert rec.source_digest and rec.source_digest.startswith("sha256:"), (kind, rec.source_digest)
     print("SAME", kind, rec.status.value, rec.source_type.value,
-          "dockerfile" if rec.dockerfile_digest else "-", "context" if rec.context_digest else "-")
+          "dockerfile" if rec.dockerfile_digest else "-", "context" if rec.context_digest else "-",
+          "|", rec.error or "")
 
 # OCI import.
 b = Template.from_image(IMAGE).set_start_cmd("sleep 1000")
@@ -172,7 +173,8 @@ h = Template.build_in_background(b, name="dig-oci")
 same("oci_import", Template.plan(b, name="dig-oci"), record(h.build_id))
 
 # Dockerfile text, no context.
-b = Template.from_dockerfile_content(f"FROM {IMAGE}\nRUN echo hi > /hi\n")
+# (The demo image runs as `app`; RUN keeps the image's USER.)
+b = Template.from_dockerfile_content(f"FROM {IMAGE}\nUSER root\nRUN echo hi > /hi\n")
 h = Template.build_in_background(b, name="dig-df")
 same("dockerfile", Template.plan(b, name="dig-df"), record(h.build_id))
 
@@ -208,15 +210,15 @@ same("declarative", p, rec)
 # The same declarative request on the Dockerfile engine (raw HTTP: the SDK
 # only names native|buildkit), built for real.
 body = {"base_image": IMAGE, "name": "dig-decl-engine", "build_backend": "buildah",
-        "steps": [{"action": "make_dir", "path": "/data", "mode": "0700"}, {"action": "run", "command": "echo ran > /ran"}],
+        "steps": [{"action": "user", "user": "root"}, {"action": "make_dir", "path": "/data", "mode": "0700"}, {"action": "run", "command": "echo ran > /ran"}],
         "runtime_config": {"default_envs": {"MODE": "prod"}}}
 hdr = {"Authorization": f"Bearer {KEY}"}
 plan = httpx.post(URL + "/v1/templates/plan", json=body, headers=hdr).json()
 created = httpx.post(URL + "/v1/templates/builds", json=body, headers=hdr).json()
 rec = record(created["build_id"])
-assert rec.status.value == "ready", rec
+assert rec.status.value == "ready", rec.error
 assert (rec.source_digest, rec.dockerfile_digest, rec.context_digest) == (plan["source_digest"], plan["dockerfile_digest"], None), (rec, plan)
-assert plan["build_plan"]["steps"][0] == {"action": "make_dir", "path": "/data", "mode": "0700"}, plan["build_plan"]
+assert plan["build_plan"]["steps"][1] == {"action": "make_dir", "path": "/data", "mode": "0700"}, plan["build_plan"]
 print("SAME declarative_engine", rec.status.value)
 print("DIGESTS OK")
 "#;
