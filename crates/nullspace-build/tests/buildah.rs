@@ -347,7 +347,7 @@ fn heredoc_is_refused_before_building() {
     let (err, _) = build_and_import("heredoc", &e, &ctx, |_| {}).err().unwrap();
     assert_eq!(
         err.to_string(),
-        "Dockerfile line 2: heredocs (`<<EOF`) are not supported by buildah 1.28; use the buildkit engine or a RUN/COPY without a heredoc"
+        "Dockerfile line 2: heredocs (RUN <<…) are not supported by buildah 1.28; use the buildkit engine or a RUN/COPY without a heredoc"
     );
 }
 
