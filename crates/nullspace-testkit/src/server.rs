@@ -238,27 +238,83 @@ impl Drop for Postgres {
     }
 }
 
-/// The venv Python with `nullspace-sdk==0.1.9` (made by scripts/deps.sh).
-pub fn sdk_python() -> PathBuf {
-    if let Ok(p) = std::env::var("NULLSPACE_SDK_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/sdk-venv/bin/python");
-    assert!(
-        root.exists(),
-        "{} missing: run scripts/deps.sh (it installs nullspace-sdk==0.1.9)",
-        root.display()
-    );
-    root
+/// A published SDK release the suites run on (`scripts/deps.sh` makes a
+/// venv for each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sdk {
+    /// `nullspace-sdk==0.1.9` in `target/sdk-venv` (`NULLSPACE_SDK_PYTHON`
+    /// overrides it).
+    V0_1_9,
+    /// `nullspace-sdk==1.0.3` in `target/sdk1-venv` (`NULLSPACE_SDK1_PYTHON`).
+    V1_0_3,
 }
 
-/// Runs a Python script with the SDK pointed at `server` with `key`.
+impl Sdk {
+    pub const ALL: [Sdk; 2] = [Sdk::V0_1_9, Sdk::V1_0_3];
+
+    pub fn version(self) -> &'static str {
+        match self {
+            Sdk::V0_1_9 => "0.1.9",
+            Sdk::V1_0_3 => "1.0.3",
+        }
+    }
+
+    /// The venv's Python.
+    pub fn python(self) -> PathBuf {
+        let (var, venv) = match self {
+            Sdk::V0_1_9 => ("NULLSPACE_SDK_PYTHON", "sdk-venv"),
+            Sdk::V1_0_3 => ("NULLSPACE_SDK1_PYTHON", "sdk1-venv"),
+        };
+        if let Ok(p) = std::env::var(var) {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target")
+            .join(venv)
+            .join("bin/python");
+        assert!(
+            root.exists(),
+            "{} missing: run scripts/deps.sh (it installs nullspace-sdk=={})",
+            root.display(),
+            self.version()
+        );
+        root
+    }
+}
+
+/// The venv Python with `nullspace-sdk==0.1.9` (made by scripts/deps.sh).
+pub fn sdk_python() -> PathBuf {
+    Sdk::V0_1_9.python()
+}
+
+/// Runs the script (`argv[1]`) so that scripts written for 0.1.9 run on
+/// 1.0 too: 1.0 renamed the errors' base class `SandboxError` to
+/// `MachineError`, so each name is made to mean the other's class. The
+/// script keeps its own line numbers in tracebacks.
+const SDK_BOOT: &str = r#"import sys
+import nullspace.errors as _e
+if not hasattr(_e, "SandboxError"):
+    _e.SandboxError = _e.MachineError
+if not hasattr(_e, "MachineError"):
+    _e.MachineError = _e.SandboxError
+_src = sys.argv.pop(1)
+exec(compile(_src, "<sdk script>", "exec"), {"__name__": "__main__"})
+"#;
+
+/// Runs a Python script with the SDK 0.1.9 pointed at `server` with `key`.
 pub fn run_sdk(server: &Server, key: &str, script: &str, env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(sdk_python());
+    run_sdk_on(Sdk::V0_1_9, server, key, script, env)
+}
+
+/// Runs a Python script with `sdk` pointed at `server` with `key`.
+pub fn run_sdk_on(sdk: Sdk, server: &Server, key: &str, script: &str, env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(sdk.python());
     cmd.arg("-c")
+        .arg(SDK_BOOT)
         .arg(script)
         .env("NULLSPACE_API_URL", &server.url)
-        .env("NULLSPACE_API_KEY", key);
+        .env("NULLSPACE_API_KEY", key)
+        .env("NS_SDK_VERSION", sdk.version());
     for (k, v) in env {
         cmd.env(k, v);
     }

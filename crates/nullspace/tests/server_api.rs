@@ -1,7 +1,8 @@
 //! The template API, served for real and driven by the published Python SDK
-//! (`nullspace-sdk==0.1.9`, unpatched) and raw HTTP: the same suite on the
-//! embedded SQLite store and on a Postgres started here. Then what no
-//! client can see: secrets on disk and in the database, restarts.
+//! (`nullspace-sdk` 0.1.9 and 1.0.3, unpatched) and raw HTTP: the same
+//! suite on the embedded SQLite store and on a Postgres started here, and
+//! with SDK 1.0.3 on SQLite. Then what no client can see: secrets on disk
+//! and in the database, restarts.
 
 use std::io::Read;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::process::Command;
 
 use nullspace_testkit::registry::{Auth, PASSWORD, Registry, USER};
 use nullspace_testkit::run;
-use nullspace_testkit::server::{Postgres, Server, run_sdk};
+use nullspace_testkit::server::{Postgres, Sdk, Server, run_sdk, run_sdk_on};
 
 const SUITE: &str = include_str!("sdk/api_suite.py");
 const VALIDATION: &str = include_str!("sdk/validation.py");
@@ -38,7 +39,7 @@ fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
     hits
 }
 
-fn suite(database_url: Option<&str>) {
+fn suite(sdk: Sdk, database_url: Option<&str>) {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start(Auth::None);
     let private = Registry::start(Auth::Basic);
@@ -58,15 +59,16 @@ fn suite(database_url: Option<&str>) {
         ("NS_PRIVATE_PASSWORD", PASSWORD),
         ("NS_SECRET", secret),
     ];
-    let r = run_sdk(&server, &key_a, SUITE, &env);
+    let r = run_sdk_on(sdk, &server, &key_a, SUITE, &env);
     assert!(
         r.status.success() && r.stdout.trim_end().ends_with("SUITE OK"),
-        "SDK suite failed:\n{}\n{}\nserver log:\n{}",
+        "SDK {} suite failed:\n{}\n{}\nserver log:\n{}",
+        sdk.version(),
         r.stdout,
         r.stderr,
         server.log_text()
     );
-    let r = run_sdk(&server, &key_a, VALIDATION, &env);
+    let r = run_sdk_on(sdk, &server, &key_a, VALIDATION, &env);
     assert!(
         r.status.success() && r.stdout.contains("VALIDATION OK"),
         "{}\n{}",
@@ -104,13 +106,18 @@ fn suite(database_url: Option<&str>) {
 
 #[test]
 fn api_suite_on_sqlite() {
-    suite(None);
+    suite(Sdk::V0_1_9, None);
+}
+
+#[test]
+fn api_suite_on_sqlite_with_sdk_1_0() {
+    suite(Sdk::V1_0_3, None);
 }
 
 #[test]
 fn api_suite_on_postgres() {
     let pg = Postgres::start();
-    suite(Some(&pg.url));
+    suite(Sdk::V0_1_9, Some(&pg.url));
 }
 
 const BACKGROUND: &str = r#"

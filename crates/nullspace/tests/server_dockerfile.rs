@@ -1,12 +1,13 @@
 //! Dockerfile and declarative builds through the server with the machine's
-//! Dockerfile engine (buildah), driven by the published SDK and raw HTTP.
+//! Dockerfile engine (buildah), driven by the published SDK (0.1.9 and
+//! 1.0.3) and raw HTTP.
 //! Each result is imported into an ext4 rootfs whose files are checked here.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use nullspace_testkit::registry::{Auth, Registry};
-use nullspace_testkit::server::{Server, run_sdk};
+use nullspace_testkit::server::{Sdk, Server, run_sdk_on};
 use nullspace_testkit::tree;
 
 const SUITE: &str = include_str!("sdk/dockerfile_suite.py");
@@ -30,7 +31,7 @@ fn artifact_of(server: &Server, key: &str, build_id: &str) -> String {
     let script = format!(
         "import httpx, os\nr = httpx.get(os.environ['NULLSPACE_API_URL'] + '/v1/templates/builds/{build_id}', headers={{'Authorization': 'Bearer ' + os.environ['NULLSPACE_API_KEY']}})\nprint(r.json()['build']['artifact_ids'][0])"
     );
-    let r = run_sdk(server, key, &script, &[]);
+    let r = run_sdk_on(Sdk::V0_1_9, server, key, &script, &[]);
     r.ok();
     r.stdout.trim().to_string()
 }
@@ -72,6 +73,15 @@ fn files_containing(dir: &Path, needle: &str, skip: &[PathBuf]) -> Vec<String> {
 
 #[test]
 fn dockerfile_and_declarative_builds_with_the_machine_engine() {
+    dockerfile_suite(Sdk::V0_1_9);
+}
+
+#[test]
+fn dockerfile_and_declarative_builds_with_sdk_1_0() {
+    dockerfile_suite(Sdk::V1_0_3);
+}
+
+fn dockerfile_suite(sdk: Sdk) {
     assert!(
         nullspace_testkit::have("buildah"),
         "buildah is not installed (scripts/deps.sh installs it)"
@@ -83,7 +93,8 @@ fn dockerfile_and_declarative_builds_with_the_machine_engine() {
     let server = Server::start(&data, None);
     let key = server.key("team-a");
     let secret = "NS-BUILD-SECRET-91c2e7";
-    let r = run_sdk(
+    let r = run_sdk_on(
+        sdk,
         &server,
         &key,
         SUITE,
@@ -239,21 +250,31 @@ fn plan_and_build_record_the_same_digests() {
     let image = reg.push_demo(tmp.path(), "demo/digests");
     let server = Server::start(&tmp.path().join("data"), None);
     let key = server.key("team-a");
-    let r = run_sdk(&server, &key, DIGESTS, &[("NS_IMAGE", &image)]);
-    assert!(
-        r.status.success() && r.stdout.contains("DIGESTS OK"),
-        "{}\n{}\nserver log:\n{}",
-        r.stdout,
-        r.stderr,
-        server.log_text()
-    );
-    for line in [
-        "SAME oci_import ready oci_import - -",
-        "SAME dockerfile ready dockerfile dockerfile -",
-        "SAME context_upload ready dockerfile dockerfile context",
-        "SAME declarative error declarative - context",
-        "SAME declarative_engine ready",
-    ] {
-        assert!(r.stdout.contains(line), "{line}: {}", r.stdout);
+    // Both SDKs, one after the other on the same server (the second
+    // run's engine builds are final-artifact cache hits: same digests).
+    for sdk in Sdk::ALL {
+        let r = run_sdk_on(sdk, &server, &key, DIGESTS, &[("NS_IMAGE", &image)]);
+        assert!(
+            r.status.success() && r.stdout.contains("DIGESTS OK"),
+            "SDK {}:\n{}\n{}\nserver log:\n{}",
+            sdk.version(),
+            r.stdout,
+            r.stderr,
+            server.log_text()
+        );
+        for line in [
+            "SAME oci_import ready oci_import - -",
+            "SAME dockerfile ready dockerfile dockerfile -",
+            "SAME context_upload ready dockerfile dockerfile context",
+            "SAME declarative error declarative - context",
+            "SAME declarative_engine ready",
+        ] {
+            assert!(
+                r.stdout.contains(line),
+                "SDK {} {line}: {}",
+                sdk.version(),
+                r.stdout
+            );
+        }
     }
 }

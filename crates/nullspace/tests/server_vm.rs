@@ -6,8 +6,46 @@ use std::path::Path;
 use std::time::Duration;
 
 use nullspace_testkit::registry::{Auth, Registry};
-use nullspace_testkit::server::{Server, run_sdk};
+use nullspace_testkit::server::{Sdk, Server, run_sdk, run_sdk_on};
 use nullspace_vm::Vm as _;
+
+/// A failing native step through the SDK: `error_detail.phase` is
+/// `build_step` and `step_index` its 1-based place among the request's
+/// steps, in the exception, the status and the log entries (with
+/// `total_steps`).
+const FAILING_STEP: &str = r#"
+import os
+from nullspace import Template, TemplateBuild
+from nullspace.errors import BuildError, MachineError, SandboxError
+IMAGE = os.environ["NS_IMAGE"]
+# 1.0 renamed the base class; the harness makes both names mean it.
+assert issubclass(BuildError, SandboxError) and issubclass(BuildError, MachineError)
+seen = []
+# (The demo image runs as `app`: the steps write where it may.)
+failing = (Template.from_image(IMAGE).run_cmd("true").make_dir("/tmp/made")
+           .run_cmd("echo doomed; exit 9").run_cmd("echo never"))
+try:
+    Template.build(failing, name="native-broken", on_log_entry=seen.append)
+    raise AssertionError("a failing step must fail the build")
+except BuildError as e:
+    assert getattr(e.phase, "value", e.phase) == "build_step", e.phase
+    assert e.step_index == 3, (e.step_index, str(e))
+    assert e.error_detail.step_index == 3, e.error_detail
+    assert "step 3 of 4 (run) failed with exit code 9" in str(e), str(e)
+    print("STEPFAIL", getattr(e.phase, "value", e.phase), e.step_index)
+steps_seen = [(x.step_index, x.total_steps) for x in seen if getattr(x.phase, "value", x.phase) == "step"]
+assert steps_seen and all(t == 4 for _, t in steps_seen), steps_seen
+assert {i for i, _ in steps_seen} == {1, 2, 3}, steps_seen
+assert any("doomed" in x.message for x in seen if x.step_index == 3), seen
+err = [x for x in seen if x.kind.value == "error"]
+assert len(err) == 1 and err[0].step_index == 3 and err[0].total_steps == 4, err
+assert err[0].error_detail.step_index == 3, err[0].error_detail
+st = TemplateBuild.connect(err[0].build_id).get_status().build
+assert st.status.value == "error", st.status
+assert st.error_detail.step_index == 3 and getattr(st.failure_phase, "value", st.failure_phase) == "build_step", st
+assert getattr(st.error_detail.phase, "value", st.error_detail.phase) == "build_step", st.error_detail
+print("FAILING STEP OK")
+"#;
 
 const SCRIPT: &str = r#"
 import os
@@ -45,26 +83,6 @@ assert rd.default_workdir == "/data" and rd.default_user == "root" and "MODE" in
 idx = [e.step_index for e in TemplateBuild.connect(n.build_id).logs() if e.phase == "step"]
 assert 1 in idx and max(i for i in idx if i) >= 5, idx
 print("NATIVE", n.build_id)
-# A failing step is named by its 1-based place among the request's steps,
-# in error_detail and in the log entries (with total_steps).
-seen = []
-failing = (Template.from_image(IMAGE).run_cmd("true").make_dir("/made")
-           .run_cmd("echo doomed; exit 9").run_cmd("echo never"))
-try:
-    Template.build(failing, name="native-broken", on_log_entry=seen.append)
-    raise AssertionError("a failing step must fail the build")
-except BuildError as e:
-    assert e.step_index == 3, (e.step_index, str(e))
-    assert "step 3 of 4 (run) failed with exit code 9" in str(e), str(e)
-    print("STEPFAIL", getattr(e.phase, "value", e.phase), e.step_index)
-steps_seen = [(x.step_index, x.total_steps) for x in seen if x.phase == "step"]
-assert steps_seen and all(t == 4 for _, t in steps_seen), steps_seen
-assert {i for i, _ in steps_seen} == {1, 2, 3}, steps_seen
-err = [x for x in seen if x.kind.value == "error"]
-assert len(err) == 1 and err[0].step_index == 3 and err[0].total_steps == 4, err
-assert err[0].error_detail.step_index == 3, err[0].error_detail
-st = TemplateBuild.connect(err[0].build_id).get_status().build
-assert st.error_detail.step_index == 3 and st.failure_phase == "build_step", st
 print("VM OK")
 "#;
 
@@ -125,7 +143,6 @@ fn build_vm_runs_the_start_command_and_snapshots_a_ready_template() {
         .find_map(|l| l.strip_prefix("BUILD "))
         .unwrap()
         .to_string();
-    assert!(r.stdout.contains("STEPFAIL build_step 3"), "{}", r.stdout);
     let native = r
         .stdout
         .lines()
@@ -219,6 +236,50 @@ try:
 except BuildError as e:
     print("NET OFF", getattr(e.phase, "value", e.phase))
 "#;
+
+/// A native step that fails, seen through both published SDKs (0.1.9 and
+/// 1.0.3): phase `build_step`, its 1-based `step_index` in the exception,
+/// the record and the log (with `total_steps`); the build VM is gone.
+#[test]
+fn a_failing_native_step_reports_build_step_and_its_index_on_both_sdks() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let init = nullspace_vm::init_binary::locate_or_build(&workspace).expect("guest init");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let image = reg.push_demo(tmp.path(), "demo/steps");
+    let data = tmp.path().join("data");
+    let server = Server::start_with(
+        &data,
+        None,
+        &["--build-vm", "--init-bin", init.to_str().unwrap()],
+    );
+    let key = server.key("team-a");
+    let run_dir = std::fs::canonicalize(&data).unwrap().join("run");
+    for sdk in Sdk::ALL {
+        let r = run_sdk_on(sdk, &server, &key, FAILING_STEP, &[("NS_IMAGE", &image)]);
+        assert!(
+            r.status.success() && r.stdout.contains("FAILING STEP OK"),
+            "SDK {}:\n{}\n{}\nserver log:\n{}",
+            sdk.version(),
+            r.stdout,
+            r.stderr,
+            server.log_text()
+        );
+        assert!(r.stdout.contains("STEPFAIL build_step 3"), "{}", r.stdout);
+        // The failed build's VM ended with it.
+        let left: Vec<_> = std::fs::read_dir(&run_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("ns-"))
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "VM directories left: {left:?}");
+        assert!(
+            processes_mentioning(&run_dir.display().to_string()).is_empty(),
+            "a process of this server's run directory is still running"
+        );
+    }
+}
 
 #[test]
 fn build_vm_network_follows_internet_access_when_the_operator_allows_it() {
