@@ -128,20 +128,10 @@ pub async fn snapshot_in_vm(
     let result = tokio::task::spawn_blocking(move || match &native_task {
         None => build_snapshot(&vmm, &spec, &task_out, &token),
         Some((plan, ctx)) => {
-            let mut on_step = |i: usize, step: &Step, ev: StepEvent<'_>| {
-                let msg = match ev {
-                    StepEvent::Started => format!("step {}/{total}: {}", i + 1, step.describe()),
-                    StepEvent::Output(b) => String::from_utf8_lossy(b).trim_end().to_string(),
-                    StepEvent::Finished { elapsed } => {
-                        format!("step done in {} ms", elapsed.as_millis())
-                    }
-                };
-                if msg.is_empty() {
-                    return;
-                }
+            let log = |index: usize, msg: String| {
                 let mut e = entry(&log_rec, "message", "info", msg);
                 e.phase = Some("step".into());
-                e.step_index = Some(i as i64 + 1);
+                e.step_index = Some(index as i64 + 1);
                 e.total_steps = Some(total);
                 let _ = handle.block_on(crate::builds::append(
                     &st,
@@ -149,8 +139,40 @@ pub async fn snapshot_in_vm(
                     e,
                 ));
             };
+            let label = |index: usize| format!("step {}/{total}", index + 1);
+            let mut budget = super::OutputBudget::new(st.config.step_log_limit);
+            // The step that ran last: a step that fails has no `Finished`,
+            // so its truncation entry is written after the driver returns.
+            let mut last = None;
+            let mut on_step = |i: usize, step: &Step, ev: StepEvent<'_>| {
+                last = Some(i);
+                let mut msgs = Vec::new();
+                match ev {
+                    StepEvent::Started => {
+                        budget.reset();
+                        msgs.push(format!("{}: {}", label(i), step.describe()));
+                    }
+                    StepEvent::Output(b) => {
+                        let text = String::from_utf8_lossy(b);
+                        msgs.push(budget.admit(&text).trim_end().to_string());
+                    }
+                    StepEvent::Finished { elapsed } => {
+                        msgs.extend(budget.take_truncation(&label(i)));
+                        msgs.push(format!("step done in {} ms", elapsed.as_millis()));
+                    }
+                };
+                for msg in msgs.into_iter().filter(|m| !m.is_empty()) {
+                    log(i, msg);
+                }
+            };
             let steps = NativeSteps::of_plan(plan, ctx);
-            build_snapshot_with_steps(&vmm, &spec, &steps, &mut on_step, &task_out, &token)
+            let r = build_snapshot_with_steps(&vmm, &spec, &steps, &mut on_step, &task_out, &token);
+            if let Some(i) = last
+                && let Some(t) = budget.take_truncation(&label(i))
+            {
+                log(i, t);
+            }
+            r
         }
     })
     .await
