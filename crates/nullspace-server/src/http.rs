@@ -9,6 +9,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use nullspace_model::build::status;
@@ -418,14 +419,15 @@ async fn build_logs(
 }
 
 /// A log stream: replays durable entries from `offset`; with `follow`,
-/// forwards new ones until the build is terminal and drained. Frames are
-/// written by hand so each is exactly `id:`/`event:`/`data: <json>`.
+/// forwards new ones until the build is terminal and drained. Each entry is
+/// one axum SSE event, `id: <offset>` / `event: log` / `data: <json>` (the
+/// SDK's parser reads exactly these fields); idle streams get a `: ping`
+/// comment every 10 s (clients time out reads after 30 s).
 fn sse(s: Shared, build_id: String, offset: i64, follow: bool) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let mut rx_notify = s.hub.subscribe(&build_id);
         let mut next = offset;
-        let mut last_sent = tokio::time::Instant::now();
         loop {
             let status = match s.store.build(&build_id).await {
                 Ok(Some(row)) => row.status,
@@ -436,12 +438,11 @@ fn sse(s: Shared, build_id: String, offset: i64, follow: bool) -> Response {
                 Err(_) => break,
             };
             for (off, e) in entries {
-                let frame = format!("id: {off}\nevent: log\ndata: {e}\n\n");
-                if tx.send(Ok(Bytes::from(frame))).await.is_err() {
+                let event = Event::default().id(off.to_string()).event("log").data(e);
+                if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
                 next = off + 1;
-                last_sent = tokio::time::Instant::now();
             }
             if !follow || is_terminal(&status) {
                 break;
@@ -458,32 +459,20 @@ fn sse(s: Shared, build_id: String, offset: i64, follow: bool) -> Response {
                     Ok(Err(_)) => rx_notify = s.hub.subscribe(&build_id),
                 },
                 _ = s.shutdown.cancelled() => {}
-            }
-            // Keep idle clients (30 s read timeout) connected.
-            if last_sent.elapsed() > Duration::from_secs(10) {
-                if tx
-                    .send(Ok(Bytes::from_static(b": ping\n\n")))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                last_sent = tokio::time::Instant::now();
+                // The client went away.
+                _ = tx.closed() => return,
             }
         }
     });
-    let stream = tokio_stream_from(rx);
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, Infallible>>,
-) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    let mut rx = rx;
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Sse::new(stream)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(10))
+                .text("ping"),
+        )
+        .into_response()
 }
 
 async fn build_cancel(

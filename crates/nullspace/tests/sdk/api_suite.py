@@ -5,6 +5,7 @@ Env: NULLSPACE_API_URL, NULLSPACE_API_KEY (namespace team-a), NS_KEY_B
 NS_PRIVATE_USER/NS_PRIVATE_PASSWORD (basic-auth registry), NS_SECRET.
 Every check asserts; the last line printed is SUITE OK.
 """
+import json
 import os
 import time
 
@@ -77,6 +78,16 @@ assert followed[-1].kind.value == "end"
 raw = api("GET", f"/v1/templates/builds/{h.build_id}/logs?offset=1&cursor=5")
 lines = [l for l in raw.text.splitlines() if l.startswith("data: ")]
 assert len(lines) == len(offsets) - 1, "offset takes precedence over cursor"
+# The wire frames the SDK's parser reads: exactly `id: N`, `event: log`,
+# `data: <one JSON entry>` (whose offset is N), a blank line after each.
+assert raw.headers["content-type"].startswith("text/event-stream"), raw.headers
+assert raw.text.endswith("\n\n"), raw.text[-20:]
+frames = [f for f in raw.text.split("\n\n") if f and not f.startswith(":")]
+assert len(frames) == len(offsets) - 1, frames
+for f in frames:
+    fl = f.split("\n")
+    assert len(fl) == 3 and fl[0].startswith("id: ") and fl[1] == "event: log" and fl[2].startswith("data: "), fl
+    assert int(fl[0][len("id: "):]) == json.loads(fl[2][len("data: "):])["offset"], fl
 
 # follow a build while it runs: the stream ends with the end entry.
 h2 = Template.build_in_background(Template.from_image(IMAGE), name="app", tags=["live"])

@@ -73,7 +73,7 @@ pub async fn resolve_base(
 
 /// Why the import thread gave up.
 enum ImportFailure {
-    Resolve(String),
+    Resolve(nullspace_oci::OciError),
     Cancelled,
     Other(String),
 }
@@ -119,8 +119,7 @@ pub async fn import_source(
         let _ = std::fs::remove_dir_all(&work);
         let result = (|| {
             std::fs::create_dir_all(&work).map_err(|e| ImportFailure::Other(e.to_string()))?;
-            let image = Image::resolve(&source, &opts)
-                .map_err(|e| ImportFailure::Resolve(e.to_string()))?;
+            let image = Image::resolve(&source, &opts).map_err(ImportFailure::Resolve)?;
             let out = work.join("template");
             let meta = import(&image, &out, &import_opts, &NoProgress).map_err(|e| match e {
                 ImportError::Cancelled { .. } => ImportFailure::Cancelled,
@@ -159,11 +158,11 @@ pub async fn import_source(
         Ok(v) => v,
         Err(_) if run.token.is_cancelled() => return Err(Failure::Cancelled),
         Err(ImportFailure::Cancelled) => return Err(Failure::Cancelled),
-        Err(ImportFailure::Resolve(msg)) => {
-            let auth = msg.contains("authentication failed");
+        Err(ImportFailure::Resolve(e)) => {
+            let auth = matches!(e.kind, nullspace_oci::error::ErrorKind::Auth(_));
             return Err(failed(
                 if auth { "auth" } else { "prepare" },
-                msg,
+                e.to_string(),
                 !auth,
                 if auth {
                     "check base_image_auth"

@@ -1,16 +1,25 @@
-//! Running one build, as stages a reader can follow top-down:
+//! Running one build, as stages a reader can follow top-down in
+//! [`execute`]; each is a function of typed inputs (the [`BuildPlan`], the
+//! [`ArtifactManifest`] so far) and the build's one [`CancellationToken`]:
 //!
 //! ```text
-//! normalize ─▶ route ─┬─ import:  resolve base (registry import | template) ─────────────┐
-//!                     ├─ engine:  final-artifact cache ─▶ engine (Dockerfile) ─▶ import ─┤─▶ runtime overrides ─▶ build VM ─▶ Built
-//!                     └─ native:  resolve base ─▶ build VM with the steps ───────────────┘
+//! preflight   request ─▶ BuildPlan (the route, and what it needs: a build VM, an OCI base)
+//! rootfs      resolve base ─┬─ Import:      registry image imported (import.rs) | template's artifact
+//!                           ├─ NativeSteps: the same; the steps run in the VM below
+//!                           └─ Engine:      final-artifact cache (cache.rs) ─▶ Dockerfile engine
+//!                                           (engine.rs) ─▶ its OCI layout imported (import.rs)
+//!             ⇒ an ext4 rootfs in the artifact store, with the image's defaults
+//! runtime     the request's start command, readiness, envs, user, workdir over the base's
+//! build VM    boot ─▶ native steps ─▶ start ─▶ readiness ─▶ snapshot (vm.rs, nullspace-vm)
+//! publish     the worker stores the manifest and moves the tags in one write
+//!             (lifecycle::finish_ready)
 //! ```
 //!
-//! Every stage takes the build's one [`CancellationToken`] by reference.
 //! A stage that starts processes returns only once they are gone (so the
 //! worker slot bounds them); the importer, which starts none, returns at
 //! once and leaves its thread to clean up after itself.
 
+mod budget;
 mod context;
 pub(crate) mod engine;
 mod import;
@@ -20,6 +29,8 @@ use std::path::PathBuf;
 
 use nullspace_store::LogGate;
 use tokio_util::sync::CancellationToken;
+
+pub use budget::OutputBudget;
 
 use super::lifecycle::{self, entry};
 use super::{ArtifactManifest, Failure, cache, failed};
@@ -88,64 +99,35 @@ impl Run<'_> {
     }
 }
 
-/// How much of a build's own output (a native step's, or a Dockerfile
-/// engine's) reaches the durable log. A guest or a `RUN` may print without
-/// end; past the limit output is counted, not stored, and one entry says
-/// how much was left out. (The host side of the guest channel is bounded
-/// on its own; this bounds the database and the SSE replay.)
-#[derive(Debug, Clone)]
-pub struct OutputBudget {
-    limit: u64,
-    logged: u64,
-    dropped: u64,
-}
-
-impl OutputBudget {
-    pub fn new(limit: u64) -> OutputBudget {
-        OutputBudget {
-            limit,
-            logged: 0,
-            dropped: 0,
-        }
-    }
-
-    /// The part of `chunk` that may still be logged (cut on a UTF-8
-    /// boundary); the rest is counted as dropped.
-    pub fn admit<'a>(&mut self, chunk: &'a str) -> &'a str {
-        let room = self.limit.saturating_sub(self.logged) as usize;
-        let mut cut = chunk.len().min(room);
-        while !chunk.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        self.logged += cut as u64;
-        if cut < chunk.len() {
-            // Once output was cut, nothing later in the step is logged (a
-            // log with holes in it would read as the whole output).
-            self.logged = self.limit;
-        }
-        self.dropped += (chunk.len() - cut) as u64;
-        &chunk[..cut]
-    }
-
-    /// Bytes dropped since the last call, and a one-line entry for them.
-    pub fn take_truncation(&mut self, what: &str) -> Option<String> {
-        let d = std::mem::take(&mut self.dropped);
-        (d > 0).then(|| {
-            format!(
-                "{what}: output truncated: {d} more bytes were not logged (limit {} bytes)",
-                self.limit
-            )
-        })
-    }
-
-    /// Starts a new budget (the next step's).
-    pub fn reset(&mut self) {
-        self.logged = 0;
-        self.dropped = 0;
-    }
-}
-
+/// One build, stage by stage (see the module docs).
 pub async fn execute(run: &Run<'_>, rec: &mut BuildRecord) -> Result<Built, Failure> {
+    let plan = preflight(run, rec)?;
+    let (base, cache_key) = match rootfs(run, rec, &plan).await? {
+        Rootfs::Cached(m) => {
+            // A ready build of the same inputs: its snapshot is reused.
+            return Ok(Built {
+                manifest: runtime_settings(m, &plan),
+                cache_key: None,
+            });
+        }
+        Rootfs::Built { base, cache_key } => (base, cache_key),
+    };
+    run.cancelled()?;
+    let manifest = runtime_settings(base, &plan);
+    let manifest = match run.state.vmm.clone() {
+        Some(vmm) => vm::snapshot_in_vm(run, rec, manifest, vmm, &plan).await?,
+        None => manifest,
+    };
+    Ok(Built {
+        manifest,
+        cache_key,
+    })
+}
+
+/// The request as a plan (every rule checked again: the server that runs a
+/// build may differ from the one that took it), and what its route needs
+/// from this server.
+fn preflight(run: &Run<'_>, rec: &BuildRecord) -> Result<BuildPlan, Failure> {
     let p = validate::plan(run.req(), &rec.namespace_slug, &run.state.engines).map_err(|i| {
         failed(
             "preflight",
@@ -157,56 +139,49 @@ pub async fn execute(run: &Run<'_>, rec: &mut BuildRecord) -> Result<Built, Fail
             "fix the request",
         )
     })?;
+    match (p.route, &p.source) {
+        (Route::NativeSteps, _) if run.state.vmm.is_none() => Err(failed(
+            "prepare",
+            format!(
+                "{} declarative step(s) with the native backend need the build VM, and this server runs without --build-vm",
+                p.steps.len()
+            ),
+            false,
+            "send build_backend buildah (or buildkit) to run the steps through a Dockerfile engine, or use a server started with --build-vm",
+        )),
+        (Route::Engine, Source::Template { .. }) => Err(failed(
+            "prepare",
+            "declarative steps on a template base need the build VM, which this server does not have yet",
+            false,
+            "build the steps on an OCI base image",
+        )),
+        _ => Ok(p),
+    }
+}
+
+/// What the rootfs stage produced.
+enum Rootfs {
+    /// The final-artifact cache had the whole result.
+    Cached(ArtifactManifest),
+    /// The base's rootfs in the artifact store, and the final-artifact cache
+    /// key to store the result under (engine builds only).
+    Built {
+        base: ArtifactManifest,
+        cache_key: Option<String>,
+    },
+}
+
+/// Resolve base → engine or import → an ext4 rootfs in the artifact store.
+async fn rootfs(run: &Run<'_>, rec: &mut BuildRecord, p: &BuildPlan) -> Result<Rootfs, Failure> {
     match p.route {
-        Route::Import => {
-            let base = import::resolve_base(run, rec, &p).await?;
-            finish(run, rec, &p, base, None).await
-        }
-        Route::NativeSteps => {
-            let Some(vmm) = run.state.vmm.clone() else {
-                return Err(failed(
-                    "prepare",
-                    format!(
-                        "{} declarative step(s) with the native backend need the build VM, and this server runs without --build-vm",
-                        p.steps.len()
-                    ),
-                    false,
-                    "send build_backend buildah (or buildkit) to run the steps through a Dockerfile engine, or use a server started with --build-vm",
-                ));
-            };
-            let mut m = import::resolve_base(run, rec, &p).await?;
-            // Steps start from the image's defaults; the native plan applies
-            // the request's runtime workdir/user/envs after them (where the
-            // SDK's own `workdir`/`user` steps put them too).
-            if p.runtime.start_cmd.is_some() {
-                m.start_cmd = p.runtime.start_cmd.clone();
-            }
-            if let Some(r) = &p.runtime.readiness {
-                m.readiness = Some(r.to_json());
-            }
-            let m = vm::snapshot_in_vm(run, rec, m, vmm, &p, true).await?;
-            Ok(Built {
-                manifest: m,
-                cache_key: None,
-            })
-        }
+        Route::Import | Route::NativeSteps => Ok(Rootfs::Built {
+            base: import::resolve_base(run, rec, p).await?,
+            cache_key: None,
+        }),
         Route::Engine => {
-            if matches!(p.source, Source::Template { .. }) {
-                return Err(failed(
-                    "prepare",
-                    "declarative steps on a template base need the build VM, which this server does not have yet",
-                    false,
-                    "build the steps on an OCI base image",
-                ));
-            }
-            let job = engine::prepare(run, rec, &p).await?;
-            let key = match cache::lookup(run, rec, &p, &job).await? {
-                cache::Lookup::Hit(m) => {
-                    return Ok(Built {
-                        manifest: with_request_overrides(*m, &p),
-                        cache_key: None,
-                    });
-                }
+            let job = engine::prepare(run, rec, p).await?;
+            let cache_key = match cache::lookup(run, rec, p, &job).await? {
+                cache::Lookup::Hit(m) => return Ok(Rootfs::Cached(*m)),
                 cache::Lookup::Miss(key) => key,
             };
             let layout = engine::engine_build(run, rec, job).await?;
@@ -214,56 +189,39 @@ pub async fn execute(run: &Run<'_>, rec: &mut BuildRecord) -> Result<Built, Fail
                 path: layout,
                 reference: Some("latest".into()),
             };
-            let imported = import::import_source(run, rec, &p, source, None).await;
+            let imported = import::import_source(run, rec, p, source, None).await;
             // The engine's context and output layout are done with (its
             // processes are gone: engine_build returned).
             let _ = std::fs::remove_dir_all(run.work_dir(rec).join("engine"));
             let base = imported?;
-            if key.is_some() {
+            if cache_key.is_some() {
                 rec.cache_summary.final_artifact_stores = 1;
             }
-            finish(run, rec, &p, base, key).await
+            Ok(Rootfs::Built { base, cache_key })
         }
     }
 }
 
-/// The request's runtime settings over the base's, then (with a build VM)
-/// boot, start, readiness and snapshot.
-async fn finish(
-    run: &Run<'_>,
-    rec: &mut BuildRecord,
-    p: &BuildPlan,
-    base: ArtifactManifest,
-    cache_key: Option<String>,
-) -> Result<Built, Failure> {
-    run.cancelled()?;
-    let m = with_request_overrides(base, p);
-    let m = match run.state.vmm.clone() {
-        Some(vmm) => vm::snapshot_in_vm(run, rec, m, vmm, p, false).await?,
-        None => m,
-    };
-    Ok(Built {
-        manifest: m,
-        cache_key,
-    })
-}
-
-/// The request's runtime settings (the plan's) override the image's (and
-/// the steps').
-pub fn with_request_overrides(mut m: ArtifactManifest, p: &BuildPlan) -> ArtifactManifest {
+/// The request's runtime settings (the plan's) over the image's. With
+/// native steps the VM applies envs, user and workdir after the steps
+/// (where the SDK's own `workdir`/`user` steps put them), so only the start
+/// command and readiness are set here.
+fn runtime_settings(mut m: ArtifactManifest, p: &BuildPlan) -> ArtifactManifest {
     let r = &p.runtime;
-    m.env.extend(r.env.0.clone());
-    if r.user.is_some() {
-        m.user = r.user.clone();
-    }
-    if r.workdir.is_some() {
-        m.workdir = r.workdir.clone();
+    if r.start_cmd.is_some() {
+        m.start_cmd = r.start_cmd.clone();
     }
     if let Some(rd) = &r.readiness {
         m.readiness = Some(rd.to_json());
     }
-    if r.start_cmd.is_some() {
-        m.start_cmd = r.start_cmd.clone();
+    if p.route != Route::NativeSteps {
+        m.env.extend(r.env.0.clone());
+        if r.user.is_some() {
+            m.user = r.user.clone();
+        }
+        if r.workdir.is_some() {
+            m.workdir = r.workdir.clone();
+        }
     }
     m
 }
