@@ -345,15 +345,7 @@ fn prepare(engine: &str, b: &EngineBuild<'_>) -> Result<(PathBuf, Analysis), Eng
         analysis.check_target(t)?;
     }
     for (id, _) in &b.secrets {
-        if id.is_empty()
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        {
-            return Err(invalid(format!(
-                "secret id {id:?} must match [A-Za-z0-9._-]+"
-            )));
-        }
+        nullspace_model::build::rules::secret_id(id).map_err(|e| invalid(e.to_string()))?;
     }
     if let Ok(mut rd) = fs::read_dir(b.output_dir)
         && rd.next().is_some()

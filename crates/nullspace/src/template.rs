@@ -22,7 +22,7 @@ use nullspace_model::refs;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Method;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 #[derive(Subcommand)]
 pub enum TemplateCommand {
@@ -1564,7 +1564,18 @@ fn exists(r: &str) -> Result<()> {
             _ => return Err(e),
         },
     };
-    println!("{}", json!({"template_ref": r, "exists": found}));
+    #[derive(Serialize)]
+    struct Exists<'a> {
+        template_ref: &'a str,
+        exists: bool,
+    }
+    println!(
+        "{}",
+        serde_json::to_string(&Exists {
+            template_ref: r,
+            exists: found
+        })?
+    );
     Ok(())
 }
 

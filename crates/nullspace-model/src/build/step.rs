@@ -251,10 +251,9 @@ impl Reader<'_> {
                 .as_str()
                 .filter(|p| !p.is_empty())
                 .ok_or_else(|| self.err("each package must be a non-empty string"))?;
-            if p.starts_with('-') {
-                return Err(self.err(format!("package {p:?} looks like an option")));
-            }
-            rules::single_line(p).map_err(|e| self.rule(e))?;
+            rules::not_option(p)
+                .and_then(|()| rules::single_line(p))
+                .map_err(|e| self.err(format!("package {e}")))?;
             out.push(p.to_string());
         }
         Ok(out)
