@@ -1,5 +1,5 @@
 //! Each value rule (env names, users, modes, context paths, secret ids),
-//! the probe defaults and the step vocabulary are written once, in this
+//! the probe defaults and the build statuses are written once, in this
 //! crate; every other crate calls them. This reads the other crates'
 //! sources for the shapes a second copy would have, so a copy cannot come
 //! back unnoticed; and the CLI builds its requests from the model's types,
@@ -98,6 +98,19 @@ fn value_rules_probe_defaults_and_requests_live_in_the_model() {
         // The probe schedule defaults (30 s / 500 ms / 2 s) are the model's.
         ("probe defaults", "\"timeout_secs\"", &[]),
         ("probe defaults", "\"startup_grace_secs\"", &[]),
+        // Build statuses are BuildStatus values, not strings.
+        ("build statuses", "rec.status = \"", &[]),
+        ("build statuses", "rec.status == \"", &[]),
+        ("build statuses", "rec.status != \"", &[]),
+        ("build statuses", "row.status == \"", &[]),
+        (
+            "build statuses",
+            "\"waiting\" |",
+            &[(
+                "nullspace-store/src/lib.rs",
+                "the SQL layer's queries and gates name the stored column values",
+            )],
+        ),
         // The agent protocol and the guest configuration are the model's.
         ("agent protocol", "struct GuestConfig", &[]),
     ];

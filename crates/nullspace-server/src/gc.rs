@@ -18,6 +18,7 @@
 //! A ready build whose artifacts were collected says so in its record
 //! (`artifact_availability: unavailable`).
 
+use nullspace_model::build::status::BuildStatus as Status;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -144,11 +145,11 @@ fn mark_manifest(state: &Shared, digest: &str, m: &mut Marks) {
 async fn mark(state: &Shared) -> ApiResult<Marks> {
     let mut m = Marks::default();
     for b in state.store.gc_builds().await? {
-        match b.status.as_str() {
-            "waiting" | "building" => {
+        match Status::parse(&b.status) {
+            Some(Status::Waiting | Status::Building) => {
                 m.live.insert(b.id.clone());
             }
-            "ready" if b.template_exists => {
+            Some(Status::Ready) if b.template_exists => {
                 let rec: Value = serde_json::from_str(&b.record).unwrap_or_default();
                 for a in rec["artifact_ids"].as_array().into_iter().flatten() {
                     if let Some(a) = a.as_str() {
@@ -157,7 +158,7 @@ async fn mark(state: &Shared) -> ApiResult<Marks> {
                 }
                 m.rooted.insert(b.id.clone());
             }
-            "ready" => m.orphaned.push(b.id.clone()),
+            Some(Status::Ready) => m.orphaned.push(b.id.clone()),
             _ => {}
         }
     }

@@ -1,6 +1,7 @@
 //! Routes and handlers. Auth runs first on every `/v1` route; handlers only
 //! see an authenticated [`Caller`].
 
+use nullspace_model::build::status::BuildStatus as Status;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
@@ -328,8 +329,8 @@ async fn build_blocking_deprecated(
     let mut rx = s.hub.subscribe(&rec.build_id);
     loop {
         let (_, cur) = builds::load(&s, &c, &rec.build_id).await?;
-        if is_terminal(&cur.status) {
-            if cur.status == "ready" {
+        if cur.status.is_terminal() {
+            if cur.status == Status::Ready {
                 return Ok(Json(templates::info_by_id(&s, &cur.template_id).await?).into_response());
             }
             let detail = cur.error_detail.clone();
@@ -492,7 +493,7 @@ async fn build_retry(
     JsonBody(b): JsonBody<RetryBody>,
 ) -> ApiResult<Response> {
     let (row, rec) = builds::load(&s, &c, &id).await?;
-    if !is_terminal(&rec.status) {
+    if !rec.status.is_terminal() {
         return Err(ApiError::conflict(
             "template_build_conflict",
             format!(

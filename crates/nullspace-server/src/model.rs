@@ -106,7 +106,7 @@ pub struct BuildRecord {
     pub template_id: String,
     pub name: String,
     pub tags: Vec<String>,
-    pub status: String,
+    pub status: nullspace_model::build::status::BuildStatus,
     pub created_at: String,
     pub updated_at: String,
     pub canonical_ref: String,

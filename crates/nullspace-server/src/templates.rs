@@ -2,6 +2,7 @@
 //! to a namespace; private templates are invisible ("not found") to every
 //! other caller, public ones are readable by all.
 
+use nullspace_model::build::status::BuildStatus as Status;
 use nullspace_store::{Caller, TemplateRow, now_ms};
 
 use crate::builds::{ArtifactManifest, parse_record};
@@ -223,7 +224,7 @@ pub async fn resolve_artifact(
         ),
     };
     let (_, rec) = resolve_build(state, &caller, &raw).await?;
-    if rec.status != "ready" {
+    if rec.status != Status::Ready {
         return Err(ApiError::invalid(format!(
             "template {raw} points at build {} which is {}",
             rec.build_id, rec.status
@@ -275,7 +276,7 @@ pub async fn assign_tags(
     if row.namespace != caller.namespace {
         return Err(ApiError::template_not_found(raw));
     }
-    if rec.status != "ready" {
+    if rec.status != Status::Ready {
         return Err(ApiError::conflict(
             "template_build_conflict",
             format!("build {} is {}, not ready", rec.build_id, rec.status),
@@ -295,7 +296,7 @@ pub async fn promote(
 ) -> ApiResult<TemplateInfo> {
     crate::refs::check_tag(tag).map_err(ApiError::invalid)?;
     let (row, rec) = crate::builds::load(state, caller, build_id).await?;
-    if rec.status != "ready" {
+    if rec.status != Status::Ready {
         return Err(ApiError::conflict(
             "template_build_conflict",
             format!(

@@ -212,7 +212,7 @@ fn resolve(
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         anyhow::Ok(rec)
     })?;
-    if rec.status != "ready" {
+    if rec.status != nullspace_model::build::status::BuildStatus::Ready {
         bail!(
             "template {raw}: build {} is {}, not ready",
             rec.build_id,

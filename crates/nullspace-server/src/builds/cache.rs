@@ -14,6 +14,7 @@
 //! moved in that window (seconds) stores the newer image under the older
 //! digest's key.
 
+use nullspace_model::build::status::BuildStatus as Status;
 use std::time::Duration;
 
 use nullspace_model::build::plan::BuildPlan;
@@ -182,7 +183,7 @@ async fn cached_artifact(state: &Shared, ns: &str, key: &str) -> Option<Artifact
     let build_id = state.store.cache_get(ns, key).await.ok()??;
     let row = state.store.build(&build_id).await.ok()??;
     let rec = parse_record(&row).ok()?;
-    if rec.status != "ready" {
+    if rec.status != Status::Ready {
         return None;
     }
     let digest = nullspace_digest::Digest::parse(rec.artifact_ids.first()?).ok()?;

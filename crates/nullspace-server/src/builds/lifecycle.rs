@@ -6,10 +6,11 @@
 //!
 //! [`Store::transition`]: nullspace_store::Store::transition
 
+use nullspace_model::build::status::BuildStatus as Status;
 use nullspace_store::{BuildRow, Caller, LogGate, Transition, Writer, now_ms};
 use serde_json::{Value, json};
 
-use super::{ArtifactManifest, is_terminal};
+use super::ArtifactManifest;
 use crate::error::{ApiError, ApiResult};
 use crate::model::*;
 use crate::state::{RunSecrets, Shared};
@@ -116,14 +117,19 @@ pub async fn load(state: &Shared, caller: &Caller, id: &str) -> ApiResult<(Build
 /// Rewrites a terminal build's record (e.g. the collector marking its
 /// artifacts gone); never a live build's.
 pub async fn save(state: &Shared, rec: &mut BuildRecord) -> ApiResult<bool> {
-    if !is_terminal(&rec.status) {
+    if !rec.status.is_terminal() {
         return Ok(false);
     }
     rec.updated_at = iso(now_ms());
     let json = serde_json::to_string(rec).map_err(ApiError::internal)?;
     Ok(state
         .store
-        .update_build(&rec.build_id, &rec.status, &json, &[rec.status.as_str()])
+        .update_build(
+            &rec.build_id,
+            rec.status.as_str(),
+            &json,
+            &[rec.status.as_str()],
+        )
         .await?)
 }
 
@@ -204,7 +210,7 @@ pub async fn create(
         template_id: template_id.clone(),
         name: name.clone(),
         tags: p.tags.clone(),
-        status: "waiting".into(),
+        status: Status::Waiting,
         created_at: now.clone(),
         updated_at: now.clone(),
         // The ref this build's tags will make resolvable (`default` first,
@@ -269,7 +275,7 @@ pub async fn create(
         id: id.clone(),
         namespace: caller.namespace.clone(),
         template_id,
-        status: rec.status.clone(),
+        status: rec.status.as_str().into(),
         source_type: rec.source_type.clone(),
         backend: p.backend.as_str().into(),
         created_at: now_ms(),
@@ -334,7 +340,7 @@ fn describe_source(source: &Source) -> String {
 ///
 /// [`Store::transition`]: nullspace_store::Store::transition
 struct Write<'a> {
-    from: &'a [&'a str],
+    from: &'a [Status],
     writer: Writer<'a>,
     entry: Option<LogEntry>,
     tags: &'a [(&'a str, &'a str)],
@@ -342,27 +348,28 @@ struct Write<'a> {
 }
 
 async fn write(state: &Shared, rec: &mut BuildRecord, w: Write<'_>) -> bool {
+    let from: Vec<&str> = w.from.iter().map(|s| s.as_str()).collect();
     rec.updated_at = iso(now_ms());
     let Ok(json) = serde_json::to_string(rec) else {
         return false;
     };
     let make = w.entry.as_ref().map(|e| move |o: i64| entry_json(e, o));
     let t = Transition {
-        from: w.from,
+        from: &from,
         writer: w.writer,
-        status: &rec.status,
+        status: rec.status.as_str(),
         record: &json,
         owner: None,
         entry: make.as_ref().map(|f| f as &(dyn Fn(i64) -> String + Sync)),
         tags: w.tags,
         cache: w.cache,
-        finished_at: is_terminal(&rec.status).then(now_ms),
+        finished_at: rec.status.is_terminal().then(now_ms),
     };
     match state.store.transition(&rec.build_id, &t).await {
         Ok(done) => {
             if done {
                 state.hub.notify(&rec.build_id);
-                if is_terminal(&rec.status) {
+                if rec.status.is_terminal() {
                     state
                         .secrets
                         .lock()
@@ -445,7 +452,7 @@ pub async fn fail_detail(
     e.total_steps = total_steps.filter(|_| detail.step_index.is_some());
     e.error_detail = Some(detail.clone());
     let now = now_ms();
-    rec.status = "error".into();
+    rec.status = Status::Error;
     rec.error = Some(message.clone());
     rec.error_detail = Some(detail);
     rec.failure_phase = Some(phase);
@@ -464,7 +471,7 @@ pub async fn fail_detail(
         state,
         rec,
         Write {
-            from: &["waiting", "building"],
+            from: &[Status::Waiting, Status::Building],
             writer,
             entry: Some(e),
             tags: &[],
@@ -492,18 +499,18 @@ pub async fn cancel(
     reason: Option<String>,
 ) -> ApiResult<BuildRecord> {
     let (row, rec) = load(state, caller, id).await?;
-    if is_terminal(&rec.status) {
+    if rec.status.is_terminal() {
         return Ok(rec);
     }
     state
         .store
         .request_cancel(id, &caller.key_id, reason.as_deref(), now_ms())
         .await?;
-    if row.status == "waiting" {
+    if row.status == Status::Waiting.as_str() {
         // Any server may end a waiting build; the claim query skips builds
         // with a cancel request, and the write is conditional on `waiting`.
         let (_, mut fresh) = load(state, caller, id).await?;
-        finish_cancelled(state, Writer::Anyone, &mut fresh, &["waiting"]).await;
+        finish_cancelled(state, Writer::Anyone, &mut fresh, &[Status::Waiting]).await;
     }
     if let Some(h) = state.running.lock().expect("running lock").get(id) {
         h.stop(super::StopReason::Cancel);
@@ -518,7 +525,7 @@ pub async fn finish_cancelled(
     state: &Shared,
     writer: Writer<'_>,
     rec: &mut BuildRecord,
-    from: &[&str],
+    from: &[Status],
 ) -> bool {
     let msg = match &rec.cancellation_reason {
         Some(r) => format!("build cancelled: {r}"),
@@ -527,7 +534,7 @@ pub async fn finish_cancelled(
     let mut e = entry(rec, "cancelled", "warn", msg);
     e.phase = Some("cleanup".into());
     let now = now_ms();
-    rec.status = "cancelled".into();
+    rec.status = Status::Cancelled;
     rec.finished_at = Some(iso(now));
     rec.duration_ms = started_ms(rec).map(|s| now - s);
     rec.artifact_availability = Availability {
@@ -564,7 +571,7 @@ pub async fn requeue(state: &Shared, writer: Writer<'_>, rec: &mut BuildRecord, 
         format!("{why}; the build is queued again"),
     );
     e.phase = Some("preparing".into());
-    rec.status = "waiting".into();
+    rec.status = Status::Waiting;
     rec.started_at = None;
     rec.engine = None;
     rec.cache_summary = CacheSummary::default();
@@ -572,7 +579,7 @@ pub async fn requeue(state: &Shared, writer: Writer<'_>, rec: &mut BuildRecord, 
         state,
         rec,
         Write {
-            from: &["building"],
+            from: &[Status::Building],
             writer,
             entry: Some(e),
             tags: &[],
@@ -593,10 +600,11 @@ pub async fn hand_back(
     why: &str,
 ) -> bool {
     let def: Definition = serde_json::from_str(&row.definition).unwrap_or_default();
-    if row.status == "building" && !needs_credentials(&def) {
+    let building = row.status == Status::Building.as_str();
+    if building && !needs_credentials(&def) {
         return requeue(state, writer, rec, why).await;
     }
-    let msg = if row.status == "building" {
+    let msg = if building {
         format!("{why} while this build was running")
     } else {
         format!("{why} before this build started, and its credentials were not persisted")
@@ -674,7 +682,7 @@ pub async fn finish_ready(
     end.result_metadata =
         Some(json!({"runtime_defaults": rec.runtime_defaults, "oci_metadata": rec.oci_metadata}));
     let now = now_ms();
-    rec.status = "ready".into();
+    rec.status = Status::Ready;
     rec.finished_at = Some(iso(now));
     rec.duration_ms = started_ms(rec).map(|s| now - s);
     let template_id = rec.template_id.clone();
@@ -688,7 +696,7 @@ pub async fn finish_ready(
         state,
         rec,
         Write {
-            from: &["building"],
+            from: &[Status::Building],
             writer: Writer::Owner(owner),
             entry: Some(end),
             tags: &tags,

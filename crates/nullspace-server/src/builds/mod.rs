@@ -20,6 +20,7 @@ pub mod execute;
 pub mod lifecycle;
 pub mod queue;
 
+use nullspace_model::build::status::BuildStatus as Status;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -35,10 +36,9 @@ pub use lifecycle::{
     save,
 };
 
-pub const TERMINAL: &[&str] = &["ready", "error", "cancelled"];
-
+/// Whether a stored status (a row's column) is terminal.
 pub fn is_terminal(status: &str) -> bool {
-    TERMINAL.contains(&status)
+    Status::parse(status).is_some_and(Status::is_terminal)
 }
 
 /// What a ready build produced, stored in the artifact store (runtime env

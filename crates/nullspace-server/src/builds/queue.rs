@@ -9,6 +9,7 @@
 //!
 //! [`Config::lease`]: crate::state::Config::lease
 
+use nullspace_model::build::status::BuildStatus as Status;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,7 +61,7 @@ async fn next_build(state: &Shared) -> ApiResult<Option<(String, i64)>> {
             continue;
         };
         let mut rec = parse_record(&row)?;
-        rec.status = "building".into();
+        rec.status = Status::Building;
         rec.started_at = Some(iso(now_ms()));
         rec.updated_at = iso(now_ms());
         let json = serde_json::to_string(&rec).map_err(ApiError::internal)?;
@@ -184,11 +185,11 @@ async fn run_inner(state: &Shared, id: &str, attempt: i64, handle: &RunHandle) {
                 rec.cancel_requested_by = stored.cancel_requested_by;
                 rec.cancellation_reason = stored.cancellation_reason;
             }
-            finish_cancelled(state, Writer::Owner(owner), &mut rec, &["building"]).await
+            finish_cancelled(state, Writer::Owner(owner), &mut rec, &[Status::Building]).await
         }
         (Err(Failure::Failed { .. }), Some(StopReason::Cancel)) => {
             // A step that failed because it was killed: the cancel wins.
-            finish_cancelled(state, Writer::Owner(owner), &mut rec, &["building"]).await
+            finish_cancelled(state, Writer::Owner(owner), &mut rec, &[Status::Building]).await
         }
         (
             Err(Failure::Failed {
