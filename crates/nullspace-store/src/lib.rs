@@ -11,6 +11,9 @@
 //! Nothing here may ever hold a secret value; callers sanitize first.
 
 pub mod artifacts;
+pub mod machines;
+
+pub use machines::{Inserted, MachineRow, SnapshotRow};
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
@@ -153,7 +156,7 @@ impl Store {
                 .execute(&pool)
                 .await?;
         }
-        for stmt in SCHEMA {
+        for stmt in SCHEMA.iter().chain(machines::SCHEMA) {
             sqlx::query(stmt).execute(&pool).await?;
         }
         Ok(Store { pool, backend })
