@@ -1012,7 +1012,10 @@ async fn resolve_base(
             .await;
             let source = SourceRef::parse(image_ref)
                 .map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
-            if !matches!(source, SourceRef::Registry(_)) {
+            // The one local source: the server's own base image layout.
+            if !matches!(source, SourceRef::Registry(_))
+                && image_ref != &crate::base::source_ref(state)
+            {
                 return Err(failed(
                     "prepare",
                     format!("base_image {image_ref:?} must be a registry reference"),

@@ -8,14 +8,20 @@
 //! - State lives in `nullspace-store` (SQLite in the data directory, or
 //!   Postgres), artifacts in its content-addressed store.
 
+pub mod base;
 pub mod builds;
 pub mod error;
+pub mod guest;
 pub mod http;
+pub mod machine_api;
+pub mod machine_model;
+pub mod machines;
 pub mod model;
 pub mod native;
 pub mod openapi;
 pub mod plan;
 pub mod refs;
+pub mod runtime;
 pub mod state;
 pub mod templates;
 pub mod validate;
@@ -70,6 +76,10 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
             Err(e) => return Err(anyhow_like::Error(format!("build VM: {e}"))),
         },
     };
+    let machines = Arc::new(runtime::Runtime::open(
+        &config.data_dir,
+        config.machine_limits,
+    )?);
     let state = Arc::new(AppState {
         cache_dir: config.data_dir.join("cache"),
         work_dir,
@@ -85,6 +95,7 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
         wake: Default::default(),
         cancels: Default::default(),
         secrets: Default::default(),
+        machines,
     });
     builds::recover(&state)
         .await
@@ -107,8 +118,19 @@ async fn start_vmm(config: &Config) -> Result<nullspace_vm::QemuVmm, nullspace_v
 }
 
 /// Serves the API on `listener` with `config.workers` build workers.
+///
+/// First the machines of this node are reconciled with their VMs
+/// ([`machines::recover`]); then timeouts are enforced in the background,
+/// and the base template is built if it is missing. Machines keep running
+/// when the server stops (whatever the signal): the next start takes them
+/// over.
 pub async fn serve(state: Shared, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    machines::recover(&state)
+        .await
+        .map_err(|e| std::io::Error::other(format!("recovering machines: {}", e.message)))?;
+    machines::spawn_reaper(state.clone());
     builds::spawn_workers(state.clone(), state.config.workers);
+    base::ensure(&state).await;
     axum::serve(listener, http::router(state)).await
 }
 

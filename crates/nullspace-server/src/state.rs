@@ -36,6 +36,8 @@ pub struct Config {
     /// host's loopback services, which hostile build steps must not see
     /// unless the operator accepts that.
     pub build_vm_network: bool,
+    /// How many machines (and how much guest memory) this server runs.
+    pub machine_limits: crate::runtime::Limits,
 }
 
 impl Config {
@@ -50,6 +52,7 @@ impl Config {
             build_vm: BuildVm::Off,
             init_bin: None,
             build_vm_network: false,
+            machine_limits: crate::runtime::Limits::default_for_host(),
         }
     }
 }
@@ -118,6 +121,8 @@ pub struct AppState {
     pub wake: Notify,
     pub cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     pub secrets: Mutex<HashMap<String, RunSecrets>>,
+    /// The machines this server (node) runs.
+    pub machines: Arc<crate::runtime::Runtime>,
 }
 
 pub type Shared = Arc<AppState>;

@@ -195,6 +195,15 @@ pub async fn resolve_artifact(
             rec.build_id, rec.status
         )));
     }
+    manifest_of(state, &rec, &raw).await
+}
+
+/// The artifact manifest of a ready build (`raw`: the ref, for errors).
+pub async fn manifest_of(
+    state: &Shared,
+    rec: &BuildRecord,
+    raw: &str,
+) -> ApiResult<ArtifactManifest> {
     let digest = rec
         .artifact_ids
         .first()

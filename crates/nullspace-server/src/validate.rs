@@ -56,7 +56,8 @@ pub struct Engines {
     pub available: Vec<String>,
 }
 
-fn env_key_ok(k: &str) -> bool {
+/// `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn env_key_ok(k: &str) -> bool {
     !k.is_empty()
         && !k.as_bytes()[0].is_ascii_digit()
         && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')

@@ -12,6 +12,7 @@ pub mod error;
 pub mod init_binary;
 pub mod initramfs;
 pub mod kernel;
+pub mod machine;
 pub mod qemu;
 pub mod qmp;
 pub mod readiness;

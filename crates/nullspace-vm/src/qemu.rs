@@ -209,7 +209,7 @@ pub struct QemuVm {
     pub ready_ms: u128,
 }
 
-fn machine_args(meta: &VmMeta, dir: &Path, initrd: &Path, drive: &str) -> Vec<String> {
+pub(crate) fn machine_args(meta: &VmMeta, dir: &Path, initrd: &Path, drive: &str) -> Vec<String> {
     let mut a: Vec<String> = vec!["-M".into(), "microvm".into()];
     a.extend(meta.accel.args().iter().map(|s| s.to_string()));
     a.extend([
