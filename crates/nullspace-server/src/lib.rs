@@ -33,8 +33,9 @@ use nullspace_store::artifacts::Artifacts;
 
 pub use state::{AppState, BuildVm, Config, Shared};
 
-/// Opens the data directory and the database, and recovers builds that
-/// were interrupted by a stop.
+/// Opens the data directory and the database. Recovery (interrupted
+/// builds, machines) is [`serve`]'s: `nullspace keys create` opens the same
+/// directory while a server runs, and must not touch its work.
 pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
     std::fs::create_dir_all(&config.data_dir)?;
     let url = config
@@ -97,9 +98,6 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
         secrets: Default::default(),
         machines,
     });
-    builds::recover(&state)
-        .await
-        .map_err(|e| anyhow_like::Error(e.message))?;
     Ok(state)
 }
 
@@ -125,6 +123,9 @@ async fn start_vmm(config: &Config) -> Result<nullspace_vm::QemuVmm, nullspace_v
 /// when the server stops (whatever the signal): the next start takes them
 /// over.
 pub async fn serve(state: Shared, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    builds::recover(&state)
+        .await
+        .map_err(|e| std::io::Error::other(format!("recovering builds: {}", e.message)))?;
     machines::recover(&state)
         .await
         .map_err(|e| std::io::Error::other(format!("recovering machines: {}", e.message)))?;

@@ -114,6 +114,67 @@ impl Server {
         r.stdout.trim().to_string()
     }
 
+    /// The server's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM, then waits for the server to exit (a normal stop).
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again (after [`Server::terminate`] or [`Server::kill`]).
+    pub fn start_again(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// QEMU processes of this server's machines: those whose command line
+    /// names this data directory (never another test's VMs).
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        let needle = std::fs::canonicalize(&self.data_dir)
+            .unwrap_or_else(|_| self.data_dir.clone())
+            .display()
+            .to_string();
+        let mut pids = vec![];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let zombie = std::fs::read_to_string(e.path().join("stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true);
+            if cmd.contains("qemu-system") && cmd.contains(&needle) && !zombie {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     /// Kills the server without a chance to clean up (a crash).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -131,6 +192,14 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+        // Machines outlive their server by design; a test that failed
+        // before ending them must not leave them behind. Only this
+        // server's QEMU processes (named by its data directory).
+        for pid in self.qemu_pids() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
     }
 }
 
@@ -222,9 +291,50 @@ pub fn sdk_python() -> PathBuf {
     root
 }
 
+/// A published SDK version, each in its venv (made by scripts/deps.sh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sdk {
+    /// 0.1.9: `Sandbox`, `/v1/sandboxes`, `SandboxError`.
+    V0_1_9,
+    /// 1.0.3: `Machine`, `/v1/machines`, `MachineError`.
+    V1_0_3,
+}
+
+impl Sdk {
+    pub fn python(self) -> PathBuf {
+        match self {
+            Sdk::V0_1_9 => sdk_python(),
+            Sdk::V1_0_3 => {
+                if let Ok(p) = std::env::var("NULLSPACE_SDK1_PYTHON") {
+                    return PathBuf::from(p);
+                }
+                let p =
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/sdk1-venv/bin/python");
+                assert!(
+                    p.exists(),
+                    "{} missing: run scripts/deps.sh (it installs nullspace-sdk==1.0.3)",
+                    p.display()
+                );
+                p
+            }
+        }
+    }
+}
+
 /// Runs a Python script with the SDK pointed at `server` with `key`.
 pub fn run_sdk(server: &Server, key: &str, script: &str, env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(sdk_python());
+    run_sdk_version(Sdk::V0_1_9, server, key, script, env)
+}
+
+/// [`run_sdk`] with a given SDK version.
+pub fn run_sdk_version(
+    sdk: Sdk,
+    server: &Server,
+    key: &str,
+    script: &str,
+    env: &[(&str, &str)],
+) -> Run {
+    let mut cmd = Command::new(sdk.python());
     cmd.arg("-c")
         .arg(script)
         .env("NULLSPACE_API_URL", &server.url)

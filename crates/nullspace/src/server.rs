@@ -57,6 +57,13 @@ pub struct ServeArgs {
     /// (QEMU user networking: this also reaches the host's loopback services).
     #[arg(long, env = "NULLSPACE_BUILD_VM_NETWORK")]
     build_vm_network: bool,
+    /// Machines this server runs at once (restoring ones included).
+    #[arg(long, env = "NULLSPACE_MAX_MACHINES", default_value_t = 64)]
+    max_machines: usize,
+    /// Guest memory (MiB) this server's machines may use in all
+    /// [default: three quarters of the host's memory].
+    #[arg(long, env = "NULLSPACE_MAX_MACHINE_MEMORY_MB")]
+    max_machine_memory_mb: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -103,6 +110,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     };
     config.init_bin = a.init_bin;
     config.build_vm_network = a.build_vm_network;
+    config.machine_limits.max_machines = a.max_machines;
+    if let Some(m) = a.max_machine_memory_mb {
+        config.machine_limits.max_memory_mb = m;
+    }
     runtime()?.block_on(async move {
         let state = nullspace_server::open(config)
             .await
