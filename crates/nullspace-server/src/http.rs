@@ -208,7 +208,7 @@ macro_rules! machine_routes {
             .to(machine_api::list::<{ $f }>),
             Op::get(concat!($p, "/{id}"), "Get a machine")
                 .query(FIELDS_ONLY_M)
-                .reply::<mm::MachineInfo>(200)
+                .reply_with(200, machine_masked_schema)
                 .to(machine_api::get::<{ $f }>),
             Op::delete(concat!($p, "/{id}"), "Destroy a machine")
                 .reply::<mm::Destroyed>(200)
@@ -487,6 +487,23 @@ fn any_object_schema(_: &mut SchemaGenerator) -> Schema {
 fn template_masked_schema(g: &mut SchemaGenerator) -> Schema {
     let info = serde_json::Value::from(g.subschema_for::<TemplateInfo>());
     schemars::json_schema!({"anyOf": [info, {"type": "object", "description": "with `fields`: only those keys"}]})
+}
+
+/// A `MachineInfo`, or with `fields` only the named keys of one.
+fn machine_masked_schema(g: &mut SchemaGenerator) -> Schema {
+    let info = serde_json::Value::from(g.subschema_for::<crate::machine_model::MachineInfo>());
+    schemars::json_schema!({"anyOf": [info, {"type": "object", "description": "with `fields`: only those keys"}]})
+}
+
+fn machine_page_schema(g: &mut SchemaGenerator) -> Schema {
+    let page = serde_json::Value::from(g.subschema_for::<crate::machine_model::MachinePage>());
+    let item = serde_json::Value::from(machine_masked_schema(g));
+    schemars::json_schema!({"anyOf": [page, {
+        "type": "object",
+        "description": "with `fields`: items with only those keys",
+        "properties": {"items": {"type": "array", "items": item}, "has_next": {"type": "boolean"}, "next_token": {"type": "string"}},
+        "required": ["items", "has_next"],
+    }]})
 }
 
 fn template_list_schema(g: &mut SchemaGenerator) -> Schema {

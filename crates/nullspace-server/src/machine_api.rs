@@ -428,9 +428,17 @@ pub async fn ws<const F: u8>(
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let f = flavor(F);
+    // A plain GET gets the API's JSON error, not the extractor's text.
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("this endpoint is a WebSocket: {e}"),
+        )
+    })?;
     match q.get("channel").map(String::as_str) {
         Some("exec") => {}
         other => {
