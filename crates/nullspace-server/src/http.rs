@@ -204,7 +204,7 @@ macro_rules! machine_routes {
                 "List machines (running and paused unless `state` says otherwise)",
             )
             .query(MACHINE_LIST)
-            .reply::<mm::MachinePage>(200)
+            .reply_with(200, machine_page_schema)
             .to(machine_api::list::<{ $f }>),
             Op::get(concat!($p, "/{id}"), "Get a machine")
                 .query(FIELDS_ONLY_M)
