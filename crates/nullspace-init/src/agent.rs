@@ -1,46 +1,202 @@
-//! The guest agent on the virtio-serial port `nullspace.agent`.
+//! The guest agent on the virtio-serial port `nullspace.agent`: the protocol
+//! of `nullspace_model::agent` (read its module doc for the ops, framing,
+//! flow control and sessions).
 //!
-//! Protocol: newline-delimited JSON, one object per line, both directions
-//! (byte fields are base64, so a line never contains a raw newline). Every
-//! request carries a numeric `id` and an `op`; every reply line carries the
-//! same `id` and a `type`:
+//! The read loop parses one line at a time (at most `MAX_LINE`; a longer
+//! line is discarded up to its newline without being buffered), answers
+//! `hello`, `ack` and `cancel` inline and runs every other request on a
+//! thread of its own, at most [`MAX_REQUEST_THREADS`] at once (beyond that
+//! the answer is `error {code: busy}`). Replies are whole lines written
+//! under one lock, so lines of concurrent requests never mix.
 //!
-//! | op | fields | replies |
-//! |---|---|---|
-//! | `ping` | | `ok` |
-//! | `info` | | `ok {start:{pid, started_unix_ms, running, exit_code, signal, spawn_error, output}, uptime_ms, hostname}` |
-//! | `exec` | `argv: [..]` or `cmd: "sh line"`, `env`, `cwd`, `user`, `stdin` (b64), `timeout_ms` | `stdout`/`stderr {data}`* then `exit {code, signal, timed_out}` |
-//! | `write_file` | `path`, `data` (b64), `mode`, `append`, `exact_mode` (chmod to `mode`, ignoring the umask) | `ok {bytes}` |
-//! | `read_file` | `path` | `ok {data}` |
-//! | `start` | `cmd` (optional), `env`, `user`, `workdir`: replace the runtime defaults, then start `cmd` as the supervised start command (what `info` reports) | `ok {pid}` |
-//! | `probe` | `probe: {kind: tcp|http|command, port, host, path, cmd}`, `timeout_ms` | `ok {ready, detail}` |
-//! | `set_time` | `unix_ns`: sets `CLOCK_REALTIME` (the host sends its time after a restore) | `ok {previous_unix_ns}` |
-//!
-//! Failures are `error {message}`. Lines are self-delimiting, so after the
-//! host drops the connection (or a snapshot is restored behind a new QEMU
-//! and a new socket) the next good line resynchronises: the guest keeps the
-//! port open, treats EOF/POLLHUP as "host gone", discards any partial line
-//! and waits for the host to come back.
+//! The port stays open across hosts: EOF/POLLHUP means "host gone" (the
+//! partial line is dropped and a new session begins), and a restored
+//! snapshot's guest simply waits for the next host.
 
-use crate::b64;
 use crate::procs::{self, Exit, State};
-use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use nullspace_model::agent::{
+    self as proto, AgentInfo, ErrorCode, Event, MAX_LINE, Op, PROTOCOL_VERSION, ProbeSpec, Reply,
+    Request, STREAM_WINDOW, StartInfo, StartSpec,
+};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-type Out = Arc<Mutex<File>>;
+/// Requests served at once (each on its own thread). Foreground execs and
+/// attaches hold theirs while they stream.
+pub const MAX_REQUEST_THREADS: usize = 64;
+/// Stack of a request thread (file ops, probes, exec supervision).
+const REQUEST_STACK: usize = 512 << 10;
 
-fn send(out: &Out, v: Value) {
-    let mut line = v.to_string();
-    line.push('\n');
-    let mut f = out.lock().unwrap();
-    if let Err(e) = f.write_all(line.as_bytes()) {
-        crate::log(&format!("agent write: {e}"));
+/// A request's failure: the final `error` event's code and message.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: clip(&message.into(), 4096).to_string(),
+        }
+    }
+
+    pub fn bad(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorCode::BadRequest, message)
+    }
+
+    /// `what: error`, coded by the error's kind.
+    pub fn io(what: &str, e: std::io::Error) -> Failure {
+        Failure::new(ErrorCode::of_io(e.kind()), format!("{what}: {e}"))
+    }
+
+    fn event(self) -> Event {
+        Event::error(self.code, self.message)
+    }
+}
+
+pub type Outcome = Result<Event, Failure>;
+
+/// At most `max` bytes of `s`, cut at a char boundary.
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut i = max;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    &s[..i]
+}
+
+/// The connection: the writer, the session generation, live requests.
+pub struct Conn {
+    out: Mutex<File>,
+    session: AtomicU64,
+    reqs: Mutex<HashMap<u64, Arc<Ctl>>>,
+    active: AtomicUsize,
+}
+
+/// One live request's control block: its session, cancellation, stream credit.
+pub struct Ctl {
+    id: u64,
+    session: u64,
+    cancelled: AtomicBool,
+    /// Stream bytes sent and not yet acknowledged.
+    unacked: Mutex<usize>,
+    cv: Condvar,
+    /// Process group to kill on cancel (a foreground exec's).
+    pub kill_pgid: Mutex<Option<u32>>,
+}
+
+/// Sends a request's events.
+#[derive(Clone)]
+pub struct Resp {
+    conn: Arc<Conn>,
+    ctl: Arc<Ctl>,
+}
+
+impl Resp {
+    /// The host still wants this request's events (same session, not cancelled).
+    pub fn live(&self) -> bool {
+        !self.ctl.cancelled.load(Ordering::SeqCst)
+            && self.ctl.session == self.conn.session.load(Ordering::SeqCst)
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.ctl.cancelled.load(Ordering::SeqCst)
+    }
+
+    pub fn ctl(&self) -> &Ctl {
+        &self.ctl
+    }
+
+    /// Sends an event; false when the host no longer wants it.
+    pub fn send(&self, event: Event) -> bool {
+        if !self.live() {
+            return false;
+        }
+        self.conn.write(&Reply {
+            id: self.ctl.id,
+            event,
+        });
+        true
+    }
+
+    /// Sends stream data, first waiting until the request's unacknowledged
+    /// stream bytes leave room in the window. False (nothing sent) when the
+    /// host no longer wants it.
+    pub fn send_stream(&self, event: Event) -> bool {
+        let n = event.stream_bytes();
+        let mut unacked = self.ctl.unacked.lock().unwrap();
+        loop {
+            if !self.live() {
+                return false;
+            }
+            if *unacked == 0 || *unacked + n <= STREAM_WINDOW {
+                break;
+            }
+            unacked = self
+                .ctl
+                .cv
+                .wait_timeout(unacked, Duration::from_millis(200))
+                .unwrap()
+                .0;
+        }
+        *unacked += n;
+        drop(unacked);
+        self.send(event)
+    }
+}
+
+impl Conn {
+    fn write(&self, reply: &Reply) {
+        let mut line = proto::to_line(reply);
+        if line.len() > MAX_LINE {
+            // Every event is bounded by construction; this is the backstop.
+            line = proto::to_line(&Reply {
+                id: reply.id,
+                event: Event::error(
+                    ErrorCode::Io,
+                    format!("reply of {} bytes exceeds the line limit", line.len()),
+                ),
+            });
+        }
+        let mut f = self.out.lock().unwrap();
+        if let Err(e) = f.write_all(&line) {
+            crate::log(&format!("agent write: {e}"));
+        }
+    }
+
+    /// A new session: requests of the old one stop streaming.
+    fn new_session(&self) {
+        self.session.fetch_add(1, Ordering::SeqCst);
+        for ctl in self.reqs.lock().unwrap().values() {
+            ctl.cv.notify_all();
+        }
+    }
+
+    fn ack(&self, target: u64, bytes: u64) {
+        if let Some(ctl) = self.reqs.lock().unwrap().get(&target) {
+            let mut u = ctl.unacked.lock().unwrap();
+            *u = u.saturating_sub(bytes as usize);
+            ctl.cv.notify_all();
+        }
+    }
+
+    fn cancel(&self, target: u64) {
+        if let Some(ctl) = self.reqs.lock().unwrap().get(&target) {
+            ctl.cancelled.store(true, Ordering::SeqCst);
+            if let Some(pgid) = *ctl.kill_pgid.lock().unwrap() {
+                crate::exec::kill_group(pgid, 9);
+            }
+            ctl.cv.notify_all();
+        }
     }
 }
 
@@ -67,12 +223,10 @@ fn open_port(name: &str) -> File {
         if t.elapsed() > Duration::from_secs(10) {
             // Fallback: the first virtio console, in raw mode.
             if let Ok(f) = File::options().read(true).write(true).open("/dev/hvc0") {
-                unsafe {
-                    let mut t: libc::termios = std::mem::zeroed();
-                    if libc::tcgetattr(f.as_raw_fd(), &mut t) == 0 {
-                        libc::cfmakeraw(&mut t);
-                        libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t);
-                    }
+                if let Ok(mut t) = rustix::termios::tcgetattr(&f) {
+                    t.make_raw();
+                    let _ =
+                        rustix::termios::tcsetattr(&f, rustix::termios::OptionalActions::Now, &t);
                 }
                 crate::log("agent on /dev/hvc0");
                 return f;
@@ -82,393 +236,408 @@ fn open_port(name: &str) -> File {
     }
 }
 
+/// Splits the byte stream into lines of at most `MAX_LINE` bytes; longer
+/// lines are skipped up to their newline without being kept.
+struct Lines {
+    buf: Vec<u8>,
+    skipping: bool,
+}
+
+impl Lines {
+    fn push(&mut self, data: &[u8], on_line: &mut dyn FnMut(&[u8])) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    if !self.skipping {
+                        self.buf.extend_from_slice(&rest[..i]);
+                        if self.buf.len() < MAX_LINE {
+                            on_line(&self.buf);
+                        }
+                    }
+                    self.buf.clear();
+                    self.skipping = false;
+                    rest = &rest[i + 1..];
+                }
+                None => {
+                    if !self.skipping {
+                        self.buf.extend_from_slice(rest);
+                        if self.buf.len() >= MAX_LINE {
+                            crate::log("agent: request line over the limit, discarded");
+                            self.buf = Vec::new();
+                            self.skipping = true;
+                        }
+                    }
+                    rest = &[];
+                }
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.buf.clear();
+        self.skipping = false;
+    }
+}
+
 pub fn serve(state: State) -> ! {
     let port = open_port(&state.cfg.agent_port);
-    let out: Out = Arc::new(Mutex::new(port.try_clone().expect("dup agent port")));
+    let conn = Arc::new(Conn {
+        out: Mutex::new(port.try_clone().expect("dup agent port")),
+        session: AtomicU64::new(0),
+        reqs: Mutex::new(HashMap::new()),
+        active: AtomicUsize::new(0),
+    });
     let mut input = port;
-    let mut buf: Vec<u8> = Vec::new();
+    let mut lines = Lines {
+        buf: Vec::new(),
+        skipping: false,
+    };
     let mut chunk = vec![0u8; 64 * 1024];
+    let mut hung_up = false;
     loop {
-        let mut pfd = libc::pollfd {
-            fd: input.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        use rustix::event::{PollFd, PollFlags};
+        let mut fds = [PollFd::new(&input, PollFlags::IN)];
+        let timeout = rustix::time::Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
         };
-        let r = unsafe { libc::poll(&mut pfd, 1, 1000) };
-        if r <= 0 {
-            continue;
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(n) if n > 0 => {}
+            _ => continue,
         }
-        if pfd.revents & libc::POLLIN == 0 {
+        let revents = fds[0].revents();
+        if !revents.contains(PollFlags::IN) {
             // POLLHUP: no host connected. Drop any partial request.
-            buf.clear();
+            lines.reset();
+            if !hung_up {
+                hung_up = true;
+                conn.new_session();
+            }
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
+        hung_up = false;
         match input.read(&mut chunk) {
             Ok(0) => {
-                buf.clear();
+                lines.reset();
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                while let Some(i) = buf.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=i).collect();
-                    handle_line(&state, &out, &line);
-                }
-                if buf.len() > 64 << 20 {
-                    buf.clear();
-                }
-            }
+            Ok(n) => lines.push(&chunk[..n], &mut |line| handle_line(&state, &conn, line)),
             Err(e) => {
                 crate::log(&format!("agent read: {e}"));
-                buf.clear();
+                lines.reset();
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
     }
 }
 
-fn handle_line(state: &State, out: &Out, line: &[u8]) {
-    let req: Value = match serde_json::from_slice(line) {
-        Ok(v) => v,
-        Err(_) => return, // resync garbage (e.g. half a line from an old session)
-    };
-    let id = req.get("id").cloned().unwrap_or(Value::Null);
-    let op = req
-        .get("op")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let (state, out) = (state.clone(), out.clone());
-    let run = move || {
-        let res = match op.as_str() {
-            "ping" => Ok(json!({"pong": true})),
-            "info" => Ok(info(&state)),
-            "exec" => exec(&state, &out, &id, &req).map(|_| Value::Null),
-            "write_file" => write_file(&req),
-            "read_file" => read_file(&req),
-            "probe" => probe(&state, &req),
-            "start" => start(&state, &req),
-            "set_time" => set_time(&req),
-            other => Err(format!("unknown op {other:?}")),
-        };
-        match res {
-            Ok(Value::Null) => {}
-            Ok(mut v) => {
-                v["id"] = id;
-                v["type"] = json!("ok");
-                send(&out, v);
+fn handle_line(state: &State, conn: &Arc<Conn>, line: &[u8]) {
+    let req = match proto::parse_request(line) {
+        Ok(r) => r,
+        Err(e) => {
+            // Garbage without an id (e.g. half a line from an old session)
+            // gets no answer.
+            if let Some(r) = e.reply() {
+                conn.write(&r);
             }
-            Err(m) => send(&out, json!({"id": id, "type": "error", "message": m})),
+            return;
         }
     };
-    std::thread::spawn(run);
+    let Request { id, op } = req;
+    match op {
+        Op::Ack { target, bytes } => return conn.ack(target, bytes),
+        Op::Cancel { target } => return conn.cancel(target),
+        Op::Hello { protocol } => {
+            conn.new_session();
+            if protocol != PROTOCOL_VERSION {
+                crate::log(&format!(
+                    "host speaks agent protocol {protocol}, this agent {PROTOCOL_VERSION}"
+                ));
+            }
+            return conn.write(&Reply {
+                id,
+                event: Event::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    agent: env!("CARGO_PKG_VERSION").to_string(),
+                },
+            });
+        }
+        _ => {}
+    }
+    if conn.active.fetch_add(1, Ordering::SeqCst) >= MAX_REQUEST_THREADS {
+        conn.active.fetch_sub(1, Ordering::SeqCst);
+        return conn.write(&Reply {
+            id,
+            event: Event::error(
+                ErrorCode::Busy,
+                format!("{} requests in progress; retry later", MAX_REQUEST_THREADS),
+            ),
+        });
+    }
+    let ctl = Arc::new(Ctl {
+        id,
+        session: conn.session.load(Ordering::SeqCst),
+        cancelled: AtomicBool::new(false),
+        unacked: Mutex::new(0),
+        cv: Condvar::new(),
+        kill_pgid: Mutex::new(None),
+    });
+    conn.reqs.lock().unwrap().insert(id, ctl.clone());
+    let resp = Resp {
+        conn: conn.clone(),
+        ctl,
+    };
+    let state = state.clone();
+    let spawned = std::thread::Builder::new()
+        .stack_size(REQUEST_STACK)
+        .spawn({
+            let resp = resp.clone();
+            move || run(&state, &resp, op)
+        });
+    if let Err(e) = spawned {
+        finish(
+            &resp,
+            Err(Failure::new(ErrorCode::Busy, format!("thread: {e}"))),
+        );
+    }
 }
 
-fn info(state: &State) -> Value {
+fn run(state: &State, resp: &Resp, op: Op) {
+    let out = dispatch(state, resp, op);
+    finish(resp, out);
+}
+
+/// Sends the final event and forgets the request.
+fn finish(resp: &Resp, out: Outcome) {
+    let event = match out {
+        Ok(e) => e,
+        Err(f) => f.event(),
+    };
+    let event = if resp.cancelled() {
+        Event::error(ErrorCode::Cancelled, "cancelled by the host")
+    } else {
+        event
+    };
+    // A cancelled request's end still goes out (the host ignores it); only
+    // a dead session's is dropped.
+    if resp.ctl.session == resp.conn.session.load(Ordering::SeqCst) {
+        resp.conn.write(&Reply {
+            id: resp.ctl.id,
+            event,
+        });
+    }
+    resp.conn.reqs.lock().unwrap().remove(&resp.ctl.id);
+    resp.conn.active.fetch_sub(1, Ordering::SeqCst);
+}
+
+fn dispatch(state: &State, resp: &Resp, op: Op) -> Outcome {
+    match op {
+        Op::Ping => Ok(Event::Pong),
+        Op::Info => Ok(Event::Info(info(state))),
+        Op::Exec(spec) => crate::exec::exec(state, resp, spec),
+        Op::Attach { pid, replay } => crate::exec::attach(state, resp, pid, replay),
+        Op::Processes => Ok(crate::exec::processes(state)),
+        Op::Output { pid } => crate::exec::output(state, resp, pid),
+        Op::Kill { pid, signal, group } => crate::exec::kill(state, pid, signal, group),
+        Op::WriteStdin { pid, data, eof } => crate::exec::write_stdin(state, pid, &data, eof),
+        Op::Stat { path, user } => crate::files::stat(state, &path, user.as_deref()),
+        Op::ListDir {
+            path,
+            depth,
+            user,
+            max_entries,
+        } => crate::files::list_dir(state, resp, &path, depth, user.as_deref(), max_entries),
+        Op::ReadFile {
+            path,
+            offset,
+            length,
+            user,
+        } => crate::files::read(state, &path, offset, length, user.as_deref()),
+        Op::WriteFile(spec) => crate::files::write(state, &spec),
+        Op::MakeDir {
+            path,
+            mode,
+            parents,
+            user,
+        } => crate::files::make_dir(state, &path, mode, parents, user.as_deref()),
+        Op::Remove {
+            path,
+            recursive,
+            user,
+        } => crate::files::remove(state, &path, recursive, user.as_deref()),
+        Op::Rename { from, to, user } => crate::files::rename(state, &from, &to, user.as_deref()),
+        Op::Chmod { path, mode, user } => crate::files::chmod(state, &path, mode, user.as_deref()),
+        Op::Start(spec) => start(state, spec),
+        Op::Probe { probe, timeout_ms } => Ok(probe_once(
+            state,
+            &probe,
+            Duration::from_millis(timeout_ms.unwrap_or(2000)),
+        )),
+        Op::SetTime { unix_ns } => set_time(unix_ns),
+        Op::Reseed { data } => reseed(&data),
+        // Answered inline by `handle_line`.
+        Op::Hello { .. } | Op::Ack { .. } | Op::Cancel { .. } => Ok(Event::Ok),
+    }
+}
+
+pub fn info(state: &State) -> AgentInfo {
     let st = state.start.lock().unwrap();
-    let (code, signal) = match st.exit {
-        Some(Exit::Code(c)) => (json!(c), Value::Null),
-        Some(Exit::Signal(s)) => (Value::Null, json!(s)),
-        None => (Value::Null, Value::Null),
+    let (exit_code, signal) = match st.exit {
+        Some(Exit::Code(c)) => (Some(c), None),
+        Some(Exit::Signal(s)) => (None, Some(s)),
+        None => (None, None),
     };
     let output: Vec<u8> = st.output.iter().copied().collect();
-    json!({
-        "start": {
-            "configured": st.configured,
-            "pid": st.pid,
-            "started_unix_ms": st.started_unix_ms as u64,
-            "running": st.pid.is_some() && st.exit.is_none(),
-            "exit_code": code,
-            "signal": signal,
-            "spawn_error": st.spawn_error,
-            "output": String::from_utf8_lossy(&output),
+    AgentInfo {
+        protocol: PROTOCOL_VERSION,
+        start: StartInfo {
+            configured: st.configured,
+            pid: st.pid,
+            started_unix_ms: st.started_unix_ms,
+            running: st.pid.is_some() && st.exit.is_none(),
+            exit_code,
+            signal,
+            spawn_error: st.spawn_error.clone(),
+            output: String::from_utf8_lossy(&output).to_string(),
         },
-        "uptime_ms": state.boot.elapsed().as_millis() as u64,
-        "hostname": state.cfg.hostname,
-    })
+        uptime_ms: state.boot.elapsed().as_millis() as u64,
+        hostname: state.cfg.hostname.clone(),
+    }
 }
 
 /// The `set_time` op: a restored snapshot's wall clock continues from the
 /// snapshot's time, so the host sends its own.
-fn set_time(req: &Value) -> Result<Value, String> {
-    let ns = req
-        .get("unix_ns")
-        .and_then(Value::as_u64)
-        .ok_or("set_time needs unix_ns")?;
-    let mut prev = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
+fn set_time(unix_ns: u64) -> Outcome {
+    use rustix::time::{ClockId, Timespec};
+    let prev = rustix::time::clock_gettime(ClockId::Realtime);
+    let ts = Timespec {
+        tv_sec: (unix_ns / 1_000_000_000) as i64,
+        tv_nsec: (unix_ns % 1_000_000_000) as _,
     };
-    let ts = libc::timespec {
-        tv_sec: (ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
-    };
-    // SAFETY: plain syscalls on valid, initialised timespecs.
-    let r = unsafe {
-        libc::clock_gettime(libc::CLOCK_REALTIME, &mut prev);
-        libc::clock_settime(libc::CLOCK_REALTIME, &ts)
-    };
-    if r != 0 {
-        return Err(format!(
-            "clock_settime: {}",
-            std::io::Error::last_os_error()
-        ));
+    rustix::time::clock_settime(ClockId::Realtime, ts)
+        .map_err(|e| Failure::new(ErrorCode::Io, format!("clock_settime: {e}")))?;
+    let prev_ns = (prev.tv_sec.max(0) as u64) * 1_000_000_000 + prev.tv_nsec as u64;
+    Ok(Event::Time {
+        previous_unix_ns: prev_ns,
+    })
+}
+
+/// `struct rand_pool_info` with room for the largest accepted seed.
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: i32,
+    buf_size: i32,
+    buf: [u8; proto::MAX_RESEED],
+}
+
+/// The `reseed` op: the host's fresh bytes go into the input pool with full
+/// credit (`RNDADDENTROPY`), then the CRNG is reseeded from it at once
+/// (`RNDRESEEDCRNG`), so clones of one snapshot diverge before anything
+/// reads randomness.
+fn reseed(data: &[u8]) -> Outcome {
+    use rustix::ioctl::{NoArg, Setter, opcode};
+    if !(proto::MIN_RESEED..=proto::MAX_RESEED).contains(&data.len()) {
+        return Err(Failure::bad(format!(
+            "reseed needs {}..={} bytes, got {}",
+            proto::MIN_RESEED,
+            proto::MAX_RESEED,
+            data.len()
+        )));
     }
-    let prev_ns = prev.tv_sec as u64 * 1_000_000_000 + prev.tv_nsec as u64;
-    Ok(json!({"previous_unix_ns": prev_ns}))
+    let mut pool = RandPoolInfo {
+        entropy_count: (data.len() * 8) as i32,
+        buf_size: data.len() as i32,
+        buf: [0; proto::MAX_RESEED],
+    };
+    pool.buf[..data.len()].copy_from_slice(data);
+    let dev = File::options()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| Failure::io("/dev/urandom", e))?;
+    const RNDADDENTROPY: rustix::ioctl::Opcode = opcode::write::<[i32; 2]>(b'R', 0x03);
+    const RNDRESEEDCRNG: rustix::ioctl::Opcode = opcode::none(b'R', 0x07);
+    // SAFETY: RNDADDENTROPY reads a `struct rand_pool_info` (two ints and
+    // `buf_size` bytes); `pool` is that layout and its buffer holds
+    // `buf_size` bytes.
+    unsafe { rustix::ioctl::ioctl(&dev, Setter::<RNDADDENTROPY, RandPoolInfo>::new(pool)) }
+        .map_err(|e| Failure::new(ErrorCode::Io, format!("RNDADDENTROPY: {e}")))?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    unsafe { rustix::ioctl::ioctl(&dev, NoArg::<RNDRESEEDCRNG>::new()) }
+        .map_err(|e| Failure::new(ErrorCode::Io, format!("RNDRESEEDCRNG: {e}")))?;
+    Ok(Event::Ok)
 }
 
 /// The `start` op: new runtime defaults (for the start command and every
 /// later exec, including in restored sandboxes), then the start command.
-fn start(state: &State, req: &Value) -> Result<Value, String> {
-    let opt = |k: &str| {
-        req.get(k)
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-    };
-    if let Some(u) = opt("user") {
-        crate::users::resolve(Some(&u))?;
+fn start(state: &State, spec: StartSpec) -> Outcome {
+    let opt = |s: Option<String>| s.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let user = opt(spec.user);
+    if let Some(u) = &user {
+        crate::users::resolve(Some(u)).map_err(Failure::bad)?;
     }
     {
         let mut d = state.defaults.lock().unwrap();
-        d.env = str_map(req.get("env"));
-        d.user = opt("user");
-        d.workdir = opt("workdir");
+        d.env = spec.env;
+        d.user = user;
+        d.workdir = opt(spec.workdir);
     }
-    match opt("cmd") {
+    match opt(spec.cmd) {
         Some(cmd) => {
-            let pid = procs::start_command(state, &cmd)?;
+            let pid = procs::start_command(state, &cmd)
+                .map_err(|e| Failure::new(ErrorCode::SpawnFailed, e))?;
             crate::log(&format!("start command running as pid {pid}"));
-            Ok(json!({"pid": pid}))
+            Ok(Event::Spawned { pid: Some(pid) })
         }
-        None => Ok(json!({"pid": null})),
+        None => Ok(Event::Spawned { pid: None }),
     }
-}
-
-fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
-    v.and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn argv_of(req: &Value) -> Result<Vec<String>, String> {
-    if let Some(a) = req.get("argv").and_then(Value::as_array) {
-        return a
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| "argv must be strings".to_string())
-            })
-            .collect();
-    }
-    if let Some(c) = req.get("cmd").and_then(Value::as_str) {
-        return Ok(vec!["/bin/sh".into(), "-c".into(), c.into()]);
-    }
-    Err("exec needs argv or cmd".into())
-}
-
-/// Runs a process to completion, streaming its output as `stdout`/`stderr`
-/// lines, then one `exit` line.
-fn exec(state: &State, out: &Out, id: &Value, req: &Value) -> Result<(), String> {
-    let stdin_data = match req.get("stdin").and_then(Value::as_str) {
-        Some(s) => Some(b64::decode(s)?),
-        None => None,
-    };
-    let spec = procs::Spec {
-        argv: argv_of(req)?,
-        env: str_map(req.get("env")),
-        cwd: req.get("cwd").and_then(Value::as_str).map(str::to_string),
-        user: req.get("user").and_then(Value::as_str),
-        stdin: stdin_data.is_some(),
-        new_session: false,
-        capture: true,
-    };
-    let mut sp = procs::spawn(state, spec)?;
-    let pid = sp.child.id() as i32;
-    if let (Some(data), Some(mut w)) = (stdin_data, sp.child.stdin.take()) {
-        std::thread::spawn(move || {
-            let _ = w.write_all(&data);
-        });
-    }
-    let done = Arc::new(AtomicBool::new(false));
-    let mut readers = Vec::new();
-    for (name, r) in [
-        (
-            "stdout",
-            sp.child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ),
-        (
-            "stderr",
-            sp.child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ),
-    ] {
-        let Some(mut r) = r else { continue };
-        let (out, id, done) = (out.clone(), id.clone(), done.clone());
-        readers.push(std::thread::spawn(move || {
-            let mut b = vec![0u8; 32 * 1024];
-            loop {
-                match r.read(&mut b) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        if done.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        send(
-                            &out,
-                            json!({"id": id, "type": name, "data": b64::encode(&b[..n])}),
-                        );
-                    }
-                }
-            }
-        }));
-    }
-    let timeout = req
-        .get("timeout_ms")
-        .and_then(Value::as_u64)
-        .map(Duration::from_millis);
-    let mut timed_out = false;
-    let exit = match timeout {
-        Some(t) => match sp.exit.recv_timeout(t) {
-            Ok(e) => e,
-            Err(_) => {
-                timed_out = true;
-                unsafe {
-                    libc::kill(-pid, libc::SIGKILL);
-                    libc::kill(pid, libc::SIGKILL);
-                }
-                sp.exit.recv().map_err(|e| e.to_string())?
-            }
-        },
-        None => sp.exit.recv().map_err(|e| e.to_string())?,
-    };
-    // Drain the pipes; a background grandchild may hold them open, so bound
-    // the wait.
-    let t = Instant::now();
-    for r in readers {
-        while !r.is_finished() && t.elapsed() < Duration::from_millis(500) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    done.store(true, Ordering::SeqCst);
-    let (code, signal) = match exit {
-        Exit::Code(c) => (json!(c), Value::Null),
-        Exit::Signal(s) => (Value::Null, json!(s)),
-    };
-    send(
-        out,
-        json!({"id": id, "type": "exit", "code": code, "signal": signal, "timed_out": timed_out}),
-    );
-    Ok(())
-}
-
-fn req_str<'a>(req: &'a Value, k: &str) -> Result<&'a str, String> {
-    req.get(k)
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("missing {k}"))
-}
-
-fn write_file(req: &Value) -> Result<Value, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = req_str(req, "path")?;
-    let data = b64::decode(req_str(req, "data")?)?;
-    let append = req.get("append").and_then(Value::as_bool).unwrap_or(false);
-    let mode = req.get("mode").and_then(Value::as_u64).unwrap_or(0o644) as u32;
-    if let Some(parent) = std::path::Path::new(path).parent() {
-        let _ = std::fs::create_dir_all(parent);
-    }
-    let mut f = File::options()
-        .write(true)
-        .create(true)
-        .append(append)
-        .truncate(!append)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| format!("{path}: {e}"))?;
-    f.write_all(&data).map_err(|e| format!("{path}: {e}"))?;
-    if req.get("exact_mode").and_then(Value::as_bool) == Some(true) {
-        // The mode as given, not reduced by the umask (and also on an
-        // existing file).
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(|e| format!("chmod {path}: {e}"))?;
-    }
-    Ok(json!({"bytes": data.len()}))
-}
-
-fn read_file(req: &Value) -> Result<Value, String> {
-    let path = req_str(req, "path")?;
-    let data = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
-    if data.len() > 32 << 20 {
-        return Err(format!("{path}: larger than 32 MiB"));
-    }
-    Ok(json!({"data": b64::encode(&data)}))
 }
 
 /// One readiness check (the host owns interval, grace and overall timeout).
-fn probe(state: &State, req: &Value) -> Result<Value, String> {
-    let p = req.get("probe").ok_or("missing probe")?;
-    let kind = p.get("kind").and_then(Value::as_str).unwrap_or("");
-    let limit = Duration::from_millis(
-        req.get("timeout_ms")
-            .and_then(Value::as_u64)
-            .unwrap_or(2000),
-    );
-    let host = p.get("host").and_then(Value::as_str).unwrap_or("127.0.0.1");
-    let port = p.get("port").and_then(Value::as_u64).unwrap_or(0) as u16;
-    let (ready, detail) = match kind {
-        "tcp" => match connect(host, port, limit) {
-            Ok(_) => (true, format!("{host}:{port} accepts connections")),
-            Err(e) => (false, format!("{host}:{port}: {e}")),
-        },
-        "http" => {
-            let path = p.get("path").and_then(Value::as_str).unwrap_or("/");
-            http_get(host, port, path, limit)
+fn probe_once(state: &State, p: &ProbeSpec, limit: Duration) -> Event {
+    let (ready, detail) = match p {
+        ProbeSpec::Tcp { port, host } => {
+            let host = host.as_deref().unwrap_or("127.0.0.1");
+            match connect(host, *port, limit) {
+                Ok(_) => (true, format!("{host}:{port} accepts connections")),
+                Err(e) => (false, format!("{host}:{port}: {e}")),
+            }
         }
-        "command" => {
-            let cmd = p
-                .get("cmd")
-                .and_then(Value::as_str)
-                .ok_or("command probe needs cmd")?;
+        ProbeSpec::Http { port, host, path } => {
+            http_get(host.as_deref().unwrap_or("127.0.0.1"), *port, path, limit)
+        }
+        ProbeSpec::Command { cmd } => {
             let spec = procs::Spec {
-                argv: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+                argv: vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
                 env: BTreeMap::new(),
                 cwd: None,
                 user: None,
-                stdin: false,
+                stdin: procs::Stdin::Null,
                 new_session: false,
                 capture: false,
             };
-            let sp = procs::spawn(state, spec)?;
-            let pid = sp.child.id() as i32;
-            drop(sp.child); // output went to /dev/null
-            match sp.exit.recv_timeout(limit) {
-                Ok(Exit::Code(0)) => (true, "exit 0".into()),
-                Ok(e) => (false, format!("{e:?}")),
-                Err(_) => {
-                    unsafe {
-                        libc::kill(-pid, libc::SIGKILL);
+            match procs::spawn(state, spec) {
+                Err(e) => (false, e),
+                Ok(sp) => {
+                    let pid = sp.child.id();
+                    drop(sp.child); // output went to /dev/null
+                    match sp.exit.recv_timeout(limit) {
+                        Ok(Exit::Code(0)) => (true, "exit 0".into()),
+                        Ok(e) => (false, format!("{e:?}")),
+                        Err(_) => {
+                            crate::exec::kill_group(pid, 9);
+                            (false, "probe command timed out".into())
+                        }
                     }
-                    (false, "probe command timed out".into())
                 }
             }
         }
-        other => return Err(format!("unknown probe kind {other:?}")),
     };
-    Ok(json!({"ready": ready, "detail": detail}))
+    Event::Probe {
+        ready,
+        detail: clip(&detail, 4096).to_string(),
+    }
 }
 
 fn connect(host: &str, port: u16, limit: Duration) -> std::io::Result<std::net::TcpStream> {
@@ -507,4 +676,36 @@ fn http_get(host: &str, port: u16, path: &str, limit: Duration) -> (bool, String
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     ((200..400).contains(&code), format!("GET {path}: {line}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_bounded() {
+        let mut l = Lines {
+            buf: Vec::new(),
+            skipping: false,
+        };
+        let mut got: Vec<Vec<u8>> = vec![];
+        l.push(b"a\nbc", &mut |x| got.push(x.to_vec()));
+        l.push(b"d\n", &mut |x| got.push(x.to_vec()));
+        assert_eq!(got, vec![b"a".to_vec(), b"bcd".to_vec()]);
+        // An over-long line is dropped up to its newline, never kept whole.
+        got.clear();
+        let big = vec![b'x'; 64 << 10];
+        for _ in 0..(MAX_LINE / big.len() + 2) {
+            l.push(&big, &mut |x| got.push(x.to_vec()));
+            assert!(l.buf.len() < MAX_LINE);
+        }
+        l.push(b"tail\nok\n", &mut |x| got.push(x.to_vec()));
+        assert_eq!(got, vec![b"ok".to_vec()]);
+    }
+
+    #[test]
+    fn clip_keeps_char_boundaries() {
+        assert_eq!(clip("héllo", 2), "h");
+        assert_eq!(clip("abc", 10), "abc");
+    }
 }

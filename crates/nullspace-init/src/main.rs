@@ -14,65 +14,30 @@
 //! for the protocol).
 
 mod agent;
-mod b64;
+mod exec;
+mod files;
 mod net;
 mod procs;
 mod users;
 
-use serde_json::Value;
-use std::collections::BTreeMap;
-use std::ffi::CString;
+use nullspace_model::guest::GuestConfig;
+use rustix::mount::MountFlags;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Runtime defaults and boot settings the host put in the initramfs.
-#[derive(Debug, Clone, Default)]
-pub struct Config {
-    pub hostname: String,
-    pub env: BTreeMap<String, String>,
-    pub user: Option<String>,
-    pub workdir: Option<String>,
-    pub start_cmd: Option<String>,
-    pub agent_port: String,
-    /// Probe mode (KVM check): print the marker and power off.
-    pub probe_only: bool,
-    /// Do not run `start_cmd` at boot: the host runs build steps first and
-    /// then sends the agent's `start` op.
-    pub defer_start: bool,
-    /// A virtio-net device is attached (QEMU user-mode networking): load
-    /// the net modules and configure `eth0` (see [`net::setup`]).
-    pub network: bool,
-}
+pub type Config = GuestConfig;
 
-impl Config {
-    fn parse(v: &Value) -> Config {
-        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-        let env = v
-            .get("env")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Config {
-            hostname: s("hostname").unwrap_or_else(|| "nullspace".into()),
-            env,
-            user: s("user").filter(|u| !u.trim().is_empty()),
-            workdir: s("workdir").filter(|u| !u.trim().is_empty()),
-            start_cmd: s("start_cmd").filter(|u| !u.trim().is_empty()),
-            agent_port: s("agent_port").unwrap_or_else(|| "nullspace.agent".into()),
-            probe_only: v
-                .get("probe_only")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            defer_start: v
-                .get("defer_start")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            network: v.get("network").and_then(Value::as_bool).unwrap_or(false),
-        }
+fn read_config() -> Config {
+    match std::fs::read("/nullspace/config.json") {
+        Ok(b) => match serde_json::from_slice::<Config>(&b) {
+            Ok(c) => c.normalized(),
+            Err(e) => {
+                log(&format!("/nullspace/config.json: {e}; using defaults"));
+                Config::default()
+            }
+        },
+        Err(_) => Config::default(),
     }
 }
 
@@ -85,51 +50,30 @@ fn fatal(msg: &str) -> ! {
     log(&format!("FATAL: {msg}"));
     // Make the failure visible to the host quickly: with `panic=-1` and
     // QEMU's `-no-reboot`, a reboot ends the VM process.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::RB_AUTOBOOT);
-    }
+    rustix::fs::sync();
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::Restart);
     loop {
         std::thread::sleep(Duration::from_secs(60));
     }
-}
-
-fn cstr(s: &str) -> CString {
-    CString::new(s).expect("no NUL in path")
 }
 
 fn mount(
     src: &str,
     target: &str,
     fstype: &str,
-    flags: libc::c_ulong,
+    flags: MountFlags,
     data: &str,
 ) -> Result<(), String> {
-    let (s, t, f, d) = (cstr(src), cstr(target), cstr(fstype), cstr(data));
-    let r = unsafe {
-        libc::mount(
-            s.as_ptr(),
-            t.as_ptr(),
-            if fstype.is_empty() {
-                std::ptr::null()
-            } else {
-                f.as_ptr()
-            },
-            flags,
-            if data.is_empty() {
-                std::ptr::null()
-            } else {
-                d.as_ptr() as *const libc::c_void
-            },
-        )
-    };
-    if r != 0 {
-        return Err(format!(
-            "mount {src} on {target} ({fstype}): {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+    let data = (!data.is_empty())
+        .then(|| std::ffi::CString::new(data))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    rustix::mount::mount(src, target, fstype, flags, data.as_deref())
+        .map_err(|e| format!("mount {src} on {target} ({fstype}): {e}"))
+}
+
+fn mount_move(src: &str, target: &str) -> Result<(), String> {
+    rustix::mount::mount_move(src, target).map_err(|e| format!("mount --move {src} {target}: {e}"))
 }
 
 fn mkdir_p(path: &str, mode: u32) {
@@ -142,16 +86,10 @@ fn mkdir_p(path: &str, mode: u32) {
 
 fn insmod(path: &str) -> Result<(), String> {
     let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
-    use std::os::fd::AsRawFd;
-    let empty = cstr("");
-    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), empty.as_ptr(), 0) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EEXIST) {
-            return Err(format!("insmod {path}: {e}"));
-        }
+    match rustix::system::finit_module(&f, c"", 0) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(format!("insmod {path}: {e}")),
     }
-    Ok(())
 }
 
 fn wait_for(path: &str, limit: Duration) -> bool {
@@ -170,30 +108,18 @@ fn stage1() -> Config {
     mkdir_p("/dev", 0o755);
     mkdir_p("/proc", 0o555);
     mkdir_p("/sys", 0o555);
-    let _ = mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
-    mount(
-        "proc",
-        "/proc",
-        "proc",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        "",
-    )
-    .unwrap_or_else(|e| fatal(&e));
-    mount(
-        "sysfs",
-        "/sys",
-        "sysfs",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        "",
-    )
-    .unwrap_or_else(|e| fatal(&e));
+    let _ = mount(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MountFlags::NOSUID,
+        "mode=0755",
+    );
+    let nsne = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    mount("proc", "/proc", "proc", nsne, "").unwrap_or_else(|e| fatal(&e));
+    mount("sysfs", "/sys", "sysfs", nsne, "").unwrap_or_else(|e| fatal(&e));
 
-    let cfg = std::fs::read("/nullspace/config.json")
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .map(|v| Config::parse(&v))
-        .unwrap_or_else(|| Config::parse(&Value::Null));
-
+    let cfg = read_config();
     let mut list = std::fs::read_to_string("/nullspace/modules.list").unwrap_or_default();
     if cfg.network {
         list.push_str(&std::fs::read_to_string("/nullspace/modules.net.list").unwrap_or_default());
@@ -207,38 +133,29 @@ fn stage1() -> Config {
         // KVM probe: the host only wants to know that a guest runs.
         println!("NULLSPACE_PROBE_OK");
         log("NULLSPACE_PROBE_OK");
-        unsafe {
-            libc::sync();
-            libc::reboot(libc::RB_POWER_OFF);
-        }
+        rustix::fs::sync();
+        let _ = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
         fatal("poweroff failed");
     }
     if !wait_for("/dev/vda", Duration::from_secs(20)) {
         fatal("/dev/vda did not appear (virtio_blk not loaded or no disk)");
     }
     mkdir_p("/newroot", 0o755);
-    mount("/dev/vda", "/newroot", "ext4", 0, "").unwrap_or_else(|e| fatal(&e));
+    mount("/dev/vda", "/newroot", "ext4", MountFlags::empty(), "").unwrap_or_else(|e| fatal(&e));
     for d in ["dev", "proc", "sys"] {
         let target = format!("/newroot/{d}");
         mkdir_p(&target, 0o755);
-        mount(&format!("/{d}"), &target, "", libc::MS_MOVE, "").unwrap_or_else(|e| fatal(&e));
+        mount_move(&format!("/{d}"), &target).unwrap_or_else(|e| fatal(&e));
     }
     // switch_root: make /newroot the root of this very process. The initramfs
     // stays in memory (it is a few MB); nothing is re-executed, so the init
     // binary need not exist in the template rootfs.
-    unsafe {
-        let nr = cstr("/newroot");
-        if libc::chdir(nr.as_ptr()) != 0 {
-            fatal("chdir /newroot");
-        }
+    if let Err(e) = rustix::process::chdir("/newroot") {
+        fatal(&format!("chdir /newroot: {e}"));
     }
-    mount(".", "/", "", libc::MS_MOVE, "").unwrap_or_else(|e| fatal(&e));
-    unsafe {
-        let dot = cstr(".");
-        let root = cstr("/");
-        if libc::chroot(dot.as_ptr()) != 0 || libc::chdir(root.as_ptr()) != 0 {
-            fatal("chroot into the new root");
-        }
+    mount_move(".", "/").unwrap_or_else(|e| fatal(&e));
+    if let Err(e) = rustix::process::chroot(".").and_then(|_| rustix::process::chdir("/")) {
+        fatal(&format!("chroot into the new root: {e}"));
     }
     cfg
 }
@@ -251,7 +168,7 @@ fn stage2(cfg: &Config) {
         "devpts",
         "/dev/pts",
         "devpts",
-        libc::MS_NOSUID | libc::MS_NOEXEC,
+        MountFlags::NOSUID | MountFlags::NOEXEC,
         "mode=0620,ptmxmode=0666",
     ) {
         log(&e);
@@ -260,7 +177,7 @@ fn stage2(cfg: &Config) {
         "tmpfs",
         "/dev/shm",
         "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
+        MountFlags::NOSUID | MountFlags::NODEV,
         "mode=1777",
     ) {
         log(&e);
@@ -278,16 +195,12 @@ fn stage2(cfg: &Config) {
     }
     if !Path::new("/tmp").exists() {
         mkdir_p("/tmp", 0o1777);
-        unsafe {
-            let t = cstr("/tmp");
-            libc::chmod(t.as_ptr(), 0o1777);
-        }
+        let _ = rustix::fs::chmod("/tmp", rustix::fs::Mode::from_raw_mode(0o1777));
     }
-    unsafe {
-        let h = cfg.hostname.as_bytes();
-        libc::sethostname(h.as_ptr() as *const libc::c_char, h.len());
+    if let Err(e) = rustix::system::sethostname(cfg.hostname.as_bytes()) {
+        log(&format!("sethostname: {e}"));
     }
-    if let Err(e) = loopback_up() {
+    if let Err(e) = net::interface_up("lo") {
         log(&format!("lo up: {e}"));
     }
     if cfg.network
@@ -295,32 +208,6 @@ fn stage2(cfg: &Config) {
     {
         log(&format!("network: {e}"));
     }
-}
-
-fn loopback_up() -> Result<(), String> {
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        let mut ifr: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo".iter().enumerate() {
-            ifr.ifr_name[i] = *b as libc::c_char;
-        }
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
-            let e = std::io::Error::last_os_error();
-            libc::close(fd);
-            return Err(e.to_string());
-        }
-        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        let r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
-        let e = std::io::Error::last_os_error();
-        libc::close(fd);
-        if r != 0 {
-            return Err(e.to_string());
-        }
-    }
-    Ok(())
 }
 
 fn main() {
@@ -335,17 +222,13 @@ fn main() {
         stage1()
     } else {
         // Booted straight into a rootfs (no initramfs): config from there.
-        std::fs::read("/nullspace/config.json")
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .map(|v| Config::parse(&v))
-            .unwrap_or_else(|| Config::parse(&Value::Null))
+        read_config()
     };
     stage2(&cfg);
     let state = procs::new_state(cfg.clone());
     procs::start_reaper(state.clone());
-    if let Some(cmd) = cfg.start_cmd.as_ref().filter(|_| !cfg.defer_start) {
-        match procs::start_command(&state, cmd) {
+    if let Some(cmd) = cfg.start_cmd.clone().filter(|_| !cfg.defer_start) {
+        match procs::start_command(&state, &cmd) {
             Ok(pid) => log(&format!("start command running as pid {pid}")),
             Err(e) => log(&format!("start command failed to start: {e}")),
         }

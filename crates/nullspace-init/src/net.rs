@@ -10,6 +10,7 @@
 //! resolv.conf is kept. The written file stays in the template (and its
 //! snapshot), which keeps the network device.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,31 +20,36 @@ const MASK: [u8; 4] = [255, 255, 255, 0];
 const GATEWAY: [u8; 4] = [10, 0, 2, 2];
 const DNS: &str = "10.0.2.3";
 
+/// An AF_INET `sockaddr` (port 0): `sa_data` is the port, then the address.
 fn sockaddr(ip: [u8; 4]) -> libc::sockaddr {
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(ip),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes).
-    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
-}
-
-struct Fd(libc::c_int);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        unsafe {
-            libc::close(self.0);
-        }
+    let mut sa_data = [0 as libc::c_char; 14];
+    for (d, b) in sa_data[2..6].iter_mut().zip(ip) {
+        *d = b as libc::c_char;
+    }
+    libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data,
     }
 }
 
-fn ioctl<T>(fd: &Fd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
-    let r = unsafe { libc::ioctl(fd.0, req as _, arg as *mut T) };
+/// A socket for interface ioctls; closed on drop.
+fn ioctl_socket() -> Result<OwnedFd, String> {
+    rustix::net::socket_with(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::DGRAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))
+}
+
+/// The interface and routing ioctls (`SIOCSIFADDR`, `SIOCADDRT` …) have no
+/// safe wrapper in rustix or nix; netlink crates would pull in an async
+/// runtime for four calls.
+fn ioctl<T>(fd: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
+    // SAFETY: `fd` is an open socket and `arg` the live struct (ifreq or
+    // rtentry) that `req` expects; the kernel writes within it only.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg as *mut T) };
     if r != 0 {
         let e = std::io::Error::last_os_error();
         return Err(format!("{what}: {e}"));
@@ -52,11 +58,24 @@ fn ioctl<T>(fd: &Fd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), 
 }
 
 fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is a plain C struct/union for which all-zero is valid.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
         ifr.ifr_name[i] = b as libc::c_char;
     }
     ifr
+}
+
+/// Sets `IFF_UP | IFF_RUNNING` on `name`.
+pub fn interface_up(name: &str) -> Result<(), String> {
+    let fd = ioctl_socket()?;
+    let mut ifr = ifreq(name);
+    ioctl(&fd, libc::SIOCGIFFLAGS, &mut ifr, "SIOCGIFFLAGS")?;
+    // SAFETY: SIOCGIFFLAGS filled the union's flags member.
+    unsafe {
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    ioctl(&fd, libc::SIOCSIFFLAGS, &mut ifr, "SIOCSIFFLAGS")
 }
 
 /// Waits for `eth0`, configures it and the default route, and DNS.
@@ -69,24 +88,16 @@ pub fn setup() -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(format!("socket: {}", std::io::Error::last_os_error()));
-    }
-    let fd = Fd(fd);
+    let fd = ioctl_socket()?;
     let mut ifr = ifreq(IFACE);
     ifr.ifr_ifru.ifru_addr = sockaddr(ADDR);
     ioctl(&fd, libc::SIOCSIFADDR, &mut ifr, "SIOCSIFADDR")?;
     let mut ifr = ifreq(IFACE);
     ifr.ifr_ifru.ifru_netmask = sockaddr(MASK);
     ioctl(&fd, libc::SIOCSIFNETMASK, &mut ifr, "SIOCSIFNETMASK")?;
-    let mut ifr = ifreq(IFACE);
-    ioctl(&fd, libc::SIOCGIFFLAGS, &mut ifr, "SIOCGIFFLAGS")?;
-    unsafe {
-        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    }
-    ioctl(&fd, libc::SIOCSIFFLAGS, &mut ifr, "SIOCSIFFLAGS")?;
+    interface_up(IFACE)?;
     let dev = std::ffi::CString::new(IFACE).expect("no NUL");
+    // SAFETY: rtentry is a plain C struct for which all-zero is valid.
     let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
     rt.rt_dst = sockaddr([0, 0, 0, 0]);
     rt.rt_genmask = sockaddr([0, 0, 0, 0]);

@@ -3,6 +3,8 @@
 
 use crate::Config;
 use crate::users;
+use nullspace_model::agent::ExitStatus;
+use rustix::process::{Gid, Uid};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -17,12 +19,28 @@ pub enum Exit {
     Signal(i32),
 }
 
+impl Exit {
+    pub fn status(self, timed_out: bool) -> ExitStatus {
+        let (code, signal) = match self {
+            Exit::Code(c) => (Some(c), None),
+            Exit::Signal(s) => (None, Some(s)),
+        };
+        ExitStatus {
+            code,
+            signal,
+            timed_out,
+            dropped: 0,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct StartState {
     /// A start command was configured at boot or sent with the `start` op.
     pub configured: bool,
+    pub cmd: String,
     pub pid: Option<u32>,
-    pub started_unix_ms: u128,
+    pub started_unix_ms: u64,
     pub exit: Option<Exit>,
     pub spawn_error: Option<String>,
     pub output: VecDeque<u8>,
@@ -51,6 +69,7 @@ pub struct Inner {
     pub defaults: Mutex<Defaults>,
     pub boot: Instant,
     pub start: Mutex<StartState>,
+    pub table: crate::exec::Table,
     reg: Mutex<Registry>,
 }
 
@@ -67,16 +86,24 @@ pub fn new_state(cfg: Config) -> State {
         defaults: Mutex::new(defaults),
         boot: Instant::now(),
         start: Mutex::new(StartState::default()),
+        table: Default::default(),
         reg: Mutex::new(Registry::default()),
     })
 }
 
-fn decode_status(status: libc::c_int) -> Exit {
-    if libc::WIFEXITED(status) {
-        Exit::Code(libc::WEXITSTATUS(status))
-    } else {
-        Exit::Signal(libc::WTERMSIG(status))
+/// One exited child: `waitid(P_ALL, WEXITED | WNOWAIT)` leaves it
+/// unreaped. rustix's `waitid` does not expose the pid (`si_pid`), so this
+/// one call stays on libc.
+fn wait_any_exited() -> Option<i32> {
+    // SAFETY: all-zero is a valid siginfo_t.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t for waitid to fill.
+    let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+    if r != 0 {
+        return None;
     }
+    // SAFETY: waitid succeeded for a child event, so si_pid is set.
+    Some(unsafe { info.si_pid() })
 }
 
 /// Reaps every child. A child is first observed with `WNOWAIT` and only
@@ -86,21 +113,24 @@ fn decode_status(status: libc::c_int) -> Exit {
 pub fn start_reaper(state: State) {
     std::thread::spawn(move || {
         loop {
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            let r =
-                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
-            if r != 0 {
+            let Some(pid) = wait_any_exited() else {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 continue;
-            }
-            let pid = unsafe { info.si_pid() };
+            };
             let mut reg = state.reg.lock().unwrap();
-            let mut status = 0;
-            let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-            if got != pid {
+            let Some(p) = rustix::process::Pid::from_raw(pid) else {
                 continue;
-            }
-            let exit = decode_status(status);
+            };
+            let got = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
+            let Ok(Some((_, status))) = got else {
+                continue;
+            };
+            let exit = match (status.exit_status(), status.terminating_signal()) {
+                (Some(c), _) => Exit::Code(c),
+                (None, Some(s)) => Exit::Signal(s),
+                // Stopped/continued are not reported without WUNTRACED.
+                _ => continue,
+            };
             match reg.waiters.remove(&pid) {
                 Some(tx) => {
                     let _ = tx.send(exit);
@@ -118,12 +148,17 @@ pub fn start_reaper(state: State) {
     });
 }
 
+pub enum Stdin {
+    Null,
+    Piped,
+}
+
 pub struct Spec<'a> {
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
     pub user: Option<&'a str>,
-    pub stdin: bool,
+    pub stdin: Stdin,
     pub new_session: bool,
     /// Pipe stdout/stderr to the caller; otherwise /dev/null.
     pub capture: bool,
@@ -171,41 +206,35 @@ pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
         return Err("empty argv".into());
     }
     let mut cmd = Command::new(&spec.argv[0]);
+    let pipe = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
     cmd.args(&spec.argv[1..])
         .env_clear()
         .envs(&env)
         .current_dir(&cwd)
-        .stdin(if spec.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(if spec.capture {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stderr(if spec.capture {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
-    let groups = ident.groups.clone();
-    let (uid, gid) = (ident.uid, ident.gid);
+        .stdin(pipe(matches!(spec.stdin, Stdin::Piped)))
+        .stdout(pipe(spec.capture))
+        .stderr(pipe(spec.capture));
+    if !spec.new_session {
+        // Its own process group, so a kill reaches its children too.
+        cmd.process_group(0);
+    }
+    // Everything the child needs, allocated before the fork.
+    let groups: Vec<Gid> = ident.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    let (uid, gid) = (Uid::from_raw(ident.uid), Gid::from_raw(ident.gid));
     let new_session = spec.new_session;
+    // std's `uid`/`gid` would drop the supplementary groups (and cannot set
+    // them on stable Rust), so the identity is set here.
+    // SAFETY: runs in the child between fork and exec; it only makes raw
+    // syscalls through rustix (no allocation, no locks), which is what
+    // `pre_exec` requires.
     unsafe {
         cmd.pre_exec(move || {
             if new_session {
-                libc::setsid();
-            } else {
-                libc::setpgid(0, 0);
+                rustix::process::setsid()?;
             }
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::thread::set_thread_groups(&groups)?;
+            rustix::thread::set_thread_res_gid(gid, gid, gid)?;
+            rustix::thread::set_thread_res_uid(uid, uid, uid)?;
             Ok(())
         });
     }
@@ -214,7 +243,7 @@ pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
     let child = cmd.spawn().map_err(|e| {
         format!(
             "{}: {e} (cwd {cwd}, user {})",
-            spec.argv[0],
+            crate::agent::clip(&spec.argv[0], 256),
             user.unwrap_or("root")
         )
     })?;
@@ -231,10 +260,10 @@ pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
     Ok(Spawned { child, exit: rx })
 }
 
-fn now_unix_ms() -> u128 {
+pub fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -247,7 +276,7 @@ pub fn start_command(state: &State, cmd: &str) -> Result<u32, String> {
         env: BTreeMap::new(),
         cwd: None,
         user: None,
-        stdin: false,
+        stdin: Stdin::Null,
         new_session: true,
         capture: true,
     };
@@ -261,6 +290,7 @@ pub fn start_command(state: &State, cmd: &str) -> Result<u32, String> {
     }
     *st = StartState {
         configured: true,
+        cmd: cmd.to_string(),
         ..Default::default()
     };
     let sp = match spawn(state, spec) {
@@ -314,9 +344,8 @@ fn copy_start_output(state: State, mut r: Box<dyn Read + Send>) {
                 {
                     let mut st = state.start.lock().unwrap();
                     st.output.extend(&buf[..n]);
-                    while st.output.len() > START_OUTPUT_KEEP {
-                        st.output.pop_front();
-                    }
+                    let over = st.output.len().saturating_sub(START_OUTPUT_KEEP);
+                    st.output.drain(..over);
                 }
                 use std::io::Write;
                 let _ = std::io::stderr().write_all(&buf[..n]);

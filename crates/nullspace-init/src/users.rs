@@ -24,6 +24,50 @@ pub fn resolve(spec: Option<&str>) -> Result<Ident, String> {
     resolve_in(spec, &read("/etc/passwd"), &read("/etc/group"))
 }
 
+/// uid and gid → name, read once (e.g. for a directory listing).
+pub struct Names {
+    users: std::collections::HashMap<u32, String>,
+    groups: std::collections::HashMap<u32, String>,
+}
+
+impl Names {
+    pub fn load() -> Names {
+        Names::from_dbs(&read("/etc/passwd"), &read("/etc/group"))
+    }
+
+    fn from_dbs(passwd: &[Vec<String>], group: &[Vec<String>]) -> Names {
+        let map = |db: &[Vec<String>]| {
+            let mut m = std::collections::HashMap::new();
+            for e in db.iter().filter(|e| e.len() >= 3) {
+                if let Ok(id) = e[2].parse::<u32>() {
+                    // The first entry for an id wins, as with getpwuid.
+                    m.entry(id).or_insert_with(|| e[0].clone());
+                }
+            }
+            m
+        };
+        Names {
+            users: map(passwd),
+            groups: map(group),
+        }
+    }
+
+    /// The user's name, or the uid as a string.
+    pub fn user(&self, uid: u32) -> String {
+        self.users
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| uid.to_string())
+    }
+
+    pub fn group(&self, gid: u32) -> String {
+        self.groups
+            .get(&gid)
+            .cloned()
+            .unwrap_or_else(|| gid.to_string())
+    }
+}
+
 pub fn resolve_in(
     spec: Option<&str>,
     passwd: &[Vec<String>],
@@ -115,6 +159,11 @@ mod tests {
         let x = resolve_in(Some("4242:4343"), &p, &g).unwrap();
         assert_eq!((x.uid, x.gid, x.name), (4242, 4343, None));
         assert!(resolve_in(Some("nobody"), &p, &g).is_err());
+        let names = Names::from_dbs(&p, &g);
+        assert_eq!(
+            (names.user(1000), names.group(10), names.user(7)),
+            ("app".to_string(), "wheel".to_string(), "7".to_string())
+        );
         assert!(resolve_in(Some("app:nogroup"), &p, &g).is_err());
     }
 }

@@ -1,25 +1,27 @@
 //! What the machine API asks of a machine's guest, over its agent
-//! connection: commands (foreground with streamed output, background with
-//! logs), processes, and files. The one place that knows the agent
-//! client's API, so that a new agent protocol is a change here only.
+//! connection (`nullspace_vm::agent`, the protocol of
+//! `nullspace_model::agent`): commands (foreground with streamed output,
+//! background with logs), processes, and files. The one place that knows
+//! the agent client's API.
 //!
-//! This build drives the agent of `nullspace_vm::agent` (protocol 1): one
-//! request at a time per connection (calls on a machine queue on a mutex),
-//! commands and whole-file reads and writes. Background processes, process
-//! lists, attaching to a running process, `stat` and directory listings
-//! need the guest ops of the next agent protocol and answer
-//! [`GuestError::Unsupported`] until then.
+//! One multiplexed connection per machine: calls from any number of
+//! requests run at once on it. A connection that closed (the agent
+//! restarted its session, the VM was paused and resumed elsewhere) is made
+//! again on the next call.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nullspace_model::agent::{ErrorCode, FileInfo};
 use nullspace_vm::VmError;
-use nullspace_vm::agent::{AgentClient, ExecRequest, Stream};
+use nullspace_vm::agent::{AgentClient, ExecRequest, Stream, WriteOptions};
 
-/// Longest whole-file read the agent serves (it refuses larger files).
-pub const READ_MAX: u64 = 32 << 20;
+/// Longest whole-file read answered in one response body.
+pub const READ_MAX: u64 = 64 << 20;
+/// Ring buffer per stream of a background process in the guest.
+const RING_BYTES: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -39,21 +41,20 @@ pub enum GuestError {
 
 fn classify(e: VmError, limit: Duration) -> GuestError {
     match e {
+        VmError::Guest {
+            code: ErrorCode::NotFound,
+            message,
+            ..
+        } => GuestError::NotFound(message),
+        VmError::Guest {
+            code: ErrorCode::UnknownOp,
+            op,
+            ..
+        } => GuestError::Failed(format!("the guest agent does not know {op}")),
+        VmError::Guest { op, message, .. } => GuestError::Failed(format!("{op}: {message}")),
         VmError::Agent(m) if m.contains("timed out") => GuestError::Timeout(limit),
-        VmError::Agent(m)
-            if m.contains("closed")
-                || m.contains("connect")
-                || m.contains("send:")
-                || m.contains("recv:") =>
-        {
-            GuestError::Gone(m)
-        }
-        VmError::Agent(m)
-            if m.contains("No such file or directory") || m.contains("os error 2)") =>
-        {
-            GuestError::NotFound(m)
-        }
-        VmError::Agent(m) => GuestError::Failed(m),
+        VmError::Agent(m) => GuestError::Gone(m),
+        VmError::Cancelled => GuestError::Failed("cancelled".into()),
         other => GuestError::Failed(other.to_string()),
     }
 }
@@ -73,11 +74,15 @@ pub struct Command {
 }
 
 impl Command {
-    /// What a process list shows.
-    pub fn display(&self) -> String {
-        match &self.shell {
-            Some(s) if self.argv.is_empty() => s.clone(),
-            _ => self.argv.join(" "),
+    fn request(&self) -> ExecRequest {
+        ExecRequest {
+            argv: self.argv.clone(),
+            cmd: self.shell.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            user: self.user.clone(),
+            timeout: self.timeout,
+            ..Default::default()
         }
     }
 }
@@ -91,7 +96,6 @@ pub enum Chunk {
 
 #[derive(Debug, Clone, Default)]
 pub struct Finished {
-    /// The guest pid, when the agent reports it.
     pub pid: Option<u32>,
     pub code: Option<i32>,
     pub signal: Option<i32>,
@@ -103,14 +107,18 @@ pub struct Finished {
     pub stderr_dropped: u64,
 }
 
+/// The shell's convention: 128 + signal for a killed process.
+fn exit_code(code: Option<i32>, signal: Option<i32>) -> i32 {
+    match (code, signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => -1,
+    }
+}
+
 impl Finished {
-    /// The shell's convention: 128 + signal for a killed process.
     pub fn exit_code(&self) -> i32 {
-        match (self.code, self.signal) {
-            (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
-            (None, None) => -1,
-        }
+        exit_code(self.code, self.signal)
     }
 }
 
@@ -131,21 +139,6 @@ pub struct Output {
     pub exit_code: Option<i32>,
 }
 
-/// Metadata of a guest path.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Stat {
-    pub name: String,
-    pub path: String,
-    /// `file`, `dir`, `symlink` or `other`.
-    pub kind: String,
-    pub size: u64,
-    pub mode: Option<u32>,
-    pub owner: Option<String>,
-    pub group: Option<String>,
-    pub modified_unix_ms: Option<i64>,
-    pub symlink_target: Option<String>,
-}
-
 /// The agent connection of one machine. Clones share it.
 #[derive(Clone)]
 pub struct Guest {
@@ -155,6 +148,8 @@ pub struct Guest {
 
 /// Connect limit when the connection must be made again.
 const CONNECT: Duration = Duration::from_secs(10);
+/// Limit of ordinary (non-exec) calls.
+const CALL: Duration = Duration::from_secs(60);
 
 impl Guest {
     pub fn new(socket: PathBuf, agent: Option<AgentClient>) -> Guest {
@@ -164,31 +159,31 @@ impl Guest {
         }
     }
 
-    /// Runs `f` with the connection (made again if an earlier call lost
-    /// it) on a blocking thread; a connection that failed is dropped.
+    /// The connection, made again if it closed.
+    fn client(&self) -> Result<AgentClient, GuestError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = guard.as_ref()
+            && c.closed().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let c = AgentClient::connect(&self.socket, CONNECT)
+            .and_then(|c| c.ping(CONNECT).map(|_| c))
+            .map_err(|e| GuestError::Gone(e.to_string()))?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs `f` with the connection on a blocking thread.
     async fn with<T: Send + 'static>(
         &self,
         limit: Duration,
-        f: impl FnOnce(&mut AgentClient) -> Result<T, VmError> + Send + 'static,
+        f: impl FnOnce(&AgentClient) -> Result<T, VmError> + Send + 'static,
     ) -> Result<T, GuestError> {
-        let conn = self.conn.clone();
-        let socket = self.socket.clone();
+        let g = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            if guard.is_none() {
-                let mut a = AgentClient::connect(&socket, CONNECT)
-                    .map_err(|e| GuestError::Gone(e.to_string()))?;
-                a.ping(CONNECT)
-                    .map_err(|e| GuestError::Gone(e.to_string()))?;
-                *guard = Some(a);
-            }
-            let agent = guard.as_mut().expect("connected above");
-            let r = f(agent).map_err(|e| classify(e, limit));
-            if matches!(r, Err(GuestError::Gone(_)) | Err(GuestError::Timeout(_))) {
-                // A timed-out call leaves its reply in flight: start afresh.
-                *guard = None;
-            }
-            r
+            let c = g.client()?;
+            f(&c).map_err(|e| classify(e, limit))
         })
         .await
         .map_err(|e| GuestError::Failed(format!("guest call: {e}")))?
@@ -199,13 +194,6 @@ impl Guest {
         self.with(limit, move |a| a.ping(limit)).await
     }
 
-    /// The start command's `{pid, started_unix_ms, running, …}`.
-    pub async fn start_info(&self) -> Result<serde_json::Value, GuestError> {
-        let limit = Duration::from_secs(10);
-        self.with(limit, move |a| a.info(limit).map(|v| v["start"].clone()))
-            .await
-    }
-
     /// Runs a command to its end. Each chunk also goes to `tx` as it
     /// arrives; at most `cap` bytes of each stream are kept.
     pub async fn run(
@@ -214,32 +202,15 @@ impl Guest {
         cap: usize,
         tx: Option<tokio::sync::mpsc::Sender<Chunk>>,
     ) -> Result<Finished, GuestError> {
-        // The guest enforces the command's timeout; the call waits a little longer.
+        // The guest enforces the command's timeout; the call waits longer.
         let limit = cmd
             .timeout
             .map(|t| t + Duration::from_secs(30))
             .unwrap_or(Duration::from_secs(7 * 24 * 3600));
-        let req = ExecRequest {
-            argv: cmd.argv.clone(),
-            cmd: cmd.shell.clone(),
-            env: cmd.env.clone(),
-            cwd: cmd.cwd.clone(),
-            user: cmd.user.clone(),
-            stdin: None,
-            timeout: cmd.timeout,
-        };
+        let mut req = cmd.request();
+        req.output_cap = Some(cap);
         self.with(limit, move |a| {
-            let mut out = Finished::default();
-            let keep = |buf: &mut Vec<u8>, dropped: &mut u64, d: &[u8]| {
-                let room = cap.saturating_sub(buf.len()).min(d.len());
-                buf.extend_from_slice(&d[..room]);
-                *dropped += (d.len() - room) as u64;
-            };
-            let mut on = |s: Stream, d: &[u8]| {
-                match s {
-                    Stream::Stdout => keep(&mut out.stdout, &mut out.stdout_dropped, d),
-                    Stream::Stderr => keep(&mut out.stderr, &mut out.stderr_dropped, d),
-                }
+            let r = a.exec_streaming(&req, limit, &mut |s: Stream, d: &[u8]| {
                 if let Some(tx) = &tx {
                     let c = match s {
                         Stream::Stdout => Chunk::Stdout(d.to_vec()),
@@ -249,90 +220,158 @@ impl Guest {
                     // command still runs to its end (or its timeout).
                     let _ = tx.blocking_send(c);
                 }
-            };
-            let r = a.exec_streaming(&req, limit, &mut on)?;
-            out.code = r.code;
-            out.signal = r.signal;
-            out.timed_out = r.timed_out;
-            Ok(out)
+            })?;
+            Ok(Finished {
+                pid: r.pid,
+                code: r.code,
+                signal: r.signal,
+                timed_out: r.timed_out,
+                stdout: r.stdout,
+                stderr: r.stderr,
+                stdout_dropped: r.stdout_dropped,
+                stderr_dropped: r.stderr_dropped,
+            })
         })
         .await
     }
 
-    /// Starts a background process; its pid.
-    pub async fn spawn(&self, _cmd: Command) -> Result<u32, GuestError> {
-        Err(GuestError::Unsupported("background commands"))
+    /// Starts a background process; its pid. Its output is kept in the
+    /// guest (a ring buffer per stream) for [`Guest::output`] and
+    /// [`Guest::attach`].
+    pub async fn spawn(&self, cmd: Command) -> Result<u32, GuestError> {
+        let req = cmd.request();
+        self.with(CALL, move |a| {
+            a.exec_background(&req, Some(RING_BYTES), CALL)
+        })
+        .await
     }
 
     pub async fn processes(&self) -> Result<Vec<Process>, GuestError> {
-        Err(GuestError::Unsupported("listing processes"))
+        let ps = self.with(CALL, move |a| a.processes(CALL)).await?;
+        Ok(ps
+            .into_iter()
+            .map(|p| Process {
+                pid: p.pid,
+                command: p.command,
+                running: p.running,
+            })
+            .collect())
     }
 
-    pub async fn output(&self, _pid: u32) -> Result<Output, GuestError> {
-        Err(GuestError::Unsupported("process logs"))
+    pub async fn output(&self, pid: u32) -> Result<Output, GuestError> {
+        let o = self
+            .with(CALL, move |a| a.process_output(pid, CALL))
+            .await?;
+        Ok(Output {
+            stdout: o.stdout,
+            stderr: o.stderr,
+            running: o.running,
+            exit_code: o.exit.map(|e| exit_code(e.code, e.signal)),
+        })
     }
 
-    /// Streams a running process's output (what its buffers hold first)
-    /// until it exits; its exit code.
+    /// Streams a process's output (what its buffers hold first) until it
+    /// exits; its exit code.
     pub async fn attach(
         &self,
-        _pid: u32,
-        _tx: tokio::sync::mpsc::Sender<Chunk>,
+        pid: u32,
+        tx: tokio::sync::mpsc::Sender<Chunk>,
     ) -> Result<Option<i32>, GuestError> {
-        Err(GuestError::Unsupported("attaching to a process"))
+        let limit = Duration::from_secs(7 * 24 * 3600);
+        self.with(limit, move |a| {
+            let st = a.attach(pid, true, limit, &mut |s: Stream, d: &[u8]| {
+                let c = match s {
+                    Stream::Stdout => Chunk::Stdout(d.to_vec()),
+                    Stream::Stderr => Chunk::Stderr(d.to_vec()),
+                };
+                let _ = tx.blocking_send(c);
+            })?;
+            Ok(Some(exit_code(st.code, st.signal)))
+        })
+        .await
     }
 
-    pub async fn kill(&self, _pid: u32) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported("killing a process"))
+    /// SIGKILL to the process's group.
+    pub async fn kill(&self, pid: u32) -> Result<(), GuestError> {
+        self.with(CALL, move |a| a.kill(pid, 9, true, CALL)).await
     }
 
-    pub async fn stat(&self, _path: &str, _user: Option<&str>) -> Result<Stat, GuestError> {
-        Err(GuestError::Unsupported("file info"))
+    pub async fn stat(&self, path: &str, user: Option<&str>) -> Result<FileInfo, GuestError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        self.with(CALL, move |a| a.stat(&path, user.as_deref(), CALL))
+            .await
     }
 
+    /// Entries under `path`, `depth` levels down, parents first.
     pub async fn list(
         &self,
-        _path: &str,
-        _depth: u32,
-        _user: Option<&str>,
-    ) -> Result<Vec<Stat>, GuestError> {
-        Err(GuestError::Unsupported("listing directories"))
+        path: &str,
+        depth: u32,
+        user: Option<&str>,
+    ) -> Result<Vec<FileInfo>, GuestError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        let (entries, _truncated) = self
+            .with(CALL, move |a| {
+                a.list_dir(&path, depth, user.as_deref(), None, CALL)
+            })
+            .await?;
+        Ok(entries)
     }
 
     /// A whole file, at most [`READ_MAX`] bytes.
-    pub async fn read(&self, path: &str, _user: Option<&str>) -> Result<Vec<u8>, GuestError> {
-        let limit = Duration::from_secs(120);
-        let path = path.to_string();
-        self.with(limit, move |a| a.read_file(&path, limit)).await
+    pub async fn read(&self, path: &str, user: Option<&str>) -> Result<Vec<u8>, GuestError> {
+        let (p, user) = (path.to_string(), user.map(str::to_string));
+        let limit = Duration::from_secs(300);
+        self.with(limit, move |a| {
+            let mut out = Vec::new();
+            let mut w = Bounded(&mut out, READ_MAX as usize);
+            a.read_file_to(&p, user.as_deref(), &mut w, limit)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| match e {
+            GuestError::Failed(m) if m.contains("more than") => GuestError::Failed(format!(
+                "{path} is larger than {} MiB: read it in pieces",
+                READ_MAX >> 20
+            )),
+            e => e,
+        })
     }
 
-    /// Writes (replaces) a file, creating missing parents; bytes written.
+    /// Writes (replaces) a file, creating missing parents, as `user`;
+    /// bytes written.
     pub async fn write(
         &self,
         path: &str,
         data: Vec<u8>,
-        _user: Option<&str>,
+        user: Option<&str>,
     ) -> Result<u64, GuestError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
         let limit = Duration::from_secs(300);
-        let path = path.to_string();
-        let n = data.len() as u64;
         self.with(limit, move |a| {
-            // 4 MiB per agent line, appended after the first.
-            const CHUNK: usize = 4 << 20;
-            let mut off = 0;
-            loop {
-                let end = (off + CHUNK).min(data.len());
-                let v = serde_json::json!({
-                    "op": "write_file", "path": path, "mode": 0o644, "append": off > 0,
-                    "data": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &data[off..end]),
-                });
-                a.call(v, limit)?;
-                off = end;
-                if off >= data.len() {
-                    return Ok(n);
-                }
-            }
+            let opts = WriteOptions {
+                parents: true,
+                user,
+                ..Default::default()
+            };
+            a.write_file_from(&path, &mut &data[..], &opts, limit)
         })
         .await
+    }
+}
+
+/// A writer that refuses to grow past its bound (guest data is hostile).
+struct Bounded<'a>(&'a mut Vec<u8>, usize);
+
+impl std::io::Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > self.1 {
+            return Err(std::io::Error::other(format!("more than {} bytes", self.1)));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -26,7 +26,7 @@ use nullspace_vm::template::Snapshot;
 use serde_json::{Map, Value};
 
 use crate::error::{ApiError, ApiResult};
-use crate::guest::{Chunk, Command, Finished, GuestError, Stat};
+use crate::guest::{Chunk, Command, Finished, GuestError};
 use crate::machine_model::*;
 use crate::model::iso;
 use crate::runtime::{Live, RuntimeError, load_envs};
@@ -1019,61 +1019,28 @@ pub async fn kill_process(
 
 // ---- files ------------------------------------------------------------
 
-pub fn file_info(s: Stat) -> FileInfo {
+pub fn file_info(s: nullspace_model::agent::FileInfo) -> FileInfo {
+    use nullspace_model::agent::FileKind;
     FileInfo {
-        is_dir: s.kind == "dir",
         name: s.name,
         path: s.path,
+        is_dir: s.is_dir,
         size: s.size,
-        r#type: Some(s.kind),
-        mode: s.mode.map(|m| format!("{:04o}", m & 0o7777)),
-        permissions: s.mode.map(rwx),
-        owner: s.owner,
-        group: s.group,
-        modified_time: s.modified_unix_ms.map(iso),
+        r#type: Some(
+            match s.kind {
+                FileKind::File => "file",
+                FileKind::Dir => "dir",
+                FileKind::Symlink => "symlink",
+                FileKind::Other => "other",
+            }
+            .into(),
+        ),
+        mode: Some(s.mode),
+        permissions: Some(s.permissions),
+        owner: Some(s.owner),
+        group: Some(s.group),
+        modified_time: Some(s.modified_time),
         symlink_target: s.symlink_target,
-    }
-}
-
-/// `rwxr-x---` for a mode.
-fn rwx(mode: u32) -> String {
-    let mut s = String::with_capacity(9);
-    for shift in [6, 3, 0] {
-        let b = (mode >> shift) & 7;
-        s.push(if b & 4 != 0 { 'r' } else { '-' });
-        s.push(if b & 2 != 0 { 'w' } else { '-' });
-        s.push(if b & 1 != 0 { 'x' } else { '-' });
-    }
-    s
-}
-
-fn base_name(path: &str) -> String {
-    path.rsplit('/').next().unwrap_or("").to_string()
-}
-
-/// The info of a path just written: the guest's, or (when the agent has
-/// no `stat`) what the write itself established.
-async fn written_info(
-    live: &Live,
-    path: &str,
-    user: Option<&str>,
-    size: u64,
-) -> ApiResult<FileInfo> {
-    match live.guest.stat(path, user).await {
-        Ok(s) => Ok(file_info(s)),
-        Err(_) => Ok(FileInfo {
-            name: base_name(path),
-            path: path.to_string(),
-            is_dir: false,
-            size,
-            r#type: Some("file".into()),
-            mode: None,
-            permissions: None,
-            owner: None,
-            group: None,
-            modified_time: None,
-            symlink_target: None,
-        }),
     }
 }
 
@@ -1088,12 +1055,15 @@ pub async fn write_file(
 ) -> ApiResult<FileInfo> {
     let path = guest_path("path", path)?;
     let (_, _, live) = running(state, c, f, id).await?;
-    let n = live
-        .guest
+    live.guest
         .write(&path, data, user)
         .await
         .map_err(|e| guest_error(f, id, e))?;
-    written_info(&live, &path, user, n).await
+    live.guest
+        .stat(&path, user)
+        .await
+        .map(file_info)
+        .map_err(|e| guest_error(f, id, e))
 }
 
 pub async fn read_file(

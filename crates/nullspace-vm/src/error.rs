@@ -29,8 +29,21 @@ pub enum VmError {
         exit_code: Option<i32>,
         tail: String,
     },
+    /// The host↔guest channel failed (connection, timeout, protocol).
     #[error("agent: {0}")]
     Agent(String),
+    /// The guest agent refused or failed a request (`code` tells why:
+    /// `not_found`, `permission_denied`, `busy` …).
+    #[error("agent: {op}: {message}")]
+    Guest {
+        op: String,
+        code: nullspace_model::agent::ErrorCode,
+        message: String,
+    },
+    /// The caller's cancellation token fired; what the call started in the
+    /// guest has been told to stop.
+    #[error("cancelled")]
+    Cancelled,
     #[error("snapshot: {0}")]
     Snapshot(String),
     #[error("restore: {0}")]
@@ -52,7 +65,8 @@ impl VmError {
             VmError::StartExited { .. } => "readiness",
             VmError::ReadinessTimeout { .. } => "readiness_timeout",
             VmError::StepFailed { .. } => "step",
-            VmError::Agent(_) => "agent",
+            VmError::Agent(_) | VmError::Guest { .. } => "agent",
+            VmError::Cancelled => "cancelled",
             VmError::Snapshot(_) => "snapshot",
             VmError::Restore(_) => "restore",
             VmError::Kernel(_) => "kernel",

@@ -20,7 +20,9 @@ pub mod rootfs;
 pub mod sandbox;
 pub mod template;
 
-pub use agent::{AgentClient, ExecOutput, ExecRequest};
+pub use agent::{
+    AgentClient, ExecOutput, ExecRequest, Limits, ProcessOutput, Stream, WriteOptions,
+};
 pub use error::VmError;
 pub use kernel::GuestKernel;
 pub use qemu::{Accel, BootSpec, QemuVm, QemuVmm, RestoreSpec};

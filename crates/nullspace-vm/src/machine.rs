@@ -220,17 +220,22 @@ pub fn restore(snap: &Snapshot, spec: &MachineSpec) -> Result<Restored, VmError>
     }
     drop(qmp);
     let left = deadline.saturating_duration_since(Instant::now());
-    let mut agent = match AgentClient::connect(&handle.agent_socket, left)
-        .and_then(|mut a| a.ping(left.max(Duration::from_secs(1))).map(|_| a))
+    let agent = match AgentClient::connect(&handle.agent_socket, left)
+        .and_then(|a| a.ping(left.max(Duration::from_secs(1))).map(|_| a))
     {
         Ok(a) => a,
         Err(e) => return Err(fail(&mut child, format!("guest agent: {e}"))),
     };
-    // The guest's clock continues from the snapshot's time.
-    match agent.set_time(std::time::SystemTime::now(), Duration::from_secs(10)) {
-        Ok(_) => {}
-        Err(VmError::Agent(m)) if m.contains("unknown op") => {}
-        Err(e) => return Err(fail(&mut child, format!("setting the guest clock: {e}"))),
+    // The guest's clock continues from the snapshot's time, and machines
+    // restored from one snapshot must not share their RNG state.
+    let synced = agent
+        .set_time(std::time::SystemTime::now(), Duration::from_secs(10))
+        .and_then(|_| agent.reseed(Duration::from_secs(10)));
+    if let Err(e) = synced {
+        return Err(fail(
+            &mut child,
+            format!("setting the guest clock and RNG: {e}"),
+        ));
     }
     // Dropping a `Child` neither kills nor waits for it: QEMU stays.
     drop(child);

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub const QEMU: &str = "qemu-system-x86_64";
-pub const AGENT_PORT: &str = "nullspace.agent";
+pub const AGENT_PORT: &str = nullspace_model::guest::AGENT_PORT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -349,7 +349,7 @@ impl QemuVm {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let mut agent = agent;
+        let agent = agent;
         let left = deadline.saturating_duration_since(Instant::now());
         if let Err(e) = agent.ping(left) {
             let m = self.exited().unwrap_or_else(|| {
@@ -464,9 +464,9 @@ impl QemuVm {
         Ok(vm)
     }
 
-    /// Sends the host's wall clock to a restored guest (whose clock continues
-    /// from the snapshot's time). A guest whose agent predates the
-    /// `set_time` op is logged and left as is; any other failure is an error.
+    /// Sends the host's wall clock and fresh entropy to a restored guest
+    /// (its clock continues from the snapshot's time, and every clone of a
+    /// snapshot starts with the same RNG state).
     fn sync_guest_clock(&mut self, deadline: Instant) -> Result<(), VmError> {
         let left = deadline
             .saturating_duration_since(Instant::now())
@@ -474,26 +474,31 @@ impl QemuVm {
         let Some(agent) = self.agent.as_mut() else {
             return Ok(());
         };
-        match agent.set_time(std::time::SystemTime::now(), left) {
-            Ok(_) => Ok(()),
-            Err(VmError::Agent(m)) if m.contains("unknown op") => {
-                eprintln!(
-                    "nullspace-vm: guest agent cannot set its clock ({m}); wall clock is stale"
-                );
-                Ok(())
-            }
-            Err(e) => Err(self.fail(format!("restore: setting the guest clock: {e}"))),
-        }
+        let synced = agent
+            .set_time(std::time::SystemTime::now(), left)
+            .and_then(|_| agent.reseed(left));
+        synced.map_err(|e| self.fail(format!("restore: setting the guest clock and RNG: {e}")))
     }
 
     /// Drops the agent connection and connects again (what a host does
     /// after its own restart; the guest keeps serving across it).
     pub fn reconnect_agent(&mut self, limit: Duration) -> Result<(), VmError> {
+        self.reconnect_agent_with(crate::agent::Limits::default(), limit)
+            .map(|_| ())
+    }
+
+    /// [`QemuVm::reconnect_agent`] with other client limits; returns (a
+    /// clone of) the VM's new client.
+    pub fn reconnect_agent_with(
+        &mut self,
+        limits: crate::agent::Limits,
+        limit: Duration,
+    ) -> Result<AgentClient, VmError> {
         self.agent = None;
-        let mut a = AgentClient::connect(&self.dir.path().join("agent.sock"), limit)?;
+        let a = AgentClient::connect_with(&self.dir.path().join("agent.sock"), limit, limits)?;
         a.ping(limit)?;
-        self.agent = Some(a);
-        Ok(())
+        self.agent = Some(a.clone());
+        Ok(a)
     }
 
     pub fn dir(&self) -> &Path {

@@ -116,33 +116,32 @@ pub struct ReadyReport {
     pub detail: String,
 }
 
-fn check_start(agent: &mut AgentClient) -> Result<(), VmError> {
-    let info = agent.info(Duration::from_secs(10))?;
-    let s = &info["start"];
-    if !s["configured"].as_bool().unwrap_or(false) {
+fn check_start(agent: &AgentClient) -> Result<(), VmError> {
+    let s = agent.agent_info(Duration::from_secs(10))?.start;
+    if !s.configured {
         return Ok(());
     }
-    if let Some(e) = s["spawn_error"].as_str() {
+    if let Some(e) = s.spawn_error {
         return Err(VmError::StartExited {
             detail: format!("could not start: {e}"),
             output: String::new(),
         });
     }
-    if !s["running"].as_bool().unwrap_or(true) {
-        let detail = match (s["exit_code"].as_i64(), s["signal"].as_i64()) {
+    if !s.running {
+        let detail = match (s.exit_code, s.signal) {
             (Some(c), _) => format!("exited with code {c} before it was ready"),
             (_, Some(sig)) => format!("was killed by signal {sig} before it was ready"),
             _ => "exited before it was ready".to_string(),
         };
         return Err(VmError::StartExited {
             detail,
-            output: s["output"].as_str().unwrap_or("").to_string(),
+            output: s.output,
         });
     }
     Ok(())
 }
 
-fn sleep_watching(agent: &mut AgentClient, d: Duration, step: Duration) -> Result<(), VmError> {
+fn sleep_watching(agent: &AgentClient, d: Duration, step: Duration) -> Result<(), VmError> {
     let end = Instant::now() + d;
     loop {
         check_start(agent)?;
@@ -150,13 +149,13 @@ fn sleep_watching(agent: &mut AgentClient, d: Duration, step: Duration) -> Resul
         if left.is_zero() {
             return Ok(());
         }
-        std::thread::sleep(left.min(step));
+        agent.sleep(left.min(step))?;
     }
 }
 
 /// Waits until the template is ready, or fails with `StartExited` /
-/// `ReadinessTimeout`.
-pub fn wait_ready(agent: &mut AgentClient, r: &Readiness) -> Result<ReadyReport, VmError> {
+/// `ReadinessTimeout` (or `Cancelled`, by the agent client's token).
+pub fn wait_ready(agent: &AgentClient, r: &Readiness) -> Result<ReadyReport, VmError> {
     let t0 = Instant::now();
     let step = r.interval.max(Duration::from_millis(50));
     sleep_watching(agent, r.startup_grace, step)?;
@@ -195,7 +194,7 @@ pub fn wait_ready(agent: &mut AgentClient, r: &Readiness) -> Result<ReadyReport,
                 last: detail,
             });
         }
-        std::thread::sleep(step);
+        agent.sleep(step)?;
     }
 }
 

@@ -86,7 +86,7 @@ impl SandboxHandle {
                 self.pid
             )));
         }
-        let mut a = AgentClient::connect(&self.agent_socket, limit)?;
+        let a = AgentClient::connect(&self.agent_socket, limit)?;
         a.ping(limit)?;
         Ok(a)
     }

@@ -18,39 +18,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// What `nullspace-init` reads from `/nullspace/config.json`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct GuestConfig {
-    pub hostname: String,
-    pub env: BTreeMap<String, String>,
-    pub user: Option<String>,
-    pub workdir: Option<String>,
-    pub start_cmd: Option<String>,
-    pub agent_port: String,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub probe_only: bool,
-    /// Boot without starting `start_cmd`: the host runs build steps first,
-    /// then starts it with [`AgentClient::start`].
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub defer_start: bool,
-    /// The VM has a virtio-net device (QEMU user-mode networking): init
-    /// loads `virtio_net`, configures `eth0` as 10.0.2.15/24 via 10.0.2.2
-    /// and, when the rootfs has no usable `/etc/resolv.conf`, writes
-    /// `nameserver 10.0.2.3` (QEMU's DNS forwarder) into it. Set from
-    /// [`BootSpec::network`](crate::qemu::BootSpec::network) at boot.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub network: bool,
-}
-
-impl GuestConfig {
-    pub fn new(hostname: &str) -> GuestConfig {
-        GuestConfig {
-            hostname: hostname.to_string(),
-            agent_port: crate::qemu::AGENT_PORT.to_string(),
-            ..Default::default()
-        }
-    }
-}
+/// What `nullspace-init` reads from `/nullspace/config.json` (shared with
+/// the guest through `nullspace-model`).
+pub use nullspace_model::guest::GuestConfig;
 
 /// The VM shape a snapshot must be restored with.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -258,7 +228,7 @@ fn build_inner(
                 Duration::from_secs(30),
             )
             .map_err(|e| match e {
-                VmError::Agent(m) => VmError::StartExited {
+                VmError::Agent(m) | VmError::Guest { message: m, .. } => VmError::StartExited {
                     detail: format!("could not start: {m}"),
                     output: String::new(),
                 },
@@ -534,7 +504,7 @@ fn run_step(
                 }
                 Err(failed(o.code, t))
             }
-            Err(VmError::Agent(m)) => Err(failed(None, m)),
+            Err(VmError::Agent(m) | VmError::Guest { message: m, .. }) => Err(failed(None, m)),
             Err(e) => Err(e),
         }
     };
@@ -683,12 +653,16 @@ fn run_step(
                 }
             }
             for (g, h, m) in &files {
-                let data =
-                    std::fs::read(h).map_err(|e| failed(None, format!("{}: {e}", h.display())))?;
+                // Streamed in chunks: never the whole file in memory.
+                let mut src = std::fs::File::open(h)
+                    .map_err(|e| failed(None, format!("{}: {e}", h.display())))?;
                 agent
-                    .write_file_exact(g, &data, *m, STEP_TIMEOUT)
+                    .copy_to_guest(&mut src, g, *m, STEP_TIMEOUT)
                     .map_err(|e| match e {
-                        VmError::Agent(m) => failed(None, m),
+                        VmError::Agent(m) | VmError::Guest { message: m, .. } => failed(None, m),
+                        VmError::Io { context, source } => {
+                            failed(None, format!("{context}: {source}"))
+                        }
                         e => e,
                     })?;
             }
