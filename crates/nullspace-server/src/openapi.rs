@@ -371,7 +371,7 @@ pub fn build(ops: &[Op]) -> Value {
         "info": {
             "title": "nullspace API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Template builds, logs, templates, tags, aliases, claims and context blobs; machines (`/v1/machines` for nullspace-sdk 1.0.x, `/v1/sandboxes` for 0.1.9) and their snapshots. The wire contract the published SDK relies on is docs/sdk-contract.md and docs/machines.md.",
+            "description": "Template builds, logs, templates, tags, aliases, claims and context blobs; machines (`/v1/machines` for nullspace-sdk 1.0.x, `/v1/sandboxes` for 0.1.9) and their snapshots. The wire contract the published SDK relies on: docs/sdk-contract.md (templates) and the README section Machines.",
         },
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "components": {

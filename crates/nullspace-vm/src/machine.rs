@@ -267,6 +267,21 @@ pub fn snapshot(
     after: After,
 ) -> Result<SnapshotMeta, VmError> {
     let t0 = Instant::now();
+    // A full disk shows up as a broken migration pipe: say what it is.
+    let overlay = std::fs::metadata(h.dir.join(OVERLAY))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let need = ((base.meta.vm.memory_mb as u64) << 20) + overlay;
+    if let Some(free) = out.parent().and_then(free_bytes)
+        && free < need
+    {
+        return Err(VmError::Snapshot(format!(
+            "not enough free space in {} for a snapshot: up to {} MiB needed (memory and disk), {} MiB free",
+            out.parent().unwrap_or(out).display(),
+            need >> 20,
+            free >> 20
+        )));
+    }
     std::fs::create_dir(out).map_err(VmError::io(out.display().to_string()))?;
     let result = snapshot_inner(h, base, out, after, t0);
     if result.is_err() {
@@ -370,6 +385,18 @@ fn snapshot_inner(
         let _ = h.kill(Duration::from_secs(1));
     }
     Ok(meta)
+}
+
+/// Bytes available to this user on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// The pid in a machine directory's QEMU pidfile.
