@@ -1495,7 +1495,7 @@ pub async fn snapshot_delete(state: &Shared, c: &Caller, id: &str) -> ApiResult<
 
 /// `DELETE /v1/machines/{id}`: the VM ends, the record says `destroyed`.
 pub async fn destroy(state: &Shared, c: &Caller, f: Flavor, id: &str) -> ApiResult<Destroyed> {
-    let (row, doc) = load(state, c, f, id).await?;
+    let (row, _) = load(state, c, f, id).await?;
     if matches!(row.status.as_str(), "destroyed" | "error") {
         return Ok(Destroyed {
             id: row.id,
@@ -1512,7 +1512,7 @@ pub async fn destroy(state: &Shared, c: &Caller, f: Flavor, id: &str) -> ApiResu
             ),
         ));
     }
-    end(state, row, doc, "destroyed", "deleted").await?;
+    end(state, row, "destroyed", "deleted", LIVE).await?;
     Ok(Destroyed {
         id: id.to_string(),
         status: "destroyed".into(),
@@ -1520,25 +1520,36 @@ pub async fn destroy(state: &Shared, c: &Caller, f: Flavor, id: &str) -> ApiResu
 }
 
 /// Ends a machine: the record first (nobody uses it from now on), then
-/// its VM and directory, then the hibernation snapshots nothing needs.
+/// its VM and directory, then the internal snapshots (its hibernation
+/// states, the fork snapshots) nothing needs any more. The record is read
+/// again under the machine's lifecycle lock and ended only if its status
+/// is still one of `only_if` (a pause or resume may have come first).
 pub async fn end(
     state: &Shared,
-    mut row: MachineRow,
-    mut doc: MachineDoc,
+    row: MachineRow,
     status: &str,
     reason: &str,
+    only_if: &[&str],
 ) -> ApiResult<()> {
     let live = state.machines.get(&row.id);
     let _l = match &live {
         Some(l) => Some(l.lifecycle.lock().await),
         None => None,
     };
+    let Some(mut row) = state.store.machine(&row.id).await? else {
+        return Ok(());
+    };
+    if !only_if.contains(&row.status.as_str()) {
+        return Ok(());
+    }
+    let mut doc = doc_of(&row)?;
     let vm = doc.vm.take();
     doc.ended_reason = Some(reason.to_string());
     doc.ended_at = Some(now_ms());
     doc.timeout_at = None;
+    let was = row.status.clone();
     row.status = status.into();
-    if !save(state, &mut row, &doc, LIVE).await? {
+    if !save(state, &mut row, &doc, &[was.as_str()]).await? {
         return Ok(());
     }
     if row.node_id == state.machines.node_id
@@ -1547,25 +1558,49 @@ pub async fn end(
         tracing::warn!(machine = %row.id, "ending the VM: {e}");
     }
     tracing::info!(machine = %row.id, status, reason, "machine ended");
-    // Its hibernation states go with it, unless something is layered on them.
-    if let Ok(snaps) = state.store.snapshots(&row.namespace, Some(&row.id)).await {
-        for s in snaps.iter().rev() {
-            let Ok(sdoc) = serde_json::from_str::<SnapshotDoc>(&s.record) else {
-                continue;
-            };
-            if sdoc.kind == "hibernate"
-                && state
-                    .store
-                    .snapshot_users(&s.id)
-                    .await
-                    .is_ok_and(|u| u.is_empty())
-                && state.store.delete_snapshot(&s.id).await.unwrap_or(false)
-            {
-                let _ = std::fs::remove_dir_all(&sdoc.dir);
+    let mut candidates: Vec<String> = state
+        .store
+        .snapshots(&row.namespace, Some(&row.id))
+        .await
+        .map(|v| v.into_iter().rev().map(|s| s.id).collect())
+        .unwrap_or_default();
+    if !row.base_snapshot.is_empty() {
+        candidates.push(row.base_snapshot.clone());
+    }
+    collect_snapshots(state, candidates).await;
+    Ok(())
+}
+
+/// Deletes the internal snapshots among `ids` (kinds `hibernate` and
+/// `fork`; a user's snapshots stay until deleted) that nothing uses, and
+/// then their parents, likewise.
+async fn collect_snapshots(state: &Shared, mut ids: Vec<String>) {
+    while let Some(id) = ids.pop() {
+        let Ok(Some(srow)) = state.store.snapshot(&id).await else {
+            continue;
+        };
+        let Ok(sdoc) = serde_json::from_str::<SnapshotDoc>(&srow.record) else {
+            continue;
+        };
+        if !matches!(sdoc.kind.as_str(), "hibernate" | "fork") {
+            continue;
+        }
+        if !state
+            .store
+            .snapshot_users(&id)
+            .await
+            .is_ok_and(|u| u.is_empty())
+        {
+            continue;
+        }
+        if state.store.delete_snapshot(&id).await.unwrap_or(false) {
+            let dir = std::path::PathBuf::from(&sdoc.dir);
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            if !srow.parent_id.is_empty() {
+                ids.push(srow.parent_id);
             }
         }
     }
-    Ok(())
 }
 
 // ---- the server's own duties ------------------------------------------
@@ -1615,7 +1650,7 @@ pub async fn recover(state: &Shared) -> ApiResult<()> {
                     d.vm = None;
                     let _ = save(state, &mut row, &d, &["creating"]).await;
                 } else {
-                    end(state, row, doc, "error", &why).await?;
+                    end(state, row, "error", &why, &["creating", "running"]).await?;
                 }
             }
         }
@@ -1678,8 +1713,10 @@ async fn reap_due(state: &Shared) -> ApiResult<()> {
                     }
                     None => Ok(()),
                 },
-                ("running", _) => end(&st, row, doc, "destroyed", "timeout").await,
-                ("paused", _) => end(&st, row, doc, "destroyed", "auto_delete_after_ms").await,
+                ("running", _) => end(&st, row, "destroyed", "timeout", &["running"]).await,
+                ("paused", _) => {
+                    end(&st, row, "destroyed", "auto_delete_after_ms", &["paused"]).await
+                }
                 _ => Ok(()),
             };
             if let Err(e) = r {
@@ -1701,11 +1738,18 @@ async fn check_alive(state: &Shared) {
         }
         if let Ok(Some(row)) = state.store.machine(&live.id).await
             && row.status == "running"
-            && let Ok(doc) = doc_of(&row)
+            && doc_of(&row).is_ok_and(|d| d.vm.is_some_and(|v| v.pid == live.handle.pid))
         {
-            let _ = end(state, row, doc, "error", "its VM exited unexpectedly").await;
+            let _ = end(
+                state,
+                row,
+                "error",
+                "its VM exited unexpectedly",
+                &["running"],
+            )
+            .await;
         } else {
-            state.machines.remove(&live.id);
+            state.machines.remove_if(&live);
         }
     }
 }

@@ -225,6 +225,14 @@ impl Runtime {
             .remove(id)
     }
 
+    /// Forgets `live` if it is still the machine's registered VM.
+    pub fn remove_if(&self, live: &Arc<Live>) {
+        let mut m = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, live)) {
+            m.remove(&live.id);
+        }
+    }
+
     fn insert(&self, live: Live) -> Arc<Live> {
         let live = Arc::new(live);
         self.live
