@@ -442,13 +442,9 @@ pub async fn ws<const F: u8>(
     match q.get("channel").map(String::as_str) {
         Some("exec") => {}
         other => {
-            return Err(ApiError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "not_implemented",
-                format!(
-                    "channel {other:?}: this server serves the exec channel only (channel=exec)"
-                ),
-            ));
+            return Err(machines::not_implemented(format!(
+                "channel {other:?}: this server serves the exec channel only (channel=exec)"
+            )));
         }
     }
     // Errors before the upgrade are ordinary HTTP answers.
@@ -498,6 +494,9 @@ impl Utf8Carry {
     }
 }
 
+/// Commands streaming at once on one exec channel.
+const MAX_STREAMS: usize = 32;
+
 async fn exec_channel(socket: WebSocket, f: Flavor, id: String, doc: MachineDoc, live: Arc<Live>) {
     use futures_util::{SinkExt, StreamExt};
     let (mut sink, mut stream) = socket.split();
@@ -532,6 +531,13 @@ async fn exec_channel(socket: WebSocket, f: Flavor, id: String, doc: MachineDoc,
             }
         };
         let rid = req.get("id").cloned().unwrap_or(Value::Null);
+        while tasks.try_join_next().is_some() {}
+        if tasks.len() >= MAX_STREAMS {
+            let _ = out_tx
+                .send(json!({"type": "error", "id": rid, "message": format!("at most {MAX_STREAMS} commands stream on one connection")}))
+                .await;
+            continue;
+        }
         match req.get("type").and_then(Value::as_str) {
             Some("exec_start") => {
                 let cmd = serde_json::from_value::<ExecBody>(req.clone())

@@ -358,6 +358,10 @@ pub struct MachineDoc {
     pub internet_access: bool,
     /// The snapshot directory its disk sits on (template or machine snapshot).
     pub base_dir: String,
+    /// The template snapshot at the root of its disk's chain (what a
+    /// collector must keep while the machine lives).
+    #[serde(default)]
+    pub template_dir: String,
     /// Paused: the hibernation snapshot. Created from a snapshot: that one.
     #[serde(default)]
     pub snapshot_id: Option<String>,
@@ -389,6 +393,9 @@ pub struct SnapshotDoc {
     /// `snapshot`, `hibernate` or `fork`.
     pub kind: String,
     pub dir: String,
+    /// The template snapshot at the root of its disk's chain.
+    #[serde(default)]
+    pub template_dir: String,
     pub size_bytes: u64,
     pub created_at: i64,
     /// The source machine's shape and template (a machine created from

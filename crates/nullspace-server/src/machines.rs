@@ -82,8 +82,12 @@ fn snapshot_not_found(id: &str) -> ApiError {
     )
 }
 
-fn not_implemented(m: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_implemented", m)
+/// An option or operation this server does not offer. The code makes the
+/// SDK raise `NotImplementedError`; the status is 400, not 501: the request
+/// asked for something not offered here, and nothing is wrong with the
+/// server (5xx is kept for its own failures).
+pub fn not_implemented(m: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "not_implemented", m)
 }
 
 /// What a guest failure means for the caller.
@@ -342,6 +346,8 @@ struct Source {
     template_id: String,
     build_id: String,
     snapshot: Snapshot,
+    /// The template snapshot at the root of the chain.
+    template_dir: String,
     /// The machine snapshot (`""`: a template's).
     snapshot_id: String,
     envs: BTreeMap<String, String>,
@@ -404,6 +410,7 @@ async fn template_source(state: &Shared, c: &Caller, raw: &str) -> ApiResult<Sou
         build_id: rec.build_id,
         vcpus: snapshot.meta.vm.vcpus,
         memory_mb: snapshot.meta.vm.memory_mb,
+        template_dir: snapshot.dir.display().to_string(),
         snapshot,
         snapshot_id: String::new(),
         envs: BTreeMap::new(),
@@ -446,6 +453,7 @@ async fn snapshot_source(state: &Shared, c: &Caller, id: &str) -> ApiResult<Sour
         template_id: doc.template_id.clone(),
         build_id: doc.build_id.clone(),
         envs: load_envs(&snapshot.dir),
+        template_dir: doc.template_dir.clone(),
         snapshot,
         snapshot_id: doc.id.clone(),
         cwd: doc.cwd.clone(),
@@ -573,6 +581,7 @@ pub async fn create(
         cwd: cwd.or(src.cwd.clone()),
         internet_access: b.internet_access.unwrap_or(true),
         base_dir: src.snapshot.dir.display().to_string(),
+        template_dir: src.template_dir.clone(),
         snapshot_id: (!src.snapshot_id.is_empty()).then(|| src.snapshot_id.clone()),
         parent_id: None,
         vm: None,
@@ -1209,6 +1218,7 @@ async fn take_snapshot(
         machine_id: row.id.clone(),
         kind: kind.into(),
         dir: dir.display().to_string(),
+        template_dir: doc.template_dir.clone(),
         size_bytes: meta.disk_bytes + meta.memory_bytes,
         created_at: now_ms(),
         template: doc.template.clone(),
