@@ -38,6 +38,9 @@ fn caller() -> Caller {
 /// or already building. Needs the build VM (a template without a snapshot
 /// cannot start machines).
 pub async fn ensure(state: &Shared) {
+    if !state.config.base_template {
+        return;
+    }
     if state.vmm.is_none() {
         tracing::info!("no base template: this server has no build VM");
         return;

@@ -38,6 +38,8 @@ pub struct Config {
     pub build_vm_network: bool,
     /// How many machines (and how much guest memory) this server runs.
     pub machine_limits: crate::runtime::Limits,
+    /// Build `nullspace/base` at start-up when it is missing (with the build VM).
+    pub base_template: bool,
 }
 
 impl Config {
@@ -53,6 +55,7 @@ impl Config {
             init_bin: None,
             build_vm_network: false,
             machine_limits: crate::runtime::Limits::default_for_host(),
+            base_template: true,
         }
     }
 }

@@ -54,10 +54,16 @@ impl Server {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new(nullspace_bin());
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(&self.addr)
-            .args(self.args.iter().filter(|a| *a != "--auto-build-vm"));
+        cmd.arg("serve").arg("--listen").arg(&self.addr).args(
+            self.args
+                .iter()
+                .filter(|a| *a != "--auto-build-vm" && *a != "--base-template"),
+        );
+        // Likewise the base template (a build VM boot at every start): only
+        // for tests that ask with `--base-template` (a testkit-only marker).
+        if !self.args.iter().any(|a| a == "--base-template") {
+            cmd.arg("--no-base-template");
+        }
         // The build VM is on by default wherever it can run; API tests that
         // do not ask for it run without (fast, and independent of whether
         // a guest init happens to be installed). `--auto-build-vm` (a

@@ -93,7 +93,8 @@ const CHECKS: &[&str] = &[
 #[test]
 fn both_published_sdks_pass_the_machine_scenarios() {
     let _s = serial();
-    let s = setup(&[]);
+    // The base template builds at start-up, as on a default server.
+    let s = setup(&["--base-template"]);
     let other = s.server.key("team-b");
     let mut failures = vec![];
     for (sdk, v) in [(Sdk::V1_0_3, "1"), (Sdk::V0_1_9, "0")] {
