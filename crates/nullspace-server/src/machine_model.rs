@@ -371,6 +371,10 @@ pub struct MachineDoc {
     /// The running VMM (pid, directory, sockets).
     #[serde(default)]
     pub vm: Option<nullspace_vm::sandbox::SandboxHandle>,
+    /// The Idempotency-Key of its create (released if the create fails,
+    /// so that a retry starts afresh).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
     /// Why it ended (destroyed or error).
     #[serde(default)]
     pub ended_reason: Option<String>,

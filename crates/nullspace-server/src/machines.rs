@@ -585,6 +585,7 @@ pub async fn create(
         snapshot_id: (!src.snapshot_id.is_empty()).then(|| src.snapshot_id.clone()),
         parent_id: None,
         vm: None,
+        idempotency_key: key.clone(),
         ended_reason: None,
         ended_at: None,
     };
@@ -1660,6 +1661,15 @@ pub async fn recover(state: &Shared) -> ApiResult<()> {
                     d.vm = None;
                     let _ = save(state, &mut row, &d, &["creating"]).await;
                 } else {
+                    if row.status == "creating"
+                        && let Some(k) = &doc.idempotency_key
+                    {
+                        // The client's retry (same key) creates it afresh.
+                        let _ = state
+                            .store
+                            .release_idempotency_key(&row.namespace, SCOPE_CREATE, k)
+                            .await;
+                    }
                     end(state, row, "error", &why, &["creating", "running"]).await?;
                 }
             }
