@@ -42,7 +42,9 @@ pub struct ArtifactManifest {
     pub readiness: Option<Value>,
     pub image: Value,
     pub oci: OciMetadataOut,
-    /// The build VM's snapshot directory (memory + disk), when built with one.
+    /// The build VM's snapshot directory (memory + disk), when built with
+    /// one: relative to the artifact store (`snapshots/<build>`), so a moved
+    /// data directory still restores (absolute in records of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
 }
@@ -871,8 +873,24 @@ async fn snapshot_in_vm(
     let log_rec = rec.clone();
     let total = steps.len() as i64;
     let native_task = native.clone();
-    let result = blocking(cancel, move || match &native_task {
-        None => build_snapshot(&vmm, &spec, &task_out),
+    // The VM driver takes a CancellationToken; the worker still signals
+    // with its flag. Wait for the VM call to return (it kills and reaps
+    // QEMU and removes its directories on cancel) before this build ends.
+    let token = nullspace_vm::CancellationToken::new();
+    let bridge = {
+        let (token, cancel) = (token.clone(), cancel.clone());
+        tokio::spawn(async move {
+            while !token.is_cancelled() {
+                if cancel.load(Ordering::SeqCst) {
+                    token.cancel();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let vm_token = token.clone();
+    let task = tokio::task::spawn_blocking(move || match &native_task {
+        None => build_snapshot(&vmm, &spec, &task_out, &vm_token),
         Some((plan, _)) => {
             let mut on_step = |i: usize, step: &nullspace_vm::template::Step, ev: StepEvent<'_>| {
                 let index = plan.request_index(i).map(|x| x as i64 + 1);
@@ -901,15 +919,24 @@ async fn snapshot_in_vm(
                 e.total_steps = Some(total);
                 let _ = handle.block_on(append(&st, e));
             };
-            build_snapshot_with_steps(&vmm, &spec, &plan.steps, &mut on_step, &task_out)
+            build_snapshot_with_steps(&vmm, &spec, &plan.steps, &mut on_step, &task_out, &vm_token)
         }
-    })
-    .await;
+    });
+    let result = task.await.map_err(|e| {
+        failed(
+            "prepare",
+            format!("worker task failed: {e}"),
+            true,
+            "retry the build",
+        )
+    });
+    bridge.abort();
     if let Some((_, ctx)) = &native {
         let _ = std::fs::remove_dir_all(ctx);
     }
     let snap = match result {
         Ok(Ok(snap)) => snap,
+        Ok(Err(nullspace_vm::VmError::Cancelled)) => return Err(Failure::Cancelled),
         Ok(Err(e)) => {
             // Log phases follow the VM's own steps; error_detail.phase must
             // stay within the SDK's enum.
@@ -967,7 +994,7 @@ async fn snapshot_in_vm(
         m.user = c.user.clone();
         m.workdir = c.workdir.clone();
     }
-    m.snapshot = Some(out.display().to_string());
+    m.snapshot = Some(format!("snapshots/{}", rec.build_id));
     Ok(m)
 }
 

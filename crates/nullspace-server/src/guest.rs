@@ -140,11 +140,21 @@ pub struct Output {
 }
 
 /// The agent connection of one machine. Clones share it.
+///
+/// QEMU serves one connection at a time, and a snapshot that lets the VM
+/// go on makes a new one (`QemuVm::snapshot`): [`Guest::quiesce`] waits for
+/// the calls in flight, closes the connection and holds new calls until
+/// [`Guest::resume_with`] hands over the VM's new one.
 #[derive(Clone)]
 pub struct Guest {
     socket: PathBuf,
     conn: Arc<Mutex<Option<AgentClient>>>,
+    /// Read-held by every call; write-held while the VM is snapshotted.
+    gate: Arc<std::sync::RwLock<()>>,
 }
+
+/// Held while a machine is quiesced (see [`Guest::quiesce`]).
+pub struct Quiesced<'a>(#[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>);
 
 /// Connect limit when the connection must be made again.
 const CONNECT: Duration = Duration::from_secs(10);
@@ -156,7 +166,30 @@ impl Guest {
         Guest {
             socket,
             conn: Arc::new(Mutex::new(agent)),
+            gate: Default::default(),
         }
+    }
+
+    /// Waits up to `limit` for the calls in flight to end, then closes the
+    /// connection; new calls wait until the guard is gone. `None` when
+    /// calls are still running after `limit` (blocking; not on a runtime thread).
+    pub fn quiesce(&self, limit: Duration) -> Option<Quiesced<'_>> {
+        let t = std::time::Instant::now();
+        loop {
+            if let Ok(g) = self.gate.try_write() {
+                self.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+                return Some(Quiesced(g));
+            }
+            if t.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Uses `agent` from now on (the VM's connection after a snapshot).
+    pub fn resume_with(&self, agent: Option<AgentClient>) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = agent;
     }
 
     /// The connection, made again if it closed.
@@ -182,6 +215,7 @@ impl Guest {
     ) -> Result<T, GuestError> {
         let g = self.clone();
         tokio::task::spawn_blocking(move || {
+            let _open = g.gate.read().unwrap_or_else(|p| p.into_inner());
             let c = g.client()?;
             f(&c).map_err(|e| classify(e, limit))
         })

@@ -107,9 +107,30 @@ async fn start_vmm(config: &Config) -> Result<nullspace_vm::QemuVmm, nullspace_v
     let init =
         nullspace_vm::init_binary::discover(config.init_bin.as_deref(), Some(&config.data_dir))?;
     let cache = config.data_dir.join("vm-cache");
+    // Build VMs keep their sockets, owner record and QEMU pidfile here.
+    let run = config.data_dir.join("run");
     tokio::task::spawn_blocking(move || {
+        // QEMUs that a server which died left behind (a live server's VMs
+        // on the same data directory are left alone).
+        match nullspace_vm::reap_stale(&run) {
+            Ok(k) if !k.is_empty() => {
+                tracing::warn!(pids = ?k, "ended QEMU processes a previous run left")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "checking for QEMU processes a previous run left")
+            }
+        }
         let kernel = nullspace_vm::GuestKernel::find()?;
-        nullspace_vm::QemuVmm::new(kernel, &init, &cache)
+        match nullspace_vm::QemuVmm::with_run_dir(kernel.clone(), &init, &cache, &run) {
+            Err(nullspace_vm::VmError::VmCreate { message, .. })
+                if message.contains("too long") =>
+            {
+                tracing::warn!(%message, "build VM sockets go to the system temp dir");
+                nullspace_vm::QemuVmm::new(kernel, &init, &cache)
+            }
+            r => r,
+        }
     })
     .await
     .map_err(|e| nullspace_vm::VmError::Kernel(e.to_string()))?

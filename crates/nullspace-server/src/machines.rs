@@ -21,8 +21,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use nullspace_store::machines::LIVE;
 use nullspace_store::{Caller, Inserted, MachineRow, SnapshotRow, now_ms};
-use nullspace_vm::machine::After;
-use nullspace_vm::template::Snapshot;
+use nullspace_vm::{AfterSnapshot as After, Snapshot};
 use serde_json::{Map, Value};
 
 use crate::error::{ApiError, ApiResult};
@@ -115,6 +114,7 @@ fn runtime_error(f: Flavor, id: &str, e: RuntimeError) -> ApiError {
             // Not 429: the client retries those; this does not clear soon.
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "capacity_exceeded", m)
         }
+        RuntimeError::Busy(m) => not_ready(f, id, m),
         other => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "vm_error",
@@ -544,6 +544,13 @@ pub async fn create(
             )));
         }
     }
+    let internet = b.internet_access.unwrap_or(true);
+    if !internet && src.snapshot.meta.vm.network {
+        return Err(not_implemented(format!(
+            "internet_access false: template {:?} was built with a network device (--build-vm-network), which its machines keep; build it with build_config internet_access false",
+            src.template
+        )));
+    }
     if state.vmm.is_none() {
         return Err(not_implemented(
             "this server runs no VMs (started with --no-build-vm, or QEMU, the guest kernel or the guest init is missing)",
@@ -642,7 +649,7 @@ async fn finish_create(
     let id = row.id.clone();
     match state
         .machines
-        .restore(&id, snapshot, doc.internet_access, envs, reservation)
+        .restore(&id, snapshot, envs, reservation)
         .await
     {
         Ok((live, ms)) => {
@@ -1208,11 +1215,12 @@ async fn take_snapshot(
 ) -> ApiResult<SnapshotDoc> {
     let sid = nullspace_store::new_id("snap_");
     let dir = state.machines.snapshots_dir.join(&sid);
-    let meta = state
+    let snap = state
         .machines
         .snapshot(live, dir.clone(), after)
         .await
         .map_err(|e| runtime_error(doc.flavor, &row.id, e))?;
+    let meta = &snap.meta;
     let sdoc = SnapshotDoc {
         id: sid.clone(),
         flavor: doc.flavor,
@@ -1371,7 +1379,7 @@ pub async fn resume(state: &Shared, c: &Caller, f: Flavor, id: &str) -> ApiResul
     let envs = load_envs(&snapshot.dir);
     match state
         .machines
-        .restore(id, snapshot, doc.internet_access, envs, reservation)
+        .restore(id, snapshot, envs, reservation)
         .await
     {
         Ok((live, ms)) => {

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nullspace_vm::machine::{self, After, MachineSpec};
+use nullspace_vm::machine::{self, MachineSpec};
 use nullspace_vm::sandbox::SandboxHandle;
-use nullspace_vm::template::{Snapshot, SnapshotMeta};
+use nullspace_vm::{AfterSnapshot, CancellationToken, QemuVm, Snapshot};
 
 use crate::guest::Guest;
 
@@ -75,8 +75,8 @@ impl Drop for Reservation {
 pub struct Live {
     pub id: String,
     pub handle: SandboxHandle,
-    /// The snapshot its disk is layered on (needed to snapshot it).
-    pub base: Snapshot,
+    /// The VM (what snapshots it); `None` once it ended.
+    vm: std::sync::Mutex<Option<QemuVm>>,
     pub guest: Guest,
     pub envs: BTreeMap<String, String>,
     /// Serialises lifecycle changes (snapshot, pause, fork, destroy).
@@ -88,6 +88,9 @@ pub struct Live {
 pub enum RuntimeError {
     #[error("{0}")]
     Capacity(String),
+    /// The machine cannot do it now.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Vm(#[from] nullspace_vm::VmError),
     #[error("{0}")]
@@ -248,21 +251,19 @@ impl Runtime {
         &self,
         id: &str,
         base: Snapshot,
-        internet: bool,
         envs: BTreeMap<String, String>,
         reservation: Reservation,
     ) -> Result<(Arc<Live>, u64), RuntimeError> {
         let spec = MachineSpec {
             dir: self.machine_dir(id),
-            internet,
             timeout: Duration::from_secs(90),
         };
-        let b = base.clone();
         let e = envs.clone();
         let restored = tokio::task::spawn_blocking(move || -> Result<_, RuntimeError> {
-            let r = machine::restore(&b, &spec)?;
-            if let Err(err) = save_envs(&r.handle.dir, &e) {
-                let _ = r.handle.kill(Duration::from_secs(2));
+            let r = machine::restore(&base, &spec, &CancellationToken::new())?;
+            if let Err(err) = save_envs(&spec.dir, &e) {
+                drop(r);
+                let _ = std::fs::remove_dir_all(&spec.dir);
                 return Err(RuntimeError::Io(format!("machine envs: {err}")));
             }
             Ok(r)
@@ -274,7 +275,7 @@ impl Runtime {
             id: id.to_string(),
             guest: Guest::new(restored.handle.agent_socket.clone(), Some(restored.agent)),
             handle: restored.handle,
-            base,
+            vm: std::sync::Mutex::new(Some(restored.vm)),
             envs,
             lifecycle: Default::default(),
             _reservation: reservation,
@@ -293,45 +294,92 @@ impl Runtime {
         reservation: Reservation,
     ) -> Result<Arc<Live>, RuntimeError> {
         let h = handle.clone();
-        let agent = tokio::task::spawn_blocking(move || h.agent(Duration::from_secs(15)))
-            .await
-            .map_err(|e| RuntimeError::Io(format!("adopt task: {e}")))??;
-        let envs = load_envs(&handle.dir);
+        let r = tokio::task::spawn_blocking(move || {
+            machine::reattach(&h, base, Duration::from_secs(15))
+        })
+        .await
+        .map_err(|e| RuntimeError::Io(format!("adopt task: {e}")))??;
+        let envs = load_envs(&self.machine_dir(id));
         Ok(self.insert(Live {
             id: id.to_string(),
-            guest: Guest::new(handle.agent_socket.clone(), Some(agent)),
+            guest: Guest::new(handle.agent_socket.clone(), Some(r.agent)),
             handle,
-            base,
+            vm: std::sync::Mutex::new(Some(r.vm)),
             envs,
             lifecycle: Default::default(),
             _reservation: reservation,
         }))
     }
 
-    /// Snapshots a running machine into `out` (see `nullspace_vm::machine`),
-    /// with its envs. With [`After::Stop`] the VM is gone afterwards and
-    /// the machine is forgotten.
+    /// Snapshots a running machine into `out` (see `QemuVm::snapshot`), with
+    /// its envs. With [`AfterSnapshot::Stop`] the VM is gone afterwards,
+    /// the machine forgotten and its directory removed.
     pub async fn snapshot(
         &self,
         live: &Arc<Live>,
         out: PathBuf,
-        after: After,
-    ) -> Result<SnapshotMeta, RuntimeError> {
+        after: AfterSnapshot,
+    ) -> Result<Snapshot, RuntimeError> {
         let l = live.clone();
-        let meta = tokio::task::spawn_blocking(move || -> Result<_, RuntimeError> {
-            let meta = machine::snapshot(&l.handle, &l.base, &out, after)?;
+        let dir = self.machine_dir(&live.id);
+        let snap = tokio::task::spawn_blocking(move || -> Result<_, RuntimeError> {
+            let mut guard = l.vm.lock().unwrap_or_else(|p| p.into_inner());
+            let vm = guard
+                .as_mut()
+                .ok_or_else(|| RuntimeError::Io("the machine's VM has ended".into()))?;
+            // A full disk would show up as a failed migration: say what it is.
+            let need = ((vm.meta().memory_mb as u64) << 20)
+                + std::fs::metadata(l.handle.dir.join("disk.qcow2"))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+            if let Some(free) = out.parent().and_then(machine::free_bytes)
+                && free < need
+            {
+                return Err(RuntimeError::Io(format!(
+                    "not enough free space for a snapshot: up to {} MiB needed, {} MiB free",
+                    need >> 20,
+                    free >> 20
+                )));
+            }
+            // A VM that goes on gets a new agent connection: the calls in
+            // flight end first (fork and snapshot wait for them, briefly).
+            let quiet = match after {
+                AfterSnapshot::Stop => None,
+                _ => Some(l.guest.quiesce(Duration::from_secs(15)).ok_or_else(|| {
+                    RuntimeError::Busy(
+                        "it is running commands (foreground or streamed); snapshot or fork it when they end".into(),
+                    )
+                })?),
+            };
+            let r = vm.snapshot(&out, after, &CancellationToken::new());
+            if quiet.is_some() {
+                // One connection, held by the VM and shared by the calls
+                // (whatever the snapshot left of the old one).
+                let agent = vm
+                    .reconnect_agent_with(Default::default(), Duration::from_secs(30))
+                    .ok();
+                l.guest.resume_with(agent);
+            }
+            drop(quiet);
+            let snap = r?;
             if let Err(e) = save_envs(&out, &l.envs) {
                 let _ = std::fs::remove_dir_all(&out);
                 return Err(RuntimeError::Io(format!("snapshot envs: {e}")));
             }
-            Ok(meta)
+            if after == AfterSnapshot::Stop {
+                // QEMU ended: drop the VM (its directory goes) and the machine's.
+                guard.take();
+                let _ = l.handle.kill(Duration::from_secs(1));
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Ok(snap)
         })
         .await
         .map_err(|e| RuntimeError::Io(format!("snapshot task: {e}")))??;
-        if after == After::Stop {
-            self.remove(&live.id);
+        if after == AfterSnapshot::Stop {
+            self.remove_if(live);
         }
-        Ok(meta)
+        Ok(snap)
     }
 
     /// Ends a machine's VM and removes its directory; forgets it.
@@ -345,7 +393,11 @@ impl Runtime {
         let dir = self.machine_dir(id);
         tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
             if let Some(h) = handle {
+                // QMP quit, then SIGKILL: also a VM this process did not start.
                 h.kill(Duration::from_secs(3))?;
+            }
+            if let Some(l) = live {
+                l.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
             }
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),
@@ -371,12 +423,13 @@ impl Runtime {
                 continue;
             }
             let dir = e.path();
-            if let Some(pid) = machine::pidfile_pid(&dir) {
+            if let (Some(pid), Some(vm)) = (machine::pidfile_pid(&dir), machine::vm_dir(&dir)) {
+                // Killed only if the pid's command line names this VM's sockets.
                 let h = SandboxHandle {
                     pid,
-                    agent_socket: dir.join("agent.sock"),
-                    qmp_socket: dir.join("qmp.sock"),
-                    dir: dir.clone(),
+                    agent_socket: vm.join("agent.sock"),
+                    qmp_socket: vm.join("qmp.sock"),
+                    dir: vm,
                 };
                 let _ = h.kill(Duration::from_secs(2));
             }

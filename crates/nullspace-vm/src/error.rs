@@ -40,8 +40,9 @@ pub enum VmError {
         code: nullspace_model::agent::ErrorCode,
         message: String,
     },
-    /// The caller's cancellation token fired; what the call started in the
-    /// guest has been told to stop.
+    /// The caller's cancellation token fired: what the call started in the
+    /// guest has been told to stop; for VM calls (build, restore, snapshot)
+    /// its QEMU processes are gone and its directories removed.
     #[error("cancelled")]
     Cancelled,
     #[error("snapshot: {0}")]
@@ -50,6 +51,19 @@ pub enum VmError {
     Restore(String),
     #[error("kernel: {0}")]
     Kernel(String),
+    /// The snapshot cannot be restored by this nullspace or this host's
+    /// QEMU (format version, QEMU major version): one line naming the
+    /// snapshot and saying to rebuild it.
+    #[error("snapshot {dir}: {detail}")]
+    Incompatible { dir: String, detail: String },
+    /// A snapshot file is missing or differs from its manifest (size,
+    /// sha256): one line naming the file.
+    #[error("snapshot {dir}: {file}: {detail}")]
+    Corrupt {
+        dir: String,
+        file: String,
+        detail: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -70,6 +84,9 @@ impl VmError {
             VmError::Snapshot(_) => "snapshot",
             VmError::Restore(_) => "restore",
             VmError::Kernel(_) => "kernel",
+
+            VmError::Incompatible { .. } => "snapshot_incompatible",
+            VmError::Corrupt { .. } => "snapshot_corrupt",
             VmError::Io { .. } => "io",
         }
     }

@@ -4,7 +4,12 @@
 //! disk per sandbox.
 //!
 //! A template build calls [`template::build_snapshot`]; a sandbox is
-//! [`template::restore`]d from the snapshot directory it wrote.
+//! [`template::restore`]d from the snapshot directory it wrote (see
+//! [`snapshot`] for its files and manifest), and a restored VM can be
+//! snapshotted again ([`QemuVm::snapshot`]). Every call that runs a VM
+//! takes a [`CancellationToken`]: on cancel its QEMU processes are killed
+//! and reaped and its directories removed before it returns
+//! [`VmError::Cancelled`].
 
 pub mod agent;
 pub mod cpio;
@@ -13,11 +18,13 @@ pub mod init_binary;
 pub mod initramfs;
 pub mod kernel;
 pub mod machine;
+pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod readiness;
 pub mod rootfs;
 pub mod sandbox;
+pub mod snapshot;
 pub mod template;
 
 pub use agent::{
@@ -25,9 +32,12 @@ pub use agent::{
 };
 pub use error::VmError;
 pub use kernel::GuestKernel;
-pub use qemu::{Accel, BootSpec, QemuVm, QemuVmm, RestoreSpec};
+pub use process::reap_stale;
+pub use qemu::{Accel, AfterSnapshot, BootSpec, MemoryMode, QemuVm, QemuVmm, RestoreSpec};
 pub use readiness::{Probe, Readiness, ReadyReport};
-pub use template::{GuestConfig, Snapshot, SnapshotMeta};
+pub use snapshot::{Snapshot, SnapshotMeta};
+pub use template::GuestConfig;
+pub use tokio_util::sync::CancellationToken;
 
 use std::path::Path;
 
@@ -36,18 +46,28 @@ use std::path::Path;
 pub trait Vmm: Send + Sync {
     fn name(&self) -> &'static str;
     /// Boots a fresh VM and waits for its agent (within `spec.boot_timeout`).
-    fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Vm>, VmError>;
+    fn boot(&self, spec: &BootSpec, cancel: &CancellationToken) -> Result<Box<dyn Vm>, VmError>;
     /// Restores `snapshot` with a copy-on-write disk in `spec.work_dir`.
-    fn restore(&self, snapshot: &Snapshot, spec: &RestoreSpec) -> Result<Box<dyn Vm>, VmError>;
+    fn restore(
+        &self,
+        snapshot: &Snapshot,
+        spec: &RestoreSpec,
+        cancel: &CancellationToken,
+    ) -> Result<Box<dyn Vm>, VmError>;
 }
 
 /// A running microVM. Dropping it kills the VMM process and removes its
 /// sockets, overlay and temporary files.
 pub trait Vm: Send {
     fn agent(&mut self) -> &mut AgentClient;
-    /// Pauses the VM and writes memory + device state to `dir/memory.bin`;
-    /// the disk it booted from is the snapshot's disk. The VM is gone after.
-    fn snapshot(self: Box<Self>, dir: &Path) -> Result<(), VmError>;
+    /// Snapshots a restored VM into the new directory `out` and leaves it
+    /// as `after` says (see [`QemuVm::snapshot`]).
+    fn snapshot(
+        &mut self,
+        out: &Path,
+        after: AfterSnapshot,
+        cancel: &CancellationToken,
+    ) -> Result<Snapshot, VmError>;
     /// The VMM's process id (for leak checks).
     fn pid(&self) -> u32;
     /// Console (serial) output so far.

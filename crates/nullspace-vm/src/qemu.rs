@@ -1,45 +1,57 @@
 //! The QEMU driver: `qemu-system-x86_64 -M microvm`, TCG unless a probe
 //! shows KVM guests really run (see docs/machine-facts: /dev/kvm exists on
 //! these hosts but nested guests hang).
+//!
+//! Guest memory ([`MemoryMode::Mapped`], the default): a build VM's RAM is
+//! `memory-backend-file,share=on` on the snapshot's `memory.ram`, so the
+//! guest writes its memory straight into that file; the snapshot enables
+//! `x-ignore-shared` and the migration stream carries device state only.
+//! A restore maps the same file `share=off,readonly=on,rom=off`: a private
+//! copy-on-write mapping of a file opened read-only, so the template file
+//! can never be written, untouched pages are never read, and clean pages
+//! are shared through the page cache by every VM of the template.
+//! (QEMU 9+ also has the `mapped-ram` capability, which writes RAM pages
+//! at fixed offsets of the migration file; but its restore reads every
+//! page into the new VM's own memory, so it saves neither restore time nor
+//! memory. `x-ignore-shared` with a file-backed RAM is what allows mapping.)
+//!
+//! [`MemoryMode::Streamed`] is the earlier design (all RAM in the migration
+//! stream, read back by every restore), kept so benchmarks can compare.
 
 use crate::agent::AgentClient;
 use crate::kernel::GuestKernel;
+use crate::process::{self, Watch};
 use crate::qmp::Qmp;
-use crate::template::{GuestConfig, Snapshot, VmMeta};
+use crate::snapshot::{self as snapfs, Snapshot, VmMeta};
+use crate::template::GuestConfig;
 use crate::{Vm, VmError, Vmm, initramfs};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+pub use nullspace_model::snapshot::{Accel, MemoryMode, QemuVersion};
+use nullspace_model::snapshot::{DiskFormat, DiskLayer, Memory, Parent, SnapshotManifest};
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
-pub const QEMU: &str = "qemu-system-x86_64";
+pub use crate::process::QEMU;
 pub const AGENT_PORT: &str = nullspace_model::guest::AGENT_PORT;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    fn args(self) -> [&'static str; 2] {
-        match self {
-            Accel::Kvm => ["-accel", "kvm"],
-            // Single-threaded TCG: multi-threaded TCG hangs microvm boots
-            // about 1 in 6 here.
-            Accel::Tcg => ["-accel", "tcg,thread=single"],
-        }
+fn accel_args(a: Accel) -> [&'static str; 2] {
+    match a {
+        Accel::Kvm => ["-accel", "kvm"],
+        // Single-threaded TCG: multi-threaded TCG hangs microvm boots
+        // about 1 in 6 here.
+        Accel::Tcg => ["-accel", "tcg,thread=single"],
     }
 }
 
 static ACCEL: OnceLock<Accel> = OnceLock::new();
 
 /// KVM only if a probe guest boots under it within 5 s; else TCG. Cached
-/// per process; `NULLSPACE_VM_ACCEL=tcg|kvm` overrides.
-pub fn detect_accel(kernel: &GuestKernel, base_initrd: &Path) -> Accel {
+/// per process; `NULLSPACE_VM_ACCEL=tcg|kvm` overrides. The probe's QEMU
+/// dies with the calling thread and is killed when the probe ends.
+pub fn detect_accel(kernel: &GuestKernel, base_initrd: &Path, run_dir: Option<&Path>) -> Accel {
     *ACCEL.get_or_init(|| match std::env::var("NULLSPACE_VM_ACCEL").as_deref() {
         Ok("tcg") => Accel::Tcg,
         Ok("kvm") => Accel::Kvm,
@@ -52,7 +64,7 @@ pub fn detect_accel(kernel: &GuestKernel, base_initrd: &Path) -> Accel {
             {
                 return Accel::Tcg;
             }
-            match probe_kvm(kernel, base_initrd) {
+            match probe_kvm(kernel, base_initrd, run_dir) {
                 Ok(true) => Accel::Kvm,
                 _ => Accel::Tcg,
             }
@@ -60,11 +72,12 @@ pub fn detect_accel(kernel: &GuestKernel, base_initrd: &Path) -> Accel {
     })
 }
 
-fn probe_kvm(kernel: &GuestKernel, base_initrd: &Path) -> Result<bool, VmError> {
-    let dir = tempfile::Builder::new()
-        .prefix("ns-kvmprobe-")
-        .tempdir()
-        .map_err(VmError::io("tempdir"))?;
+fn probe_kvm(
+    kernel: &GuestKernel,
+    base_initrd: &Path,
+    run_dir: Option<&Path>,
+) -> Result<bool, VmError> {
+    let dir = process::vm_dir(run_dir, "ns-kvmprobe-")?;
     let initrd = dir.path().join("initrd");
     let cfg = GuestConfig {
         probe_only: true,
@@ -76,29 +89,32 @@ fn probe_kvm(kernel: &GuestKernel, base_initrd: &Path) -> Result<bool, VmError> 
         &initrd,
     )?;
     let log = dir.path().join("console.log");
-    let mut child = ChildGuard(Some(
-        Command::new(QEMU)
-            .args([
-                "-M",
-                "microvm",
-                "-accel",
-                "kvm",
-                "-m",
-                "128",
-                "-nographic",
-                "-no-reboot",
-                "-kernel",
-            ])
-            .arg(&kernel.vmlinuz)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyS0 panic=-1 edd=off quiet"])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).map_err(VmError::io("console log"))?)
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(VmError::io(QEMU))?,
-    ));
+    let args: Vec<String> = [
+        "-M",
+        "microvm",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nographic",
+        "-no-reboot",
+        "-append",
+        "console=ttyS0 panic=-1 edd=off quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "-kernel".into(),
+        kernel.vmlinuz.display().to_string(),
+        "-initrd".into(),
+        initrd.display().to_string(),
+        "-pidfile".into(),
+        process::pidfile(dir.path()).display().to_string(),
+    ])
+    .collect();
+    // Dies with this thread (the probe is one call) and is killed by the
+    // guard on every return path.
+    let mut child = ChildGuard(Some(process::spawn_qemu(&args, &log, true)?));
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
         if std::fs::read_to_string(&log)
@@ -122,34 +138,94 @@ fn probe_kvm(kernel: &GuestKernel, base_initrd: &Path) -> Result<bool, VmError> 
 /// Kills and reaps the child on drop.
 struct ChildGuard(Option<Child>);
 
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
+impl ChildGuard {
+    fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+
+    /// Waits up to `grace` for the child to exit on its own, then kills it.
+    fn end(&mut self, grace: Duration) {
+        if let Some(c) = self.0.as_mut() {
+            let t = Instant::now();
+            while t.elapsed() < grace {
+                if let Ok(Some(_)) = c.try_wait() {
+                    self.0 = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.kill();
+    }
 }
 
-/// The QEMU VMM: the guest kernel, the base initramfs and the accelerator.
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The QEMU VMM: the guest kernel, the base initramfs, the accelerator,
+/// and the run directory for build VMs' directories and pidfiles.
 #[derive(Debug, Clone)]
 pub struct QemuVmm {
     pub kernel: GuestKernel,
     pub base_initrd: PathBuf,
     pub accel: Accel,
+    /// Build VMs (and the KVM probe) keep their directory, with an owner
+    /// record and QEMU's pidfile, here; [`process::reap_stale`] ends what a
+    /// dead process left. `None`: the system temp dir, nothing recorded.
+    pub run_dir: Option<PathBuf>,
 }
 
 impl QemuVmm {
     /// Builds (or reuses from `cache_dir`) the initramfs for `kernel` with
     /// `init_bin` and picks the accelerator.
     pub fn new(kernel: GuestKernel, init_bin: &Path, cache_dir: &Path) -> Result<QemuVmm, VmError> {
+        Self::build(kernel, init_bin, cache_dir, None)
+    }
+
+    /// Like [`QemuVmm::new`], with build VMs' directories (sockets, owner
+    /// record, `-pidfile`) under `run_dir` (created). The path must leave
+    /// room for QEMU's Unix sockets (108 bytes).
+    pub fn with_run_dir(
+        kernel: GuestKernel,
+        init_bin: &Path,
+        cache_dir: &Path,
+        run_dir: &Path,
+    ) -> Result<QemuVmm, VmError> {
+        std::fs::create_dir_all(run_dir).map_err(VmError::io(run_dir.display().to_string()))?;
+        let run_dir =
+            std::fs::canonicalize(run_dir).map_err(VmError::io(run_dir.display().to_string()))?;
+        if !process::sockets_fit(&run_dir) {
+            return Err(VmError::VmCreate {
+                message: format!(
+                    "run directory {}: path too long for QEMU's Unix sockets (108 bytes)",
+                    run_dir.display()
+                ),
+                console_tail: String::new(),
+            });
+        }
+        Self::build(kernel, init_bin, cache_dir, Some(run_dir))
+    }
+
+    fn build(
+        kernel: GuestKernel,
+        init_bin: &Path,
+        cache_dir: &Path,
+        run_dir: Option<PathBuf>,
+    ) -> Result<QemuVmm, VmError> {
         which(QEMU)?;
         let base_initrd = initramfs::build_base(&kernel, init_bin, cache_dir)?;
-        let accel = detect_accel(&kernel, &base_initrd);
+        let accel = detect_accel(&kernel, &base_initrd, run_dir.as_deref());
         Ok(QemuVmm {
             kernel,
             base_initrd,
             accel,
+            run_dir,
         })
     }
 }
@@ -181,6 +257,28 @@ pub struct BootSpec {
     /// QEMU user-mode networking (`-netdev user` + `virtio-net-device`);
     /// overrides `config.network`. Recorded in [`VmMeta::network`].
     pub network: bool,
+    /// [`MemoryMode::Mapped`]: guest RAM is a shared mapping of
+    /// `memory_file`, so that a snapshot's memory is that file.
+    pub memory_mode: MemoryMode,
+    /// Mapped: where guest RAM lives (must not exist; QEMU creates it).
+    /// `None`: `memory.ram` in the VM's own directory.
+    pub memory_file: Option<PathBuf>,
+}
+
+impl BootSpec {
+    /// 512 MiB, 2 vCPUs, 60 s boot limit, no network, mapped memory.
+    pub fn new(disk: &Path, config: GuestConfig) -> BootSpec {
+        BootSpec {
+            disk: disk.to_path_buf(),
+            config,
+            memory_mb: 512,
+            vcpus: 2,
+            boot_timeout: Duration::from_secs(60),
+            network: false,
+            memory_mode: MemoryMode::Mapped,
+            memory_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -200,58 +298,161 @@ impl Default for RestoreSpec {
     }
 }
 
+/// What [`QemuVm::snapshot`] leaves of the VM it snapshotted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSnapshot {
+    /// Running again (the agent reconnected).
+    Resume,
+    /// Paused; [`QemuVm::resume`] continues it.
+    Pause,
+    /// QEMU ended (the handle is dead: no agent, no pid).
+    Stop,
+}
+
 pub struct QemuVm {
     child: ChildGuard,
     dir: tempfile::TempDir,
     agent: Option<AgentClient>,
     meta: VmMeta,
+    cmdline: String,
+    /// The initramfs it booted.
+    initrd: PathBuf,
+    /// A restored VM: the snapshot it came from (its disk overlay is
+    /// `dir/disk.qcow2`).
+    origin: Option<Box<Snapshot>>,
+    /// Mapped memory: the RAM file (a build VM's shared file; a restored
+    /// VM's snapshot file, mapped privately).
+    memory_file: Option<PathBuf>,
+    qemu: Option<QemuVersion>,
+    /// A VM another process started ([`QemuVm::reattach`]): its QEMU's pid
+    /// (`child` is empty).
+    adopted: Option<u32>,
     /// Milliseconds from spawn to the agent's first answer.
     pub ready_ms: u128,
 }
 
-pub(crate) fn machine_args(meta: &VmMeta, dir: &Path, initrd: &Path, drive: &str) -> Vec<String> {
-    let mut a: Vec<String> = vec!["-M".into(), "microvm".into()];
-    a.extend(meta.accel.args().iter().map(|s| s.to_string()));
-    a.extend([
-        "-m".to_string(),
-        meta.memory_mb.to_string(),
-        "-smp".into(),
-        meta.vcpus.to_string(),
-        "-nographic".into(),
-        "-no-reboot".into(),
-        "-kernel".into(),
-        meta.vmlinuz.display().to_string(),
-        "-initrd".into(),
-        initrd.display().to_string(),
-        "-append".into(),
-        kernel_cmdline(meta.accel),
-        "-drive".into(),
-        format!("id=rootfs,if=none,{drive}"),
-        "-device".into(),
-        "virtio-blk-device,drive=rootfs".into(),
-        "-device".into(),
-        "virtio-serial-device".into(),
-        "-chardev".into(),
-        format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            dir.join("agent.sock").display()
-        ),
-        "-device".into(),
-        format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
-    ]);
-    if meta.network {
-        // User-mode NAT: guest 10.0.2.15, gateway 10.0.2.2 (= the host's
-        // loopback), DNS forwarder 10.0.2.3.
+/// Guest RAM as QEMU should back it.
+enum Ram<'a> {
+    Anonymous,
+    /// `private`: copy-on-write of a file opened read-only; else shared.
+    File {
+        path: &'a Path,
+        private: bool,
+    },
+}
+
+/// One disk layer for `-blockdev` (base first).
+struct Layer {
+    path: PathBuf,
+    format: DiskFormat,
+    read_only: bool,
+}
+
+/// QemuOpts values escape `,` by doubling it.
+fn opt(s: &Path) -> String {
+    s.display().to_string().replace(',', ",,")
+}
+
+struct Machine<'a> {
+    meta: &'a VmMeta,
+    cmdline: &'a str,
+    /// Sockets (`agent.sock`, `qmp.sock`) go here.
+    dir: &'a Path,
+    initrd: &'a Path,
+    disk: &'a [Layer],
+    ram: Ram<'a>,
+    incoming: bool,
+    pidfile: Option<&'a Path>,
+}
+
+impl Machine<'_> {
+    fn args(&self) -> Vec<String> {
+        let meta = self.meta;
+        let mut machine = "microvm".to_string();
+        if matches!(self.ram, Ram::File { .. }) {
+            machine.push_str(",memory-backend=mem0");
+        }
+        let mut a: Vec<String> = vec!["-M".into(), machine];
+        a.extend(accel_args(meta.accel).iter().map(|s| s.to_string()));
         a.extend([
-            "-netdev".to_string(),
-            "user,id=n0".into(),
-            "-device".into(),
-            "virtio-net-device,netdev=n0".into(),
+            "-m".to_string(),
+            meta.memory_mb.to_string(),
+            "-smp".into(),
+            meta.vcpus.to_string(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            meta.vmlinuz.display().to_string(),
+            "-initrd".into(),
+            self.initrd.display().to_string(),
+            "-append".into(),
+            self.cmdline.to_string(),
         ]);
+        if let Ram::File { path, private } = self.ram {
+            let mut o = json!({
+                "qom-type": "memory-backend-file",
+                "id": "mem0",
+                "size": (meta.memory_mb as u64) << 20,
+                "mem-path": path,
+                "share": !private,
+            });
+            if private {
+                o["readonly"] = json!(true);
+                o["rom"] = json!("off");
+            }
+            a.extend(["-object".to_string(), o.to_string()]);
+        }
+        // JSON -blockdev: file names need no escaping.
+        for (i, l) in self.disk.iter().enumerate() {
+            let mut b = json!({
+                "driver": match l.format { DiskFormat::Raw => "raw", DiskFormat::Qcow2 => "qcow2" },
+                "node-name": format!("d{i}"),
+                "read-only": l.read_only,
+                "file": {"driver": "file", "filename": l.path},
+            });
+            if i > 0 {
+                // The chain comes from the manifest, not from the backing
+                // names recorded in the images (which may have moved).
+                b["backing"] = json!(format!("d{}", i - 1));
+            }
+            a.extend(["-blockdev".to_string(), b.to_string()]);
+        }
+        a.extend([
+            "-device".to_string(),
+            format!("virtio-blk-device,drive=d{}", self.disk.len() - 1),
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                opt(&self.dir.join("agent.sock"))
+            ),
+            "-device".into(),
+            format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
+            "-qmp".into(),
+            format!(
+                "unix:{},server=on,wait=off",
+                opt(&self.dir.join("qmp.sock"))
+            ),
+        ]);
+        if meta.network {
+            // User-mode NAT: guest 10.0.2.15, gateway 10.0.2.2 (= the host's
+            // loopback), DNS forwarder 10.0.2.3.
+            a.extend([
+                "-netdev".to_string(),
+                "user,id=n0".into(),
+                "-device".into(),
+                "virtio-net-device,netdev=n0".into(),
+            ]);
+        }
+        if self.incoming {
+            a.extend(["-incoming".to_string(), "defer".into()]);
+        }
+        if let Some(p) = self.pidfile {
+            a.extend(["-pidfile".to_string(), p.display().to_string()]);
+        }
+        a
     }
-    a
 }
 
 /// Under TCG the guest calibrates its TSC against the PIT, which fails when
@@ -285,58 +486,298 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A file migration channel (QEMU 8.2+), so paths need no URI quoting.
+fn file_channel(p: &Path) -> Value {
+    json!([{"channel-type": "main", "addr": {"transport": "file", "filename": p, "offset": 0}}])
+}
+
+/// Migration capabilities and parameters for a snapshot or restore: the
+/// stream is written to or read from a local file, so no bandwidth limit
+/// (QEMU's default of 128 MiB/s is for networks); `x-ignore-shared` skips
+/// the shared file-backed RAM (mapped memory). Both sides must agree.
+fn set_migration(q: &mut Qmp, ignore_shared: bool) -> Result<(), VmError> {
+    q.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]}),
+    )?;
+    q.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1u64 << 40}),
+    )?;
+    Ok(())
+}
+
+/// Waits for the outgoing migration to complete.
+fn wait_migration(q: &mut Qmp, watch: &Watch, limit: Duration) -> Result<(), VmError> {
+    let t = Instant::now();
+    loop {
+        watch.check()?;
+        let r = q.execute("query-migrate", json!({}))?;
+        match r.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(VmError::Snapshot(format!(
+                    "migration failed: {}",
+                    r.get("error-desc").unwrap_or(&r)
+                )));
+            }
+            _ => {}
+        }
+        if t.elapsed() > limit {
+            return Err(VmError::Snapshot(format!(
+                "migration did not complete within {} s",
+                limit.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Cancels an outgoing migration and waits (up to 5 s) until it is over.
+fn stop_migration(q: &mut Qmp) {
+    let _ = q.execute("migrate_cancel", json!({}));
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        match q.execute("query-migrate", json!({})) {
+            Ok(r) => match r.get("status").and_then(Value::as_str) {
+                Some("active" | "setup" | "cancelling" | "device" | "pre-switchover") => {}
+                _ => return,
+            },
+            Err(_) => return,
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits for an incoming migration to leave `inmigrate`; `Ok(true)` if
+/// the VM is paused (loaded), `Ok(false)` if it already runs.
+fn wait_incoming(q: &mut Qmp, watch: &Watch, deadline: Instant) -> Result<bool, VmError> {
+    loop {
+        watch.check()?;
+        let st = q.status()?;
+        match st.as_str() {
+            "paused" | "postmigrate" => return Ok(true),
+            "running" => return Ok(false),
+            "inmigrate" | "prelaunch" => {}
+            other => {
+                let m = q.execute("query-migrate", json!({})).unwrap_or_default();
+                return Err(VmError::Restore(format!(
+                    "VM state {other:?} after incoming migration: {}",
+                    m.get("error-desc").unwrap_or(&m)
+                )));
+            }
+        }
+        if let Ok(m) = q.execute("query-migrate", json!({}))
+            && m.get("status").and_then(Value::as_str) == Some("failed")
+        {
+            return Err(VmError::Restore(format!(
+                "incoming migration failed: {}",
+                m.get("error-desc").unwrap_or(&m)
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(VmError::Restore(
+                "incoming migration did not finish in time".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `qemu-img create` of a qcow2 overlay over `backing` (not opened: `-u`).
+fn create_overlay(
+    overlay: &Path,
+    backing: &Path,
+    format: DiskFormat,
+    size: u64,
+) -> Result<(), VmError> {
+    let fmt = match format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    };
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", fmt, "-b"])
+        .arg(backing)
+        .arg(overlay)
+        .arg(size.to_string())
+        .output()
+        .map_err(VmError::io("qemu-img (install qemu-utils)"))?;
+    if !out.status.success() {
+        return Err(VmError::Restore(format!(
+            "qemu-img create: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The restore layers of `snap`'s disk (read-only) plus a new overlay.
+fn restore_layers(snap: &Snapshot, overlay: &Path) -> Result<Vec<Layer>, VmError> {
+    let m = &snap.manifest;
+    let top = m.disk.last().expect("validated: a disk");
+    create_overlay(
+        overlay,
+        &snap.path(&top.file),
+        top.format,
+        m.disk[0].file.size,
+    )?;
+    let mut layers: Vec<Layer> = m
+        .disk
+        .iter()
+        .map(|l| Layer {
+            path: snap.path(&l.file),
+            format: l.format,
+            read_only: true,
+        })
+        .collect();
+    layers.push(Layer {
+        path: overlay.to_path_buf(),
+        format: DiskFormat::Qcow2,
+        read_only: false,
+    });
+    Ok(layers)
+}
+
+/// Removes a half-written snapshot directory unless disarmed.
+pub(crate) struct DirGuard<'a>(pub &'a Path, pub bool);
+
+impl Drop for DirGuard<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            // Read-only files go too: removal needs the directory writable,
+            // which commits leave it.
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl QemuVm {
-    fn spawn(dir: tempfile::TempDir, meta: VmMeta, args: Vec<String>) -> Result<QemuVm, VmError> {
-        let log = std::fs::File::create(dir.path().join("console.log"))
-            .map_err(VmError::io("console log"))?;
-        let log2 = log.try_clone().map_err(VmError::io("console log"))?;
-        let child = Command::new(QEMU)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| VmError::VmCreate {
-                message: format!("{QEMU}: {e}"),
-                console_tail: String::new(),
-            })?;
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        dir: tempfile::TempDir,
+        meta: VmMeta,
+        cmdline: String,
+        initrd: PathBuf,
+        args: Vec<String>,
+        die_with_thread: bool,
+        watch: &Watch,
+    ) -> Result<QemuVm, VmError> {
+        let child = process::spawn_qemu(&args, &dir.path().join("console.log"), die_with_thread)?;
+        watch.register(&child);
         Ok(QemuVm {
             child: ChildGuard(Some(child)),
             dir,
             agent: None,
             meta,
+            cmdline,
+            initrd,
+            origin: None,
+            memory_file: None,
+            qemu: None,
+            adopted: None,
+            ready_ms: 0,
+        })
+    }
+
+    /// Takes over a restored VM that an earlier process detached (a server
+    /// that restarted): `handle`'s QEMU, restored from `origin`, with
+    /// `agent` connected. The VM can then be snapshotted like one restored
+    /// here. Its directory is reached through links in a directory of this
+    /// value's own (removed on drop; the VM's stays).
+    pub fn reattach(
+        handle: &crate::sandbox::SandboxHandle,
+        origin: Snapshot,
+        agent: AgentClient,
+    ) -> Result<QemuVm, VmError> {
+        if !handle.alive() {
+            return Err(VmError::Agent(format!(
+                "{QEMU} (pid {}) is not running",
+                handle.pid
+            )));
+        }
+        let parent = handle.dir.parent().unwrap_or(&handle.dir);
+        let dir = process::vm_dir(Some(parent), "ns-adopt-")?;
+        for name in ["agent.sock", "qmp.sock", "disk.qcow2", "console.log"] {
+            std::os::unix::fs::symlink(handle.dir.join(name), dir.path().join(name))
+                .map_err(VmError::io(format!("link {name}")))?;
+        }
+        let m = &origin.manifest;
+        Ok(QemuVm {
+            child: ChildGuard(None),
+            meta: origin.meta.vm.clone(),
+            cmdline: m.device.kernel_cmdline.clone(),
+            initrd: origin.path(&m.initramfs),
+            memory_file: m.memory.ram.as_ref().map(|r| origin.path(r)),
+            origin: Some(Box::new(origin)),
+            dir,
+            agent: Some(agent),
+            qemu: None,
+            adopted: Some(handle.pid),
             ready_ms: 0,
         })
     }
 
     fn fail(&mut self, message: String) -> VmError {
         // Kill first so the console log is complete and no process is left.
-        if let Some(mut c) = self.child.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill();
         VmError::VmCreate {
             message,
             console_tail: tail(&self.console(), 30),
         }
     }
 
+    /// Kills QEMU and passes `e` on (cancellation and snapshot errors keep
+    /// their kind; anything else becomes `vm_create` with the console tail).
+    fn fail_with(&mut self, e: VmError) -> VmError {
+        match e {
+            VmError::Cancelled | VmError::Incompatible { .. } | VmError::Corrupt { .. } => {
+                self.child.kill();
+                e
+            }
+            e => self.fail(e.to_string()),
+        }
+    }
+
     fn exited(&mut self) -> Option<String> {
         let c = self.child.0.as_mut()?;
         match c.try_wait() {
-            Ok(Some(st)) => Some(format!(
-                "{QEMU} exited ({st}) before the guest agent answered"
-            )),
+            Ok(Some(st)) => Some(format!("{QEMU} exited ({st})")),
             _ => None,
         }
     }
 
+    fn qmp(&mut self, limit: Duration, watch: &Watch) -> Result<Qmp, VmError> {
+        let path = self.dir.path().join("qmp.sock");
+        let child = &mut self.child;
+        let adopted = self.adopted;
+        Qmp::connect_checked(&path, limit, &mut || {
+            watch.check()?;
+            match child.0.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(st))) => Err(VmError::Agent(format!("{QEMU} exited ({st})"))),
+                None if adopted.is_some_and(process::alive) => Ok(()),
+                None => Err(VmError::Agent(format!("{QEMU} is not running"))),
+                _ => Ok(()),
+            }
+        })
+    }
+
     /// Connects the agent and waits for its first answer before `deadline`.
-    fn attach_agent(&mut self, deadline: Instant) -> Result<(), VmError> {
+    fn attach_agent(&mut self, deadline: Instant, watch: &Watch) -> Result<(), VmError> {
         let sock = self.dir.path().join("agent.sock");
         let agent = loop {
+            if watch.check().is_err() {
+                self.child.kill();
+                return Err(VmError::Cancelled);
+            }
             if let Some(m) = self.exited() {
-                return Err(self.fail(m));
+                return Err(self.fail(format!("{m} before the guest agent answered")));
             }
             if Instant::now() > deadline {
                 return Err(self.fail("timed out waiting for the agent socket".into()));
@@ -352,21 +793,45 @@ impl QemuVm {
         let agent = agent;
         let left = deadline.saturating_duration_since(Instant::now());
         if let Err(e) = agent.ping(left) {
-            let m = self.exited().unwrap_or_else(|| {
-                format!("guest agent did not answer within the boot limit ({e})")
-            });
+            if watch.check().is_err() {
+                self.child.kill();
+                return Err(VmError::Cancelled);
+            }
+            let m = self
+                .exited()
+                .map(|m| format!("{m} before the guest agent answered"))
+                .unwrap_or_else(|| {
+                    format!("guest agent did not answer within the boot limit ({e})")
+                });
             return Err(self.fail(m));
         }
         self.agent = Some(agent);
         Ok(())
     }
 
-    pub fn boot(vmm: &QemuVmm, spec: &BootSpec) -> Result<QemuVm, VmError> {
+    /// Boots a build VM. Its QEMU dies with the calling thread
+    /// (`PR_SET_PDEATHSIG`): the VM must not outlive the thread that booted
+    /// it (true of [`crate::template::build_snapshot`], which boots, builds
+    /// and snapshots in one call). On cancel QEMU is killed and reaped and
+    /// `Cancelled` returned.
+    pub fn boot(
+        vmm: &QemuVmm,
+        spec: &BootSpec,
+        cancel: &CancellationToken,
+    ) -> Result<QemuVm, VmError> {
+        let watch = Watch::new(cancel);
+        let r = Self::boot_watched(vmm, spec, &watch);
+        process::settle(r, watch)
+    }
+
+    pub(crate) fn boot_watched(
+        vmm: &QemuVmm,
+        spec: &BootSpec,
+        watch: &Watch,
+    ) -> Result<QemuVm, VmError> {
         let t0 = Instant::now();
-        let dir = tempfile::Builder::new()
-            .prefix("ns-vm-")
-            .tempdir()
-            .map_err(VmError::io("tempdir"))?;
+        watch.check()?;
+        let dir = process::vm_dir(vmm.run_dir.as_deref(), "ns-vm-")?;
         let initrd = dir.path().join("initrd.img");
         let mut config = spec.config.clone();
         config.network = spec.network;
@@ -379,23 +844,88 @@ impl QemuVm {
             vcpus: spec.vcpus,
             accel: vmm.accel,
             network: spec.network,
+            memory_mode: spec.memory_mode,
         };
         let disk = std::fs::canonicalize(&spec.disk)
             .map_err(VmError::io(spec.disk.display().to_string()))?;
-        let args = machine_args(
-            &meta,
-            dir.path(),
-            &initrd,
-            &format!("file={},format=raw", disk.display()),
-        );
-        let mut vm = QemuVm::spawn(dir, meta, args)?;
-        vm.attach_agent(t0 + spec.boot_timeout)?;
+        let memory_file = match spec.memory_mode {
+            MemoryMode::Streamed => None,
+            MemoryMode::Mapped => {
+                let p = match &spec.memory_file {
+                    Some(p) => {
+                        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+                        let parent = std::fs::canonicalize(parent.unwrap_or(Path::new(".")))
+                            .map_err(VmError::io(p.display().to_string()))?;
+                        parent.join(p.file_name().unwrap_or_default())
+                    }
+                    None => dir.path().join("memory.ram"),
+                };
+                if p.exists() {
+                    return Err(VmError::VmCreate {
+                        message: format!("memory file {} exists already", p.display()),
+                        console_tail: String::new(),
+                    });
+                }
+                Some(p)
+            }
+        };
+        let cmdline = kernel_cmdline(vmm.accel);
+        let layers = [Layer {
+            path: disk,
+            format: DiskFormat::Raw,
+            read_only: false,
+        }];
+        let pidfile = process::pidfile(dir.path());
+        let args = Machine {
+            meta: &meta,
+            cmdline: &cmdline,
+            dir: dir.path(),
+            initrd: &initrd,
+            disk: &layers,
+            ram: match &memory_file {
+                Some(p) => Ram::File {
+                    path: p,
+                    private: false,
+                },
+                None => Ram::Anonymous,
+            },
+            incoming: false,
+            pidfile: Some(&pidfile),
+        }
+        .args();
+        let mut vm = QemuVm::spawn(dir, meta, cmdline, initrd, args, true, watch)?;
+        vm.memory_file = memory_file;
+        vm.attach_agent(t0 + spec.boot_timeout, watch)?;
         vm.ready_ms = t0.elapsed().as_millis();
         Ok(vm)
     }
 
-    pub fn restore(snap: &Snapshot, spec: &RestoreSpec) -> Result<QemuVm, VmError> {
+    /// Restores `snap` into a new QEMU: verifies the snapshot's files (once
+    /// per file identity per process), a qcow2 overlay over its disk, its
+    /// memory mapped copy-on-write (mapped) or read from the stream
+    /// (streamed), device state loaded, `cont`, agent reconnected, guest
+    /// clock set. On cancel QEMU is killed, its directory removed and
+    /// `Cancelled` returned.
+    pub fn restore(
+        snap: &Snapshot,
+        spec: &RestoreSpec,
+        cancel: &CancellationToken,
+    ) -> Result<QemuVm, VmError> {
+        let watch = Watch::new(cancel);
+        let r = Self::restore_watched(snap, spec, &watch);
+        process::settle(r, watch)
+    }
+
+    fn restore_watched(
+        snap: &Snapshot,
+        spec: &RestoreSpec,
+        watch: &Watch,
+    ) -> Result<QemuVm, VmError> {
         let t0 = Instant::now();
+        let deadline = t0 + spec.timeout;
+        watch.check()?;
+        snap.verify()?;
+        watch.check()?;
         let mut b = tempfile::Builder::new();
         b.prefix("ns-sbx-");
         let dir = match &spec.work_dir {
@@ -403,65 +933,75 @@ impl QemuVm {
             None => b.tempdir(),
         }
         .map_err(VmError::io("sandbox dir"))?;
-        let overlay = dir.path().join("disk.qcow2");
-        let base = std::fs::canonicalize(snap.disk())
-            .map_err(VmError::io(snap.disk().display().to_string()))?;
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&base)
-            .arg(&overlay)
-            .output()
-            .map_err(VmError::io("qemu-img (install qemu-utils)"))?;
-        if !out.status.success() {
-            return Err(VmError::Restore(format!(
-                "qemu-img create: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
+        let layers = restore_layers(snap, &dir.path().join("disk.qcow2"))?;
         let meta = snap.meta.vm.clone();
-        let mut args = machine_args(
-            &meta,
-            dir.path(),
-            &snap.dir.join("initrd.img"),
-            &format!("file={},format=qcow2", overlay.display()),
-        );
-        let mem = snap.dir.join("memory.bin");
-        args.push("-incoming".into());
-        args.push(format!(
-            "exec:cat '{}'",
-            mem.display().to_string().replace('\'', "'\\''")
-        ));
-        let mut vm = QemuVm::spawn(dir, meta, args)?;
-        let deadline = t0 + spec.timeout;
-        let qmp_path = vm.dir.path().join("qmp.sock");
-        let mut qmp =
-            Qmp::connect(&qmp_path, spec.timeout).map_err(|e| vm.fail(format!("restore: {e}")))?;
-        loop {
-            let st = qmp.status().map_err(|e| vm.fail(format!("restore: {e}")))?;
-            match st.as_str() {
-                "paused" | "postmigrate" => {
-                    qmp.execute("cont", json!({}))
-                        .map_err(|e| vm.fail(format!("restore: {e}")))?;
-                    break;
-                }
-                "running" => break,
-                "inmigrate" | "prelaunch" => {}
-                other => {
-                    return Err(vm.fail(format!(
-                        "restore: VM state {other:?} after incoming migration"
-                    )));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(vm.fail("restore: incoming migration did not finish in time".into()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let m = &snap.manifest;
+        let ram_file = m.memory.ram.as_ref().map(|r| snap.path(r));
+        let initrd = snap.path(&m.initramfs);
+        let args = Machine {
+            meta: &meta,
+            cmdline: &m.device.kernel_cmdline,
+            dir: dir.path(),
+            initrd: &initrd,
+            disk: &layers,
+            ram: match &ram_file {
+                Some(p) => Ram::File {
+                    path: p,
+                    private: true,
+                },
+                None => Ram::Anonymous,
+            },
+            incoming: true,
+            pidfile: None,
         }
-        drop(qmp);
-        vm.attach_agent(deadline)?;
+        .args();
+        // Restored VMs outlive this thread (handed on, or detached).
+        let mut vm = QemuVm::spawn(
+            dir,
+            meta,
+            m.device.kernel_cmdline.clone(),
+            initrd,
+            args,
+            false,
+            watch,
+        )?;
+        vm.origin = Some(Box::new(snap.clone()));
+        vm.memory_file = ram_file;
+        let r = vm.load_state(snap, deadline, watch);
+        r.map_err(|e| vm.fail_with(e))?;
+        vm.attach_agent(deadline, watch)?;
         vm.sync_guest_clock(deadline)?;
         vm.ready_ms = t0.elapsed().as_millis();
         Ok(vm)
+    }
+
+    /// QEMU version check, then the device state (and streamed RAM) in,
+    /// then `cont`.
+    fn load_state(
+        &mut self,
+        snap: &Snapshot,
+        deadline: Instant,
+        watch: &Watch,
+    ) -> Result<(), VmError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut qmp = self.qmp(left, watch)?;
+        let version = qmp.version()?;
+        snap.manifest
+            .check_qemu(&version)
+            .map_err(|e| VmError::Incompatible {
+                dir: snap.dir.display().to_string(),
+                detail: e.to_string(),
+            })?;
+        self.qemu = Some(version);
+        set_migration(&mut qmp, snap.manifest.memory.mode == MemoryMode::Mapped)?;
+        qmp.execute(
+            "migrate-incoming",
+            json!({"channels": file_channel(&snap.path(&snap.manifest.memory.state))}),
+        )?;
+        if wait_incoming(&mut qmp, watch, deadline)? {
+            qmp.execute("cont", json!({}))?;
+        }
+        Ok(())
     }
 
     /// Sends the host's wall clock and fresh entropy to a restored guest
@@ -508,9 +1048,14 @@ impl QemuVm {
     /// Releases QEMU and the VM directory from this handle's cleanup: the
     /// process keeps running and the directory stays (see [`crate::sandbox`]).
     pub(crate) fn release(self) -> (u32, PathBuf) {
-        let QemuVm { mut child, dir, .. } = self;
+        let QemuVm {
+            mut child,
+            dir,
+            adopted,
+            ..
+        } = self;
         // Dropping a `Child` neither kills nor waits for it.
-        let pid = child.0.take().map(|c| c.id()).unwrap_or(0);
+        let pid = child.0.take().map(|c| c.id()).or(adopted).unwrap_or(0);
         (pid, dir.keep())
     }
 
@@ -518,53 +1063,385 @@ impl QemuVm {
         &self.meta
     }
 
-    /// Pause, write memory + device state to `dir/memory.bin` (QMP
-    /// `migrate` to `exec:cat`), copy the initrd, quit QEMU.
-    pub fn snapshot_to(mut self, dir: &Path) -> Result<(), VmError> {
+    pub(crate) fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// The guest RAM file (mapped memory).
+    pub fn memory_file(&self) -> Option<&Path> {
+        self.memory_file.as_deref()
+    }
+
+    /// The snapshot a restored VM came from.
+    pub fn origin(&self) -> Option<&Snapshot> {
+        self.origin.as_deref()
+    }
+
+    /// QMP `query-status` (`running`, `paused`, `postmigrate`, …).
+    pub fn status(&mut self) -> Result<String, VmError> {
+        Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))?.status()
+    }
+
+    /// Pauses the guest (QMP `stop`); the agent connection stays open.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))?
+            .execute("stop", json!({}))
+            .map(|_| ())
+    }
+
+    /// Continues a paused guest (QMP `cont`) and makes sure the agent answers.
+    pub fn resume(&mut self, limit: Duration) -> Result<(), VmError> {
+        Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))?
+            .execute("cont", json!({}))?;
+        let answered = self.agent.as_mut().is_some_and(|a| a.ping(limit).is_ok());
+        if answered {
+            Ok(())
+        } else {
+            self.reconnect_agent(limit)
+        }
+    }
+
+    /// The build VM's snapshot: pause, write the device state (mapped: the
+    /// RAM is already in its file) or device state + RAM (streamed) into
+    /// `out`, quit QEMU, copy the kernel and initramfs in. Returns the
+    /// QEMU version and how long the VM was paused until its state was
+    /// written. The files are committed by the caller.
+    pub(crate) fn snapshot_build(
+        mut self,
+        out: &Path,
+        watch: &Watch,
+    ) -> Result<(QemuVersion, Duration), VmError> {
         // Drop the agent connection first: the guest sees the host leave,
         // and a restored guest waits for the next host to connect.
         self.agent = None;
-        let mem = dir.join("memory.bin");
-        let mut qmp = Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))?;
-        qmp.execute("stop", json!({}))?;
-        let uri = format!(
-            "exec:cat > '{}'",
-            mem.display().to_string().replace('\'', "'\\''")
-        );
-        qmp.execute("migrate", json!({"uri": uri}))?;
+        let mapped = self.meta.memory_mode == MemoryMode::Mapped;
+        let stream = out.join(if mapped { "device.state" } else { "memory.bin" });
+        let mut qmp = self.qmp(Duration::from_secs(10), watch)?;
+        let version = qmp.version()?;
+        set_migration(&mut qmp, mapped)?;
         let t = Instant::now();
-        loop {
-            let r = qmp.execute("query-migrate", json!({}))?;
-            match r.get("status").and_then(|s| s.as_str()).unwrap_or("") {
-                "completed" => break,
-                "failed" | "cancelled" => {
-                    return Err(VmError::Snapshot(format!("migration failed: {r}")));
-                }
-                _ => {}
+        qmp.execute("stop", json!({}))?;
+        qmp.execute("migrate", json!({"channels": file_channel(&stream)}))?;
+        wait_migration(&mut qmp, watch, Duration::from_secs(120))?;
+        // The snapshot's content is fixed from here (a stopped guest does
+        // not write its RAM); the rest is cleanup and commit.
+        let paused = t.elapsed();
+        let _ = qmp.execute("quit", json!({}));
+        drop(qmp);
+        // QEMU unmaps guest RAM as it exits: only then is `memory.ram` done.
+        self.child.end(Duration::from_secs(5));
+        std::fs::copy(&self.initrd, out.join("initrd.img")).map_err(VmError::io("copy initrd"))?;
+        std::fs::copy(&self.meta.vmlinuz, out.join("vmlinuz"))
+            .map_err(VmError::io(format!("copy {}", self.meta.vmlinuz.display())))?;
+        Ok((version, paused))
+    }
+
+    /// Snapshots a restored VM into `out` (created; must not exist) and
+    /// leaves the VM as `after` says. `out` stands alone: the parent's
+    /// kernel, initramfs and disk layers are hard-linked in (copied across
+    /// filesystems), and the VM's disk overlay is added as `disk.N.qcow2`
+    /// (only what this VM wrote; its backing is the layer before it).
+    ///
+    /// Memory cannot be stored as the difference from the template here:
+    /// with `share=off` the pages this VM changed exist only in its QEMU
+    /// process, and QEMU can save device state without RAM only for shared
+    /// file-backed RAM (`x-ignore-shared`; `xen-save-devices-state` skips
+    /// the firmware RAM and its loader, `xen-load-devices-state`, aborts on
+    /// QEMU 10). So the VM is paused just long enough to write a full
+    /// migration stream and copy its overlay; then (mapped) a temporary
+    /// QEMU loads that stream into a new shared `memory.ram` (pre-filled
+    /// with a sparse copy of the parent's, which makes the load several
+    /// times faster) and writes the device state: the result restores by
+    /// mapping like a template. Costs are in `timings_ms` (`snapshot`: VM
+    /// paused; `commit`: the rest) and `bench/README.md`.
+    ///
+    /// On cancel the temporary QEMU is killed, `out` removed, the VM left as
+    /// `after` says (or paused, if cancelled while paused), and `Cancelled`
+    /// returned.
+    pub fn snapshot(
+        &mut self,
+        out: &Path,
+        after: AfterSnapshot,
+        cancel: &CancellationToken,
+    ) -> Result<Snapshot, VmError> {
+        let watch = Watch::new(cancel);
+        let r = self.snapshot_watched(out, after, &watch);
+        process::settle(r, watch)
+    }
+
+    fn snapshot_watched(
+        &mut self,
+        out: &Path,
+        after: AfterSnapshot,
+        watch: &Watch,
+    ) -> Result<Snapshot, VmError> {
+        let origin = self.origin.clone().ok_or_else(|| {
+            VmError::Snapshot(
+                "only a restored VM can be snapshotted this way (a build VM is snapshotted by template::build_snapshot)".into(),
+            )
+        })?;
+        watch.check()?;
+        std::fs::create_dir(out).map_err(VmError::io(out.display().to_string()))?;
+        let out = std::fs::canonicalize(out).map_err(VmError::io(out.display().to_string()))?;
+        let mut guard = DirGuard(&out, false);
+        let om = &origin.manifest;
+        let mapped = om.memory.mode == MemoryMode::Mapped;
+        let mut qmp = self.qmp(Duration::from_secs(10), watch)?;
+        let version = qmp.version()?;
+        // The start command's state, from the guest while it runs (a paused
+        // guest cannot answer: then the parent's record stands).
+        let start = match (qmp.status()?.as_str(), self.agent.as_mut()) {
+            ("running", Some(a)) => a
+                .info(Duration::from_secs(10))
+                .ok()
+                .map(|i| i["start"].clone()),
+            _ => None,
+        };
+        // As for a build snapshot: the guest in the snapshot has seen the
+        // host leave and waits for the next one.
+        self.agent = None;
+        let t0 = Instant::now();
+        if qmp.status()? == "postmigrate" {
+            // Paused after an earlier snapshot: QEMU migrates only after the
+            // VM ran again (it runs for the few ms between the two commands).
+            qmp.execute("cont", json!({}))?;
+        }
+        qmp.execute("stop", json!({}))?;
+        let stream = out.join(if mapped { "full.stream" } else { "memory.bin" });
+        set_migration(&mut qmp, false)?;
+        let migrated = qmp
+            .execute("migrate", json!({"channels": file_channel(&stream)}))
+            .and_then(|_| wait_migration(&mut qmp, watch, Duration::from_secs(300)));
+        if migrated.is_err() {
+            // Cancelled or failed: make sure no migration is still running
+            // before the VM is resumed (a completed one would pause it).
+            stop_migration(&mut qmp);
+        }
+        // The disk overlay as of the pause (QEMU flushed it at `stop`).
+        let n = om.disk.len();
+        let top = format!("disk.{n}.qcow2");
+        let copied = migrated.and_then(|_| {
+            std::fs::copy(self.dir.path().join("disk.qcow2"), out.join(&top))
+                .map(|_| ())
+                .map_err(VmError::io("copy the disk overlay"))
+        });
+        let snapshot_ms = t0.elapsed().as_millis() as u64;
+        // Leave the VM as asked before the slow part (and on failure too).
+        let then = match after {
+            AfterSnapshot::Resume => qmp.execute("cont", json!({})).map(|_| ()),
+            AfterSnapshot::Pause => Ok(()),
+            AfterSnapshot::Stop => {
+                let _ = qmp.execute("quit", json!({}));
+                Ok(())
             }
-            if t.elapsed() > Duration::from_secs(120) {
+        };
+        drop(qmp);
+        match after {
+            AfterSnapshot::Resume => {
+                then.and_then(|_| self.reconnect_agent(Duration::from_secs(30)))?
+            }
+            AfterSnapshot::Pause => {
+                // Connected now, answering once resumed.
+                self.agent = AgentClient::connect(
+                    &self.dir.path().join("agent.sock"),
+                    Duration::from_secs(5),
+                )
+                .ok();
+            }
+            AfterSnapshot::Stop => {
+                self.child.end(Duration::from_secs(5));
+                if let Some(pid) = self.adopted.take() {
+                    // Not this process's child: wait for it to go.
+                    let t = Instant::now();
+                    while process::alive(pid) && t.elapsed() < Duration::from_secs(5) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        copied?;
+
+        let t1 = Instant::now();
+        for f in [&om.kernel.file, &om.initramfs]
+            .into_iter()
+            .chain(om.disk.iter().map(|l| &l.file))
+        {
+            snapfs::link_or_copy(&origin.path(f), &out.join(&f.path))?;
+        }
+        let prev = &om.disk[n - 1];
+        rebase(&out.join(&top), &prev.file.path, prev.format)?;
+        let memory = if mapped {
+            let ram = om
+                .memory
+                .ram
+                .as_ref()
+                .expect("validated: mapped has a RAM file");
+            snapfs::copy_sparse(&origin.path(ram), &out.join("memory.ram"))
+                .map_err(VmError::io("copy the RAM file"))?;
+            self.rebuild_mapped(&origin, &out, &stream, watch)?;
+            let _ = std::fs::remove_file(&stream);
+            Memory {
+                mode: MemoryMode::Mapped,
+                ram: Some(snapfs::commit_file(&out, "memory.ram")?),
+                state: snapfs::commit_file(&out, "device.state")?,
+            }
+        } else {
+            Memory {
+                mode: MemoryMode::Streamed,
+                ram: None,
+                state: snapfs::commit_file(&out, "memory.bin")?,
+            }
+        };
+        let mut disk = om.disk.clone();
+        disk.push(DiskLayer {
+            format: DiskFormat::Qcow2,
+            file: snapfs::commit_file(&out, &top)?,
+        });
+        let commit_ms = t1.elapsed().as_millis() as u64;
+        let manifest = SnapshotManifest {
+            created_unix_ms: now_ms(),
+            qemu: version,
+            disk,
+            memory,
+            parent: Some(Parent {
+                manifest_sha256: origin.manifest_sha256.clone(),
+            }),
+            start: start.unwrap_or_else(|| om.start.clone()),
+            timings_ms: crate::snapshot::Timings {
+                snapshot: snapshot_ms,
+                commit: commit_ms,
+                ..Default::default()
+            }
+            .to_map(),
+            ..om.clone()
+        };
+        snapfs::write_manifest(&out, &manifest)?;
+        guard.1 = true;
+        Snapshot::open(&out)
+    }
+
+    /// Loads the full migration stream `stream` of this VM into a temporary
+    /// QEMU whose RAM is a shared mapping of `out/memory.ram`, and has it
+    /// write `out/device.state` (device state only). The temporary QEMU
+    /// never runs the guest.
+    fn rebuild_mapped(
+        &self,
+        origin: &Snapshot,
+        out: &Path,
+        stream: &Path,
+        watch: &Watch,
+    ) -> Result<(), VmError> {
+        let dir = process::vm_dir(None, "ns-fork-")?;
+        let om = &origin.manifest;
+        let n = om.disk.len();
+        let mut layers: Vec<Layer> = om
+            .disk
+            .iter()
+            .map(|l| Layer {
+                path: out.join(&l.file.path),
+                format: l.format,
+                read_only: true,
+            })
+            .collect();
+        layers.push(Layer {
+            path: out.join(format!("disk.{n}.qcow2")),
+            format: DiskFormat::Qcow2,
+            read_only: true,
+        });
+        // A throwaway writable top, so the device configuration is exactly
+        // the restored VM's (a read-only virtio-blk would differ).
+        let scratch = dir.path().join("scratch.qcow2");
+        let top = layers.last().expect("layers");
+        create_overlay(&scratch, &top.path, DiskFormat::Qcow2, om.disk[0].file.size)?;
+        layers.push(Layer {
+            path: scratch,
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        });
+        let ram = out.join("memory.ram");
+        let initrd = out.join(&om.initramfs.path);
+        let meta = VmMeta {
+            vmlinuz: out.join(&om.kernel.file.path),
+            ..self.meta.clone()
+        };
+        let args = Machine {
+            meta: &meta,
+            cmdline: &self.cmdline,
+            dir: dir.path(),
+            initrd: &initrd,
+            disk: &layers,
+            ram: Ram::File {
+                path: &ram,
+                private: false,
+            },
+            incoming: true,
+            pidfile: Some(&process::pidfile(dir.path())),
+        }
+        .args();
+        // Lives within this call: dies with the thread, killed on return.
+        let mut tmp = QemuVm::spawn(dir, meta, self.cmdline.clone(), initrd, args, true, watch)?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let r = (|| {
+            let mut q = tmp.qmp(Duration::from_secs(30), watch)?;
+            set_migration(&mut q, false)?;
+            q.execute(
+                "migrate-incoming",
+                json!({"channels": file_channel(stream)}),
+            )?;
+            if !wait_incoming(&mut q, watch, deadline)? {
                 return Err(VmError::Snapshot(
-                    "migration did not complete within 120 s".into(),
+                    "the temporary QEMU started the guest".into(),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = qmp.execute("quit", json!({}));
-        if let Some(mut c) = self.child.0.take() {
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(5) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            set_migration(&mut q, true)?;
+            q.execute(
+                "migrate",
+                json!({"channels": file_channel(&out.join("device.state"))}),
+            )?;
+            wait_migration(&mut q, watch, Duration::from_secs(120))?;
+            let _ = q.execute("quit", json!({}));
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                // Guest RAM is complete once QEMU has unmapped it.
+                tmp.child.end(Duration::from_secs(5));
+                Ok(())
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            Err(e) => {
+                let tail = tail(&tmp.console(), 5);
+                tmp.child.kill();
+                Err(match e {
+                    VmError::Cancelled => e,
+                    e => VmError::Snapshot(format!("writing the memory file: {e} {tail}")),
+                })
+            }
         }
-        std::fs::copy(self.dir.path().join("initrd.img"), dir.join("initrd.img"))
-            .map_err(VmError::io("copy initrd"))?;
-        Ok(())
     }
+}
+
+/// Points a stored qcow2 layer's backing name at its sibling `backing` (a
+/// relative name, so `qemu-img info` works wherever the directory is;
+/// restores build the chain from the manifest anyway).
+fn rebase(image: &Path, backing: &str, format: DiskFormat) -> Result<(), VmError> {
+    let fmt = match format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    };
+    let out = Command::new("qemu-img")
+        .args([
+            "rebase", "-q", "-u", "-f", "qcow2", "-F", fmt, "-b", backing,
+        ])
+        .arg(image)
+        .output()
+        .map_err(VmError::io("qemu-img (install qemu-utils)"))?;
+    if !out.status.success() {
+        return Err(VmError::Snapshot(format!(
+            "qemu-img rebase: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 impl Vm for QemuVm {
@@ -574,12 +1451,22 @@ impl Vm for QemuVm {
             .expect("agent attached after boot/restore")
     }
 
-    fn snapshot(self: Box<Self>, dir: &Path) -> Result<(), VmError> {
-        (*self).snapshot_to(dir)
+    fn snapshot(
+        &mut self,
+        out: &Path,
+        after: AfterSnapshot,
+        cancel: &CancellationToken,
+    ) -> Result<Snapshot, VmError> {
+        QemuVm::snapshot(self, out, after, cancel)
     }
 
     fn pid(&self) -> u32 {
-        self.child.0.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child
+            .0
+            .as_ref()
+            .map(|c| c.id())
+            .or(self.adopted)
+            .unwrap_or(0)
     }
 
     fn console(&self) -> String {
@@ -592,11 +1479,16 @@ impl Vmm for QemuVmm {
         "qemu"
     }
 
-    fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Vm>, VmError> {
-        Ok(Box::new(QemuVm::boot(self, spec)?))
+    fn boot(&self, spec: &BootSpec, cancel: &CancellationToken) -> Result<Box<dyn Vm>, VmError> {
+        Ok(Box::new(QemuVm::boot(self, spec, cancel)?))
     }
 
-    fn restore(&self, snapshot: &Snapshot, spec: &RestoreSpec) -> Result<Box<dyn Vm>, VmError> {
-        Ok(Box::new(QemuVm::restore(snapshot, spec)?))
+    fn restore(
+        &self,
+        snapshot: &Snapshot,
+        spec: &RestoreSpec,
+        cancel: &CancellationToken,
+    ) -> Result<Box<dyn Vm>, VmError> {
+        Ok(Box::new(QemuVm::restore(snapshot, spec, cancel)?))
     }
 }

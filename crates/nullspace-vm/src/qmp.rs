@@ -15,8 +15,19 @@ pub struct Qmp {
 impl Qmp {
     /// Connects (retrying until `limit`) and negotiates capabilities.
     pub fn connect(path: &Path, limit: Duration) -> Result<Qmp, VmError> {
+        Self::connect_checked(path, limit, &mut || Ok(()))
+    }
+
+    /// Like [`Qmp::connect`], calling `check` before every retry (e.g. to
+    /// stop when QEMU exited or the operation was cancelled).
+    pub fn connect_checked(
+        path: &Path,
+        limit: Duration,
+        check: &mut dyn FnMut() -> Result<(), VmError>,
+    ) -> Result<Qmp, VmError> {
         let t = Instant::now();
         let stream = loop {
+            check()?;
             match UnixStream::connect(path) {
                 Ok(s) => break s,
                 Err(e) if t.elapsed() > limit => {
@@ -78,5 +89,19 @@ impl Qmp {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string())
+    }
+}
+
+impl Qmp {
+    /// QMP `query-version`.
+    pub fn version(&mut self) -> Result<nullspace_model::snapshot::QemuVersion, VmError> {
+        let r = self.execute("query-version", json!({}))?;
+        let n = |k: &str| r["qemu"][k].as_u64().unwrap_or(0) as u32;
+        Ok(nullspace_model::snapshot::QemuVersion {
+            major: n("major"),
+            minor: n("minor"),
+            micro: n("micro"),
+            package: r["package"].as_str().unwrap_or("").trim().to_string(),
+        })
     }
 }

@@ -8,11 +8,12 @@ use crate::VmError;
 use crate::agent::AgentClient;
 use crate::qemu::{QemuVm, RestoreSpec};
 use crate::qmp::Qmp;
-use crate::template::Snapshot;
+use crate::snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// A running QEMU that no Rust value owns: nothing kills it or removes its
 /// directory until [`SandboxHandle::kill`].
@@ -44,8 +45,9 @@ impl QemuVm {
 pub fn restore_detached(
     snapshot: &Snapshot,
     spec: &RestoreSpec,
+    cancel: &CancellationToken,
 ) -> Result<(SandboxHandle, u128), VmError> {
-    let vm = QemuVm::restore(snapshot, spec)?;
+    let vm = QemuVm::restore(snapshot, spec, cancel)?;
     let ms = vm.ready_ms;
     Ok((vm.detach(), ms))
 }

@@ -4,86 +4,27 @@
 //! snapshot memory + disk.
 //! Sandboxes restore it with a qcow2 overlay each.
 //!
-//! A snapshot directory holds `disk.ext4` (the rootfs as of the snapshot,
-//! grown to `disk_mb`), `memory.bin` (QEMU migration stream), `initrd.img`
-//! (the exact initramfs the VM booted) and `snapshot.json` ([`SnapshotMeta`]).
+//! The snapshot directory's files and manifest: see [`crate::snapshot`].
 
 use crate::agent::{AgentClient, ExecRequest};
-use crate::qemu::{Accel, BootSpec, QemuVm, QemuVmm, RestoreSpec};
+use crate::process::{self, Watch};
+use crate::qemu::{BootSpec, DirGuard, MemoryMode, QemuVm, QemuVmm, RestoreSpec};
 use crate::readiness::{Readiness, wait_ready};
+use crate::snapshot::{self as snapfs};
+pub use crate::snapshot::{SNAPSHOT_FILE, Snapshot, SnapshotMeta, Timings, VmMeta};
 use crate::{VmError, rootfs};
-use serde::{Deserialize, Serialize};
+use nullspace_model::snapshot::{
+    Device, DiskFormat, DiskLayer, FORMAT_VERSION, Kernel, Memory, SnapshotManifest,
+};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// What `nullspace-init` reads from `/nullspace/config.json` (shared with
 /// the guest through `nullspace-model`).
 pub use nullspace_model::guest::GuestConfig;
-
-/// The VM shape a snapshot must be restored with.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VmMeta {
-    pub vmlinuz: PathBuf,
-    pub kernel_version: String,
-    pub memory_mb: u32,
-    pub vcpus: u32,
-    pub accel: Accel,
-    /// QEMU user-mode networking (`-netdev user` + `virtio-net-device`):
-    /// a restore must recreate the same device set.
-    #[serde(default)]
-    pub network: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SnapshotMeta {
-    pub vm: VmMeta,
-    pub config: GuestConfig,
-    /// The start command's pid and start time in the guest (from `info`).
-    pub start: serde_json::Value,
-    pub disk_bytes: u64,
-    pub memory_bytes: u64,
-    pub timings_ms: Timings,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Timings {
-    /// QEMU start to the agent's first answer.
-    pub boot: u64,
-    /// Agent up to readiness (includes the startup grace).
-    pub ready: u64,
-    /// `stop` + migrate + quit.
-    pub snapshot: u64,
-    /// Build steps (native backend): agent up to the last step done.
-    #[serde(default)]
-    pub steps: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    pub dir: PathBuf,
-    pub meta: SnapshotMeta,
-}
-
-pub const SNAPSHOT_FILE: &str = "snapshot.json";
-
-impl Snapshot {
-    pub fn disk(&self) -> PathBuf {
-        self.dir.join("disk.ext4")
-    }
-
-    pub fn open(dir: &Path) -> Result<Snapshot, VmError> {
-        let p = dir.join(SNAPSHOT_FILE);
-        let b = std::fs::read(&p).map_err(VmError::io(p.display().to_string()))?;
-        let meta = serde_json::from_slice(&b)
-            .map_err(|e| VmError::Restore(format!("{}: {e}", p.display())))?;
-        Ok(Snapshot {
-            dir: dir.to_path_buf(),
-            meta,
-        })
-    }
-}
 
 /// Inputs of a template snapshot.
 #[derive(Debug, Clone)]
@@ -104,6 +45,8 @@ pub struct TemplateSpec {
     /// `apt_install`/`pip_install` steps); default off. Sandboxes restored
     /// from the snapshot keep the network device.
     pub network: bool,
+    /// How the snapshot stores guest memory (default: mapped).
+    pub memory_mode: MemoryMode,
 }
 
 impl TemplateSpec {
@@ -117,25 +60,24 @@ impl TemplateSpec {
             disk_mb: None,
             boot_timeout: Duration::from_secs(60),
             network: false,
-        }
-    }
-}
-
-/// Removes a half-written snapshot directory unless disarmed.
-struct DirGuard<'a>(&'a Path, bool);
-
-impl Drop for DirGuard<'_> {
-    fn drop(&mut self) {
-        if !self.1 {
-            let _ = std::fs::remove_dir_all(self.0);
+            memory_mode: MemoryMode::Mapped,
         }
     }
 }
 
 /// Boots the template, waits for readiness and snapshots it into `out`
 /// (created; must not exist). On failure `out` is removed and no VM is left.
-pub fn build_snapshot(vmm: &QemuVmm, spec: &TemplateSpec, out: &Path) -> Result<Snapshot, VmError> {
-    build_inner(vmm, spec, None, out)
+/// On cancel QEMU is killed and reaped, `out` and the VM's directory are
+/// removed, and [`VmError::Cancelled`] is returned.
+pub fn build_snapshot(
+    vmm: &QemuVmm,
+    spec: &TemplateSpec,
+    out: &Path,
+    cancel: &CancellationToken,
+) -> Result<Snapshot, VmError> {
+    let watch = Watch::new(cancel);
+    let r = build_inner(vmm, spec, None, out, &watch);
+    process::settle(r, watch)
 }
 
 /// Like [`build_snapshot`], but boots without the start command, runs the
@@ -146,15 +88,19 @@ pub fn build_snapshot(vmm: &QemuVmm, spec: &TemplateSpec, out: &Path) -> Result<
 ///
 /// `on_step` sees every step start, its output, and its end. A failing step
 /// is [`VmError::StepFailed`]; the VM is killed and `out` removed. The
-/// snapshot's `meta.config` holds the final runtime defaults.
+/// snapshot's `meta.config` holds the final runtime defaults. Cancel works
+/// as for [`build_snapshot`], during a step too.
 pub fn build_snapshot_with_steps(
     vmm: &QemuVmm,
     spec: &TemplateSpec,
     steps: &[Step],
     on_step: &mut dyn FnMut(usize, &Step, StepEvent<'_>),
     out: &Path,
+    cancel: &CancellationToken,
 ) -> Result<Snapshot, VmError> {
-    build_inner(vmm, spec, Some((steps, on_step)), out)
+    let watch = Watch::new(cancel);
+    let r = build_inner(vmm, spec, Some((steps, on_step)), out, &watch);
+    process::settle(r, watch)
 }
 
 type StepsArg<'a, 'b> = Option<(&'a [Step], &'b mut dyn FnMut(usize, &Step, StepEvent<'_>))>;
@@ -164,10 +110,13 @@ fn build_inner(
     spec: &TemplateSpec,
     steps: StepsArg<'_, '_>,
     out: &Path,
+    watch: &Watch,
 ) -> Result<Snapshot, VmError> {
     rootfs::check_shell(&spec.rootfs)?;
+    watch.check()?;
     std::fs::create_dir(out).map_err(VmError::io(out.display().to_string()))?;
     let mut guard = DirGuard(out, false);
+    let out = &std::fs::canonicalize(out).map_err(VmError::io(out.display().to_string()))?;
     let disk = out.join("disk.ext4");
     std::fs::copy(&spec.rootfs, &disk).map_err(VmError::io("copy rootfs"))?;
     if let Some(mb) = spec.disk_mb {
@@ -182,10 +131,17 @@ fn build_inner(
         vcpus: spec.vcpus,
         boot_timeout: spec.boot_timeout,
         network: spec.network,
+        memory_mode: spec.memory_mode,
+        // The guest writes its RAM straight into the snapshot's file.
+        memory_file: Some(out.join("memory.ram")),
     };
-    let mut vm = QemuVm::boot(vmm, &boot)?;
+    let mut vm = QemuVm::boot_watched(vmm, &boot, watch)?;
     let boot_ms = vm.ready_ms as u64;
-    let agent = crate::Vm::agent(&mut vm);
+    // Every agent wait of the build (steps, readiness) also watches the
+    // token: a cancelled call stops its command in the guest at once, and
+    // the watch kills QEMU besides.
+    let mut cancellable = crate::Vm::agent(&mut vm).with_cancel(watch.token().clone());
+    let agent = &mut cancellable;
     let mut config = spec.config.clone();
     config.network = spec.network;
     let mut steps_ms = 0;
@@ -198,6 +154,7 @@ fn build_inner(
             workdir: config.workdir.clone(),
         };
         for (i, step) in steps.iter().enumerate() {
+            watch.check()?;
             on_step(i, step, StepEvent::Started);
             let t = Instant::now();
             run_step(agent, &mut st, i, step, on_step)?;
@@ -209,6 +166,7 @@ fn build_inner(
                 },
             );
         }
+        watch.check()?;
         // The page cache is in the memory snapshot too, but the disk file
         // must be complete on its own (e.g. for a later cold boot).
         let sync = agent.exec(&root_argv(&["sync"]), STEP_TIMEOUT)?;
@@ -254,35 +212,72 @@ fn build_inner(
     let info = agent.info(Duration::from_secs(10))?;
     let t_snap = Instant::now();
     let vm_meta = vm.meta().clone();
-    vm.snapshot_to(out)?;
-    let snapshot_ms = t_snap.elapsed().as_millis() as u64;
-    let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let meta = SnapshotMeta {
-        vm: vm_meta,
-        config,
-        start: info["start"].clone(),
-        disk_bytes: size(disk),
-        memory_bytes: size(out.join("memory.bin")),
-        timings_ms: Timings {
-            boot: boot_ms,
-            ready: ready_ms,
-            snapshot: snapshot_ms,
-            steps: steps_ms,
+    let cmdline = vm.cmdline().to_string();
+    let (qemu, paused) = vm.snapshot_build(out, watch)?;
+    let snapshot_ms = paused.as_millis() as u64;
+    let mapped = vm_meta.memory_mode == MemoryMode::Mapped;
+    let memory = Memory {
+        mode: vm_meta.memory_mode,
+        ram: if mapped {
+            Some(snapfs::commit_file(out, "memory.ram")?)
+        } else {
+            None
         },
+        state: snapfs::commit_file(out, if mapped { "device.state" } else { "memory.bin" })?,
     };
-    let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
-    std::fs::write(out.join(SNAPSHOT_FILE), json).map_err(VmError::io("snapshot.json"))?;
+    let mut manifest = SnapshotManifest {
+        format_version: FORMAT_VERSION,
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        qemu,
+        kernel: Kernel {
+            version: vm_meta.kernel_version.clone(),
+            file: snapfs::commit_file(out, "vmlinuz")?,
+        },
+        initramfs: snapfs::commit_file(out, "initrd.img")?,
+        device: Device {
+            machine: "microvm".into(),
+            accel: vm_meta.accel,
+            memory_mib: vm_meta.memory_mb,
+            vcpus: vm_meta.vcpus,
+            network: vm_meta.network,
+            kernel_cmdline: cmdline,
+        },
+        disk: vec![DiskLayer {
+            format: DiskFormat::Raw,
+            file: snapfs::commit_file(out, "disk.ext4")?,
+        }],
+        memory,
+        parent: None,
+        guest: serde_json::to_value(&config).unwrap_or_default(),
+        start: info["start"].clone(),
+        timings_ms: BTreeMap::new(),
+    };
+    let timings = Timings {
+        boot: boot_ms,
+        ready: ready_ms,
+        snapshot: snapshot_ms,
+        steps: steps_ms,
+        // QEMU's exit, the kernel/initramfs copies, fsync and hashing.
+        commit: (t_snap.elapsed() - paused).as_millis() as u64,
+    };
+    manifest.timings_ms = timings.to_map();
+    snapfs::write_manifest(out, &manifest)?;
     guard.1 = true;
-    Ok(Snapshot {
-        dir: out.to_path_buf(),
-        meta,
-    })
+    Snapshot::open(out)
 }
 
 /// A sandbox from a snapshot: a new QEMU with `-incoming`, a qcow2 overlay
-/// over the snapshot disk, `cont`, agent reconnected.
-pub fn restore(snapshot: &Snapshot, spec: &RestoreSpec) -> Result<QemuVm, VmError> {
-    QemuVm::restore(snapshot, spec)
+/// over the snapshot disk, memory mapped (or streamed), `cont`, agent
+/// reconnected. See [`QemuVm::restore`].
+pub fn restore(
+    snapshot: &Snapshot,
+    spec: &RestoreSpec,
+    cancel: &CancellationToken,
+) -> Result<QemuVm, VmError> {
+    QemuVm::restore(snapshot, spec, cancel)
 }
 
 /// Commands and file operations of one build step run at most this long.

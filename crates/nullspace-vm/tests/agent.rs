@@ -77,9 +77,11 @@ fn boot(name: &str, vcpus: u32) -> QemuVm {
         vcpus,
         boot_timeout: Duration::from_secs(90),
         network: false,
+        memory_mode: nullspace_vm::MemoryMode::Mapped,
+        memory_file: None,
     };
     let t = Instant::now();
-    let vm = QemuVm::boot(&f.vmm, &spec).expect("boot");
+    let vm = QemuVm::boot(&f.vmm, &spec, &nullspace_vm::CancellationToken::new()).expect("boot");
     eprintln!("[timing] {name}: booted in {:?}", t.elapsed());
     vm
 }

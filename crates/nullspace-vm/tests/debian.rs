@@ -90,9 +90,15 @@ fn debian_template_with_python_start_command() {
         .unwrap();
     let snap_out = snapdir.path().join("snap");
     let t = Instant::now();
-    let snap =
-        template::build_snapshot_with_steps(&vmm, &spec, &steps, &mut |_, _, _| {}, &snap_out)
-            .expect("debian snapshot");
+    let snap = template::build_snapshot_with_steps(
+        &vmm,
+        &spec,
+        &steps,
+        &mut |_, _, _| {},
+        &snap_out,
+        &nocancel(),
+    )
+    .expect("debian snapshot");
     eprintln!(
         "[timing] debian: boot {} ms, steps {} ms, ready {} ms, snapshot {} ms (total {:?}); memory {} MB, disk {} MB",
         snap.meta.timings_ms.boot,
@@ -104,7 +110,7 @@ fn debian_template_with_python_start_command() {
         snap.meta.disk_bytes >> 20
     );
     let t = Instant::now();
-    let mut vm = template::restore(&snap, &RestoreSpec::default()).expect("restore");
+    let mut vm = template::restore(&snap, &RestoreSpec::default(), &nocancel()).expect("restore");
     let a = vm.agent();
     let o = a.sh("cat version.txt; pwd", T).unwrap();
     eprintln!("[timing] debian: restore to first exec {:?}", t.elapsed());
@@ -128,4 +134,8 @@ fn debian_template_with_python_start_command() {
     drop(vm);
     drop(snapdir);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn nocancel() -> nullspace_vm::CancellationToken {
+    nullspace_vm::CancellationToken::new()
 }

@@ -4,10 +4,10 @@
 //! snapshots with the files and the start process they had.
 //! CPU-heavy: one VM test at a time.
 
-use nullspace_vm::machine::{self, After, MachineSpec};
+use nullspace_vm::machine::{self, MachineSpec};
 use nullspace_vm::qemu::QemuVmm;
 use nullspace_vm::template::{self, GuestConfig, Snapshot, TemplateSpec};
-use nullspace_vm::{GuestKernel, Probe, Readiness};
+use nullspace_vm::{AfterSnapshot, CancellationToken, GuestKernel, Probe, Readiness};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,10 +44,16 @@ fn template(dir: &Path) -> Snapshot {
         interval: Duration::from_millis(200),
         startup_grace: Duration::ZERO,
     });
-    template::build_snapshot(&vmm, &spec, &dir.join("template")).unwrap()
+    template::build_snapshot(
+        &vmm,
+        &spec,
+        &dir.join("template"),
+        &CancellationToken::new(),
+    )
+    .unwrap()
 }
 
-fn sh(agent: &mut nullspace_vm::AgentClient, cmd: &str) -> String {
+fn sh(agent: &nullspace_vm::AgentClient, cmd: &str) -> String {
     let out = agent.sh(cmd, T).unwrap();
     assert!(out.success(), "{cmd}: {out:?}");
     out.stdout_str()
@@ -66,15 +72,11 @@ fn pgrp(pid: u32) -> u32 {
 }
 
 fn spec(dir: PathBuf) -> MachineSpec {
-    MachineSpec {
-        dir,
-        internet: true,
-        timeout: T,
-    }
+    MachineSpec { dir, timeout: T }
 }
 
 #[test]
-fn machines_fork_pause_and_restore() {
+fn machines_fork_pause_reattach_and_restore() {
     let tmp = tempfile::Builder::new()
         .prefix("ns-mtest")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
@@ -82,81 +84,88 @@ fn machines_fork_pause_and_restore() {
     let snap = template(tmp.path());
     let machines = tmp.path().join("machines");
     std::fs::create_dir(&machines).unwrap();
+    let tok = CancellationToken::new();
 
-    let mut a = machine::restore(&snap, &spec(machines.join("a"))).unwrap();
+    let mut a = machine::restore(&snap, &spec(machines.join("a")), &tok).unwrap();
     assert!(a.handle.alive());
     assert_eq!(
         pgrp(a.handle.pid),
         a.handle.pid,
         "QEMU leads its own process group"
     );
-    assert_eq!(machine::pidfile_pid(&a.handle.dir), Some(a.handle.pid));
-    let start_pid = sh(&mut a.agent, "cat /tmp/pid");
-    sh(&mut a.agent, "echo parent > /tmp/mine; sync");
-
-    // Fork: a snapshot of the running machine, which goes on.
-    let forked = tmp.path().join("snap-fork");
-    let meta = machine::snapshot(&a.handle, &snap, &forked, After::Resume).unwrap();
-    assert!(meta.memory_bytes > 0 && meta.disk_bytes > 0, "{meta:?}");
     assert_eq!(
-        sh(&mut a.agent, "cat /tmp/mine"),
+        machine::pidfile_pid(&machines.join("a")),
+        Some(a.handle.pid)
+    );
+    assert_eq!(
+        machine::vm_dir(&machines.join("a")).as_deref(),
+        Some(a.handle.dir.as_path())
+    );
+    let start_pid = sh(&a.agent, "cat /tmp/pid");
+    sh(&a.agent, "echo parent > /tmp/mine; sync");
+
+    // Fork: a snapshot of the running machine, which goes on (with a new
+    // agent connection: QEMU serves one, so ours goes first).
+    drop(a.agent);
+    let forked = tmp.path().join("snap-fork");
+    let fork_snap = a.vm.snapshot(&forked, AfterSnapshot::Resume, &tok).unwrap();
+    let a_agent = nullspace_vm::Vm::agent(&mut a.vm).clone();
+    assert_eq!(
+        sh(&a_agent, "cat /tmp/mine"),
         "parent\n",
         "the parent runs on"
     );
-    let fork_snap = Snapshot::open(&forked).unwrap();
-    let mut b = machine::restore(&fork_snap, &spec(machines.join("b"))).unwrap();
+    let b = machine::restore(&fork_snap, &spec(machines.join("b")), &tok).unwrap();
     assert_eq!(
-        sh(&mut b.agent, "cat /tmp/mine"),
+        sh(&b.agent, "cat /tmp/mine"),
         "parent\n",
         "the child has the parent's files"
     );
-    assert_eq!(sh(&mut b.agent, "cat /tmp/pid"), start_pid);
-    assert!(sh(&mut b.agent, "wget -q -O - http://127.0.0.1:8080/").contains("hello"));
+    assert_eq!(sh(&b.agent, "cat /tmp/pid"), start_pid);
+    assert!(sh(&b.agent, "wget -q -O - http://127.0.0.1:8080/").contains("hello"));
     // They diverge.
-    sh(&mut b.agent, "echo child > /tmp/mine");
-    sh(&mut a.agent, "echo parent2 > /tmp/other");
-    assert_eq!(sh(&mut a.agent, "cat /tmp/mine"), "parent\n");
+    sh(&b.agent, "echo child > /tmp/mine");
+    sh(&a_agent, "echo parent2 > /tmp/other");
+    assert_eq!(sh(&a_agent, "cat /tmp/mine"), "parent\n");
     assert_eq!(
-        sh(
-            &mut b.agent,
-            "cat /tmp/mine; test -e /tmp/other || echo none"
-        ),
+        sh(&b.agent, "cat /tmp/mine; test -e /tmp/other || echo none"),
         "child\nnone\n"
     );
 
-    // Pause: the snapshot takes the disk and QEMU ends.
+    // A process that restarts takes the machine over by its handle (the
+    // old value is released, not killed) and can still pause it.
+    drop(a_agent);
+    let handle = a.vm.detach();
+    let mut a = machine::reattach(&handle, snap.clone(), T).unwrap();
+    assert_eq!(sh(&a.agent, "cat /tmp/other"), "parent2\n");
+    drop(a.agent);
     let paused = tmp.path().join("snap-pause");
-    let a_pid = a.handle.pid;
-    let a_dir = a.handle.dir.clone();
-    machine::snapshot(&a.handle, &snap, &paused, After::Stop).unwrap();
-    assert!(!a.handle.alive(), "QEMU {a_pid} ended");
-    assert!(!a_dir.exists(), "the machine directory is gone");
-    let mut a2 = machine::restore(
-        &Snapshot::open(&paused).unwrap(),
-        &spec(machines.join("a2")),
-    )
-    .unwrap();
+    let pause_snap = a.vm.snapshot(&paused, AfterSnapshot::Stop, &tok).unwrap();
+    drop(a.vm);
+    assert!(!handle.alive(), "QEMU {} ended", handle.pid);
+    handle.kill(Duration::from_secs(1)).unwrap();
+    let a2 = machine::restore(&pause_snap, &spec(machines.join("a2")), &tok).unwrap();
     assert_eq!(
-        sh(&mut a2.agent, "cat /tmp/mine /tmp/other"),
+        sh(&a2.agent, "cat /tmp/mine /tmp/other"),
         "parent\nparent2\n"
     );
     assert_eq!(
-        sh(&mut a2.agent, "cat /tmp/pid"),
+        sh(&a2.agent, "cat /tmp/pid"),
         start_pid,
         "the start process survived the pause"
     );
 
-    // A machine found again by its handle, once the first connection is
-    // gone (what a restarted server does; QEMU serves one at a time).
-    drop(a2.agent);
-    let mut again = a2.handle.agent(T).unwrap();
-    assert_eq!(sh(&mut again, "cat /tmp/mine"), "parent\n");
-    drop(again);
-    for h in [&a2.handle, &b.handle] {
+    for r in [a2, b] {
+        let h = r.handle.clone();
+        drop(r);
         h.kill(Duration::from_secs(5)).unwrap();
         assert!(!h.alive() && !h.dir.exists());
     }
-    // A failed restore leaves nothing: the directory exists already.
+    // A failed restore leaves nothing behind, and an existing directory is refused.
     std::fs::create_dir(machines.join("taken")).unwrap();
-    assert!(machine::restore(&snap, &spec(machines.join("taken"))).is_err());
+    assert!(machine::restore(&snap, &spec(machines.join("taken")), &tok).is_err());
+    assert!(
+        machines.join("taken").exists(),
+        "not someone else's directory"
+    );
 }

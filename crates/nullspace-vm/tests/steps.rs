@@ -191,6 +191,7 @@ fn every_step_kind_then_start_command_snapshot_and_restore() {
             StepEvent::Finished { .. } => events.push((i, "done".into())),
         },
         &out,
+        &nocancel(),
     )
     .expect("snapshot with steps");
     eprintln!(
@@ -214,7 +215,7 @@ fn every_step_kind_then_start_command_snapshot_and_restore() {
 
     let snap = template::Snapshot::open(&out).unwrap();
     let t = Instant::now();
-    let mut vm = template::restore(&snap, &RestoreSpec::default()).expect("restore");
+    let mut vm = template::restore(&snap, &RestoreSpec::default(), &nocancel()).expect("restore");
     let a = vm.agent();
     let sh = |a: &mut nullspace_vm::AgentClient, c: &str| {
         let o = a
@@ -312,6 +313,7 @@ fn failing_step_reports_its_index_and_leaves_no_vm() {
             }
         },
         &out,
+        &nocancel(),
     )
     .expect_err("step 1 fails");
     eprintln!("{err}");
@@ -342,8 +344,15 @@ fn failing_step_reports_its_index_and_leaves_no_vm() {
         command: "true".into(),
         user: Some("nobody-here".into()),
     }];
-    let err = template::build_snapshot_with_steps(vmm, &spec, &steps, &mut |_, _, _| {}, &out)
-        .expect_err("unknown user");
+    let err = template::build_snapshot_with_steps(
+        vmm,
+        &spec,
+        &steps,
+        &mut |_, _, _| {},
+        &out,
+        &nocancel(),
+    )
+    .expect_err("unknown user");
     assert!(
         matches!(&err, VmError::StepFailed { index: 0, exit_code: None, tail, .. } if tail.contains("nobody-here")),
         "{err:?}"
@@ -373,4 +382,8 @@ fn qemu_children() -> Vec<u32> {
         }
     }
     v
+}
+
+fn nocancel() -> nullspace_vm::CancellationToken {
+    nullspace_vm::CancellationToken::new()
 }

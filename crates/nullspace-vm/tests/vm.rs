@@ -128,7 +128,7 @@ fn template_snapshot_and_two_restored_sandboxes() {
         .unwrap();
     let out = snapdir.path().join("snap");
     let t = Instant::now();
-    let snap = template::build_snapshot(&f.vmm, &spec, &out).expect("snapshot");
+    let snap = template::build_snapshot(&f.vmm, &spec, &out, &nocancel()).expect("snapshot");
     eprintln!(
         "[timing] boot {} ms, ready {} ms, snapshot {} ms (total {:?}); memory {} MB, disk {} MB",
         snap.meta.timings_ms.boot,
@@ -150,7 +150,8 @@ fn template_snapshot_and_two_restored_sandboxes() {
     let mut sandboxes = Vec::new();
     for name in ["a", "b"] {
         let t = Instant::now();
-        let mut vm = template::restore(&snap, &RestoreSpec::default()).expect("restore");
+        let mut vm =
+            template::restore(&snap, &RestoreSpec::default(), &nocancel()).expect("restore");
         let restored = t.elapsed();
         let hi = vm.agent().sh("echo hi", T).unwrap();
         eprintln!(
@@ -394,6 +395,7 @@ fn network_reaches_host_via_user_net_gateway() {
             }
         },
         &out,
+        &nocancel(),
     )
     .expect("snapshot with network");
     eprintln!("[timing] network template: {:?}", t.elapsed());
@@ -403,7 +405,7 @@ fn network_reaches_host_via_user_net_gateway() {
 
     let snap = template::Snapshot::open(&out).unwrap();
     let t = Instant::now();
-    let mut vm = template::restore(&snap, &RestoreSpec::default()).expect("restore");
+    let mut vm = template::restore(&snap, &RestoreSpec::default(), &nocancel()).expect("restore");
     let a = vm.agent();
     assert_eq!(a.sh("echo hi", T).unwrap().stdout_str(), "hi\n");
     eprintln!("[timing] network restore to first exec: {:?}", t.elapsed());
@@ -451,7 +453,7 @@ fn start_command_that_exits_is_a_readiness_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("snap");
     let t = Instant::now();
-    let err = template::build_snapshot(&f.vmm, &spec, &out).unwrap_err();
+    let err = template::build_snapshot(&f.vmm, &spec, &out, &nocancel()).unwrap_err();
     eprintln!("[timing] readiness error after {:?}: {err}", t.elapsed());
     match &err {
         VmError::StartExited { detail, output } => {
@@ -481,7 +483,7 @@ fn probe_that_never_succeeds_times_out() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("snap");
     let t = Instant::now();
-    let err = template::build_snapshot(&f.vmm, &spec, &out).unwrap_err();
+    let err = template::build_snapshot(&f.vmm, &spec, &out, &nocancel()).unwrap_err();
     eprintln!("[timing] readiness timeout after {:?}: {err}", t.elapsed());
     assert!(matches!(err, VmError::ReadinessTimeout { .. }), "{err:?}");
     assert_eq!(err.code(), "readiness_timeout");
@@ -496,7 +498,8 @@ fn image_without_shell_fails_before_boot() {
     let spec = TemplateSpec::new(&f.noshell, demo_config("true"));
     let dir = tempfile::tempdir().unwrap();
     let t = Instant::now();
-    let err = template::build_snapshot(&f.vmm, &spec, &dir.path().join("snap")).unwrap_err();
+    let err =
+        template::build_snapshot(&f.vmm, &spec, &dir.path().join("snap"), &nocancel()).unwrap_err();
     assert!(matches!(err, VmError::InvalidRootfs(_)), "{err:?}");
     assert!(err.to_string().contains("/bin/sh"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(5), "no VM was booted");
@@ -517,10 +520,12 @@ fn boot_timeout_kills_the_vm() {
         vcpus: 1,
         boot_timeout: Duration::from_millis(700),
         network: false,
+        memory_mode: nullspace_vm::MemoryMode::Mapped,
+        memory_file: None,
     };
     let before = qemu_pids();
     let t = Instant::now();
-    let err = QemuVm::boot(&f.vmm, &spec)
+    let err = QemuVm::boot(&f.vmm, &spec, &nocancel())
         .err()
         .expect("boot must time out");
     eprintln!(
@@ -563,4 +568,8 @@ fn qemu_pids() -> Vec<u32> {
         }
     }
     v
+}
+
+fn nocancel() -> nullspace_vm::CancellationToken {
+    nullspace_vm::CancellationToken::new()
 }

@@ -63,8 +63,10 @@ fn snapshot_of(server: &Server, key: &str, data: &Path, build: &str) -> nullspac
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data.join("artifacts/sha256").join(hex)).unwrap())
             .unwrap();
-    nullspace_vm::Snapshot::open(Path::new(manifest["snapshot"].as_str().expect("snapshot")))
-        .unwrap()
+    // Relative to the artifact store.
+    let rel = manifest["snapshot"].as_str().expect("snapshot");
+    assert!(!rel.starts_with('/'), "{rel}");
+    nullspace_vm::Snapshot::open(&data.join("artifacts").join(rel)).unwrap()
 }
 
 fn restore(snap: &nullspace_vm::Snapshot, dir: &Path) -> nullspace_vm::QemuVm {
@@ -74,6 +76,7 @@ fn restore(snap: &nullspace_vm::Snapshot, dir: &Path) -> nullspace_vm::QemuVm {
             work_dir: Some(dir.to_path_buf()),
             timeout: Duration::from_secs(60),
         },
+        &nullspace_vm::CancellationToken::new(),
     )
     .unwrap()
 }
@@ -146,13 +149,14 @@ fn build_vm_runs_the_start_command_and_snapshots_a_ready_template() {
     let snap_dir = manifest["snapshot"]
         .as_str()
         .expect("snapshot in the artifact manifest");
-    let snap = nullspace_vm::Snapshot::open(Path::new(snap_dir)).unwrap();
+    let snap = nullspace_vm::Snapshot::open(&data.join("artifacts").join(snap_dir)).unwrap();
     let mut vm = nullspace_vm::template::restore(
         &snap,
         &nullspace_vm::RestoreSpec {
             work_dir: Some(tmp.path().to_path_buf()),
             timeout: Duration::from_secs(60),
         },
+        &nullspace_vm::CancellationToken::new(),
     )
     .unwrap();
     let out = vm
@@ -269,4 +273,135 @@ fn a_default_server_has_the_build_vm_when_the_machine_can_run_it() {
         "{}",
         server.log_text()
     );
+}
+
+const SLOW: &str = r#"
+import os
+from nullspace import Template
+IMAGE = os.environ["NS_IMAGE"]
+b = Template.build_in_background(Template.from_image(IMAGE).run_cmd("echo started; sleep 600"), name=os.environ["NS_NAME"])
+print("BUILD", b.build_id)
+"#;
+
+const CANCEL: &str = r#"
+import os
+from nullspace import TemplateBuild
+TemplateBuild.connect(os.environ["NS_BUILD"]).cancel()
+print("CANCELLED")
+"#;
+
+const STATUS: &str = r#"
+import os
+from nullspace import TemplateBuild
+st = TemplateBuild.connect(os.environ["NS_BUILD"]).get_status().build
+print("STATUS", getattr(st.status, "value", st.status))
+"#;
+
+/// Live processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'));
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if !zombie && String::from_utf8_lossy(&cmdline).contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
+}
+
+/// A build's VM in a long step: a cancel ends its QEMU within 2 s and the
+/// build is `cancelled` with nothing left in the run directory; a server
+/// killed with SIGKILL takes its build VM with it (PR_SET_PDEATHSIG), and
+/// the restarted server removes what the dead one left in the run directory.
+#[test]
+fn cancel_and_a_killed_server_end_the_build_vm() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let init = nullspace_vm::init_binary::locate_or_build(&workspace).expect("guest init");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let image = reg.push_demo(tmp.path(), "demo/web");
+    let data = tmp.path().join("data");
+    let mut server = Server::start_with(
+        &data,
+        None,
+        &["--build-vm", "--init-bin", init.to_str().unwrap()],
+    );
+    let key = server.key("team-a");
+    let run_dir = std::fs::canonicalize(&data).unwrap().join("run");
+    let run_str = run_dir.display().to_string();
+    let start = |name: &str| {
+        let r = run_sdk(
+            &server,
+            &key,
+            SLOW,
+            &[("NS_IMAGE", &image), ("NS_NAME", name)],
+        );
+        r.ok();
+        r.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("BUILD "))
+            .unwrap()
+            .to_string()
+    };
+    // The step runs once the VM is up; give it time to get into `sleep`.
+    let build = start("slow-cancel");
+    wait_for("the build VM", Duration::from_secs(180), || {
+        !processes_mentioning(&run_str).is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    let r = run_sdk(&server, &key, CANCEL, &[("NS_BUILD", &build)]);
+    r.ok();
+    let took = wait_for("QEMU gone after cancel", Duration::from_secs(2), || {
+        processes_mentioning(&run_str).is_empty()
+    });
+    eprintln!("build VM gone {took:?} after the cancel returned");
+    wait_for("cancelled", Duration::from_secs(10), || {
+        let r = run_sdk(&server, &key, STATUS, &[("NS_BUILD", &build)]);
+        r.stdout.contains("STATUS cancelled")
+    });
+    wait_for("run directory empty", Duration::from_secs(5), || {
+        std::fs::read_dir(&run_dir).unwrap().count() == 0
+    });
+    assert!(!data.join("artifacts/snapshots").join(&build).exists());
+
+    // SIGKILL the server mid-step.
+    let _second = start("slow-kill");
+    wait_for("the second build VM", Duration::from_secs(180), || {
+        !processes_mentioning(&run_str).is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    server.kill();
+    let took = wait_for(
+        "QEMU gone after the server was killed",
+        Duration::from_secs(2),
+        || processes_mentioning(&run_str).is_empty(),
+    );
+    eprintln!("build VM gone {took:?} after the server was killed");
+    let left: Vec<_> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(left.len(), 1, "the dead server's VM directory: {left:?}");
+    server.restart();
+    wait_for("stale VM directory reaped", Duration::from_secs(30), || {
+        !left[0].exists()
+    });
 }
