@@ -55,8 +55,8 @@ pub async fn ensure(state: &Shared) {
         )
         .await
         .ok()
-        .and_then(|m| m.snapshot)
-        .is_some_and(|s| std::path::Path::new(&s).join("snapshot.json").exists())
+        .and_then(|m| templates::snapshot_dir(state, &m))
+        .is_some_and(|d| d.join("snapshot.json").exists())
     {
         return;
     }

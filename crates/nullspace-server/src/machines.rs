@@ -393,7 +393,7 @@ async fn template_source(state: &Shared, c: &Caller, raw: &str) -> ApiResult<Sou
         ));
     }
     let m = templates::manifest_of(state, &rec, raw).await?;
-    let Some(dir) = m.snapshot else {
+    let Some(dir) = templates::snapshot_dir(state, &m) else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "rebuild_required",
@@ -403,7 +403,7 @@ async fn template_source(state: &Shared, c: &Caller, raw: &str) -> ApiResult<Sou
             ),
         ));
     };
-    let snapshot = open_snapshot(&dir)?;
+    let snapshot = open_snapshot(&dir.display().to_string())?;
     Ok(Source {
         template: raw.to_string(),
         template_id: row.id,

@@ -198,6 +198,14 @@ pub async fn resolve_artifact(
     manifest_of(state, &rec, &raw).await
 }
 
+/// The snapshot directory an artifact manifest names: relative to the
+/// artifact store (absolute in records of older versions).
+pub fn snapshot_dir(state: &Shared, m: &ArtifactManifest) -> Option<std::path::PathBuf> {
+    m.snapshot
+        .as_ref()
+        .map(|s| state.config.data_dir.join("artifacts").join(s))
+}
+
 /// The artifact manifest of a ready build (`raw`: the ref, for errors).
 pub async fn manifest_of(
     state: &Shared,

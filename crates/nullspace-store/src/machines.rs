@@ -375,11 +375,11 @@ impl Store {
     }
 
     /// What keeps a snapshot's files needed: a live machine whose disk
-    /// sits on it, or a snapshot layered on it.
+    /// sits on it (snapshots are self-contained: a later one holds its own
+    /// links to the files it shares).
     pub async fn snapshot_users(&self, id: &str) -> Result<Vec<String>> {
         let sql = format!(
-            "SELECT id FROM machines WHERE base_snapshot = $1 AND status IN ({})
-             UNION SELECT id FROM machine_snapshots WHERE parent_id = $1",
+            "SELECT id FROM machines WHERE base_snapshot = $1 AND status IN ({})",
             placeholders(2, LIVE.len())
         );
         let mut q = sqlx::query(&sql).bind(id);
