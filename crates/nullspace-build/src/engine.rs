@@ -19,18 +19,18 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use tokio_util::sync::CancellationToken;
 
 use crate::context::clean_relative;
 use crate::dockerfile::{self, Analysis};
+use crate::procs::{self, PidDir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -94,7 +94,9 @@ pub struct EngineBuild<'a> {
     pub output_dir: &'a Path,
     /// Streamed engine output, one scrubbed line per call.
     pub log: &'a dyn Fn(&str),
-    pub cancel: Option<Arc<AtomicBool>>,
+    /// Cancelled: the engine's process tree is killed, and `build` returns
+    /// [`EngineError::Cancelled`] once every process of it is gone.
+    pub cancel: Option<&'a CancellationToken>,
 }
 
 impl EngineBuild<'_> {
@@ -150,6 +152,9 @@ pub struct EngineConfig {
     /// Parent of the private per-build directory for secrets and
     /// credentials: a tmpfs (`/dev/shm`).
     pub secret_root: PathBuf,
+    /// Where engine processes are recorded while they run (see
+    /// [`crate::procs`]); `None` records nothing.
+    pub pid_dir: Option<PidDir>,
 }
 
 impl EngineConfig {
@@ -158,6 +163,7 @@ impl EngineConfig {
             state_dir: state_dir.into(),
             buildkit_addr: None,
             secret_root: PathBuf::from("/dev/shm"),
+            pid_dir: None,
         }
     }
 }
@@ -168,8 +174,9 @@ impl EngineConfig {
 pub fn detect(config: &EngineConfig) -> Vec<Box<dyn DockerfileEngine>> {
     let mut out: Vec<Box<dyn DockerfileEngine>> = vec![];
     if let Some(addr) = &config.buildkit_addr
-        && let Ok(b) = Buildkit::probe(addr, &config.secret_root)
+        && let Ok(mut b) = Buildkit::probe(addr, &config.secret_root)
     {
+        b.pids = config.pid_dir.clone();
         out.push(Box::new(b));
     }
     if let Ok(b) = Buildah::new(config) {
@@ -359,26 +366,34 @@ fn prepare(engine: &str, b: &EngineBuild<'_>) -> Result<(PathBuf, Analysis), Eng
     Ok((cur, analysis))
 }
 
-/// Runs a command, streaming scrubbed lines to `log`; stops it (its whole
-/// process group) when `cancel` is set. Returns the status and the last
-/// lines of output.
+/// Runs a command, streaming scrubbed lines to `log`. A cancel kills its
+/// whole process tree ([`procs::kill_tree`]) within ~100 ms and returns
+/// [`EngineError::Cancelled`] only once the command has been reaped.
+/// Returns the status and the last lines of output.
 fn run_streaming(
     engine: &str,
     step: &str,
     mut cmd: Command,
     log: &dyn Fn(&str),
     scrub: &Scrubber,
-    cancel: Option<&Arc<AtomicBool>>,
+    cancel: Option<&CancellationToken>,
+    pids: Option<&PidDir>,
 ) -> Result<(ExitStatus, Vec<String>), EngineError> {
+    if cancel.is_some_and(CancellationToken::is_cancelled) {
+        return Err(EngineError::Cancelled {
+            engine: engine.into(),
+        });
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .stderr(Stdio::piped());
+    procs::prepare(&mut cmd);
     let mut child = cmd.spawn().map_err(|source| EngineError::Io {
         engine: engine.into(),
         context: format!("starting {step}"),
         source,
     })?;
+    let _pidfile = pids.and_then(|p| p.record(child.id()).ok());
     let (tx, rx) = mpsc::channel::<String>();
     let mut readers = vec![];
     let pipes: Vec<Box<dyn Read + Send>> = vec![
@@ -410,36 +425,38 @@ fn run_streaming(
             tail.remove(0);
         }
     };
-    let pgid = child.id() as i32;
-    let mut cancelled = false;
+    let mut killed_at: Option<Instant> = None;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => push(line),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Ok(line) if killed_at.is_none() => push(line),
+            // After a cancel, output is dropped: the build is over.
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        if !cancelled && cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            cancelled = true;
-            // SAFETY: plain syscall on the group we created for the child.
-            unsafe {
-                libc::killpg(pgid, libc::SIGKILL);
-            }
+        if killed_at.is_none() && cancel.is_some_and(CancellationToken::is_cancelled) {
+            procs::kill_tree(child.id());
+            killed_at = Some(Instant::now());
         }
-    }
-    for r in readers {
-        let _ = r.join();
+        // A killed tree closes its pipes at once; a process that escaped
+        // the tree (and still holds a pipe) must not hold the build.
+        if killed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            break;
+        }
     }
     let status = child.wait().map_err(|source| EngineError::Io {
         engine: engine.into(),
         context: format!("waiting for {step}"),
         source,
-    })?;
-    if cancelled || cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+    });
+    if killed_at.is_some() {
         return Err(EngineError::Cancelled {
             engine: engine.into(),
         });
     }
-    Ok((status, tail))
+    for r in readers {
+        let _ = r.join();
+    }
+    Ok((status?, tail))
 }
 
 fn check(
@@ -477,6 +494,7 @@ pub struct Buildah {
     root: PathBuf,
     runroot: PathBuf,
     secret_root: PathBuf,
+    pids: Option<PidDir>,
 }
 
 impl Buildah {
@@ -510,6 +528,7 @@ impl Buildah {
             root: base.join("storage"),
             runroot: base.join("run"),
             secret_root: config.secret_root.clone(),
+            pids: config.pid_dir.clone(),
         })
     }
 
@@ -621,7 +640,8 @@ impl DockerfileEngine for Buildah {
         };
         let hosts = analysis.registry_hosts();
         let insecure = !hosts.is_empty() && hosts.iter().all(|h| is_loopback_host(h));
-        let cancel = b.cancel.as_ref();
+        let cancel = b.cancel;
+        let pids = self.pids.as_ref();
 
         // Without network: pull the base images first (with network), then
         // build in a network namespace of its own.
@@ -646,7 +666,7 @@ impl DockerfileEngine for Buildah {
                 check(
                     E,
                     "pull",
-                    run_streaming(E, "pull", c, b.log, &scrub, cancel)?,
+                    run_streaming(E, "pull", c, b.log, &scrub, cancel, pids)?,
                 )?;
             }
         }
@@ -666,8 +686,8 @@ impl DockerfileEngine for Buildah {
             insecure,
             !b.network,
         ));
-        let built =
-            run_streaming(E, "build", c, b.log, &scrub, cancel).and_then(|r| check(E, "build", r));
+        let built = run_streaming(E, "build", c, b.log, &scrub, cancel, pids)
+            .and_then(|r| check(E, "build", r));
         // Secrets and credentials leave tmpfs before anything else happens.
         drop(private);
         let result = built.and_then(|_| {
@@ -678,7 +698,7 @@ impl DockerfileEngine for Buildah {
             check(
                 E,
                 "push",
-                run_streaming(E, "push", c, b.log, &scrub, cancel)?,
+                run_streaming(E, "push", c, b.log, &scrub, cancel, pids)?,
             )
         });
         // Drop the tag; the intermediate layers stay as the layer cache.
@@ -721,6 +741,7 @@ pub struct Buildkit {
     addr: String,
     version: String,
     secret_root: PathBuf,
+    pids: Option<PidDir>,
 }
 
 impl Buildkit {
@@ -757,6 +778,7 @@ impl Buildkit {
             addr: addr.into(),
             version,
             secret_root: secret_root.into(),
+            pids: None,
         })
     }
 
@@ -840,7 +862,7 @@ impl DockerfileEngine for Buildkit {
                 .map_err(io("registry credentials"))?;
             c.env("DOCKER_CONFIG", private.path());
         }
-        let r = run_streaming(E, "build", c, b.log, &scrub, b.cancel.as_ref());
+        let r = run_streaming(E, "build", c, b.log, &scrub, b.cancel, self.pids.as_ref());
         drop(private);
         check(E, "build", r?)?;
         fs::create_dir_all(b.output_dir).map_err(io("output"))?;

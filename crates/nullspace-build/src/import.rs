@@ -8,8 +8,7 @@
 use std::io;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nullspace_oci::layout::{Counting, Progress, TempDir, check_output_dir};
 use nullspace_oci::manifest::Descriptor;
@@ -19,6 +18,7 @@ use nullspace_rootfs::{
     LayerCache, LayerIndex, Limits, RootfsOptions, SpooledLayer, build_rootfs, decode_layer,
     index_tar_file,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::template::{CacheReport, ROOTFS_FILE, RootfsReport, TEMPLATE_FILE, TemplateMeta};
 
@@ -65,8 +65,8 @@ pub struct ImportOptions {
     pub limits: Limits,
     /// Layers fetched and decoded at once.
     pub parallelism: usize,
-    /// Set to stop the import: blob reads fail and no rootfs is written.
-    pub cancel: Option<Arc<AtomicBool>>,
+    /// Cancelled: blob reads fail and no rootfs is written.
+    pub cancel: Option<CancellationToken>,
 }
 
 impl Default for ImportOptions {
@@ -162,7 +162,10 @@ pub fn import(
     let workers = opts.parallelism.clamp(1, layers.len().max(1));
     let mut spooled: Vec<Option<Result<SpooledLayer, ImportError>>> =
         (0..layers.len()).map(|_| None).collect();
-    let results: Vec<Vec<(usize, Result<SpooledLayer, ImportError>)>> = std::thread::scope(|s| {
+    // Inserted layers stay leased (safe from any eviction) until the rootfs
+    // is written; hits are leased by `hits`.
+    let mut leases = Vec::new();
+    let results: Vec<Vec<(usize, Result<Spooled, ImportError>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 s.spawn(|| {
@@ -189,7 +192,10 @@ pub fn import(
             .collect()
     });
     for (i, r) in results.into_iter().flatten() {
-        spooled[i] = Some(r);
+        spooled[i] = Some(r.map(|(layer, lease)| {
+            leases.extend(lease);
+            layer
+        }));
     }
     progress.finish("layers");
     // Layers are skipped only after another failed: report the failure.
@@ -220,6 +226,7 @@ pub fn import(
         ..Default::default()
     };
     let summary = build_rootfs(&ready, &ropts, &rootfs_path).map_err(rootfs_err)?;
+    drop(leases);
 
     let reused = hits.iter().filter(|h| h.is_some()).count();
     let meta = TemplateMeta {
@@ -263,6 +270,9 @@ pub fn import(
     Ok(meta)
 }
 
+/// A spooled layer and, for a fresh insert, its cache lease.
+type Spooled = (SpooledLayer, Option<nullspace_rootfs::CachedLayer>);
+
 fn spool_layer(
     image: &Image,
     cache: &LayerCache,
@@ -271,7 +281,7 @@ fn spool_layer(
     hit: Option<nullspace_rootfs::CachedLayer>,
     opts: &ImportOptions,
     progress: &dyn Progress,
-) -> Result<SpooledLayer, ImportError> {
+) -> Result<Spooled, ImportError> {
     let limits = &opts.limits;
     let name = desc.digest.to_string();
     let rootfs_err = |source| ImportError::Rootfs {
@@ -296,11 +306,14 @@ fn spool_layer(
     {
         let index =
             index_tar_file(&name, &hit.tar_path, &hit.diff_id, limits).map_err(rootfs_err)?;
-        return Ok(SpooledLayer {
-            name,
-            tar_path: hit.tar_path,
-            index,
-        });
+        return Ok((
+            SpooledLayer {
+                name,
+                tar_path: hit.tar_path.clone(),
+                index,
+            },
+            None,
+        ));
     }
     let mut insert = cache.begin_insert(&name).map_err(rootfs_err)?;
     let blob = image.open_blob(desc)?;
@@ -323,25 +336,28 @@ fn spool_layer(
     // to EOF so the blob's digest and size are checked before it is used.
     io::copy(&mut reader, &mut io::sink()).map_err(|e| blob_error(image, i, desc, e))?;
     check(&index)?;
-    let tar_path = insert.commit(&index, cache).map_err(rootfs_err)?;
-    Ok(SpooledLayer {
-        name,
-        tar_path,
-        index,
-    })
+    let entry = insert.commit(&index, cache).map_err(rootfs_err)?;
+    Ok((
+        SpooledLayer {
+            name,
+            tar_path: entry.tar_path.clone(),
+            index,
+        },
+        Some(entry),
+    ))
 }
 
 fn is_cancelled(opts: &ImportOptions) -> bool {
     opts.cancel
         .as_ref()
-        .is_some_and(|c| c.load(Ordering::Relaxed))
+        .is_some_and(CancellationToken::is_cancelled)
 }
 
-/// Fails reads once the cancel flag is set, so a cancelled import stops
+/// Fails reads once the build is cancelled, so a cancelled import stops
 /// within one chunk of every layer in flight.
 struct CancelReader<R> {
     inner: R,
-    flag: Option<Arc<AtomicBool>>,
+    flag: Option<CancellationToken>,
 }
 
 impl<R: Read> Read for CancelReader<R> {
@@ -349,7 +365,7 @@ impl<R: Read> Read for CancelReader<R> {
         if self
             .flag
             .as_ref()
-            .is_some_and(|f| f.load(Ordering::Relaxed))
+            .is_some_and(CancellationToken::is_cancelled)
         {
             // Not ErrorKind::Interrupted: io::copy would retry that forever.
             return Err(io::Error::other("import cancelled"));

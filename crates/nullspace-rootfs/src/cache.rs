@@ -11,12 +11,19 @@
 //! file's mtime, bumped on every hit, because atime is unreliable under
 //! `relatime`/`noatime`. Eviction removes least-recently-used entries
 //! until the total is under `max_bytes`.
+//!
+//! Entries in use are leased: a hit or an insert holds a shared `flock` on
+//! the `.tar` ([`LayerLease`]) until the caller drops it, and eviction
+//! removes an entry only under an exclusive lock it gets without waiting,
+//! so one import's eviction never removes a layer another import (in this
+//! process or any other sharing the directory) is still reading.
 
 use std::fs::{self, File};
 use std::io::{BufReader, Read};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -38,8 +45,38 @@ struct Record {
     size: u64,
 }
 
-/// A cache hit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A shared lock on a cache entry: eviction leaves the entry alone while
+/// any clone of this lives.
+#[derive(Debug, Clone)]
+pub struct LayerLease(#[allow(dead_code)] Arc<LeaseInner>);
+
+#[derive(Debug)]
+struct LeaseInner {
+    _file: File,
+    /// A private spool (another import committed the same layer first),
+    /// removed with the last clone of the lease.
+    scratch: Option<PathBuf>,
+}
+
+impl Drop for LeaseInner {
+    fn drop(&mut self) {
+        if let Some(p) = self.scratch.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+impl LayerLease {
+    fn of(file: File) -> LayerLease {
+        LayerLease(Arc::new(LeaseInner {
+            _file: file,
+            scratch: None,
+        }))
+    }
+}
+
+/// A cache hit (or a committed insert), leased until dropped.
+#[derive(Debug, Clone)]
 pub struct CachedLayer {
     /// The spooled uncompressed tar.
     pub tar_path: PathBuf,
@@ -47,6 +84,15 @@ pub struct CachedLayer {
     pub diff_id: String,
     /// Its length.
     pub size: u64,
+    pub lease: LayerLease,
+}
+
+/// Whether `f` is still the file at `path` (not unlinked or replaced).
+fn same_file(f: &File, path: &Path) -> bool {
+    match (f.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// Counters since the cache was opened.
@@ -107,31 +153,41 @@ impl LayerCache {
     }
 
     /// Look up a layer by its compressed digest. A hit refreshes the
-    /// entry's recency. Entries whose tar is missing or has the wrong size
-    /// count as misses (and are removed).
+    /// entry's recency and is leased (see the module docs). Entries whose
+    /// tar is missing or has the wrong size count as misses (and are
+    /// removed, unless someone holds them).
     pub fn get(&self, digest: &str) -> Result<Option<CachedLayer>, Error> {
         let (tar, json) = self.paths(digest)?;
         let hit = (|| {
             let rec: Record = serde_json::from_slice(&fs::read(&json).ok()?).ok()?;
-            let len = fs::metadata(&tar).ok()?.len();
+            let f = File::options().read(true).append(true).open(&tar).ok()?;
+            // Waits only while an eviction is removing this very entry.
+            f.lock_shared().ok()?;
+            // Evicted between the open and the lock: a miss.
+            if !same_file(&f, &tar) || !json.exists() {
+                return None;
+            }
+            let len = f.metadata().ok()?.len();
             (rec.digest == digest && len == rec.size && parse_digest(&rec.diff_id).is_ok())
-                .then_some(rec)
+                .then_some((rec, f))
         })();
         match hit {
-            Some(rec) => {
+            Some((rec, f)) => {
                 // Best effort: a failed touch only affects eviction order.
-                if let Ok(f) = File::options().append(true).open(&tar) {
-                    let _ = f.set_modified(SystemTime::now());
-                }
+                let _ = f.set_modified(SystemTime::now());
                 self.bump(|s| s.hits += 1);
                 Ok(Some(CachedLayer {
                     tar_path: tar,
                     diff_id: rec.diff_id,
                     size: rec.size,
+                    lease: LayerLease::of(f),
                 }))
             }
             None => {
-                if json.exists() {
+                if json.exists()
+                    && let Ok(f) = File::open(&tar)
+                    && f.try_lock().is_ok()
+                {
                     let _ = fs::remove_file(&json);
                     let _ = fs::remove_file(&tar);
                 }
@@ -157,6 +213,9 @@ impl LayerCache {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        // The lease starts now: the lock moves with the inode at the rename.
+        file.lock_shared()
+            .map_err(|e| Error::io(format!("locking {}", tmp.display()), e))?;
         Ok(CacheInsert {
             file,
             tmp: Some(tmp),
@@ -189,9 +248,10 @@ impl LayerCache {
     }
 
     /// Evict least-recently-used entries (never those in `keep`, e.g. the
-    /// layers of the image being built) until the cached tars total at
-    /// most `max_bytes`. Also removes stale temp files and incomplete
-    /// entries. Ties in recency break by digest, so the order is stable.
+    /// layers of the image being built, nor leased ones) until the cached
+    /// tars total at most `max_bytes`, or nothing more may go. Also removes
+    /// incomplete entries. Ties in recency break by digest, so the order is
+    /// stable.
     pub fn evict(&self, keep: &[&str]) -> Result<u64, Error> {
         let mut entries: Vec<(SystemTime, String, u64, PathBuf, PathBuf)> = Vec::new();
         for algo in ["sha256", "sha512"] {
@@ -211,8 +271,15 @@ impl LayerCache {
                 let json = tar.with_extension("json");
                 let Ok(md) = de.metadata() else { continue };
                 if !json.exists() {
-                    // Incomplete (crash between the renames).
-                    let _ = fs::remove_file(&tar);
+                    // Incomplete: a crash between the renames, or an insert
+                    // committing right now (it holds its lease).
+                    if let Ok(f) = File::open(&tar)
+                        && f.try_lock().is_ok()
+                        && same_file(&f, &tar)
+                        && !json.exists()
+                    {
+                        let _ = fs::remove_file(&tar);
+                    }
                     continue;
                 }
                 let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -229,10 +296,16 @@ impl LayerCache {
             if keep.contains(&digest.as_str()) {
                 continue;
             }
+            // Leased (in use by an import): skip it, whatever its age.
+            let Ok(f) = File::open(&tar) else { continue };
+            if f.try_lock().is_err() || !same_file(&f, &tar) {
+                continue;
+            }
             // json first: a half-removed entry then reads as a miss.
             let _ = fs::remove_file(&json);
             fs::remove_file(&tar)
                 .map_err(|e| Error::io(format!("removing {}", tar.display()), e))?;
+            drop(f);
             total -= len;
             freed += len;
             self.bump(|s| {
@@ -261,8 +334,9 @@ pub struct CacheInsert {
 }
 
 impl CacheInsert {
-    /// Publish the spooled tar under its digest. Returns the final path.
-    pub fn commit(mut self, index: &LayerIndex, cache: &LayerCache) -> Result<PathBuf, Error> {
+    /// Publish the spooled tar under its digest. Returns the entry, leased
+    /// (by this insert's lock) until the caller drops it.
+    pub fn commit(mut self, index: &LayerIndex, cache: &LayerCache) -> Result<CachedLayer, Error> {
         let tmp = self.tmp.take().ok_or_else(|| Error::CacheCorrupt {
             digest: self.digest.clone(),
             reason: "insert already committed".into(),
@@ -282,8 +356,37 @@ impl CacheInsert {
                 ),
             });
         }
-        fs::rename(&tmp, &self.tar)
-            .map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
+        // Never replace a committed tar (another import may be reading
+        // it under its lease): if one appeared meanwhile, this insert's
+        // spool (the same bytes) is used privately and removed after.
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &tmp,
+            rustix::fs::CWD,
+            &self.tar,
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::EXIST) => {
+                let file = self
+                    .file
+                    .try_clone()
+                    .map_err(|e| Error::io(format!("leasing {}", tmp.display()), e))?;
+                return Ok(CachedLayer {
+                    tar_path: tmp.clone(),
+                    diff_id: index.diff_id.clone(),
+                    size: len,
+                    lease: LayerLease(Arc::new(LeaseInner {
+                        _file: file,
+                        scratch: Some(tmp),
+                    })),
+                });
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(Error::io(format!("renaming {}", tmp.display()), e.into()));
+            }
+        }
         let rec = Record {
             digest: self.digest.clone(),
             diff_id: index.diff_id.clone(),
@@ -301,7 +404,16 @@ impl CacheInsert {
         fs::rename(&json_tmp, &self.json)
             .map_err(|e| Error::io(format!("renaming {}", json_tmp.display()), e))?;
         cache.bump(|s| s.inserts += 1);
-        Ok(self.tar.clone())
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(format!("leasing {}", self.tar.display()), e))?;
+        Ok(CachedLayer {
+            tar_path: self.tar.clone(),
+            diff_id: index.diff_id.clone(),
+            size: len,
+            lease: LayerLease::of(file),
+        })
     }
 }
 
@@ -316,6 +428,44 @@ impl Drop for CacheInsert {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn insert(cache: &LayerCache, digest: &str, data: &[u8]) -> CachedLayer {
+        use std::io::Write as _;
+        let mut ins = cache.begin_insert(digest).unwrap();
+        ins.file.write_all(data).unwrap();
+        let index = LayerIndex {
+            diff_id: format!("sha256:{}", hex::encode(Sha256::digest(data))),
+            uncompressed_size: data.len() as u64,
+            compression: crate::decode::Compression::None,
+            entries: vec![],
+        };
+        ins.commit(&index, cache).unwrap()
+    }
+
+    #[test]
+    fn eviction_spares_leased_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two handles on one directory, as two imports have; a 1-byte bound.
+        let a = LayerCache::open(dir.path(), 1).unwrap();
+        let b = LayerCache::open(dir.path(), 1).unwrap();
+        let d1 = format!("sha256:{}", "1".repeat(64));
+        let d2 = format!("sha256:{}", "2".repeat(64));
+        let inserted = insert(&a, &d1, b"layer one");
+        // b's eviction (keeping only its own layer) must not take a's.
+        let hit = insert(&b, &d2, b"layer two");
+        b.evict(&[&d2]).unwrap();
+        assert!(inserted.tar_path.exists(), "a leased insert was evicted");
+        drop(inserted);
+        // A hit is a lease too.
+        let again = a.get(&d1).unwrap().expect("still cached");
+        b.evict(&[&d2]).unwrap();
+        assert!(again.tar_path.exists(), "a leased hit was evicted");
+        drop(again);
+        drop(hit);
+        a.evict(&[]).unwrap();
+        assert!(a.get(&d1).unwrap().is_none() && a.get(&d2).unwrap().is_none());
+        assert_eq!(b.stats().evictions + a.stats().evictions, 2);
+    }
 
     #[test]
     fn digest_validation() {

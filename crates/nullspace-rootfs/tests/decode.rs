@@ -197,7 +197,7 @@ fn layer_cache_roundtrip_and_eviction() {
             &Limits::default(),
         )
         .unwrap();
-        let path = ins.commit(&idx, &cache).unwrap();
+        let path = ins.commit(&idx, &cache).unwrap().tar_path;
         assert!(path.ends_with(format!("{}.tar", &d[7..])));
     }
     let hit = cache.get(&d1).unwrap().unwrap();
@@ -215,7 +215,10 @@ fn layer_cache_roundtrip_and_eviction() {
         .collect();
     assert_eq!(names.len(), 4, "two tars + two json");
 
-    // Evict down to 1 byte, keeping d2: only d1 goes.
+    // Evict down to 1 byte, keeping d2: only d1 goes (once unleased).
+    cache.evict(&[&d2]).unwrap();
+    assert!(hit.tar_path.exists(), "a leased entry stays");
+    drop(hit);
     cache.evict(&[&d2]).unwrap();
     assert!(cache.get(&d1).unwrap().is_none());
     assert!(cache.get(&d2).unwrap().is_some());

@@ -705,10 +705,18 @@ fn sse(s: Shared, build_id: String, offset: i64, follow: bool) -> Response {
             if !follow || is_terminal(&status) {
                 break;
             }
-            match tokio::time::timeout(Duration::from_secs(1), rx_notify.recv()).await {
-                Ok(Ok(())) | Err(_) => {}
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(_)) => rx_notify = s.hub.subscribe(&build_id),
+            // A stopping server ends its streams (clients reconnect to
+            // another server with `offset`), so shutdown never waits on them.
+            if s.shutdown.is_cancelled() {
+                break;
+            }
+            tokio::select! {
+                r = tokio::time::timeout(Duration::from_secs(1), rx_notify.recv()) => match r {
+                    Ok(Ok(())) | Err(_) => {}
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                    Ok(Err(_)) => rx_notify = s.hub.subscribe(&build_id),
+                },
+                _ = s.shutdown.cancelled() => {}
             }
             // Keep idle clients (30 s read timeout) connected.
             if last_sent.elapsed() > Duration::from_secs(10) {

@@ -11,6 +11,7 @@
 pub mod base;
 pub mod builds;
 pub mod error;
+pub mod gc;
 pub mod guest;
 pub mod http;
 pub mod machine_api;
@@ -33,22 +34,40 @@ use nullspace_store::artifacts::Artifacts;
 
 pub use state::{AppState, BuildVm, Config, Shared};
 
-/// Opens the data directory and the database. Recovery (interrupted
-/// builds, machines) is [`serve`]'s: `nullspace keys create` opens the same
-/// directory while a server runs, and must not touch its work.
-pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
-    std::fs::create_dir_all(&config.data_dir)?;
-    let url = config
+fn database_url(config: &Config) -> String {
+    config
         .database_url
         .clone()
-        .unwrap_or_else(|| format!("sqlite:{}", config.data_dir.join("nullspace.db").display()));
-    let store = Store::open(&url).await?;
+        .unwrap_or_else(|| format!("sqlite:{}", config.data_dir.join("nullspace.db").display()))
+}
+
+/// Opens the database (upgrading its schema) and the artifact store, and
+/// nothing else: for commands beside a running server (`keys`, `gc`,
+/// `sandbox`). Never changes a build.
+pub async fn open_store(config: Config) -> anyhow_like::Result<Shared> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = Store::open(&database_url(&config)).await?;
     let artifacts = Artifacts::open(&config.data_dir.join("artifacts"))?;
-    let work_dir = config.data_dir.join("work");
-    std::fs::create_dir_all(&work_dir)?;
+    Ok(Arc::new(AppState::offline(config, store, artifacts)?))
+}
+
+/// Opens the data directory and the database for serving: detects the
+/// Dockerfile engines and (with `build_vm`) the build VM. Never changes a
+/// build: recovery of builds whose server is gone runs in [`serve`], and
+/// only for builds whose lease expired.
+pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = Store::open(&database_url(&config)).await?;
+    let artifacts = Artifacts::open(&config.data_dir.join("artifacts"))?;
+    std::fs::create_dir_all(config.data_dir.join("work"))?;
+    let mut state = AppState::offline(config, store, artifacts)?;
+    let config = &state.config;
     let mut engine_config =
         nullspace_build::engine::EngineConfig::new(config.data_dir.join("engines"));
     engine_config.buildkit_addr = config.buildkit_addr.clone();
+    engine_config.pid_dir = Some(nullspace_build::procs::PidDir::new(
+        state.run_root().join(&state.owner),
+    ));
     let engine_list: Vec<Arc<dyn nullspace_build::engine::DockerfileEngine>> =
         nullspace_build::engine::detect(&engine_config)
             .into_iter()
@@ -63,7 +82,7 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
     }
     let vmm = match config.build_vm {
         state::BuildVm::Off => None,
-        mode => match start_vmm(&config).await {
+        mode => match start_vmm(config).await {
             Ok(vmm) => {
                 tracing::info!(accel = ?vmm.accel, kernel = %vmm.kernel.version, "build VM ready");
                 Some(Arc::new(vmm))
@@ -77,28 +96,12 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
             Err(e) => return Err(anyhow_like::Error(format!("build VM: {e}"))),
         },
     };
-    let machines = Arc::new(runtime::Runtime::open(
-        &config.data_dir,
-        config.machine_limits,
-    )?);
-    let state = Arc::new(AppState {
-        cache_dir: config.data_dir.join("cache"),
-        work_dir,
-        config,
-        store,
-        artifacts,
-        hub: Default::default(),
-        engines: validate::Engines {
-            available: engine_list.iter().map(|e| e.name().to_string()).collect(),
-        },
-        engine_list,
-        vmm,
-        wake: Default::default(),
-        cancels: Default::default(),
-        secrets: Default::default(),
-        machines,
-    });
-    Ok(state)
+    state.engines = validate::Engines {
+        available: engine_list.iter().map(|e| e.name().to_string()).collect(),
+    };
+    state.engine_list = engine_list;
+    state.vmm = vmm;
+    Ok(Arc::new(state))
 }
 
 /// The build VM driver: QEMU, the guest kernel and the guest init, found
@@ -136,24 +139,118 @@ async fn start_vmm(config: &Config) -> Result<nullspace_vm::QemuVmm, nullspace_v
     .map_err(|e| nullspace_vm::VmError::Kernel(e.to_string()))?
 }
 
-/// Serves the API on `listener` with `config.workers` build workers.
-///
-/// First the machines of this node are reconciled with their VMs
-/// ([`machines::recover`]); then timeouts are enforced in the background,
-/// and the base template is built if it is missing. Machines keep running
-/// when the server stops (whatever the signal): the next start takes them
-/// over.
+/// Serves the API on `listener` with `config.workers` build workers until
+/// SIGTERM or SIGINT, then shuts down cleanly (see [`serve_until`]). A
+/// second signal exits at once.
 pub async fn serve(state: Shared, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    builds::recover(&state)
-        .await
-        .map_err(|e| std::io::Error::other(format!("recovering builds: {}", e.message)))?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping: no new work; stopping running builds");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting now");
+            // Children die with us (PR_SET_PDEATHSIG); pidfiles let the next
+            // start end anything that did not.
+            std::process::exit(130);
+        });
+    };
+    serve_until(state, listener, stop).await
+}
+
+/// Serves until `stop` completes (machines are reconciled with their VMs
+/// first: [`machines::recover`]), then: stops accepting requests (axum's
+/// graceful shutdown) and taking builds, lets running builds go on for
+/// `shutdown_grace`, stops the rest (their process trees are killed) and
+/// hands them back (re-queued, or `interrupted` when they hold request-time
+/// credentials), waits until every worker and child process but the
+/// machines' QEMUs is gone (machines keep running: the next start takes
+/// them over), and releases `run/<owner>/`.
+pub async fn serve_until(
+    state: Shared,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // This server's run directory, locked for its life; then whatever
+    // servers that died on this data directory left running is ended, and
+    // their builds are recovered at once (their owner is known dead).
+    let lock = nullspace_build::procs::OwnerLock::acquire(&state.run_root(), &state.owner)?;
+    *state.run_lock.lock().expect("run lock") = Some(lock);
+    let dead = builds::queue::reap_dead_owners(&state).await;
+    if let Err(e) = builds::queue::recover_once(&state, &dead).await {
+        tracing::error!("recovering builds: {}", e.message);
+    }
+    // Machines: reconciled with their VMs before the first request, then
+    // timeouts and dead VMs watched; the base template built if missing.
     machines::recover(&state)
         .await
         .map_err(|e| std::io::Error::other(format!("recovering machines: {}", e.message)))?;
     machines::spawn_reaper(state.clone());
-    builds::spawn_workers(state.clone(), state.config.workers);
     base::ensure(&state).await;
-    axum::serve(listener, http::router(state)).await
+    let monitor = tokio::spawn(builds::queue::monitor(state.clone()));
+    let recovery = tokio::spawn(builds::queue::recovery_loop(state.clone()));
+    let collector = state
+        .config
+        .gc_interval
+        .map(|every| tokio::spawn(gc::periodic(state.clone(), every)));
+    let workers = builds::queue::spawn_workers(&state, state.config.workers);
+    let shutdown = state.shutdown.clone();
+    let http =
+        axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
+            stop.await;
+            shutdown.cancel();
+        });
+    let served = http.await;
+    state.shutdown.cancel();
+    builds::queue::drain(&state, workers, state.config.shutdown_grace).await;
+    let _ = monitor.await;
+    let _ = recovery.await;
+    if let Some(c) = collector {
+        c.abort();
+        let _ = c.await;
+    }
+    // Machines keep running (the next start takes them over): their QEMUs
+    // are not among the children ended here.
+    let machines: Vec<u32> = state.machines.all().iter().map(|l| l.handle.pid).collect();
+    end_children(machines).await;
+    if let Some(lock) = state.run_lock.lock().expect("run lock").take() {
+        lock.release();
+    }
+    tracing::info!("stopped");
+    served
+}
+
+/// Ends any child process still running (a last resort: every stage waits
+/// for its own) but `keep` (running machines' QEMUs), and waits until none
+/// is left.
+async fn end_children(keep: Vec<u32>) {
+    let _ = tokio::task::spawn_blocking(move || {
+        let me = std::process::id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let children: Vec<u32> = nullspace_build::procs::tree(me)
+                .into_iter()
+                .filter(|p| *p != me && !keep.contains(p))
+                .collect();
+            if children.is_empty() || std::time::Instant::now() > deadline {
+                break;
+            }
+            for c in children {
+                tracing::warn!(pid = c, "ending a child process left at shutdown");
+                nullspace_build::procs::kill_tree(c);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    })
+    .await;
 }
 
 /// A minimal error type for start-up (the binary adds context).

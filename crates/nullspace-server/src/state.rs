@@ -2,14 +2,16 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nullspace_store::Store;
 use nullspace_store::artifacts::Artifacts;
 use serde_json::Value;
 use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
 
+use crate::builds::RunHandle;
 use crate::model::BuildSecret;
 use crate::validate::Engines;
 
@@ -40,6 +42,23 @@ pub struct Config {
     pub machine_limits: crate::runtime::Limits,
     /// Build `nullspace/base` at start-up when it is missing (with the build VM).
     pub base_template: bool,
+    /// How long a build stays owned by its server without a renewal; after
+    /// that any server may recover it.
+    pub lease: Duration,
+    /// How often the owner renews its leases (well under `lease`).
+    pub lease_renew: Duration,
+    /// How often the owner checks its running builds for cancel requests
+    /// (from any server) and for builds another server took over.
+    pub cancel_poll: Duration,
+    /// How often every server looks for builds whose owner is gone.
+    pub recovery_interval: Duration,
+    /// At SIGTERM/SIGINT, how long running builds may go on before they are
+    /// stopped and handed back (re-queued, or `interrupted` when they hold
+    /// request-time credentials).
+    pub shutdown_grace: Duration,
+    /// How often the server runs the garbage collector (`None`: never).
+    pub gc_interval: Option<Duration>,
+    pub gc: crate::gc::Policy,
 }
 
 impl Config {
@@ -56,7 +75,23 @@ impl Config {
             build_vm_network: false,
             machine_limits: crate::runtime::Limits::default_for_host(),
             base_template: true,
+            lease: Duration::from_secs(30),
+            lease_renew: Duration::from_secs(5),
+            cancel_poll: Duration::from_millis(500),
+            recovery_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::ZERO,
+            gc_interval: Some(Duration::from_secs(3600)),
+            gc: crate::gc::Policy::default(),
         }
+    }
+
+    /// Sets the lease and derives the renewal and recovery periods from it
+    /// (tests use short leases).
+    pub fn with_lease(mut self, lease: Duration) -> Config {
+        self.lease = lease;
+        self.lease_renew = (lease / 6).max(Duration::from_millis(200));
+        self.recovery_interval = (lease / 6).max(Duration::from_millis(200));
+        self
     }
 }
 
@@ -75,11 +110,22 @@ pub enum BuildVm {
 
 /// Request-time credentials of a build: in memory only, handed from the
 /// request to the worker and dropped when the build ends.
-#[derive(Default)]
 pub struct RunSecrets {
     pub base_image_auth: Option<Value>,
     pub registry_auth: Vec<Value>,
     pub build_secrets: Vec<BuildSecret>,
+    pub created: Instant,
+}
+
+impl Default for RunSecrets {
+    fn default() -> Self {
+        RunSecrets {
+            base_image_auth: None,
+            registry_auth: vec![],
+            build_secrets: vec![],
+            created: Instant::now(),
+        }
+    }
 }
 
 /// Wakes SSE followers when a build gets a new log entry.
@@ -122,10 +168,68 @@ pub struct AppState {
     /// The build VM driver, when `Config::build_vm` is on.
     pub vmm: Option<Arc<nullspace_vm::QemuVmm>>,
     pub wake: Notify,
-    pub cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// This server process's owner id (builds it runs or holds credentials
+    /// for carry it, with a lease).
+    pub owner: String,
+    /// The builds this server runs, by id.
+    pub running: Mutex<HashMap<String, Arc<RunHandle>>>,
     pub secrets: Mutex<HashMap<String, RunSecrets>>,
     /// The machines this server (node) runs.
     pub machines: Arc<crate::runtime::Runtime>,
+    /// Cancelled when the server begins to shut down: workers stop taking
+    /// builds, log streams end.
+    pub shutdown: CancellationToken,
+    /// The lock on `run/<owner>/` (held while serving) and the pidfiles of
+    /// this server's child processes.
+    pub run_lock: Mutex<Option<nullspace_build::procs::OwnerLock>>,
 }
 
 pub type Shared = Arc<AppState>;
+
+impl AppState {
+    /// A state for commands that only read or write the store (`keys`,
+    /// `gc`, `sandbox`): no engines, no build VM, no workers.
+    pub fn offline(
+        config: Config,
+        store: Store,
+        artifacts: Artifacts,
+    ) -> std::io::Result<AppState> {
+        let machines = Arc::new(crate::runtime::Runtime::open(
+            &config.data_dir,
+            config.machine_limits,
+        )?);
+        Ok(AppState {
+            cache_dir: config.data_dir.join("cache"),
+            work_dir: config.data_dir.join("work"),
+            config,
+            store,
+            artifacts,
+            hub: Default::default(),
+            engines: Engines { available: vec![] },
+            engine_list: vec![],
+            vmm: None,
+            wake: Default::default(),
+            owner: nullspace_store::new_id(nullspace_build::procs::OWNER_PREFIX),
+            running: Default::default(),
+            secrets: Default::default(),
+            shutdown: CancellationToken::new(),
+            run_lock: Mutex::new(None),
+            machines,
+        })
+    }
+
+    /// A lease taken or renewed now ends at this time (epoch ms).
+    pub fn lease_until(&self) -> i64 {
+        nullspace_store::now_ms() + self.config.lease.as_millis() as i64
+    }
+
+    /// `DATA_DIR/run`: one directory per live server (see
+    /// [`nullspace_build::procs`]).
+    pub fn run_root(&self) -> PathBuf {
+        self.config.data_dir.join("run")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.config.data_dir.join("artifacts/snapshots")
+    }
+}

@@ -80,6 +80,40 @@ pub async fn info(state: &Shared, row: &TemplateRow) -> ApiResult<TemplateInfo> 
     })
 }
 
+/// The template's info as it will be once `rec`'s tags point at it (the
+/// ready transition moves the tags in the same write as the status).
+pub async fn info_after_tagging(state: &Shared, rec: &BuildRecord) -> ApiResult<TemplateInfo> {
+    let row = state
+        .store
+        .template(&rec.template_id)
+        .await?
+        .ok_or_else(|| ApiError::template_not_found(&rec.template_id))?;
+    let mut info = info(state, &row).await?;
+    let mut names = info.tags.clone();
+    for t in &rec.tags {
+        if !names.contains(t) {
+            names.push(t.clone());
+        }
+    }
+    names.sort();
+    let default_tag = if names.iter().any(|t| t == "default") {
+        Some("default".to_string())
+    } else {
+        names.first().cloned()
+    };
+    if default_tag.as_ref().is_some_and(|d| rec.tags.contains(d)) {
+        info.runtime_defaults = Some(rec.runtime_defaults.clone());
+    }
+    let base = format!("{}/{}", row.namespace, row.name);
+    info.canonical_ref = match &default_tag {
+        Some(t) => format!("{base}:{t}"),
+        None => base,
+    };
+    info.default_tag = default_tag;
+    info.tags = names;
+    Ok(info)
+}
+
 pub async fn info_by_id(state: &Shared, id: &str) -> ApiResult<TemplateInfo> {
     let row = state
         .store
@@ -203,7 +237,7 @@ pub async fn resolve_artifact(
 pub fn snapshot_dir(state: &Shared, m: &ArtifactManifest) -> Option<std::path::PathBuf> {
     m.snapshot
         .as_ref()
-        .map(|s| state.config.data_dir.join("artifacts").join(s))
+        .map(|s| crate::builds::snapshot_path(state, s))
 }
 
 /// The artifact manifest of a ready build (`raw`: the ref, for errors).

@@ -1,5 +1,10 @@
 //! A content-addressed artifact store: `DIR/sha256/<hex>`, written through a
 //! temporary file and renamed, so a reader never sees a partial artifact.
+//! Commits are durable: the file is fsynced before the rename and the
+//! directory after it, so a crash never leaves a named but empty artifact.
+//! A commit also sets the file's mtime to now: the garbage collector spares
+//! young files, so an artifact a running build just stored (and does not yet
+//! reference from a manifest) is never collected.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -46,17 +51,17 @@ impl Artifacts {
             f.write_all(&buf[..k])?;
             n += k as u64;
         }
-        f.flush()?;
-        drop(f);
+        let f = f.into_inner().map_err(|e| e.into_error())?;
         let d = hasher.finish();
-        fs::rename(&tmp.0, self.path(&d))?;
+        self.commit(&f, &tmp.0, &d)?;
         Ok((d, n))
     }
 
     /// Moves an existing file into the store (same filesystem), hashing it.
     pub fn adopt(&self, file: &Path) -> io::Result<(Digest, u64)> {
         let mut hasher = Hasher::new(nullspace_digest::Algorithm::Sha256);
-        let mut f = io::BufReader::with_capacity(1 << 20, fs::File::open(file)?);
+        let handle = fs::OpenOptions::new().read(true).write(true).open(file)?;
+        let mut f = io::BufReader::with_capacity(1 << 20, &handle);
         let mut buf = vec![0u8; 1 << 20];
         let mut n = 0u64;
         loop {
@@ -68,8 +73,17 @@ impl Artifacts {
             n += k as u64;
         }
         let d = hasher.finish();
-        fs::rename(file, self.path(&d))?;
+        self.commit(&handle, file, &d)?;
         Ok((d, n))
+    }
+
+    /// Makes `f` (at `from`) durable and names it `d`.
+    fn commit(&self, f: &fs::File, from: &Path, d: &Digest) -> io::Result<()> {
+        f.set_modified(std::time::SystemTime::now())?;
+        f.sync_all()?;
+        let to = self.path(d);
+        fs::rename(from, &to)?;
+        fs::File::open(to.parent().unwrap_or(&self.root))?.sync_all()
     }
 
     pub fn tmp_dir(&self) -> PathBuf {

@@ -12,26 +12,7 @@ use sqlx::Row;
 
 use crate::{Result, Store, now_ms};
 
-/// The tables, created after the base schema (`IF NOT EXISTS`, so a store
-/// written by an older build gains them on open).
-pub(crate) const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS machines (
-        id TEXT PRIMARY KEY, namespace TEXT NOT NULL, node_id TEXT NOT NULL,
-        status TEXT NOT NULL, template_id TEXT NOT NULL, base_snapshot TEXT NOT NULL,
-        created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL, deadline_at BIGINT NOT NULL,
-        record TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS machines_by_namespace ON machines (namespace, created_at)",
-    "CREATE INDEX IF NOT EXISTS machines_by_node ON machines (node_id, status)",
-    "CREATE TABLE IF NOT EXISTS machine_snapshots (
-        id TEXT PRIMARY KEY, namespace TEXT NOT NULL, machine_id TEXT NOT NULL,
-        node_id TEXT NOT NULL, parent_id TEXT NOT NULL, created_at BIGINT NOT NULL,
-        record TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS machine_snapshots_by_machine ON machine_snapshots (machine_id, created_at)",
-    "CREATE TABLE IF NOT EXISTS idempotency_keys (
-        namespace TEXT NOT NULL, scope TEXT NOT NULL, key TEXT NOT NULL,
-        target_id TEXT NOT NULL, created_at BIGINT NOT NULL,
-        PRIMARY KEY (namespace, scope, key))",
-];
+// The tables: migrations/0003_machines.sql.
 
 /// Statuses of a machine that has (or is getting, or keeps) a VM.
 pub const LIVE: &[&str] = &["creating", "running", "paused"];
@@ -306,6 +287,23 @@ impl Store {
             placeholders(2, statuses.len())
         );
         let mut q = sqlx::query(&sql).bind(node);
+        for s in statuses {
+            q = q.bind(*s);
+        }
+        Ok(q.fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(machine_row)
+            .collect())
+    }
+
+    /// Every machine in `statuses`, on any node (the collector's marks).
+    pub async fn machines_in(&self, statuses: &[&str]) -> Result<Vec<MachineRow>> {
+        let sql = format!(
+            "SELECT {MACHINE_COLS} FROM machines WHERE status IN ({}) ORDER BY created_at, id",
+            placeholders(1, statuses.len())
+        );
+        let mut q = sqlx::query(&sql);
         for s in statuses {
             q = q.bind(*s);
         }

@@ -120,32 +120,33 @@ impl Server {
         r.stdout.trim().to_string()
     }
 
-    /// The server's pid, while it runs.
+    /// The server's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.child.as_ref().map(Child::id)
     }
 
-    /// SIGTERM, then waits for the server to exit (a normal stop).
-    pub fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+    /// Sends SIGTERM and waits up to `timeout` for the server to exit;
+    /// returns its exit status (None: still running, then killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
     }
 
-    /// Starts the server again (after [`Server::terminate`] or [`Server::kill`]).
+    /// Starts the server again after [`Server::kill`] or
+    /// [`Server::terminate`].
     pub fn start_again(&mut self) {
-        self.kill();
         self.spawn();
     }
 

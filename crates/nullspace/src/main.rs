@@ -31,6 +31,8 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(server::KeysCommand),
+    /// Remove what nothing references: artifacts, snapshots, old logs, leftovers.
+    Gc(server::GcArgs),
     /// Build and manage templates through the API ($NULLSPACE_API_URL, $NULLSPACE_API_KEY).
     #[command(subcommand)]
     Template(template::TemplateCommand),
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         Command::Image(c) => image::run(c),
         Command::Serve(a) => server::serve(a),
         Command::Keys(c) => server::keys(c),
+        Command::Gc(a) => server::gc(a),
         Command::Template(c) => template::run(c, &matches),
         Command::Machine(c) => machine::run(c),
     };

@@ -68,6 +68,65 @@ pub struct ServeArgs {
     /// [default: three quarters of the host's memory].
     #[arg(long, env = "NULLSPACE_MAX_MACHINE_MEMORY_MB")]
     max_machine_memory_mb: Option<u64>,
+    #[command(flatten)]
+    lifecycle: LifecycleArgs,
+}
+
+/// Leases, shutdown and the periodic collector.
+#[derive(Args)]
+pub struct LifecycleArgs {
+    /// Seconds a build stays owned by this server without a lease renewal
+    /// (renewed every sixth of it); after that another server recovers it.
+    #[arg(long, env = "NULLSPACE_BUILD_LEASE_SECS", default_value_t = 30)]
+    build_lease_secs: u64,
+    /// At SIGTERM/SIGINT, seconds running builds may go on before they are
+    /// stopped and handed back (re-queued, or interrupted when they carry
+    /// request-time credentials).
+    #[arg(long, env = "NULLSPACE_SHUTDOWN_GRACE_SECS", default_value_t = 0)]
+    shutdown_grace_secs: u64,
+    /// Seconds between garbage collections (0: never; `nullspace gc` runs one).
+    #[arg(long, env = "NULLSPACE_GC_INTERVAL_SECS", default_value_t = 3600)]
+    gc_interval_secs: u64,
+    #[command(flatten)]
+    gc: GcPolicyArgs,
+}
+
+#[derive(Args)]
+pub struct GcPolicyArgs {
+    /// Days build logs are kept after the build ended.
+    #[arg(long, env = "NULLSPACE_LOG_RETENTION_DAYS", default_value_t = 30)]
+    log_retention_days: u64,
+    /// Unreferenced artifacts and snapshots younger than this (seconds) are kept.
+    #[arg(long, default_value_t = 3600)]
+    gc_min_age_secs: u64,
+    /// Leftovers in tmp/ and work/ younger than this (seconds) are kept.
+    #[arg(long, default_value_t = 86400)]
+    gc_leftover_age_secs: u64,
+}
+
+impl GcPolicyArgs {
+    fn policy(&self) -> nullspace_server::gc::Policy {
+        use std::time::Duration;
+        nullspace_server::gc::Policy {
+            log_retention: Duration::from_secs(self.log_retention_days * 24 * 3600),
+            min_age: Duration::from_secs(self.gc_min_age_secs),
+            leftover_age: Duration::from_secs(self.gc_leftover_age_secs),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// List what would be removed, with sizes; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    policy: GcPolicyArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +178,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if let Some(m) = a.max_machine_memory_mb {
         config.machine_limits.max_memory_mb = m;
     }
+    let mut config = config.with_lease(std::time::Duration::from_secs(
+        a.lifecycle.build_lease_secs.max(1),
+    ));
+    config.shutdown_grace = std::time::Duration::from_secs(a.lifecycle.shutdown_grace_secs);
+    config.gc_interval = (a.lifecycle.gc_interval_secs > 0)
+        .then(|| std::time::Duration::from_secs(a.lifecycle.gc_interval_secs));
+    config.gc = a.lifecycle.gc.policy();
     runtime()?.block_on(async move {
         let state = nullspace_server::open(config)
             .await
@@ -145,7 +211,7 @@ pub fn keys(c: KeysCommand) -> Result<()> {
             );
             let config = store.config();
             runtime()?.block_on(async move {
-                let state = nullspace_server::open(config)
+                let state = nullspace_server::open_store(config)
                     .await
                     .context("opening the data directory")?;
                 let (id, secret) = state.store.create_key(&name, &namespace).await?;
@@ -157,4 +223,35 @@ pub fn keys(c: KeysCommand) -> Result<()> {
             })
         }
     }
+}
+
+pub fn gc(a: GcArgs) -> Result<()> {
+    let config = a.store.config();
+    let policy = a.policy.policy();
+    runtime()?.block_on(async move {
+        let state = nullspace_server::open_store(config)
+            .await
+            .context("opening the data directory")?;
+        let r = nullspace_server::gc::collect(&state, &policy, a.dry_run)
+            .await
+            .map_err(|e| anyhow::anyhow!("garbage collection: {}", e.message))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            let verb = if r.dry_run { "would remove" } else { "removed" };
+            for i in &r.items {
+                println!("{verb} {} {} ({} bytes)", i.kind, i.what, i.bytes);
+            }
+            println!("{verb} {} items, {} bytes", r.items.len(), r.bytes);
+            for e in &r.errors {
+                eprintln!("error: {e}");
+            }
+        }
+        anyhow::ensure!(
+            r.errors.is_empty(),
+            "{} items could not be removed",
+            r.errors.len()
+        );
+        Ok(())
+    })
 }

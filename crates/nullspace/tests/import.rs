@@ -455,3 +455,86 @@ fn diff_id_mismatch_is_rejected() {
     );
     assert!(!out.exists());
 }
+
+/// Two imports at once into one layer cache bounded to 0 bytes: each
+/// import's eviction runs while the other is still reading its layers, and
+/// must leave those (leased) alone, so both succeed, round after round.
+#[test]
+fn concurrent_imports_with_a_tiny_cache_limit_both_succeed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    // Pseudo-random bytes: layers that take a moment to decompress.
+    let noise = |seed: u64, n: usize| -> Vec<u8> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    };
+    for round in 0..8u64 {
+        let shared = Layer::new(
+            TarLayer::new()
+                .file("shared.bin", 0o644, &noise(1000 + round, 2 << 20))
+                .into_tar(),
+            Compression::Gzip,
+        );
+        let mut srcs = vec![];
+        for side in 0..2u64 {
+            let mut layers = vec![shared.clone()];
+            for l in 0..4u64 {
+                layers.push(Layer::new(
+                    TarLayer::new()
+                        .file(
+                            &format!("side{side}/layer{l}.bin"),
+                            0o644,
+                            &noise(round * 100 + side * 10 + l, 1 << 20),
+                        )
+                        .into_tar(),
+                    if l % 2 == 0 {
+                        Compression::Gzip
+                    } else {
+                        Compression::Zstd
+                    },
+                ));
+            }
+            let layout = tmp.path().join(format!("l{round}-{side}"));
+            Layout::create(&layout)
+                .image("v1", &ImageSpec::new(layers).build())
+                .finish();
+            srcs.push(format!("oci:{}:v1", layout.display()));
+        }
+        let children: Vec<_> = srcs
+            .iter()
+            .enumerate()
+            .map(|(side, src)| {
+                let out = tmp.path().join(format!("t{round}-{side}"));
+                let child = Command::new(nullspace_testkit::nullspace_bin())
+                    .args(["image", "import", src, "--output"])
+                    .arg(&out)
+                    .args(["--cache-max-mb", "0", "--cache-dir"])
+                    .arg(&cache)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                (out, child)
+            })
+            .collect();
+        for (side, (out, child)) in children.into_iter().enumerate() {
+            let o = child.wait_with_output().unwrap();
+            assert!(
+                o.status.success(),
+                "round {round}, import {side}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let t = tree::from_ext4(&out.join("rootfs.ext4")).unwrap();
+            assert!(
+                t.contains_key("shared.bin") && t.contains_key(&format!("side{side}/layer3.bin"))
+            );
+        }
+    }
+}

@@ -198,8 +198,13 @@ fn a_restarted_server_finds_its_machines() {
     let before = s.server.qemu_pids();
     assert_eq!(before.len(), 2, "keep and gone run; paused has no VM");
 
-    // A normal stop: the machines keep running.
-    s.server.terminate();
+    // A normal stop: the server exits cleanly and the machines keep running.
+    let st = s.server.terminate(Duration::from_secs(60));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "SIGTERM: {st:?}\n{}",
+        s.server.log_text()
+    );
     assert_eq!(s.server.qemu_pids().len(), 2, "machines outlive the server");
     // While it is down, one VM dies, and a stray machine directory appears.
     let data = s.server.data_dir.clone();

@@ -116,7 +116,8 @@ fn api_suite_on_postgres() {
 const BACKGROUND: &str = r#"
 import os
 from nullspace import Template
-h = Template.build_in_background(Template.from_image(os.environ["NS_IMAGE"]), name=os.environ["NS_NAME"])
+auth = {"username": os.environ["NS_USER"], "password": os.environ["NS_PASS"]} if os.environ.get("NS_USER") else {}
+h = Template.build_in_background(Template.from_image(os.environ["NS_IMAGE"], **auth), name=os.environ["NS_NAME"])
 print(h.build_id)
 "#;
 
@@ -202,7 +203,7 @@ fn cancel_stops_a_running_build() {
 }
 
 #[test]
-fn queued_builds_survive_a_crash_and_running_ones_are_marked_interrupted() {
+fn queued_builds_survive_a_crash_and_running_ones_with_credentials_are_marked_interrupted() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start(Auth::None);
     let image = reg.push_demo(tmp.path(), "demo/app");
@@ -233,14 +234,22 @@ fn queued_builds_survive_a_crash_and_running_ones_are_marked_interrupted() {
     );
 
     // 2. A build stuck on a registry that accepts and never answers (a real
-    //    tarpit on loopback) is running when the server is killed: after the
-    //    restart it is an error with phase `interrupted`, never `building`.
+    //    tarpit on loopback), with request-time credentials (which live only
+    //    in the server's memory), is running when the server is killed:
+    //    after the restart it is an error with phase `interrupted`, never
+    //    `building` (the restarted server finds the dead server's run
+    //    directory unlocked, so it does not wait for the lease to expire).
     let stuck_image = format!("{}/stuck/app:1", tarpit());
     let r = run_sdk(
         &server,
         &key,
         BACKGROUND,
-        &[("NS_IMAGE", &stuck_image), ("NS_NAME", "stuck")],
+        &[
+            ("NS_IMAGE", &stuck_image),
+            ("NS_NAME", "stuck"),
+            ("NS_USER", "u"),
+            ("NS_PASS", "p"),
+        ],
     );
     r.ok();
     let stuck = r.stdout.trim().to_string();

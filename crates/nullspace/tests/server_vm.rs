@@ -376,10 +376,25 @@ fn cancel_and_a_killed_server_end_the_build_vm() {
         let r = run_sdk(&server, &key, STATUS, &[("NS_BUILD", &build)]);
         r.stdout.contains("STATUS cancelled")
     });
+    // The run directory also holds the server's own `own_*` directory (its
+    // lock and child pidfiles) while it serves: only VM directories count.
+    let vm_dirs = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&run_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("ns-"))
+            .map(|e| e.path())
+            .collect()
+    };
     wait_for("run directory empty", Duration::from_secs(5), || {
-        std::fs::read_dir(&run_dir).unwrap().count() == 0
+        vm_dirs().is_empty()
     });
-    assert!(!data.join("artifacts/snapshots").join(&build).exists());
+    assert!(
+        !data
+            .join("artifacts/snapshots")
+            .join(format!("{build}.1"))
+            .exists()
+    );
 
     // SIGKILL the server mid-step.
     let _second = start("slow-kill");
@@ -394,11 +409,7 @@ fn cancel_and_a_killed_server_end_the_build_vm() {
         || processes_mentioning(&run_str).is_empty(),
     );
     eprintln!("build VM gone {took:?} after the server was killed");
-    let left: Vec<_> = std::fs::read_dir(&run_dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
+    let left = vm_dirs();
     assert_eq!(left.len(), 1, "the dead server's VM directory: {left:?}");
     server.restart();
     wait_for("stale VM directory reaped", Duration::from_secs(30), || {

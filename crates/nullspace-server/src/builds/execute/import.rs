@@ -1,0 +1,272 @@
+//! The base of a build, and the importer stage (image → ext4 rootfs in
+//! the artifact store).
+
+use std::time::Duration;
+
+use nullspace_build::import::{ImportError, ImportOptions, import};
+use nullspace_oci::layout::NoProgress;
+use nullspace_oci::{Image, ResolveOptions, SourceRef};
+use serde_json::json;
+
+use super::Run;
+use super::context::basic_credentials;
+use crate::builds::lifecycle::entry;
+use crate::builds::{ArtifactManifest, Failure, failed};
+use crate::model::*;
+use crate::templates;
+use crate::validate::{Base, Normalized};
+
+/// The base of a non-engine build: a registry image imported, or a
+/// template's artifact.
+pub async fn resolve_base(
+    run: &Run<'_>,
+    rec: &mut BuildRecord,
+    n: &Normalized,
+) -> Result<ArtifactManifest, Failure> {
+    let req = run.req();
+    let ns = rec.namespace_slug.clone();
+    match &n.base {
+        Base::Template(r) => {
+            run.log(
+                rec,
+                "message",
+                "info",
+                Some("preparing"),
+                format!(
+                    "resolving template {}",
+                    req.base_image.as_deref().unwrap_or_default()
+                ),
+            )
+            .await;
+            templates::resolve_artifact(run.state, &ns, r)
+                .await
+                .map_err(|e| failed("prepare", e.message, false, "check the template reference"))
+        }
+        Base::Image(image_ref) => {
+            run.log(
+                rec,
+                "message",
+                "info",
+                Some("preparing"),
+                format!("resolving {image_ref}"),
+            )
+            .await;
+            let source = SourceRef::parse(image_ref)
+                .map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
+            // The one local source: the server's own base image layout.
+            if !matches!(source, SourceRef::Registry(_))
+                && image_ref != &crate::base::source_ref(run.state)
+            {
+                return Err(failed(
+                    "prepare",
+                    format!("base_image {image_ref:?} must be a registry reference"),
+                    false,
+                    "use a registry reference",
+                ));
+            }
+            let credentials = basic_credentials(run.secrets)?;
+            import_source(run, rec, source, credentials).await
+        }
+        Base::Dockerfile => Err(failed(
+            "preflight",
+            "a Dockerfile build has no base to import",
+            false,
+            "report this",
+        )),
+    }
+}
+
+/// Why the import thread gave up.
+enum ImportFailure {
+    Resolve(String),
+    Cancelled,
+    Other(String),
+}
+
+/// Imports `source` into the artifact store. The import thread owns its
+/// scratch directory (`work/<build>.<attempt>-import`) and removes it
+/// whatever happens; on cancel this returns at once (a network read may
+/// block the thread for minutes, and it starts no process).
+pub async fn import_source(
+    run: &Run<'_>,
+    rec: &mut BuildRecord,
+    source: SourceRef,
+    credentials: Option<nullspace_oci::auth::Credentials>,
+) -> Result<ArtifactManifest, Failure> {
+    let state = run.state;
+    let req = run.req();
+    let opts = ResolveOptions {
+        platform: None,
+        credentials,
+        insecure_registries: state.config.insecure_registries.clone(),
+    };
+    let work = state
+        .work_dir
+        .join(format!("{}.{}-import", rec.build_id, run.attempt));
+    // Only registry layers are worth caching: an engine's output layout is
+    // unique to its build (the engine keeps its own layer cache), and caching
+    // it would keep another copy of whatever the build wrote.
+    let cache_dir = if req.skip_cache == Some(true) || !matches!(source, SourceRef::Registry(_)) {
+        None
+    } else {
+        Some(state.cache_dir.clone())
+    };
+    let import_opts = ImportOptions {
+        disk_mb: req
+            .build_config
+            .as_ref()
+            .and_then(|c| c.disk_mb)
+            .map(|d| d as u64),
+        cache_dir,
+        cache_max_bytes: state.config.cache_max_bytes,
+        cancel: Some(run.token.clone()),
+        ..Default::default()
+    };
+    let token = run.token.clone();
+    let artifacts = state.artifacts.clone();
+    let mut task = tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_dir_all(&work);
+        let result = (|| {
+            std::fs::create_dir_all(&work).map_err(|e| ImportFailure::Other(e.to_string()))?;
+            let image = Image::resolve(&source, &opts)
+                .map_err(|e| ImportFailure::Resolve(e.to_string()))?;
+            let out = work.join("template");
+            let meta = import(&image, &out, &import_opts, &NoProgress).map_err(|e| match e {
+                ImportError::Cancelled { .. } => ImportFailure::Cancelled,
+                other => ImportFailure::Other(other.to_string()),
+            })?;
+            if token.is_cancelled() {
+                return Err(ImportFailure::Cancelled);
+            }
+            let stored = artifacts
+                .adopt(&out.join("rootfs.ext4"))
+                .map_err(|e| ImportFailure::Other(format!("storing the rootfs: {e}")))?;
+            Ok((image, meta, stored))
+        })();
+        let _ = std::fs::remove_dir_all(&work);
+        result
+    });
+    let result = loop {
+        tokio::select! {
+            r = &mut task => break r,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if run.token.is_cancelled() {
+                    return Err(Failure::Cancelled);
+                }
+            }
+        }
+    }
+    .map_err(|e| {
+        failed(
+            "prepare",
+            format!("import worker failed: {e}"),
+            true,
+            "retry the build",
+        )
+    })?;
+    let (image, meta, (digest, size)) = match result {
+        Ok(v) => v,
+        Err(_) if run.token.is_cancelled() => return Err(Failure::Cancelled),
+        Err(ImportFailure::Cancelled) => return Err(Failure::Cancelled),
+        Err(ImportFailure::Resolve(msg)) => {
+            let auth = msg.contains("authentication failed");
+            return Err(failed(
+                if auth { "auth" } else { "prepare" },
+                msg,
+                !auth,
+                if auth {
+                    "check base_image_auth"
+                } else {
+                    "check base_image and retry"
+                },
+            ));
+        }
+        Err(ImportFailure::Other(e)) => return Err(failed("prepare", e, false, "check the image")),
+    };
+    for l in &meta.image.layers {
+        let hit = meta.cache.reused.contains(&l.digest);
+        let mut e = entry(
+            rec,
+            "cache",
+            "debug",
+            format!(
+                "layer {} {}",
+                l.digest,
+                if hit { "reused" } else { "fetched" }
+            ),
+        );
+        e.phase = Some("cache".into());
+        e.cache_kind = Some("layer".into());
+        e.cache_subject = Some(l.digest.to_string());
+        e.cache_status = Some(
+            if req.skip_cache == Some(true) {
+                "bypass"
+            } else if hit {
+                "hit"
+            } else {
+                "miss"
+            }
+            .into(),
+        );
+        if req.skip_cache == Some(true) {
+            e.cache_reason = Some("whole_build_skip_cache".into());
+        }
+        run.append(e).await;
+    }
+    let cs = &mut rec.cache_summary;
+    if req.skip_cache == Some(true) {
+        cs.layer_bypasses = meta.image.layers.len() as i64;
+    } else {
+        cs.layer_hits = meta.cache.layers_reused as i64;
+        cs.layer_misses = meta.cache.layers_fetched as i64;
+        cs.layer_stores = meta.cache.layers_fetched as i64;
+    }
+    run.log(
+        rec,
+        "message",
+        "info",
+        Some("finalize"),
+        format!(
+            "rootfs: {} MiB, {} files, {} dirs ({} of {} layers from cache)",
+            meta.rootfs.size_bytes >> 20,
+            meta.rootfs.files,
+            meta.rootfs.dirs,
+            meta.cache.layers_reused,
+            meta.image.layers.len()
+        ),
+    )
+    .await;
+    let rt = image.runtime_defaults();
+    let oci = image.oci_metadata();
+    let readiness = rt.ready_cmd.as_ref().map(|c| {
+        json!({"kind": "command", "command": c, "timeout_secs": 30, "interval_ms": 500, "startup_grace_secs": 2})
+    });
+    Ok(ArtifactManifest {
+        rootfs: digest.to_string(),
+        rootfs_size: size,
+        env: rt.env.clone(),
+        user: rt.user.clone(),
+        workdir: rt.workdir.clone(),
+        start_cmd: rt.start_cmd.clone(),
+        readiness: readiness.clone(),
+        image: serde_json::to_value(&meta.image).unwrap_or_default(),
+        snapshot: None,
+        oci: OciMetadataOut {
+            labels: oci.labels.clone(),
+            exposed_ports: oci.exposed_ports.clone(),
+            volumes: oci.volumes.clone(),
+            healthcheck: oci.healthcheck.as_ref().map(|h| HealthcheckOut {
+                test: h.test.clone(),
+                interval_ns: h.interval_ns,
+                timeout_ns: h.timeout_ns,
+                start_period_ns: h.start_period_ns,
+                retries: h.retries,
+                mapped_readiness: if h.mapped_readiness.is_some() {
+                    readiness.clone()
+                } else {
+                    None
+                },
+            }),
+        },
+    })
+}

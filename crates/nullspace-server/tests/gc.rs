@@ -1,0 +1,174 @@
+//! The collector on a data directory laid out as the server lays it out
+//! (artifact manifests naming rootfs and snapshots, snapshot files naming
+//! content-addressed artifacts, sandboxes naming snapshots), without
+//! booting VMs: what a ready build of a live template, a live build or a
+//! sandbox uses stays; what only deleted templates used goes.
+
+use std::path::{Path, PathBuf};
+
+use nullspace_server::{Config, gc};
+use nullspace_store::BuildRow;
+use serde_json::json;
+
+struct Built {
+    manifest: PathBuf,
+    rootfs: PathBuf,
+    snapshot: PathBuf,
+    kernel: PathBuf,
+}
+
+async fn ready_build(
+    state: &nullspace_server::Shared,
+    data: &Path,
+    template: &str,
+    id: &str,
+) -> Built {
+    let art = |d: &nullspace_digest::Digest| state.artifacts.path(d);
+    let (rootfs, _) = state
+        .artifacts
+        .put(format!("rootfs of {id}").as_bytes())
+        .unwrap();
+    let (kernel, _) = state
+        .artifacts
+        .put(format!("kernel of {id}").as_bytes())
+        .unwrap();
+    let snapshot = data.join("artifacts/snapshots").join(format!("{id}.1"));
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::write(snapshot.join("memory"), vec![7u8; 4096]).unwrap();
+    std::fs::write(
+        snapshot.join("snapshot.json"),
+        json!({"format": 1, "kernel": kernel.to_string()}).to_string(),
+    )
+    .unwrap();
+    let manifest = json!({
+        "rootfs": rootfs.to_string(), "rootfs_size": 1, "env": {}, "user": null, "workdir": null,
+        "start_cmd": null, "readiness": null, "image": {}, "oci": {},
+        "snapshot": snapshot.display().to_string(),
+    });
+    let (m, _) = state
+        .artifacts
+        .put(manifest.to_string().as_bytes())
+        .unwrap();
+    state
+        .store
+        .insert_build(&BuildRow {
+            id: id.into(),
+            namespace: "team-a".into(),
+            template_id: template.into(),
+            status: "ready".into(),
+            source_type: "oci_import".into(),
+            backend: "native".into(),
+            created_at: 1,
+            record: json!({"artifact_ids": [m.to_string()]}).to_string(),
+            definition: "{}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    Built {
+        manifest: art(&m),
+        rootfs: art(&rootfs),
+        snapshot,
+        kernel: art(&kernel),
+    }
+}
+
+fn all_exist(b: &Built) -> [bool; 4] {
+    [&b.manifest, &b.rootfs, &b.snapshot, &b.kernel].map(|p| p.exists())
+}
+
+#[tokio::test]
+async fn collects_only_what_nothing_references() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let state = nullspace_server::open_store(Config::new(data.clone()))
+        .await
+        .unwrap();
+    let t = |name: &'static str| {
+        let state = state.clone();
+        async move {
+            state
+                .store
+                .ensure_template("team-a", name, "{}")
+                .await
+                .unwrap()
+        }
+    };
+    let (keep_t, gone_t, used_t) = (t("keep").await, t("gone").await, t("used").await);
+    let keep = ready_build(&state, &data, &keep_t, "tb_keep").await;
+    let gone = ready_build(&state, &data, &gone_t, "tb_gone").await;
+    let used = ready_build(&state, &data, &used_t, "tb_used").await;
+    // A sandbox restored from `used` keeps its snapshot after the template goes.
+    let sbx = data.join("sandboxes/sbx_1");
+    std::fs::create_dir_all(&sbx).unwrap();
+    std::fs::write(
+        sbx.join("state.json"),
+        json!({"snapshot": used.snapshot.display().to_string()}).to_string(),
+    )
+    .unwrap();
+    // A build in progress: its snapshot directory has no manifest yet.
+    state
+        .store
+        .insert_build(&BuildRow {
+            id: "tb_live".into(),
+            namespace: "team-a".into(),
+            template_id: keep_t.clone(),
+            status: "building".into(),
+            source_type: "oci_import".into(),
+            backend: "native".into(),
+            record: "{}".into(),
+            definition: "{}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let live_snapshot = data.join("artifacts/snapshots/tb_live.1");
+    std::fs::create_dir_all(&live_snapshot).unwrap();
+    assert!(state.store.delete_template(&gone_t).await.unwrap());
+    assert!(state.store.delete_template(&used_t).await.unwrap());
+
+    let policy = gc::Policy {
+        min_age: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let dry = gc::collect(&state, &policy, true).await.unwrap();
+    let listed: Vec<&str> = dry.items.iter().map(|i| i.what.as_str()).collect();
+    for p in [
+        &gone.manifest,
+        &gone.rootfs,
+        &gone.snapshot,
+        &gone.kernel,
+        &used.manifest,
+        &used.rootfs,
+    ] {
+        assert!(
+            listed.contains(&p.to_str().unwrap()),
+            "{p:?} not in {listed:#?}"
+        );
+    }
+    let snap = dry
+        .items
+        .iter()
+        .find(|i| i.what == gone.snapshot.to_str().unwrap())
+        .unwrap();
+    assert!(snap.bytes >= 4096, "{snap:?}");
+    assert_eq!(all_exist(&gone), [true; 4], "a dry run removes nothing");
+
+    let done = gc::collect(&state, &policy, false).await.unwrap();
+    assert!(done.errors.is_empty(), "{:?}", done.errors);
+    assert_eq!(all_exist(&keep), [true; 4], "a live template's artifacts");
+    assert_eq!(
+        all_exist(&gone),
+        [false; 4],
+        "a deleted template's artifacts"
+    );
+    // The sandbox's snapshot (and what its files name) stays; the deleted
+    // template's manifest and rootfs go.
+    assert_eq!(all_exist(&used), [false, false, true, true]);
+    assert!(
+        live_snapshot.exists(),
+        "a running build's snapshot directory"
+    );
+    let again = gc::collect(&state, &policy, false).await.unwrap();
+    assert!(again.items.is_empty(), "{:#?}", again.items);
+}
