@@ -217,9 +217,10 @@ pub async fn serve_until(
         c.abort();
         let _ = c.await;
     }
-    // Machines keep running (the next start takes them over): their QEMUs
+    // Machines keep running (the next start takes them over): their VMs
+    // are let go (a dropped VM value would kill its QEMU), and their QEMUs
     // are not among the children ended here.
-    let machines: Vec<u32> = state.machines.all().iter().map(|l| l.handle.pid).collect();
+    let machines = state.machines.detach_all().await;
     end_children(machines).await;
     if let Some(lock) = state.run_lock.lock().expect("run lock").take() {
         lock.release();

@@ -1703,7 +1703,12 @@ pub fn spawn_reaper(state: Shared) {
     tokio::spawn(async move {
         let mut tick: u64 = 0;
         loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // A stopping server neither times out nor ends machines: they
+            // run on for the next start.
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
             tick += 1;
             if let Err(e) = reap_due(&state).await {
                 tracing::warn!("machine timeouts: {}", e.message);

@@ -219,6 +219,26 @@ impl Runtime {
             .collect()
     }
 
+    /// Lets every running machine's VM go without ending it (a stopping
+    /// server: the next start takes them over), waiting for a lifecycle
+    /// change that holds a VM; returns their QEMU pids.
+    pub async fn detach_all(&self) -> Vec<u32> {
+        let all = self.all();
+        tokio::task::spawn_blocking(move || {
+            all.iter()
+                .map(|l| {
+                    if let Some(vm) = l.vm.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        // Dropping a QemuVm kills its QEMU; a detached one runs on.
+                        let _ = vm.detach();
+                    }
+                    l.handle.pid
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     /// Forgets a machine (its reservation is released when the last
     /// reference goes).
     pub fn remove(&self, id: &str) -> Option<Arc<Live>> {

@@ -144,9 +144,11 @@ impl Server {
         None
     }
 
-    /// Starts the server again after [`Server::kill`] or
-    /// [`Server::terminate`].
+    /// Starts the server again (with the current `args`) after
+    /// [`Server::kill`] or [`Server::terminate`]; one still running is
+    /// killed first (it holds the port).
     pub fn start_again(&mut self) {
+        self.kill();
         self.spawn();
     }
 

@@ -205,7 +205,12 @@ fn a_restarted_server_finds_its_machines() {
         "SIGTERM: {st:?}\n{}",
         s.server.log_text()
     );
-    assert_eq!(s.server.qemu_pids().len(), 2, "machines outlive the server");
+    assert_eq!(
+        s.server.qemu_pids().len(),
+        2,
+        "machines outlive the server\n{}",
+        s.server.log_text()
+    );
     // While it is down, one VM dies, and a stray machine directory appears.
     let data = s.server.data_dir.clone();
     let gone_pid: u32 =
