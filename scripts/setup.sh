@@ -47,7 +47,7 @@ e2fsck -fn "$OUT/template/rootfs.ext4" >/dev/null && echo "e2fsck: $OUT/template
 echo "== $OUT/template/template.json (runtime)"
 python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); print(json.dumps(t["runtime"], indent=2))' "$OUT/template/template.json"
 
-echo "== the template build server: a build VM snapshot, then a sandbox restored from it"
+echo "== the template build server: a build VM snapshot, then a machine restored from it"
 DATA=$OUT/server
 KEY=$($NS keys create --data-dir "$DATA" --name demo --namespace demo)
 SPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -65,8 +65,9 @@ from nullspace import Template
 b = Template.build(Template.from_image(sys.argv[1]), name="demo", on_log_entry=lambda e: print("  ", e))
 print("template", b.canonical_ref, b.status.value)
 PY
-SBX=$($NS sandbox create demo --data-dir "$DATA" --namespace demo)
-echo "sandbox $SBX restored from the snapshot; the start command is already serving:"
-$NS sandbox exec "$SBX" --data-dir "$DATA" -- wget -q -O - http://127.0.0.1:8080/
-$NS sandbox kill "$SBX" --data-dir "$DATA"
+export NULLSPACE_API_URL="http://127.0.0.1:$SPORT" NULLSPACE_API_KEY="$KEY"
+MID=$($NS machine create demo)
+echo "machine $MID restored from the snapshot; the start command is already serving:"
+$NS machine exec "$MID" -- wget -q -O - http://127.0.0.1:8080/
+$NS machine kill "$MID"
 echo "done: see README.md for the commands"

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod demo;
 /// Digests live in their own crate (the rootfs cache needs them too).
 pub use nullspace_digest as digest;
 pub mod error;

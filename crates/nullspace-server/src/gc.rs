@@ -3,7 +3,7 @@
 //! Mark: the roots are every ready build of a template that still exists
 //! (its artifact manifest, every digest that manifest names, its snapshot
 //! directory and every digest the snapshot's files name), every uploaded
-//! context blob, every sandbox's snapshot, and anything of a live
+//! context blob, every live machine's template snapshot, and anything of a live
 //! (waiting or building) build. Sweep:
 //!
 //! - artifacts (`artifacts/sha256/*`) and snapshots
@@ -170,16 +170,18 @@ async fn mark(state: &Shared) -> ApiResult<Marks> {
         };
         m.digests.insert(d);
     }
-    // Sandboxes restored from a snapshot keep using it.
-    if let Ok(rd) = std::fs::read_dir(state.config.data_dir.join("sandboxes")) {
-        for e in rd.flatten() {
-            let Ok(bytes) = std::fs::read(e.path().join("state.json")) else {
-                continue;
-            };
-            if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
-                digests_in(&v, &mut m.digests);
-                if let Some(s) = v.get("snapshot").and_then(Value::as_str) {
-                    mark_snapshot(Path::new(s), &mut m);
+    // A live machine keeps the template snapshot at the root of its disk
+    // chain (a snapshot of the machine links that snapshot's files), and
+    // the snapshot it sits on.
+    for row in state
+        .store
+        .machines_in(nullspace_store::machines::LIVE)
+        .await?
+    {
+        if let Ok(doc) = serde_json::from_str::<Value>(&row.record) {
+            for k in ["template_dir", "base_dir"] {
+                if let Some(dir) = doc.get(k).and_then(Value::as_str).filter(|d| !d.is_empty()) {
+                    mark_snapshot(Path::new(dir), &mut m);
                 }
             }
         }

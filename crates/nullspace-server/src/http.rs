@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use crate::builds::{self, is_terminal};
 use crate::error::{ApiError, ApiResult};
+use crate::machine_api;
 use crate::model::*;
 use crate::openapi::{Op, QueryKind, QueryParam, Route};
 use crate::state::Shared;
@@ -29,6 +30,10 @@ use crate::validate;
 /// Every route, documented: `router()` and `/openapi.json` are both built
 /// from this table, so neither can have a path the other lacks.
 pub fn routes() -> Vec<Route> {
+    all_routes()
+}
+
+fn template_routes() -> Vec<Route> {
     const LOGS: &[QueryParam] = &[OFFSET, CURSOR_OFFSET, FOLLOW];
     const HISTORY: &[QueryParam] = &[LIMIT, CURSOR_PAGE, STATUS, BACKEND, SOURCE_TYPE];
     const FIELDS_ONLY: &[QueryParam] = &[FIELDS];
@@ -162,6 +167,21 @@ pub fn routes() -> Vec<Route> {
         Op::get("/v1/templates/namespaces/{slug}", "Get a namespace")
             .reply::<NamespaceInfo>(200)
             .to(namespace_get),
+        Op::get(
+            "/v1/snapshots",
+            "List machine snapshots (`machine_id` or `sandbox_id` picks the dialect)",
+        )
+        .query(SNAPSHOT_LIST)
+        .reply_list::<crate::machine_model::MachineSnapshotInfo>()
+        .to(machine_api::snapshot_list),
+        Op::get("/v1/snapshots/{snapshot_id}", "Get a machine snapshot")
+            .reply::<crate::machine_model::MachineSnapshotInfo>(200)
+            .to(machine_api::snapshot_get),
+        Op::delete(
+            "/v1/snapshots/{snapshot_id}",
+            "Delete a machine snapshot (not while a machine or snapshot is layered on it)",
+        )
+        .to(machine_api::snapshot_delete),
         Op::get("/openapi.json", "This document")
             .public()
             .reply_with(200, any_object_schema)
@@ -171,6 +191,151 @@ pub fn routes() -> Vec<Route> {
             .text()
             .to(|| async { "ok" }),
     ]
+}
+
+/// The machine routes under one prefix, for one dialect ([`machine_api`]).
+macro_rules! machine_routes {
+    ($p:literal, $f:expr, $snap:ty) => {{
+        use crate::machine_model as mm;
+        vec![
+            Op::post(
+                $p,
+                "Create a machine; answers when it runs commands (Idempotency-Key de-duplicates)",
+            )
+            .body::<mm::CreateMachineBody>()
+            .reply::<mm::MachineInfo>(201)
+            .to(machine_api::create::<{ $f }>),
+            Op::get(
+                $p,
+                "List machines (running and paused unless `state` says otherwise)",
+            )
+            .query(MACHINE_LIST)
+            .reply_with(200, machine_page_schema)
+            .to(machine_api::list::<{ $f }>),
+            Op::get(concat!($p, "/{id}"), "Get a machine")
+                .query(FIELDS_ONLY_M)
+                .reply_with(200, machine_masked_schema)
+                .to(machine_api::get::<{ $f }>),
+            Op::delete(concat!($p, "/{id}"), "Destroy a machine")
+                .reply::<mm::Destroyed>(200)
+                .to(machine_api::destroy::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/exec"),
+                "Run a command (foreground: its result; background: its pid)",
+            )
+            .body::<mm::ExecBody>()
+            .reply::<mm::ExecResult>(200)
+            .to(machine_api::exec::<{ $f }>),
+            Op::get(
+                concat!($p, "/{id}/processes"),
+                "Processes started through the API",
+            )
+            .reply_list::<mm::ProcessEntry>()
+            .to(machine_api::processes::<{ $f }>),
+            Op::get(
+                concat!($p, "/{id}/processes/{pid}/logs"),
+                "A background process's output and exit code",
+            )
+            .reply::<mm::ProcessLogs>(200)
+            .to(machine_api::process_logs::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/processes/{pid}/kill"),
+                "Kill a process (its process group)",
+            )
+            .to(machine_api::kill_process::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/files/write"),
+                "Write a file (utf8 or base64 content)",
+            )
+            .body::<mm::WriteFileBody>()
+            .reply::<mm::FileInfo>(200)
+            .to(machine_api::files_write::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/files/read"),
+                "Read a file as text (or base64)",
+            )
+            .body::<mm::PathBody>()
+            .reply::<mm::FileContent>(200)
+            .to(machine_api::files_read::<{ $f }>),
+            Op::post(concat!($p, "/{id}/files/info"), "A path's metadata")
+                .body::<mm::PathBody>()
+                .reply::<mm::FileInfo>(200)
+                .to(machine_api::files_info::<{ $f }>),
+            Op::post(concat!($p, "/{id}/files/exists"), "Whether a path exists")
+                .body::<mm::PathBody>()
+                .reply::<mm::Exists>(200)
+                .to(machine_api::files_exists::<{ $f }>),
+            Op::get(
+                concat!($p, "/{id}/files"),
+                "List a directory (`depth` levels)",
+            )
+            .query(FILES_LIST)
+            .reply_list::<mm::FileInfo>()
+            .to(machine_api::files_list::<{ $f }>),
+            Op::get(concat!($p, "/{id}/file"), "Download a file (raw bytes)")
+                .query(FILE_PATH)
+                .reply_bytes()
+                .to(machine_api::file_get::<{ $f }>),
+            Op::put(concat!($p, "/{id}/file"), "Upload a file (raw body)")
+                .query(FILE_PATH)
+                .bytes()
+                .to(machine_api::file_put::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/snapshots"),
+                "Snapshot memory and disk; the machine runs on",
+            )
+            .reply::<$snap>(201)
+            .to(machine_api::create_snapshot::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/hibernate"),
+                "Pause: snapshot memory and disk, stop the VM",
+            )
+            .reply::<$snap>(200)
+            .to(machine_api::hibernate::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/resume"),
+                "Resume a paused machine (0.1.9: by snapshot id)",
+            )
+            .reply::<mm::MachineInfo>(200)
+            .to(machine_api::resume::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/fork"),
+                "A new machine from a snapshot of this one (copy-on-write disk)",
+            )
+            .reply::<mm::MachineInfo>(201)
+            .to(machine_api::fork::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/timeout"),
+                "Set the timeout (from now) and its action",
+            )
+            .body::<mm::TimeoutBody>()
+            .reply::<mm::TimeoutLease>(200)
+            .to(machine_api::set_timeout::<{ $f }>),
+            Op::get(
+                concat!($p, "/{id}/ws"),
+                "Streaming exec over a WebSocket (`channel=exec`)",
+            )
+            .query(WS_CHANNEL)
+            .websocket()
+            .to(machine_api::ws::<{ $f }>),
+        ]
+    }};
+}
+
+/// Every route: the template API, then machines under both prefixes.
+fn all_routes() -> Vec<Route> {
+    let mut r = template_routes();
+    r.extend(machine_routes!(
+        "/v1/machines",
+        machine_api::MACHINE,
+        crate::machine_model::MachineSnapshotInfo
+    ));
+    r.extend(machine_routes!(
+        "/v1/sandboxes",
+        machine_api::SANDBOX,
+        crate::machine_model::SandboxSnapshotInfo
+    ));
+    r
 }
 
 pub fn router(state: Shared) -> Router {
@@ -239,6 +404,83 @@ const FIELDS: QueryParam = QueryParam {
     kind: QueryKind::Text,
 };
 
+const FIELDS_ONLY_M: &[QueryParam] = &[FIELDS_M];
+const FIELDS_M: QueryParam = QueryParam {
+    name: "fields",
+    description: "Comma-separated keys to keep",
+    kind: QueryKind::Text,
+};
+const MACHINE_LIST: &[QueryParam] = &[
+    QueryParam {
+        name: "limit",
+        description: "Page size (default 50)",
+        kind: QueryKind::Range(1, 100),
+    },
+    QueryParam {
+        name: "next_token",
+        description: "`next_token` of the previous page",
+        kind: QueryKind::Text,
+    },
+    QueryParam {
+        name: "state",
+        description: "Comma-separated statuses (default: creating,running,paused)",
+        kind: QueryKind::Text,
+    },
+    QueryParam {
+        name: "template",
+        description: "Only machines created from this template ref",
+        kind: QueryKind::Text,
+    },
+    QueryParam {
+        name: "metadata",
+        description: "A JSON object: only machines whose metadata has these key/values",
+        kind: QueryKind::Text,
+    },
+    FIELDS_M,
+];
+const GUEST_PATH: QueryParam = QueryParam {
+    name: "path",
+    description: "An absolute path in the machine",
+    kind: QueryKind::Text,
+};
+const GUEST_USER: QueryParam = QueryParam {
+    name: "user",
+    description: "As this user (default: the template's)",
+    kind: QueryKind::Text,
+};
+const FILE_PATH: &[QueryParam] = &[GUEST_PATH, GUEST_USER];
+const FILES_LIST: &[QueryParam] = &[
+    GUEST_PATH,
+    QueryParam {
+        name: "depth",
+        description: "Levels below `path` (default 1)",
+        kind: QueryKind::Range(1, 32),
+    },
+    GUEST_USER,
+];
+const WS_CHANNEL: &[QueryParam] = &[QueryParam {
+    name: "channel",
+    description: "`exec`",
+    kind: QueryKind::OneOf(&["exec"]),
+}];
+const SNAPSHOT_LIST: &[QueryParam] = &[
+    QueryParam {
+        name: "machine_id",
+        description: "Snapshots of this machine (answers with `machine_id`)",
+        kind: QueryKind::Text,
+    },
+    QueryParam {
+        name: "sandbox_id",
+        description: "Snapshots of this sandbox (answers with `sandbox_id`)",
+        kind: QueryKind::Text,
+    },
+    QueryParam {
+        name: "metadata",
+        description: "A JSON object the snapshots' metadata must contain",
+        kind: QueryKind::Text,
+    },
+];
+
 fn any_object_schema(_: &mut SchemaGenerator) -> Schema {
     schemars::json_schema!({"type": "object"})
 }
@@ -247,6 +489,23 @@ fn any_object_schema(_: &mut SchemaGenerator) -> Schema {
 fn template_masked_schema(g: &mut SchemaGenerator) -> Schema {
     let info = serde_json::Value::from(g.subschema_for::<TemplateInfo>());
     schemars::json_schema!({"anyOf": [info, {"type": "object", "description": "with `fields`: only those keys"}]})
+}
+
+/// A `MachineInfo`, or with `fields` only the named keys of one.
+fn machine_masked_schema(g: &mut SchemaGenerator) -> Schema {
+    let info = serde_json::Value::from(g.subschema_for::<crate::machine_model::MachineInfo>());
+    schemars::json_schema!({"anyOf": [info, {"type": "object", "description": "with `fields`: only those keys"}]})
+}
+
+fn machine_page_schema(g: &mut SchemaGenerator) -> Schema {
+    let page = serde_json::Value::from(g.subschema_for::<crate::machine_model::MachinePage>());
+    let item = serde_json::Value::from(machine_masked_schema(g));
+    schemars::json_schema!({"anyOf": [page, {
+        "type": "object",
+        "description": "with `fields`: items with only those keys",
+        "properties": {"items": {"type": "array", "items": item}, "has_next": {"type": "boolean"}, "next_token": {"type": "string"}},
+        "required": ["items", "has_next"],
+    }]})
 }
 
 fn template_list_schema(g: &mut SchemaGenerator) -> Schema {

@@ -8,14 +8,20 @@
 //! - State lives in `nullspace-store` (SQLite in the data directory, or
 //!   Postgres), artifacts in its content-addressed store.
 
+pub mod base;
 pub mod builds;
 pub mod error;
 pub mod gc;
+pub mod guest;
 pub mod http;
+pub mod machine_api;
+pub mod machine_model;
+pub mod machines;
 pub mod model;
 pub mod openapi;
 pub mod plan;
 pub mod refs;
+pub mod runtime;
 pub mod state;
 pub mod templates;
 pub mod validate;
@@ -41,7 +47,7 @@ pub async fn open_store(config: Config) -> anyhow_like::Result<Shared> {
     std::fs::create_dir_all(&config.data_dir)?;
     let store = Store::open(&database_url(&config)).await?;
     let artifacts = Artifacts::open(&config.data_dir.join("artifacts"))?;
-    Ok(Arc::new(AppState::offline(config, store, artifacts)))
+    Ok(Arc::new(AppState::offline(config, store, artifacts)?))
 }
 
 /// Opens the data directory and the database for serving: detects the
@@ -53,7 +59,7 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
     let store = Store::open(&database_url(&config)).await?;
     let artifacts = Artifacts::open(&config.data_dir.join("artifacts"))?;
     std::fs::create_dir_all(config.data_dir.join("work"))?;
-    let mut state = AppState::offline(config, store, artifacts);
+    let mut state = AppState::offline(config, store, artifacts)?;
     let config = &state.config;
     let mut engine_config =
         nullspace_build::engine::EngineConfig::new(config.data_dir.join("engines"));
@@ -162,12 +168,14 @@ pub async fn serve(state: Shared, listener: tokio::net::TcpListener) -> std::io:
     serve_until(state, listener, stop).await
 }
 
-/// Serves until `stop` completes, then: stops accepting requests (axum's
+/// Serves until `stop` completes (machines are reconciled with their VMs
+/// first: [`machines::recover`]), then: stops accepting requests (axum's
 /// graceful shutdown) and taking builds, lets running builds go on for
 /// `shutdown_grace`, stops the rest (their process trees are killed) and
 /// hands them back (re-queued, or `interrupted` when they hold request-time
-/// credentials), waits until every worker and child process is gone, and
-/// releases `run/<owner>/`.
+/// credentials), waits until every worker and child process but the
+/// machines' QEMUs is gone (machines keep running: the next start takes
+/// them over), and releases `run/<owner>/`.
 pub async fn serve_until(
     state: Shared,
     listener: tokio::net::TcpListener,
@@ -182,6 +190,13 @@ pub async fn serve_until(
     if let Err(e) = builds::queue::recover_once(&state, &dead).await {
         tracing::error!("recovering builds: {}", e.message);
     }
+    // Machines: reconciled with their VMs before the first request, then
+    // timeouts and dead VMs watched; the base template built if missing.
+    machines::recover(&state)
+        .await
+        .map_err(|e| std::io::Error::other(format!("recovering machines: {}", e.message)))?;
+    machines::spawn_reaper(state.clone());
+    base::ensure(&state).await;
     let monitor = tokio::spawn(builds::queue::monitor(state.clone()));
     let recovery = tokio::spawn(builds::queue::recovery_loop(state.clone()));
     let collector = state
@@ -204,7 +219,11 @@ pub async fn serve_until(
         c.abort();
         let _ = c.await;
     }
-    end_children().await;
+    // Machines keep running (the next start takes them over): their VMs
+    // are let go (a dropped VM value would kill its QEMU), and their QEMUs
+    // are not among the children ended here.
+    let machines = state.machines.detach_all().await;
+    end_children(machines).await;
     if let Some(lock) = state.run_lock.lock().expect("run lock").take() {
         lock.release();
     }
@@ -213,15 +232,16 @@ pub async fn serve_until(
 }
 
 /// Ends any child process still running (a last resort: every stage waits
-/// for its own) and waits until none is left.
-async fn end_children() {
-    let _ = tokio::task::spawn_blocking(|| {
+/// for its own) but `keep` (running machines' QEMUs), and waits until none
+/// is left.
+async fn end_children(keep: Vec<u32>) {
+    let _ = tokio::task::spawn_blocking(move || {
         let me = std::process::id();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let children: Vec<u32> = nullspace_build::procs::tree(me)
                 .into_iter()
-                .filter(|p| *p != me)
+                .filter(|p| *p != me && !keep.contains(p))
                 .collect();
             if children.is_empty() || std::time::Instant::now() > deadline {
                 break;

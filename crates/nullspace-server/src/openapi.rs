@@ -113,6 +113,10 @@ pub enum Reply {
     Sse,
     /// `text/plain`.
     Text,
+    /// Raw bytes (`application/octet-stream`).
+    Bytes,
+    /// A WebSocket upgrade (`101 Switching Protocols`).
+    WebSocket,
 }
 
 /// One documented operation.
@@ -199,6 +203,14 @@ impl Op {
         self.reply = Reply::Text;
         self
     }
+    pub const fn reply_bytes(mut self) -> Op {
+        self.reply = Reply::Bytes;
+        self
+    }
+    pub const fn websocket(mut self) -> Op {
+        self.reply = Reply::WebSocket;
+        self
+    }
     /// Binds the handler, with the documented method.
     pub fn to<H, T>(self, handler: H) -> Route
     where
@@ -264,6 +276,18 @@ impl Op {
                 responses.insert(
                     "200".into(),
                     json!({"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}),
+                );
+            }
+            Reply::Bytes => {
+                responses.insert(
+                    "200".into(),
+                    json!({"description": "The bytes", "content": {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}}),
+                );
+            }
+            Reply::WebSocket => {
+                responses.insert(
+                    "101".into(),
+                    json!({"description": "WebSocket (JSON text messages): client `exec_start {id, command, args, timeout_secs, cwd?, envs?, shell?}` or `exec_connect {id, pid}`; server `exec_started {id, pid}`, `exec_stdout`/`exec_stderr {id, pid, data}`, `exec_exit {id, pid, exit_code}`, `error {id, message}`"}),
                 );
             }
         }
@@ -345,9 +369,9 @@ pub fn build(ops: &[Op]) -> Value {
     json!({
         "openapi": "3.1.0",
         "info": {
-            "title": "nullspace template API",
+            "title": "nullspace API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Template builds, logs, templates, tags, aliases, claims and context blobs. The wire contract the published SDK (nullspace-sdk 0.1.9) relies on is docs/sdk-contract.md.",
+            "description": "Template builds, logs, templates, tags, aliases, claims and context blobs; machines (`/v1/machines` for nullspace-sdk 1.0.x, `/v1/sandboxes` for 0.1.9) and their snapshots. The wire contract the published SDK relies on: docs/sdk-contract.md (templates) and the README section Machines.",
         },
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "components": {

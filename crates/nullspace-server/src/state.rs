@@ -38,6 +38,10 @@ pub struct Config {
     /// host's loopback services, which hostile build steps must not see
     /// unless the operator accepts that.
     pub build_vm_network: bool,
+    /// How many machines (and how much guest memory) this server runs.
+    pub machine_limits: crate::runtime::Limits,
+    /// Build `nullspace/base` at start-up when it is missing (with the build VM).
+    pub base_template: bool,
     /// How long a build stays owned by its server without a renewal; after
     /// that any server may recover it.
     pub lease: Duration,
@@ -72,6 +76,8 @@ impl Config {
             build_vm: BuildVm::Off,
             init_bin: None,
             build_vm_network: false,
+            machine_limits: crate::runtime::Limits::default_for_host(),
+            base_template: true,
             lease: Duration::from_secs(30),
             lease_renew: Duration::from_secs(5),
             cancel_poll: Duration::from_millis(500),
@@ -172,6 +178,8 @@ pub struct AppState {
     /// The builds this server runs, by id.
     pub running: Mutex<HashMap<String, Arc<RunHandle>>>,
     pub secrets: Mutex<HashMap<String, RunSecrets>>,
+    /// The machines this server (node) runs.
+    pub machines: Arc<crate::runtime::Runtime>,
     /// Cancelled when the server begins to shut down: workers stop taking
     /// builds, log streams end.
     pub shutdown: CancellationToken,
@@ -185,8 +193,16 @@ pub type Shared = Arc<AppState>;
 impl AppState {
     /// A state for commands that only read or write the store (`keys`,
     /// `gc`, `sandbox`): no engines, no build VM, no workers.
-    pub fn offline(config: Config, store: Store, artifacts: Artifacts) -> AppState {
-        AppState {
+    pub fn offline(
+        config: Config,
+        store: Store,
+        artifacts: Artifacts,
+    ) -> std::io::Result<AppState> {
+        let machines = Arc::new(crate::runtime::Runtime::open(
+            &config.data_dir,
+            config.machine_limits,
+        )?);
+        Ok(AppState {
             cache_dir: config.data_dir.join("cache"),
             work_dir: config.data_dir.join("work"),
             config,
@@ -202,7 +218,8 @@ impl AppState {
             secrets: Default::default(),
             shutdown: CancellationToken::new(),
             run_lock: Mutex::new(None),
-        }
+            machines,
+        })
     }
 
     /// A lease taken or renewed now ends at this time (epoch ms).

@@ -230,6 +230,23 @@ pub async fn resolve_artifact(
             rec.build_id, rec.status
         )));
     }
+    manifest_of(state, &rec, &raw).await
+}
+
+/// The snapshot directory an artifact manifest names: relative to the
+/// artifact store (absolute in records of older versions).
+pub fn snapshot_dir(state: &Shared, m: &ArtifactManifest) -> Option<std::path::PathBuf> {
+    m.snapshot
+        .as_ref()
+        .map(|s| crate::builds::snapshot_path(state, s))
+}
+
+/// The artifact manifest of a ready build (`raw`: the ref, for errors).
+pub async fn manifest_of(
+    state: &Shared,
+    rec: &BuildRecord,
+    raw: &str,
+) -> ApiResult<ArtifactManifest> {
     let digest = rec
         .artifact_ids
         .first()

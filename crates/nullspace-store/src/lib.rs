@@ -11,6 +11,9 @@
 //! Nothing here may ever hold a secret value; callers sanitize first.
 
 pub mod artifacts;
+pub mod machines;
+
+pub use machines::{Inserted, MachineRow, SnapshotRow};
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
@@ -48,6 +51,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "build leases",
         include_str!("../migrations/0002_build_leases.sql"),
+    ),
+    (
+        3,
+        "machines",
+        include_str!("../migrations/0003_machines.sql"),
     ),
 ];
 

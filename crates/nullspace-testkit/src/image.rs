@@ -332,71 +332,20 @@ pub fn docker_archive(out: &Path, tag: &str, img: &BuiltImage, new_format: bool)
     b.finish().expect("tar finish");
 }
 
-/// The embedded demo image: Debian's static busybox as `/bin/busybox` with
-/// its applet links, a user database, and an application layer on top.
-/// Written entirely by code; needs the `busybox-static` package.
+/// The embedded demo image (`nullspace_oci::demo`: Debian's static busybox
+/// with its applet links, a user database, an application layer), with a
+/// gzip base layer and a zstd app layer. Needs the `busybox-static` package.
 pub fn demo_image() -> anyhow::Result<BuiltImage> {
-    let busybox = std::fs::read("/bin/busybox")
-        .map_err(|e| anyhow::anyhow!("/bin/busybox (install busybox-static): {e}"))?;
-    let list = std::process::Command::new("/bin/busybox")
-        .arg("--list")
-        .output()?;
-    let mut base = TarLayer::new()
-        .dir("bin", 0o755)
-        .file("bin/busybox", 0o755, &busybox)
-        .dir("etc", 0o755)
-        .file(
-            "etc/passwd",
-            0o644,
-            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-        )
-        .file("etc/group", 0o644, b"root:x:0:\napp:x:1000:\n")
-        .file("etc/hostname", 0o644, b"nullspace-demo\n")
-        .dir("root", 0o700)
-        .file_owned(
-            "home/app/.profile",
-            0o644,
-            1000,
-            1000,
-            1_700_000_000,
-            b"export PS1='$ '\n",
-        );
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        let applet = applet.trim();
-        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
-            continue;
-        }
-        base = base.symlink(&format!("bin/{applet}"), "busybox");
-    }
-    let app = TarLayer::new()
-        .dir("srv", 0o755)
-        .file(
-            "srv/index.html",
-            0o644,
-            b"<h1>hello from a nullspace template</h1>\n",
-        )
-        .file_owned(
-            "srv/start.sh",
-            0o755,
-            0,
-            0,
-            1_700_000_000,
-            b"#!/bin/sh\nexec httpd -f -p 8080 -h /srv\n",
-        )
-        .whiteout("etc/hostname")
-        .into_tar();
+    let demo = nullspace_oci::demo::demo_image()?;
+    let mut layers = demo.layers.into_iter();
+    let (base, app) = (
+        layers.next().expect("base layer"),
+        layers.next().expect("app layer"),
+    );
     Ok(ImageSpec::new(vec![
-        Layer::new(base.into_tar(), Compression::Gzip),
+        Layer::new(base, Compression::Gzip),
         Layer::new(app, Compression::Zstd),
     ])
-    .config(serde_json::json!({
-        "Env": ["PATH=/bin", "GREETING=hello"],
-        "WorkingDir": "/srv",
-        "User": "app:app",
-        "Entrypoint": ["/srv/start.sh"],
-        "ExposedPorts": {"8080/tcp": {}},
-        "Labels": {"org.opencontainers.image.title": "nullspace demo"},
-        "Healthcheck": {"Test": ["CMD-SHELL", "wget -q -O /dev/null http://127.0.0.1:8080/"], "Interval": 1_000_000_000u64},
-    }))
+    .config(demo.config)
     .build())
 }

@@ -54,10 +54,16 @@ impl Server {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new(nullspace_bin());
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(&self.addr)
-            .args(self.args.iter().filter(|a| *a != "--auto-build-vm"));
+        cmd.arg("serve").arg("--listen").arg(&self.addr).args(
+            self.args
+                .iter()
+                .filter(|a| *a != "--auto-build-vm" && *a != "--base-template"),
+        );
+        // Likewise the base template (a build VM boot at every start): only
+        // for tests that ask with `--base-template` (a testkit-only marker).
+        if !self.args.iter().any(|a| a == "--base-template") {
+            cmd.arg("--no-base-template");
+        }
         // The build VM is on by default wherever it can run; API tests that
         // do not ask for it run without (fast, and independent of whether
         // a guest init happens to be installed). `--auto-build-vm` (a
@@ -138,10 +144,44 @@ impl Server {
         None
     }
 
-    /// Starts the server again after [`Server::kill`] or
-    /// [`Server::terminate`].
+    /// Starts the server again (with the current `args`) after
+    /// [`Server::kill`] or [`Server::terminate`]; one still running is
+    /// killed first (it holds the port).
     pub fn start_again(&mut self) {
+        self.kill();
         self.spawn();
+    }
+
+    /// QEMU processes of this server's machines: those whose command line
+    /// names this data directory (never another test's VMs).
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        let needle = std::fs::canonicalize(&self.data_dir)
+            .unwrap_or_else(|_| self.data_dir.clone())
+            .display()
+            .to_string();
+        let mut pids = vec![];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let zombie = std::fs::read_to_string(e.path().join("stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true);
+            if cmd.contains("qemu-system") && cmd.contains(&needle) && !zombie {
+                pids.push(pid);
+            }
+        }
+        pids
     }
 
     /// Kills the server without a chance to clean up (a crash).
@@ -161,6 +201,14 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+        // Machines outlive their server by design; a test that failed
+        // before ending them must not leave them behind. Only this
+        // server's QEMU processes (named by its data directory).
+        for pid in self.qemu_pids() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
     }
 }
 
@@ -243,9 +291,10 @@ impl Drop for Postgres {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sdk {
     /// `nullspace-sdk==0.1.9` in `target/sdk-venv` (`NULLSPACE_SDK_PYTHON`
-    /// overrides it).
+    /// overrides it): `Sandbox`, `/v1/sandboxes`, `SandboxError`.
     V0_1_9,
-    /// `nullspace-sdk==1.0.3` in `target/sdk1-venv` (`NULLSPACE_SDK1_PYTHON`).
+    /// `nullspace-sdk==1.0.3` in `target/sdk1-venv` (`NULLSPACE_SDK1_PYTHON`):
+    /// `Machine`, `/v1/machines`, `MachineError`.
     V1_0_3,
 }
 
@@ -303,11 +352,17 @@ exec(compile(_src, "<sdk script>", "exec"), {"__name__": "__main__"})
 
 /// Runs a Python script with the SDK 0.1.9 pointed at `server` with `key`.
 pub fn run_sdk(server: &Server, key: &str, script: &str, env: &[(&str, &str)]) -> Run {
-    run_sdk_on(Sdk::V0_1_9, server, key, script, env)
+    run_sdk_version(Sdk::V0_1_9, server, key, script, env)
 }
 
 /// Runs a Python script with `sdk` pointed at `server` with `key`.
-pub fn run_sdk_on(sdk: Sdk, server: &Server, key: &str, script: &str, env: &[(&str, &str)]) -> Run {
+pub fn run_sdk_version(
+    sdk: Sdk,
+    server: &Server,
+    key: &str,
+    script: &str,
+    env: &[(&str, &str)],
+) -> Run {
     let mut cmd = Command::new(sdk.python());
     cmd.arg("-c")
         .arg(SDK_BOOT)

@@ -17,6 +17,7 @@ pub mod error;
 pub mod init_binary;
 pub mod initramfs;
 pub mod kernel;
+pub mod machine;
 pub mod process;
 pub mod qemu;
 pub mod qmp;

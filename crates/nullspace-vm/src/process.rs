@@ -36,6 +36,11 @@ pub(crate) fn spawn_qemu(
     let err = out.try_clone().map_err(VmError::io("console log"))?;
     let mut cmd = Command::new(QEMU);
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    if !die_with_thread {
+        // A VM that outlives its spawner (a machine) leads a process group
+        // of its own: a signal to the server's group is not its own.
+        cmd.process_group(0);
+    }
     if die_with_thread {
         // SAFETY: getpid is async-signal-safe; the closure only makes
         // the prctl and getppid syscalls between fork and exec.

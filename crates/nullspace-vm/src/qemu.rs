@@ -324,6 +324,9 @@ pub struct QemuVm {
     /// VM's snapshot file, mapped privately).
     memory_file: Option<PathBuf>,
     qemu: Option<QemuVersion>,
+    /// A VM another process started ([`QemuVm::reattach`]): its QEMU's pid
+    /// (`child` is empty).
+    adopted: Option<u32>,
     /// Milliseconds from spawn to the agent's first answer.
     pub ready_ms: u128,
 }
@@ -678,6 +681,45 @@ impl QemuVm {
             origin: None,
             memory_file: None,
             qemu: None,
+            adopted: None,
+            ready_ms: 0,
+        })
+    }
+
+    /// Takes over a restored VM that an earlier process detached (a server
+    /// that restarted): `handle`'s QEMU, restored from `origin`, with
+    /// `agent` connected. The VM can then be snapshotted like one restored
+    /// here. Its directory is reached through links in a directory of this
+    /// value's own (removed on drop; the VM's stays).
+    pub fn reattach(
+        handle: &crate::sandbox::SandboxHandle,
+        origin: Snapshot,
+        agent: AgentClient,
+    ) -> Result<QemuVm, VmError> {
+        if !handle.alive() {
+            return Err(VmError::Agent(format!(
+                "{QEMU} (pid {}) is not running",
+                handle.pid
+            )));
+        }
+        let parent = handle.dir.parent().unwrap_or(&handle.dir);
+        let dir = process::vm_dir(Some(parent), "ns-adopt-")?;
+        for name in ["agent.sock", "qmp.sock", "disk.qcow2", "console.log"] {
+            std::os::unix::fs::symlink(handle.dir.join(name), dir.path().join(name))
+                .map_err(VmError::io(format!("link {name}")))?;
+        }
+        let m = &origin.manifest;
+        Ok(QemuVm {
+            child: ChildGuard(None),
+            meta: origin.meta.vm.clone(),
+            cmdline: m.device.kernel_cmdline.clone(),
+            initrd: origin.path(&m.initramfs),
+            memory_file: m.memory.ram.as_ref().map(|r| origin.path(r)),
+            origin: Some(Box::new(origin)),
+            dir,
+            agent: Some(agent),
+            qemu: None,
+            adopted: Some(handle.pid),
             ready_ms: 0,
         })
     }
@@ -714,10 +756,12 @@ impl QemuVm {
     fn qmp(&mut self, limit: Duration, watch: &Watch) -> Result<Qmp, VmError> {
         let path = self.dir.path().join("qmp.sock");
         let child = &mut self.child;
+        let adopted = self.adopted;
         Qmp::connect_checked(&path, limit, &mut || {
             watch.check()?;
             match child.0.as_mut().map(|c| c.try_wait()) {
                 Some(Ok(Some(st))) => Err(VmError::Agent(format!("{QEMU} exited ({st})"))),
+                None if adopted.is_some_and(process::alive) => Ok(()),
                 None => Err(VmError::Agent(format!("{QEMU} is not running"))),
                 _ => Ok(()),
             }
@@ -1004,9 +1048,14 @@ impl QemuVm {
     /// Releases QEMU and the VM directory from this handle's cleanup: the
     /// process keeps running and the directory stays (see [`crate::sandbox`]).
     pub(crate) fn release(self) -> (u32, PathBuf) {
-        let QemuVm { mut child, dir, .. } = self;
+        let QemuVm {
+            mut child,
+            dir,
+            adopted,
+            ..
+        } = self;
         // Dropping a `Child` neither kills nor waits for it.
-        let pid = child.0.take().map(|c| c.id()).unwrap_or(0);
+        let pid = child.0.take().map(|c| c.id()).or(adopted).unwrap_or(0);
         (pid, dir.keep())
     }
 
@@ -1199,7 +1248,16 @@ impl QemuVm {
                 )
                 .ok();
             }
-            AfterSnapshot::Stop => self.child.end(Duration::from_secs(5)),
+            AfterSnapshot::Stop => {
+                self.child.end(Duration::from_secs(5));
+                if let Some(pid) = self.adopted.take() {
+                    // Not this process's child: wait for it to go.
+                    let t = Instant::now();
+                    while process::alive(pid) && t.elapsed() < Duration::from_secs(5) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
         }
         copied?;
 
@@ -1403,7 +1461,12 @@ impl Vm for QemuVm {
     }
 
     fn pid(&self) -> u32 {
-        self.child.0.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child
+            .0
+            .as_ref()
+            .map(|c| c.id())
+            .or(self.adopted)
+            .unwrap_or(0)
     }
 
     fn console(&self) -> String {

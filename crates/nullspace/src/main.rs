@@ -1,8 +1,8 @@
 //! The `nullspace` command line.
 
 mod image;
+mod machine;
 mod progress;
-mod sandbox;
 mod server;
 mod template;
 
@@ -36,9 +36,10 @@ enum Command {
     /// Build and manage templates through the API ($NULLSPACE_API_URL, $NULLSPACE_API_KEY).
     #[command(subcommand)]
     Template(template::TemplateCommand),
-    /// Restore template snapshots as sandboxes on this machine and run commands in them.
-    #[command(subcommand)]
-    Sandbox(sandbox::SandboxCommand),
+    /// Create and drive machines through the API (restored from template
+    /// snapshots; $NULLSPACE_API_URL, $NULLSPACE_API_KEY).
+    #[command(subcommand, alias = "sandbox")]
+    Machine(machine::MachineCommand),
 }
 
 fn main() -> ExitCode {
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
         Command::Keys(c) => server::keys(c),
         Command::Gc(a) => server::gc(a),
         Command::Template(c) => template::run(c, &matches),
-        Command::Sandbox(c) => sandbox::run(c),
+        Command::Machine(c) => machine::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

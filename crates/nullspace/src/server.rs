@@ -57,6 +57,17 @@ pub struct ServeArgs {
     /// (QEMU user networking: this also reaches the host's loopback services).
     #[arg(long, env = "NULLSPACE_BUILD_VM_NETWORK")]
     build_vm_network: bool,
+    /// Do not build the `nullspace/base` template at start-up (machines
+    /// created without a template then fail until it exists).
+    #[arg(long, env = "NULLSPACE_NO_BASE_TEMPLATE")]
+    no_base_template: bool,
+    /// Machines this server runs at once (restoring ones included).
+    #[arg(long, env = "NULLSPACE_MAX_MACHINES", default_value_t = 64)]
+    max_machines: usize,
+    /// Guest memory (MiB) this server's machines may use in all
+    /// [default: three quarters of the host's memory].
+    #[arg(long, env = "NULLSPACE_MAX_MACHINE_MEMORY_MB")]
+    max_machine_memory_mb: Option<u64>,
     #[command(flatten)]
     lifecycle: LifecycleArgs,
 }
@@ -167,6 +178,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     };
     config.init_bin = a.init_bin;
     config.build_vm_network = a.build_vm_network;
+    config.machine_limits.max_machines = a.max_machines;
+    config.base_template = !a.no_base_template;
+    if let Some(m) = a.max_machine_memory_mb {
+        config.machine_limits.max_memory_mb = m;
+    }
     let mut config = config.with_lease(std::time::Duration::from_secs(
         a.lifecycle.build_lease_secs.max(1),
     ));

@@ -515,7 +515,7 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
 /// An API error, from the `{error, code, error_detail?}` body (contract §1.5)
 /// or from a log entry's `error_detail`.
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub code: String,
     pub message: String,
     pub phase: Option<String>,
@@ -586,7 +586,7 @@ impl ApiError {
     }
 }
 
-struct Api {
+pub(crate) struct Api {
     base: String,
     key: String,
     http: reqwest::blocking::Client,
@@ -607,7 +607,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const STREAM_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Api {
-    fn from_env() -> Result<Api> {
+    pub(crate) fn from_env() -> Result<Api> {
         // No default URL: guessing one sends the API key to the wrong place.
         let base = env_value(&["NULLSPACE_API_URL", "NULLSPACE_BASE_URL"]).ok_or_else(|| {
             anyhow!("NULLSPACE_API_URL is not set: export the template API's base URL, e.g. http://127.0.0.1:8080")
@@ -633,12 +633,24 @@ impl Api {
 
     /// Sends a request; 429 is retried like the SDK does (3 times, honouring
     /// `Retry-After` seconds), any other status ≥ 400 becomes an [`ApiError`].
-    fn send(
+    pub(crate) fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
         stream: bool,
+    ) -> Result<reqwest::blocking::Response> {
+        self.send_headers(method, path, body, stream, &[])
+    }
+
+    /// [`Api::send`] with extra request headers.
+    pub(crate) fn send_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        stream: bool,
+        headers: &[(&str, String)],
     ) -> Result<reqwest::blocking::Response> {
         let url = format!("{}{path}", self.base);
         for attempt in 0.. {
@@ -646,6 +658,9 @@ impl Api {
                 .http
                 .request(method.clone(), &url)
                 .bearer_auth(&self.key);
+            for (k, v) in headers {
+                req = req.header(*k, v);
+            }
             if !stream {
                 req = req.timeout(CALL_TIMEOUT);
             }
@@ -679,7 +694,12 @@ impl Api {
     }
 
     /// A JSON call; an empty body (e.g. 204) is `null`.
-    fn send_json(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+    pub(crate) fn send_json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value> {
         let text = self
             .send(method, path, body, false)?
             .text()
@@ -691,12 +711,12 @@ impl Api {
             .with_context(|| format!("the server answered {path} with invalid JSON"))
     }
 
-    fn get(&self, path: &str) -> Result<Value> {
+    pub(crate) fn get(&self, path: &str) -> Result<Value> {
         self.send_json(Method::GET, path, None)
     }
 
     /// POSTs a typed body (its JSON).
-    fn post<B: Serialize + ?Sized>(&self, path: &str, body: &B) -> Result<Value> {
+    pub(crate) fn post<B: Serialize + ?Sized>(&self, path: &str, body: &B) -> Result<Value> {
         let body = serde_json::to_value(body).context("encoding the request")?;
         self.send_json(Method::POST, path, Some(&body))
     }
@@ -734,7 +754,7 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// `urllib.parse.quote(x, safe='')`: refs and tags travel as one segment.
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
 }
 
@@ -746,13 +766,13 @@ fn status_path(build_id: &str, offset: u64) -> String {
     format!("/v1/templates/builds/{}?offset={offset}", enc(build_id))
 }
 
-fn push_q(q: &mut Vec<(&'static str, String)>, k: &'static str, v: Option<String>) {
+pub(crate) fn push_q(q: &mut Vec<(&'static str, String)>, k: &'static str, v: Option<String>) {
     if let Some(v) = v {
         q.push((k, v));
     }
 }
 
-fn with_query(path: &str, q: &[(&str, String)]) -> String {
+pub(crate) fn with_query(path: &str, q: &[(&str, String)]) -> String {
     if q.is_empty() {
         return path.to_string();
     }
@@ -761,7 +781,7 @@ fn with_query(path: &str, q: &[(&str, String)]) -> String {
 }
 
 /// Written, not `println!`: a closed pipe (`| head`) is an error, not a panic.
-fn print_json(v: &Value) -> Result<()> {
+pub(crate) fn print_json(v: &Value) -> Result<()> {
     use std::io::Write;
     writeln!(
         std::io::stdout().lock(),

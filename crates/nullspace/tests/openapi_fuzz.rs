@@ -103,8 +103,10 @@ fn openapi_document_lists_every_route() {
             ops += 1;
         }
     }
-    // 27 API operations, `/openapi.json` and `/healthz`.
-    assert_eq!(ops, 29, "operations documented");
+    // 27 template operations, 21 machine operations under each of
+    // `/v1/machines` and `/v1/sandboxes`, 3 snapshot operations,
+    // `/openapi.json` and `/healthz`.
+    assert_eq!(ops, 29 + 2 * 21 + 3, "operations documented");
     for p in [
         "/v1/templates/builds",
         "/v1/templates/build",
@@ -114,6 +116,11 @@ fn openapi_document_lists_every_route() {
         "/v1/templates/plan",
         "/v1/templates/blobs/{blob_id}",
         "/v1/templates/refs/{ref}/visibility",
+        "/v1/machines",
+        "/v1/machines/{id}/exec",
+        "/v1/machines/{id}/ws",
+        "/v1/sandboxes/{id}/files/write",
+        "/v1/snapshots/{snapshot_id}",
     ] {
         assert!(paths.contains_key(p), "{p} missing");
     }

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use nullspace_testkit::registry::{Auth, PASSWORD, Registry, USER};
 use nullspace_testkit::run;
-use nullspace_testkit::server::{Postgres, Sdk, Server, run_sdk, run_sdk_on};
+use nullspace_testkit::server::{Postgres, Sdk, Server, run_sdk, run_sdk_version};
 
 const SUITE: &str = include_str!("sdk/api_suite.py");
 const VALIDATION: &str = include_str!("sdk/validation.py");
@@ -59,7 +59,7 @@ fn suite(sdk: Sdk, database_url: Option<&str>) {
         ("NS_PRIVATE_PASSWORD", PASSWORD),
         ("NS_SECRET", secret),
     ];
-    let r = run_sdk_on(sdk, &server, &key_a, SUITE, &env);
+    let r = run_sdk_version(sdk, &server, &key_a, SUITE, &env);
     assert!(
         r.status.success() && r.stdout.trim_end().ends_with("SUITE OK"),
         "SDK {} suite failed:\n{}\n{}\nserver log:\n{}",
@@ -68,7 +68,7 @@ fn suite(sdk: Sdk, database_url: Option<&str>) {
         r.stderr,
         server.log_text()
     );
-    let r = run_sdk_on(sdk, &server, &key_a, VALIDATION, &env);
+    let r = run_sdk_version(sdk, &server, &key_a, VALIDATION, &env);
     assert!(
         r.status.success() && r.stdout.contains("VALIDATION OK"),
         "{}\n{}",
@@ -190,7 +190,7 @@ fn cancel_stops_a_running_build() {
     let r = run_sdk(
         &server,
         &key,
-        "import os\nfrom nullspace import TemplateBuild\nh = TemplateBuild.connect(os.environ['NS_BUILD'])\nh.cancel(reason='stop')\nf = h.wait_until_terminal(poll_interval=0.05)\nprint('FINAL', f.build.status.value, f.build.cancellation_reason, [e.kind.value for e in f.entries][-1])",
+        "import os\nfrom nullspace import TemplateBuild\nh = TemplateBuild.connect(os.environ['NS_BUILD'])\nh.cancel(reason='stop')\nseen = []\nf = h.wait_until_terminal(poll_interval=0.05, on_log_entry=seen.append)\nprint('FINAL', f.build.status.value, f.build.cancellation_reason, [e.kind.value for e in seen][-1])",
         &[("NS_BUILD", &id)],
     );
     assert!(

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use nullspace_testkit::registry::{Auth, Registry};
-use nullspace_testkit::server::{Sdk, Server, run_sdk_on};
+use nullspace_testkit::server::{Sdk, Server, run_sdk_version};
 use nullspace_testkit::tree;
 
 const SUITE: &str = include_str!("sdk/dockerfile_suite.py");
@@ -31,7 +31,7 @@ fn artifact_of(server: &Server, key: &str, build_id: &str) -> String {
     let script = format!(
         "import httpx, os\nr = httpx.get(os.environ['NULLSPACE_API_URL'] + '/v1/templates/builds/{build_id}', headers={{'Authorization': 'Bearer ' + os.environ['NULLSPACE_API_KEY']}})\nprint(r.json()['build']['artifact_ids'][0])"
     );
-    let r = run_sdk_on(Sdk::V0_1_9, server, key, &script, &[]);
+    let r = run_sdk_version(Sdk::V0_1_9, server, key, &script, &[]);
     r.ok();
     r.stdout.trim().to_string()
 }
@@ -93,7 +93,7 @@ fn dockerfile_suite(sdk: Sdk) {
     let server = Server::start(&data, None);
     let key = server.key("team-a");
     let secret = "NS-BUILD-SECRET-91c2e7";
-    let r = run_sdk_on(
+    let r = run_sdk_version(
         sdk,
         &server,
         &key,
@@ -253,7 +253,7 @@ fn plan_and_build_record_the_same_digests() {
     // Both SDKs, one after the other on the same server (the second
     // run's engine builds are final-artifact cache hits: same digests).
     for sdk in Sdk::ALL {
-        let r = run_sdk_on(sdk, &server, &key, DIGESTS, &[("NS_IMAGE", &image)]);
+        let r = run_sdk_version(sdk, &server, &key, DIGESTS, &[("NS_IMAGE", &image)]);
         assert!(
             r.status.success() && r.stdout.contains("DIGESTS OK"),
             "SDK {}:\n{}\n{}\nserver log:\n{}",

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nullspace_testkit::registry::{Auth, Registry};
-use nullspace_testkit::server::{Sdk, Server, run_sdk, run_sdk_on};
+use nullspace_testkit::server::{Sdk, Server, run_sdk, run_sdk_version};
 use nullspace_vm::Vm as _;
 
 /// A failing native step through the SDK: `error_detail.phase` is
@@ -256,7 +256,7 @@ fn a_failing_native_step_reports_build_step_and_its_index_on_both_sdks() {
     let key = server.key("team-a");
     let run_dir = std::fs::canonicalize(&data).unwrap().join("run");
     for sdk in Sdk::ALL {
-        let r = run_sdk_on(sdk, &server, &key, FAILING_STEP, &[("NS_IMAGE", &image)]);
+        let r = run_sdk_version(sdk, &server, &key, FAILING_STEP, &[("NS_IMAGE", &image)]);
         assert!(
             r.status.success() && r.stdout.contains("FAILING STEP OK"),
             "SDK {}:\n{}\n{}\nserver log:\n{}",

@@ -51,7 +51,10 @@ pub async fn resolve_base(
             .await;
             let source = SourceRef::parse(reference)
                 .map_err(|e| failed("prepare", e.to_string(), false, "fix base_image"))?;
-            if !matches!(source, SourceRef::Registry(_)) {
+            // The one local source: the server's own base image layout.
+            if !matches!(source, SourceRef::Registry(_))
+                && *reference != crate::base::source_ref(run.state)
+            {
                 return Err(failed(
                     "prepare",
                     format!("base_image {reference:?} must be a registry reference"),

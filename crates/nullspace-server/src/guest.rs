@@ -1,0 +1,411 @@
+//! What the machine API asks of a machine's guest, over its agent
+//! connection (`nullspace_vm::agent`, the protocol of
+//! `nullspace_model::agent`): commands (foreground with streamed output,
+//! background with logs), processes, and files. The one place that knows
+//! the agent client's API.
+//!
+//! One multiplexed connection per machine: calls from any number of
+//! requests run at once on it. A connection that closed (the agent
+//! restarted its session, the VM was paused and resumed elsewhere) is made
+//! again on the next call.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nullspace_model::agent::{ErrorCode, FileInfo};
+use nullspace_vm::VmError;
+use nullspace_vm::agent::{AgentClient, ExecRequest, Stream, WriteOptions};
+
+/// Longest whole-file read answered in one response body.
+pub const READ_MAX: u64 = 64 << 20;
+/// Ring buffer per stream of a background process in the guest.
+const RING_BYTES: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The guest's agent lacks the operation.
+    #[error("{0} is not supported by this machine's guest agent")]
+    Unsupported(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    /// The agent connection or the VM is gone.
+    #[error("the machine's guest agent is unreachable: {0}")]
+    Gone(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("the guest did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+fn classify(e: VmError, limit: Duration) -> GuestError {
+    match e {
+        VmError::Guest {
+            code: ErrorCode::NotFound,
+            message,
+            ..
+        } => GuestError::NotFound(message),
+        VmError::Guest {
+            code: ErrorCode::UnknownOp,
+            op,
+            ..
+        } => GuestError::Failed(format!("the guest agent does not know {op}")),
+        VmError::Guest { op, message, .. } => GuestError::Failed(format!("{op}: {message}")),
+        VmError::Agent(m) if m.contains("timed out") => GuestError::Timeout(limit),
+        VmError::Agent(m) => GuestError::Gone(m),
+        VmError::Cancelled => GuestError::Failed("cancelled".into()),
+        other => GuestError::Failed(other.to_string()),
+    }
+}
+
+/// A command to run in the guest (the template's runtime defaults apply
+/// where these leave a field unset).
+#[derive(Debug, Clone, Default)]
+pub struct Command {
+    /// Run directly; when empty, `shell` runs under `sh -c`.
+    pub argv: Vec<String>,
+    pub shell: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    /// The guest kills the command's process group after this long.
+    pub timeout: Option<Duration>,
+}
+
+impl Command {
+    fn request(&self) -> ExecRequest {
+        ExecRequest {
+            argv: self.argv.clone(),
+            cmd: self.shell.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            user: self.user.clone(),
+            timeout: self.timeout,
+            ..Default::default()
+        }
+    }
+}
+
+/// A chunk of a command's output, as it streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chunk {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Finished {
+    pub pid: Option<u32>,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// At most the requested cap of each stream (the first bytes).
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_dropped: u64,
+    pub stderr_dropped: u64,
+}
+
+/// The shell's convention: 128 + signal for a killed process.
+fn exit_code(code: Option<i32>, signal: Option<i32>) -> i32 {
+    match (code, signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => -1,
+    }
+}
+
+impl Finished {
+    pub fn exit_code(&self) -> i32 {
+        exit_code(self.code, self.signal)
+    }
+}
+
+/// A process the agent tracks.
+#[derive(Debug, Clone)]
+pub struct Process {
+    pub pid: u32,
+    pub command: String,
+    pub running: bool,
+}
+
+/// A background process's buffered output.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub running: bool,
+    pub exit_code: Option<i32>,
+}
+
+/// The agent connection of one machine. Clones share it.
+///
+/// QEMU serves one connection at a time, and a snapshot that lets the VM
+/// go on makes a new one (`QemuVm::snapshot`): [`Guest::quiesce`] waits for
+/// the calls in flight, closes the connection and holds new calls until
+/// [`Guest::resume_with`] hands over the VM's new one.
+#[derive(Clone)]
+pub struct Guest {
+    socket: PathBuf,
+    conn: Arc<Mutex<Option<AgentClient>>>,
+    /// Read-held by every call; write-held while the VM is snapshotted.
+    gate: Arc<std::sync::RwLock<()>>,
+}
+
+/// Held while a machine is quiesced (see [`Guest::quiesce`]).
+pub struct Quiesced<'a>(#[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>);
+
+/// Connect limit when the connection must be made again.
+const CONNECT: Duration = Duration::from_secs(10);
+/// Limit of ordinary (non-exec) calls.
+const CALL: Duration = Duration::from_secs(60);
+
+impl Guest {
+    pub fn new(socket: PathBuf, agent: Option<AgentClient>) -> Guest {
+        Guest {
+            socket,
+            conn: Arc::new(Mutex::new(agent)),
+            gate: Default::default(),
+        }
+    }
+
+    /// Waits up to `limit` for the calls in flight to end, then closes the
+    /// connection; new calls wait until the guard is gone. `None` when
+    /// calls are still running after `limit` (blocking; not on a runtime thread).
+    pub fn quiesce(&self, limit: Duration) -> Option<Quiesced<'_>> {
+        let t = std::time::Instant::now();
+        loop {
+            if let Ok(g) = self.gate.try_write() {
+                self.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+                return Some(Quiesced(g));
+            }
+            if t.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Uses `agent` from now on (the VM's connection after a snapshot).
+    pub fn resume_with(&self, agent: Option<AgentClient>) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = agent;
+    }
+
+    /// The connection, made again if it closed.
+    fn client(&self) -> Result<AgentClient, GuestError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = guard.as_ref()
+            && c.closed().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let c = AgentClient::connect(&self.socket, CONNECT)
+            .and_then(|c| c.ping(CONNECT).map(|_| c))
+            .map_err(|e| GuestError::Gone(e.to_string()))?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs `f` with the connection on a blocking thread.
+    async fn with<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        f: impl FnOnce(&AgentClient) -> Result<T, VmError> + Send + 'static,
+    ) -> Result<T, GuestError> {
+        let g = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _open = g.gate.read().unwrap_or_else(|p| p.into_inner());
+            let c = g.client()?;
+            f(&c).map_err(|e| classify(e, limit))
+        })
+        .await
+        .map_err(|e| GuestError::Failed(format!("guest call: {e}")))?
+    }
+
+    /// The agent answers.
+    pub async fn ping(&self, limit: Duration) -> Result<(), GuestError> {
+        self.with(limit, move |a| a.ping(limit)).await
+    }
+
+    /// Runs a command to its end. Each chunk also goes to `tx` as it
+    /// arrives; at most `cap` bytes of each stream are kept.
+    pub async fn run(
+        &self,
+        cmd: Command,
+        cap: usize,
+        tx: Option<tokio::sync::mpsc::Sender<Chunk>>,
+    ) -> Result<Finished, GuestError> {
+        // The guest enforces the command's timeout; the call waits longer.
+        let limit = cmd
+            .timeout
+            .map(|t| t + Duration::from_secs(30))
+            .unwrap_or(Duration::from_secs(7 * 24 * 3600));
+        let mut req = cmd.request();
+        req.output_cap = Some(cap);
+        self.with(limit, move |a| {
+            let r = a.exec_streaming(&req, limit, &mut |s: Stream, d: &[u8]| {
+                if let Some(tx) = &tx {
+                    let c = match s {
+                        Stream::Stdout => Chunk::Stdout(d.to_vec()),
+                        Stream::Stderr => Chunk::Stderr(d.to_vec()),
+                    };
+                    // A receiver that went away stops getting chunks; the
+                    // command still runs to its end (or its timeout).
+                    let _ = tx.blocking_send(c);
+                }
+            })?;
+            Ok(Finished {
+                pid: r.pid,
+                code: r.code,
+                signal: r.signal,
+                timed_out: r.timed_out,
+                stdout: r.stdout,
+                stderr: r.stderr,
+                stdout_dropped: r.stdout_dropped,
+                stderr_dropped: r.stderr_dropped,
+            })
+        })
+        .await
+    }
+
+    /// Starts a background process; its pid. Its output is kept in the
+    /// guest (a ring buffer per stream) for [`Guest::output`] and
+    /// [`Guest::attach`].
+    pub async fn spawn(&self, cmd: Command) -> Result<u32, GuestError> {
+        let req = cmd.request();
+        self.with(CALL, move |a| {
+            a.exec_background(&req, Some(RING_BYTES), CALL)
+        })
+        .await
+    }
+
+    pub async fn processes(&self) -> Result<Vec<Process>, GuestError> {
+        let ps = self.with(CALL, move |a| a.processes(CALL)).await?;
+        Ok(ps
+            .into_iter()
+            .map(|p| Process {
+                pid: p.pid,
+                command: p.command,
+                running: p.running,
+            })
+            .collect())
+    }
+
+    pub async fn output(&self, pid: u32) -> Result<Output, GuestError> {
+        let o = self
+            .with(CALL, move |a| a.process_output(pid, CALL))
+            .await?;
+        Ok(Output {
+            stdout: o.stdout,
+            stderr: o.stderr,
+            running: o.running,
+            exit_code: o.exit.map(|e| exit_code(e.code, e.signal)),
+        })
+    }
+
+    /// Streams a process's output (what its buffers hold first) until it
+    /// exits; its exit code.
+    pub async fn attach(
+        &self,
+        pid: u32,
+        tx: tokio::sync::mpsc::Sender<Chunk>,
+    ) -> Result<Option<i32>, GuestError> {
+        let limit = Duration::from_secs(7 * 24 * 3600);
+        self.with(limit, move |a| {
+            let st = a.attach(pid, true, limit, &mut |s: Stream, d: &[u8]| {
+                let c = match s {
+                    Stream::Stdout => Chunk::Stdout(d.to_vec()),
+                    Stream::Stderr => Chunk::Stderr(d.to_vec()),
+                };
+                let _ = tx.blocking_send(c);
+            })?;
+            Ok(Some(exit_code(st.code, st.signal)))
+        })
+        .await
+    }
+
+    /// SIGKILL to the process's group.
+    pub async fn kill(&self, pid: u32) -> Result<(), GuestError> {
+        self.with(CALL, move |a| a.kill(pid, 9, true, CALL)).await
+    }
+
+    pub async fn stat(&self, path: &str, user: Option<&str>) -> Result<FileInfo, GuestError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        self.with(CALL, move |a| a.stat(&path, user.as_deref(), CALL))
+            .await
+    }
+
+    /// Entries under `path`, `depth` levels down, parents first.
+    pub async fn list(
+        &self,
+        path: &str,
+        depth: u32,
+        user: Option<&str>,
+    ) -> Result<Vec<FileInfo>, GuestError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        let (entries, _truncated) = self
+            .with(CALL, move |a| {
+                a.list_dir(&path, depth, user.as_deref(), None, CALL)
+            })
+            .await?;
+        Ok(entries)
+    }
+
+    /// A whole file, at most [`READ_MAX`] bytes.
+    pub async fn read(&self, path: &str, user: Option<&str>) -> Result<Vec<u8>, GuestError> {
+        let (p, user) = (path.to_string(), user.map(str::to_string));
+        let limit = Duration::from_secs(300);
+        self.with(limit, move |a| {
+            let mut out = Vec::new();
+            let mut w = Bounded(&mut out, READ_MAX as usize);
+            a.read_file_to(&p, user.as_deref(), &mut w, limit)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| match e {
+            GuestError::Failed(m) if m.contains("more than") => GuestError::Failed(format!(
+                "{path} is larger than {} MiB: read it in pieces",
+                READ_MAX >> 20
+            )),
+            e => e,
+        })
+    }
+
+    /// Writes (replaces) a file, creating missing parents, as `user`;
+    /// bytes written.
+    pub async fn write(
+        &self,
+        path: &str,
+        data: Vec<u8>,
+        user: Option<&str>,
+    ) -> Result<u64, GuestError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        let limit = Duration::from_secs(300);
+        self.with(limit, move |a| {
+            let opts = WriteOptions {
+                parents: true,
+                user,
+                ..Default::default()
+            };
+            a.write_file_from(&path, &mut &data[..], &opts, limit)
+        })
+        .await
+    }
+}
+
+/// A writer that refuses to grow past its bound (guest data is hostile).
+struct Bounded<'a>(&'a mut Vec<u8>, usize);
+
+impl std::io::Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > self.1 {
+            return Err(std::io::Error::other(format!("more than {} bytes", self.1)));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,461 @@
+//! The machines this server (node) runs: their QEMU processes, agent
+//! connections and directories, and the capacity they take.
+//!
+//! A machine's VMM is a QEMU restored by `nullspace_vm::machine` into
+//! `DATA_DIR/machines/<id>/` (overlay, sockets, pidfile, console log, and
+//! `env.json` with its create-time envs, mode 0600). It is detached from
+//! the request that made it and from this process: the server can stop
+//! and start again and find it (see [`Runtime::adopt`]). The node identity
+//! (`DATA_DIR/node-id`) names this server in the machine records, so that
+//! servers sharing a database each manage only their own VMs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nullspace_vm::machine::{self, MachineSpec};
+use nullspace_vm::sandbox::SandboxHandle;
+use nullspace_vm::{AfterSnapshot, CancellationToken, QemuVm, Snapshot};
+
+use crate::guest::Guest;
+
+pub const ENV_FILE: &str = "env.json";
+
+/// The bounds of what this node runs at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_machines: usize,
+    /// Guest memory of running (and restoring) machines, MiB.
+    pub max_memory_mb: u64,
+}
+
+impl Limits {
+    /// 64 machines and three quarters of the host's memory.
+    pub fn default_for_host() -> Limits {
+        let total_mb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map(|kb| kb / 1024)
+            .unwrap_or(4096);
+        Limits {
+            max_machines: 64,
+            max_memory_mb: total_mb * 3 / 4,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    machines: usize,
+    memory_mb: u64,
+}
+
+/// Capacity held for a machine that runs or is being restored; released
+/// when dropped.
+pub struct Reservation {
+    usage: Arc<Mutex<Usage>>,
+    memory_mb: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        u.machines = u.machines.saturating_sub(1);
+        u.memory_mb = u.memory_mb.saturating_sub(self.memory_mb);
+    }
+}
+
+/// A running machine of this node.
+pub struct Live {
+    pub id: String,
+    pub handle: SandboxHandle,
+    /// The VM (what snapshots it); `None` once it ended.
+    vm: std::sync::Mutex<Option<QemuVm>>,
+    pub guest: Guest,
+    pub envs: BTreeMap<String, String>,
+    /// Serialises lifecycle changes (snapshot, pause, fork, destroy).
+    pub lifecycle: tokio::sync::Mutex<()>,
+    _reservation: Reservation,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{0}")]
+    Capacity(String),
+    /// The machine cannot do it now.
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Vm(#[from] nullspace_vm::VmError),
+    #[error("{0}")]
+    Io(String),
+}
+
+pub struct Runtime {
+    pub node_id: String,
+    /// `DATA_DIR/machines`.
+    pub machines_dir: PathBuf,
+    /// `DATA_DIR/snapshots`: machine snapshots.
+    pub snapshots_dir: PathBuf,
+    pub limits: Limits,
+    usage: Arc<Mutex<Usage>>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+}
+
+/// Reads the node identity in `data_dir/node-id`, creating it once.
+pub fn node_id(data_dir: &Path) -> std::io::Result<String> {
+    let p = data_dir.join("node-id");
+    match std::fs::read_to_string(&p) {
+        Ok(s) if s.trim().starts_with("node_") => return Ok(s.trim().to_string()),
+        Ok(_) | Err(_) => {}
+    }
+    let id = nullspace_store::new_id("node_");
+    let tmp = data_dir.join(".node-id.tmp");
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    std::fs::rename(&tmp, &p)?;
+    Ok(id)
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes a machine's envs beside its VM or snapshot (mode 0600).
+pub fn save_envs(dir: &Path, envs: &BTreeMap<String, String>) -> std::io::Result<()> {
+    write_private(
+        &dir.join(ENV_FILE),
+        &serde_json::to_vec(envs).unwrap_or_default(),
+    )
+}
+
+pub fn load_envs(dir: &Path) -> BTreeMap<String, String> {
+    std::fs::read(dir.join(ENV_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+impl Runtime {
+    pub fn open(data_dir: &Path, limits: Limits) -> std::io::Result<Runtime> {
+        let machines_dir = data_dir.join("machines");
+        let snapshots_dir = data_dir.join("snapshots");
+        std::fs::create_dir_all(&machines_dir)?;
+        std::fs::create_dir_all(&snapshots_dir)?;
+        Ok(Runtime {
+            node_id: node_id(data_dir)?,
+            machines_dir: std::fs::canonicalize(&machines_dir)?,
+            snapshots_dir: std::fs::canonicalize(&snapshots_dir)?,
+            limits,
+            usage: Default::default(),
+            live: Default::default(),
+        })
+    }
+
+    pub fn machine_dir(&self, id: &str) -> PathBuf {
+        self.machines_dir.join(id)
+    }
+
+    /// Holds capacity for one machine of `memory_mb`, or says which bound
+    /// it would break.
+    pub fn reserve(&self, memory_mb: u32) -> Result<Reservation, RuntimeError> {
+        let mut u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        if u.machines >= self.limits.max_machines {
+            return Err(RuntimeError::Capacity(format!(
+                "this server runs at most {} machines (--max-machines) and runs {} now",
+                self.limits.max_machines, u.machines
+            )));
+        }
+        if u.memory_mb + memory_mb as u64 > self.limits.max_memory_mb {
+            return Err(RuntimeError::Capacity(format!(
+                "a machine of {memory_mb} MiB does not fit: this server's machines may use {} MiB of guest memory (--max-machine-memory-mb) and use {} MiB now",
+                self.limits.max_memory_mb, u.memory_mb
+            )));
+        }
+        u.machines += 1;
+        u.memory_mb += memory_mb as u64;
+        Ok(Reservation {
+            usage: self.usage.clone(),
+            memory_mb: memory_mb as u64,
+        })
+    }
+
+    /// `(machines, memory MiB)` held now.
+    pub fn usage(&self) -> (usize, u64) {
+        let u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        (u.machines, u.memory_mb)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Live>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Live>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Lets every running machine's VM go without ending it (a stopping
+    /// server: the next start takes them over), waiting for a lifecycle
+    /// change that holds a VM; returns their QEMU pids.
+    pub async fn detach_all(&self) -> Vec<u32> {
+        let all = self.all();
+        tokio::task::spawn_blocking(move || {
+            all.iter()
+                .map(|l| {
+                    if let Some(vm) = l.vm.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        // Dropping a QemuVm kills its QEMU; a detached one runs on.
+                        let _ = vm.detach();
+                    }
+                    l.handle.pid
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Forgets a machine (its reservation is released when the last
+    /// reference goes).
+    pub fn remove(&self, id: &str) -> Option<Arc<Live>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+    }
+
+    /// Forgets `live` if it is still the machine's registered VM.
+    pub fn remove_if(&self, live: &Arc<Live>) {
+        let mut m = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, live)) {
+            m.remove(&live.id);
+        }
+    }
+
+    fn insert(&self, live: Live) -> Arc<Live> {
+        let live = Arc::new(live);
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(live.id.clone(), live.clone());
+        live
+    }
+
+    /// Restores `base` as machine `id` (its directory must not exist) and
+    /// records its envs beside it. The returned machine is registered.
+    pub async fn restore(
+        &self,
+        id: &str,
+        base: Snapshot,
+        envs: BTreeMap<String, String>,
+        reservation: Reservation,
+    ) -> Result<(Arc<Live>, u64), RuntimeError> {
+        let spec = MachineSpec {
+            dir: self.machine_dir(id),
+            timeout: Duration::from_secs(90),
+        };
+        let e = envs.clone();
+        let restored = tokio::task::spawn_blocking(move || -> Result<_, RuntimeError> {
+            let r = machine::restore(&base, &spec, &CancellationToken::new())?;
+            if let Err(err) = save_envs(&spec.dir, &e) {
+                drop(r);
+                let _ = std::fs::remove_dir_all(&spec.dir);
+                return Err(RuntimeError::Io(format!("machine envs: {err}")));
+            }
+            Ok(r)
+        })
+        .await
+        .map_err(|e| RuntimeError::Io(format!("restore task: {e}")))??;
+        let ms = restored.ready_ms;
+        let live = self.insert(Live {
+            id: id.to_string(),
+            guest: Guest::new(restored.handle.agent_socket.clone(), Some(restored.agent)),
+            handle: restored.handle,
+            vm: std::sync::Mutex::new(Some(restored.vm)),
+            envs,
+            lifecycle: Default::default(),
+            _reservation: reservation,
+        });
+        Ok((live, ms))
+    }
+
+    /// Takes over a machine a previous run of this server started: its
+    /// QEMU runs (the pid's command line names its sockets) and its agent
+    /// answers. The caller ends it otherwise.
+    pub async fn adopt(
+        &self,
+        id: &str,
+        handle: SandboxHandle,
+        base: Snapshot,
+        reservation: Reservation,
+    ) -> Result<Arc<Live>, RuntimeError> {
+        let h = handle.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            machine::reattach(&h, base, Duration::from_secs(15))
+        })
+        .await
+        .map_err(|e| RuntimeError::Io(format!("adopt task: {e}")))??;
+        let envs = load_envs(&self.machine_dir(id));
+        Ok(self.insert(Live {
+            id: id.to_string(),
+            guest: Guest::new(handle.agent_socket.clone(), Some(r.agent)),
+            handle,
+            vm: std::sync::Mutex::new(Some(r.vm)),
+            envs,
+            lifecycle: Default::default(),
+            _reservation: reservation,
+        }))
+    }
+
+    /// Snapshots a running machine into `out` (see `QemuVm::snapshot`), with
+    /// its envs. With [`AfterSnapshot::Stop`] the VM is gone afterwards,
+    /// the machine forgotten and its directory removed.
+    pub async fn snapshot(
+        &self,
+        live: &Arc<Live>,
+        out: PathBuf,
+        after: AfterSnapshot,
+    ) -> Result<Snapshot, RuntimeError> {
+        let l = live.clone();
+        let dir = self.machine_dir(&live.id);
+        let snap = tokio::task::spawn_blocking(move || -> Result<_, RuntimeError> {
+            let mut guard = l.vm.lock().unwrap_or_else(|p| p.into_inner());
+            let vm = guard
+                .as_mut()
+                .ok_or_else(|| RuntimeError::Io("the machine's VM has ended".into()))?;
+            // A full disk would show up as a failed migration: say what it is.
+            let need = ((vm.meta().memory_mb as u64) << 20)
+                + std::fs::metadata(l.handle.dir.join("disk.qcow2"))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+            if let Some(free) = out.parent().and_then(machine::free_bytes)
+                && free < need
+            {
+                return Err(RuntimeError::Io(format!(
+                    "not enough free space for a snapshot: up to {} MiB needed, {} MiB free",
+                    need >> 20,
+                    free >> 20
+                )));
+            }
+            // A VM that goes on gets a new agent connection: the calls in
+            // flight end first (fork and snapshot wait for them, briefly).
+            let quiet = match after {
+                AfterSnapshot::Stop => None,
+                _ => Some(l.guest.quiesce(Duration::from_secs(15)).ok_or_else(|| {
+                    RuntimeError::Busy(
+                        "it is running commands (foreground or streamed); snapshot or fork it when they end".into(),
+                    )
+                })?),
+            };
+            let r = vm.snapshot(&out, after, &CancellationToken::new());
+            if quiet.is_some() {
+                // One connection, held by the VM and shared by the calls
+                // (whatever the snapshot left of the old one).
+                let agent = vm
+                    .reconnect_agent_with(Default::default(), Duration::from_secs(30))
+                    .ok();
+                l.guest.resume_with(agent);
+            }
+            drop(quiet);
+            let snap = r?;
+            if let Err(e) = save_envs(&out, &l.envs) {
+                let _ = std::fs::remove_dir_all(&out);
+                return Err(RuntimeError::Io(format!("snapshot envs: {e}")));
+            }
+            if after == AfterSnapshot::Stop {
+                // QEMU ended: drop the VM (its directory goes) and the machine's.
+                guard.take();
+                let _ = l.handle.kill(Duration::from_secs(1));
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Ok(snap)
+        })
+        .await
+        .map_err(|e| RuntimeError::Io(format!("snapshot task: {e}")))??;
+        if after == AfterSnapshot::Stop {
+            self.remove_if(live);
+        }
+        Ok(snap)
+    }
+
+    /// Ends a machine's VM and removes its directory; forgets it.
+    pub async fn destroy(
+        &self,
+        id: &str,
+        handle: Option<SandboxHandle>,
+    ) -> Result<(), RuntimeError> {
+        let live = self.remove(id);
+        let handle = live.as_ref().map(|l| l.handle.clone()).or(handle);
+        let dir = self.machine_dir(id);
+        tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
+            if let Some(h) = handle {
+                // QMP quit, then SIGKILL: also a VM this process did not start.
+                h.kill(Duration::from_secs(3))?;
+            }
+            if let Some(l) = live {
+                l.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(RuntimeError::Io(format!("{}: {e}", dir.display()))),
+            }
+        })
+        .await
+        .map_err(|e| RuntimeError::Io(format!("destroy task: {e}")))?
+    }
+
+    /// Machine directories that no running machine of `known` owns: their
+    /// QEMU (if it still runs, matched by the pidfile and its command line)
+    /// is killed and the directory removed. Returns the ids swept.
+    pub fn sweep_orphans(&self, known: &[String]) -> Vec<String> {
+        let mut swept = vec![];
+        let Ok(rd) = std::fs::read_dir(&self.machines_dir) else {
+            return swept;
+        };
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().to_string();
+            if known.contains(&id) || self.get(&id).is_some() {
+                continue;
+            }
+            let dir = e.path();
+            if let (Some(pid), Some(vm)) = (machine::pidfile_pid(&dir), machine::vm_dir(&dir)) {
+                // Killed only if the pid's command line names this VM's sockets.
+                let h = SandboxHandle {
+                    pid,
+                    agent_socket: vm.join("agent.sock"),
+                    qmp_socket: vm.join("qmp.sock"),
+                    dir: vm,
+                };
+                let _ = h.kill(Duration::from_secs(2));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            swept.push(id);
+        }
+        swept
+    }
+}

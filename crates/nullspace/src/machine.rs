@@ -1,0 +1,446 @@
+//! `nullspace machine …` (alias `sandbox`): a client of the machine API
+//! (`/v1/machines`), like `nullspace template`: it reads
+//! `NULLSPACE_API_URL` and `NULLSPACE_API_KEY`, and the server does the
+//! work (machines restored from template snapshots, owned by the key's
+//! namespace, run as detached VMs on the server).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use clap::{Subcommand, ValueEnum};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::template::{Api, enc, print_json, push_q, with_query};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TimeoutAction {
+    Destroy,
+    Hibernate,
+}
+
+#[derive(Subcommand)]
+pub enum MachineCommand {
+    /// Create a machine from a template's snapshot (default: `base`);
+    /// prints its id once it runs commands. The start command is already
+    /// running: it was restored, not started again.
+    Create {
+        /// `name`, `name:tag`, `namespace/name[:tag]`, `name:tb_…` or `tmpl_…`.
+        template: Option<String>,
+        /// KEY=VALUE for the machine's commands (repeatable; never the start command).
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Default working directory of commands.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Seconds until the server applies the timeout action.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[arg(long, value_enum)]
+        timeout_action: Option<TimeoutAction>,
+        /// Repeating a create with the same key returns the same machine.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Restore this machine snapshot instead of a template.
+        #[arg(long, conflicts_with = "template")]
+        snapshot: Option<String>,
+        /// Print the machine record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a machine, print its output and exit with its exit
+    /// code. A single argument with spaces is a shell line (`sh -c`);
+    /// several arguments run as a program and its arguments.
+    Exec {
+        id: String,
+        /// KEY=VALUE added to the environment (repeatable).
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        #[arg(long)]
+        cwd: Option<String>,
+        /// As this user in the guest (default: the template's).
+        #[arg(long)]
+        user: Option<String>,
+        /// Kill the command after this many seconds (0: no limit).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Start it in the background and print its pid.
+        #[arg(long)]
+        background: bool,
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// Read, write or list files in a machine.
+    #[command(subcommand)]
+    Files(FilesCommand),
+    /// List machines (running and paused, unless --state says otherwise).
+    List {
+        /// Comma-separated statuses: creating, running, paused, destroyed, error.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one machine.
+    Get {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy machines.
+    #[command(alias = "delete")]
+    Kill {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// A new machine from a snapshot of a running one (copy-on-write disk);
+    /// prints the new id.
+    Fork {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause (hibernate): memory and disk into a snapshot, the VM stops.
+    #[command(alias = "hibernate")]
+    Pause {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a paused machine (same id).
+    Resume {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Snapshot a running machine (it goes on); prints the snapshot id.
+    Snapshot {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a machine's timeout, counted from now.
+    Timeout {
+        id: String,
+        seconds: u64,
+        #[arg(long, value_enum)]
+        action: Option<TimeoutAction>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum FilesCommand {
+    /// Write a file: from --from FILE, else this process's standard input.
+    Write {
+        id: String,
+        path: String,
+        #[arg(long)]
+        from: Option<std::path::PathBuf>,
+    },
+    /// Print a file's bytes.
+    Read { id: String, path: String },
+    /// List a directory.
+    List {
+        id: String,
+        #[arg(default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        depth: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn key_values(list: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    for kv in list {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--env {kv:?} must be KEY=VALUE");
+        };
+        m.insert(k.to_string(), v.to_string());
+    }
+    Ok(m)
+}
+
+fn action_name(a: TimeoutAction) -> &'static str {
+    match a {
+        TimeoutAction::Destroy => "destroy",
+        TimeoutAction::Hibernate => "hibernate",
+    }
+}
+
+fn path(id: &str, rest: &str) -> String {
+    format!("/v1/machines/{}{rest}", enc(id))
+}
+
+/// Lifecycle calls (create, exec, pause, fork) may take minutes: the
+/// stream timeout (300 s) applies, as the SDK's lifecycle calls allow.
+fn long(api: &Api, method: Method, p: &str, body: Option<&Value>) -> Result<Value> {
+    let text = api
+        .send(method, p, body, true)?
+        .text()
+        .context("reading the response")?;
+    if text.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(&text)
+        .with_context(|| format!("the server answered {p} with invalid JSON"))
+}
+
+fn line(m: &Value) -> String {
+    let s = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    format!(
+        "{}\t{}\t{}\t{}",
+        s("id"),
+        s("status"),
+        s("template"),
+        s("created_at")
+    )
+}
+
+fn show(m: &Value, json_out: bool) -> Result<()> {
+    if json_out {
+        print_json(m)
+    } else {
+        writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            m.get("id").and_then(Value::as_str).unwrap_or("")
+        )
+        .context("writing to stdout")
+    }
+}
+
+pub fn run(c: MachineCommand) -> Result<()> {
+    let api = Api::from_env()?;
+    match c {
+        MachineCommand::Create {
+            template,
+            env,
+            cwd,
+            timeout,
+            timeout_action,
+            idempotency_key,
+            snapshot,
+            json,
+        } => {
+            let mut body = json!({"timeout_ms": timeout * 1000, "envs": key_values(&env)?});
+            match snapshot {
+                Some(s) => body["snapshot_id"] = json!(s),
+                None => body["template"] = json!(template.unwrap_or_else(|| "base".into())),
+            }
+            if let Some(c) = cwd {
+                body["cwd"] = json!(c);
+            }
+            if let Some(a) = timeout_action {
+                body["timeout_action"] = json!(action_name(a));
+            }
+            // The server de-duplicates on the key: a retried create is safe.
+            let key = idempotency_key.unwrap_or_else(|| nullspace_store::new_id("cli_"));
+            let text = api
+                .send_headers(
+                    Method::POST,
+                    "/v1/machines",
+                    Some(&body),
+                    true,
+                    &[("Idempotency-Key", key)],
+                )?
+                .text()
+                .context("reading the response")?;
+            let m: Value = serde_json::from_str(&text)
+                .context("the server answered POST /v1/machines with invalid JSON")?;
+            show(&m, json)
+        }
+        MachineCommand::Exec {
+            id,
+            env,
+            cwd,
+            user,
+            timeout,
+            background,
+            cmd,
+        } => {
+            let (command, args) = match &cmd[..] {
+                [one] => (one.clone(), vec![]),
+                [first, rest @ ..] => (first.clone(), rest.to_vec()),
+                [] => bail!("a command is required after --"),
+            };
+            let mut body = json!({
+                "command": command, "args": args, "timeout_secs": timeout,
+                "background": background, "envs": key_values(&env)?,
+            });
+            if let Some(c) = cwd {
+                body["cwd"] = json!(c);
+            }
+            if let Some(u) = user {
+                body["user"] = json!(u);
+            }
+            let r = long(&api, Method::POST, &path(&id, "/exec"), Some(&body))?;
+            if background {
+                println!("{}", r["pid"]);
+                return Ok(());
+            }
+            let out = r.get("stdout").and_then(Value::as_str).unwrap_or("");
+            let err = r.get("stderr").and_then(Value::as_str).unwrap_or("");
+            std::io::stdout().write_all(out.as_bytes())?;
+            std::io::stderr().write_all(err.as_bytes())?;
+            std::io::stdout().flush()?;
+            let code = r.get("exit_code").and_then(Value::as_i64).unwrap_or(1);
+            if code != 0 {
+                std::process::exit(code.clamp(1, 255) as i32);
+            }
+            Ok(())
+        }
+        MachineCommand::Files(f) => files(&api, f),
+        MachineCommand::List { state, json } => {
+            let mut q = vec![];
+            push_q(&mut q, "state", state);
+            let mut all = vec![];
+            let mut token: Option<String> = None;
+            loop {
+                let mut q = q.clone();
+                push_q(&mut q, "next_token", token.clone());
+                let page = api.get(&with_query("/v1/machines", &q))?;
+                all.extend(page["items"].as_array().cloned().unwrap_or_default());
+                token = page
+                    .get("next_token")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                if token.is_none() || page["has_next"] != json!(true) {
+                    break;
+                }
+            }
+            if json {
+                return print_json(&Value::Array(all));
+            }
+            let mut out = std::io::stdout().lock();
+            for m in &all {
+                writeln!(out, "{}", line(m)).context("writing to stdout")?;
+            }
+            Ok(())
+        }
+        MachineCommand::Get { id, json } => {
+            let m = api.get(&path(&id, ""))?;
+            if json {
+                print_json(&m)
+            } else {
+                println!("{}", line(&m));
+                Ok(())
+            }
+        }
+        MachineCommand::Kill { ids } => {
+            for id in ids {
+                api.send_json(Method::DELETE, &path(&id, ""), None)?;
+                eprintln!("destroyed {id}");
+            }
+            Ok(())
+        }
+        MachineCommand::Fork { id, json } => {
+            let m = long(&api, Method::POST, &path(&id, "/fork"), None)?;
+            show(&m, json)
+        }
+        MachineCommand::Pause { id, json } => {
+            let s = long(&api, Method::POST, &path(&id, "/hibernate"), None)?;
+            if json {
+                print_json(&s)
+            } else {
+                println!("paused {id} (snapshot {})", s["id"].as_str().unwrap_or(""));
+                Ok(())
+            }
+        }
+        MachineCommand::Resume { id, json } => {
+            let m = long(&api, Method::POST, &path(&id, "/resume"), None)?;
+            show(&m, json)
+        }
+        MachineCommand::Snapshot { id, json } => {
+            let s = long(&api, Method::POST, &path(&id, "/snapshots"), None)?;
+            show(&s, json)
+        }
+        MachineCommand::Timeout {
+            id,
+            seconds,
+            action,
+        } => {
+            let mut body = json!({"timeout_ms": seconds * 1000});
+            if let Some(a) = action {
+                body["timeout_action"] = json!(action_name(a));
+            }
+            let lease = api.post(&path(&id, "/timeout"), &body)?;
+            print_json(&lease)
+        }
+    }
+}
+
+fn files(api: &Api, f: FilesCommand) -> Result<()> {
+    match f {
+        FilesCommand::Write { id, path: p, from } => {
+            let mut data = vec![];
+            match from {
+                Some(file) => {
+                    data = std::fs::read(&file).with_context(|| file.display().to_string())?
+                }
+                None => {
+                    std::io::stdin()
+                        .read_to_end(&mut data)
+                        .context("reading standard input")?;
+                }
+            }
+            let body = json!({
+                "path": p,
+                "content": base64::engine::general_purpose::STANDARD.encode(&data),
+                "encoding": "base64",
+            });
+            let info = long(api, Method::POST, &path(&id, "/files/write"), Some(&body))?;
+            eprintln!(
+                "wrote {} ({} bytes)",
+                info["path"].as_str().unwrap_or(&p),
+                data.len()
+            );
+            Ok(())
+        }
+        FilesCommand::Read { id, path: p } => {
+            let q = with_query(&path(&id, "/file"), &[("path", p)]);
+            let bytes = api
+                .send(Method::GET, &q, None, true)?
+                .bytes()
+                .context("reading the file")?;
+            std::io::stdout()
+                .write_all(&bytes)
+                .context("writing to stdout")
+        }
+        FilesCommand::List {
+            id,
+            path: p,
+            depth,
+            json,
+        } => {
+            let q = with_query(
+                &path(&id, "/files"),
+                &[("path", p), ("depth", depth.to_string())],
+            );
+            let list = api.get(&q)?;
+            if json {
+                return print_json(&list);
+            }
+            let mut out = std::io::stdout().lock();
+            for e in list.as_array().cloned().unwrap_or_default() {
+                let kind = e["type"].as_str().unwrap_or(if e["is_dir"] == json!(true) {
+                    "dir"
+                } else {
+                    "file"
+                });
+                writeln!(
+                    out,
+                    "{}\t{}\t{}",
+                    kind,
+                    e["size"].as_u64().unwrap_or(0),
+                    e["path"].as_str().unwrap_or("")
+                )
+                .context("writing to stdout")?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! Machines through the published SDK, unchanged: 1.0.3 (`Machine`,
+//! `/v1/machines`) and 0.1.9 (`Sandbox`, `/v1/sandboxes`) run the same
+//! scenario suite (`machines_scenario.py`) against a real server with the
+//! build VM; then the server's life: a restart with machines running,
+//! capacity bounds. CPU-heavy (TCG guests): one test at a time.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nullspace_testkit::registry::{Auth, Registry};
+use nullspace_testkit::server::{Sdk, Server, run_sdk_version};
+
+const SCENARIO: &str = include_str!("machines_scenario.py");
+
+/// The template every test restores: the demo image with a start command
+/// that records its pid, serving /srv on 8080.
+const BUILD: &str = r#"
+import os
+from nullspace import Template, wait_for_port
+start = "sh -c 'echo $$ > /tmp/pid; exec httpd -f -p 8080 -h /srv'"
+b = Template.build(Template.from_image(os.environ["NS_IMAGE"]).set_start_cmd(start, wait_for_port(8080)), name="web")
+print("BUILT", b.status.value)
+"#;
+
+fn init_bin() -> String {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    nullspace_vm::init_binary::locate_or_build(&workspace)
+        .expect("guest init")
+        .display()
+        .to_string()
+}
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static L: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    L.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Setup {
+    _reg: Registry,
+    _tmp: tempfile::TempDir,
+    server: Server,
+    key: String,
+}
+
+fn setup(args: &[&str]) -> Setup {
+    let tmp = tempfile::Builder::new()
+        .prefix("ns-mach")
+        .tempdir()
+        .unwrap();
+    let reg = Registry::start(Auth::None);
+    let image = reg.push_demo(tmp.path(), "demo/web");
+    let init = init_bin();
+    let mut a = vec!["--build-vm", "--init-bin", init.as_str()];
+    a.extend_from_slice(args);
+    let server = Server::start_with(&tmp.path().join("data"), None, &a);
+    let key = server.key("team-a");
+    let r = run_sdk_version(Sdk::V1_0_3, &server, &key, BUILD, &[("NS_IMAGE", &image)]);
+    assert!(
+        r.stdout.contains("BUILT ready"),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        server.log_text()
+    );
+    Setup {
+        _reg: reg,
+        _tmp: tmp,
+        server,
+        key,
+    }
+}
+
+const CHECKS: &[&str] = &[
+    "restored_not_rerun",
+    "exit_codes_stdout_stderr",
+    "background_wait",
+    "files_isolated",
+    "files_list_and_info",
+    "envs_for_commands_not_start",
+    "streaming_before_exit",
+    "background_stream_and_connect",
+    "fork_keeps_files_then_diverges",
+    "snapshot_create_from_delete",
+    "pause_then_connect_resume",
+    "kill_removes_from_list",
+    "other_namespace_cannot_see",
+    "idempotency_key_same_machine",
+    "timeout_destroys_or_hibernates",
+    "set_timeout",
+    "shape_mismatch_is_clear",
+    "base_template",
+];
+
+#[test]
+fn both_published_sdks_pass_the_machine_scenarios() {
+    let _s = serial();
+    // The base template builds at start-up, as on a default server.
+    let s = setup(&["--base-template"]);
+    let other = s.server.key("team-b");
+    let mut failures = vec![];
+    for (sdk, v) in [(Sdk::V1_0_3, "1"), (Sdk::V0_1_9, "0")] {
+        let t = Instant::now();
+        let r = run_sdk_version(
+            sdk,
+            &s.server,
+            &s.key,
+            SCENARIO,
+            &[
+                ("NS_SDK", v),
+                ("NS_TEMPLATE", "web"),
+                ("NS_OTHER_KEY", &other),
+            ],
+        );
+        eprintln!("[{sdk:?}] scenarios in {:?}\n{}", t.elapsed(), r.stdout);
+        for name in CHECKS {
+            if !r.stdout.lines().any(|l| l == format!("OK {name}")) {
+                failures.push(format!("{sdk:?} {name}"));
+            }
+        }
+        if !r.stdout.contains("DONE") {
+            failures.push(format!("{sdk:?} did not finish: {}", r.stderr));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failed: {failures:?}\nserver log:\n{}",
+        s.server.log_text()
+    );
+    // Every machine was killed or timed out: no QEMU of this server is left.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.server.qemu_pids().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(s.server.qemu_pids(), Vec::<u32>::new(), "QEMU left running");
+}
+
+const RESTART_BEFORE: &str = r#"
+import os
+from nullspace import Machine
+keep = Machine.create(template="web")
+keep.files.write("/tmp/kept.txt", "survives")
+gone = Machine.create(template="web")
+paused = Machine.create(template="web")
+paused.files.write("/tmp/p.txt", "paused")
+paused.pause()
+print("IDS", keep.id, gone.id, paused.id)
+"#;
+
+const RESTART_AFTER: &str = r#"
+import os, sys
+from nullspace import Machine
+keep, gone, paused = sys.argv[1:4]
+st = {m.id: m.status.value for m in Machine.list(state=None)}
+assert st.get(keep) == "running", st
+assert st.get(paused) == "paused", st
+assert gone not in st, st
+g = Machine.get_info_by_id(gone)
+assert g.status.value == "error", g
+m = Machine.connect(keep)
+assert m.files.read("/tmp/kept.txt") == "survives"
+assert m.commands.run("cat /tmp/pid", shell=True).exit_code == 0
+p = Machine.connect(paused)
+assert p.files.read("/tmp/p.txt") == "paused"
+m.kill(); p.kill()
+print("AFTER OK")
+"#;
+
+/// Runs `body` with SDK 1.0.3, `sys.argv[1:]` = `args`.
+fn script(s: &Setup, body: &str, args: &[&str]) -> (bool, String, String) {
+    let mut full = format!("import sys\nsys.argv = ['x'] + {args:?}\n");
+    full.push_str(body);
+    let r = run_sdk_version(Sdk::V1_0_3, &s.server, &s.key, &full, &[]);
+    (r.status.success(), r.stdout, r.stderr)
+}
+
+fn kill_pid(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+}
+
+/// A server that stops (SIGTERM, then a crash) leaves its machines running;
+/// started again, it takes them over, and a machine whose VM died while it
+/// was down is reported as `error`; a machine directory without a record
+/// is removed with its QEMU.
+#[test]
+fn a_restarted_server_finds_its_machines() {
+    let _s = serial();
+    let mut s = setup(&[]);
+    let (ok, out, err) = script(&s, RESTART_BEFORE, &[]);
+    assert!(ok, "{out}\n{err}\n{}", s.server.log_text());
+    let ids: Vec<String> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("IDS "))
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let before = s.server.qemu_pids();
+    assert_eq!(before.len(), 2, "keep and gone run; paused has no VM");
+
+    // A normal stop: the server exits cleanly and the machines keep running.
+    let st = s.server.terminate(Duration::from_secs(60));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "SIGTERM: {st:?}\n{}",
+        s.server.log_text()
+    );
+    assert_eq!(
+        s.server.qemu_pids().len(),
+        2,
+        "machines outlive the server\n{}",
+        s.server.log_text()
+    );
+    // While it is down, one VM dies, and a stray machine directory appears.
+    let data = s.server.data_dir.clone();
+    let gone_pid: u32 =
+        std::fs::read_to_string(data.join("machines").join(&ids[1]).join("qemu.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    kill_pid(gone_pid);
+    std::fs::create_dir_all(data.join("machines/mch_stray")).unwrap();
+    s.server.start_again();
+    // Recovery runs before the server listens.
+    let args: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (ok, out, err) = script(&s, RESTART_AFTER, &args);
+    assert!(
+        ok && out.contains("AFTER OK"),
+        "{out}\n{err}\n{}",
+        s.server.log_text()
+    );
+    assert!(
+        !data.join("machines/mch_stray").exists(),
+        "the stray directory is removed"
+    );
+    assert!(!data.join("machines").join(&ids[1]).exists());
+
+    // A crash (SIGKILL) mid-life: same story.
+    let (ok, out, err) = script(
+        &s,
+        "from nullspace import Machine\nm = Machine.create(template='web')\nprint('ID', m.id)\n",
+        &[],
+    );
+    assert!(ok, "{out}\n{err}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ID "))
+        .unwrap()
+        .to_string();
+    s.server.kill();
+    assert_eq!(s.server.qemu_pids().len(), 1);
+    s.server.start_again();
+    let (ok, out, err) = script(
+        &s,
+        "import sys\nfrom nullspace import Machine\nm = Machine.connect(sys.argv[1])\nassert m.commands.run('echo hi', shell=True).stdout == 'hi\\n'\nm.kill()\nprint('CRASH OK')\n",
+        &[&id],
+    );
+    assert!(
+        ok && out.contains("CRASH OK"),
+        "{out}\n{err}\n{}",
+        s.server.log_text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.server.qemu_pids().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(s.server.qemu_pids(), Vec::<u32>::new(), "QEMU left running");
+}
+
+const CAPACITY: &str = r#"
+import time
+from nullspace import Machine
+from nullspace.errors import QuotaExceededError
+a = Machine.create(template="web")
+t = time.time()
+try:
+    Machine.create(template="web")
+    raise AssertionError("a second machine beyond --max-machines 1")
+except QuotaExceededError as e:
+    assert e.code == "capacity_exceeded" and "--max-machines" in str(e), (e.code, str(e))
+assert time.time() - t < 20, "not retried"
+a.kill()
+b = Machine.create(template="web")
+b.kill()
+print("CAPACITY OK")
+"#;
+
+/// `--max-machines` bounds what the server runs, with an error the client
+/// does not retry (not 429); a machine that ends frees its place.
+#[test]
+fn capacity_bounds_are_clear_errors() {
+    let _s = serial();
+    let s = setup(&["--max-machines", "1"]);
+    let r = run_sdk_version(Sdk::V1_0_3, &s.server, &s.key, CAPACITY, &[]);
+    assert!(
+        r.stdout.contains("CAPACITY OK"),
+        "{}\n{}\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+    // The memory bound: one 512 MiB machine fits in 600 MiB, two do not.
+    let mut s = s;
+    let init = init_bin();
+    s.server.args = [
+        "--build-vm",
+        "--init-bin",
+        &init,
+        "--max-machine-memory-mb",
+        "600",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    s.server.start_again();
+    let r = run_sdk_version(Sdk::V1_0_3, &s.server, &s.key, MEMORY, &[]);
+    assert!(
+        r.stdout.contains("MEMORY OK"),
+        "{}\n{}\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+    assert_eq!(s.server.qemu_pids(), Vec::<u32>::new());
+}
+
+const MEMORY: &str = r#"
+from nullspace import Machine
+from nullspace.errors import QuotaExceededError
+a = Machine.create(template="web")
+try:
+    Machine.create(template="web")
+    raise AssertionError("a second 512 MiB machine within 600 MiB")
+except QuotaExceededError as e:
+    assert "--max-machine-memory-mb" in str(e), str(e)
+a.kill()
+print("MEMORY OK")
+"#;
+
+/// `nullspace machine …` drives the same API: create, exec (exit code and
+/// output), files, fork, pause, resume, list, kill.
+#[test]
+fn the_cli_drives_machines() {
+    let _s = serial();
+    let s = setup(&[]);
+    let cli = |args: &[&str], stdin: Option<&[u8]>| {
+        use std::io::Write as _;
+        let mut cmd = std::process::Command::new(nullspace_testkit::nullspace_bin());
+        cmd.args(args)
+            .env("NULLSPACE_API_URL", &s.server.url)
+            .env("NULLSPACE_API_KEY", &s.key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(b) = stdin {
+            input.write_all(b).unwrap();
+        }
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, id, err) = cli(&["machine", "create", "web", "--env", "WHO=cli"], None);
+    assert_eq!(code, 0, "{err}\n{}", s.server.log_text());
+    let id = id.trim().to_string();
+    assert!(id.starts_with("mch_"), "{id}");
+    let (code, out, _) = cli(
+        &[
+            "machine",
+            "exec",
+            &id,
+            "--",
+            "echo $WHO; echo e >&2; exit 7",
+        ],
+        None,
+    );
+    assert_eq!((code, out.as_str()), (7, "cli\n"));
+    let (code, out, _) = cli(
+        &["machine", "exec", &id, "--", "printf", "%s|", "a b", "c"],
+        None,
+    );
+    assert_eq!((code, out.as_str()), (0, "a b|c|"));
+    let (code, _, err) = cli(
+        &["machine", "files", "write", &id, "/tmp/cli.txt"],
+        Some(b"from stdin\n"),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = cli(&["machine", "files", "read", &id, "/tmp/cli.txt"], None);
+    assert_eq!(out, "from stdin\n");
+    let (code, child, err) = cli(&["machine", "fork", &id], None);
+    assert_eq!(code, 0, "{err}");
+    let child = child.trim().to_string();
+    let (_, out, _) = cli(&["machine", "exec", &child, "--", "cat /tmp/cli.txt"], None);
+    assert_eq!(out, "from stdin\n");
+    let (code, _, err) = cli(&["machine", "pause", &id], None);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = cli(&["machine", "list"], None);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&id) && l.contains("\tpaused\t")),
+        "{out}"
+    );
+    let (code, _, err) = cli(&["machine", "resume", &id], None);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = cli(&["machine", "exec", &id, "--", "cat /tmp/cli.txt"], None);
+    assert_eq!(out, "from stdin\n");
+    // The old command name still works.
+    let (code, _, err) = cli(&["sandbox", "kill", &id, &child], None);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = cli(&["machine", "list"], None);
+    assert!(!out.contains(&id) && !out.contains(&child), "{out}");
+    let (code, _, err) = cli(&["machine", "exec", &id, "--", "true"], None);
+    assert!(
+        code != 0 && err.contains("machine_not_found"),
+        "{code} {err}"
+    );
+    assert_eq!(s.server.qemu_pids(), Vec::<u32>::new());
+}
