@@ -144,6 +144,19 @@ pub struct FailedStep {
     pub total: i64,
 }
 
+/// A build context that cannot be used (not uploaded, not kept, not
+/// materialisable): the spec's `file_upload_error`, never retryable.
+pub fn upload_failed(message: impl Into<String>, action: &'static str) -> Failure {
+    Failure::Failed {
+        phase: "blob_upload",
+        message: message.into(),
+        retryable: false,
+        action,
+        code: "file_upload_error",
+        step: None,
+    }
+}
+
 pub fn failed(
     phase: &'static str,
     message: impl Into<String>,

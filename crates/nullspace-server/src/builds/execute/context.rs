@@ -7,7 +7,7 @@ use nullspace_model::build::context::{Content, ContextManifest};
 use serde_json::Value;
 
 use super::Run;
-use crate::builds::{Failure, failed};
+use crate::builds::{Failure, failed, upload_failed};
 use crate::model::*;
 use crate::state::RunSecrets;
 
@@ -35,33 +35,27 @@ pub async fn context_entries(
                     .as_ref()
                     .and_then(|h| nullspace_digest::Digest::parse(&format!("sha256:{h}")).ok())
                     .filter(|_| uploaded)
-                    .ok_or_else(|| Failure::Failed {
-                        phase: "blob_upload",
-                        message: format!(
-                            "build_context {:?}: blob {blob_id} was not uploaded",
-                            e.path
-                        ),
-                        retryable: false,
-                        action: "upload the context again (preflight, then PUT)",
-                        code: "file_upload_error",
-                        step: None,
+                    .ok_or_else(|| {
+                        upload_failed(
+                            format!(
+                                "build_context {:?}: blob {blob_id} was not uploaded",
+                                e.path
+                            ),
+                            "upload the context again (preflight, then PUT)",
+                        )
                     })?;
                 Some(EntrySource::File(state.artifacts.path(&digest)))
             }
             Some(Content::Inline { .. }) => {
                 // Inline bytes are not persisted: a build created with them
                 // and run later (after a restart) cannot have them.
-                return Err(Failure::Failed {
-                    phase: "blob_upload",
-                    message: format!(
+                return Err(upload_failed(
+                    format!(
                         "build_context {:?}: inline content is not kept for builds; upload it as a blob",
                         e.path
                     ),
-                    retryable: false,
-                    action: "upload the context with the blob preflight",
-                    code: "file_upload_error",
-                    step: None,
-                });
+                    "upload the context with the blob preflight",
+                ));
             }
         };
         entries.push(ContextEntry {

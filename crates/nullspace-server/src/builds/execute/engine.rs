@@ -11,7 +11,7 @@ use nullspace_build::engine::{DockerfileEngine, EngineBuild, EngineError, Regist
 use super::Run;
 use super::context::{basic_credentials, context_entries, registry_credentials};
 use crate::builds::lifecycle::entry;
-use crate::builds::{Failure, failed};
+use crate::builds::{Failure, failed, upload_failed};
 use crate::model::*;
 use nullspace_model::build::plan::{BuildPlan, Source};
 
@@ -207,14 +207,9 @@ pub async fn engine_build(
         Ok(layout) => Ok(layout),
         Err(_) if run.token.is_cancelled() => Err(Failure::Cancelled),
         Err(EngineFailure::Engine(EngineError::Cancelled { .. })) => Err(Failure::Cancelled),
-        Err(EngineFailure::Context(e)) => Err(Failure::Failed {
-            phase: "blob_upload",
-            message: e.to_string(),
-            retryable: false,
-            action: "fix the build context",
-            code: "file_upload_error",
-            step: None,
-        }),
+        Err(EngineFailure::Context(e)) => {
+            Err(upload_failed(e.to_string(), "fix the build context"))
+        }
         Err(e) => Err(failed(
             "build_step",
             e.to_string(),

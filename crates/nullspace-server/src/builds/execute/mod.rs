@@ -249,23 +249,3 @@ pub async fn cache_entry(
     e.cache_subject = Some(subject.to_string());
     run.append(e).await;
 }
-
-#[cfg(test)]
-mod tests {
-    use super::OutputBudget;
-
-    #[test]
-    fn the_budget_cuts_on_char_boundaries_and_reports_what_it_dropped() {
-        let mut b = OutputBudget::new(5);
-        assert_eq!(b.admit("abc"), "abc");
-        assert_eq!(b.take_truncation("step 1"), None);
-        // 'é' is two bytes: only "d" fits before the limit of 5.
-        assert_eq!(b.admit("déf"), "d");
-        assert_eq!(b.admit("more"), "");
-        let t = b.take_truncation("step 1").unwrap();
-        assert!(t.contains("7 more bytes") && t.contains("limit 5"), "{t}");
-        assert_eq!(b.take_truncation("step 1"), None);
-        b.reset();
-        assert_eq!(b.admit("abcdefg"), "abcde");
-    }
-}

@@ -20,7 +20,7 @@ use nullspace_vm::{QemuVmm, VmError};
 use super::Run;
 use super::context::context_entries;
 use crate::builds::lifecycle::entry;
-use crate::builds::{ArtifactManifest, FailedStep, Failure, failed};
+use crate::builds::{ArtifactManifest, FailedStep, Failure, failed, upload_failed};
 use crate::model::*;
 
 /// Boots the template in the build VM, runs the plan's native steps (on
@@ -159,12 +159,10 @@ async fn native_context(
         .flat_map(|c| &c.sources)
     {
         if !p.context.as_ref().is_some_and(|c| c.covers(src)) {
-            return Err(failed(
-                "blob_upload",
+            return Err(upload_failed(
                 format!(
                     "source {src:?} is not in the uploaded build context; upload it with the build"
                 ),
-                false,
                 "upload the build context",
             ));
         }
@@ -173,14 +171,8 @@ async fn native_context(
     let ctx = run.work_dir(rec).join("native");
     let _ = std::fs::remove_dir_all(&ctx);
     std::fs::create_dir_all(&ctx).map_err(|e| failed("prepare", e.to_string(), true, "retry"))?;
-    nullspace_build::context::materialize(&ctx, &entries).map_err(|e| Failure::Failed {
-        phase: "blob_upload",
-        message: e.to_string(),
-        retryable: false,
-        action: "fix the build context",
-        code: "file_upload_error",
-        step: None,
-    })?;
+    nullspace_build::context::materialize(&ctx, &entries)
+        .map_err(|e| upload_failed(e.to_string(), "fix the build context"))?;
     Ok(Some(ctx))
 }
 
