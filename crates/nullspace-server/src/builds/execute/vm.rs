@@ -35,6 +35,7 @@ pub async fn snapshot_in_vm(
     config.workdir = m.workdir.clone();
     config.start_cmd = m.start_cmd.clone();
     let mut spec = TemplateSpec::new(&rootfs, config);
+    spec.memory_mode = state.config.build_vm_memory;
     // Network only when the operator allows it and the build wants it.
     spec.network = state.config.build_vm_network
         && req.build_config.as_ref().and_then(|c| c.internet_access) != Some(false);
