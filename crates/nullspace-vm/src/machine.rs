@@ -110,9 +110,12 @@ pub fn prepare(
             &RestoreSpec {
                 work_dir: Some(dir.clone()),
                 timeout: spec.timeout,
+                pidfile: Some(dir.join(PID_FILE)),
             },
             cancel,
         )?;
+        // QEMU wrote its pidfile as it started (and removes it when it
+        // exits); written again here in case it could not.
         let handle = handle_of(&vm);
         std::fs::write(dir.join(PID_FILE), format!("{}\n", handle.pid))
             .map_err(VmError::io("machine pidfile"))?;

@@ -287,6 +287,9 @@ pub struct RestoreSpec {
     /// `None` = the system temp dir.
     pub work_dir: Option<PathBuf>,
     pub timeout: Duration,
+    /// QEMU's `-pidfile` (written by QEMU as it starts, so a process that
+    /// dies while the restore runs leaves the pid behind for its sweep).
+    pub pidfile: Option<PathBuf>,
 }
 
 impl Default for RestoreSpec {
@@ -294,6 +297,7 @@ impl Default for RestoreSpec {
         RestoreSpec {
             work_dir: None,
             timeout: Duration::from_secs(60),
+            pidfile: None,
         }
     }
 }
@@ -1078,7 +1082,7 @@ impl QemuVm {
                 None => Ram::Anonymous,
             },
             incoming: true,
-            pidfile: None,
+            pidfile: spec.pidfile.as_deref(),
         }
         .args();
         let t = Instant::now();

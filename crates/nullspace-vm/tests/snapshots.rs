@@ -806,6 +806,7 @@ fn a_cancelled_restore_leaves_nothing() {
     let spec = RestoreSpec {
         work_dir: Some(work.path().to_path_buf()),
         timeout: T,
+        ..Default::default()
     };
     let err = template::restore(&f.template, &spec, &token).err().unwrap();
     assert!(matches!(err, VmError::Cancelled), "{err:?}");

@@ -168,6 +168,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal (not in log files).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut config = a.store.config();
     config.workers = a.workers;

@@ -93,8 +93,9 @@ const CHECKS: &[&str] = &[
 #[test]
 fn both_published_sdks_pass_the_machine_scenarios() {
     let _s = serial();
-    // The base template builds at start-up, as on a default server.
-    let s = setup(&["--base-template"]);
+    // The base template builds at start-up, as on a default server, and
+    // creates take pooled VMs, as on a default server.
+    let mut s = setup(&["--base-template", "--machine-pool-size", "2"]);
     let other = s.server.key("team-b");
     let mut failures = vec![];
     for (sdk, v) in [(Sdk::V1_0_3, "1"), (Sdk::V0_1_9, "0")] {
@@ -125,7 +126,12 @@ fn both_published_sdks_pass_the_machine_scenarios() {
         "failed: {failures:?}\nserver log:\n{}",
         s.server.log_text()
     );
-    // Every machine was killed or timed out: no QEMU of this server is left.
+    let log = s.server.log_text();
+    assert!(log.contains("pooled=true"), "no create was pooled\n{log}");
+    // Every machine was killed or timed out, and a stop ends the pool: no
+    // QEMU of this server is left.
+    let st = s.server.terminate(Duration::from_secs(60));
+    assert!(st.is_some_and(|x| x.success()), "{st:?}");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !s.server.qemu_pids().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
@@ -438,8 +444,9 @@ print("BUILT", b.status.value)
 const POOL_CREATE: &str = r#"
 import sys
 from nullspace import Machine
+shape = {"web": {}, "small": {"vcpus": 1, "memory_mb": 384}}
 for t in sys.argv[1:]:
-    m = Machine.create(template=t)
+    m = Machine.create(template=t, **shape[t])
     r = m.commands.run("echo $(nproc) $(sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo) $(cat /tmp/which 2>/dev/null || echo web)", shell=True)
     assert r.exit_code == 0, r
     print("M", t, m.id, r.stdout.strip())
@@ -463,6 +470,25 @@ fn pool_entries(s: &Setup, running: &[String]) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// Waits until the server answers HTTP (`/healthz`).
+fn answers(s: &Setup) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut got = String::new();
+        if let Ok(mut c) = std::net::TcpStream::connect(&s.server.addr) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+            let _ = c.read_to_string(&mut got);
+        }
+        if got.starts_with("HTTP/1.0 200") || got.starts_with("HTTP/1.1 200") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no answer: {got:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn wait_entries(s: &Setup, running: &[String], n: usize) -> Vec<(String, String)> {
@@ -602,6 +628,8 @@ fn pooled_vms_are_per_template_and_shape_and_end_with_the_server() {
     s.server.kill();
     assert_eq!(s.server.qemu_pids().len(), running.len() + 2);
     s.server.start_again();
+    // It listens before it recovers; it answers after.
+    answers(&s);
     assert!(
         pool_entries(&s, &running).is_empty(),
         "{:?}\n{}",
