@@ -217,6 +217,13 @@ impl Runtime {
             new_id: Arc::new(|| nullspace_store::new_id("mch_")),
             timeout: Duration::from_secs(90),
             warm_up: true,
+            // Niced only where a take can set it back (root here).
+            nice: if nullspace_vm::process::may_raise_priority() {
+                10
+            } else {
+                0
+            },
+            quiet: Duration::from_millis(300),
             recorder: Some(recorder),
         }));
     }
@@ -357,6 +364,7 @@ impl Runtime {
         let spec = MachineSpec {
             dir: self.machine_dir(id),
             timeout: Duration::from_secs(90),
+            nice: 0,
         };
         let e = envs.clone();
         let mid = id.to_string();

@@ -95,7 +95,15 @@ fn trace_one(
         drop(vm);
         // Prepared ahead (pool): only the start is on the critical path.
         let dir = work.join(format!("m{i}-{warmed}"));
-        let prep = machine::prepare(snap, &MachineSpec { dir, timeout: T }, &nc)?;
+        let prep = machine::prepare(
+            snap,
+            &MachineSpec {
+                dir,
+                timeout: T,
+                nice: 0,
+            },
+            &nc,
+        )?;
         let p = prep.phases();
         std::thread::sleep(Duration::from_millis(500));
         let mut prep = prep;

@@ -30,6 +30,8 @@ pub struct MachineSpec {
     pub dir: PathBuf,
     /// From QEMU start to the agent's answer.
     pub timeout: Duration,
+    /// QEMU's niceness while prepared (see [`RestoreSpec::nice`]).
+    pub nice: i32,
 }
 
 /// A machine restored (or taken over) by this process.
@@ -111,6 +113,7 @@ pub fn prepare(
                 work_dir: Some(dir.clone()),
                 timeout: spec.timeout,
                 pidfile: Some(dir.join(PID_FILE)),
+                nice: spec.nice,
             },
             cancel,
         )?;

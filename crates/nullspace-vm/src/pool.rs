@@ -4,6 +4,10 @@
 //! connected), so that creating a machine is `cont` plus the guest's first
 //! answer instead of a QEMU start and a state load.
 //!
+//! Refills run one at a time, only once creates have been quiet for a
+//! moment (`quiet`), and their QEMUs run niced (`nice`) until taken: the
+//! pool's work yields the CPU to the machines' (two cores here).
+//!
 //! Under TCG an entry is also warmed up before it waits (`warm_up`:
 //! resumed for about 0.3 s to answer the agent and run `/bin/sh -c true`,
 //! then paused again): a fresh QEMU translates each guest code path the
@@ -98,6 +102,13 @@ pub struct PoolConfig {
     /// snapshot, and a create saves the translation of the guest's first
     /// answer and first command (about 2 x 200 ms here).
     pub warm_up: bool,
+    /// Entries' QEMUs run at this niceness until taken (their start and
+    /// warm-up yield the CPU to running machines; a take sets them back
+    /// to 0, which needs `CAP_SYS_NICE`: use 0 without it).
+    pub nice: i32,
+    /// Refills wait until no take happened for this long (a create's
+    /// first commands run without a refill beside them).
+    pub quiet: Duration,
     pub recorder: Option<Arc<Recorder>>,
 }
 
@@ -165,6 +176,8 @@ struct State {
     slots: HashMap<PoolKey, Slot>,
     /// The key and id of the entry being prepared right now.
     preparing: Option<(PoolKey, String)>,
+    /// The last take (refills wait for `quiet` after it).
+    last_take: Option<Instant>,
     stopped: bool,
 }
 
@@ -241,6 +254,8 @@ impl Pool {
                 retry_at: None,
             });
             slot.used = Instant::now();
+            st.last_take = Some(Instant::now());
+            let slot = st.slots.get_mut(key).expect("just inserted");
             let mut got = None;
             while let Some(e) = slot.ready.pop_front() {
                 if e.prepared.alive() {
@@ -391,6 +406,15 @@ fn refill(inner: &Inner) {
                 }
                 let now = Instant::now();
                 let mut stale = evict(&mut st, cfg.max_keys, cfg.idle);
+                let calm = st.last_take.map_or(Duration::MAX, |t| t.elapsed());
+                if calm < cfg.quiet && stale.is_empty() {
+                    st = inner
+                        .wake
+                        .wait_timeout(st, cfg.quiet - calm)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    continue;
+                }
                 let next = st
                     .slots
                     .iter()
@@ -422,6 +446,7 @@ fn refill(inner: &Inner) {
         let spec = MachineSpec {
             dir: cfg.dir.join(&id),
             timeout: cfg.timeout,
+            nice: cfg.nice,
         };
         let r = machine::prepare(&snap, &spec, &inner.cancel).and_then(|mut p| {
             if cfg.warm_up && key.accel == Accel::Tcg {

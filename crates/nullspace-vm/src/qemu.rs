@@ -114,7 +114,7 @@ fn probe_kvm(
     .collect();
     // Dies with this thread (the probe is one call) and is killed by the
     // guard on every return path.
-    let mut child = ChildGuard(Some(process::spawn_qemu(&args, &log, true)?));
+    let mut child = ChildGuard(Some(process::spawn_qemu(&args, &log, true, 0)?));
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
         if std::fs::read_to_string(&log)
@@ -290,6 +290,10 @@ pub struct RestoreSpec {
     /// QEMU's `-pidfile` (written by QEMU as it starts, so a process that
     /// dies while the restore runs leaves the pid behind for its sweep).
     pub pidfile: Option<PathBuf>,
+    /// QEMU's niceness while it is prepared (a pooled VM yields the CPU to
+    /// running machines); a start sets every thread back to 0, which needs
+    /// the privilege to raise priority (`CAP_SYS_NICE`) when this is > 0.
+    pub nice: i32,
 }
 
 impl Default for RestoreSpec {
@@ -298,6 +302,7 @@ impl Default for RestoreSpec {
             work_dir: None,
             timeout: Duration::from_secs(60),
             pidfile: None,
+            nice: 0,
         }
     }
 }
@@ -338,6 +343,8 @@ pub struct QemuVm {
     /// Loaded and paused by [`QemuVm::prepare`]; the guest has not run
     /// since the snapshot ([`QemuVm::start_prepared`] starts it).
     prepared: bool,
+    /// QEMU's niceness until it starts (a prepared VM's; 0 otherwise).
+    nice: i32,
 }
 
 /// Where a restore spent its time, in milliseconds (logged and printed by
@@ -610,7 +617,20 @@ fn wait_incoming(q: &mut Qmp, watch: &Watch, deadline: Instant) -> Result<bool, 
     }
 }
 
-/// `qemu-img create` of a qcow2 overlay over `backing` (not opened: `-u`).
+/// Empty overlays by (backing, format, size). A qcow2 header holds no id
+/// or time, so every overlay of one backing and size is the same bytes:
+/// `qemu-img` (30-100 ms here) runs once per snapshot per process, later
+/// overlays are a write of about 200 KiB.
+type OverlayCache =
+    std::sync::Mutex<std::collections::HashMap<(PathBuf, &'static str, u64), Vec<u8>>>;
+
+fn overlay_cache() -> &'static OverlayCache {
+    static C: OnceLock<OverlayCache> = OnceLock::new();
+    C.get_or_init(Default::default)
+}
+
+/// A qcow2 overlay over `backing` (not opened: `-u`), made by `qemu-img
+/// create` once per backing and size (see [`OverlayCache`]).
 fn create_overlay(
     overlay: &Path,
     backing: &Path,
@@ -621,6 +641,37 @@ fn create_overlay(
         DiskFormat::Raw => "raw",
         DiskFormat::Qcow2 => "qcow2",
     };
+    let key = (backing.to_path_buf(), fmt, size);
+    let cached = overlay_cache()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    if let Some(bytes) = cached {
+        use std::io::Write;
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(overlay)
+            .map_err(VmError::io(overlay.display().to_string()))?;
+        return f
+            .write_all(&bytes)
+            .map_err(VmError::io(overlay.display().to_string()));
+    }
+    qemu_img_overlay(overlay, backing, fmt, size)?;
+    if let Ok(bytes) = std::fs::read(overlay)
+        && bytes.len() <= 4 << 20
+    {
+        let mut c = overlay_cache().lock().unwrap_or_else(|p| p.into_inner());
+        if c.len() >= 256 {
+            c.clear();
+        }
+        c.insert(key, bytes);
+    }
+    Ok(())
+}
+
+fn qemu_img_overlay(overlay: &Path, backing: &Path, fmt: &str, size: u64) -> Result<(), VmError> {
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-u", "-F", fmt, "-b"])
         .arg(backing)
@@ -693,9 +744,15 @@ impl QemuVm {
         initrd: PathBuf,
         args: Vec<String>,
         die_with_thread: bool,
+        nice: i32,
         watch: &Watch,
     ) -> Result<QemuVm, VmError> {
-        let child = process::spawn_qemu(&args, &dir.path().join("console.log"), die_with_thread)?;
+        let child = process::spawn_qemu(
+            &args,
+            &dir.path().join("console.log"),
+            die_with_thread,
+            nice,
+        )?;
         watch.register(&child);
         Ok(QemuVm {
             child: ChildGuard(Some(child)),
@@ -711,6 +768,7 @@ impl QemuVm {
             ready_ms: 0,
             phases: RestorePhases::default(),
             prepared: false,
+            nice,
         })
     }
 
@@ -751,6 +809,7 @@ impl QemuVm {
             ready_ms: 0,
             phases: RestorePhases::default(),
             prepared: false,
+            nice: 0,
         })
     }
 
@@ -923,7 +982,7 @@ impl QemuVm {
             pidfile: Some(&pidfile),
         }
         .args();
-        let mut vm = QemuVm::spawn(dir, meta, cmdline, initrd, args, true, watch)?;
+        let mut vm = QemuVm::spawn(dir, meta, cmdline, initrd, args, true, 0, watch)?;
         vm.memory_file = memory_file;
         vm.attach_agent(t0 + spec.boot_timeout, watch)?;
         vm.ready_ms = t0.elapsed().as_millis();
@@ -946,7 +1005,7 @@ impl QemuVm {
         let t0 = Instant::now();
         let deadline = t0 + spec.timeout;
         let r = Self::prepare_watched(snap, spec, &watch).and_then(|mut vm| {
-            vm.start_watched(deadline, &watch)?;
+            vm.start_watched(deadline, &watch, false)?;
             vm.ready_ms = t0.elapsed().as_millis();
             Ok(vm)
         });
@@ -985,7 +1044,7 @@ impl QemuVm {
             watch.register(c);
         }
         let t0 = Instant::now();
-        let r = self.start_watched(t0 + limit, &watch);
+        let r = self.start_watched(t0 + limit, &watch, false);
         if r.is_ok() {
             self.ready_ms = t0.elapsed().as_millis();
         }
@@ -1016,7 +1075,7 @@ impl QemuVm {
         let t0 = Instant::now();
         let deadline = t0 + limit;
         let r = (|| {
-            self.start_watched(deadline, &watch)?;
+            self.start_watched(deadline, &watch, true)?;
             let left = deadline.saturating_duration_since(Instant::now());
             let ran = self
                 .agent
@@ -1094,6 +1153,7 @@ impl QemuVm {
             initrd,
             args,
             false,
+            spec.nice,
             watch,
         )?;
         vm.origin = Some(Box::new(snap.clone()));
@@ -1113,8 +1173,25 @@ impl QemuVm {
         Ok(vm)
     }
 
-    fn start_watched(&mut self, deadline: Instant, watch: &Watch) -> Result<(), VmError> {
+    /// `cont`, the clock and RNG; `warming`: a [`QemuVm::warm_up`], which
+    /// keeps a prepared VM's niceness.
+    fn start_watched(
+        &mut self,
+        deadline: Instant,
+        watch: &Watch,
+        warming: bool,
+    ) -> Result<(), VmError> {
         let t = Instant::now();
+        if self.nice != 0 && !warming {
+            // A machine now: it runs at the priority of every other.
+            let pid = crate::Vm::pid(self);
+            process::renice(pid, 0).map_err(|e| {
+                self.fail(format!(
+                    "restore: setting QEMU (pid {pid}) back to niceness 0: {e}"
+                ))
+            })?;
+            self.nice = 0;
+        }
         if self.prepared {
             let left = deadline.saturating_duration_since(Instant::now());
             let cont = self
@@ -1546,7 +1623,16 @@ impl QemuVm {
         }
         .args();
         // Lives within this call: dies with the thread, killed on return.
-        let mut tmp = QemuVm::spawn(dir, meta, self.cmdline.clone(), initrd, args, true, watch)?;
+        let mut tmp = QemuVm::spawn(
+            dir,
+            meta,
+            self.cmdline.clone(),
+            initrd,
+            args,
+            true,
+            0,
+            watch,
+        )?;
         let deadline = Instant::now() + Duration::from_secs(300);
         let r = (|| {
             let mut q = tmp.qmp(Duration::from_secs(30), watch)?;

@@ -1023,6 +1023,7 @@ fn a_prepared_vm_waits_paused_and_then_starts_where_the_snapshot_left_off() {
     let spec = MachineSpec {
         dir: work.path().join("m1"),
         timeout: T,
+        nice: 0,
     };
     let mut p = machine::prepare(&f.template, &spec, &nocancel()).expect("prepare");
     assert_eq!(p.status().unwrap(), "paused");
@@ -1068,12 +1069,33 @@ fn a_prepared_vm_waits_paused_and_then_starts_where_the_snapshot_left_off() {
     let spec2 = MachineSpec {
         dir: work.path().join("m2"),
         timeout: T,
+        nice: 0,
     };
     let p2 = machine::prepare(&f.template, &spec2, &nocancel()).unwrap();
     let pid2 = p2.handle().pid;
     drop(p2);
     assert!(!alive(pid2));
     assert!(!spec2.dir.exists());
+}
+
+/// The niceness of every thread of `pid`.
+fn nice_of(pid: u32) -> Vec<i64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap();
+            // Field 19, counted after the parenthesised name (field 2).
+            stat.rsplit(')')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .nth(16)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
 }
 
 /// `/proc/PID/cmdline` of a QEMU, spaces for NULs.
@@ -1119,6 +1141,13 @@ fn pool_entries_of_different_templates_and_sizes_never_mix() {
         }),
         timeout: T,
         warm_up: true,
+        // Niced while pooled (root runs these tests; see the take below).
+        nice: if nullspace_vm::process::may_raise_priority() {
+            10
+        } else {
+            0
+        },
+        quiet: Duration::from_millis(100),
         recorder: Some(Arc::new(move |pid| {
             rec.lock().unwrap().push(pid);
             Some(Box::new(Record(rec.clone(), pid)) as Box<dyn Send>)
@@ -1157,8 +1186,16 @@ fn pool_entries_of_different_templates_and_sizes_never_mix() {
     assert_eq!(eb.key, b);
     check(&eb, &other, 320);
     let (pa, pb) = (ea.pid(), eb.pid());
+    let niced = nullspace_vm::process::may_raise_priority();
+    if niced {
+        assert_eq!(nice_of(pa), vec![10; nice_of(pa).len()], "pooled: niced");
+    }
     let mut ma = ea.start(T, &nocancel()).unwrap();
     let mut mb = eb.start(T, &nocancel()).unwrap();
+    for p in [pa, pb] {
+        let n = nice_of(p);
+        assert!(n.len() > 1 && n.iter().all(|x| *x == 0), "a machine: {n:?}");
+    }
     // Taken: no longer the pool's records.
     let recs = records.lock().unwrap().clone();
     assert!(!recs.contains(&pa) && !recs.contains(&pb), "{recs:?}");
