@@ -63,6 +63,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How often the server runs the garbage collector (`None`: never).
     pub gc_interval: Option<Duration>,
+    /// Bytes of one native step's output (or of a Dockerfile engine's whole
+    /// output) kept in the build log; the rest is counted and left out.
+    pub step_log_limit: u64,
     pub gc: crate::gc::Policy,
 }
 
@@ -88,6 +91,7 @@ impl Config {
             shutdown_grace: Duration::ZERO,
             gc_interval: Some(Duration::from_secs(3600)),
             gc: crate::gc::Policy::default(),
+            step_log_limit: 4 << 20,
         }
     }
 

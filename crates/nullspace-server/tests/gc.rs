@@ -1,13 +1,14 @@
 //! The collector on a data directory laid out as the server lays it out
 //! (artifact manifests naming rootfs and snapshots, snapshot files naming
-//! content-addressed artifacts, sandboxes naming snapshots), without
-//! booting VMs: what a ready build of a live template, a live build or a
-//! sandbox uses stays; what only deleted templates used goes.
+//! content-addressed artifacts, machine records naming the template
+//! snapshot their disk sits on), without booting VMs: what a ready build
+//! of a live template, a live build or a live machine uses stays; what
+//! only deleted templates or ended machines used goes.
 
 use std::path::{Path, PathBuf};
 
 use nullspace_server::{Config, gc};
-use nullspace_store::BuildRow;
+use nullspace_store::{BuildRow, MachineRow};
 use serde_json::json;
 
 struct Built {
@@ -98,14 +99,30 @@ async fn collects_only_what_nothing_references() {
     let keep = ready_build(&state, &data, &keep_t, "tb_keep").await;
     let gone = ready_build(&state, &data, &gone_t, "tb_gone").await;
     let used = ready_build(&state, &data, &used_t, "tb_used").await;
-    // A sandbox restored from `used` keeps its snapshot after the template goes.
-    let sbx = data.join("sandboxes/sbx_1");
-    std::fs::create_dir_all(&sbx).unwrap();
-    std::fs::write(
-        sbx.join("state.json"),
-        json!({"snapshot": used.snapshot.display().to_string()}).to_string(),
-    )
-    .unwrap();
+    // A running machine restored from `used` keeps its snapshot after the
+    // template goes; a destroyed one restored from `gone` keeps nothing.
+    let machine = |id: &str, status: &str, b: &Built| MachineRow {
+        id: id.into(),
+        namespace: "team-a".into(),
+        node_id: "node_a".into(),
+        status: status.into(),
+        template_id: "tmpl".into(),
+        base_snapshot: String::new(),
+        created_at: 1,
+        updated_at: 1,
+        deadline_at: 0,
+        record: json!({
+            "template_dir": b.snapshot.display().to_string(),
+            "base_dir": b.snapshot.display().to_string(),
+        })
+        .to_string(),
+    };
+    for m in [
+        machine("mch_live", "running", &used),
+        machine("mch_ended", "destroyed", &gone),
+    ] {
+        state.store.insert_machine_once(&m, None).await.unwrap();
+    }
     // A build in progress: its snapshot directory has no manifest yet.
     state
         .store
@@ -162,8 +179,8 @@ async fn collects_only_what_nothing_references() {
         [false; 4],
         "a deleted template's artifacts"
     );
-    // The sandbox's snapshot (and what its files name) stays; the deleted
-    // template's manifest and rootfs go.
+    // The live machine's snapshot (and what its files name) stays; the
+    // deleted template's manifest and rootfs go.
     assert_eq!(all_exist(&used), [false, false, true, true]);
     assert!(
         live_snapshot.exists(),

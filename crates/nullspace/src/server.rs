@@ -96,6 +96,11 @@ pub struct LifecycleArgs {
     /// Seconds between garbage collections (0: never; `nullspace gc` runs one).
     #[arg(long, env = "NULLSPACE_GC_INTERVAL_SECS", default_value_t = 3600)]
     gc_interval_secs: u64,
+    /// Bytes of one native step's output (or one Dockerfile engine run's)
+    /// kept in the build log; the rest is counted, and one entry says how
+    /// much was left out.
+    #[arg(long, env = "NULLSPACE_STEP_LOG_LIMIT_BYTES", default_value_t = 4 << 20)]
+    step_log_limit_bytes: u64,
     #[command(flatten)]
     gc: GcPolicyArgs,
 }
@@ -201,6 +206,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     config.gc_interval = (a.lifecycle.gc_interval_secs > 0)
         .then(|| std::time::Duration::from_secs(a.lifecycle.gc_interval_secs));
     config.gc = a.lifecycle.gc.policy();
+    config.step_log_limit = a.lifecycle.step_log_limit_bytes;
     runtime()?.block_on(async move {
         let state = nullspace_server::open(config)
             .await

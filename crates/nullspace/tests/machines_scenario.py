@@ -137,6 +137,27 @@ def _():
     assert t_two - t_one > 2.0, seen
 
 
+@check("background_stream_and_connect")
+def _():
+    # A background command streamed as it runs, and one reached later by
+    # its pid (commands.connect): both deliver output and the exit code.
+    seen = []
+    h = sh(a, "echo one; sleep 2; echo two; exit 5", background=True,
+           on_stdout=lambda d: seen.append((time.time(), d)))
+    assert h.pid > 0
+    res = h.wait(timeout=60)
+    assert res.exit_code == 5 and "one" in res.stdout and "two" in res.stdout, res
+    t_one = next(t for t, d in seen if "one" in d)
+    t_two = next(t for t, d in seen if "two" in d)
+    assert t_two - t_one > 1.0, seen
+    bg = sh(a, "sleep 2; echo later; exit 6", background=True)
+    got = []
+    c = a.commands.connect(bg.pid, on_stdout=got.append)
+    assert c.pid == bg.pid
+    res = c.wait(timeout=60)
+    assert res.exit_code == 6 and "later" in "".join(got), (res, got)
+
+
 @check("fork_keeps_files_then_diverges")
 def _():
     a.files.write("/tmp/f.txt", "before")
@@ -218,6 +239,27 @@ def _():
             raise AssertionError("another namespace reached the machine")
         except NotFoundError as e:
             assert "not_found" in e.code, e.code
+    # Nor through the machine's routes or its exec WebSocket directly
+    # (which the owner's key reaches: the paths are right).
+    from nullspace.client import NullspaceClient
+    mine, other = NullspaceClient(), NullspaceClient(api_key=OTHER_KEY)
+    prefix = f"/v1/{'machines' if V1 else 'sandboxes'}/{a.id}"
+    code = "machine_not_found" if V1 else "sandbox_not_found"
+    for method, path, kw in (("POST", "/exec", {"json": {"command": "true"}}),
+                             ("GET", "/processes", {}),
+                             ("DELETE", "", {})):
+        try:
+            other.request(method, prefix + path, **kw)
+            raise AssertionError(f"{method} {path} from another namespace")
+        except NotFoundError as e:
+            assert e.code == code, e.code
+    mine.request("GET", prefix + "/processes")
+    mine.ws_connect(prefix + "/ws", params={"channel": "exec"}).close()
+    try:
+        other.ws_connect(prefix + "/ws", params={"channel": "exec"}).close()
+        raise AssertionError("another namespace opened the exec channel")
+    except BaseError as e:
+        assert "HTTP 404" in str(e), str(e)
     assert sh(a, "true").exit_code == 0, "still running"
 
 

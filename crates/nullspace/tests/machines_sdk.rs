@@ -78,6 +78,7 @@ const CHECKS: &[&str] = &[
     "files_list_and_info",
     "envs_for_commands_not_start",
     "streaming_before_exit",
+    "background_stream_and_connect",
     "fork_keeps_files_then_diverges",
     "snapshot_create_from_delete",
     "pause_then_connect_resume",

@@ -183,7 +183,7 @@ fn cancel_stops_a_running_build() {
     let r = run_sdk(
         &server,
         &key,
-        "import os\nfrom nullspace import TemplateBuild\nh = TemplateBuild.connect(os.environ['NS_BUILD'])\nh.cancel(reason='stop')\nf = h.wait_until_terminal(poll_interval=0.05)\nprint('FINAL', f.build.status.value, f.build.cancellation_reason, [e.kind.value for e in f.entries][-1])",
+        "import os\nfrom nullspace import TemplateBuild\nh = TemplateBuild.connect(os.environ['NS_BUILD'])\nh.cancel(reason='stop')\nseen = []\nf = h.wait_until_terminal(poll_interval=0.05, on_log_entry=seen.append)\nprint('FINAL', f.build.status.value, f.build.cancellation_reason, [e.kind.value for e in seen][-1])",
         &[("NS_BUILD", &id)],
     );
     assert!(

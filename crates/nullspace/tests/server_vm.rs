@@ -418,3 +418,85 @@ fn cancel_and_a_killed_server_end_the_build_vm() {
         !left[0].exists()
     });
 }
+
+const FLOOD: &str = r#"
+import os
+from nullspace import Template, TemplateBuild
+IMAGE = os.environ["NS_IMAGE"]
+# 2 GB of output from one native step, then a line that must not be logged
+# either (the step's budget is spent), then a second step that logs again.
+b = Template.build(Template.from_image(IMAGE)
+                   .run_cmd("yes nullspace-flood | head -c 2000000000; echo flood-end")
+                   .run_cmd("echo second-step"), name="flood")
+logs = list(TemplateBuild.connect(b.build_id).logs())
+step1 = [e.message or "" for e in logs if e.phase == "step" and e.step_index == 1]
+trunc = [m for m in step1 if "output truncated" in m]
+assert len(trunc) == 1, trunc
+# The step's own output: not its description ("step 1: ..."), its
+# duration ("step done ...") or the truncation entry.
+out = [m for m in step1 if not m.startswith("step ") and "truncated" not in m]
+print("LOGGED", sum(len(m.encode()) for m in out))
+print("TRUNC", trunc[0])
+assert not any("flood-end" in m for m in out), "output past the limit was logged"
+assert any(e.step_index == 2 and "second-step" in (e.message or "") for e in logs), "the next step logs again"
+print("FLOOD OK")
+"#;
+
+/// The guest is hostile: a native step that prints 2 GB neither grows the
+/// server (peak RSS stays under 256 MiB; the agent channel and the log are
+/// both bounded) nor fills the build log (1 MiB per step here, then one
+/// entry that says how much was left out).
+#[test]
+fn a_step_that_prints_2_gb_keeps_the_server_small_and_the_log_marks_the_truncation() {
+    const LIMIT: u64 = 1 << 20;
+    const RSS_BOUND_KIB: u64 = 256 << 10;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let init = nullspace_vm::init_binary::locate_or_build(&workspace).expect("guest init");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let image = reg.push_demo(tmp.path(), "demo/web");
+    let data = tmp.path().join("data");
+    let limit = LIMIT.to_string();
+    let server = Server::start_with(
+        &data,
+        None,
+        &[
+            "--build-vm",
+            "--init-bin",
+            init.to_str().unwrap(),
+            "--step-log-limit-bytes",
+            &limit,
+        ],
+    );
+    let key = server.key("team-a");
+    let r = run_sdk(&server, &key, FLOOD, &[("NS_IMAGE", &image)]);
+    let out = &r.ok().stdout;
+    let logged: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("LOGGED "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(logged > 0 && logged <= LIMIT, "logged {logged} bytes");
+    let trunc = out.lines().find_map(|l| l.strip_prefix("TRUNC ")).unwrap();
+    let dropped: u64 = trunc
+        .split_whitespace()
+        .skip_while(|w| *w != "truncated:")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {trunc:?}"));
+    assert!(dropped >= 2_000_000_000 - LIMIT, "{trunc}");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", server.pid().unwrap())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    eprintln!("server peak RSS {} MiB; {trunc}", hwm_kib >> 10);
+    assert!(
+        hwm_kib < RSS_BOUND_KIB,
+        "server peak RSS {hwm_kib} KiB over the bound"
+    );
+}

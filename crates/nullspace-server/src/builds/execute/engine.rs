@@ -170,14 +170,21 @@ pub async fn engine_build(
         materialize(&ctx, &job.entries).map_err(|e| EngineFailure::Context(e.to_string()))?;
         std::fs::write(ctx.join(job.df_name), &job.dockerfile)
             .map_err(|e| EngineFailure::Other(e.to_string()))?;
-        let forward = |line: &str| {
-            let mut e = entry(&log_rec, "message", "info", line.to_string());
+        let budget = std::sync::Mutex::new(super::OutputBudget::new(st.config.step_log_limit));
+        let send = |line: String| {
+            let mut e = entry(&log_rec, "message", "info", line);
             e.phase = Some("step".into());
             let _ = handle.block_on(crate::builds::append(
                 &st,
                 nullspace_store::LogGate::Owner(&st.owner),
                 e,
             ));
+        };
+        let forward = |line: &str| {
+            let kept = budget.lock().expect("budget lock").admit(line).to_string();
+            if !kept.is_empty() {
+                send(kept);
+            }
         };
         let mut b = EngineBuild::new(&ctx, &out, &forward);
         b.dockerfile = job.df_name;
@@ -187,7 +194,15 @@ pub async fn engine_build(
         b.network = job.network;
         b.registry_auth = job.creds;
         b.cancel = Some(&token);
-        let output = job.engine.build(&b).map_err(EngineFailure::Engine)?;
+        let output = job.engine.build(&b).map_err(EngineFailure::Engine);
+        if let Some(t) = budget
+            .lock()
+            .expect("budget lock")
+            .take_truncation(job.engine.name())
+        {
+            send(t);
+        }
+        let output = output?;
         Ok(output.layout_dir)
     })
     .await

@@ -120,28 +120,8 @@ pub async fn snapshot_in_vm(
     let result = tokio::task::spawn_blocking(move || match &native_task {
         None => build_snapshot(&vmm, &spec, &task_out, &token),
         Some((plan, _)) => {
-            let mut on_step = |i: usize, step: &nullspace_vm::template::Step, ev: StepEvent<'_>| {
-                let index = plan.request_index(i).map(|x| x as i64 + 1);
-                let (kind, msg) = match ev {
-                    StepEvent::Started => (
-                        "message",
-                        format!(
-                            "step {}: {step:?}",
-                            index.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
-                        ),
-                    ),
-                    StepEvent::Output(b) => {
-                        ("message", String::from_utf8_lossy(b).trim_end().to_string())
-                    }
-                    StepEvent::Finished { elapsed } => (
-                        "message",
-                        format!("step done in {} ms", elapsed.as_millis()),
-                    ),
-                };
-                if msg.is_empty() {
-                    return;
-                }
-                let mut e = entry(&log_rec, kind, "info", msg);
+            let log = |index: Option<i64>, msg: String| {
+                let mut e = entry(&log_rec, "message", "info", msg);
                 e.phase = Some("step".into());
                 e.step_index = index;
                 e.total_steps = Some(total);
@@ -151,7 +131,51 @@ pub async fn snapshot_in_vm(
                     e,
                 ));
             };
-            build_snapshot_with_steps(&vmm, &spec, &plan.steps, &mut on_step, &task_out, &token)
+            let label = |index: Option<i64>| {
+                format!(
+                    "step {}",
+                    index.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+                )
+            };
+            let mut budget = super::OutputBudget::new(st.config.step_log_limit);
+            // The step that ran last: a step that fails has no `Finished`,
+            // so its truncation entry is written after the driver returns.
+            let mut last = None;
+            let mut on_step = |i: usize, step: &nullspace_vm::template::Step, ev: StepEvent<'_>| {
+                let index = plan.request_index(i).map(|x| x as i64 + 1);
+                last = index;
+                let label = label(index);
+                let mut msgs = Vec::new();
+                match ev {
+                    StepEvent::Started => {
+                        budget.reset();
+                        msgs.push(format!("{label}: {step:?}"));
+                    }
+                    StepEvent::Output(b) => {
+                        let text = String::from_utf8_lossy(b);
+                        msgs.push(budget.admit(&text).trim_end().to_string());
+                    }
+                    StepEvent::Finished { elapsed } => {
+                        msgs.extend(budget.take_truncation(&label));
+                        msgs.push(format!("step done in {} ms", elapsed.as_millis()));
+                    }
+                };
+                for msg in msgs.into_iter().filter(|m| !m.is_empty()) {
+                    log(index, msg);
+                }
+            };
+            let r = build_snapshot_with_steps(
+                &vmm,
+                &spec,
+                &plan.steps,
+                &mut on_step,
+                &task_out,
+                &token,
+            );
+            if let Some(t) = budget.take_truncation(&label(last)) {
+                log(last, t);
+            }
+            r
         }
     })
     .await
