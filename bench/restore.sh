@@ -9,7 +9,8 @@
 #             streamed), no pool
 #   mapped    RAM file mapped copy-on-write by every restore, no pool
 #             (--machine-pool-size 0)
-#   pool      mapped + prepared VMs (--machine-pool-size $NS_POOL, default 2)
+#   pool      mapped + prepared VMs (--machine-pool-size $NS_POOL, default 2;
+#             a mode poolN uses N)
 #   cold boot the same template's build VM: QEMU start to the agent plus
 #             start command to readiness (from each mode's snapshot.json)
 #
@@ -87,6 +88,7 @@ for mode in $MODES; do
     streamed) data=$WORK/streamed; flags=(--build-vm-memory streamed --machine-pool-size 0) ;;
     mapped) data=$WORK/mapped; flags=(--machine-pool-size 0) ;;
     pool) data=$WORK/mapped; flags=(--machine-pool-size "$POOL") ;;
+    pool[0-9]*) data=$WORK/mapped; flags=(--machine-pool-size "${mode#pool}") ;;
     *) echo "unknown mode $mode" >&2; exit 1 ;;
   esac
   mkdir -p "$data"
