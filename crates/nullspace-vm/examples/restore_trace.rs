@@ -30,6 +30,16 @@ fn import(layout: &Path, tag: &str, out: &Path) -> anyhow::Result<PathBuf> {
     Ok(out.join("rootfs.ext4"))
 }
 
+/// `Pss:` of `/proc/PID/smaps_rollup`, MiB.
+fn pss_mib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
 fn ms(t: Instant) -> u128 {
     t.elapsed().as_millis()
 }
@@ -89,8 +99,19 @@ fn trace_one(
         let p = vm.phases;
         let e = execs(&mut vm, cmd)?;
         println!(
-            "{:<10} {:>6} {:>7} {:>6} {:>5} {:>6} {:>7} | {:>6} {:>5} {:>6} {:>6}",
-            "plain", p.verify, p.overlay, p.spawn, p.load, p.start, total, e[0], e[1], e[2], e[3]
+            "{:<10} {:>6} {:>7} {:>6} {:>5} {:>6} {:>7} | {:>6} {:>5} {:>6} {:>6} | {:.1}",
+            "plain",
+            p.verify,
+            p.overlay,
+            p.spawn,
+            p.load,
+            p.start,
+            total,
+            e[0],
+            e[1],
+            e[2],
+            e[3],
+            pss_mib(vm.pid())
         );
         drop(vm);
         // Prepared ahead (pool): only the start is on the critical path.
@@ -118,7 +139,7 @@ fn trace_one(
         let total = ms(t);
         let e = execs(&mut r.vm, cmd)?;
         println!(
-            "{:<10} {:>6} {:>7} {:>6} {:>5} {:>6} {:>7} | {:>6} {:>5} {:>6} {:>6}",
+            "{:<10} {:>6} {:>7} {:>6} {:>5} {:>6} {:>7} | {:>6} {:>5} {:>6} {:>6} | {:.1}",
             if warmed { "warmed" } else { "prepared" },
             p.verify,
             p.overlay,
@@ -129,7 +150,8 @@ fn trace_one(
             e[0],
             e[1],
             e[2],
-            e[3]
+            e[3],
+            pss_mib(r.vm.pid())
         );
         if let Some(w) = warm {
             println!("  (warm-up: guest ran {w} ms)");

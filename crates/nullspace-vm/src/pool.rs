@@ -404,10 +404,16 @@ fn refill(inner: &Inner) {
                 if st.stopped {
                     return;
                 }
-                let now = Instant::now();
-                let mut stale = evict(&mut st, cfg.max_keys, cfg.idle);
+                let stale = evict(&mut st, cfg.max_keys, cfg.idle);
+                if !stale.is_empty() {
+                    // Ended outside the lock (a kill waits for the process).
+                    drop(st);
+                    drop(stale);
+                    st = inner.lock();
+                    continue;
+                }
                 let calm = st.last_take.map_or(Duration::MAX, |t| t.elapsed());
-                if calm < cfg.quiet && stale.is_empty() {
+                if calm < cfg.quiet {
                     st = inner
                         .wake
                         .wait_timeout(st, cfg.quiet - calm)
@@ -415,6 +421,7 @@ fn refill(inner: &Inner) {
                         .0;
                     continue;
                 }
+                let now = Instant::now();
                 let next = st
                     .slots
                     .iter()
@@ -426,15 +433,7 @@ fn refill(inner: &Inner) {
                 if let Some((k, snap)) = next {
                     let id = (cfg.new_id)();
                     st.preparing = Some((k.clone(), id.clone()));
-                    drop(st);
-                    stale.clear();
                     break (k, snap, id);
-                }
-                if !stale.is_empty() {
-                    drop(st);
-                    drop(stale);
-                    st = inner.lock();
-                    continue;
                 }
                 st = inner
                     .wake
@@ -480,7 +479,7 @@ fn refill(inner: &Inner) {
                     slot.failing += 1;
                     slot.stats.failures += 1;
                     slot.stats.last_error = Some(e.to_string());
-                    // 1 s, 2 s, 4 s … up to a minute.
+                    // 2 s, 4 s, 8 s … up to a minute.
                     let backoff =
                         Duration::from_secs(1 << slot.failing.min(6)).min(Duration::from_secs(60));
                     slot.retry_at = Some(Instant::now() + backoff);

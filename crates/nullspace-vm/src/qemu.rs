@@ -414,13 +414,20 @@ impl Machine<'_> {
             meta.vcpus.to_string(),
             "-nographic".into(),
             "-no-reboot".into(),
-            "-kernel".into(),
-            meta.vmlinuz.display().to_string(),
-            "-initrd".into(),
-            self.initrd.display().to_string(),
-            "-append".into(),
-            self.cmdline.to_string(),
         ]);
+        // A restore's guest kernel is in its memory already: without
+        // `-kernel` QEMU keeps no copy of the image in its own memory (3.5
+        // to 13 MiB a machine here). The device set is the same.
+        if !self.incoming {
+            a.extend([
+                "-kernel".to_string(),
+                meta.vmlinuz.display().to_string(),
+                "-initrd".into(),
+                self.initrd.display().to_string(),
+                "-append".into(),
+                self.cmdline.to_string(),
+            ]);
+        }
         if let Ram::File { path, private } = self.ram {
             let mut o = json!({
                 "qom-type": "memory-backend-file",
