@@ -21,6 +21,8 @@ PAR = int(os.environ.get("NS_PAR", "10"))
 ROUNDS = int(os.environ.get("NS_ROUNDS", "3"))
 PSS = [int(x) for x in os.environ.get("NS_PSS", "1,8,32").split(",") if x]
 LOG = os.environ.get("NS_SERVER_LOG")
+# The pool's size (0: none): concurrent rounds start once it is refilled.
+POOL = int(os.environ.get("NS_POOL_SIZE", "0"))
 TEMPLATE = "deb"
 
 
@@ -171,10 +173,19 @@ res["sequential"] = {
 log(f"sequential: create+exec p50 {pct(seq_t, 50):.0f} ms p99 {pct(seq_t, 99):.0f} ms")
 settle(5)
 
+def wait_pool(limit=90):
+    """Until the pool holds its POOL entries again (or `limit` s)."""
+    t = time.time()
+    while POOL and len(pooled_pids(set())) < POOL and time.time() - t < limit:
+        time.sleep(0.5)
+    time.sleep(1)
+
+
 hits0 = pooled_hits()
 par_t, walls = [], []
 for _ in range(ROUNDS):
     out, errs = [], []
+    wait_pool()
 
     def worker():
         try:
@@ -201,7 +212,7 @@ res["concurrent"] = {
 log(f"{PAR} at once: create+exec p50 {pct(par_t, 50):.0f} ms p99 {pct(par_t, 99):.0f} ms")
 
 res["pss"] = []
-for n in PSS:
+for n in PSS if os.environ.get("NS_SKIP_PSS") != "1" else []:
     ms, errs = [], []
     t = time.perf_counter()
     try:

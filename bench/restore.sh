@@ -20,14 +20,14 @@
 # machines (NS_PSS), snapshot pause and size. Prints ratios.
 #
 # Usage: bench/restore.sh   (env: NS_N NS_PACE_MS NS_PAR NS_ROUNDS NS_PSS NS_POOL
-#                            NS_MODES="streamed mapped pool" NS_DEBIAN_LAYOUT)
+#                            NS_MODES="streamed mapped pool pool10" NS_DEBIAN_LAYOUT)
 # The Debian layout is the one bench/import.sh caches (`sudo bash bench/import.sh
 # --build-only`). Debug build (VM time dominates). CPU-heavy under TCG.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LAYOUT=${NS_DEBIAN_LAYOUT:-/var/tmp/nullspace-bench/oci-app}
 [ -f "$LAYOUT/index.json" ] || { echo "error: $LAYOUT missing (sudo bash bench/import.sh --build-only)" >&2; exit 1; }
-MODES=${NS_MODES:-streamed mapped pool}
+MODES=${NS_MODES:-streamed mapped pool pool10}
 POOL=${NS_POOL:-2}
 CARGO_INCREMENTAL=0 cargo build -q -p nullspace --bins
 RUSTFLAGS="-C target-feature=+crt-static" CARGO_INCREMENTAL=0 cargo build -q --release -p nullspace-init \
@@ -84,11 +84,13 @@ IMAGE="127.0.0.1:$RPORT/bench/deb:1"
 
 echo "nullspace $(git rev-parse --short HEAD), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(qemu-system-x86_64 --version | head -1)"
 for mode in $MODES; do
+  size=0 skip_pss=0
   case $mode in
     streamed) data=$WORK/streamed; flags=(--build-vm-memory streamed --machine-pool-size 0) ;;
     mapped) data=$WORK/mapped; flags=(--machine-pool-size 0) ;;
-    pool) data=$WORK/mapped; flags=(--machine-pool-size "$POOL") ;;
-    pool[0-9]*) data=$WORK/mapped; flags=(--machine-pool-size "${mode#pool}") ;;
+    pool) data=$WORK/mapped; size=$POOL; flags=(--machine-pool-size "$POOL") ;;
+    # Another pool size: the create figures only.
+    pool[0-9]*) data=$WORK/mapped; size=${mode#pool}; skip_pss=1; flags=(--machine-pool-size "$size") ;;
     *) echo "unknown mode $mode" >&2; exit 1 ;;
   esac
   mkdir -p "$data"
@@ -101,6 +103,7 @@ for mode in $MODES; do
   key=$(target/debug/nullspace keys create --data-dir "$data" --name bench --namespace bench)
   NULLSPACE_API_URL="http://127.0.0.1:$port" NULLSPACE_API_KEY="$key" NS_DATA="$data" \
     NS_IMAGE="$IMAGE" NS_MODE="$mode" NS_OUT="$WORK/$mode.json" NS_SERVER_LOG="$log" \
+    NS_POOL_SIZE="$size" NS_SKIP_PSS="$skip_pss" \
     "$PY" bench/restore.py || { tail -30 "$log" >&2; exit 1; }
   stop_server
   kill_machines
