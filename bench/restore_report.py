@@ -55,15 +55,27 @@ for p in ["p50", "p99"]:
     row(f"create + first run ({par} at once), {p} ms", lambda m, p=p: round(get(m, ["concurrent", "total", p])))
 row(f"  wall time of {par} at once (median round), ms", lambda m: round(get(m, ["concurrent", "wall_ms_median"])))
 row("  of them from the pool", lambda m: get(m, ["concurrent", "pooled"]))
+def pss(m, i, *keys):
+    """Sum of `keys` (KiB) of PSS row `i` as MiB; None where not measured."""
+    e = get(m, ["pss", i])
+    return sum(e[k] for k in keys) / 1024 if e else None
+
+
+def per(m, i, *keys):
+    e = get(m, ["pss", i])
+    return sum(e[k] for k in keys) / 1024 / max(1, e["made"]) if e else None
+
+
 for i, e in enumerate(r[base]["pss"]):
     if all(not r[m]["pss"] for m in modes if m != base):
         break
     n = e["n"]
-    row(f"PSS of {n} idle machines, MiB total", lambda m, i=i: (get(m, ["pss", i, "pss_kib"]) or 0) / 1024)
-    row(f"  per machine (made: see below), MiB", lambda m, i=i: (get(m, ["pss", i, "pss_kib"]) or 0) / 1024 / max(1, get(m, ["pss", i, "made"]) or 1))
+    row(f"PSS of {n} idle machines, MiB total", lambda m, i=i: pss(m, i, "pss_kib"))
+    row("  per machine, MiB", lambda m, i=i: per(m, i, "pss_kib"))
     row(f"  machines made of {n}", lambda m, i=i: get(m, ["pss", i, "made"]))
-    row(f"  the pool's own PSS, MiB", lambda m, i=i: (get(m, ["pss", i, "pool_pss_kib"]) or 0) / 1024)
-    row(f"  machines + pool, MiB", lambda m, i=i: ((get(m, ["pss", i, "pss_kib"]) or 0) + (get(m, ["pss", i, "pool_pss_kib"]) or 0)) / 1024)
+    row("  the pool's own PSS, MiB", lambda m, i=i: pss(m, i, "pool_pss_kib"))
+    row("  machines + pool, MiB", lambda m, i=i: pss(m, i, "pss_kib", "pool_pss_kib"))
+    row("  machines + pool per machine, MiB", lambda m, i=i: per(m, i, "pss_kib", "pool_pss_kib"))
 print()
 for m in modes:
     for e in r[m]["pss"]:
