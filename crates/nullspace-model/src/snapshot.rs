@@ -39,7 +39,7 @@ pub enum MemoryMode {
 }
 
 /// The accelerator the snapshot was taken under (a restore uses the same).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     Kvm,

@@ -333,6 +333,13 @@ fn sweep(state: &Shared, policy: &Policy, marks: &Marks, dry_run: bool) -> Swept
         {
             continue;
         }
+        if !dry_run {
+            // Pooled VMs of it are not users that keep it: they end first.
+            let dir = canonical(&p);
+            state
+                .machines
+                .drop_pooled(|k| k.snapshot_dir.starts_with(&dir));
+        }
         take("snapshot", p, &mut items);
     }
     for e in std::fs::read_dir(art.join("tmp"))

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use nullspace_store::Store;
 use nullspace_store::artifacts::Artifacts;
 
+pub use nullspace_vm::MemoryMode;
 pub use state::{AppState, BuildVm, Config, Shared};
 
 fn database_url(config: &Config) -> String {
@@ -185,6 +186,8 @@ pub async fn serve_until(
     // servers that died on this data directory left running is ended, and
     // their builds are recovered at once (their owner is known dead).
     let lock = nullspace_build::procs::OwnerLock::acquire(&state.run_root(), &state.owner)?;
+    // Pooled VMs are recorded in this server's run directory while pooled.
+    state.machines.start_pool(lock.pids.clone());
     *state.run_lock.lock().expect("run lock") = Some(lock);
     let dead = builds::queue::reap_dead_owners(&state).await;
     if let Err(e) = builds::queue::recover_once(&state, &dead).await {
@@ -219,6 +222,9 @@ pub async fn serve_until(
         c.abort();
         let _ = c.await;
     }
+    // Pooled VMs are not machines: they end with the server.
+    let rt = state.machines.clone();
+    let _ = tokio::task::spawn_blocking(move || rt.shutdown_pool()).await;
     // Machines keep running (the next start takes them over): their VMs
     // are let go (a dropped VM value would kill its QEMU), and their QEMUs
     // are not among the children ended here.

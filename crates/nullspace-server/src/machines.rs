@@ -555,11 +555,29 @@ pub async fn create(
     }
     // Create-time envs go over the snapshot's (a machine from a snapshot keeps them).
     src.envs.extend(envs);
-    let id = nullspace_store::new_id("mch_");
     let reservation = state
         .machines
         .reserve(src.memory_mb)
-        .map_err(|e| runtime_error(f, &id, e))?;
+        .map_err(|e| runtime_error(f, "(new)", e))?;
+    // A template's machine may start from a VM prepared ahead for exactly
+    // this snapshot and shape: its id is the one it was prepared under.
+    let pooled = if src.snapshot_id.is_empty() {
+        let (machines, tid, snap) = (
+            state.machines.clone(),
+            src.template_id.clone(),
+            src.snapshot.clone(),
+        );
+        tokio::task::spawn_blocking(move || machines.take_pooled(&tid, &snap))
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
+    let id = pooled
+        .as_ref()
+        .map(|p| p.id.clone())
+        .unwrap_or_else(|| nullspace_store::new_id("mch_"));
     let now = now_ms();
     let doc = MachineDoc {
         id: id.clone(),
@@ -612,6 +630,10 @@ pub async fn create(
     {
         Inserted::Existing(other) => {
             drop(reservation);
+            if let Some(p) = pooled {
+                // Not needed after all: ended (the pool refills).
+                let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            }
             return wait_created(state, c, f, &other).await;
         }
         Inserted::New => {}
@@ -627,6 +649,7 @@ pub async fn create(
         src.envs,
         reservation,
         key.map(|k| (c.namespace.clone(), k)),
+        pooled,
     ));
     task.await
         .map_err(|e| ApiError::internal(format!("create task: {e}")))?
@@ -642,14 +665,15 @@ async fn finish_create(
     envs: BTreeMap<String, String>,
     reservation: crate::runtime::Reservation,
     key: Option<(String, String)>,
+    pooled: Option<nullspace_vm::pool::Entry>,
 ) -> ApiResult<MachineInfo> {
     let id = row.id.clone();
     match state
         .machines
-        .restore(&id, snapshot, envs, reservation)
+        .restore(&id, snapshot, envs, reservation, pooled)
         .await
     {
-        Ok((live, ms)) => {
+        Ok((live, started)) => {
             let now = now_ms();
             doc.vm = Some(live.handle.clone());
             doc.started_at = Some(now);
@@ -661,7 +685,19 @@ async fn finish_create(
                 let _ = state.machines.destroy(&id, None).await;
                 return Err(not_found(f, &id));
             }
-            tracing::info!(machine = %id, restore_ms = ms, template = %doc.template, "machine running");
+            let p = started.phases;
+            tracing::info!(
+                machine = %id,
+                restore_ms = started.ms,
+                pooled = started.pooled,
+                verify_ms = p.verify,
+                overlay_ms = p.overlay,
+                spawn_ms = p.spawn,
+                load_ms = p.load,
+                start_ms = p.start,
+                template = %doc.template,
+                "machine running"
+            );
             Ok(info(&row, &doc))
         }
         Err(e) => {
@@ -1376,10 +1412,11 @@ pub async fn resume(state: &Shared, c: &Caller, f: Flavor, id: &str) -> ApiResul
     let envs = load_envs(&snapshot.dir);
     match state
         .machines
-        .restore(id, snapshot, envs, reservation)
+        .restore(id, snapshot, envs, reservation, None)
         .await
     {
-        Ok((live, ms)) => {
+        Ok((live, started)) => {
+            let ms = started.ms;
             let now = now_ms();
             doc.vm = Some(live.handle.clone());
             doc.paused_at = None;

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nullspace_vm::machine::{self, MachineSpec};
+use nullspace_vm::pool::{self, Pool, PoolConfig, PoolKey};
 use nullspace_vm::sandbox::SandboxHandle;
 use nullspace_vm::{AfterSnapshot, CancellationToken, QemuVm, Snapshot};
 
@@ -28,7 +29,16 @@ pub struct Limits {
     pub max_machines: usize,
     /// Guest memory of running (and restoring) machines, MiB.
     pub max_memory_mb: u64,
+    /// Prepared machines kept ready per template snapshot and shape
+    /// (`--machine-pool-size`; 0: no pool). They are not machines yet and
+    /// do not count against the bounds above.
+    pub pool_size: usize,
 }
+
+/// Template keys the pool keeps entries for at most (least recently used
+/// dropped first), and how long a key nobody created from keeps them.
+pub const POOL_MAX_KEYS: usize = 8;
+pub const POOL_IDLE: Duration = Duration::from_secs(600);
 
 impl Limits {
     /// 64 machines and three quarters of the host's memory.
@@ -46,6 +56,7 @@ impl Limits {
         Limits {
             max_machines: 64,
             max_memory_mb: total_mb * 3 / 4,
+            pool_size: 2,
         }
     }
 }
@@ -106,6 +117,19 @@ pub struct Runtime {
     pub limits: Limits,
     usage: Arc<Mutex<Usage>>,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Prepared machines ([`Runtime::start_pool`]; none before, and none
+    /// for commands that only open the store).
+    pool: std::sync::OnceLock<Pool>,
+}
+
+/// How a machine was started, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Started {
+    /// Create to the guest's first answer (ms).
+    pub ms: u64,
+    /// Taken from the pool (prepared ahead).
+    pub pooled: bool,
+    pub phases: nullspace_vm::RestorePhases,
 }
 
 /// Reads the node identity in `data_dir/node-id`, creating it once.
@@ -165,7 +189,67 @@ impl Runtime {
             limits,
             usage: Default::default(),
             live: Default::default(),
+            pool: Default::default(),
         })
+    }
+
+    /// Starts the pool of prepared machines (when `limits.pool_size` > 0):
+    /// entries live in `DATA_DIR/machines/<id>` like machines, and each
+    /// entry's QEMU is recorded in `pids` (this server's run directory)
+    /// while it is pooled, so that a server that finds this one dead ends
+    /// it; the next start of this node sweeps its directory.
+    pub fn start_pool(&self, pids: nullspace_build::procs::PidDir) {
+        if self.limits.pool_size == 0 {
+            return;
+        }
+        let recorder: Arc<pool::Recorder> = Arc::new(move |pid| match pids.record(pid) {
+            Ok(f) => Some(Box::new(f) as Box<dyn Send>),
+            Err(e) => {
+                tracing::warn!(pid, "recording a pooled QEMU: {e}");
+                None
+            }
+        });
+        let _ = self.pool.set(Pool::new(PoolConfig {
+            size: self.limits.pool_size,
+            max_keys: POOL_MAX_KEYS,
+            idle: POOL_IDLE,
+            dir: self.machines_dir.clone(),
+            new_id: Arc::new(|| nullspace_store::new_id("mch_")),
+            timeout: Duration::from_secs(90),
+            warm_up: true,
+            // Niced only where a take can set it back (root here).
+            nice: if nullspace_vm::process::may_raise_priority() {
+                10
+            } else {
+                0
+            },
+            quiet: Duration::from_millis(300),
+            recorder: Some(recorder),
+        }));
+    }
+
+    /// A prepared machine of `template_id`'s snapshot `snap` (exactly its
+    /// shape), if one is ready; the pool refills in the background.
+    pub fn take_pooled(&self, template_id: &str, snap: &Snapshot) -> Option<pool::Entry> {
+        self.pool.get()?.take(template_id, snap)
+    }
+
+    /// Ends the pooled machines that `drop_it` picks (a deleted template,
+    /// a collected snapshot); how many.
+    pub fn drop_pooled(&self, drop_it: impl Fn(&PoolKey) -> bool) -> usize {
+        self.pool.get().map(|p| p.remove(drop_it)).unwrap_or(0)
+    }
+
+    /// The pool's figures per key.
+    pub fn pool_stats(&self) -> Vec<(PoolKey, pool::KeyStats)> {
+        self.pool.get().map(Pool::stats).unwrap_or_default()
+    }
+
+    /// Stops the pool and ends its machines (a stopping server).
+    pub fn shutdown_pool(&self) {
+        if let Some(p) = self.pool.get() {
+            p.shutdown();
+        }
     }
 
     pub fn machine_dir(&self, id: &str) -> PathBuf {
@@ -266,31 +350,62 @@ impl Runtime {
     }
 
     /// Restores `base` as machine `id` (its directory must not exist) and
-    /// records its envs beside it. The returned machine is registered.
+    /// records its envs beside it; with `pooled` (an entry prepared for
+    /// `id` from `base`), only starts that one (a failed start falls back
+    /// to a restore). The returned machine is registered.
     pub async fn restore(
         &self,
         id: &str,
         base: Snapshot,
         envs: BTreeMap<String, String>,
         reservation: Reservation,
-    ) -> Result<(Arc<Live>, u64), RuntimeError> {
+        pooled: Option<pool::Entry>,
+    ) -> Result<(Arc<Live>, Started), RuntimeError> {
         let spec = MachineSpec {
             dir: self.machine_dir(id),
             timeout: Duration::from_secs(90),
+            nice: 0,
         };
         let e = envs.clone();
-        let restored = tokio::task::spawn_blocking(move || -> Result<_, RuntimeError> {
-            let r = machine::restore(&base, &spec, &CancellationToken::new())?;
-            if let Err(err) = save_envs(&spec.dir, &e) {
-                drop(r);
-                let _ = std::fs::remove_dir_all(&spec.dir);
-                return Err(RuntimeError::Io(format!("machine envs: {err}")));
-            }
-            Ok(r)
-        })
-        .await
-        .map_err(|e| RuntimeError::Io(format!("restore task: {e}")))??;
-        let ms = restored.ready_ms;
+        let mid = id.to_string();
+        let (restored, started) =
+            tokio::task::spawn_blocking(move || -> Result<_, RuntimeError> {
+                let t0 = std::time::Instant::now();
+                let nc = CancellationToken::new();
+                let mut started = Started::default();
+                let from_pool = pooled.and_then(|p| {
+                    debug_assert_eq!(p.id, mid);
+                    let phases = p.prepared().phases();
+                    match p.start(Duration::from_secs(30), &nc) {
+                        Ok(r) => {
+                            started.pooled = true;
+                            started.phases = phases;
+                            Some(r)
+                        }
+                        Err(e) => {
+                            tracing::warn!(machine = %mid, "a pooled VM did not start ({e}); restoring instead");
+                            None
+                        }
+                    }
+                });
+                let r = match from_pool {
+                    Some(r) => r,
+                    None => machine::restore(&base, &spec, &nc)?,
+                };
+                if !started.pooled {
+                    started.phases = r.vm.phases;
+                }
+                started.phases.start = r.vm.phases.start;
+                if let Err(err) = save_envs(&spec.dir, &e) {
+                    drop(r);
+                    let _ = std::fs::remove_dir_all(&spec.dir);
+                    return Err(RuntimeError::Io(format!("machine envs: {err}")));
+                }
+                started.ms = t0.elapsed().as_millis() as u64;
+                Ok((r, started))
+            })
+            .await
+            .map_err(|e| RuntimeError::Io(format!("restore task: {e}")))??;
         let live = self.insert(Live {
             id: id.to_string(),
             guest: Guest::new(restored.handle.agent_socket.clone(), Some(restored.agent)),
@@ -300,7 +415,7 @@ impl Runtime {
             lifecycle: Default::default(),
             _reservation: reservation,
         });
-        Ok((live, ms))
+        Ok((live, started))
     }
 
     /// Takes over a machine a previous run of this server started: its
@@ -429,7 +544,8 @@ impl Runtime {
         .map_err(|e| RuntimeError::Io(format!("destroy task: {e}")))?
     }
 
-    /// Machine directories that no running machine of `known` owns: their
+    /// Machine directories that no running machine of `known` owns (nor
+    /// the pool: a previous run's pooled machines are swept too): their
     /// QEMU (if it still runs, matched by the pidfile and its command line)
     /// is killed and the directory removed. Returns the ids swept.
     pub fn sweep_orphans(&self, known: &[String]) -> Vec<String> {
@@ -437,9 +553,10 @@ impl Runtime {
         let Ok(rd) = std::fs::read_dir(&self.machines_dir) else {
             return swept;
         };
+        let pooled = self.pool.get().map(Pool::ids).unwrap_or_default();
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().to_string();
-            if known.contains(&id) || self.get(&id).is_some() {
+            if known.contains(&id) || self.get(&id).is_some() || pooled.contains(&id) {
                 continue;
             }
             let dir = e.path();

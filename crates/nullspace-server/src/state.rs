@@ -38,6 +38,11 @@ pub struct Config {
     /// host's loopback services, which hostile build steps must not see
     /// unless the operator accepts that.
     pub build_vm_network: bool,
+    /// How build VMs keep guest memory, and so how their machines restore:
+    /// `Mapped` (the default: a RAM file that machines map copy-on-write)
+    /// or `Streamed` (the earlier design, all RAM in the migration stream;
+    /// kept for comparison benchmarks).
+    pub build_vm_memory: nullspace_vm::MemoryMode,
     /// How many machines (and how much guest memory) this server runs.
     pub machine_limits: crate::runtime::Limits,
     /// Build `nullspace/base` at start-up when it is missing (with the build VM).
@@ -76,6 +81,7 @@ impl Config {
             build_vm: BuildVm::Off,
             init_bin: None,
             build_vm_network: false,
+            build_vm_memory: nullspace_vm::MemoryMode::Mapped,
             machine_limits: crate::runtime::Limits::default_for_host(),
             base_template: true,
             lease: Duration::from_secs(30),

@@ -274,6 +274,9 @@ pub async fn list(state: &Shared, caller: &Caller) -> ApiResult<Vec<TemplateInfo
 pub async fn delete(state: &Shared, caller: &Caller, raw: &str) -> ApiResult<()> {
     let (row, _) = resolve(state, caller, raw, true).await?;
     state.store.delete_template(&row.id).await?;
+    // Its pooled VMs can never be taken now.
+    let (rt, id) = (state.machines.clone(), row.id.clone());
+    let _ = tokio::task::spawn_blocking(move || rt.drop_pooled(|k| k.label == id)).await;
     Ok(())
 }
 

@@ -64,6 +64,11 @@ impl Server {
         if !self.args.iter().any(|a| a == "--base-template") {
             cmd.arg("--no-base-template");
         }
+        // No pool of prepared VMs unless a test asks for one: tests count
+        // their server's QEMU processes, and pooled ones are extra.
+        if !self.args.iter().any(|a| a == "--machine-pool-size") {
+            cmd.args(["--machine-pool-size", "0"]);
+        }
         // The build VM is on by default wherever it can run; API tests that
         // do not ask for it run without (fast, and independent of whether
         // a guest init happens to be installed). `--auto-build-vm` (a

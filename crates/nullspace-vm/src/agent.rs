@@ -1255,6 +1255,33 @@ impl AgentClient {
         }
     }
 
+    /// What a restored guest needs first: [`AgentClient::set_time`] and
+    /// [`AgentClient::reseed`], sent together so that they cost one round
+    /// trip (the guest serves them at once, on threads of their own).
+    pub fn sync_after_restore(
+        &self,
+        time: std::time::SystemTime,
+        limit: Duration,
+    ) -> Result<(), VmError> {
+        let deadline = Instant::now() + limit;
+        let ns = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| VmError::Agent(format!("set_time: {e}")))?
+            .as_nanos() as u64;
+        let mut data = vec![0u8; 64];
+        rand::fill(&mut data[..]);
+        let mut clock = self.start_call(Op::SetTime { unix_ns: ns })?;
+        let mut seed = self.start_call(Op::Reseed { data })?;
+        match clock.next(deadline)? {
+            Event::Time { .. } => {}
+            ev => return Err(unexpected("set_time", ev)),
+        }
+        match seed.next(deadline)? {
+            Event::Ok => Ok(()),
+            ev => Err(unexpected("reseed", ev)),
+        }
+    }
+
     /// One probe attempt in the guest: `(ready, detail)`. `probe` is the
     /// guest probe's JSON (`{"kind":"tcp","port":N}`, `http` with `path`,
     /// `command` with `cmd`).

@@ -18,6 +18,7 @@ pub mod init_binary;
 pub mod initramfs;
 pub mod kernel;
 pub mod machine;
+pub mod pool;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -33,7 +34,9 @@ pub use agent::{
 pub use error::VmError;
 pub use kernel::GuestKernel;
 pub use process::reap_stale;
-pub use qemu::{Accel, AfterSnapshot, BootSpec, MemoryMode, QemuVm, QemuVmm, RestoreSpec};
+pub use qemu::{
+    Accel, AfterSnapshot, BootSpec, MemoryMode, QemuVm, QemuVmm, RestorePhases, RestoreSpec,
+};
 pub use readiness::{Probe, Readiness, ReadyReport};
 pub use snapshot::{Snapshot, SnapshotMeta};
 pub use template::GuestConfig;

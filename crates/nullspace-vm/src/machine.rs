@@ -30,6 +30,8 @@ pub struct MachineSpec {
     pub dir: PathBuf,
     /// From QEMU start to the agent's answer.
     pub timeout: Duration,
+    /// QEMU's niceness while prepared (see [`RestoreSpec::nice`]).
+    pub nice: i32,
 }
 
 /// A machine restored (or taken over) by this process.
@@ -62,6 +64,38 @@ pub fn restore(
     cancel: &CancellationToken,
 ) -> Result<Restored, VmError> {
     let t0 = Instant::now();
+    let p = prepare(snap, spec, cancel)?;
+    let left = spec.timeout.saturating_sub(t0.elapsed());
+    let mut r = p.start(left.max(Duration::from_secs(1)), cancel)?;
+    r.ready_ms = t0.elapsed().as_millis() as u64;
+    Ok(r)
+}
+
+/// A machine made ready ahead of its create ([`QemuVm::prepare`]): its
+/// QEMU runs in the machine directory (pidfile written), started with the
+/// snapshot's device configuration, memory mapping and a disk overlay of
+/// its own, loaded with the device state and paused; the agent socket is
+/// connected. The guest has not run since the snapshot. [`Prepared::start`]
+/// makes it a running machine; dropping it kills QEMU and removes the
+/// directory.
+pub struct Prepared {
+    vm: Option<QemuVm>,
+    /// The machine directory.
+    dir: PathBuf,
+    handle: SandboxHandle,
+    /// QEMU start to paused and loaded, in milliseconds.
+    pub prepare_ms: u64,
+}
+
+/// Prepares `snap` as a machine in `spec.dir` (created; must not exist):
+/// everything of [`restore`] that does not need the guest to run. On
+/// failure nothing is left.
+pub fn prepare(
+    snap: &Snapshot,
+    spec: &MachineSpec,
+    cancel: &CancellationToken,
+) -> Result<Prepared, VmError> {
+    let t0 = Instant::now();
     std::fs::create_dir(&spec.dir).map_err(VmError::io(spec.dir.display().to_string()))?;
     let r = (|| {
         let dir = std::fs::canonicalize(&spec.dir)
@@ -73,30 +107,108 @@ pub fn restore(
                 dir.display()
             )));
         }
-        let mut vm = QemuVm::restore(
+        let vm = QemuVm::prepare(
             snap,
             &RestoreSpec {
                 work_dir: Some(dir.clone()),
                 timeout: spec.timeout,
+                pidfile: Some(dir.join(PID_FILE)),
+                nice: spec.nice,
             },
             cancel,
         )?;
+        // QEMU wrote its pidfile as it started (and removes it when it
+        // exits); written again here in case it could not.
         let handle = handle_of(&vm);
         std::fs::write(dir.join(PID_FILE), format!("{}\n", handle.pid))
             .map_err(VmError::io("machine pidfile"))?;
-        let agent = crate::Vm::agent(&mut vm).clone();
-        Ok(Restored {
-            vm,
+        Ok(Prepared {
+            vm: Some(vm),
+            dir,
             handle,
-            agent,
-            ready_ms: t0.elapsed().as_millis() as u64,
+            prepare_ms: t0.elapsed().as_millis() as u64,
         })
     })();
     if r.is_err() {
-        // A restore that failed killed its QEMU; its directory goes too.
+        // A failed prepare killed its QEMU; its directory goes too.
         let _ = std::fs::remove_dir_all(&spec.dir);
     }
     r
+}
+
+impl Prepared {
+    /// Starts the guest (`cont`, clock and RNG set) within `limit`. On
+    /// failure QEMU is killed and the directory removed.
+    pub fn start(
+        mut self,
+        limit: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Restored, VmError> {
+        let t0 = Instant::now();
+        let mut vm = self.vm.take().expect("a prepared VM");
+        match vm.start_prepared(limit, cancel) {
+            Ok(()) => {
+                let agent = crate::Vm::agent(&mut vm).clone();
+                let handle = self.handle.clone();
+                // Handed on: nothing of it is removed now.
+                self.dir = PathBuf::new();
+                Ok(Restored {
+                    vm,
+                    handle,
+                    agent,
+                    ready_ms: t0.elapsed().as_millis() as u64,
+                })
+            }
+            Err(e) => {
+                drop(vm);
+                Err(e)
+            }
+        }
+    }
+
+    /// QEMU's pid, directories and sockets.
+    pub fn handle(&self) -> &SandboxHandle {
+        &self.handle
+    }
+
+    /// The machine directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// QEMU still runs (it could have been killed while it waited).
+    pub fn alive(&self) -> bool {
+        self.handle.alive()
+    }
+
+    /// See [`QemuVm::warm_up`]: the guest runs for a moment (its first
+    /// answer and a `true`) and is paused again; returns how long it ran.
+    pub fn warm_up(&mut self, limit: Duration, cancel: &CancellationToken) -> Result<u64, VmError> {
+        self.vm
+            .as_mut()
+            .expect("a prepared VM")
+            .warm_up(limit, cancel)
+    }
+
+    /// QMP `query-status` (`paused` while it waits).
+    pub fn status(&mut self) -> Result<String, VmError> {
+        self.vm.as_mut().expect("a prepared VM").status()
+    }
+
+    /// Where the preparation spent its time.
+    pub fn phases(&self) -> crate::RestorePhases {
+        self.vm.as_ref().map(|v| v.phases).unwrap_or_default()
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // Dropping the VM kills and reaps QEMU and removes its directory.
+        self.vm.take();
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 /// Takes over the running machine `handle` (restored from `origin` by an

@@ -26,11 +26,13 @@ pub const OWNER_FILE: &str = "owner";
 /// In a VM directory: QEMU's `-pidfile`.
 pub const PID_FILE: &str = "qemu.pid";
 
-/// Spawns QEMU with `args`, stdout and stderr to `log`.
+/// Spawns QEMU with `args`, stdout and stderr to `log`, at scheduling
+/// niceness `nice` (0: the caller's).
 pub(crate) fn spawn_qemu(
     args: &[String],
     log: &Path,
     die_with_thread: bool,
+    nice: i32,
 ) -> Result<Child, VmError> {
     let out = std::fs::File::create(log).map_err(VmError::io("console log"))?;
     let err = out.try_clone().map_err(VmError::io("console log"))?;
@@ -58,10 +60,47 @@ pub(crate) fn spawn_qemu(
             });
         }
     }
+    if nice != 0 {
+        // SAFETY: setpriority(2) on the calling (child) process only; a
+        // raw syscall, no allocation between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.spawn().map_err(|e| VmError::VmCreate {
         message: format!("{QEMU}: {e}"),
         console_tail: String::new(),
     })
+}
+
+/// Sets the niceness of every thread of `pid` (Linux keeps it per thread,
+/// and QEMU's vCPU threads inherited it from its main thread).
+pub(crate) fn renice(pid: u32, nice: i32) -> std::io::Result<()> {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let Ok(tid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // SAFETY: setpriority(2) on one thread id of that process.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether this process may set a niceness back to 0 after raising it
+/// (root; finer `CAP_SYS_NICE` checks are not made).
+pub fn may_raise_priority() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// `/proc/PID/stat` field 22 (start time in clock ticks since boot).

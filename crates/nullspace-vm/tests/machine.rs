@@ -72,7 +72,11 @@ fn pgrp(pid: u32) -> u32 {
 }
 
 fn spec(dir: PathBuf) -> MachineSpec {
-    MachineSpec { dir, timeout: T }
+    MachineSpec {
+        dir,
+        timeout: T,
+        nice: 0,
+    }
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! CPU-heavy: run with `--test-threads=1`.
 
 use nullspace_model::build::step::Step;
+use nullspace_vm::machine::{self, MachineSpec};
 use nullspace_vm::qemu::{AfterSnapshot, MemoryMode, QemuVm, QemuVmm, RestoreSpec};
 use nullspace_vm::template::{self, GuestConfig, Snapshot, StepEvent, TemplateSpec};
 use nullspace_vm::{CancellationToken, GuestKernel, Probe, Readiness, Vm, VmError};
@@ -320,9 +321,10 @@ fn mapped_and_streamed_restores_continue_where_the_snapshot_left_off() {
             }
             MemoryMode::Streamed => assert!(!cmdline.contains("memory-backend-file"), "{cmdline}"),
         }
-        // The kernel is the snapshot's copy, not the host's /boot.
+        // No kernel file at all (not the host's /boot): the guest's kernel
+        // is in the memory it continues from.
         assert!(
-            cmdline.contains(&format!("-kernel {}/vmlinuz", snap.dir.display())),
+            !cmdline.contains("-kernel") && !cmdline.contains("-initrd"),
             "{cmdline}"
         );
     }
@@ -810,6 +812,7 @@ fn a_cancelled_restore_leaves_nothing() {
     let spec = RestoreSpec {
         work_dir: Some(work.path().to_path_buf()),
         timeout: T,
+        ..Default::default()
     };
     let err = template::restore(&f.template, &spec, &token).err().unwrap();
     assert!(matches!(err, VmError::Cancelled), "{err:?}");
@@ -1005,4 +1008,260 @@ fn cancel_during_a_snapshot_of_a_restored_vm_keeps_the_vm_and_leaves_nothing() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// The guest's `/proc/uptime` (seconds since boot, on the guest's clock,
+/// which stands still while the VM is paused).
+fn uptime(vm: &mut QemuVm) -> f64 {
+    sh(vm, "cut -d' ' -f1 /proc/uptime").parse().unwrap()
+}
+
+#[test]
+fn a_prepared_vm_waits_paused_and_then_starts_where_the_snapshot_left_off() {
+    let _s = serial();
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    // The reference: a plain restore, asked at once.
+    let mut plain = restore(&f.template);
+    let u_plain = uptime(&mut plain);
+    let template_proc = start_proc(&mut plain);
+    drop(plain);
+    let spec = MachineSpec {
+        dir: work.path().join("m1"),
+        timeout: T,
+        nice: 0,
+    };
+    let mut p = machine::prepare(&f.template, &spec, &nocancel()).expect("prepare");
+    assert_eq!(p.status().unwrap(), "paused");
+    let pid = p.handle().pid;
+    assert_eq!(
+        std::fs::read_to_string(spec.dir.join(machine::PID_FILE))
+            .unwrap()
+            .trim(),
+        pid.to_string(),
+        "its pidfile"
+    );
+    // Waiting costs the guest nothing: it does not run while pooled.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(p.status().unwrap(), "paused");
+    let t = Instant::now();
+    let mut r = p.start(T, &nocancel()).expect("start");
+    eprintln!(
+        "[timing] prepared VM: prepare phases {:?}; start {} ms (call {:?})",
+        r.vm.phases,
+        r.vm.phases.start,
+        t.elapsed()
+    );
+    let vm = &mut r.vm;
+    let u = uptime(vm);
+    assert!(
+        u < u_plain + 2.0,
+        "the guest ran while prepared: uptime {u} s against {u_plain} s for a plain restore"
+    );
+    // The same start process, with its memory (the token), counting on.
+    assert_eq!(start_proc(vm), template_proc);
+    let c1 = count(vm);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(count(vm) > c1, "the counter runs");
+    // Its clock was set: the guest's wall clock is the host's.
+    let guest: u64 = sh(vm, "date +%s").parse().unwrap();
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(guest.abs_diff(host) <= 5, "guest {guest}, host {host}");
+    drop(r);
+    // A prepared VM dropped unstarted leaves nothing.
+    let spec2 = MachineSpec {
+        dir: work.path().join("m2"),
+        timeout: T,
+        nice: 0,
+    };
+    let p2 = machine::prepare(&f.template, &spec2, &nocancel()).unwrap();
+    let pid2 = p2.handle().pid;
+    drop(p2);
+    assert!(!alive(pid2));
+    assert!(!spec2.dir.exists());
+}
+
+/// The niceness of every thread of `pid`.
+fn nice_of(pid: u32) -> Vec<i64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap();
+            // Field 19, counted after the parenthesised name (field 2).
+            stat.rsplit(')')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .nth(16)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `/proc/PID/cmdline` of a QEMU, spaces for NULs.
+fn cmdline(pid: u32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .replace('\0', " ")
+}
+
+#[test]
+fn pool_entries_of_different_templates_and_sizes_never_mix() {
+    use nullspace_vm::pool::{Pool, PoolConfig, PoolKey};
+    use std::sync::{Arc, Mutex};
+    let _s = serial();
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    // A second template: the same image, another size.
+    let mut spec = counter_spec(&f.rootfs, MemoryMode::Mapped);
+    spec.memory_mb = 320;
+    let other = template::build_snapshot(&f.vmm, &spec, &work.path().join("t320"), &nocancel())
+        .expect("a 320 MiB template");
+    let machines = work.path().join("machines");
+    std::fs::create_dir(&machines).unwrap();
+    // What the pool records (the server: its run directory), live.
+    let records: Arc<Mutex<Vec<u32>>> = Default::default();
+    struct Record(Arc<Mutex<Vec<u32>>>, u32);
+    impl Drop for Record {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().retain(|p| *p != self.1);
+        }
+    }
+    let rec = records.clone();
+    let n = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let pool = Pool::new(PoolConfig {
+        size: 1,
+        max_keys: 4,
+        idle: Duration::from_secs(600),
+        dir: machines.clone(),
+        new_id: Arc::new(move || {
+            format!(
+                "mch_t{}",
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            )
+        }),
+        timeout: T,
+        warm_up: true,
+        // Niced while pooled (root runs these tests; see the take below).
+        nice: if nullspace_vm::process::may_raise_priority() {
+            10
+        } else {
+            0
+        },
+        quiet: Duration::from_millis(100),
+        recorder: Some(Arc::new(move |pid| {
+            rec.lock().unwrap().push(pid);
+            Some(Box::new(Record(rec.clone(), pid)) as Box<dyn Send>)
+        })),
+    });
+    let a = PoolKey::of("tpl-a", &f.template);
+    let b = PoolKey::of("tpl-b", &other);
+    assert_ne!(a.memory_mb, b.memory_mb);
+    // The first takes miss and make the keys wanted.
+    assert!(pool.take("tpl-a", &f.template).is_none());
+    assert!(pool.take("tpl-b", &other).is_none());
+    assert!(
+        pool.wait_full(Duration::from_secs(180)),
+        "{:?}",
+        pool.stats()
+    );
+    let pooled = our_qemus(&machines.display().to_string());
+    assert_eq!(pooled.len(), 2, "one entry per key");
+    assert_eq!(records.lock().unwrap().len(), 2, "both recorded");
+    // The same snapshot under another label is another key: nothing of
+    // A's is handed out for it.
+    assert!(pool.take("tpl-c", &f.template).is_none());
+    // (That miss made tpl-c wanted: dropped again, with what it got.)
+    pool.remove(|k| k.label == "tpl-c");
+    let check = |e: &nullspace_vm::pool::Entry, snap: &Snapshot, mb: u32| {
+        let c = cmdline(e.pid());
+        let ram = snap.path(snap.manifest.memory.ram.as_ref().unwrap());
+        assert!(c.contains(&ram.display().to_string()), "{c}");
+        assert!(c.contains(&format!("-m {mb} ")), "{c}");
+        assert!(e.dir().starts_with(&machines));
+    };
+    let ea = pool.take("tpl-a", &f.template).expect("A's entry");
+    assert_eq!(ea.key, a);
+    check(&ea, &f.template, 256);
+    let eb = pool.take("tpl-b", &other).expect("B's entry");
+    assert_eq!(eb.key, b);
+    check(&eb, &other, 320);
+    let (pa, pb) = (ea.pid(), eb.pid());
+    let niced = nullspace_vm::process::may_raise_priority();
+    if niced {
+        assert_eq!(nice_of(pa), vec![10; nice_of(pa).len()], "pooled: niced");
+    }
+    let mut ma = ea.start(T, &nocancel()).unwrap();
+    let mut mb = eb.start(T, &nocancel()).unwrap();
+    for p in [pa, pb] {
+        let n = nice_of(p);
+        assert!(n.len() > 1 && n.iter().all(|x| *x == 0), "a machine: {n:?}");
+    }
+    // Taken: no longer the pool's records.
+    let recs = records.lock().unwrap().clone();
+    assert!(!recs.contains(&pa) && !recs.contains(&pb), "{recs:?}");
+    let mem_kb = |vm: &mut QemuVm| -> u64 {
+        sh(
+            vm,
+            "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
+        )
+        .parse()
+        .unwrap()
+    };
+    let (ka, kb) = (mem_kb(&mut ma.vm), mem_kb(&mut mb.vm));
+    assert!(
+        kb > ka + (40 << 10),
+        "MemTotal {ka} kB (256 MiB) vs {kb} kB (320 MiB)"
+    );
+    // Each continues its own template's start process (warmed up in the
+    // pool: a moment past the snapshot, the same process and memory).
+    for (vm, snap) in [(&mut ma.vm, &f.template), (&mut mb.vm, &other)] {
+        let p = start_proc(vm);
+        assert_eq!(p.pid, snap.meta.start["pid"].as_u64().unwrap());
+        let token = sh(vm, "cat /tmp/token");
+        assert_eq!(token, p.token);
+        let c1 = count(vm);
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(count(vm) > c1);
+    }
+    // Removing B's key ends its refilled entry; A's stays.
+    assert!(
+        pool.wait_full(Duration::from_secs(180)),
+        "{:?}",
+        pool.stats()
+    );
+    let stats = pool.stats();
+    assert!(
+        stats
+            .iter()
+            .any(|(k, s)| *k == a && s.hits == 1 && s.ready == 1),
+        "{stats:?}"
+    );
+    assert_eq!(pool.remove(|k| *k == b), 1);
+    // The pool ends its own (including the refills), not the machines.
+    drop(pool);
+    assert!(
+        our_qemus(&machines.display().to_string())
+            .iter()
+            .all(|p| *p == pa || *p == pb)
+    );
+    assert!(alive(pa) && alive(pb), "taken machines run on");
+    assert!(records.lock().unwrap().is_empty());
+    let dirs: Vec<String> = std::fs::read_dir(&machines)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(
+        dirs.len(),
+        2,
+        "only the two machines' directories: {dirs:?}"
+    );
+    drop(ma);
+    drop(mb);
 }

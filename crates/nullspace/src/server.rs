@@ -68,6 +68,15 @@ pub struct ServeArgs {
     /// [default: three quarters of the host's memory].
     #[arg(long, env = "NULLSPACE_MAX_MACHINE_MEMORY_MB")]
     max_machine_memory_mb: Option<u64>,
+    /// VMs kept started and paused, ready to become machines, per template
+    /// snapshot and shape (refilled in the background; 0: none).
+    #[arg(long, env = "NULLSPACE_MACHINE_POOL_SIZE", default_value_t = 2)]
+    machine_pool_size: usize,
+    /// How build VMs keep guest memory: `mapped` (a RAM file machines map
+    /// copy-on-write) or `streamed` (the earlier design: all RAM in the
+    /// snapshot's migration stream, read by every restore; for comparisons).
+    #[arg(long, env = "NULLSPACE_BUILD_VM_MEMORY", default_value = "mapped", value_parser = ["mapped", "streamed"])]
+    build_vm_memory: String,
     #[command(flatten)]
     lifecycle: LifecycleArgs,
 }
@@ -164,6 +173,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal (not in log files).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut config = a.store.config();
     config.workers = a.workers;
@@ -179,6 +190,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     config.init_bin = a.init_bin;
     config.build_vm_network = a.build_vm_network;
     config.machine_limits.max_machines = a.max_machines;
+    config.machine_limits.pool_size = a.machine_pool_size;
+    config.build_vm_memory = match a.build_vm_memory.as_str() {
+        "streamed" => nullspace_server::MemoryMode::Streamed,
+        _ => nullspace_server::MemoryMode::Mapped,
+    };
     config.base_template = !a.no_base_template;
     if let Some(m) = a.max_machine_memory_mb {
         config.machine_limits.max_memory_mb = m;

@@ -94,8 +94,9 @@ const CHECKS: &[&str] = &[
 #[test]
 fn both_published_sdks_pass_the_machine_scenarios() {
     let _s = serial();
-    // The base template builds at start-up, as on a default server.
-    let s = setup(&["--base-template"]);
+    // The base template builds at start-up, as on a default server, and
+    // creates take pooled VMs, as on a default server.
+    let mut s = setup(&["--base-template", "--machine-pool-size", "2"]);
     let other = s.server.key("team-b");
     let mut failures = vec![];
     for (sdk, v) in [(Sdk::V1_0_3, "1"), (Sdk::V0_1_9, "0")] {
@@ -126,7 +127,12 @@ fn both_published_sdks_pass_the_machine_scenarios() {
         "failed: {failures:?}\nserver log:\n{}",
         s.server.log_text()
     );
-    // Every machine was killed or timed out: no QEMU of this server is left.
+    let log = s.server.log_text();
+    assert!(log.contains("pooled=true"), "no create was pooled\n{log}");
+    // Every machine was killed or timed out, and a stop ends the pool: no
+    // QEMU of this server is left.
+    let st = s.server.terminate(Duration::from_secs(60));
+    assert!(st.is_some_and(|x| x.success()), "{st:?}");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !s.server.qemu_pids().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
@@ -421,5 +427,222 @@ fn the_cli_drives_machines() {
         code != 0 && err.contains("machine_not_found"),
         "{code} {err}"
     );
+    assert_eq!(s.server.qemu_pids(), Vec::<u32>::new());
+}
+
+/// A second template of another shape (1 vCPU, 384 MiB) whose start
+/// command marks its machines.
+const BUILD_SMALL: &str = r#"
+import os
+from nullspace import Template, wait_for_port
+start = "sh -c 'echo small > /tmp/which; exec httpd -f -p 8080 -h /srv'"
+b = Template.build(Template.from_image(os.environ["NS_IMAGE"]).set_start_cmd(start, wait_for_port(8080)), name="small", cpu_count=1, memory_mb=384)
+print("BUILT", b.status.value)
+"#;
+
+/// Creates one machine of each template named in argv and prints, per
+/// machine, `M <template> <id> <nproc> <MemTotal kB> <marker>`.
+const POOL_CREATE: &str = r#"
+import sys
+from nullspace import Machine
+shape = {"web": {}, "small": {"vcpus": 1, "memory_mb": 384}}
+for t in sys.argv[1:]:
+    m = Machine.create(template=t, **shape[t])
+    r = m.commands.run("echo $(nproc) $(sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo) $(cat /tmp/which 2>/dev/null || echo web)", shell=True)
+    assert r.exit_code == 0, r
+    print("M", t, m.id, r.stdout.strip())
+"#;
+
+/// The pooled QEMUs of a server: QEMUs of its data directory whose machine
+/// directory has no running machine (the ids `running` lists).
+fn pool_entries(s: &Setup, running: &[String]) -> Vec<(String, String)> {
+    let data = std::fs::canonicalize(&s.server.data_dir).unwrap();
+    let mut out = vec![];
+    for pid in s.server.qemu_pids() {
+        let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let c = String::from_utf8_lossy(&c).replace('\0', " ");
+        let m = data.join("machines").display().to_string();
+        let Some(rest) = c.split(&format!("{m}/")).nth(1) else {
+            continue;
+        };
+        let id = rest.split('/').next().unwrap_or("").to_string();
+        if !running.contains(&id) {
+            out.push((id, c));
+        }
+    }
+    out
+}
+
+/// Waits until the server answers HTTP (`/healthz`).
+fn answers(s: &Setup) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut got = String::new();
+        if let Ok(mut c) = std::net::TcpStream::connect(&s.server.addr) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+            let _ = c.read_to_string(&mut got);
+        }
+        if got.starts_with("HTTP/1.0 200") || got.starts_with("HTTP/1.1 200") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no answer: {got:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_entries(s: &Setup, running: &[String], n: usize) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let e = pool_entries(s, running);
+        if e.len() == n {
+            // Loaded too (a just-spawned QEMU has its directory already).
+            std::thread::sleep(Duration::from_secs(2));
+            let again = pool_entries(s, running);
+            if again.len() == n {
+                return again;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} pooled VMs, expected {n}\n{}",
+            e.len(),
+            s.server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `--machine-pool-size`: creates take a VM prepared for exactly their
+/// template's snapshot and shape (never another's), the pool refills,
+/// deleting a template ends its pooled VMs, a stopping server ends them
+/// all (machines run on), and those a crashed server left are swept at
+/// the next start.
+#[test]
+fn pooled_vms_are_per_template_and_shape_and_end_with_the_server() {
+    let _s = serial();
+    let mut s = setup(&["--machine-pool-size", "2"]);
+    let image = s._reg.push_demo(s._tmp.path(), "demo/small");
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        BUILD_SMALL,
+        &[("NS_IMAGE", &image)],
+    );
+    assert!(
+        r.stdout.contains("BUILT ready"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    let parse = |out: &str| -> Vec<Vec<String>> {
+        out.lines()
+            .filter_map(|l| l.strip_prefix("M "))
+            .map(|l| l.split_whitespace().map(str::to_string).collect())
+            .collect()
+    };
+    // First creates miss (nothing pooled yet) and make both keys wanted.
+    let (ok, out, err) = script(&s, POOL_CREATE, &["web", "small"]);
+    assert!(ok, "{out}\n{err}\n{}", s.server.log_text());
+    let mut running: Vec<String> = parse(&out).iter().map(|m| m[1].clone()).collect();
+    let entries = wait_entries(&s, &running, 4);
+    let (web_mb, small_mb) = ("-m 512 ", "-m 384 ");
+    let kinds = |entries: &[(String, String)]| -> (Vec<String>, Vec<String>) {
+        let web = entries
+            .iter()
+            .filter(|e| e.1.contains(web_mb))
+            .map(|e| e.0.clone())
+            .collect();
+        let small = entries
+            .iter()
+            .filter(|e| e.1.contains(small_mb))
+            .map(|e| e.0.clone())
+            .collect();
+        (web, small)
+    };
+    let (web, small) = kinds(&entries);
+    assert_eq!((web.len(), small.len()), (2, 2), "{entries:?}");
+    // Four creates, alternating: each is one of the pooled VMs of its own
+    // template (its id is the pooled VM's), with its template's shape.
+    let (ok, out, err) = script(&s, POOL_CREATE, &["web", "small", "small", "web"]);
+    assert!(ok, "{out}\n{err}\n{}", s.server.log_text());
+    for m in parse(&out) {
+        let (t, id, nproc, mem, marker) = (&m[0], &m[1], &m[2], &m[3], &m[4]);
+        let mem: u64 = mem.parse().unwrap();
+        match t.as_str() {
+            "web" => {
+                assert!(
+                    web.contains(id),
+                    "{id} was not a pooled web VM: {entries:?}"
+                );
+                assert_eq!((nproc.as_str(), marker.as_str()), ("2", "web"));
+                assert!(mem > 420 << 10, "{mem}");
+            }
+            _ => {
+                assert!(
+                    small.contains(id),
+                    "{id} was not a pooled small VM: {entries:?}"
+                );
+                assert_eq!((nproc.as_str(), marker.as_str()), ("1", "small"));
+                assert!(mem < 384 << 10, "{mem}");
+            }
+        }
+        running.push(id.clone());
+    }
+    let log = s.server.log_text();
+    assert_eq!(
+        log.matches("pooled=true").count(),
+        4,
+        "four pooled creates\n{log}"
+    );
+    // Refilled: two of each again.
+    let entries = wait_entries(&s, &running, 4);
+    let (_, small) = kinds(&entries);
+    // Deleting a template ends its pooled VMs (not its machines).
+    let (ok, out, err) = script(
+        &s,
+        "from nullspace import Template\nTemplate.delete('small')\nprint('DELETED')\n",
+        &[],
+    );
+    assert!(ok && out.contains("DELETED"), "{out}\n{err}");
+    let left = wait_entries(&s, &running, 2);
+    assert!(left.iter().all(|e| !small.contains(&e.0)), "{left:?}");
+    assert_eq!(s.server.qemu_pids().len(), running.len() + 2);
+    // A stop ends the pool; the machines run on.
+    let st = s.server.terminate(Duration::from_secs(60));
+    assert!(st.is_some_and(|x| x.success()), "{st:?}");
+    assert_eq!(
+        s.server.qemu_pids().len(),
+        running.len(),
+        "only the machines run\n{}",
+        s.server.log_text()
+    );
+    assert!(pool_entries(&s, &running).is_empty());
+    // A crash leaves pooled VMs behind: the next start ends them.
+    s.server.start_again();
+    let (ok, out, err) = script(&s, POOL_CREATE, &["web"]);
+    assert!(ok, "{out}\n{err}\n{}", s.server.log_text());
+    running.extend(parse(&out).iter().map(|m| m[1].clone()));
+    wait_entries(&s, &running, 2);
+    s.server.kill();
+    assert_eq!(s.server.qemu_pids().len(), running.len() + 2);
+    s.server.start_again();
+    // It listens before it recovers; it answers after.
+    answers(&s);
+    assert!(
+        pool_entries(&s, &running).is_empty(),
+        "{:?}\n{}",
+        pool_entries(&s, &running),
+        s.server.log_text()
+    );
+    let (ok, out, err) = script(
+        &s,
+        "from nullspace import Machine\nfor m in list(Machine.list()):\n    Machine.kill_by_id(m.id)\nprint('KILLED')\n",
+        &[],
+    );
+    assert!(ok && out.contains("KILLED"), "{out}\n{err}");
+    s.server.terminate(Duration::from_secs(60));
     assert_eq!(s.server.qemu_pids(), Vec::<u32>::new());
 }

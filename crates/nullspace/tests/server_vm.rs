@@ -108,6 +108,7 @@ fn restore(snap: &nullspace_vm::Snapshot, dir: &Path) -> nullspace_vm::QemuVm {
         &nullspace_vm::RestoreSpec {
             work_dir: Some(dir.to_path_buf()),
             timeout: Duration::from_secs(60),
+            ..Default::default()
         },
         &nullspace_vm::CancellationToken::new(),
     )
@@ -187,6 +188,7 @@ fn build_vm_runs_the_start_command_and_snapshots_a_ready_template() {
         &nullspace_vm::RestoreSpec {
             work_dir: Some(tmp.path().to_path_buf()),
             timeout: Duration::from_secs(60),
+            ..Default::default()
         },
         &nullspace_vm::CancellationToken::new(),
     )

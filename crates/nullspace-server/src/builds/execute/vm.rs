@@ -119,6 +119,7 @@ fn vm_spec(
     config.workdir = m.workdir.clone();
     config.start_cmd = m.start_cmd.clone();
     let mut spec = TemplateSpec::new(&rootfs, config);
+    spec.memory_mode = state.config.build_vm_memory;
     spec.network = state.config.build_vm_network && p.vm.internet_access;
     // A template's readiness (from a base template or a HEALTHCHECK) is
     // checked again as the model's probe.

@@ -1,0 +1,103 @@
+# Prints bench/restore.sh's modes side by side, with ratios against the
+# streamed restore (the earlier design) and issue 12's targets.
+# Usage: restore_report.py WORKDIR MODE...
+import json, os, sys
+
+work, modes = sys.argv[1], sys.argv[2:]
+r = {m: json.load(open(os.path.join(work, f"{m}.json"))) for m in modes}
+base = "streamed" if "streamed" in r else modes[0]
+
+
+def get(m, path):
+    v = r[m]
+    for p in path:
+        if isinstance(p, int):
+            v = v[p] if p < len(v) else None
+        else:
+            v = v.get(p) if v else None
+    return v
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}{unit}" if abs(v) < 100 else f"{v:.0f}{unit}"
+    return f"{v}{unit}"
+
+
+def row(label, f, unit=""):
+    vals = [f(m) for m in modes]
+    cells = [fmt(v, unit) for v in vals]
+    b = f(base)
+    ratios = []
+    for m, v in zip(modes, vals):
+        if m == base:
+            continue
+        ratios.append(f"{b / v:.1f}x" if (b and v) else "-")
+    print(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+
+
+others = [m for m in modes if m != base]
+print()
+print("| measure | " + " | ".join(modes) + " | " + " | ".join(f"{base}/{m}" for m in others) + " |")
+print("|---" * (1 + len(modes) + len(others)) + "|")
+row("cold boot: template boot + start command to ready, ms", lambda m: get(m, ["snapshot", "boot_ms"]) + get(m, ["snapshot", "ready_ms"]))
+row("snapshot: VM paused, ms", lambda m: get(m, ["snapshot", "paused_ms"]))
+row("snapshot: migration stream, KiB", lambda m: get(m, ["snapshot", "stream_bytes"]) // 1024)
+row("snapshot: memory on disk, MiB", lambda m: get(m, ["snapshot", "memory_on_disk_bytes"]) / 2**20)
+for what, key in [("create", "create"), ("first commands.run", "exec"), ("create + first run", "total")]:
+    for p in ["p50", "p99"]:
+        row(f"{what} ({get(base, ['sequential', 'create', 'n'])} one at a time), {p} ms", lambda m, k=key, p=p: round(get(m, ["sequential", k, p])))
+row("  of them from the pool", lambda m: get(m, ["sequential", "pooled"]))
+par = get(base, ["concurrent", "par"])
+for p in ["p50", "p99"]:
+    row(f"create + first run ({par} at once), {p} ms", lambda m, p=p: round(get(m, ["concurrent", "total", p])))
+row(f"  wall time of {par} at once (median round), ms", lambda m: round(get(m, ["concurrent", "wall_ms_median"])))
+row("  of them from the pool", lambda m: get(m, ["concurrent", "pooled"]))
+def pss(m, i, *keys):
+    """Sum of `keys` (KiB) of PSS row `i` as MiB; None where not measured."""
+    e = get(m, ["pss", i])
+    return sum(e[k] for k in keys) / 1024 if e else None
+
+
+def per(m, i, *keys):
+    e = get(m, ["pss", i])
+    return sum(e[k] for k in keys) / 1024 / max(1, e["made"]) if e else None
+
+
+for i, e in enumerate(r[base]["pss"]):
+    if all(not r[m]["pss"] for m in modes if m != base):
+        break
+    n = e["n"]
+    row(f"PSS of {n} idle machines, MiB total", lambda m, i=i: pss(m, i, "pss_kib"))
+    row("  per machine, MiB", lambda m, i=i: per(m, i, "pss_kib"))
+    row(f"  machines made of {n}", lambda m, i=i: get(m, ["pss", i, "made"]))
+    row("  the pool's own PSS, MiB", lambda m, i=i: pss(m, i, "pool_pss_kib"))
+    row("  machines + pool, MiB", lambda m, i=i: pss(m, i, "pss_kib", "pool_pss_kib"))
+    row("  machines + pool per machine, MiB", lambda m, i=i: per(m, i, "pss_kib", "pool_pss_kib"))
+print()
+for m in modes:
+    for e in r[m]["pss"]:
+        if e.get("error"):
+            print(f"{m}: {e['made']} of {e['n']} machines made: {e['error']}")
+
+# Issue 12's targets.
+print()
+if "pool" in r and "streamed" in r:
+    s = get("streamed", ["sequential", "total", "p50"])
+    p = get("pool", ["sequential", "total", "p50"])
+    print(f"create -> first exec p50: streamed {s:.0f} ms / pool {p:.0f} ms = {s / p:.1f}x (target >= 4x): {'MET' if s / p >= 4 else 'MISSED'}")
+    print(f"create -> first exec p50 through the SDK, pool: {p:.0f} ms (target <= 250 ms): {'MET' if p <= 250 else 'MISSED'}")
+for m in ["mapped", "pool"]:
+    if m in r and "streamed" in r and r[m]["pss"] and r["streamed"]["pss"]:
+        a, b = r["streamed"]["pss"][-1], r[m]["pss"][-1]
+        if a["made"] and b["made"]:
+            pa = a["pss_kib"] / a["made"]
+            # The pool's entries count with its machines.
+            pb = (b["pss_kib"] + b["pool_pss_kib"]) / b["made"]
+            what = "machines + pool" if b["pool_pss_kib"] else "machines"
+            print(f"PSS per idle machine at N={b['n']} ({m} made {b['made']}, streamed {a['made']}): streamed {pa / 1024:.1f} MiB / {m} {pb / 1024:.1f} MiB ({what}) = {pa / pb:.2f}x (target >= 3x): {'MET' if pa / pb >= 3 else 'MISSED'}")
+for m in modes:
+    ms = get(m, ["snapshot", "paused_ms"])
+    print(f"{m}: snapshot of the build VM {ms} ms paused (target <= 100 ms): {'MET' if ms <= 100 else 'MISSED'}")
