@@ -7,11 +7,14 @@
 //! - [`shell`]: the one POSIX shell quoter;
 //! - [`build`]: the build model: the request as the SDK sends it, its
 //!   normalisation into a [`build::plan::BuildPlan`] (steps, probes,
-//!   context manifest, digests) and the status/phase/code vocabularies.
+//!   context manifest, digests) and the status/phase/code vocabularies;
+//! - [`machine`]: the machine API's request and response bodies (both SDK
+//!   dialects), shared by the server and the CLI.
 
 pub mod agent;
 pub mod build;
 pub mod guest;
+pub mod machine;
 pub mod refs;
 pub mod shell;
 pub mod snapshot;

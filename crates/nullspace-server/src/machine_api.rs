@@ -159,7 +159,7 @@ pub async fn exec<const F: u8>(
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
     JsonBody(b): JsonBody<ExecBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ExecReply>> {
     machines::exec(&s, &c, flavor(F), &id, b).await.map(Json)
 }
 
@@ -346,7 +346,7 @@ pub async fn hibernate<const F: u8>(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SnapshotInfo>> {
     machines::hibernate(&s, &c, flavor(F), &id).await.map(Json)
 }
 
@@ -386,7 +386,7 @@ pub async fn snapshot_get(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SnapshotInfo>> {
     machines::snapshot_get(&s, &c, &id, None).await.map(Json)
 }
 
@@ -394,7 +394,7 @@ pub async fn snapshot_list(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Vec<Value>>> {
+) -> ApiResult<Json<Vec<SnapshotInfo>>> {
     let (machine, f) = match (q.get("machine_id"), q.get("sandbox_id")) {
         (Some(m), _) => (Some(m.as_str()), Some(Flavor::Machine)),
         (None, Some(m)) => (Some(m.as_str()), Some(Flavor::Sandbox)),

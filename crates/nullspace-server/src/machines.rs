@@ -965,7 +965,7 @@ pub async fn exec(
     f: Flavor,
     id: &str,
     b: ExecBody,
-) -> ApiResult<Value> {
+) -> ApiResult<ExecReply> {
     let (_, doc, live) = running(state, c, f, id).await?;
     let cmd = command(&doc, &live, &b)?;
     if b.background.unwrap_or(false) {
@@ -974,7 +974,7 @@ pub async fn exec(
             .spawn(cmd)
             .await
             .map_err(|e| guest_error(f, id, e))?;
-        return Ok(serde_json::json!({"pid": pid}));
+        return Ok(ExecReply::Background(Spawned { pid }));
     }
     let limit = cmd.timeout;
     let out = live
@@ -992,7 +992,7 @@ pub async fn exec(
             ),
         ));
     }
-    serde_json::to_value(finished(out)).map_err(ApiError::internal)
+    Ok(ExecReply::Finished(finished(out)))
 }
 
 /// Runs a command and sends its output to `tx` as it streams (the exec
@@ -1216,24 +1216,23 @@ pub async fn set_timeout(
 
 // ---- snapshots, pause, resume, fork -----------------------------------
 
-fn snapshot_json(doc: &SnapshotDoc, f: Flavor) -> Value {
-    let v = match f {
-        Flavor::Machine => serde_json::to_value(MachineSnapshotInfo {
+fn snapshot_json(doc: &SnapshotDoc, f: Flavor) -> SnapshotInfo {
+    match f {
+        Flavor::Machine => SnapshotInfo::Machine(MachineSnapshotInfo {
             id: doc.id.clone(),
             machine_id: doc.machine_id.clone(),
             size_bytes: doc.size_bytes,
             created_at: iso(doc.created_at),
             metadata: doc.metadata.clone(),
         }),
-        Flavor::Sandbox => serde_json::to_value(SandboxSnapshotInfo {
+        Flavor::Sandbox => SnapshotInfo::Sandbox(SandboxSnapshotInfo {
             id: doc.id.clone(),
             sandbox_id: doc.machine_id.clone(),
             size_bytes: doc.size_bytes,
             created_at: iso(doc.created_at),
             metadata: doc.metadata.clone(),
         }),
-    };
-    v.unwrap_or_default()
+    }
 }
 
 /// Snapshots a running machine (it goes on, or ends with `After::Stop`)
@@ -1296,7 +1295,7 @@ pub async fn create_snapshot(
     f: Flavor,
     id: &str,
     key: Option<String>,
-) -> ApiResult<Value> {
+) -> ApiResult<SnapshotInfo> {
     let (row, doc, live) = running(state, c, f, id).await?;
     let scope = format!("snapshot:{id}");
     if let Some(k) = &key
@@ -1321,7 +1320,7 @@ pub async fn create_snapshot(
 
 /// `POST …/hibernate` (`pause()`): memory and disk into a snapshot, the VM
 /// ends, the machine is `paused` until `resume`.
-pub async fn hibernate(state: &Shared, c: &Caller, f: Flavor, id: &str) -> ApiResult<Value> {
+pub async fn hibernate(state: &Shared, c: &Caller, f: Flavor, id: &str) -> ApiResult<SnapshotInfo> {
     let (row, _) = load(state, c, f, id).await?;
     if row.status == "paused" {
         let (_, doc) = load(state, c, f, id).await?;
@@ -1497,7 +1496,7 @@ pub async fn snapshot_get(
     c: &Caller,
     id: &str,
     f: Option<Flavor>,
-) -> ApiResult<Value> {
+) -> ApiResult<SnapshotInfo> {
     let (_, doc) = load_snapshot(state, c, id).await?;
     Ok(snapshot_json(&doc, f.unwrap_or(doc.flavor)))
 }
@@ -1508,7 +1507,7 @@ pub async fn snapshot_list(
     machine_id: Option<&str>,
     f: Option<Flavor>,
     metadata: Option<&Map<String, Value>>,
-) -> ApiResult<Vec<Value>> {
+) -> ApiResult<Vec<SnapshotInfo>> {
     if let Some(m) = machine_id
         && !plausible_id(m)
     {

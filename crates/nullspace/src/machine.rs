@@ -10,8 +10,13 @@ use std::io::{Read, Write};
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use clap::{Subcommand, ValueEnum};
+use nullspace_model::machine::{
+    CreateMachineBody, Destroyed, ExecBody, ExecReply, FileInfo, MachineInfo, MachinePage,
+    MachineSnapshotInfo, TimeoutBody, TimeoutLease, WriteFileBody,
+};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::template::{Api, enc, print_json, push_q, with_query};
 
@@ -175,42 +180,53 @@ fn path(id: &str, rest: &str) -> String {
     format!("/v1/machines/{}{rest}", enc(id))
 }
 
+/// The request body's JSON (the model's type, serialised).
+fn body<B: Serialize>(b: &B) -> Result<serde_json::Value> {
+    serde_json::to_value(b).context("encoding the request")
+}
+
+/// Reads an answer as the model's type.
+fn answer<R: DeserializeOwned>(p: &str, resp: reqwest::blocking::Response) -> Result<R> {
+    let text = resp.text().context("reading the response")?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("the server answered {p} with unexpected JSON"))
+}
+
 /// Lifecycle calls (create, exec, pause, fork) may take minutes: the
 /// stream timeout (300 s) applies, as the SDK's lifecycle calls allow.
-fn long(api: &Api, method: Method, p: &str, body: Option<&Value>) -> Result<Value> {
-    let text = api
-        .send(method, p, body, true)?
-        .text()
-        .context("reading the response")?;
-    if text.trim().is_empty() {
-        return Ok(Value::Null);
-    }
-    serde_json::from_str(&text)
-        .with_context(|| format!("the server answered {p} with invalid JSON"))
+fn long<R: DeserializeOwned>(
+    api: &Api,
+    method: Method,
+    p: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<R> {
+    answer(p, api.send(method, p, body, true)?)
 }
 
-fn line(m: &Value) -> String {
-    let s = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
-    format!(
-        "{}\t{}\t{}\t{}",
-        s("id"),
-        s("status"),
-        s("template"),
-        s("created_at")
-    )
+/// An ordinary call (the 30 s timeout).
+fn call<R: DeserializeOwned>(
+    api: &Api,
+    method: Method,
+    p: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<R> {
+    answer(p, api.send(method, p, body, false)?)
 }
 
-fn show(m: &Value, json_out: bool) -> Result<()> {
+fn line(m: &MachineInfo) -> String {
+    format!("{}\t{}\t{}\t{}", m.id, m.status, m.template, m.created_at)
+}
+
+fn show_id(id: &str, v: &impl Serialize, json_out: bool) -> Result<()> {
     if json_out {
-        print_json(m)
+        print_json(&body(v)?)
     } else {
-        writeln!(
-            std::io::stdout().lock(),
-            "{}",
-            m.get("id").and_then(Value::as_str).unwrap_or("")
-        )
-        .context("writing to stdout")
+        writeln!(std::io::stdout().lock(), "{id}").context("writing to stdout")
     }
+}
+
+fn show(m: &MachineInfo, json_out: bool) -> Result<()> {
+    show_id(&m.id, m, json_out)
 }
 
 pub fn run(c: MachineCommand) -> Result<()> {
@@ -226,31 +242,29 @@ pub fn run(c: MachineCommand) -> Result<()> {
             snapshot,
             json,
         } => {
-            let mut body = json!({"timeout_ms": timeout * 1000, "envs": key_values(&env)?});
-            match snapshot {
-                Some(s) => body["snapshot_id"] = json!(s),
-                None => body["template"] = json!(template.unwrap_or_else(|| "base".into())),
-            }
-            if let Some(c) = cwd {
-                body["cwd"] = json!(c);
-            }
-            if let Some(a) = timeout_action {
-                body["timeout_action"] = json!(action_name(a));
-            }
+            let (template, snapshot_id) = match snapshot {
+                Some(s) => (None, Some(s)),
+                None => (Some(template.unwrap_or_else(|| "base".into())), None),
+            };
+            let req = CreateMachineBody {
+                template,
+                snapshot_id,
+                timeout_ms: Some(timeout * 1000),
+                timeout_action: timeout_action.map(|a| action_name(a).to_string()),
+                envs: Some(key_values(&env)?),
+                cwd,
+                ..Default::default()
+            };
             // The server de-duplicates on the key: a retried create is safe.
             let key = idempotency_key.unwrap_or_else(|| nullspace_store::new_id("cli_"));
-            let text = api
-                .send_headers(
-                    Method::POST,
-                    "/v1/machines",
-                    Some(&body),
-                    true,
-                    &[("Idempotency-Key", key)],
-                )?
-                .text()
-                .context("reading the response")?;
-            let m: Value = serde_json::from_str(&text)
-                .context("the server answered POST /v1/machines with invalid JSON")?;
+            let resp = api.send_headers(
+                Method::POST,
+                "/v1/machines",
+                Some(&body(&req)?),
+                true,
+                &[("Idempotency-Key", key)],
+            )?;
+            let m: MachineInfo = answer("/v1/machines", resp)?;
             show(&m, json)
         }
         MachineCommand::Exec {
@@ -267,29 +281,29 @@ pub fn run(c: MachineCommand) -> Result<()> {
                 [first, rest @ ..] => (first.clone(), rest.to_vec()),
                 [] => bail!("a command is required after --"),
             };
-            let mut body = json!({
-                "command": command, "args": args, "timeout_secs": timeout,
-                "background": background, "envs": key_values(&env)?,
-            });
-            if let Some(c) = cwd {
-                body["cwd"] = json!(c);
-            }
-            if let Some(u) = user {
-                body["user"] = json!(u);
-            }
-            let r = long(&api, Method::POST, &path(&id, "/exec"), Some(&body))?;
-            if background {
-                println!("{}", r["pid"]);
-                return Ok(());
-            }
-            let out = r.get("stdout").and_then(Value::as_str).unwrap_or("");
-            let err = r.get("stderr").and_then(Value::as_str).unwrap_or("");
-            std::io::stdout().write_all(out.as_bytes())?;
-            std::io::stderr().write_all(err.as_bytes())?;
+            let req = ExecBody {
+                command,
+                args,
+                timeout_secs: Some(timeout),
+                background: Some(background),
+                envs: Some(key_values(&env)?),
+                cwd,
+                user,
+                shell: None,
+            };
+            let r = match long(&api, Method::POST, &path(&id, "/exec"), Some(&body(&req)?))? {
+                ExecReply::Background(s) if background => {
+                    println!("{}", s.pid);
+                    return Ok(());
+                }
+                ExecReply::Finished(r) if !background => r,
+                _ => bail!("the server answered exec in the other mode (background {background})"),
+            };
+            std::io::stdout().write_all(r.stdout.as_bytes())?;
+            std::io::stderr().write_all(r.stderr.as_bytes())?;
             std::io::stdout().flush()?;
-            let code = r.get("exit_code").and_then(Value::as_i64).unwrap_or(1);
-            if code != 0 {
-                std::process::exit(code.clamp(1, 255) as i32);
+            if r.exit_code != 0 {
+                std::process::exit(r.exit_code.clamp(1, 255));
             }
             Ok(())
         }
@@ -302,18 +316,16 @@ pub fn run(c: MachineCommand) -> Result<()> {
             loop {
                 let mut q = q.clone();
                 push_q(&mut q, "next_token", token.clone());
-                let page = api.get(&with_query("/v1/machines", &q))?;
-                all.extend(page["items"].as_array().cloned().unwrap_or_default());
-                token = page
-                    .get("next_token")
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
-                if token.is_none() || page["has_next"] != json!(true) {
+                let p = with_query("/v1/machines", &q);
+                let page: MachinePage = call(&api, Method::GET, &p, None)?;
+                all.extend(page.items);
+                token = page.next_token;
+                if token.is_none() || !page.has_next {
                     break;
                 }
             }
             if json {
-                return print_json(&Value::Array(all));
+                return print_json(&body(&all)?);
             }
             let mut out = std::io::stdout().lock();
             for m in &all {
@@ -322,9 +334,9 @@ pub fn run(c: MachineCommand) -> Result<()> {
             Ok(())
         }
         MachineCommand::Get { id, json } => {
-            let m = api.get(&path(&id, ""))?;
+            let m: MachineInfo = call(&api, Method::GET, &path(&id, ""), None)?;
             if json {
-                print_json(&m)
+                print_json(&body(&m)?)
             } else {
                 println!("{}", line(&m));
                 Ok(())
@@ -332,43 +344,44 @@ pub fn run(c: MachineCommand) -> Result<()> {
         }
         MachineCommand::Kill { ids } => {
             for id in ids {
-                api.send_json(Method::DELETE, &path(&id, ""), None)?;
+                let _: Destroyed = call(&api, Method::DELETE, &path(&id, ""), None)?;
                 eprintln!("destroyed {id}");
             }
             Ok(())
         }
         MachineCommand::Fork { id, json } => {
-            let m = long(&api, Method::POST, &path(&id, "/fork"), None)?;
+            let m: MachineInfo = long(&api, Method::POST, &path(&id, "/fork"), None)?;
             show(&m, json)
         }
         MachineCommand::Pause { id, json } => {
-            let s = long(&api, Method::POST, &path(&id, "/hibernate"), None)?;
+            let s: MachineSnapshotInfo = long(&api, Method::POST, &path(&id, "/hibernate"), None)?;
             if json {
-                print_json(&s)
+                print_json(&body(&s)?)
             } else {
-                println!("paused {id} (snapshot {})", s["id"].as_str().unwrap_or(""));
+                println!("paused {id} (snapshot {})", s.id);
                 Ok(())
             }
         }
         MachineCommand::Resume { id, json } => {
-            let m = long(&api, Method::POST, &path(&id, "/resume"), None)?;
+            let m: MachineInfo = long(&api, Method::POST, &path(&id, "/resume"), None)?;
             show(&m, json)
         }
         MachineCommand::Snapshot { id, json } => {
-            let s = long(&api, Method::POST, &path(&id, "/snapshots"), None)?;
-            show(&s, json)
+            let s: MachineSnapshotInfo = long(&api, Method::POST, &path(&id, "/snapshots"), None)?;
+            show_id(&s.id, &s, json)
         }
         MachineCommand::Timeout {
             id,
             seconds,
             action,
         } => {
-            let mut body = json!({"timeout_ms": seconds * 1000});
-            if let Some(a) = action {
-                body["timeout_action"] = json!(action_name(a));
-            }
-            let lease = api.post(&path(&id, "/timeout"), &body)?;
-            print_json(&lease)
+            let req = TimeoutBody {
+                timeout_ms: seconds * 1000,
+                timeout_action: action.map(|a| action_name(a).to_string()),
+            };
+            let p = path(&id, "/timeout");
+            let lease: TimeoutLease = call(&api, Method::POST, &p, Some(&body(&req)?))?;
+            print_json(&body(&lease)?)
         }
     }
 }
@@ -387,17 +400,19 @@ fn files(api: &Api, f: FilesCommand) -> Result<()> {
                         .context("reading standard input")?;
                 }
             }
-            let body = json!({
-                "path": p,
-                "content": base64::engine::general_purpose::STANDARD.encode(&data),
-                "encoding": "base64",
-            });
-            let info = long(api, Method::POST, &path(&id, "/files/write"), Some(&body))?;
-            eprintln!(
-                "wrote {} ({} bytes)",
-                info["path"].as_str().unwrap_or(&p),
-                data.len()
-            );
+            let req = WriteFileBody {
+                path: p,
+                content: base64::engine::general_purpose::STANDARD.encode(&data),
+                encoding: Some("base64".into()),
+                user: None,
+            };
+            let info: FileInfo = long(
+                api,
+                Method::POST,
+                &path(&id, "/files/write"),
+                Some(&body(&req)?),
+            )?;
+            eprintln!("wrote {} ({} bytes)", info.path, data.len());
             Ok(())
         }
         FilesCommand::Read { id, path: p } => {
@@ -420,25 +435,17 @@ fn files(api: &Api, f: FilesCommand) -> Result<()> {
                 &path(&id, "/files"),
                 &[("path", p), ("depth", depth.to_string())],
             );
-            let list = api.get(&q)?;
+            let list: Vec<FileInfo> = call(api, Method::GET, &q, None)?;
             if json {
-                return print_json(&list);
+                return print_json(&body(&list)?);
             }
             let mut out = std::io::stdout().lock();
-            for e in list.as_array().cloned().unwrap_or_default() {
-                let kind = e["type"].as_str().unwrap_or(if e["is_dir"] == json!(true) {
-                    "dir"
-                } else {
-                    "file"
-                });
-                writeln!(
-                    out,
-                    "{}\t{}\t{}",
-                    kind,
-                    e["size"].as_u64().unwrap_or(0),
-                    e["path"].as_str().unwrap_or("")
-                )
-                .context("writing to stdout")?;
+            for e in &list {
+                let kind = e
+                    .r#type
+                    .as_deref()
+                    .unwrap_or(if e.is_dir { "dir" } else { "file" });
+                writeln!(out, "{}\t{}\t{}", kind, e.size, e.path).context("writing to stdout")?;
             }
             Ok(())
         }
