@@ -26,13 +26,64 @@ pub mod state;
 pub mod templates;
 pub mod validate;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nullspace_store::Store;
 use nullspace_store::artifacts::Artifacts;
+use nullspace_store::{Store, StoreError};
 
 pub use nullspace_vm::MemoryMode;
 pub use state::{AppState, BuildVm, Config, Shared};
+
+/// Why [`open_store`] or [`open`] failed: which part of the data
+/// directory (the binary adds what it was doing).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("creating directory {}", path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the database")]
+    Store(#[from] StoreError),
+    #[error("opening the artifact store {}", path.display())]
+    Artifacts {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the machine runtime in {}", path.display())]
+    Machines {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the build VM")]
+    BuildVm(#[source] nullspace_vm::VmError),
+}
+
+fn create_dir(path: &Path) -> Result<(), OpenError> {
+    std::fs::create_dir_all(path).map_err(|source| OpenError::Dir {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The database, the artifact store and the machine runtime: what every
+/// opening needs.
+async fn open_offline(config: Config) -> Result<AppState, OpenError> {
+    create_dir(&config.data_dir)?;
+    let store = Store::open(&database_url(&config)).await?;
+    let path = config.data_dir.join("artifacts");
+    let artifacts = Artifacts::open(&path).map_err(|source| OpenError::Artifacts {
+        path: path.clone(),
+        source,
+    })?;
+    let path = config.data_dir.clone();
+    AppState::offline(config, store, artifacts)
+        .map_err(|source| OpenError::Machines { path, source })
+}
 
 fn database_url(config: &Config) -> String {
     config
@@ -44,23 +95,18 @@ fn database_url(config: &Config) -> String {
 /// Opens the database (upgrading its schema) and the artifact store, and
 /// nothing else: for commands beside a running server (`keys`, `gc`,
 /// `sandbox`). Never changes a build.
-pub async fn open_store(config: Config) -> anyhow_like::Result<Shared> {
-    std::fs::create_dir_all(&config.data_dir)?;
-    let store = Store::open(&database_url(&config)).await?;
-    let artifacts = Artifacts::open(&config.data_dir.join("artifacts"))?;
-    Ok(Arc::new(AppState::offline(config, store, artifacts)?))
+pub async fn open_store(config: Config) -> Result<Shared, OpenError> {
+    Ok(Arc::new(open_offline(config).await?))
 }
 
 /// Opens the data directory and the database for serving: detects the
 /// Dockerfile engines and (with `build_vm`) the build VM. Never changes a
 /// build: recovery of builds whose server is gone runs in [`serve`], and
 /// only for builds whose lease expired.
-pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
-    std::fs::create_dir_all(&config.data_dir)?;
-    let store = Store::open(&database_url(&config)).await?;
-    let artifacts = Artifacts::open(&config.data_dir.join("artifacts"))?;
-    std::fs::create_dir_all(config.data_dir.join("work"))?;
-    let mut state = AppState::offline(config, store, artifacts)?;
+pub async fn open(config: Config) -> Result<Shared, OpenError> {
+    let work = config.data_dir.join("work");
+    let mut state = open_offline(config).await?;
+    create_dir(&work)?;
     let config = &state.config;
     let mut engine_config =
         nullspace_build::engine::EngineConfig::new(config.data_dir.join("engines"));
@@ -93,7 +139,7 @@ pub async fn open(config: Config) -> anyhow_like::Result<Shared> {
                 );
                 None
             }
-            Err(e) => return Err(anyhow_like::Error(format!("build VM: {e}"))),
+            Err(e) => return Err(OpenError::BuildVm(e)),
         },
     };
     state.engines = validate::Engines {
@@ -260,27 +306,4 @@ async fn end_children(keep: Vec<u32>) {
         }
     })
     .await;
-}
-
-/// A minimal error type for start-up (the binary adds context).
-pub mod anyhow_like {
-    #[derive(Debug)]
-    pub struct Error(pub String);
-    impl std::fmt::Display for Error {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(&self.0)
-        }
-    }
-    impl std::error::Error for Error {}
-    impl From<std::io::Error> for Error {
-        fn from(e: std::io::Error) -> Self {
-            Error(e.to_string())
-        }
-    }
-    impl From<nullspace_store::StoreError> for Error {
-        fn from(e: nullspace_store::StoreError) -> Self {
-            Error(e.to_string())
-        }
-    }
-    pub type Result<T> = std::result::Result<T, Error>;
 }
