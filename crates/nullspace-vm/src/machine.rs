@@ -191,7 +191,7 @@ impl Prepared {
     }
 
     /// QMP `query-status` (`paused` while it waits).
-    pub fn status(&mut self) -> Result<String, VmError> {
+    pub fn status(&mut self) -> Result<crate::qmp::RunState, VmError> {
         self.vm.as_mut().expect("a prepared VM").status()
     }
 

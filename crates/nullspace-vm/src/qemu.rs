@@ -21,7 +21,7 @@
 use crate::agent::AgentClient;
 use crate::kernel::GuestKernel;
 use crate::process::{self, Watch};
-use crate::qmp::Qmp;
+use crate::qmp::{MigrationStatus, Qmp, RunState};
 use crate::snapshot::{self as snapfs, Snapshot, VmMeta};
 use crate::template::GuestConfig;
 use crate::{Vm, VmError, Vmm, initramfs};
@@ -552,21 +552,21 @@ fn wait_migration(q: &mut Qmp, watch: &Watch, limit: Duration) -> Result<(), VmE
     let t = Instant::now();
     loop {
         watch.check()?;
-        let r = q.execute("query-migrate", json!({}))?;
-        match r.get("status").and_then(|s| s.as_str()).unwrap_or("") {
-            "completed" => return Ok(()),
-            "failed" | "cancelled" => {
-                return Err(VmError::Snapshot(format!(
-                    "migration failed: {}",
-                    r.get("error-desc").unwrap_or(&r)
-                )));
+        let m = q.migration()?;
+        match &m.status {
+            Some(MigrationStatus::Completed) => return Ok(()),
+            Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
+                return Err(VmError::Snapshot(format!("migration failed: {}", m.why())));
             }
-            _ => {}
+            // Not started yet, still going, or a state a newer QEMU added:
+            // wait, bounded by `limit`.
+            None | Some(_) => {}
         }
         if t.elapsed() > limit {
             return Err(VmError::Snapshot(format!(
-                "migration did not complete within {} s",
-                limit.as_secs()
+                "migration did not complete within {} s (status {:?})",
+                limit.as_secs(),
+                m.status
             )));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -578,12 +578,10 @@ fn stop_migration(q: &mut Qmp) {
     let _ = q.execute("migrate_cancel", json!({}));
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
-        match q.execute("query-migrate", json!({})) {
-            Ok(r) => match r.get("status").and_then(Value::as_str) {
-                Some("active" | "setup" | "cancelling" | "device" | "pre-switchover") => {}
-                _ => return,
-            },
-            Err(_) => return,
+        match q.migration() {
+            Ok(m) if m.status.as_ref().is_some_and(MigrationStatus::in_progress) => {}
+            // Over (or in a state not known to be going: nothing to wait for).
+            _ => return,
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -594,25 +592,26 @@ fn stop_migration(q: &mut Qmp) {
 fn wait_incoming(q: &mut Qmp, watch: &Watch, deadline: Instant) -> Result<bool, VmError> {
     loop {
         watch.check()?;
-        let st = q.status()?;
-        match st.as_str() {
-            "paused" | "postmigrate" => return Ok(true),
-            "running" => return Ok(false),
-            "inmigrate" | "prelaunch" => {}
+        match q.status()? {
+            RunState::Paused | RunState::Postmigrate => return Ok(true),
+            RunState::Running => return Ok(false),
+            RunState::Inmigrate | RunState::Prelaunch => {}
+            // Any other state (an error, or one this driver does not know)
+            // is not a loaded VM.
             other => {
-                let m = q.execute("query-migrate", json!({})).unwrap_or_default();
+                let m = q.migration().unwrap_or_default();
                 return Err(VmError::Restore(format!(
                     "VM state {other:?} after incoming migration: {}",
-                    m.get("error-desc").unwrap_or(&m)
+                    m.why()
                 )));
             }
         }
-        if let Ok(m) = q.execute("query-migrate", json!({}))
-            && m.get("status").and_then(Value::as_str) == Some("failed")
+        if let Ok(m) = q.migration()
+            && m.status == Some(MigrationStatus::Failed)
         {
             return Err(VmError::Restore(format!(
                 "incoming migration failed: {}",
-                m.get("error-desc").unwrap_or(&m)
+                m.why()
             )));
         }
         if Instant::now() > deadline {
@@ -1329,7 +1328,7 @@ impl QemuVm {
     }
 
     /// QMP `query-status` (`running`, `paused`, `postmigrate`, …).
-    pub fn status(&mut self) -> Result<String, VmError> {
+    pub fn status(&mut self) -> Result<RunState, VmError> {
         Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))?.status()
     }
 
@@ -1441,8 +1440,8 @@ impl QemuVm {
         let version = qmp.version()?;
         // The start command's state, from the guest while it runs (a paused
         // guest cannot answer: then the parent's record stands).
-        let start = match (qmp.status()?.as_str(), self.agent.as_mut()) {
-            ("running", Some(a)) => a
+        let start = match (qmp.status()?, self.agent.as_mut()) {
+            (RunState::Running, Some(a)) => a
                 .info(Duration::from_secs(10))
                 .ok()
                 .map(|i| i["start"].clone()),
@@ -1452,7 +1451,7 @@ impl QemuVm {
         // host leave and waits for the next one.
         self.agent = None;
         let t0 = Instant::now();
-        if qmp.status()? == "postmigrate" {
+        if qmp.status()? == RunState::Postmigrate {
             // Paused after an earlier snapshot: QEMU migrates only after the
             // VM ran again (it runs for the few ms between the two commands).
             qmp.execute("cont", json!({}))?;

@@ -8,6 +8,7 @@
 use nullspace_model::build::step::Step;
 use nullspace_vm::machine::{self, MachineSpec};
 use nullspace_vm::qemu::{AfterSnapshot, MemoryMode, QemuVm, QemuVmm, RestoreSpec};
+use nullspace_vm::qmp::RunState;
 use nullspace_vm::template::{self, GuestConfig, Snapshot, StepEvent, TemplateSpec};
 use nullspace_vm::{CancellationToken, GuestKernel, Probe, Readiness, Vm, VmError};
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -405,7 +406,7 @@ fn snapshot_of_a_paused_restored_vm_keeps_its_files_and_processes() {
     );
     let c_before = count(&mut a);
     a.pause().unwrap();
-    assert_eq!(a.status().unwrap(), "paused");
+    assert_eq!(a.status().unwrap(), RunState::Paused);
     let t = Instant::now();
     let fork = a
         .snapshot(&work.path().join("fork"), AfterSnapshot::Pause, &nocancel())
@@ -419,7 +420,7 @@ fn snapshot_of_a_paused_restored_vm_keeps_its_files_and_processes() {
         fork.manifest.disk[1].file.size >> 10,
     );
     // Left paused: the guest's counter does not move while paused.
-    assert_eq!(a.status().unwrap(), "postmigrate");
+    assert_eq!(a.status().unwrap(), RunState::Postmigrate);
     a.resume(T).unwrap();
     assert!(count(&mut a) >= c_before);
     sh(
@@ -491,7 +492,7 @@ fn snapshot_of_a_paused_restored_vm_keeps_its_files_and_processes() {
             &nocancel(),
         )
         .unwrap();
-    assert_eq!(c.status().unwrap(), "running");
+    assert_eq!(c.status().unwrap(), RunState::Running);
     let n = count(&mut c);
     std::thread::sleep(Duration::from_millis(500));
     assert!(count(&mut c) > n);
@@ -997,7 +998,7 @@ fn cancel_during_a_snapshot_of_a_restored_vm_keeps_the_vm_and_leaves_nothing() {
             Err(e) => panic!("{e:?}"),
         }
         // The VM itself goes on (resumed, as asked).
-        assert_eq!(vm.status().unwrap(), "running");
+        assert_eq!(vm.status().unwrap(), RunState::Running);
         vm.reconnect_agent(T).unwrap();
         let t = Instant::now();
         while count(&mut vm) <= before {
@@ -1032,7 +1033,7 @@ fn a_prepared_vm_waits_paused_and_then_starts_where_the_snapshot_left_off() {
         nice: 0,
     };
     let mut p = machine::prepare(&f.template, &spec, &nocancel()).expect("prepare");
-    assert_eq!(p.status().unwrap(), "paused");
+    assert_eq!(p.status().unwrap(), RunState::Paused);
     let pid = p.handle().pid;
     assert_eq!(
         std::fs::read_to_string(spec.dir.join(machine::PID_FILE))
@@ -1043,7 +1044,7 @@ fn a_prepared_vm_waits_paused_and_then_starts_where_the_snapshot_left_off() {
     );
     // Waiting costs the guest nothing: it does not run while pooled.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(p.status().unwrap(), "paused");
+    assert_eq!(p.status().unwrap(), RunState::Paused);
     let t = Instant::now();
     let mut r = p.start(T, &nocancel()).expect("start");
     eprintln!(
