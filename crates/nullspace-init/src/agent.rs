@@ -535,7 +535,8 @@ struct RandPoolInfo {
 /// The `reseed` op: the host's fresh bytes go into the input pool with full
 /// credit (`RNDADDENTROPY`), then the CRNG is reseeded from it at once
 /// (`RNDRESEEDCRNG`), so clones of one snapshot diverge before anything
-/// reads randomness.
+/// reads randomness. Neither rustix nor nix wraps these two ioctls, so
+/// they go through rustix's typed (unsafe) `ioctl`.
 fn reseed(data: &[u8]) -> Outcome {
     use rustix::ioctl::{NoArg, Setter, opcode};
     if !(proto::MIN_RESEED..=proto::MAX_RESEED).contains(&data.len()) {

@@ -44,8 +44,8 @@ fn ioctl_socket() -> Result<OwnedFd, String> {
 }
 
 /// The interface and routing ioctls (`SIOCSIFADDR`, `SIOCADDRT` …) have no
-/// safe wrapper in rustix or nix; netlink crates would pull in an async
-/// runtime for four calls.
+/// safe wrapper in rustix or nix (netlink crates would, with a protocol
+/// stack for three calls): this is the one `unsafe` of this module.
 fn ioctl<T>(fd: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
     // SAFETY: `fd` is an open socket and `arg` the live struct (ifreq or
     // rtentry) that `req` expects; the kernel writes within it only.
@@ -57,24 +57,33 @@ fn ioctl<T>(fd: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result
     Ok(())
 }
 
-fn ifreq(name: &str) -> libc::ifreq {
-    // SAFETY: ifreq is a plain C struct/union for which all-zero is valid.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
-        ifr.ifr_name[i] = b as libc::c_char;
+/// A `struct ifreq` for `name` carrying `value` (a union written whole, so
+/// no field is read back).
+fn ifreq(name: &str, value: libc::__c_anonymous_ifr_ifru) -> libc::ifreq {
+    let mut ifr_name = [0 as libc::c_char; libc::IFNAMSIZ];
+    for (d, b) in ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = b as libc::c_char;
     }
-    ifr
+    libc::ifreq {
+        ifr_name,
+        ifr_ifru: value,
+    }
 }
 
-/// Sets `IFF_UP | IFF_RUNNING` on `name`.
+/// Sets `IFF_UP | IFF_RUNNING` on `name`, keeping its other flags (read
+/// from sysfs, `0x…`, rather than out of an ioctl's union).
 pub fn interface_up(name: &str) -> Result<(), String> {
+    let p = format!("/sys/class/net/{name}/flags");
+    let raw = std::fs::read_to_string(&p).map_err(|e| format!("{p}: {e}"))?;
+    let hex = raw.trim();
+    let flags = u32::from_str_radix(hex.trim_start_matches("0x"), 16)
+        .map_err(|e| format!("{p}: {hex:?}: {e}"))?;
+    let flags = (flags | (libc::IFF_UP | libc::IFF_RUNNING) as u32) as libc::c_short;
     let fd = ioctl_socket()?;
-    let mut ifr = ifreq(name);
-    ioctl(&fd, libc::SIOCGIFFLAGS, &mut ifr, "SIOCGIFFLAGS")?;
-    // SAFETY: SIOCGIFFLAGS filled the union's flags member.
-    unsafe {
-        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    }
+    let mut ifr = ifreq(name, libc::__c_anonymous_ifr_ifru { ifru_flags: flags });
     ioctl(&fd, libc::SIOCSIFFLAGS, &mut ifr, "SIOCSIFFLAGS")
 }
 
@@ -89,21 +98,44 @@ pub fn setup() -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let fd = ioctl_socket()?;
-    let mut ifr = ifreq(IFACE);
-    ifr.ifr_ifru.ifru_addr = sockaddr(ADDR);
-    ioctl(&fd, libc::SIOCSIFADDR, &mut ifr, "SIOCSIFADDR")?;
-    let mut ifr = ifreq(IFACE);
-    ifr.ifr_ifru.ifru_netmask = sockaddr(MASK);
-    ioctl(&fd, libc::SIOCSIFNETMASK, &mut ifr, "SIOCSIFNETMASK")?;
+    let addr = libc::__c_anonymous_ifr_ifru {
+        ifru_addr: sockaddr(ADDR),
+    };
+    ioctl(
+        &fd,
+        libc::SIOCSIFADDR,
+        &mut ifreq(IFACE, addr),
+        "SIOCSIFADDR",
+    )?;
+    let mask = libc::__c_anonymous_ifr_ifru {
+        ifru_netmask: sockaddr(MASK),
+    };
+    ioctl(
+        &fd,
+        libc::SIOCSIFNETMASK,
+        &mut ifreq(IFACE, mask),
+        "SIOCSIFNETMASK",
+    )?;
     interface_up(IFACE)?;
     let dev = std::ffi::CString::new(IFACE).expect("no NUL");
-    // SAFETY: rtentry is a plain C struct for which all-zero is valid.
-    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-    rt.rt_dst = sockaddr([0, 0, 0, 0]);
-    rt.rt_genmask = sockaddr([0, 0, 0, 0]);
-    rt.rt_gateway = sockaddr(GATEWAY);
-    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-    rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
+    let mut rt = libc::rtentry {
+        rt_pad1: 0,
+        rt_dst: sockaddr([0, 0, 0, 0]),
+        rt_gateway: sockaddr(GATEWAY),
+        rt_genmask: sockaddr([0, 0, 0, 0]),
+        rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_tos: 0,
+        rt_class: 0,
+        // Its length depends on the pointer width.
+        rt_pad4: Default::default(),
+        rt_metric: 0,
+        rt_dev: dev.as_ptr() as *mut libc::c_char,
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    };
     match ioctl(
         &fd,
         libc::SIOCADDRT,

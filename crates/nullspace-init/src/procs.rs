@@ -92,18 +92,13 @@ pub fn new_state(cfg: Config) -> State {
 }
 
 /// One exited child: `waitid(P_ALL, WEXITED | WNOWAIT)` leaves it
-/// unreaped. rustix's `waitid` does not expose the pid (`si_pid`), so this
-/// one call stays on libc.
+/// unreaped. nix's `waitid`, since rustix's does not expose the pid.
 fn wait_any_exited() -> Option<i32> {
-    // SAFETY: all-zero is a valid siginfo_t.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a valid, writable siginfo_t for waitid to fill.
-    let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
-    if r != 0 {
-        return None;
-    }
-    // SAFETY: waitid succeeded for a child event, so si_pid is set.
-    Some(unsafe { info.si_pid() })
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
+        .ok()?
+        .pid()
+        .map(|p| p.as_raw())
 }
 
 /// Reaps every child. A child is first observed with `WNOWAIT` and only
@@ -223,7 +218,8 @@ pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
     let (uid, gid) = (Uid::from_raw(ident.uid), Gid::from_raw(ident.gid));
     let new_session = spec.new_session;
     // std's `uid`/`gid` would drop the supplementary groups (and cannot set
-    // them on stable Rust), so the identity is set here.
+    // them, or a new session, on stable Rust: `CommandExt::groups` and
+    // `setsid` are unstable), so the identity is set here.
     // SAFETY: runs in the child between fork and exec; it only makes raw
     // syscalls through rustix (no allocation, no locks), which is what
     // `pre_exec` requires.
