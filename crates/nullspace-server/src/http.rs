@@ -643,7 +643,7 @@ async fn status_snapshot(s: &Shared, c: &Caller, id: &str, offset: i64) -> ApiRe
     let (_, rec) = builds::load(s, c, id).await?;
     let entries = s.store.logs(id, offset).await?;
     let next = entries.last().map(|e| e.0 + 1).unwrap_or(offset);
-    let entries: Vec<Value> = entries
+    let entries: Vec<LogEntry> = entries
         .iter()
         .filter_map(|e| serde_json::from_str(&e.1).ok())
         .collect();
@@ -864,7 +864,7 @@ async fn ref_builds(
     let rows = s.store.builds(&row.id, &filter, limit + 1, before).await?;
     let more = rows.len() as i64 > limit;
     let page = &rows[..rows.len().min(limit as usize)];
-    let builds: Vec<Value> = page
+    let builds: Vec<BuildRecord> = page
         .iter()
         .filter_map(|r| serde_json::from_str(&r.record).ok())
         .collect();

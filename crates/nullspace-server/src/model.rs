@@ -14,6 +14,8 @@ use serde_json::Value;
 /// with the CLI.
 pub use nullspace_model::build::plan::{Issue, PlanResponse, ValidateResult};
 pub use nullspace_model::build::request::*;
+/// The log vocabularies (`kind`, `level`) are the model's.
+pub use nullspace_model::build::status::{LogKind, LogLevel};
 
 /// RFC 3339 UTC with `Z`, the form the SDK parses.
 pub fn iso(ms: i64) -> String {
@@ -163,8 +165,8 @@ pub struct LogEntry {
     pub template_id: String,
     pub offset: i64,
     pub timestamp: String,
-    pub kind: String,
-    pub level: String,
+    pub kind: LogKind,
+    pub level: LogLevel,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
@@ -250,20 +252,19 @@ pub struct ErrorBody {
 }
 
 /// Build status (`GET /v1/templates/builds/{build_id}`, cancel).
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct BuildStatus {
     pub build: BuildRecord,
     /// Durable log entries from `offset`, as stored.
-    #[schemars(with = "Vec<LogEntry>")]
-    pub entries: Vec<Value>,
+    pub entries: Vec<LogEntry>,
     pub next_offset: i64,
 }
 
 /// A page of build history, newest first.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct BuildPage {
-    #[schemars(with = "Vec<BuildRecord>")]
-    pub builds: Vec<Value>,
+    /// The records as stored (a cancel request is in the build's status).
+    pub builds: Vec<BuildRecord>,
     /// Pass as `cursor` for the next page; `null` on the last one.
     pub next_cursor: Option<String>,
 }
@@ -290,7 +291,7 @@ pub struct PreflightAnswer {
 }
 
 /// `GET /v1/templates/refs/{ref}/tags` items (built in `templates.rs`).
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct TagEntry {
     pub tag: String,
     pub build_id: String,

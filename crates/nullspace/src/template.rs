@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{ArgAction, ArgMatches, Args, Subcommand, ValueEnum};
+use nullspace_model::build::plan::ValidateResult;
 use nullspace_model::build::plan::{PlanContext, PlanResponse, plan as build_plan};
 use nullspace_model::build::probe::Readiness;
 use nullspace_model::build::request::{
@@ -17,11 +18,17 @@ use nullspace_model::build::request::{
 };
 use nullspace_model::build::rules;
 use nullspace_model::build::status::BuildStatus as Status;
+use nullspace_model::build::status::{LogKind, LogLevel};
 use nullspace_model::build::step::Step;
 use nullspace_model::refs;
+use nullspace_server::model::{
+    BuildPage, BuildRecord, BuildStatus as StatusSnapshot, FailureDetail, LogEntry, TagEntry,
+    TemplateInfo,
+};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Method;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 #[derive(Subcommand)]
@@ -437,7 +444,7 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
             builds(&template_ref, &q, json)
         }
         TemplateCommand::BuildStatus { build_id, offset } => {
-            let v = Api::from_env()?.get(&status_path(&build_id, offset))?;
+            let v: StatusSnapshot = Api::from_env()?.get(&status_path(&build_id, offset))?;
             print_json(&v)
         }
         TemplateCommand::Logs {
@@ -477,7 +484,7 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
             json,
         } => {
             let path = format!("/v1/templates/builds/{}/promote", enc(&build_id));
-            let info = Api::from_env()?.post(&path, &PromoteBody { tag })?;
+            let info: TemplateInfo = Api::from_env()?.post(&path, &PromoteBody { tag })?;
             print_info(&info, json)
         }
         TemplateCommand::List { fields, json } => list(fields, json),
@@ -486,14 +493,24 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
             fields,
             json,
         } => {
+            let raw = fields.is_some();
             let mut q = Vec::new();
             push_q(&mut q, "fields", fields);
-            let info = Api::from_env()?.get(&with_query(&ref_path(&template_ref, ""), &q))?;
+            let path = with_query(&ref_path(&template_ref, ""), &q);
+            if raw {
+                // `--fields` answers are raw subsets: show them as they are.
+                return print_json(&Api::from_env()?.get::<Value>(&path)?);
+            }
+            let info: TemplateInfo = Api::from_env()?.get(&path)?;
             print_info(&info, json)
         }
         TemplateCommand::Exists { template_ref } => exists(&template_ref),
         TemplateCommand::Delete { template_ref } => {
-            Api::from_env()?.send_json(Method::DELETE, &ref_path(&template_ref, ""), None)?;
+            Api::from_env()?.send_json::<Value>(
+                Method::DELETE,
+                &ref_path(&template_ref, ""),
+                None,
+            )?;
             println!("deleted {template_ref}");
             Ok(())
         }
@@ -503,7 +520,8 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
             json,
         } => {
             let body = RenameBody { new_name };
-            let info = Api::from_env()?.post(&ref_path(&template_ref, "/rename"), &body)?;
+            let info: TemplateInfo =
+                Api::from_env()?.post(&ref_path(&template_ref, "/rename"), &body)?;
             print_info(&info, json)
         }
         TemplateCommand::Tag(t) => tag(t),
@@ -535,7 +553,8 @@ impl std::error::Error for ApiError {}
 
 impl ApiError {
     /// Both body shapes the SDK accepts: flat, or `error` as an object whose
-    /// fields win over the top level.
+    /// fields win over the top level. Read as a `Value`: the body may also
+    /// be a proxy's text, or a shape `ErrorBody` does not describe.
     fn from_body(status: u16, body: &str) -> ApiError {
         let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
         let nested = v.get("error").filter(|e| e.is_object());
@@ -571,17 +590,18 @@ impl ApiError {
     }
 
     /// A failed build's `error_detail` (or its legacy `error` message).
-    fn from_detail(detail: Option<&Value>, fallback: &str) -> ApiError {
-        let s = |k: &str| {
-            detail
-                .and_then(|d| d.get(k))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
-        ApiError {
-            code: s("code").unwrap_or_else(|| "build_error".into()),
-            message: s("message").unwrap_or_else(|| fallback.to_string()),
-            phase: s("phase"),
+    fn from_detail(detail: Option<&FailureDetail>, fallback: &str) -> ApiError {
+        match detail {
+            Some(d) => ApiError {
+                code: d.code.clone(),
+                message: d.message.clone(),
+                phase: Some(d.phase.clone()),
+            },
+            None => ApiError {
+                code: "build_error".into(),
+                message: fallback.to_string(),
+                phase: None,
+            },
         }
     }
 }
@@ -693,30 +713,37 @@ impl Api {
         unreachable!("the retry loop returns")
     }
 
-    /// A JSON call; an empty body (e.g. 204) is `null`.
-    pub(crate) fn send_json(
+    /// A JSON call read as `R` (the server's response type); an empty
+    /// body (e.g. 204) is `null`.
+    pub(crate) fn send_json<R: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<Value> {
+    ) -> Result<R> {
         let text = self
             .send(method, path, body, false)?
             .text()
             .context("reading the response")?;
-        if text.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_str(&text)
-            .with_context(|| format!("the server answered {path} with invalid JSON"))
+        let text = if text.trim().is_empty() {
+            "null"
+        } else {
+            &text
+        };
+        serde_json::from_str(text)
+            .with_context(|| format!("the server answered {path} with unexpected JSON"))
     }
 
-    pub(crate) fn get(&self, path: &str) -> Result<Value> {
+    pub(crate) fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R> {
         self.send_json(Method::GET, path, None)
     }
 
     /// POSTs a typed body (its JSON).
-    pub(crate) fn post<B: Serialize + ?Sized>(&self, path: &str, body: &B) -> Result<Value> {
+    pub(crate) fn post<B: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R> {
         let body = serde_json::to_value(body).context("encoding the request")?;
         self.send_json(Method::POST, path, Some(&body))
     }
@@ -728,7 +755,7 @@ impl Api {
         method: Method,
         path: &str,
         body: Option<&Value>,
-        mut on_entry: impl FnMut(Value) -> Result<bool>,
+        mut on_entry: impl FnMut(LogEntry) -> Result<bool>,
     ) -> Result<()> {
         let resp = self.send(method, path, body, true)?;
         for line in BufReader::new(resp).lines() {
@@ -736,8 +763,8 @@ impl Api {
             let Some(data) = line.strip_prefix("data: ") else {
                 continue;
             };
-            let entry: Value =
-                serde_json::from_str(data).context("the log stream carried invalid JSON")?;
+            let entry: LogEntry = serde_json::from_str(data)
+                .with_context(|| format!("the log stream carried an invalid entry: {data}"))?;
             if !on_entry(entry)? {
                 break;
             }
@@ -781,18 +808,16 @@ pub(crate) fn with_query(path: &str, q: &[(&str, String)]) -> String {
 }
 
 /// Written, not `println!`: a closed pipe (`| head`) is an error, not a panic.
-pub(crate) fn print_json(v: &Value) -> Result<()> {
+/// Through a `Value`, so that keys print sorted as they always have.
+pub(crate) fn print_json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
     use std::io::Write;
+    let v = serde_json::to_value(v).context("encoding JSON")?;
     writeln!(
         std::io::stdout().lock(),
         "{}",
-        serde_json::to_string_pretty(v)?
+        serde_json::to_string_pretty(&v)?
     )
     .context("writing to stdout")
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
 // ---- build, validate, plan ---------------------------------------------------
@@ -809,7 +834,7 @@ fn build(a: BuildArgs, m: &ArgMatches) -> Result<()> {
     }
     let api = Api::from_env()?;
     if a.background {
-        let rec = api.post("/v1/templates/builds", &body)?;
+        let rec: BuildRecord = api.post("/v1/templates/builds", &body)?;
         return print_started(&rec, a.json);
     }
     let printer = Printer::new(a.log_format.unwrap_or(LogFormat::Text), a.json);
@@ -833,27 +858,27 @@ fn dry_run(body: &BuildRequest) -> Result<()> {
         Err(e) => (None, e),
     };
     let n = errors.len();
-    print_json(&serde_json::to_value(DryRun {
+    print_json(&DryRun {
         request: body.redacted(),
         plan,
         errors,
-    })?)?;
+    })?;
     if n > 0 {
         bail!("the build request is invalid ({n} error(s))");
     }
     Ok(())
 }
 
-fn print_started(rec: &Value, json_out: bool) -> Result<()> {
+fn print_started(rec: &BuildRecord, json_out: bool) -> Result<()> {
     if json_out {
         return print_json(rec);
     }
-    let id = s(rec, "build_id");
+    let id = &rec.build_id;
     // The id alone on stdout, so `id=$(nullspace template build --background …)` works.
     println!("{id}");
     eprintln!(
         "build {id} is {}; follow it with: nullspace template logs {id} --follow",
-        s(rec, "status")
+        rec.status
     );
     Ok(())
 }
@@ -867,85 +892,65 @@ fn build_streaming(
     json_out: bool,
 ) -> Result<()> {
     let body = serde_json::to_value(body).context("encoding the request")?;
-    let mut last: Option<Value> = None;
+    let mut last: Option<LogEntry> = None;
     let mut failure: Option<ApiError> = None;
     api.sse(Method::POST, "/v1/templates/build", Some(&body), |e| {
         printer.print(&e)?;
-        let kind = s(&e, "kind").to_string();
-        if kind == "error" {
-            failure = Some(ApiError::from_detail(
-                e.get("error_detail"),
-                s(&e, "message"),
-            ));
+        let kind = e.kind;
+        if kind == LogKind::Error {
+            failure = Some(ApiError::from_detail(e.error_detail.as_ref(), &e.message));
         }
         last = Some(e);
-        Ok(kind != "error" && kind != "end")
+        Ok(kind != LogKind::Error && kind != LogKind::End)
     })?;
     if let Some(f) = failure {
         return Err(f.into());
     }
-    let Some(end) =
-        last.filter(|e| s(e, "kind") == "end" && e.get("result").is_some_and(Value::is_object))
+    let Some(mut end) =
+        last.filter(|e| e.kind == LogKind::End && e.result.as_ref().is_some_and(Value::is_object))
     else {
         bail!("the template build ended without a terminal end entry (cancelled or interrupted)");
     };
     if json_out {
-        let snap = api.get(&status_path(s(&end, "build_id"), s_u64(&end, "offset") + 1))?;
-        return print_json(&snap["build"]);
+        let offset = u64::try_from(end.offset).unwrap_or(0) + 1;
+        let snap: StatusSnapshot = api.get(&status_path(&end.build_id, offset))?;
+        return print_json(&snap.build);
     }
-    let result = &end["result"];
+    let result: TemplateInfo = serde_json::from_value(end.result.take().unwrap_or_default())
+        .context("the end entry's result is not a template")?;
     println!(
         "ready: {} (template {}, build {})",
-        s(result, "canonical_ref"),
-        s(&end, "template_id"),
-        s(&end, "build_id")
+        result.canonical_ref, end.template_id, end.build_id
     );
     Ok(())
 }
 
-fn s_u64(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
-}
-
 fn validate(a: InspectArgs, m: &ArgMatches) -> Result<()> {
     let body = request(&a.spec, m)?;
-    let v = Api::from_env()?.post("/v1/templates/validate", &body)?;
-    let valid = v.get("valid").and_then(Value::as_bool).unwrap_or(false);
-    let errors = v
-        .get("errors")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let v: ValidateResult = Api::from_env()?.post("/v1/templates/validate", &body)?;
     if a.json {
         print_json(&v)?;
     } else {
-        println!("{}", if valid { "valid" } else { "invalid" });
-        for e in &errors {
-            let phase = e
-                .get("phase")
-                .and_then(Value::as_str)
-                .map(|p| format!(" (phase {p})"))
-                .unwrap_or_default();
-            println!("  error [{}] {}{phase}", s(e, "code"), s(e, "message"));
+        println!("{}", if v.valid { "valid" } else { "invalid" });
+        for e in &v.errors {
+            let phase = e.phase.map(|p| format!(" (phase {p})")).unwrap_or_default();
+            println!("  error [{}] {}{phase}", e.code, e.message);
         }
-        for w in v
-            .get("warnings")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            println!("  warning {}", w.as_str().unwrap_or_default());
+        for w in &v.warnings {
+            println!("  warning {w}");
         }
     }
-    if !valid {
-        bail!("the build request is invalid ({} error(s))", errors.len());
+    if !v.valid {
+        bail!("the build request is invalid ({} error(s))", v.errors.len());
     }
     Ok(())
 }
 
 fn plan(a: InspectArgs, m: &ArgMatches) -> Result<()> {
     let body = request(&a.spec, m)?;
-    print_json(&Api::from_env()?.post("/v1/templates/plan", &body)?)
+    // Shown as the server wrote it: the CLI reads none of its fields.
+    let v: Value = Api::from_env()?.post("/v1/templates/plan", &body)?;
+    print_json(&v)
 }
 
 // ---- the request body (contract §3) ----------------------------------------
@@ -1342,10 +1347,11 @@ impl Printer {
         Printer { format, to_stderr }
     }
 
-    fn print(&self, e: &Value) -> Result<()> {
+    fn print(&self, e: &LogEntry) -> Result<()> {
         let line = match self.format {
             LogFormat::Quiet => None,
-            LogFormat::Jsonl => Some(serde_json::to_string(e)?),
+            // Through a `Value`: keys sorted, as they always printed.
+            LogFormat::Jsonl => Some(serde_json::to_string(&serde_json::to_value(e)?)?),
             LogFormat::Text => render(e),
         };
         match line {
@@ -1357,14 +1363,14 @@ impl Printer {
     }
 }
 
-fn render(e: &Value) -> Option<String> {
-    let msg = s(e, "message");
-    match (s(e, "kind"), s(e, "level")) {
-        ("start" | "end", _) => Some(format!("==> {msg}")),
-        (_, "debug") => None,
-        (_, "warn") => Some(format!("WARN  {msg}")),
-        (_, "error") => Some(format!("ERROR {msg}")),
-        _ => Some(msg.to_string()),
+fn render(e: &LogEntry) -> Option<String> {
+    let msg = &e.message;
+    match (e.kind, e.level) {
+        (LogKind::Start | LogKind::End, _) => Some(format!("==> {msg}")),
+        (_, LogLevel::Debug) => None,
+        (_, LogLevel::Warn) => Some(format!("WARN  {msg}")),
+        (_, LogLevel::Error) => Some(format!("ERROR {msg}")),
+        (_, LogLevel::Info) => Some(msg.to_string()),
     }
 }
 
@@ -1377,40 +1383,25 @@ fn builds(r: &str, q: &[(&str, String)], json_out: bool) -> Result<()> {
     } else {
         ref_path(r, "/builds")
     };
-    let v = Api::from_env()?.get(&with_query(&path, q))?;
+    let v: BuildPage = Api::from_env()?.get(&with_query(&path, q))?;
     if json_out {
         return print_json(&v);
     }
-    for b in v
-        .get("builds")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for b in &v.builds {
         println!(
             "{}  {:<9}  {:<13}  {:<8}  {}  {}",
-            s(b, "build_id"),
-            s(b, "status"),
-            s(b, "source_type"),
-            s(b, "build_backend"),
-            s(b, "created_at"),
-            b.get("tags").map(tags_text).unwrap_or_default()
+            b.build_id,
+            b.status.as_str(),
+            b.source_type,
+            b.build_backend,
+            b.created_at,
+            b.tags.join(",")
         );
     }
-    if let Some(c) = v.get("next_cursor").and_then(Value::as_str) {
+    if let Some(c) = &v.next_cursor {
         eprintln!("more builds: --cursor {c}");
     }
     Ok(())
-}
-
-fn tags_text(t: &Value) -> String {
-    let tags: Vec<&str> = t
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
-    tags.join(",")
 }
 
 fn logs(build_id: &str, offset: u64, follow: bool, json_out: bool) -> Result<()> {
@@ -1433,10 +1424,6 @@ fn logs(build_id: &str, offset: u64, follow: bool, json_out: bool) -> Result<()>
     })
 }
 
-fn is_terminal(status: &str) -> bool {
-    Status::parse(status).is_some_and(Status::is_terminal)
-}
-
 /// Polls the status endpoint from `offset` (each answer's `next_offset`
 /// feeds the next), printing new entries, until the build is terminal.
 fn wait(
@@ -1449,22 +1436,13 @@ fn wait(
     let api = Api::from_env()?;
     let printer = Printer::new(format, json_out);
     loop {
-        let snap = api.get(&status_path(build_id, offset))?;
-        for e in snap
-            .get("entries")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        let snap: StatusSnapshot = api.get(&status_path(build_id, offset))?;
+        for e in &snap.entries {
             printer.print(e)?;
         }
-        offset = snap
-            .get("next_offset")
-            .and_then(Value::as_u64)
-            .context("the status answer has no next_offset")?;
-        let rec = &snap["build"];
-        if is_terminal(s(rec, "status")) {
-            return finished(rec, json_out);
+        offset = u64::try_from(snap.next_offset).context("the status answer's next_offset")?;
+        if snap.build.status.is_terminal() {
+            return finished(&snap.build, json_out);
         }
         std::thread::sleep(every);
     }
@@ -1472,39 +1450,32 @@ fn wait(
 
 /// Reports a terminal build: ready succeeds; error fails with its detail;
 /// cancelled fails too, since a script waiting for a template did not get one.
-fn finished(rec: &Value, json_out: bool) -> Result<()> {
+fn finished(rec: &BuildRecord, json_out: bool) -> Result<()> {
     if json_out {
         print_json(rec)?;
     }
-    let id = s(rec, "build_id");
-    match s(rec, "status") {
-        "ready" => {
+    let id = &rec.build_id;
+    match rec.status {
+        Status::Ready => {
             if !json_out {
                 println!(
                     "ready: {} (template {}, build {id})",
-                    s(rec, "canonical_ref"),
-                    s(rec, "template_id")
+                    rec.canonical_ref, rec.template_id
                 );
             }
             Ok(())
         }
-        "cancelled" => {
+        Status::Cancelled => {
             let why = rec
-                .get("cancellation_reason")
-                .and_then(Value::as_str)
+                .cancellation_reason
+                .as_ref()
                 .map(|r| format!(": {r}"))
                 .unwrap_or_default();
             bail!("build {id} was cancelled{why}")
         }
         _ => {
-            let fallback = rec
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("template build failed");
-            Err(
-                ApiError::from_detail(rec.get("error_detail").filter(|d| d.is_object()), fallback)
-                    .into(),
-            )
+            let fallback = rec.error.as_deref().unwrap_or("template build failed");
+            Err(ApiError::from_detail(rec.error_detail.as_ref(), fallback).into())
         }
     }
 }
@@ -1512,11 +1483,11 @@ fn finished(rec: &Value, json_out: bool) -> Result<()> {
 fn cancel(build_id: &str, reason: Option<String>, json_out: bool) -> Result<()> {
     let body = CancelBody { reason };
     let path = format!("/v1/templates/builds/{}/cancel", enc(build_id));
-    let snap = Api::from_env()?.post(&path, &body)?;
+    let snap: StatusSnapshot = Api::from_env()?.post(&path, &body)?;
     if json_out {
         return print_json(&snap);
     }
-    println!("build {build_id}: {}", s(&snap["build"], "status"));
+    println!("build {build_id}: {}", snap.build.status);
     Ok(())
 }
 
@@ -1535,25 +1506,24 @@ fn retry(
         build_secrets: (!secrets.is_empty()).then_some(secrets),
     };
     let path = format!("/v1/templates/builds/{}/retry", enc(build_id));
-    let rec = Api::from_env()?.post(&path, &body)?;
+    let rec: BuildRecord = Api::from_env()?.post(&path, &body)?;
     print_started(&rec, json_out)
 }
 
 // ---- templates -------------------------------------------------------------------
 
-fn info_line(t: &Value) -> String {
+fn info_line(t: &TemplateInfo) -> String {
     format!(
         "{}  {}  {}  tags={}",
-        s(t, "canonical_ref"),
-        s(t, "id"),
-        s(t, "visibility"),
-        t.get("tags").map(tags_text).unwrap_or_default()
+        t.canonical_ref,
+        t.id,
+        t.visibility,
+        t.tags.join(",")
     )
 }
 
-fn print_info(info: &Value, json_out: bool) -> Result<()> {
-    if json_out || !info.get("canonical_ref").is_some_and(Value::is_string) {
-        // `--fields` answers are raw subsets: show them as they are.
+fn print_info(info: &TemplateInfo, json_out: bool) -> Result<()> {
+    if json_out {
         return print_json(info);
     }
     println!("{}", info_line(info));
@@ -1564,11 +1534,17 @@ fn list(fields: Option<String>, json_out: bool) -> Result<()> {
     let mut q = Vec::new();
     let raw = fields.is_some();
     push_q(&mut q, "fields", fields);
-    let v = Api::from_env()?.get(&with_query("/v1/templates", &q))?;
-    if json_out || raw {
+    let path = with_query("/v1/templates", &q);
+    let api = Api::from_env()?;
+    if raw {
+        // `--fields` answers are raw subsets: show them as they are.
+        return print_json(&api.get::<Value>(&path)?);
+    }
+    let v: Vec<TemplateInfo> = api.get(&path)?;
+    if json_out {
         return print_json(&v);
     }
-    for t in v.as_array().into_iter().flatten() {
+    for t in &v {
         println!("{}", info_line(t));
     }
     Ok(())
@@ -1577,7 +1553,7 @@ fn list(fields: Option<String>, json_out: bool) -> Result<()> {
 /// False only when the server says `template_not_found` (or the SDK's
 /// `sandbox_not_found`); any other failure is an error (contract §0.2).
 fn exists(r: &str) -> Result<()> {
-    let found = match Api::from_env()?.get(&ref_path(r, "")) {
+    let found = match Api::from_env()?.get::<Value>(&ref_path(r, "")) {
         Ok(_) => true,
         Err(e) => match e.downcast_ref::<ApiError>() {
             Some(a) if a.code == "template_not_found" || a.code == "sandbox_not_found" => false,
@@ -1607,27 +1583,23 @@ fn tag(t: TagCommand) -> Result<()> {
             tags,
             json,
         } => {
-            let info = api.post(&ref_path(&template_ref, "/tags"), &TagsBody { tags })?;
+            let info: TemplateInfo =
+                api.post(&ref_path(&template_ref, "/tags"), &TagsBody { tags })?;
             print_info(&info, json)
         }
         TagCommand::List { template_ref, json } => {
-            let v = api.get(&ref_path(&template_ref, "/tags"))?;
+            let v: Vec<TagEntry> = api.get(&ref_path(&template_ref, "/tags"))?;
             if json {
                 return print_json(&v);
             }
-            for t in v.as_array().into_iter().flatten() {
-                println!(
-                    "{}  {}  {}",
-                    s(t, "tag"),
-                    s(t, "build_id"),
-                    s(t, "created_at")
-                );
+            for t in &v {
+                println!("{}  {}  {}", t.tag, t.build_id, t.created_at);
             }
             Ok(())
         }
         TagCommand::Remove { template_ref, tag } => {
             let path = ref_path(&template_ref, &format!("/tags/{}", enc(&tag)));
-            api.send_json(Method::DELETE, &path, None)?;
+            api.send_json::<Value>(Method::DELETE, &path, None)?;
             println!("removed tag {tag} from {template_ref}");
             Ok(())
         }

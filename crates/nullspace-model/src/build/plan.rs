@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use nullspace_digest::Digest;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::context::{ContextError, ContextManifest};
 use super::probe::Readiness;
@@ -33,7 +33,7 @@ pub const DEFAULT_VCPUS: u32 = 2;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
 
 /// One problem with a request (`POST /v1/templates/validate` `errors[]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Issue {
     pub code: ErrorCode,
@@ -50,7 +50,7 @@ fn issue(code: ErrorCode, message: impl Into<String>) -> Issue {
 }
 
 /// `POST /v1/templates/validate`: always answered; problems are in `errors`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ValidateResult {
     pub valid: bool,

@@ -19,14 +19,19 @@ use crate::validate;
 use nullspace_model::build::plan::Source;
 use nullspace_model::build::probe::Readiness;
 
-pub fn entry(rec: &BuildRecord, kind: &str, level: &str, message: impl Into<String>) -> LogEntry {
+pub fn entry(
+    rec: &BuildRecord,
+    kind: LogKind,
+    level: LogLevel,
+    message: impl Into<String>,
+) -> LogEntry {
     LogEntry {
         build_id: rec.build_id.clone(),
         template_id: rec.template_id.clone(),
         offset: 0,
         timestamp: String::new(),
-        kind: kind.into(),
-        level: level.into(),
+        kind,
+        level,
         message: message.into(),
         phase: None,
         step_index: None,
@@ -69,8 +74,8 @@ pub async fn log(
     state: &Shared,
     gate: LogGate<'_>,
     rec: &BuildRecord,
-    kind: &str,
-    level: &str,
+    kind: LogKind,
+    level: LogLevel,
     phase: Option<&str>,
     msg: impl Into<String>,
 ) {
@@ -301,8 +306,8 @@ pub async fn create(
         state,
         LogGate::Live,
         &rec,
-        "start",
-        "info",
+        LogKind::Start,
+        LogLevel::Info,
         Some("preparing"),
         format!(
             "build {} queued: {} from {}",
@@ -317,8 +322,8 @@ pub async fn create(
             state,
             LogGate::Live,
             &rec,
-            "warning",
-            "warn",
+            LogKind::Warning,
+            LogLevel::Warn,
             Some("preparing"),
             w.clone(),
         )
@@ -446,7 +451,7 @@ pub async fn fail_detail(
 ) -> bool {
     let message = detail.message.clone();
     let phase = detail.phase.clone();
-    let mut e = entry(rec, "error", "error", &message);
+    let mut e = entry(rec, LogKind::Error, LogLevel::Error, &message);
     e.phase = Some(phase.clone());
     e.step_index = detail.step_index;
     e.total_steps = total_steps.filter(|_| detail.step_index.is_some());
@@ -531,7 +536,7 @@ pub async fn finish_cancelled(
         Some(r) => format!("build cancelled: {r}"),
         None => "build cancelled".to_string(),
     };
-    let mut e = entry(rec, "cancelled", "warn", msg);
+    let mut e = entry(rec, LogKind::Cancelled, LogLevel::Warn, msg);
     e.phase = Some("cleanup".into());
     let now = now_ms();
     rec.status = Status::Cancelled;
@@ -566,8 +571,8 @@ pub async fn finish_cancelled(
 pub async fn requeue(state: &Shared, writer: Writer<'_>, rec: &mut BuildRecord, why: &str) -> bool {
     let mut e = entry(
         rec,
-        "message",
-        "warn",
+        LogKind::Message,
+        LogLevel::Warn,
         format!("{why}; the build is queued again"),
     );
     e.phase = Some("preparing".into());
@@ -673,8 +678,8 @@ pub async fn finish_ready(
     let info = templates::info_after_tagging(state, rec).await.ok();
     let mut end = entry(
         rec,
-        "end",
-        "info",
+        LogKind::End,
+        LogLevel::Info,
         format!("template {} ready", rec.canonical_ref),
     );
     end.phase = Some("finalize".into());

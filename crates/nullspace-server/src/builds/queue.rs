@@ -126,8 +126,8 @@ async fn run_inner(state: &Shared, id: &str, attempt: i64, handle: &RunHandle) {
     };
     let mut start = entry(
         &rec,
-        "message",
-        "info",
+        LogKind::Message,
+        LogLevel::Info,
         if attempt > 1 {
             format!("build {} started (attempt {attempt})", rec.build_id)
         } else {

@@ -144,8 +144,8 @@ pub async fn engine_build(
     let token = run.token.clone();
     run.log(
         rec,
-        "message",
-        "info",
+        LogKind::Message,
+        LogLevel::Info,
         Some("step"),
         format!(
             "building with {} ({} context entries)",
@@ -161,7 +161,7 @@ pub async fn engine_build(
         std::fs::write(ctx.join(job.df_name), &job.dockerfile)?;
         let budget = std::sync::Mutex::new(super::OutputBudget::new(st.config.step_log_limit));
         let send = |line: String| {
-            let mut e = entry(&log_rec, "message", "info", line);
+            let mut e = entry(&log_rec, LogKind::Message, LogLevel::Info, line);
             e.phase = Some("step".into());
             let _ = handle.block_on(crate::builds::append(
                 &st,

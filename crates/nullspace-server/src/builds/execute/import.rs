@@ -28,8 +28,8 @@ pub async fn resolve_base(
         Source::Template { reference } => {
             run.log(
                 rec,
-                "message",
-                "info",
+                LogKind::Message,
+                LogLevel::Info,
                 Some("preparing"),
                 format!("resolving template {reference}"),
             )
@@ -43,8 +43,8 @@ pub async fn resolve_base(
         Source::Image { reference } => {
             run.log(
                 rec,
-                "message",
-                "info",
+                LogKind::Message,
+                LogLevel::Info,
                 Some("preparing"),
                 format!("resolving {reference}"),
             )
@@ -180,8 +180,8 @@ pub async fn import_source(
         let hit = meta.cache.reused.contains(&l.digest);
         let mut e = entry(
             rec,
-            "cache",
-            "debug",
+            LogKind::Cache,
+            LogLevel::Debug,
             format!(
                 "layer {} {}",
                 l.digest,
@@ -216,8 +216,8 @@ pub async fn import_source(
     }
     run.log(
         rec,
-        "message",
-        "info",
+        LogKind::Message,
+        LogLevel::Info,
         Some("finalize"),
         format!(
             "rootfs: {} MiB, {} files, {} dirs ({} of {} layers from cache)",

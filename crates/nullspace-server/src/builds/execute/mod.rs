@@ -78,8 +78,8 @@ impl Run<'_> {
     pub async fn log(
         &self,
         rec: &BuildRecord,
-        kind: &str,
-        level: &str,
+        kind: LogKind,
+        level: LogLevel,
         phase: Option<&str>,
         msg: impl Into<String>,
     ) {
@@ -238,8 +238,8 @@ pub async fn cache_entry(
 ) {
     let mut e = entry(
         rec,
-        "cache",
-        "info",
+        LogKind::Cache,
+        LogLevel::Info,
         message.unwrap_or_else(|| format!("{kind} cache {status}")),
     );
     e.phase = Some("cache".into());

@@ -43,8 +43,8 @@ pub async fn snapshot_in_vm(
     let _ = std::fs::remove_dir_all(&out);
     run.log(
         rec,
-        "message",
-        "info",
+        LogKind::Message,
+        LogLevel::Info,
         Some("vm_create"),
         format!(
             "booting the build VM ({} MiB, {} vCPU, {:?}, network {}); start command: {}",
@@ -76,8 +76,8 @@ pub async fn snapshot_in_vm(
     let t = &snap.meta.timings_ms;
     run.log(
         rec,
-        "message",
-        "info",
+        LogKind::Message,
+        LogLevel::Info,
         Some("snapshot"),
         format!(
             "snapshot taken: {} MiB memory, {} MiB disk (boot {} ms, ready {} ms)",
@@ -202,7 +202,7 @@ async fn drive(
             return build_snapshot(&vmm, &spec, &out, &token);
         };
         let log = |index: usize, msg: String| {
-            let mut e = entry(&log_rec, "message", "info", msg);
+            let mut e = entry(&log_rec, LogKind::Message, LogLevel::Info, msg);
             e.phase = Some("step".into());
             e.step_index = Some(index as i64 + 1);
             e.total_steps = Some(total);
@@ -296,7 +296,7 @@ async fn vm_failure(run: &Run<'_>, rec: &BuildRecord, e: &VmError, total: i64) -
     };
     // A `message` at error level: the SDK stops at the first `error`
     // entry, which must be the terminal one with its error_detail.
-    let mut line = entry(rec, "message", "error", message.clone());
+    let mut line = entry(rec, LogKind::Message, LogLevel::Error, message.clone());
     line.phase = Some(log_phase.into());
     line.step_index = step.map(|s| s.index);
     line.total_steps = step.map(|s| s.total);
