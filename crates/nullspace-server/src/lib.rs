@@ -307,3 +307,28 @@ async fn end_children(keep: Vec<u32>) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data directory that cannot be created is named, with the I/O
+    /// error as its source; a database that cannot open is `Store`.
+    #[tokio::test]
+    async fn open_errors_name_what_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = open_store(Config::new(file.join("data")))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, OpenError::Dir { .. }), "{err:?}");
+        assert!(err.to_string().contains("not-a-dir/data"), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+        let mut config = Config::new(tmp.path().join("data"));
+        config.database_url = Some("nosuchdb://x".into());
+        let err = open_store(config).await.err().unwrap();
+        assert!(matches!(err, OpenError::Store(_)), "{err:?}");
+    }
+}

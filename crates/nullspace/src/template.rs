@@ -28,7 +28,7 @@ use nullspace_server::model::{
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Method;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::Value;
 
 #[derive(Subcommand)]
@@ -506,7 +506,7 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
         }
         TemplateCommand::Exists { template_ref } => exists(&template_ref),
         TemplateCommand::Delete { template_ref } => {
-            Api::from_env()?.send_json::<Value>(
+            Api::from_env()?.send_json::<IgnoredAny>(
                 Method::DELETE,
                 &ref_path(&template_ref, ""),
                 None,
@@ -1553,7 +1553,7 @@ fn list(fields: Option<String>, json_out: bool) -> Result<()> {
 /// False only when the server says `template_not_found` (or the SDK's
 /// `sandbox_not_found`); any other failure is an error (contract §0.2).
 fn exists(r: &str) -> Result<()> {
-    let found = match Api::from_env()?.get::<Value>(&ref_path(r, "")) {
+    let found = match Api::from_env()?.get::<IgnoredAny>(&ref_path(r, "")) {
         Ok(_) => true,
         Err(e) => match e.downcast_ref::<ApiError>() {
             Some(a) if a.code == "template_not_found" || a.code == "sandbox_not_found" => false,
@@ -1599,7 +1599,7 @@ fn tag(t: TagCommand) -> Result<()> {
         }
         TagCommand::Remove { template_ref, tag } => {
             let path = ref_path(&template_ref, &format!("/tags/{}", enc(&tag)));
-            api.send_json::<Value>(Method::DELETE, &path, None)?;
+            api.send_json::<IgnoredAny>(Method::DELETE, &path, None)?;
             println!("removed tag {tag} from {template_ref}");
             Ok(())
         }
