@@ -363,6 +363,19 @@ impl SnapshotInfo {
     }
 }
 
+/// What the server sends on the exec channel (`GET …/ws?channel=exec`),
+/// one JSON text message each; `id` echoes the client's request id (any
+/// JSON value, `null` when the request had none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    ExecStarted { id: Value, pid: u32 },
+    ExecStdout { id: Value, pid: u32, data: String },
+    ExecStderr { id: Value, pid: u32, data: String },
+    ExecExit { id: Value, pid: u32, exit_code: i32 },
+    Error { id: Value, message: String },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +400,27 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&e).unwrap(),
             serde_json::json!({"command": "true", "args": []})
+        );
+    }
+
+    #[test]
+    fn exec_events_are_the_channel_frames() {
+        let e = ExecEvent::ExecExit {
+            id: serde_json::json!("r1"),
+            pid: 4,
+            exit_code: 0,
+        };
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"type": "exec_exit", "id": "r1", "pid": 4, "exit_code": 0})
+        );
+        let e = ExecEvent::Error {
+            id: Value::Null,
+            message: "m".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"type": "error", "id": null, "message": "m"})
         );
     }
 

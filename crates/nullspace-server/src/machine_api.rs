@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::Engine as _;
 use nullspace_store::Caller;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::error::{ApiError, ApiResult};
 use crate::guest::Chunk;
@@ -126,11 +126,20 @@ pub async fn list<const F: u8>(
             .into_iter()
             .map(|m| project(serde_json::to_value(m).unwrap_or_default(), q.get("fields")))
             .collect();
-        let mut out = json!({"items": items, "has_next": page.has_next});
-        if let Some(t) = page.next_token {
-            out["next_token"] = json!(t);
+        // The page with projected items (only the asked-for keys).
+        #[derive(serde::Serialize)]
+        struct Projected {
+            items: Vec<Value>,
+            has_next: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            next_token: Option<String>,
         }
-        return Ok(Json(out).into_response());
+        return Ok(Json(Projected {
+            items,
+            has_next: page.has_next,
+            next_token: page.next_token,
+        })
+        .into_response());
     }
     Ok(Json(page).into_response())
 }
@@ -500,15 +509,12 @@ const MAX_STREAMS: usize = 32;
 async fn exec_channel(socket: WebSocket, f: Flavor, id: String, doc: MachineDoc, live: Arc<Live>) {
     use futures_util::{SinkExt, StreamExt};
     let (mut sink, mut stream) = socket.split();
-    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Value>(256);
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<ExecEvent>(256);
     // One writer: every exec of the connection sends through it.
     let writer = tokio::spawn(async move {
-        while let Some(v) = out_rx.recv().await {
-            if sink
-                .send(Message::Text(v.to_string().into()))
-                .await
-                .is_err()
-            {
+        while let Some(e) = out_rx.recv().await {
+            let text = serde_json::to_string(&e).unwrap_or_default();
+            if sink.send(Message::Text(text.into())).await.is_err() {
                 break;
             }
         }
@@ -525,7 +531,10 @@ async fn exec_channel(socket: WebSocket, f: Flavor, id: String, doc: MachineDoc,
             Ok(v) => v,
             Err(e) => {
                 let _ = out_tx
-                    .send(json!({"type": "error", "id": null, "message": format!("not JSON: {e}")}))
+                    .send(ExecEvent::Error {
+                        id: Value::Null,
+                        message: format!("not JSON: {e}"),
+                    })
                     .await;
                 continue;
             }
@@ -534,7 +543,10 @@ async fn exec_channel(socket: WebSocket, f: Flavor, id: String, doc: MachineDoc,
         while tasks.try_join_next().is_some() {}
         if tasks.len() >= MAX_STREAMS {
             let _ = out_tx
-                .send(json!({"type": "error", "id": rid, "message": format!("at most {MAX_STREAMS} commands stream on one connection")}))
+                .send(ExecEvent::Error {
+                    id: rid,
+                    message: format!("at most {MAX_STREAMS} commands stream on one connection"),
+                })
                 .await;
             continue;
         }
@@ -547,7 +559,10 @@ async fn exec_channel(socket: WebSocket, f: Flavor, id: String, doc: MachineDoc,
                     Ok(c) => c,
                     Err(e) => {
                         let _ = out_tx
-                            .send(json!({"type": "error", "id": rid, "message": e.message}))
+                            .send(ExecEvent::Error {
+                                id: rid,
+                                message: e.message,
+                            })
                             .await;
                         continue;
                     }
@@ -564,7 +579,10 @@ async fn exec_channel(socket: WebSocket, f: Flavor, id: String, doc: MachineDoc,
             Some("exec_connect") => {
                 let Some(pid) = req.get("pid").and_then(Value::as_u64).map(|p| p as u32) else {
                     let _ = out_tx
-                        .send(json!({"type": "error", "id": rid, "message": "exec_connect needs a pid"}))
+                        .send(ExecEvent::Error {
+                            id: rid,
+                            message: "exec_connect needs a pid".into(),
+                        })
                         .await;
                     continue;
                 };
@@ -572,7 +590,10 @@ async fn exec_channel(socket: WebSocket, f: Flavor, id: String, doc: MachineDoc,
             }
             other => {
                 let _ = out_tx
-                    .send(json!({"type": "error", "id": rid, "message": format!("unknown message type {other:?}")}))
+                    .send(ExecEvent::Error {
+                        id: rid,
+                        message: format!("unknown message type {other:?}"),
+                    })
                     .await;
             }
         }
@@ -586,30 +607,31 @@ async fn exec_channel(socket: WebSocket, f: Flavor, id: String, doc: MachineDoc,
 /// Forwards chunks to the client as `exec_stdout`/`exec_stderr`.
 async fn forward(
     mut rx: tokio::sync::mpsc::Receiver<Chunk>,
-    out: tokio::sync::mpsc::Sender<Value>,
+    out: tokio::sync::mpsc::Sender<ExecEvent>,
     rid: Value,
     pid: u32,
 ) {
+    let event = |stdout: bool, data: String| {
+        let id = rid.clone();
+        if stdout {
+            ExecEvent::ExecStdout { id, pid, data }
+        } else {
+            ExecEvent::ExecStderr { id, pid, data }
+        }
+    };
     let (mut o, mut e) = (Utf8Carry::default(), Utf8Carry::default());
     while let Some(c) = rx.recv().await {
-        let (kind, data) = match &c {
-            Chunk::Stdout(d) => ("exec_stdout", o.push(d)),
-            Chunk::Stderr(d) => ("exec_stderr", e.push(d)),
+        let (stdout, data) = match &c {
+            Chunk::Stdout(d) => (true, o.push(d)),
+            Chunk::Stderr(d) => (false, e.push(d)),
         };
-        if !data.is_empty()
-            && out
-                .send(json!({"type": kind, "id": rid, "pid": pid, "data": data}))
-                .await
-                .is_err()
-        {
+        if !data.is_empty() && out.send(event(stdout, data)).await.is_err() {
             return;
         }
     }
-    for (kind, rest) in [("exec_stdout", o.finish()), ("exec_stderr", e.finish())] {
+    for (stdout, rest) in [(true, o.finish()), (false, e.finish())] {
         if !rest.is_empty() {
-            let _ = out
-                .send(json!({"type": kind, "id": rid, "pid": pid, "data": rest}))
-                .await;
+            let _ = out.send(event(stdout, rest)).await;
         }
     }
 }
@@ -620,39 +642,55 @@ async fn stream_exec(
     id: String,
     rid: Value,
     cmd: crate::guest::Command,
-    out: tokio::sync::mpsc::Sender<Value>,
+    out: tokio::sync::mpsc::Sender<ExecEvent>,
 ) {
     // A background process streamed by attaching to it, when the guest
     // can; else the command runs in the foreground with its output streamed.
     if let Ok(pid) = live.guest.spawn(cmd.clone()).await {
         let _ = out
-            .send(json!({"type": "exec_started", "id": rid, "pid": pid}))
+            .send(ExecEvent::ExecStarted {
+                id: rid.clone(),
+                pid,
+            })
             .await;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let fwd = tokio::spawn(forward(rx, out.clone(), rid.clone(), pid));
         let r = live.guest.attach(pid, tx).await;
         let _ = fwd.await;
         let msg = match r {
-            Ok(code) => {
-                json!({"type": "exec_exit", "id": rid, "pid": pid, "exit_code": code.unwrap_or(-1)})
-            }
-            Err(e) => json!({"type": "error", "id": rid, "message": e.to_string()}),
+            Ok(code) => ExecEvent::ExecExit {
+                id: rid,
+                pid,
+                exit_code: code.unwrap_or(-1),
+            },
+            Err(e) => ExecEvent::Error {
+                id: rid,
+                message: e.to_string(),
+            },
         };
         let _ = out.send(msg).await;
         return;
     }
     let _ = out
-        .send(json!({"type": "exec_started", "id": rid, "pid": 0}))
+        .send(ExecEvent::ExecStarted {
+            id: rid.clone(),
+            pid: 0,
+        })
         .await;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let fwd = tokio::spawn(forward(rx, out.clone(), rid.clone(), 0));
     let r = machines::exec_streaming(&live, f, &id, cmd, tx).await;
     let _ = fwd.await;
     let msg = match r {
-        Ok(done) => {
-            json!({"type": "exec_exit", "id": rid, "pid": done.pid.unwrap_or(0), "exit_code": done.exit_code()})
-        }
-        Err(e) => json!({"type": "error", "id": rid, "message": e.message}),
+        Ok(done) => ExecEvent::ExecExit {
+            id: rid,
+            pid: done.pid.unwrap_or(0),
+            exit_code: done.exit_code(),
+        },
+        Err(e) => ExecEvent::Error {
+            id: rid,
+            message: e.message,
+        },
     };
     let _ = out.send(msg).await;
 }
@@ -661,20 +699,28 @@ async fn stream_attach(
     live: Arc<Live>,
     rid: Value,
     pid: u32,
-    out: tokio::sync::mpsc::Sender<Value>,
+    out: tokio::sync::mpsc::Sender<ExecEvent>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let _ = out
-        .send(json!({"type": "exec_started", "id": rid, "pid": pid}))
+        .send(ExecEvent::ExecStarted {
+            id: rid.clone(),
+            pid,
+        })
         .await;
     let fwd = tokio::spawn(forward(rx, out.clone(), rid.clone(), pid));
     let r = live.guest.attach(pid, tx).await;
     let _ = fwd.await;
     let msg = match r {
-        Ok(code) => {
-            json!({"type": "exec_exit", "id": rid, "pid": pid, "exit_code": code.unwrap_or(-1)})
-        }
-        Err(e) => json!({"type": "error", "id": rid, "message": e.to_string()}),
+        Ok(code) => ExecEvent::ExecExit {
+            id: rid,
+            pid,
+            exit_code: code.unwrap_or(-1),
+        },
+        Err(e) => ExecEvent::Error {
+            id: rid,
+            message: e.to_string(),
+        },
     };
     let _ = out.send(msg).await;
 }
