@@ -203,23 +203,13 @@ fn long<R: DeserializeOwned>(
     answer(p, api.send(method, p, body, true)?)
 }
 
-/// An ordinary call (the 30 s timeout).
-fn call<R: DeserializeOwned>(
-    api: &Api,
-    method: Method,
-    p: &str,
-    body: Option<&serde_json::Value>,
-) -> Result<R> {
-    answer(p, api.send(method, p, body, false)?)
-}
-
 fn line(m: &MachineInfo) -> String {
     format!("{}\t{}\t{}\t{}", m.id, m.status, m.template, m.created_at)
 }
 
 fn show_id(id: &str, v: &impl Serialize, json_out: bool) -> Result<()> {
     if json_out {
-        print_json(&body(v)?)
+        print_json(v)
     } else {
         writeln!(std::io::stdout().lock(), "{id}").context("writing to stdout")
     }
@@ -317,7 +307,7 @@ pub fn run(c: MachineCommand) -> Result<()> {
                 let mut q = q.clone();
                 push_q(&mut q, "next_token", token.clone());
                 let p = with_query("/v1/machines", &q);
-                let page: MachinePage = call(&api, Method::GET, &p, None)?;
+                let page: MachinePage = api.send_json(Method::GET, &p, None)?;
                 all.extend(page.items);
                 token = page.next_token;
                 if token.is_none() || !page.has_next {
@@ -325,7 +315,7 @@ pub fn run(c: MachineCommand) -> Result<()> {
                 }
             }
             if json {
-                return print_json(&body(&all)?);
+                return print_json(&all);
             }
             let mut out = std::io::stdout().lock();
             for m in &all {
@@ -334,9 +324,9 @@ pub fn run(c: MachineCommand) -> Result<()> {
             Ok(())
         }
         MachineCommand::Get { id, json } => {
-            let m: MachineInfo = call(&api, Method::GET, &path(&id, ""), None)?;
+            let m: MachineInfo = api.send_json(Method::GET, &path(&id, ""), None)?;
             if json {
-                print_json(&body(&m)?)
+                print_json(&m)
             } else {
                 println!("{}", line(&m));
                 Ok(())
@@ -344,7 +334,7 @@ pub fn run(c: MachineCommand) -> Result<()> {
         }
         MachineCommand::Kill { ids } => {
             for id in ids {
-                let _: Destroyed = call(&api, Method::DELETE, &path(&id, ""), None)?;
+                let _: Destroyed = api.send_json(Method::DELETE, &path(&id, ""), None)?;
                 eprintln!("destroyed {id}");
             }
             Ok(())
@@ -356,7 +346,7 @@ pub fn run(c: MachineCommand) -> Result<()> {
         MachineCommand::Pause { id, json } => {
             let s: MachineSnapshotInfo = long(&api, Method::POST, &path(&id, "/hibernate"), None)?;
             if json {
-                print_json(&body(&s)?)
+                print_json(&s)
             } else {
                 println!("paused {id} (snapshot {})", s.id);
                 Ok(())
@@ -380,8 +370,8 @@ pub fn run(c: MachineCommand) -> Result<()> {
                 timeout_action: action.map(|a| action_name(a).to_string()),
             };
             let p = path(&id, "/timeout");
-            let lease: TimeoutLease = call(&api, Method::POST, &p, Some(&body(&req)?))?;
-            print_json(&body(&lease)?)
+            let lease: TimeoutLease = api.send_json(Method::POST, &p, Some(&body(&req)?))?;
+            print_json(&lease)
         }
     }
 }
@@ -435,9 +425,9 @@ fn files(api: &Api, f: FilesCommand) -> Result<()> {
                 &path(&id, "/files"),
                 &[("path", p), ("depth", depth.to_string())],
             );
-            let list: Vec<FileInfo> = call(api, Method::GET, &q, None)?;
+            let list: Vec<FileInfo> = api.send_json(Method::GET, &q, None)?;
             if json {
-                return print_json(&body(&list)?);
+                return print_json(&list);
             }
             let mut out = std::io::stdout().lock();
             for e in &list {
