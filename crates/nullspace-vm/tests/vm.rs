@@ -431,12 +431,26 @@ fn network_reaches_host_via_user_net_gateway() {
 }
 
 /// Our temp dirs in the system temp dir (`ns-vm-`, `ns-sbx-`, `ns-snap-`, `ns-kvmprobe-`).
+/// The VM directories in the temp dir that this process may own: those
+/// of another process (its `owner` record names another pid) and other
+/// tests' own `ns-*` directories are not this test's leftovers.
 fn tmp_entries() -> Vec<String> {
+    let me = std::process::id().to_string();
     std::fs::read_dir(std::env::temp_dir())
         .unwrap()
         .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            ["ns-vm-", "ns-sbx-", "ns-kvmprobe-", "ns-adopt-"]
+                .iter()
+                .any(|p| n.starts_with(p))
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join(nullspace_vm::process::OWNER_FILE))
+                .map(|o| o.split_whitespace().next() == Some(me.as_str()))
+                .unwrap_or(true)
+        })
         .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with("ns-"))
         .collect()
 }
 
