@@ -647,29 +647,7 @@ async fn stream_exec(
     // A background process streamed by attaching to it, when the guest
     // can; else the command runs in the foreground with its output streamed.
     if let Ok(pid) = live.guest.spawn(cmd.clone()).await {
-        let _ = out
-            .send(ExecEvent::ExecStarted {
-                id: rid.clone(),
-                pid,
-            })
-            .await;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let fwd = tokio::spawn(forward(rx, out.clone(), rid.clone(), pid));
-        let r = live.guest.attach(pid, tx).await;
-        let _ = fwd.await;
-        let msg = match r {
-            Ok(code) => ExecEvent::ExecExit {
-                id: rid,
-                pid,
-                exit_code: code.unwrap_or(-1),
-            },
-            Err(e) => ExecEvent::Error {
-                id: rid,
-                message: e.to_string(),
-            },
-        };
-        let _ = out.send(msg).await;
-        return;
+        return stream_attach(live, rid, pid, out).await;
     }
     let _ = out
         .send(ExecEvent::ExecStarted {

@@ -18,7 +18,7 @@ use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::template::{Api, enc, print_json, push_q, with_query};
+use crate::template::{Api, enc, print_json, push_q, read_json, to_body, with_query};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum TimeoutAction {
@@ -180,18 +180,6 @@ fn path(id: &str, rest: &str) -> String {
     format!("/v1/machines/{}{rest}", enc(id))
 }
 
-/// The request body's JSON (the model's type, serialised).
-fn body<B: Serialize>(b: &B) -> Result<serde_json::Value> {
-    serde_json::to_value(b).context("encoding the request")
-}
-
-/// Reads an answer as the model's type.
-fn answer<R: DeserializeOwned>(p: &str, resp: reqwest::blocking::Response) -> Result<R> {
-    let text = resp.text().context("reading the response")?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("the server answered {p} with unexpected JSON"))
-}
-
 /// Lifecycle calls (create, exec, pause, fork) may take minutes: the
 /// stream timeout (300 s) applies, as the SDK's lifecycle calls allow.
 fn long<R: DeserializeOwned>(
@@ -200,7 +188,7 @@ fn long<R: DeserializeOwned>(
     p: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<R> {
-    answer(p, api.send(method, p, body, true)?)
+    read_json(p, api.send(method, p, body, true)?)
 }
 
 fn line(m: &MachineInfo) -> String {
@@ -250,11 +238,11 @@ pub fn run(c: MachineCommand) -> Result<()> {
             let resp = api.send_headers(
                 Method::POST,
                 "/v1/machines",
-                Some(&body(&req)?),
+                Some(&to_body(&req)?),
                 true,
                 &[("Idempotency-Key", key)],
             )?;
-            let m: MachineInfo = answer("/v1/machines", resp)?;
+            let m: MachineInfo = read_json("/v1/machines", resp)?;
             show(&m, json)
         }
         MachineCommand::Exec {
@@ -281,7 +269,12 @@ pub fn run(c: MachineCommand) -> Result<()> {
                 user,
                 shell: None,
             };
-            let r = match long(&api, Method::POST, &path(&id, "/exec"), Some(&body(&req)?))? {
+            let r = match long(
+                &api,
+                Method::POST,
+                &path(&id, "/exec"),
+                Some(&to_body(&req)?),
+            )? {
                 ExecReply::Background(s) if background => {
                     println!("{}", s.pid);
                     return Ok(());
@@ -370,7 +363,7 @@ pub fn run(c: MachineCommand) -> Result<()> {
                 timeout_action: action.map(|a| action_name(a).to_string()),
             };
             let p = path(&id, "/timeout");
-            let lease: TimeoutLease = api.send_json(Method::POST, &p, Some(&body(&req)?))?;
+            let lease: TimeoutLease = api.send_json(Method::POST, &p, Some(&to_body(&req)?))?;
             print_json(&lease)
         }
     }
@@ -400,7 +393,7 @@ fn files(api: &Api, f: FilesCommand) -> Result<()> {
                 api,
                 Method::POST,
                 &path(&id, "/files/write"),
-                Some(&body(&req)?),
+                Some(&to_body(&req)?),
             )?;
             eprintln!("wrote {} ({} bytes)", info.path, data.len());
             Ok(())

@@ -417,6 +417,27 @@ pub struct BuildFlags {
 
 /// `matches` are the whole command line's: step flags are applied in the
 /// order they were given, which only the raw matches record.
+/// A request body's JSON (the model's type, serialised).
+pub(crate) fn to_body<B: Serialize + ?Sized>(b: &B) -> Result<Value> {
+    serde_json::to_value(b).context("encoding the request")
+}
+
+/// Reads an answer to `path` as `R` (the server's response type); an
+/// empty body (e.g. 204) is `null`.
+pub(crate) fn read_json<R: DeserializeOwned>(
+    path: &str,
+    resp: reqwest::blocking::Response,
+) -> Result<R> {
+    let text = resp.text().context("reading the response")?;
+    let text = if text.trim().is_empty() {
+        "null"
+    } else {
+        &text
+    };
+    serde_json::from_str(text)
+        .with_context(|| format!("the server answered {path} with unexpected JSON"))
+}
+
 pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
     let sub = matches
         .subcommand()
@@ -721,17 +742,7 @@ impl Api {
         path: &str,
         body: Option<&Value>,
     ) -> Result<R> {
-        let text = self
-            .send(method, path, body, false)?
-            .text()
-            .context("reading the response")?;
-        let text = if text.trim().is_empty() {
-            "null"
-        } else {
-            &text
-        };
-        serde_json::from_str(text)
-            .with_context(|| format!("the server answered {path} with unexpected JSON"))
+        read_json(path, self.send(method, path, body, false)?)
     }
 
     pub(crate) fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R> {
@@ -744,8 +755,7 @@ impl Api {
         path: &str,
         body: &B,
     ) -> Result<R> {
-        let body = serde_json::to_value(body).context("encoding the request")?;
-        self.send_json(Method::POST, path, Some(&body))
+        self.send_json(Method::POST, path, Some(&to_body(body)?))
     }
 
     /// Reads an SSE log stream: one JSON entry per `data: ` line (comments,
