@@ -469,6 +469,10 @@ fn dispatch(state: &State, resp: &Resp, op: Op) -> Outcome {
         } => crate::files::remove(state, &path, recursive, user.as_deref()),
         Op::Rename { from, to, user } => crate::files::rename(state, &from, &to, user.as_deref()),
         Op::Chmod { path, mode, user } => crate::files::chmod(state, &path, mode, user.as_deref()),
+        Op::SearchNames(spec) => crate::search::search_names(state, resp, &spec),
+        Op::SearchContent(spec) => crate::search::search_content(state, resp, &spec),
+        Op::Replace(spec) => crate::replace::replace(state, &spec),
+        Op::Metrics { sample_ms } => crate::metrics::metrics(sample_ms),
         Op::Start(spec) => start(state, spec),
         Op::Probe { probe, timeout_ms } => Ok(probe_once(
             state,

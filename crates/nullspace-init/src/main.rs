@@ -16,8 +16,12 @@
 mod agent;
 mod exec;
 mod files;
+mod metrics;
 mod net;
+mod pattern;
 mod procs;
+mod replace;
+mod search;
 mod users;
 
 use nullspace_model::guest::GuestConfig;
