@@ -85,10 +85,17 @@ impl NameGlob {
 /// A pattern matched against bytes: a regular expression, or plain text
 /// when asked or when the pattern is not a valid expression (`foo(` is
 /// searched as written).
+///
+/// `^` and `$` match at line starts and ends (before `\n` or `\r\n`),
+/// in a line as in a whole file.
 #[derive(Debug, Clone)]
 pub struct TextPattern {
     re: Regex,
     literal: bool,
+    /// `\A` or `\z` in the expression: they mean a line's start or end on
+    /// a line but the file's on the whole text, so a whole file's miss says
+    /// nothing about its lines.
+    absolute_anchors: bool,
 }
 
 impl TextPattern {
@@ -99,11 +106,19 @@ impl TextPattern {
                 .size_limit(REGEX_SIZE_LIMIT)
                 .dfa_size_limit(REGEX_SIZE_LIMIT)
                 .nest_limit(REGEX_NEST_LIMIT)
+                .multi_line(true)
+                .crlf(true)
                 .build()
         };
         if !literal {
             match build(pattern) {
-                Ok(re) => return Ok(TextPattern { re, literal: false }),
+                Ok(re) => {
+                    return Ok(TextPattern {
+                        re,
+                        literal: false,
+                        absolute_anchors: pattern.contains("\\A") || pattern.contains("\\z"),
+                    });
+                }
                 Err(regex::Error::CompiledTooBig(_)) => {
                     return Err(PatternError::TooComplex(pattern.to_string()));
                 }
@@ -113,7 +128,11 @@ impl TextPattern {
         }
         let re = build(&regex::escape(pattern))
             .map_err(|_| PatternError::TooComplex(pattern.to_string()))?;
-        Ok(TextPattern { re, literal: true })
+        Ok(TextPattern {
+            re,
+            literal: true,
+            absolute_anchors: false,
+        })
     }
 
     /// Taken as plain text (asked, or not a valid expression).
@@ -124,6 +143,12 @@ impl TextPattern {
 
     pub fn is_match(&self, line: &[u8]) -> bool {
         self.re.is_match(line)
+    }
+
+    /// False only when no line of `text` can match (a quick look at a
+    /// whole file before it is split into lines).
+    pub fn may_match_lines_of(&self, text: &[u8]) -> bool {
+        self.absolute_anchors || self.re.is_match(text)
     }
 
     /// `text` with every match replaced (`$1`, `${name}` expand for an
@@ -222,6 +247,26 @@ mod tests {
         // Bytes that are not UTF-8 do not stop a match.
         let p = TextPattern::new("needle", false).unwrap();
         assert!(p.is_match(b"\xff\xfe needle"));
+    }
+
+    #[test]
+    fn anchors_are_per_line_in_a_whole_file() {
+        let p = TextPattern::new(r"^b\s*=\s*\d+$", false).unwrap();
+        let text = b"a = 1\r\nb = 2\r\nc = 3\n";
+        assert!(p.may_match_lines_of(text));
+        assert!(p.is_match(b"b = 2"));
+        let (out, n) = p.replace_all(text, "B");
+        assert_eq!((&out[..], n), (&b"a = 1\r\nB\r\nc = 3\n"[..], 1));
+        let p = TextPattern::new(r"\Ab", false).unwrap();
+        assert!(
+            p.may_match_lines_of(b"a\nb"),
+            "an absolute anchor skips the quick look"
+        );
+        assert!(
+            !TextPattern::new("zz", false)
+                .unwrap()
+                .may_match_lines_of(b"a\nb")
+        );
     }
 
     #[test]

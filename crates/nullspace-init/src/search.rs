@@ -317,7 +317,7 @@ impl Scanner<'_> {
         if self.buf.contains(&0) {
             return Ok(Scanned::Binary);
         }
-        if !self.pattern.is_match(&self.buf) {
+        if !self.pattern.may_match_lines_of(&self.buf) {
             return Ok(Scanned::Done(None));
         }
         let file = display(path);

@@ -1,8 +1,9 @@
 //! What the machine API asks of a machine's guest, over its agent
 //! connection (`nullspace_vm::agent`, the protocol of
 //! `nullspace_model::agent`): commands (foreground with streamed output,
-//! background with logs), processes, and files. The one place that knows
-//! the agent client's API.
+//! background with logs), processes, files (single-file operations,
+//! searches by name and content, replace in files) and the guest's
+//! metrics. The one place that knows the agent client's API.
 //!
 //! One multiplexed connection per machine: calls from any number of
 //! requests run at once on it. A connection that closed (the agent
@@ -14,9 +15,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nullspace_model::agent::{ErrorCode, FileInfo};
+use nullspace_model::agent::{
+    ContentMatch, ErrorCode, FileInfo, GuestMetrics, ReplaceResult, ReplaceSpec, SearchContentSpec,
+    SearchNamesSpec,
+};
 use nullspace_vm::VmError;
-use nullspace_vm::agent::{AgentClient, ExecRequest, Stream, WriteOptions};
+use nullspace_vm::agent::{AgentClient, ExecRequest, Found, Stream, WriteOptions};
 
 /// Longest whole-file read answered in one response body.
 pub const READ_MAX: u64 = 64 << 20;
@@ -391,6 +395,116 @@ impl Guest {
             a.write_file_from(&path, &mut &data[..], &opts, limit)
         })
         .await
+    }
+}
+
+/// The file operations beyond read and write: each as `user` (default:
+/// the template's user), through the guest's own checks and bounds.
+impl Guest {
+    /// Removes a file, a symlink or (with `recursive`, with its contents) a
+    /// directory.
+    pub async fn remove(
+        &self,
+        path: &str,
+        recursive: bool,
+        user: Option<&str>,
+    ) -> Result<(), GuestError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        self.with(CALL, move |a| {
+            a.remove(&path, recursive, user.as_deref(), CALL)
+        })
+        .await
+    }
+
+    /// Renames `from` to `to`; the metadata at `to`.
+    pub async fn rename(
+        &self,
+        from: &str,
+        to: &str,
+        user: Option<&str>,
+    ) -> Result<FileInfo, GuestError> {
+        let (from, to, user) = (from.to_string(), to.to_string(), user.map(str::to_string));
+        self.with(CALL, move |a| a.rename(&from, &to, user.as_deref(), CALL))
+            .await
+    }
+
+    /// `mkdir -p`; false when the directory already existed.
+    pub async fn make_dir(&self, path: &str, user: Option<&str>) -> Result<bool, GuestError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        self.with(CALL, move |a| {
+            a.make_dir(&path, None, true, user.as_deref(), CALL)
+        })
+        .await
+    }
+
+    /// Sets the permission bits (`0..=0o7777`).
+    pub async fn chmod(&self, path: &str, mode: u32, user: Option<&str>) -> Result<(), GuestError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        self.with(CALL, move |a| a.chmod(&path, mode, user.as_deref(), CALL))
+            .await
+    }
+
+    /// Paths under `path` whose name (or, with a `/` in the pattern, whose
+    /// path relative to `path`) matches the glob; the guest's default
+    /// bounds (`nullspace_model::agent`: result count, bytes, time).
+    pub async fn search_names(
+        &self,
+        path: &str,
+        pattern: &str,
+        user: Option<&str>,
+    ) -> Result<Found<String>, GuestError> {
+        let spec = SearchNamesSpec {
+            path: path.to_string(),
+            pattern: pattern.to_string(),
+            user: user.map(str::to_string),
+            ..Default::default()
+        };
+        self.with(CALL, move |a| a.search_names(&spec, CALL)).await
+    }
+
+    /// Lines matching `pattern` (an expression, or text when it is not
+    /// one) in the text files under `path` or in the file `path`.
+    pub async fn search_content(
+        &self,
+        path: &str,
+        pattern: &str,
+        user: Option<&str>,
+    ) -> Result<Found<ContentMatch>, GuestError> {
+        let spec = SearchContentSpec {
+            path: path.to_string(),
+            pattern: pattern.to_string(),
+            user: user.map(str::to_string),
+            ..Default::default()
+        };
+        self.with(CALL, move |a| a.search_content(&spec, CALL))
+            .await
+    }
+
+    /// Replaces `pattern` in `files` (each rewritten atomically; all
+    /// checked before any changes); `dry_run` counts only.
+    pub async fn replace(
+        &self,
+        files: Vec<String>,
+        pattern: &str,
+        replacement: &str,
+        dry_run: bool,
+        user: Option<&str>,
+    ) -> Result<ReplaceResult, GuestError> {
+        let spec = ReplaceSpec {
+            files,
+            pattern: pattern.to_string(),
+            replacement: replacement.to_string(),
+            literal: false,
+            dry_run,
+            user: user.map(str::to_string),
+        };
+        self.with(CALL, move |a| a.replace(&spec, CALL)).await
+    }
+
+    /// The guest's CPU (over a short sample), memory, disk and network
+    /// figures.
+    pub async fn metrics(&self) -> Result<GuestMetrics, GuestError> {
+        self.with(CALL, move |a| a.metrics(None, CALL)).await
     }
 }
 

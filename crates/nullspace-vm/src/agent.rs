@@ -32,6 +32,9 @@
 //! defaults); `tests/agent.rs` checks the host's peak RSS during an exec
 //! that prints 2 GB against it.
 
+mod search;
+pub use search::Found;
+
 use crate::VmError;
 use nullspace_model::agent::{
     self as proto, AgentInfo, ErrorCode, Event, ExecSpec, ExitStatus, FileInfo, MAX_CHUNK,
