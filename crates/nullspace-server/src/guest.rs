@@ -34,6 +34,15 @@ pub enum GuestError {
     Unsupported(&'static str),
     #[error("{0}")]
     NotFound(String),
+    /// The user may not do this (the guest kernel's permission check).
+    #[error("{0}")]
+    Denied(String),
+    /// The request does not fit what is there, in the guest's words and
+    /// code: a file where a directory is expected or the reverse, a target
+    /// that exists, a directory not empty, a name over the limits, a file
+    /// too large, a malformed pattern.
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
     /// The agent connection or the VM is gone.
     #[error("the machine's guest agent is unreachable: {0}")]
     Gone(String),
@@ -43,6 +52,32 @@ pub enum GuestError {
     Timeout(Duration),
 }
 
+impl GuestError {
+    /// The machine, not the request, failed: the agent is unreachable or
+    /// does not answer.
+    pub fn is_machine_gone(&self) -> bool {
+        matches!(self, GuestError::Gone(_) | GuestError::Timeout(_))
+    }
+
+    /// The error of a file operation naming the user it ran as (the guest
+    /// names the path).
+    fn naming_user(self, user: Option<&str>) -> GuestError {
+        let who = match user.map(str::trim).filter(|u| !u.is_empty()) {
+            Some(u) => format!(" (as user {u})"),
+            None => " (as the template's user)".to_string(),
+        };
+        match self {
+            GuestError::NotFound(m) => GuestError::NotFound(m + &who),
+            GuestError::Denied(m) => GuestError::Denied(m + &who),
+            GuestError::Refused { code, message } => GuestError::Refused {
+                code,
+                message: message + &who,
+            },
+            other => other,
+        }
+    }
+}
+
 fn classify(e: VmError, limit: Duration) -> GuestError {
     match e {
         VmError::Guest {
@@ -50,6 +85,23 @@ fn classify(e: VmError, limit: Duration) -> GuestError {
             message,
             ..
         } => GuestError::NotFound(message),
+        VmError::Guest {
+            code: ErrorCode::PermissionDenied,
+            message,
+            ..
+        } => GuestError::Denied(message),
+        VmError::Guest {
+            code:
+                code @ (ErrorCode::BadRequest
+                | ErrorCode::NotADirectory
+                | ErrorCode::IsADirectory
+                | ErrorCode::AlreadyExists
+                | ErrorCode::DirectoryNotEmpty
+                | ErrorCode::NameTooLong
+                | ErrorCode::FileTooLarge),
+            message,
+            ..
+        } => GuestError::Refused { code, message },
         VmError::Guest {
             code: ErrorCode::UnknownOp,
             op,
@@ -334,9 +386,23 @@ impl Guest {
         self.with(CALL, move |a| a.kill(pid, 9, true, CALL)).await
     }
 
+    /// Runs a file operation as `user`; its errors name the user.
+    async fn file_call<T: Send + 'static>(
+        &self,
+        user: Option<&str>,
+        limit: Duration,
+        f: impl FnOnce(&AgentClient, Option<&str>) -> Result<T, VmError> + Send + 'static,
+    ) -> Result<T, GuestError> {
+        let owned = user.map(str::to_string);
+        let inner = owned.clone();
+        self.with(limit, move |a| f(a, inner.as_deref()))
+            .await
+            .map_err(|e| e.naming_user(owned.as_deref()))
+    }
+
     pub async fn stat(&self, path: &str, user: Option<&str>) -> Result<FileInfo, GuestError> {
-        let (path, user) = (path.to_string(), user.map(str::to_string));
-        self.with(CALL, move |a| a.stat(&path, user.as_deref(), CALL))
+        let path = path.to_string();
+        self.file_call(user, CALL, move |a, u| a.stat(&path, u, CALL))
             .await
     }
 
@@ -347,10 +413,10 @@ impl Guest {
         depth: u32,
         user: Option<&str>,
     ) -> Result<Vec<FileInfo>, GuestError> {
-        let (path, user) = (path.to_string(), user.map(str::to_string));
+        let path = path.to_string();
         let (entries, _truncated) = self
-            .with(CALL, move |a| {
-                a.list_dir(&path, depth, user.as_deref(), None, CALL)
+            .file_call(user, CALL, move |a, u| {
+                a.list_dir(&path, depth, u, None, CALL)
             })
             .await?;
         Ok(entries)
@@ -358,12 +424,12 @@ impl Guest {
 
     /// A whole file, at most [`READ_MAX`] bytes.
     pub async fn read(&self, path: &str, user: Option<&str>) -> Result<Vec<u8>, GuestError> {
-        let (p, user) = (path.to_string(), user.map(str::to_string));
+        let p = path.to_string();
         let limit = Duration::from_secs(300);
-        self.with(limit, move |a| {
+        self.file_call(user, limit, move |a, u| {
             let mut out = Vec::new();
             let mut w = Bounded(&mut out, READ_MAX as usize);
-            a.read_file_to(&p, user.as_deref(), &mut w, limit)?;
+            a.read_file_to(&p, u, &mut w, limit)?;
             Ok(out)
         })
         .await
@@ -384,12 +450,12 @@ impl Guest {
         data: Vec<u8>,
         user: Option<&str>,
     ) -> Result<u64, GuestError> {
-        let (path, user) = (path.to_string(), user.map(str::to_string));
+        let path = path.to_string();
         let limit = Duration::from_secs(300);
-        self.with(limit, move |a| {
+        self.file_call(user, limit, move |a, u| {
             let opts = WriteOptions {
                 parents: true,
-                user,
+                user: u.map(str::to_string),
                 ..Default::default()
             };
             a.write_file_from(&path, &mut &data[..], &opts, limit)
@@ -409,11 +475,9 @@ impl Guest {
         recursive: bool,
         user: Option<&str>,
     ) -> Result<(), GuestError> {
-        let (path, user) = (path.to_string(), user.map(str::to_string));
-        self.with(CALL, move |a| {
-            a.remove(&path, recursive, user.as_deref(), CALL)
-        })
-        .await
+        let path = path.to_string();
+        self.file_call(user, CALL, move |a, u| a.remove(&path, recursive, u, CALL))
+            .await
     }
 
     /// Renames `from` to `to`; the metadata at `to`.
@@ -423,24 +487,24 @@ impl Guest {
         to: &str,
         user: Option<&str>,
     ) -> Result<FileInfo, GuestError> {
-        let (from, to, user) = (from.to_string(), to.to_string(), user.map(str::to_string));
-        self.with(CALL, move |a| a.rename(&from, &to, user.as_deref(), CALL))
+        let (from, to) = (from.to_string(), to.to_string());
+        self.file_call(user, CALL, move |a, u| a.rename(&from, &to, u, CALL))
             .await
     }
 
     /// `mkdir -p`; false when the directory already existed.
     pub async fn make_dir(&self, path: &str, user: Option<&str>) -> Result<bool, GuestError> {
-        let (path, user) = (path.to_string(), user.map(str::to_string));
-        self.with(CALL, move |a| {
-            a.make_dir(&path, None, true, user.as_deref(), CALL)
+        let path = path.to_string();
+        self.file_call(user, CALL, move |a, u| {
+            a.make_dir(&path, None, true, u, CALL)
         })
         .await
     }
 
     /// Sets the permission bits (`0..=0o7777`).
     pub async fn chmod(&self, path: &str, mode: u32, user: Option<&str>) -> Result<(), GuestError> {
-        let (path, user) = (path.to_string(), user.map(str::to_string));
-        self.with(CALL, move |a| a.chmod(&path, mode, user.as_deref(), CALL))
+        let path = path.to_string();
+        self.file_call(user, CALL, move |a, u| a.chmod(&path, mode, u, CALL))
             .await
     }
 
@@ -459,7 +523,8 @@ impl Guest {
             user: user.map(str::to_string),
             ..Default::default()
         };
-        self.with(CALL, move |a| a.search_names(&spec, CALL)).await
+        self.file_call(user, CALL, move |a, _| a.search_names(&spec, CALL))
+            .await
     }
 
     /// Lines matching `pattern` (an expression, or text when it is not
@@ -476,7 +541,7 @@ impl Guest {
             user: user.map(str::to_string),
             ..Default::default()
         };
-        self.with(CALL, move |a| a.search_content(&spec, CALL))
+        self.file_call(user, CALL, move |a, _| a.search_content(&spec, CALL))
             .await
     }
 
@@ -498,7 +563,8 @@ impl Guest {
             dry_run,
             user: user.map(str::to_string),
         };
-        self.with(CALL, move |a| a.replace(&spec, CALL)).await
+        self.file_call(user, CALL, move |a, _| a.replace(&spec, CALL))
+            .await
     }
 
     /// The guest's CPU (over a short sample), memory, disk and network

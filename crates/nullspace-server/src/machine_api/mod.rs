@@ -9,12 +9,14 @@
 //! |---|---|
 //! | [`lifecycle`] | create, list, get, delete, timeout, pause, resume, fork, snapshot |
 //! | [`commands`] | exec, processes, their logs, kill |
-//! | [`files`] | the file routes |
+//! | [`files`] | the file routes: read, write, info, exists, list |
+//! | [`file_ops`] | the other file routes (remove … replace) and metrics |
 //! | [`snapshots`] | `/v1/snapshots` |
 //! | [`ws`] | the WebSocket and its exec channel |
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
 pub mod commands;
+pub mod file_ops;
 pub mod files;
 pub mod lifecycle;
 pub mod not_offered;
@@ -22,6 +24,7 @@ pub mod snapshots;
 pub mod ws;
 
 pub use commands::*;
+pub use file_ops::*;
 pub use files::*;
 pub use lifecycle::*;
 pub use snapshots::*;
@@ -118,6 +121,20 @@ fn guest(f: Flavor, id: &str, e: GuestError) -> ApiError {
     match e {
         GuestError::Unsupported(_) => not_implemented(e.to_string()),
         GuestError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "file_not_found", m),
+        GuestError::Denied(m) => ApiError::new(StatusCode::FORBIDDEN, "permission_denied", m),
+        GuestError::Refused { code, message } => {
+            use nullspace_model::agent::ErrorCode as C;
+            let (status, code) = match code {
+                C::NotADirectory => (StatusCode::BAD_REQUEST, "not_a_directory"),
+                C::IsADirectory => (StatusCode::BAD_REQUEST, "is_a_directory"),
+                C::AlreadyExists => (StatusCode::CONFLICT, "file_conflict"),
+                C::DirectoryNotEmpty => (StatusCode::CONFLICT, "directory_not_empty"),
+                C::NameTooLong => (StatusCode::BAD_REQUEST, "name_too_long"),
+                C::FileTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large"),
+                _ => (StatusCode::BAD_REQUEST, "invalid_request"),
+            };
+            ApiError::new(status, code, message)
+        }
         GuestError::Gone(m) => ApiError::new(
             StatusCode::BAD_GATEWAY,
             "exec_failed",
