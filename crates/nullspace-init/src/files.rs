@@ -78,6 +78,42 @@ impl Drop for AsUser {
     }
 }
 
+/// The user a file op runs as, by the name it was given (the request's,
+/// else the runtime default, else root).
+fn user_name(state: &State, user: Option<&str>) -> String {
+    match user.map(str::trim).filter(|u| !u.is_empty()) {
+        Some(u) => u.to_string(),
+        None => state
+            .defaults
+            .lock()
+            .unwrap()
+            .user
+            .clone()
+            .unwrap_or_else(|| "root".into()),
+    }
+}
+
+/// A file op's failure that depends on who asked names the user (the
+/// message names the path already): "…: Permission denied (as user app)".
+pub fn naming_user(state: &State, user: Option<&str>, out: Outcome) -> Outcome {
+    out.map_err(|mut f| {
+        let about_files = matches!(
+            f.code,
+            ErrorCode::PermissionDenied
+                | ErrorCode::NotFound
+                | ErrorCode::AlreadyExists
+                | ErrorCode::NotADirectory
+                | ErrorCode::IsADirectory
+                | ErrorCode::DirectoryNotEmpty
+                | ErrorCode::FileTooLarge
+        );
+        if about_files {
+            f.message = format!("{} (as user {})", f.message, user_name(state, user));
+        }
+        f
+    })
+}
+
 /// `path` made absolute (against the default workdir) and normalised
 /// lexically (`.`, `..`, repeated slashes), without resolving symlinks.
 /// Refuses a NUL byte (`bad_request`) and a path or name over the kernel's

@@ -58,24 +58,6 @@ impl GuestError {
     pub fn is_machine_gone(&self) -> bool {
         matches!(self, GuestError::Gone(_) | GuestError::Timeout(_))
     }
-
-    /// The error of a file operation naming the user it ran as (the guest
-    /// names the path).
-    fn naming_user(self, user: Option<&str>) -> GuestError {
-        let who = match user.map(str::trim).filter(|u| !u.is_empty()) {
-            Some(u) => format!(" (as user {u})"),
-            None => " (as the template's user)".to_string(),
-        };
-        match self {
-            GuestError::NotFound(m) => GuestError::NotFound(m + &who),
-            GuestError::Denied(m) => GuestError::Denied(m + &who),
-            GuestError::Refused { code, message } => GuestError::Refused {
-                code,
-                message: message + &who,
-            },
-            other => other,
-        }
-    }
 }
 
 fn classify(e: VmError, limit: Duration) -> GuestError {
@@ -386,18 +368,16 @@ impl Guest {
         self.with(CALL, move |a| a.kill(pid, 9, true, CALL)).await
     }
 
-    /// Runs a file operation as `user`; its errors name the user.
+    /// Runs a file operation as `user` (the guest's errors name the path
+    /// and the user).
     async fn file_call<T: Send + 'static>(
         &self,
         user: Option<&str>,
         limit: Duration,
         f: impl FnOnce(&AgentClient, Option<&str>) -> Result<T, VmError> + Send + 'static,
     ) -> Result<T, GuestError> {
-        let owned = user.map(str::to_string);
-        let inner = owned.clone();
-        self.with(limit, move |a| f(a, inner.as_deref()))
-            .await
-            .map_err(|e| e.naming_user(owned.as_deref()))
+        let user = user.map(str::to_string);
+        self.with(limit, move |a| f(a, user.as_deref())).await
     }
 
     pub async fn stat(&self, path: &str, user: Option<&str>) -> Result<FileInfo, GuestError> {

@@ -827,6 +827,12 @@ fn search_and_replace_as_a_user() {
         read("/tmp/s/a.py"),
         "import os\nneedle = 1\nprint(needle)\n"
     );
+    let denied = replace(&["/tmp/s/secret.py"], "needle", "x", false, None).unwrap_err();
+    assert!(
+        denied.to_string().contains("/tmp/s/secret.py")
+            && denied.to_string().contains("as user app"),
+        "names the path and the (default) user: {denied}"
+    );
     let dry = replace(&["/tmp/s/a.py"], "needle", "x", true, app.clone()).unwrap();
     assert_eq!((dry.replacements, dry.files_modified), (2, 1));
     assert!(
