@@ -22,8 +22,10 @@ pub mod openapi;
 pub mod plan;
 pub mod refs;
 pub mod runtime;
+pub mod signed_url;
 pub mod state;
 pub mod templates;
+pub mod uploads;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
