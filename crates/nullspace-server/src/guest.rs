@@ -491,7 +491,10 @@ impl GuestFiles for AgentFiles {
             parents: false,
             user: self.user.clone(),
         });
-        self.agent.call(op, self.limit).map(|_| ()).map_err(io_error)
+        self.agent
+            .call(op, self.limit)
+            .map(|_| ())
+            .map_err(io_error)
     }
 
     fn make_dir(&self, path: &str, mode: u32, parents: bool) -> std::io::Result<()> {

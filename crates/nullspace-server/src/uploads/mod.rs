@@ -569,24 +569,36 @@ pub fn normalize_target(path: &str) -> Result<String, UploadError> {
 }
 
 impl Uploads {
-    /// The engine with its spool in `root` (`DATA_DIR/uploads`); what a
-    /// previous process left there is removed.
+    /// The engine with its spool in `root` (`DATA_DIR/uploads`).
     pub fn open(root: &Path, limits: Limits) -> Result<Uploads, UploadError> {
-        let spool_err = |source| UploadError::Spool {
+        std::fs::create_dir_all(root).map_err(|source| UploadError::Spool {
             path: root.to_path_buf(),
             source,
-        };
-        match std::fs::remove_dir_all(root) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(spool_err(e)),
-        }
-        std::fs::create_dir_all(root).map_err(spool_err)?;
+        })?;
         Ok(Uploads {
             root: root.to_path_buf(),
             limits,
             sessions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Removes what a previous server process left in the spool (its
+    /// sessions died with it). Called when serving starts, before requests.
+    pub fn clear_spool(&self) -> Result<(), UploadError> {
+        let err = |source| UploadError::Spool {
+            path: self.root.clone(),
+            source,
+        };
+        for e in std::fs::read_dir(&self.root).map_err(err)? {
+            let p = e.map_err(err)?.path();
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            r.map_err(|source| UploadError::Spool { path: p, source })?;
+        }
+        Ok(())
     }
 
     pub fn limits(&self) -> &Limits {
@@ -638,12 +650,7 @@ impl Uploads {
         let part_size = self.limits.part_size.max(1);
         // An empty upload still has one (empty) part: the SDK sends it.
         let part_count = req.content_length.div_ceil(part_size).max(1);
-        let id = {
-            use rand::RngCore as _;
-            let mut b = [0u8; 16];
-            rand::rng().fill_bytes(&mut b);
-            format!("up_{}", lower_hex(&b))
-        };
+        let id = new_id("up");
         let now = SystemTime::now();
         let mut map = self.lock();
         self.expire_locked(&mut map, now);
@@ -736,7 +743,7 @@ impl Uploads {
             )));
         }
         let dir = self.dir(id);
-        let staged = spool::receive(&dir, id, n, expected, body).await?;
+        let (staged, _) = spool::receive(&dir, id, n, expected, true, body).await?;
         let sha_hex = lower_hex(&staged.sha256);
         if let Some(h) = part_sha256
             && h != sha_hex
@@ -917,6 +924,51 @@ impl Uploads {
         result.map(|_| info)
     }
 
+    /// Spools a single-request upload of a file (a signed URL's `PUT`) of
+    /// at most `max_upload_bytes`; publish the job, then
+    /// [`Uploads::drop_direct`].
+    pub async fn spool_direct<S, B, E>(
+        &self,
+        owner: &Owner,
+        target: &str,
+        user: Option<String>,
+        body: S,
+    ) -> Result<Job, UploadError>
+    where
+        S: futures_util::Stream<Item = Result<B, E>> + Unpin,
+        B: AsRef<[u8]>,
+        E: std::fmt::Display,
+    {
+        let target = normalize_target(target)?;
+        let id = new_id("put");
+        let (staged, size) = spool::receive(
+            &self.root,
+            &id,
+            0,
+            self.limits.max_upload_bytes,
+            false,
+            body,
+        )
+        .await?;
+        Ok(Job {
+            owner: owner.clone(),
+            kind: Kind::File,
+            target,
+            user,
+            conflict: Conflict::Merge,
+            expected_sha256: None,
+            parts: vec![(staged.keep(), size)],
+            id,
+        })
+    }
+
+    /// Removes what [`Uploads::spool_direct`] spooled.
+    pub fn drop_direct(&self, job: &Job) {
+        for (p, _) in &job.parts {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
     /// Aborts an open session (its spool goes).
     pub fn abort(&self, owner: &Owner, id: &str) -> Result<(), UploadError> {
         let mut map = self.lock();
@@ -969,6 +1021,14 @@ impl Uploads {
             map.remove(&id);
         }
     }
+}
+
+/// `<prefix>_<32 hex digits>`.
+fn new_id(prefix: &str) -> String {
+    use rand::RngCore as _;
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    format!("{prefix}_{}", lower_hex(&b))
 }
 
 /// A part number as the URL spells it: decimal, no sign, no leading zero.

@@ -35,6 +35,11 @@ impl Staged {
     }
 
     pub fn discard(self) {}
+
+    /// Keeps the file at its temporary name (the caller removes it).
+    pub fn keep(mut self) -> PathBuf {
+        self.tmp.take().expect("staged once")
+    }
 }
 
 impl Drop for Staged {
@@ -46,14 +51,16 @@ impl Drop for Staged {
 }
 
 /// Streams `body` into a temporary file in `dir`: exactly `expected`
-/// bytes, or refused (reading stops at the first byte too many).
+/// bytes (with `exact`) or at most that many, or refused (reading stops at
+/// the first byte too many).
 pub(super) async fn receive<S, B, E>(
     dir: &Path,
     id: &str,
     n: u32,
     expected: u64,
+    exact: bool,
     mut body: S,
-) -> Result<Staged, UploadError>
+) -> Result<(Staged, u64), UploadError>
 where
     S: futures_util::Stream<Item = Result<B, E>> + Unpin,
     B: AsRef<[u8]>,
@@ -106,7 +113,7 @@ where
         hash.update(data);
         f.write_all(data).await.map_err(spool)?;
     }
-    if got != expected {
+    if exact && got != expected {
         return Err(UploadError::PartSize {
             id: id.to_string(),
             part: n,
@@ -117,7 +124,7 @@ where
     f.flush().await.map_err(spool)?;
     drop(f);
     staged.sha256 = hash.finalize().into();
-    Ok(staged)
+    Ok((staged, got))
 }
 
 /// The parts of a session read as one stream, in order; seekable (the

@@ -795,7 +795,13 @@ fn a_restart_sweeps_the_spool() {
     let root = tmp.path().join("uploads");
     std::fs::create_dir_all(root.join("up_old")).unwrap();
     std::fs::write(root.join("up_old/0"), b"x").unwrap();
-    Uploads::open(&root, Limits::default()).unwrap();
+    let up = Uploads::open(&root, Limits::default()).unwrap();
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        1,
+        "open keeps it"
+    );
+    up.clear_spool().unwrap();
     assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
 }
 
