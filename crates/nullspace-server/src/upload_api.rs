@@ -20,6 +20,7 @@ use crate::guest::Guest;
 use crate::http::JsonBody;
 use crate::machine_model::Flavor;
 use crate::machines;
+use crate::openapi::{Op, QueryKind, QueryParam, Route};
 use crate::signed_url::{Method, SignedUrlError};
 use crate::state::Shared;
 use crate::uploads::{self, Conflict, Info, Kind, NewUpload, Owner, UploadError};
@@ -539,4 +540,85 @@ pub async fn signed_put<const F: u8>(
         Ok(Err(e)) => Err(upload_error(None, e)),
         Err(e) => Err(api(machines::guest_error(flavor(F), &id, e))),
     }
+}
+
+// ---- routes -----------------------------------------------------------
+
+const TOKEN: &[QueryParam] = &[QueryParam {
+    name: "token",
+    description: "The signed grant `upload-url` or `download-url` returned",
+    kind: QueryKind::Text,
+}];
+
+macro_rules! upload_routes {
+    ($p:literal, $f:expr) => {
+        vec![
+            Op::post(concat!($p, "/{id}/uploads"), "Create a resumable upload session")
+                .body::<CreateUploadRequest>()
+                .reply::<CreateUploadResponse>(200)
+                .to(create::<{ $f }>),
+            Op::get(
+                concat!($p, "/{id}/uploads/{upload_id}"),
+                "An upload session's status (which parts are in)",
+            )
+            .reply::<UploadSessionInfo>(200)
+            .to(status::<{ $f }>),
+            Op::delete(
+                concat!($p, "/{id}/uploads/{upload_id}"),
+                "Abort an upload session (its parts are removed)",
+            )
+            .to(abort::<{ $f }>),
+            Op::put(
+                concat!($p, "/{id}/uploads/{upload_id}/parts/{part_number}"),
+                "Upload one part (numbered from 0; any order; an identical replay is accepted)",
+            )
+            .bytes()
+            .reply::<UploadSessionInfo>(200)
+            .to(part::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/uploads/{upload_id}/complete"),
+                "Verify and publish an upload into the machine",
+            )
+            .body::<CompleteUploadRequest>()
+            .reply::<CompleteUploadResponse>(200)
+            .to(complete::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/files/upload-url"),
+                "A signed, expiring URL that uploads one file without the API key",
+            )
+            .body::<TransferUrlRequest>()
+            .reply::<SignedUploadUrl>(200)
+            .to(upload_url::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/files/download-url"),
+                "A signed, expiring URL that downloads one file without the API key",
+            )
+            .body::<TransferUrlRequest>()
+            .reply::<SignedDownloadUrl>(200)
+            .to(download_url::<{ $f }>),
+            Op::get(
+                concat!($p, "/{id}/files/signed"),
+                "Download the file a signed grant names",
+            )
+            .public()
+            .query(TOKEN)
+            .reply_bytes()
+            .to(signed_get::<{ $f }>),
+            Op::put(
+                concat!($p, "/{id}/files/signed"),
+                "Upload (replace) the file a signed grant names",
+            )
+            .public()
+            .query(TOKEN)
+            .bytes()
+            .to(signed_put::<{ $f }>),
+        ]
+    };
+}
+
+/// The upload routes under both machine prefixes.
+pub fn routes() -> Vec<Route> {
+    let mut r = upload_routes!("/v1/machines", crate::machine_api::MACHINE);
+    r.extend(upload_routes!("/v1/sandboxes", crate::machine_api::SANDBOX));
+    r
 }
