@@ -246,7 +246,7 @@ pub async fn serve_until(
     // timeouts and dead VMs watched; the base template built if missing.
     machines::recover(&state)
         .await
-        .map_err(|e| std::io::Error::other(format!("recovering machines: {}", e.message)))?;
+        .map_err(|e| std::io::Error::other(format!("recovering machines: {e}")))?;
     machines::spawn_reaper(state.clone());
     state.uploads.clear_spool().map_err(std::io::Error::other)?;
     spawn_upload_sweeper(state.clone());
