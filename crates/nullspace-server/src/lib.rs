@@ -25,7 +25,6 @@ pub mod runtime;
 pub mod signed_url;
 pub mod state;
 pub mod templates;
-pub mod upload_api;
 pub mod uploads;
 pub mod validate;
 

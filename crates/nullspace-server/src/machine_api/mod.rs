@@ -11,6 +11,7 @@
 //! | [`commands`] | exec, processes, their logs, kill |
 //! | [`files`] | the file routes |
 //! | [`snapshots`] | `/v1/snapshots` |
+//! | [`uploads`] | upload sessions and signed transfer URLs |
 //! | [`ws`] | the WebSocket and its exec channel |
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
@@ -19,12 +20,14 @@ pub mod files;
 pub mod lifecycle;
 pub mod not_offered;
 pub mod snapshots;
+pub mod uploads;
 pub mod ws;
 
 pub use commands::*;
 pub use files::*;
 pub use lifecycle::*;
 pub use snapshots::*;
+pub use uploads::*;
 pub use ws::ws;
 
 use std::collections::HashMap;

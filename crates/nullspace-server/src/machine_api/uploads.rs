@@ -1,8 +1,8 @@
-//! HTTP handlers of upload sessions and signed transfer URLs, for both
-//! machine prefixes: parameters, bodies streamed to the engine
-//! ([`crate::uploads`]), status codes and the SDK's error shape
-//! (`code: file_upload_error` with an `error_detail` whose `reason` picks
-//! the SDK's exception class). Routes: [`routes`].
+//! Handlers of upload sessions and signed transfer URLs, for both machine
+//! prefixes: parameters, bodies streamed to the engine
+//! ([`crate::uploads`]), signed grants ([`crate::signed_url`]), status
+//! codes and the SDK's error shape (`code: file_upload_error` with an
+//! `error_detail` whose `reason` picks the SDK's exception class).
 
 use std::time::{Duration, SystemTime};
 
@@ -16,11 +16,11 @@ use nullspace_model::upload::*;
 use nullspace_store::Caller;
 use serde_json::json;
 
+use super::{Speak as _, flavor};
 use crate::guest::Guest;
 use crate::http::JsonBody;
 use crate::machine_model::Flavor;
-use crate::machines;
-use crate::openapi::{Op, QueryKind, QueryParam, Route};
+use crate::machines::{self, MachineError};
 use crate::signed_url::{Method, SignedUrlError};
 use crate::state::Shared;
 use crate::uploads::{self, Conflict, Info, Kind, NewUpload, Owner, UploadError};
@@ -29,14 +29,6 @@ use crate::uploads::{self, Conflict, Info, Kind, NewUpload, Owner, UploadError};
 pub const URL_TTL: Duration = Duration::from_secs(3600);
 /// Per-call limit of the guest operations of a completion.
 const GUEST_CALL: Duration = Duration::from_secs(300);
-
-const fn flavor(f: u8) -> Flavor {
-    if f == crate::machine_api::SANDBOX {
-        Flavor::Sandbox
-    } else {
-        Flavor::Machine
-    }
-}
 
 /// A refusal, already in the API's shape (boxed: results stay small).
 pub struct Refusal(Box<Response>);
@@ -151,8 +143,11 @@ fn api(e: crate::error::ApiError) -> Refusal {
 }
 
 /// The guest of a running machine the caller may use.
-async fn guest_of(s: &Shared, c: &Caller, f: Flavor, id: &str) -> Result<Guest, Refusal> {
-    let (_, _, live) = machines::running(s, c, f, id).await.map_err(api)?;
+async fn guest_of(s: &Shared, c: &Caller, f: u8, id: &str) -> Result<Guest, Refusal> {
+    let (_, live) = machines::commands::running(s, c, id)
+        .await
+        .speak(f)
+        .map_err(api)?;
     Ok(live.guest.clone())
 }
 
@@ -164,14 +159,14 @@ fn owner(c: &Caller, id: &str) -> Owner {
 }
 
 /// `POST …/{id}/uploads`.
-pub async fn create<const F: u8>(
+pub async fn upload_create<const F: u8>(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
     JsonBody(req): JsonBody<CreateUploadRequest>,
 ) -> Res {
     // The machine must exist and run (its guest receives the upload).
-    guest_of(&s, &c, flavor(F), &id).await?;
+    guest_of(&s, &c, F, &id).await?;
     let invalid = |m: String| upload_error(None, UploadError::Invalid(m));
     let kind = Kind::parse(&req.kind)
         .ok_or_else(|| invalid(format!("kind {:?} is not file or directory_tar", req.kind)))?;
@@ -218,7 +213,7 @@ pub async fn create<const F: u8>(
 }
 
 /// `GET …/{id}/uploads/{upload_id}`.
-pub async fn status<const F: u8>(
+pub async fn upload_status<const F: u8>(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     Path((id, upload)): Path<(String, String)>,
@@ -232,7 +227,7 @@ pub async fn status<const F: u8>(
 
 /// `PUT …/{id}/uploads/{upload_id}/parts/{n}`: the body streams to the
 /// spool.
-pub async fn part<const F: u8>(
+pub async fn upload_part<const F: u8>(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     Path((id, upload, n)): Path<(String, String, String)>,
@@ -257,7 +252,7 @@ pub async fn part<const F: u8>(
 }
 
 /// `POST …/{id}/uploads/{upload_id}/complete`.
-pub async fn complete<const F: u8>(
+pub async fn upload_complete<const F: u8>(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     Path((id, upload)): Path<(String, String)>,
@@ -276,7 +271,7 @@ pub async fn complete<const F: u8>(
         uploads::Begin::Done(info) => return Ok(completed(&s, &info)),
         uploads::Begin::Publish(job) => job,
     };
-    let guest = match guest_of(&s, &c, flavor(F), &id).await {
+    let guest = match guest_of(&s, &c, F, &id).await {
         Ok(g) => g,
         Err(r) => {
             // Not published: the session stays staged for another try.
@@ -327,7 +322,7 @@ fn completed(s: &Shared, info: &Info) -> Response {
 }
 
 /// `DELETE …/{id}/uploads/{upload_id}`.
-pub async fn abort<const F: u8>(
+pub async fn upload_abort<const F: u8>(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     Path((id, upload)): Path<(String, String)>,
@@ -370,8 +365,10 @@ async fn grant_url<const F: u8>(
     req: &TransferUrlRequest,
     method: Method,
 ) -> Result<(String, String), Refusal> {
-    let path = machines::guest_path("path", &req.path).map_err(api)?;
-    guest_of(s, c, flavor(F), id).await?;
+    let path = machines::rules::guest_path("path", &req.path)
+        .speak(F)
+        .map_err(api)?;
+    guest_of(s, c, F, id).await?;
     let user = req.user.as_deref().filter(|u| !u.trim().is_empty());
     let (_, token) = s
         .signing_key
@@ -386,7 +383,7 @@ async fn grant_url<const F: u8>(
         )
         .map_err(|e| signed_error(&e))?;
     let url = format!(
-        "{}{}/{id}/files/signed?token={token}",
+        "{}/signed{}/{id}/file?token={token}",
         origin(headers),
         prefix(flavor(F))
     );
@@ -467,20 +464,20 @@ fn verified(
     Ok((g, c))
 }
 
-/// `GET …/{id}/files/signed?token=`: the file, streamed in chunks.
+/// `GET /signed/v1/…/{id}/file?token=`: the file, streamed in chunks.
 pub async fn signed_get<const F: u8>(
     State(s): State<Shared>,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
 ) -> Res {
     let (g, c) = verified(&s, &id, &q, Method::Get)?;
-    let guest = guest_of(&s, &c, flavor(F), &id).await?;
+    let guest = guest_of(&s, &c, F, &id).await?;
     // The first chunk before the answer: a missing file is a 404, not a
     // broken 200.
     let (first, size, eof) = guest
         .read_chunk(&g.path, 0, uploads::CHUNK, g.user.as_deref())
         .await
-        .map_err(|e| api(machines::guest_error(flavor(F), &id, e)))?;
+        .map_err(|e| api(super::dialect(flavor(F), MachineError::guest(&id, e))))?;
     let state = (guest, g, first.len() as u64, eof);
     let rest = futures_util::stream::unfold(state, |(guest, g, off, eof)| async move {
         if eof {
@@ -512,7 +509,7 @@ pub async fn signed_get<const F: u8>(
         .into_response())
 }
 
-/// `PUT …/{id}/files/signed?token=`: the body is spooled, then written to
+/// `PUT /signed/v1/…/{id}/file?token=`: the body is spooled, then written to
 /// the file (replaced whole, never partly).
 pub async fn signed_put<const F: u8>(
     State(s): State<Shared>,
@@ -521,7 +518,7 @@ pub async fn signed_put<const F: u8>(
     body: Body,
 ) -> Res {
     let (g, c) = verified(&s, &id, &q, Method::Put)?;
-    let guest = guest_of(&s, &c, flavor(F), &id).await?;
+    let guest = guest_of(&s, &c, F, &id).await?;
     let o = owner(&c, &id);
     let job = s
         .uploads
@@ -538,87 +535,6 @@ pub async fn signed_put<const F: u8>(
     match result {
         Ok(Ok(_)) => Ok(StatusCode::NO_CONTENT.into_response()),
         Ok(Err(e)) => Err(upload_error(None, e)),
-        Err(e) => Err(api(machines::guest_error(flavor(F), &id, e))),
+        Err(e) => Err(api(super::dialect(flavor(F), MachineError::guest(&id, e)))),
     }
-}
-
-// ---- routes -----------------------------------------------------------
-
-const TOKEN: &[QueryParam] = &[QueryParam {
-    name: "token",
-    description: "The signed grant `upload-url` or `download-url` returned",
-    kind: QueryKind::Text,
-}];
-
-macro_rules! upload_routes {
-    ($p:literal, $f:expr) => {
-        vec![
-            Op::post(concat!($p, "/{id}/uploads"), "Create a resumable upload session")
-                .body::<CreateUploadRequest>()
-                .reply::<CreateUploadResponse>(200)
-                .to(create::<{ $f }>),
-            Op::get(
-                concat!($p, "/{id}/uploads/{upload_id}"),
-                "An upload session's status (which parts are in)",
-            )
-            .reply::<UploadSessionInfo>(200)
-            .to(status::<{ $f }>),
-            Op::delete(
-                concat!($p, "/{id}/uploads/{upload_id}"),
-                "Abort an upload session (its parts are removed)",
-            )
-            .to(abort::<{ $f }>),
-            Op::put(
-                concat!($p, "/{id}/uploads/{upload_id}/parts/{part_number}"),
-                "Upload one part (numbered from 0; any order; an identical replay is accepted)",
-            )
-            .bytes()
-            .reply::<UploadSessionInfo>(200)
-            .to(part::<{ $f }>),
-            Op::post(
-                concat!($p, "/{id}/uploads/{upload_id}/complete"),
-                "Verify and publish an upload into the machine",
-            )
-            .body::<CompleteUploadRequest>()
-            .reply::<CompleteUploadResponse>(200)
-            .to(complete::<{ $f }>),
-            Op::post(
-                concat!($p, "/{id}/files/upload-url"),
-                "A signed, expiring URL that uploads one file without the API key",
-            )
-            .body::<TransferUrlRequest>()
-            .reply::<SignedUploadUrl>(200)
-            .to(upload_url::<{ $f }>),
-            Op::post(
-                concat!($p, "/{id}/files/download-url"),
-                "A signed, expiring URL that downloads one file without the API key",
-            )
-            .body::<TransferUrlRequest>()
-            .reply::<SignedDownloadUrl>(200)
-            .to(download_url::<{ $f }>),
-            Op::get(
-                concat!($p, "/{id}/files/signed"),
-                "Download the file a signed grant names",
-            )
-            .public()
-            .query(TOKEN)
-            .reply_bytes()
-            .to(signed_get::<{ $f }>),
-            Op::put(
-                concat!($p, "/{id}/files/signed"),
-                "Upload (replace) the file a signed grant names",
-            )
-            .public()
-            .query(TOKEN)
-            .bytes()
-            .to(signed_put::<{ $f }>),
-        ]
-    };
-}
-
-/// The upload routes under both machine prefixes.
-pub fn routes() -> Vec<Route> {
-    let mut r = upload_routes!("/v1/machines", crate::machine_api::MACHINE);
-    r.extend(upload_routes!("/v1/sandboxes", crate::machine_api::SANDBOX));
-    r
 }
