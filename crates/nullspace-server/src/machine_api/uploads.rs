@@ -286,23 +286,37 @@ pub async fn upload_complete<const F: u8>(
             return Err(r);
         }
     };
-    let j = job.clone();
-    let result = guest
-        .with_files(info.user.clone(), GUEST_CALL, move |g| {
-            uploads::publish::publish(&j, g)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(UploadError::Guest {
-                op: "connect",
+    // On a task of its own: a client that goes away does not leave the
+    // session `completing` forever (its retry finds the outcome).
+    let (st, j) = (s.clone(), job.clone());
+    let publishing = tokio::spawn(async move {
+        let jj = j.clone();
+        let result = guest
+            .with_files(info.user.clone(), GUEST_CALL, move |g| {
+                uploads::publish::publish(&jj, g)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(UploadError::Guest {
+                    op: "connect",
+                    path: j.target.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
+        let info = st.uploads.finish(&j, &result);
+        (result, info)
+    });
+    let (result, info) = publishing.await.map_err(|e| {
+        upload_error(
+            Some(&upload),
+            UploadError::Guest {
+                op: "publish",
                 path: job.target.clone(),
                 source: std::io::Error::other(e.to_string()),
-            })
-        });
-    let info = s
-        .uploads
-        .finish(&job, &result)
-        .map_err(|e| upload_error(Some(&upload), e))?;
+            },
+        )
+    })?;
+    let info = info.map_err(|e| upload_error(Some(&upload), e))?;
     match result {
         Ok(_) => Ok(completed(&s, &info)),
         Err(e) => Err(upload_error(Some(&upload), e)),
