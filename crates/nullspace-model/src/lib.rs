@@ -10,7 +10,8 @@
 //!   context manifest, digests) and the status/phase/code vocabularies;
 //! - [`machine`]: the machine API's request and response bodies (both SDK
 //!   dialects), shared by the server and the CLI; [`machine_files`]: the
-//!   bodies of its file operations beyond read and write, and metrics.
+//!   bodies of its file operations beyond read and write, and metrics;
+//!   [`upload`]: its upload sessions and signed transfer URLs.
 
 pub mod agent;
 pub mod build;
@@ -20,3 +21,4 @@ pub mod machine_files;
 pub mod refs;
 pub mod shell;
 pub mod snapshot;
+pub mod upload;

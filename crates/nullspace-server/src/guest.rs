@@ -16,11 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nullspace_model::agent::{
-    ContentMatch, ErrorCode, FileInfo, GuestMetrics, ReplaceResult, ReplaceSpec, SearchContentSpec,
-    SearchNamesSpec,
+    ContentMatch, ErrorCode, FileInfo, FileKind, GuestMetrics, ReplaceResult, ReplaceSpec,
+    SearchContentSpec, SearchNamesSpec, WriteFileSpec,
 };
 use nullspace_vm::VmError;
 use nullspace_vm::agent::{AgentClient, ExecRequest, Found, Stream, WriteOptions};
+
+use crate::uploads::GuestFiles;
+use crate::uploads::publish::EntryKind;
 
 /// Longest whole-file read answered in one response body.
 pub const READ_MAX: u64 = 64 << 20;
@@ -264,6 +267,42 @@ impl Guest {
     /// The agent answers.
     pub async fn ping(&self, limit: Duration) -> Result<(), GuestError> {
         self.with(limit, move |a| a.ping(limit)).await
+    }
+
+    /// Runs `f` on a blocking thread with the guest's file operations as
+    /// `user`, each call limited to `limit` (upload completions; they hold
+    /// off a snapshot's quiesce while they run).
+    pub async fn with_files<T: Send + 'static>(
+        &self,
+        user: Option<String>,
+        limit: Duration,
+        f: impl FnOnce(&dyn GuestFiles) -> T + Send + 'static,
+    ) -> Result<T, GuestError> {
+        self.with(limit, move |a| {
+            let files = AgentFiles {
+                agent: a.clone(),
+                user,
+                limit,
+            };
+            Ok(f(&files))
+        })
+        .await
+    }
+
+    /// At most `len` bytes of a file from `offset`: `(data, size, eof)`
+    /// (downloads stream a file this way).
+    pub async fn read_chunk(
+        &self,
+        path: &str,
+        offset: u64,
+        len: usize,
+        user: Option<&str>,
+    ) -> Result<(Vec<u8>, u64, bool), GuestError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        self.with(CALL, move |a| {
+            a.read_file_chunk(&path, offset, len, user.as_deref(), CALL)
+        })
+        .await
     }
 
     /// Runs a command to its end. Each chunk also goes to `tx` as it
@@ -567,5 +606,117 @@ impl std::io::Write for Bounded<'_> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// The upload engine's file operations on an agent connection, as one user.
+struct AgentFiles {
+    agent: AgentClient,
+    user: Option<String>,
+    limit: Duration,
+}
+
+/// An agent failure as an I/O error of its kind (the engine tells a
+/// missing path from other failures).
+fn io_error(e: VmError) -> std::io::Error {
+    use std::io::ErrorKind as K;
+    let kind = match &e {
+        VmError::Guest { code, .. } => match code {
+            ErrorCode::NotFound => K::NotFound,
+            ErrorCode::PermissionDenied => K::PermissionDenied,
+            ErrorCode::AlreadyExists => K::AlreadyExists,
+            ErrorCode::NotADirectory => K::NotADirectory,
+            ErrorCode::IsADirectory => K::IsADirectory,
+            ErrorCode::DirectoryNotEmpty => K::DirectoryNotEmpty,
+            _ => K::Other,
+        },
+        _ => K::Other,
+    };
+    let message = match e {
+        VmError::Guest { message, .. } => message,
+        e => e.to_string(),
+    };
+    std::io::Error::new(kind, message)
+}
+
+impl GuestFiles for AgentFiles {
+    fn write_at(&self, path: &str, offset: u64, data: &[u8], mode: u32) -> std::io::Result<()> {
+        let op = nullspace_model::agent::Op::WriteFile(WriteFileSpec {
+            path: path.to_string(),
+            data: data.to_vec(),
+            offset: Some(offset),
+            truncate: offset == 0,
+            mode: Some(mode),
+            exact_mode: false,
+            parents: false,
+            user: self.user.clone(),
+        });
+        self.agent
+            .call(op, self.limit)
+            .map(|_| ())
+            .map_err(io_error)
+    }
+
+    fn make_dir(&self, path: &str, mode: u32, parents: bool) -> std::io::Result<()> {
+        self.agent
+            .make_dir(path, Some(mode), parents, self.user.as_deref(), self.limit)
+            .map(|_| ())
+            .map_err(io_error)
+    }
+
+    fn chmod(&self, path: &str, mode: u32) -> std::io::Result<()> {
+        self.agent
+            .chmod(path, mode, self.user.as_deref(), self.limit)
+            .map_err(io_error)
+    }
+
+    /// The agent has no symlink call: `ln -s` without a shell.
+    fn symlink(&self, target: &str, path: &str) -> std::io::Result<()> {
+        let req = ExecRequest {
+            argv: ["ln", "-s", "--", target, path].map(String::from).to_vec(),
+            user: self.user.clone(),
+            timeout: Some(self.limit),
+            ..Default::default()
+        };
+        let out = self.agent.exec(&req, self.limit).map_err(io_error)?;
+        if out.success() {
+            return Ok(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        let kind = if err.contains("File exists") {
+            std::io::ErrorKind::AlreadyExists
+        } else {
+            std::io::ErrorKind::Other
+        };
+        Err(std::io::Error::new(kind, format!("ln -s: {}", err.trim())))
+    }
+
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        self.agent
+            .rename(from, to, self.user.as_deref(), self.limit)
+            .map(|_| ())
+            .map_err(io_error)
+    }
+
+    fn remove(&self, path: &str, recursive: bool) -> std::io::Result<()> {
+        self.agent
+            .remove(path, recursive, self.user.as_deref(), self.limit)
+            .map_err(io_error)
+    }
+
+    fn kind(&self, path: &str) -> std::io::Result<Option<EntryKind>> {
+        match self.agent.stat(path, self.user.as_deref(), self.limit) {
+            Ok(i) if i.symlink_target.is_some() => Ok(Some(EntryKind::Symlink)),
+            Ok(i) => Ok(Some(match i.kind {
+                FileKind::Dir => EntryKind::Dir,
+                FileKind::File => EntryKind::File,
+                FileKind::Symlink => EntryKind::Symlink,
+                FileKind::Other => EntryKind::Other,
+            })),
+            Err(e) => match io_error(e) {
+                e if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                e => Err(e),
+            },
+        }
     }
 }

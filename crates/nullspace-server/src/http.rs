@@ -358,6 +358,65 @@ macro_rules! machine_routes {
 
 
             // ---- upload sessions and signed URLs ----
+            Op::post(concat!($p, "/{id}/uploads"), "Create a resumable upload session")
+                .body::<nullspace_model::upload::CreateUploadRequest>()
+                .reply::<nullspace_model::upload::CreateUploadResponse>(200)
+                .to(machine_api::upload_create::<{ $f }>),
+            Op::get(
+                concat!($p, "/{id}/uploads/{upload_id}"),
+                "An upload session's status (which parts are in)",
+            )
+            .reply::<nullspace_model::upload::UploadSessionInfo>(200)
+            .to(machine_api::upload_status::<{ $f }>),
+            Op::delete(
+                concat!($p, "/{id}/uploads/{upload_id}"),
+                "Abort an upload session (its parts are removed)",
+            )
+            .to(machine_api::upload_abort::<{ $f }>),
+            Op::put(
+                concat!($p, "/{id}/uploads/{upload_id}/parts/{part_number}"),
+                "Upload one part (numbered from 0, any order; an identical replay is accepted)",
+            )
+            .bytes()
+            .reply::<nullspace_model::upload::UploadSessionInfo>(200)
+            .to(machine_api::upload_part::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/uploads/{upload_id}/complete"),
+                "Verify (sha256) and publish an upload into the machine",
+            )
+            .body::<nullspace_model::upload::CompleteUploadRequest>()
+            .reply::<nullspace_model::upload::CompleteUploadResponse>(200)
+            .to(machine_api::upload_complete::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/files/upload-url"),
+                "A signed, expiring URL that uploads one file without the API key",
+            )
+            .body::<nullspace_model::upload::TransferUrlRequest>()
+            .reply::<nullspace_model::upload::SignedUploadUrl>(200)
+            .to(machine_api::upload_url::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/files/download-url"),
+                "A signed, expiring URL that downloads one file without the API key",
+            )
+            .body::<nullspace_model::upload::TransferUrlRequest>()
+            .reply::<nullspace_model::upload::SignedDownloadUrl>(200)
+            .to(machine_api::download_url::<{ $f }>),
+            Op::get(
+                concat!("/signed", $p, "/{id}/file"),
+                "Download the file a signed grant names (no API key: the token is the grant)",
+            )
+                .public()
+                .query(SIGNED_TOKEN)
+                .reply_bytes()
+                .to(machine_api::signed_get::<{ $f }>),
+            Op::put(
+                concat!("/signed", $p, "/{id}/file"),
+                "Upload (replace) the file a signed grant names (no API key: the token is the grant)",
+            )
+                .public()
+                .query(SIGNED_TOKEN)
+                .bytes()
+                .to(machine_api::signed_put::<{ $f }>),
 
 
             // ---- terminals and directory watch ----
@@ -508,6 +567,11 @@ const FILES_LIST: &[QueryParam] = &[
     },
     GUEST_USER,
 ];
+const SIGNED_TOKEN: &[QueryParam] = &[QueryParam {
+    name: "token",
+    description: "The signed grant `upload-url` or `download-url` returned",
+    kind: QueryKind::Text,
+}];
 const WS_CHANNEL: &[QueryParam] = &[QueryParam {
     name: "channel",
     description: "`exec`",

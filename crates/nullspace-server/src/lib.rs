@@ -22,8 +22,10 @@ pub mod openapi;
 pub mod plan;
 pub mod refs;
 pub mod runtime;
+pub mod signed_url;
 pub mod state;
 pub mod templates;
+pub mod uploads;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -245,6 +247,8 @@ pub async fn serve_until(
         .await
         .map_err(|e| std::io::Error::other(format!("recovering machines: {e}")))?;
     machines::spawn_reaper(state.clone());
+    state.uploads.clear_spool().map_err(std::io::Error::other)?;
+    spawn_upload_sweeper(state.clone());
     base::ensure(&state).await;
     let monitor = tokio::spawn(builds::queue::monitor(state.clone()));
     let recovery = tokio::spawn(builds::queue::recovery_loop(state.clone()));
@@ -306,6 +310,20 @@ async fn end_children(keep: Vec<u32>) {
         }
     })
     .await;
+}
+
+/// Expires upload sessions (and removes their spool) once a minute until
+/// shutdown.
+fn spawn_upload_sweeper(state: Shared) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = tick.tick() => state.uploads.sweep(),
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -192,6 +192,10 @@ pub struct AppState {
     /// The lock on `run/<owner>/` (held while serving) and the pidfiles of
     /// this server's child processes.
     pub run_lock: Mutex<Option<nullspace_build::procs::OwnerLock>>,
+    /// Upload sessions, spooled in `DATA_DIR/uploads`.
+    pub uploads: Arc<crate::uploads::Uploads>,
+    /// The key of signed transfer URLs (`DATA_DIR/signing.key`).
+    pub signing_key: crate::signed_url::SigningKey,
 }
 
 pub type Shared = Arc<AppState>;
@@ -208,7 +212,16 @@ impl AppState {
             &config.data_dir,
             config.machine_limits,
         )?);
+        let uploads = crate::uploads::Uploads::open(
+            &config.data_dir.join("uploads"),
+            crate::uploads::Limits::default(),
+        )
+        .map_err(std::io::Error::other)?;
+        let signing_key =
+            crate::signed_url::SigningKey::open(&config.data_dir).map_err(std::io::Error::other)?;
         Ok(AppState {
+            uploads: Arc::new(uploads),
+            signing_key,
             cache_dir: config.data_dir.join("cache"),
             work_dir: config.data_dir.join("work"),
             config,

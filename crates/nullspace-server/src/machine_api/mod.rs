@@ -12,6 +12,7 @@
 //! | [`files`] | the file routes: read, write, info, exists, list |
 //! | [`file_ops`] | the other file routes (remove … replace) and metrics |
 //! | [`snapshots`] | `/v1/snapshots` |
+//! | [`uploads`] | upload sessions and signed transfer URLs |
 //! | [`ws`] | the WebSocket and its exec channel |
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
@@ -21,6 +22,7 @@ pub mod files;
 pub mod lifecycle;
 pub mod not_offered;
 pub mod snapshots;
+pub mod uploads;
 pub mod ws;
 
 pub use commands::*;
@@ -28,6 +30,7 @@ pub use file_ops::*;
 pub use files::*;
 pub use lifecycle::*;
 pub use snapshots::*;
+pub use uploads::*;
 pub use ws::ws;
 
 use std::collections::HashMap;

@@ -79,6 +79,11 @@ pub async fn end(
         }
     }
     tracing::info!(machine = %id, %status, reason, "machine ended");
+    // Its upload sessions (and their spool) go with it.
+    state.uploads.forget_machine(&crate::uploads::Owner {
+        namespace: m.row.namespace.clone(),
+        machine: id.clone(),
+    });
     let mut candidates: Vec<String> = state
         .store
         .snapshots(&m.row.namespace, Some(&id))
