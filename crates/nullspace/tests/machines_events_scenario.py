@@ -3,7 +3,7 @@
 # build VM). Each check prints "OK <name>" or "FAIL <name>: <why>".
 import os, threading, time, traceback
 from nullspace import Machine
-from nullspace.errors import GitError
+from nullspace.errors import GitError, NotFoundError
 
 TEMPLATE = os.environ["NS_TEMPLATE"]
 
@@ -34,7 +34,10 @@ def _():
     deadline = time.time() + 30
     got = ""
     while time.time() < deadline:
-        got = m.files.read("/tmp/in.txt")
+        try:
+            got = m.files.read("/tmp/in.txt")
+        except NotFoundError:
+            pass  # the shell has not made it yet
         if got == "hello stdin\n":
             break
         time.sleep(0.2)
@@ -47,7 +50,7 @@ def _():
         try:
             if m.files.read("/tmp/read.txt") == "got:line-1\n":
                 break
-        except Exception:
+        except NotFoundError:
             pass
         time.sleep(0.2)
     assert m.files.read("/tmp/read.txt") == "got:line-1\n"
