@@ -1128,7 +1128,8 @@ async fn blob_put(
 
 // ---- templates -------------------------------------------------------------
 
-fn mask(v: Value, fields: Option<&String>) -> Value {
+/// `fields=a,b`: only those keys of an object (templates and machines).
+pub(crate) fn mask(v: Value, fields: Option<&String>) -> Value {
     let Some(fields) = fields else { return v };
     let keep: Vec<&str> = fields
         .split(',')

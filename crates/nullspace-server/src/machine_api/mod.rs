@@ -183,24 +183,6 @@ fn json_status<T: serde::Serialize>(status: StatusCode, v: T) -> Response {
     (status, Json(v)).into_response()
 }
 
-/// `fields=a,b`: only those keys of an object.
-fn project(v: Value, fields: Option<&String>) -> Value {
-    let Some(fields) = fields else { return v };
-    let keep: Vec<&str> = fields
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    match v {
-        Value::Object(m) => Value::Object(
-            m.into_iter()
-                .filter(|(k, _)| keep.contains(&k.as_str()))
-                .collect(),
-        ),
-        other => other,
-    }
-}
-
 fn uint<T: std::str::FromStr>(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<T>> {
     q.get(k)
         .map(|v| {
