@@ -17,6 +17,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod git;
+pub mod lifecycle;
+pub mod stdin;
+
 /// Which client dialect a request speaks (its path prefix).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -112,6 +112,8 @@ pub struct Command {
     pub user: Option<String>,
     /// The guest kills the command's process group after this long.
     pub timeout: Option<Duration>,
+    /// Keep stdin open for [`Guest::write_stdin`] (background commands).
+    pub stdin_open: bool,
 }
 
 impl Command {
@@ -123,6 +125,7 @@ impl Command {
             cwd: self.cwd.clone(),
             user: self.user.clone(),
             timeout: self.timeout,
+            keep_stdin_open: self.stdin_open,
             ..Default::default()
         }
     }
@@ -400,6 +403,13 @@ impl Guest {
             Ok(Some(exit_code(st.code, st.signal)))
         })
         .await
+    }
+
+    /// Writes to the stdin of a process started with `stdin_open`; `eof`
+    /// closes it after the data.
+    pub async fn write_stdin(&self, pid: u32, data: Vec<u8>, eof: bool) -> Result<(), GuestError> {
+        self.with(CALL, move |a| a.write_stdin(pid, &data, eof, CALL))
+            .await
     }
 
     /// SIGKILL to the process's group.

@@ -423,6 +423,61 @@ macro_rules! machine_routes {
 
 
             // ---- lifecycle events, git, stdin ----
+            Op::get(
+                concat!($p, "/{id}/lifecycle"),
+                "The machine's lifecycle events (operation, status, from/to filters; offset/limit; order)",
+            )
+            .reply::<nullspace_model::machine::lifecycle::LifecycleEventList>(200)
+            .to(machine_api::lifecycle_events::<{ $f }>),
+            Op::get(
+                concat!($p, "/{id}/lifecycle/ws"),
+                "Lifecycle events over a WebSocket: replayed after a cursor, then followed",
+            )
+            .websocket()
+            .to(machine_api::lifecycle_ws::<{ $f }>),
+            Op::post(concat!($p, "/{id}/git/clone"), "git clone in the machine")
+                .body::<nullspace_model::machine::git::GitCloneBody>()
+                .reply::<nullspace_model::machine::git::GitCloneReply>(200)
+                .to(machine_api::git_clone::<{ $f }>),
+            Op::get(concat!($p, "/{id}/git/status"), "git status of a repository (`path`)")
+                .reply::<nullspace_model::machine::git::GitStatusReply>(200)
+                .to(machine_api::git_status::<{ $f }>),
+            Op::get(concat!($p, "/{id}/git/log"), "git log of a repository (`path`, `limit`)")
+                .reply::<nullspace_model::machine::git::GitLogReply>(200)
+                .to(machine_api::git_log::<{ $f }>),
+            Op::get(concat!($p, "/{id}/git/branch"), "A repository's branches (`path`)")
+                .reply::<nullspace_model::machine::git::GitBranchList>(200)
+                .to(machine_api::git_branches::<{ $f }>),
+            Op::post(concat!($p, "/{id}/git/branch"), "Create or delete a branch")
+                .body::<nullspace_model::machine::git::GitBranchBody>()
+                .reply::<nullspace_model::machine::git::GitOk>(200)
+                .to(machine_api::git_branch::<{ $f }>),
+            Op::post(concat!($p, "/{id}/git/checkout"), "git checkout (optionally a new branch)")
+                .body::<nullspace_model::machine::git::GitCheckoutBody>()
+                .reply::<nullspace_model::machine::git::GitOk>(200)
+                .to(machine_api::git_checkout::<{ $f }>),
+            Op::post(concat!($p, "/{id}/git/add"), "git add (no files: everything)")
+                .body::<nullspace_model::machine::git::GitAddBody>()
+                .reply::<nullspace_model::machine::git::GitOk>(200)
+                .to(machine_api::git_add::<{ $f }>),
+            Op::post(concat!($p, "/{id}/git/commit"), "git commit; the new commit's hash")
+                .body::<nullspace_model::machine::git::GitCommitBody>()
+                .reply::<nullspace_model::machine::git::GitCommitReply>(200)
+                .to(machine_api::git_commit::<{ $f }>),
+            Op::post(concat!($p, "/{id}/git/pull"), "git pull")
+                .body::<nullspace_model::machine::git::GitSyncBody>()
+                .reply::<nullspace_model::machine::git::GitSyncReply>(200)
+                .to(machine_api::git_pull::<{ $f }>),
+            Op::post(concat!($p, "/{id}/git/push"), "git push")
+                .body::<nullspace_model::machine::git::GitSyncBody>()
+                .reply::<nullspace_model::machine::git::GitSyncReply>(200)
+                .to(machine_api::git_push::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/processes/{pid}/stdin"),
+                "Write to a background process's stdin (it stays open)",
+            )
+            .body::<nullspace_model::machine::stdin::StdinBody>()
+            .to(machine_api::send_stdin::<{ $f }>),
 
 
         ]

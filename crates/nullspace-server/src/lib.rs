@@ -12,6 +12,7 @@ pub mod base;
 pub mod builds;
 pub mod error;
 pub mod gc;
+pub mod git;
 pub mod guest;
 pub mod http;
 pub mod machine_api;

@@ -11,8 +11,10 @@
 //! Nothing here may ever hold a secret value; callers sanitize first.
 
 pub mod artifacts;
+pub mod lifecycle;
 pub mod machines;
 
+pub use lifecycle::{LifecycleEvent, LifecycleFilter, LifecyclePage, Order, StoredLifecycleEvent};
 pub use machines::{Inserted, MachineRow, SnapshotRow};
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
@@ -59,6 +61,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "machines",
         include_str!("../migrations/0003_machines.sql"),
+    ),
+    (
+        4,
+        "lifecycle events",
+        include_str!("../migrations/0004_lifecycle_events.sql"),
     ),
 ];
 

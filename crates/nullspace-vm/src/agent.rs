@@ -107,6 +107,10 @@ pub struct ExecRequest {
     pub user: Option<String>,
     /// Sent inline when small, else streamed in chunks; stdin is closed after.
     pub stdin: Option<Vec<u8>>,
+    /// Keep stdin open for [`AgentClient::write_stdin`] (a background
+    /// process the client feeds later); else it is /dev/null or closed
+    /// after `stdin`.
+    pub keep_stdin_open: bool,
     /// Killed (process group) after this long in the guest.
     pub timeout: Option<Duration>,
     /// Bytes kept per stream in the [`ExecOutput`] (default
@@ -138,7 +142,7 @@ impl ExecRequest {
             cwd: self.cwd.clone(),
             user: self.user.clone(),
             stdin: inline.cloned(),
-            stdin_open: self.stdin.is_some() && inline.is_none(),
+            stdin_open: self.keep_stdin_open || (self.stdin.is_some() && inline.is_none()),
             timeout_ms: self.timeout.map(|t| t.as_millis() as u64),
             background: false,
             ring_bytes: None,

@@ -655,3 +655,41 @@ fn pooled_vms_are_per_template_and_shape_and_end_with_the_server() {
     s.server.terminate(Duration::from_secs(60));
     assert_eq!(s.server.qemu_pids(), Vec::<u32>::new());
 }
+
+const EVENTS_SCENARIO: &str = include_str!("machines_events_scenario.py");
+
+/// Lifecycle events (listed with filters and paging, streamed: replay then
+/// follow, resumed from a cursor), stdin to background processes, and git
+/// in a template without git, through SDK 1.0.3 unpatched.
+#[test]
+fn sdk_lifecycle_events_stdin_and_git() {
+    let _s = serial();
+    let s = setup(&[]);
+    let t = Instant::now();
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        EVENTS_SCENARIO,
+        &[("NS_TEMPLATE", "web")],
+    );
+    eprintln!("events scenarios in {:?}\n{}", t.elapsed(), r.stdout);
+    let mut failures = vec![];
+    for name in [
+        "stdin_reaches_a_background_process",
+        "git_without_git_is_a_clear_error",
+        "lifecycle_lists_in_order_with_filters",
+        "lifecycle_stream_replays_then_follows",
+    ] {
+        if !r.stdout.lines().any(|l| l == format!("OK {name}")) {
+            failures.push(name);
+        }
+    }
+    assert!(
+        failures.is_empty() && r.stdout.contains("DONE"),
+        "failed: {failures:?}\n{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+}

@@ -17,19 +17,25 @@
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
 pub mod commands;
+pub mod events;
 pub mod file_ops;
 pub mod files;
+pub mod git;
 pub mod lifecycle;
 pub mod not_offered;
 pub mod snapshots;
+pub mod stdin;
 pub mod uploads;
 pub mod ws;
 
 pub use commands::*;
+pub use events::*;
 pub use file_ops::*;
 pub use files::*;
+pub use git::*;
 pub use lifecycle::*;
 pub use snapshots::*;
+pub use stdin::*;
 pub use uploads::*;
 pub use ws::ws;
 

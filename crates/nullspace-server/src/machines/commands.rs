@@ -110,6 +110,7 @@ pub fn command(m: &Machine, live: &Live, b: &ExecBody) -> MachineResult<Command>
             .filter(|u| !u.trim().is_empty())
             .map(|u| u.trim().to_string()),
         timeout,
+        stdin_open: false,
     })
 }
 
@@ -140,8 +141,10 @@ fn finished(out: Finished) -> ExecResult {
 /// reported as [`MachineError::ExecTimeout`].
 pub async fn exec(state: &Shared, c: &Caller, id: &str, b: ExecBody) -> MachineResult<ExecReply> {
     let (m, live) = running(state, c, id).await?;
-    let cmd = command(&m, &live, &b)?;
+    let mut cmd = command(&m, &live, &b)?;
     if b.background.unwrap_or(false) {
+        // Open for `POST …/processes/{pid}/stdin` (machines::stdin).
+        cmd.stdin_open = true;
         let pid = live
             .guest
             .spawn(cmd)

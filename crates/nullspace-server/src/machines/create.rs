@@ -11,12 +11,14 @@ use nullspace_store::{Caller, Inserted, MachineRow, now_ms};
 use nullspace_vm::Snapshot;
 
 use super::error::{MachineError, MachineResult};
+use super::events::{self, Event};
 use super::record::{self, Machine};
 use super::rules;
 use crate::machine_model::{Flavor, MachineDoc, VmRecord};
 use crate::runtime::{Reservation, load_envs};
 use crate::state::Shared;
 use crate::templates;
+use nullspace_model::machine::lifecycle::LifecycleOperation as Op;
 
 pub(super) const SCOPE_CREATE: &str = "machine_create";
 
@@ -352,6 +354,7 @@ async fn finish_create(
                 let _ = state.machines.destroy(&id, None).await;
                 return Err(MachineError::NotFound(id));
             }
+            events::record(&state, &m, Event::ok(Op::Create)).await;
             let p = started.phases;
             tracing::info!(
                 machine = %id,
@@ -372,6 +375,12 @@ async fn finish_create(
             m.doc.ended_reason = Some(format!("the restore failed: {e}"));
             m.doc.ended_at = Some(now_ms());
             let _ = record::transition(&state, &mut m, MachineStatus::Error).await;
+            events::record(
+                &state,
+                &m,
+                Event::failed(Op::Create, format!("the restore failed: {e}")),
+            )
+            .await;
             if let Some((ns, k)) = key {
                 let _ = state
                     .store

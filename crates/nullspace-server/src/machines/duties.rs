@@ -10,9 +10,11 @@ use nullspace_store::now_ms;
 use super::create::{SCOPE_CREATE, open_snapshot};
 use super::end::end;
 use super::error::MachineResult;
+use super::events::{self, Event};
 use super::pause::pause_now;
 use super::record::{self, Machine};
 use crate::state::Shared;
+use nullspace_model::machine::lifecycle::LifecycleOperation as Op;
 
 /// At start-up: running machines of this node whose QEMU still runs and
 /// whose agent answers are taken over; the others (and those interrupted
@@ -175,9 +177,12 @@ async fn hibernate_due(state: &Shared, id: &str) -> MachineResult<()> {
     let _l = live.lifecycle.lock().await;
     match state.store.machine(id).await? {
         Some(r) if r.status == MachineStatus::Running => {
-            pause_now(state, Machine::from_row(r)?, &live)
-                .await
-                .map(|_| ())
+            let m = Machine::from_row(r)?;
+            let ev = Event::ok(Op::TimeoutExpired)
+                .by_system()
+                .reason("hibernate");
+            events::record(state, &m, ev).await;
+            pause_now(state, m, &live).await.map(|_| ())
         }
         _ => Ok(()),
     }

@@ -8,10 +8,12 @@ use nullspace_store::machines::LIVE;
 use nullspace_store::{Caller, now_ms};
 
 use super::error::{MachineError, MachineResult};
+use super::events::{self, Event};
 use super::record::{self, Machine};
 use super::{rules, snapshots};
 use crate::model::iso;
 use crate::state::Shared;
+use nullspace_model::machine::lifecycle::LifecycleOperation as Op;
 
 /// `DELETE /v1/machines/{id}`: the VM ends, the record says `destroyed`.
 /// Deleting an ended machine answers its final status again.
@@ -71,6 +73,7 @@ pub async fn end(
     if !record::transition(state, &mut m, status).await? {
         return Ok(());
     }
+    ended_events(state, &m, status, reason).await;
     let id = m.row.id.clone();
     if m.row.node_id == state.machines.node_id {
         let handle = vm.map(|v| state.machines.handle_of(&id, v.pid));
@@ -95,6 +98,22 @@ pub async fn end(
     }
     snapshots::collect(state, candidates).await;
     Ok(())
+}
+
+/// The events of an ending: a timeout first when it was one, then the
+/// destroy (failed when the machine ended in `error`).
+async fn ended_events(state: &Shared, m: &Machine, status: MachineStatus, reason: &str) {
+    let by_user = reason == "deleted";
+    if reason == "timeout" {
+        let ev = Event::ok(Op::TimeoutExpired).by_system().reason("destroy");
+        events::record(state, m, ev).await;
+    }
+    let ev = if status == MachineStatus::Error {
+        Event::failed(Op::Destroy, reason)
+    } else {
+        Event::ok(Op::Destroy).reason(reason)
+    };
+    events::record(state, m, if by_user { ev } else { ev.by_system() }).await;
 }
 
 /// `POST …/timeout`: the machine may run `timeout_ms` from now (and its
@@ -128,6 +147,8 @@ pub async fn set_timeout(
             "changed state meanwhile; try again",
         ));
     }
+    let ev = Event::ok(Op::TimeoutUpdated).reason(format!("{ms} ms"));
+    events::record(state, &m, ev).await;
     let timeout_at = m.doc.timeout_at.filter(|_| running);
     Ok(TimeoutLease {
         timeout_ms: ms,

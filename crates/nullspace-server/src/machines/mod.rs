@@ -34,12 +34,15 @@
 //! | [`pause`] | hibernate, resume, fork |
 //! | [`end`] | delete and every other ending; timeouts |
 //! | [`duties`] | recovery at start-up and the reaper |
+//! | [`events`] | lifecycle events: recorded at transitions, listed, replayed |
+//! | [`stdin`] | input to a background process |
 
 pub mod commands;
 pub mod create;
 pub mod duties;
 pub mod end;
 pub mod error;
+pub mod events;
 pub mod file_ops;
 pub mod files;
 pub mod pause;
@@ -47,6 +50,7 @@ pub mod query;
 pub mod record;
 pub mod rules;
 pub mod snapshots;
+pub mod stdin;
 
 pub use duties::{recover, spawn_reaper};
 pub use error::{MachineError, MachineResult};

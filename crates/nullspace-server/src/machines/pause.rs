@@ -13,11 +13,13 @@ use nullspace_vm::AfterSnapshot;
 use super::commands::running;
 use super::create::{open_snapshot, wait_created};
 use super::error::{MachineError, MachineResult};
+use super::events::{self, Event};
 use super::record::{self, Machine};
 use super::snapshots;
 use crate::machine_model::{SnapshotDoc, VmRecord};
 use crate::runtime::{Live, load_envs};
 use crate::state::Shared;
+use nullspace_model::machine::lifecycle::LifecycleOperation as Op;
 
 /// `POST …/hibernate` (`pause()`): answers the snapshot it is paused in
 /// (the same one again for a paused machine).
@@ -54,6 +56,7 @@ pub(super) async fn pause_now(
     m.doc.timeout_at = None;
     m.row.base_snapshot = sdoc.id.clone();
     record::transition(state, &mut m, MachineStatus::Paused).await?;
+    events::record(state, &m, Event::ok(Op::Hibernate).snapshot(&sdoc.id)).await;
     tracing::info!(machine = %m.row.id, snapshot = %sdoc.id, "machine paused");
     Ok(sdoc)
 }
@@ -122,12 +125,21 @@ pub async fn resume(state: &Shared, c: &Caller, id: &str) -> MachineResult<Machi
             m.doc.last_active_at = now;
             m.doc.timeout_at = Some(now + m.doc.timeout_ms as i64);
             record::transition(state, &mut m, MachineStatus::Running).await?;
+            let from = m.row.base_snapshot.clone();
+            events::record(state, &m, Event::ok(Op::ResumeFromSnapshot).snapshot(from)).await;
             tracing::info!(machine = %id, restore_ms = started.ms, "machine resumed");
             Ok(m.info())
         }
         Err(e) => {
             let _ = record::transition(state, &mut m, MachineStatus::Paused).await;
-            Err(MachineError::runtime(id, e))
+            let e = MachineError::runtime(id, e);
+            events::record(
+                state,
+                &m,
+                Event::failed(Op::ResumeFromSnapshot, e.to_string()),
+            )
+            .await;
+            Err(e)
         }
     }
 }
@@ -168,6 +180,12 @@ pub async fn fork(
         ..Default::default()
     };
     let child = super::create::create(state, c, doc.flavor, body, None).await?;
+    events::record(
+        state,
+        &m,
+        Event::ok(Op::Fork).snapshot(&sdoc.id).fork(id, &child.id),
+    )
+    .await;
     // The child records its parent.
     if let Ok(Some(crow)) = state.store.machine(&child.id).await
         && let Ok(mut cm) = Machine::from_row(crow)

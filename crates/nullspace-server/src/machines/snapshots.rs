@@ -13,10 +13,12 @@ use serde_json::{Map, Value};
 
 use super::commands::running;
 use super::error::{MachineError, MachineResult};
+use super::events::{self, Event};
 use super::record::{self, Machine, plausible_id};
 use crate::machine_model::SnapshotDoc;
 use crate::runtime::Live;
 use crate::state::Shared;
+use nullspace_model::machine::lifecycle::LifecycleOperation as Op;
 
 /// Snapshots a running machine (it goes on, or ends with
 /// `AfterSnapshot::Stop`) and records the snapshot. The caller holds the
@@ -99,6 +101,7 @@ pub async fn create(
         AfterSnapshot::Resume,
     )
     .await?;
+    events::record(state, &m, Event::ok(Op::SnapshotCreated).snapshot(&sdoc.id)).await;
     if let Some(k) = &key {
         let _ = state
             .store
