@@ -13,6 +13,9 @@
 //! | [`file_ops`] | the other file routes (remove … replace) and metrics |
 //! | [`snapshots`] | `/v1/snapshots` |
 //! | [`uploads`] | upload sessions and signed transfer URLs |
+//! | [`events`] | lifecycle events: the list and the `…/lifecycle/ws` stream |
+//! | [`git`] | the `…/git/*` routes |
+//! | [`stdin`] | `…/processes/{pid}/stdin` |
 //! | [`ws`] | the WebSocket and its exec channel |
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
