@@ -25,12 +25,12 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Component, Path, PathBuf};
 
 /// The thread's identity switched to a user's until dropped.
-struct AsUser {
+pub(crate) struct AsUser {
     switched: bool,
 }
 
 impl AsUser {
-    fn switch(state: &State, user: Option<&str>) -> Result<AsUser, Failure> {
+    pub(crate) fn switch(state: &State, user: Option<&str>) -> Result<AsUser, Failure> {
         let default = state.defaults.lock().unwrap().user.clone();
         let spec = user
             .map(str::trim)
@@ -79,7 +79,7 @@ impl Drop for AsUser {
 
 /// `path` made absolute (against the default workdir) and normalised
 /// lexically (`.`, `..`, repeated slashes), without resolving symlinks.
-fn absolute(state: &State, path: &str) -> Result<PathBuf, Failure> {
+pub(crate) fn absolute(state: &State, path: &str) -> Result<PathBuf, Failure> {
     if path.is_empty() {
         return Err(Failure::bad("empty path"));
     }

@@ -18,7 +18,9 @@ mod exec;
 mod files;
 mod net;
 mod procs;
+mod pty;
 mod users;
+mod watch;
 
 use nullspace_model::guest::GuestConfig;
 use rustix::mount::MountFlags;

@@ -32,6 +32,10 @@
 //! defaults); `tests/agent.rs` checks the host's peak RSS during an exec
 //! that prints 2 GB against it.
 
+mod pty;
+mod watch;
+pub use watch::WatchEnd;
+
 use crate::VmError;
 use nullspace_model::agent::{
     self as proto, AgentInfo, ErrorCode, Event, ExecSpec, ExitStatus, FileInfo, MAX_CHUNK,
