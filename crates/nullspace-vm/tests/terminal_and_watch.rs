@@ -100,7 +100,7 @@ fn terminal_echoes_resizes_and_survives_a_reconnect() {
     screen.wait_for("40 100");
     // A controlling terminal: ^C interrupts the foreground job, not the shell.
     type_in(&agent, pid, "sleep 100\n");
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1500));
     type_in(&agent, pid, "\x03echo after-$((2+3))\n");
     screen.wait_for("after-5");
 
@@ -187,7 +187,7 @@ fn a_flooding_terminal_stays_bounded() {
     let info = agent
         .pty_start(
             &PtySpec {
-                cmd: Some("yes flood | head -c 100000000; echo; echo END".into()),
+                cmd: Some("yes flood | head -c 20000000; echo; echo END".into()),
                 ..Default::default()
             },
             T,
@@ -204,7 +204,7 @@ fn a_flooding_terminal_stays_bounded() {
     let host_grew = status_kb("VmHWM:").saturating_sub(host0);
     let guest_grew = rss(&agent).saturating_sub(guest0);
     eprintln!(
-        "[figures] terminal flood: 100 MB in {:?}; host read {seen} bytes, {} dropped; \
+        "[figures] terminal flood: 20 MB in {:?}; host read {seen} bytes, {} dropped; \
          host peak RSS +{host_grew} KiB, guest agent RSS +{guest_grew} KiB",
         t.elapsed(),
         exit.dropped
@@ -287,11 +287,11 @@ fn watcher_reports_changes_and_stays_bounded() {
     let _s = serial();
     let mut vm = boot(fx(), "watch", 2);
     let agent = vm.agent().clone();
-    agent.make_dir("/srv/w", None, true, None, T).unwrap();
+    agent.make_dir("/tmp/w", None, true, None, T).unwrap();
     let w = watch(
         &agent,
         WatchSpec {
-            path: "/srv/w".into(),
+            path: "/tmp/w".into(),
             recursive: true,
             user: None,
         },
@@ -301,7 +301,7 @@ fn watcher_reports_changes_and_stays_bounded() {
         let o = agent.exec(&ExecRequest::shell(cmd), T).unwrap();
         assert!(o.success(), "{cmd}: {o:?}");
     };
-    run("echo hi > /srv/w/a.txt && mkdir /srv/w/sub && echo x > /srv/w/sub/b.txt");
+    run("echo hi > /tmp/w/a.txt && mkdir /tmp/w/sub && echo x > /tmp/w/sub/b.txt");
     for (k, n) in [
         (WatchKind::Create, "a.txt"),
         (WatchKind::Write, "a.txt"),
@@ -310,7 +310,7 @@ fn watcher_reports_changes_and_stays_bounded() {
     ] {
         wait_event(&w.events, k, n);
     }
-    run("mv /srv/w/a.txt /srv/w/c.txt && chmod 600 /srv/w/c.txt && rm /srv/w/sub/b.txt");
+    run("mv /tmp/w/a.txt /tmp/w/c.txt && chmod 600 /tmp/w/c.txt && rm /tmp/w/sub/b.txt");
     for (k, n) in [
         (WatchKind::Rename, "a.txt"),
         (WatchKind::Create, "c.txt"),
@@ -321,19 +321,19 @@ fn watcher_reports_changes_and_stays_bounded() {
     }
     let e = w.events.lock().unwrap().0.clone();
     let c = e.iter().find(|e| e.name == "c.txt").unwrap();
-    assert_eq!(c.path, "/srv/w/c.txt");
+    assert_eq!(c.path, "/tmp/w/c.txt");
     // A directory moved within the tree keeps being watched under its new name.
-    run("mv /srv/w/sub /srv/w/sub2 && echo y > /srv/w/sub2/d.txt");
+    run("mv /tmp/w/sub /tmp/w/sub2 && echo y > /tmp/w/sub2/d.txt");
     wait_event(&w.events, WatchKind::Create, "sub2/d.txt");
     w.stop.store(true, Ordering::SeqCst);
-    run("touch /srv/w/last");
+    run("touch /tmp/w/last");
     assert_eq!(w.thread.join().unwrap().unwrap(), WatchEnd::Stopped);
 
     // Errors name the path and the user.
     let err = agent
         .watch(
             &WatchSpec {
-                path: "/srv/missing".into(),
+                path: "/tmp/missing".into(),
                 ..Default::default()
             },
             T,
@@ -343,15 +343,15 @@ fn watcher_reports_changes_and_stays_bounded() {
         .unwrap_err();
     assert!(
         matches!(&err, VmError::Guest { code: ErrorCode::NotFound, message, .. }
-            if message.contains("/srv/missing") && message.contains("app")),
+            if message.contains("/tmp/missing") && message.contains("app")),
         "{err}"
     );
-    run("mkdir -p /srv/private && chmod 700 /srv/private");
+    run("mkdir -p /tmp/private && chmod 700 /tmp/private");
     // (root made it: the default user app may not watch it)
     let o = agent
         .exec(
             &ExecRequest {
-                cmd: Some("chown root:root /srv/private".into()),
+                cmd: Some("chown root:root /tmp/private".into()),
                 user: Some("root".into()),
                 ..Default::default()
             },
@@ -362,7 +362,7 @@ fn watcher_reports_changes_and_stays_bounded() {
     let err = agent
         .watch(
             &WatchSpec {
-                path: "/srv/private".into(),
+                path: "/tmp/private".into(),
                 ..Default::default()
             },
             T,
@@ -402,7 +402,7 @@ fn watcher_reports_changes_and_stays_bounded() {
             recursive: false,
             user: Some("root".into()),
         },
-        Duration::from_millis(20),
+        Duration::from_millis(100),
     );
     let t = Instant::now();
     let o = agent
@@ -456,18 +456,18 @@ fn watcher_reports_changes_and_stays_bounded() {
         .unwrap();
     assert_eq!(w.thread.join().unwrap().unwrap(), WatchEnd::Stopped);
     // Removing the watched directory ends a watch.
-    agent.make_dir("/srv/gone", None, true, None, T).unwrap();
+    agent.make_dir("/tmp/gone", None, true, None, T).unwrap();
     let g = watch(
         &agent,
         WatchSpec {
-            path: "/srv/gone".into(),
+            path: "/tmp/gone".into(),
             ..Default::default()
         },
         Duration::ZERO,
     );
-    run("rmdir /srv/gone");
+    run("rmdir /tmp/gone");
     match g.thread.join().unwrap().unwrap() {
-        WatchEnd::Gone(reason) => assert!(reason.contains("/srv/gone"), "{reason}"),
+        WatchEnd::Gone(reason) => assert!(reason.contains("/tmp/gone"), "{reason}"),
         other => panic!("{other:?}"),
     }
 }
