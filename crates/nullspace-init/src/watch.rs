@@ -360,3 +360,60 @@ pub fn watch(state: &State, resp: &Resp, spec: WatchSpec) -> Outcome {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watcher() -> Watcher {
+        Watcher {
+            root: PathBuf::from("/w"),
+            recursive: true,
+            dirs: HashMap::new(),
+            root_wd: 1,
+            queue: VecDeque::new(),
+            held: HashSet::new(),
+            queued_bytes: 0,
+            dropped: 0,
+            moving: Vec::new(),
+            ended: None,
+        }
+    }
+
+    #[test]
+    fn repeats_coalesce_and_the_queue_is_bounded() {
+        let mut w = watcher();
+        for _ in 0..1000 {
+            w.push(WatchKind::Write, Path::new("/w/a"));
+        }
+        w.push(WatchKind::Create, Path::new("/w/d/b"));
+        assert_eq!(w.queue.len(), 2, "a held repeat is coalesced");
+        assert_eq!(w.queue[1].name, "d/b");
+        let mut n = 2;
+        while w.dropped == 0 {
+            w.push(WatchKind::Create, Path::new(&format!("/w/f{n}")));
+            n += 1;
+        }
+        assert!(w.queued_bytes <= WATCH_QUEUE);
+        let held = w.queue.len();
+        // A batch takes what fits the room, counts the dropped ones once.
+        let Some(Event::FileEvents { events, dropped }) = w.batch(1000) else {
+            panic!()
+        };
+        assert_eq!(dropped, 1);
+        let cost: usize = events.iter().map(WatchEvent::stream_bytes).sum();
+        assert!(cost + BATCH_COST <= 1000 && !events.is_empty());
+        assert!(w.batch(BATCH_COST - 1).is_none(), "no room, no batch");
+        let mut total = events.len();
+        while let Some(Event::FileEvents { events, dropped }) = w.batch(usize::MAX) {
+            assert_eq!(dropped, 0);
+            assert!(events.len() <= WATCH_BATCH);
+            total += events.len();
+        }
+        assert_eq!(total, held);
+        assert_eq!((w.queued_bytes, w.held.len()), (0, 0));
+        // Once sent, the same change is reported again.
+        w.push(WatchKind::Write, Path::new("/w/a"));
+        assert_eq!(w.queue.len(), 1);
+    }
+}

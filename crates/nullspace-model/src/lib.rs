@@ -9,7 +9,8 @@
 //!   normalisation into a [`build::plan::BuildPlan`] (steps, probes,
 //!   context manifest, digests) and the status/phase/code vocabularies;
 //! - [`machine`]: the machine API's request and response bodies (both SDK
-//!   dialects), shared by the server and the CLI.
+//!   dialects), shared by the server and the CLI; [`terminal`]: the SDK's
+//!   terminal and directory-watch WebSocket frames and pty bodies.
 
 pub mod agent;
 pub mod build;
@@ -18,3 +19,4 @@ pub mod machine;
 pub mod refs;
 pub mod shell;
 pub mod snapshot;
+pub mod terminal;
