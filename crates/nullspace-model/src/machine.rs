@@ -48,6 +48,173 @@ impl Flavor {
     }
 }
 
+/// A machine's status, as the SDK spells it. Transitions are checked
+/// ([`MachineStatus::to`]): `creating` also marks a paused machine being
+/// resumed, so that two resumes never restore it twice.
+///
+/// ```text
+/// creating ──▶ running ⇄ paused      (paused ─▶ creating ─▶ running: a resume;
+///    │            │        │          creating ─▶ paused: that resume failed)
+///    └────────────┴────────┴──▶ destroyed | error   (final)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum MachineStatus {
+    Creating,
+    Running,
+    Paused,
+    Destroyed,
+    Error,
+}
+
+/// A transition [`MachineStatus::to`] refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a {from} machine cannot become {to}")]
+pub struct IllegalTransition {
+    pub from: MachineStatus,
+    pub to: MachineStatus,
+}
+
+/// A status name that is none of [`MachineStatus::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("status {0:?} must be one of creating, running, paused, destroyed, error")]
+pub struct UnknownStatus(pub String);
+
+impl MachineStatus {
+    pub const ALL: [MachineStatus; 5] = [
+        MachineStatus::Creating,
+        MachineStatus::Running,
+        MachineStatus::Paused,
+        MachineStatus::Destroyed,
+        MachineStatus::Error,
+    ];
+    /// What `GET /v1/machines` lists without a `state` filter.
+    pub const LIVE: [MachineStatus; 3] = [
+        MachineStatus::Creating,
+        MachineStatus::Running,
+        MachineStatus::Paused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineStatus::Creating => "creating",
+            MachineStatus::Running => "running",
+            MachineStatus::Paused => "paused",
+            MachineStatus::Destroyed => "destroyed",
+            MachineStatus::Error => "error",
+        }
+    }
+
+    /// Destroyed and error machines never change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, MachineStatus::Destroyed | MachineStatus::Error)
+    }
+
+    /// Whether a machine in this status may move to `next`.
+    pub fn can_become(self, next: MachineStatus) -> bool {
+        use MachineStatus::*;
+        match (self, next) {
+            (Destroyed | Error, _) => false,
+            (_, Destroyed | Error) => true,
+            (Creating, Running | Paused) => true,
+            (Running, Paused) => true,
+            (Paused, Creating) => true,
+            _ => false,
+        }
+    }
+
+    /// `next`, when the transition is allowed.
+    pub fn to(self, next: MachineStatus) -> Result<MachineStatus, IllegalTransition> {
+        if self.can_become(next) {
+            Ok(next)
+        } else {
+            Err(IllegalTransition {
+                from: self,
+                to: next,
+            })
+        }
+    }
+}
+
+impl std::fmt::Display for MachineStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for MachineStatus {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MachineStatus::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_string()))
+    }
+}
+
+/// What happens when a running machine's timeout fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutAction {
+    #[default]
+    Destroy,
+    /// Snapshot memory and disk, end the VM: the machine is `paused`.
+    Hibernate,
+}
+
+impl TimeoutAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutAction::Destroy => "destroy",
+            TimeoutAction::Hibernate => "hibernate",
+        }
+    }
+
+    /// `timeout_action` as the SDK sends it, or `lifecycle.on_timeout`
+    /// (`destroy`, `pause`; `hibernate` accepted too).
+    pub fn parse(s: &str) -> Option<TimeoutAction> {
+        match s {
+            "destroy" => Some(TimeoutAction::Destroy),
+            "hibernate" | "pause" => Some(TimeoutAction::Hibernate),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TimeoutAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a machine snapshot exists: a user's (`snapshot`, kept until
+/// deleted), or the server's own (`hibernate`: a paused machine's state;
+/// `fork`: a fork's source), collected when nothing uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotKind {
+    Snapshot,
+    Hibernate,
+    Fork,
+}
+
+impl SnapshotKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Snapshot => "snapshot",
+            SnapshotKind::Hibernate => "hibernate",
+            SnapshotKind::Fork => "fork",
+        }
+    }
+    /// The server's own snapshots, which it deletes when unused.
+    pub fn is_internal(self) -> bool {
+        !matches!(self, SnapshotKind::Snapshot)
+    }
+}
+
 /// `POST /v1/machines` (and `/v1/sandboxes`). Every field the SDK sends;
 /// unknown keys are ignored.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -123,8 +290,7 @@ pub struct MachineConfig {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineInfo {
     pub id: String,
-    /// `creating | running | paused | destroyed | error`.
-    pub status: String,
+    pub status: MachineStatus,
     pub config: MachineConfig,
     /// The template ref the machine was created from.
     pub template: String,
@@ -140,7 +306,7 @@ pub struct MachineInfo {
     pub expires_at: Option<String>,
     pub remaining_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_action: Option<String>,
+    pub timeout_action: Option<TimeoutAction>,
     pub last_active_at: Option<String>,
     pub inactivity_timeout_ms: Option<u64>,
     pub auto_delete_after_ms: Option<u64>,
@@ -166,7 +332,7 @@ pub struct MachinePage {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Destroyed {
     pub id: String,
-    pub status: String,
+    pub status: MachineStatus,
 }
 
 /// `POST …/exec`.
@@ -305,7 +471,7 @@ pub struct TimeoutBody {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TimeoutLease {
     pub timeout_ms: u64,
-    pub timeout_action: String,
+    pub timeout_action: TimeoutAction,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -442,5 +608,49 @@ mod tests {
         assert_eq!(s.id(), "s");
         let back = serde_json::to_value(&s).unwrap();
         assert!(back.get("machine_id").is_none(), "{back}");
+    }
+
+    #[test]
+    fn statuses_have_one_spelling_and_checked_transitions() {
+        for st in MachineStatus::ALL {
+            let wire = serde_json::to_value(st).unwrap();
+            assert_eq!(wire, st.as_str());
+            assert_eq!(st.as_str().parse::<MachineStatus>().unwrap(), st);
+        }
+        assert!("stopped".parse::<MachineStatus>().is_err());
+        use MachineStatus::*;
+        // Every allowed edge of the lifecycle, and nothing else.
+        let allowed = [
+            (Creating, Running),
+            (Creating, Paused),
+            (Running, Paused),
+            (Paused, Creating),
+        ];
+        for from in MachineStatus::ALL {
+            for to in MachineStatus::ALL {
+                let ok = from.to(to).is_ok();
+                let expect = !from.is_final() && (to.is_final() || allowed.contains(&(from, to)));
+                assert_eq!(ok, expect, "{from} -> {to}");
+            }
+        }
+        assert_eq!(
+            Destroyed.to(Running).unwrap_err().to_string(),
+            "a destroyed machine cannot become running"
+        );
+    }
+
+    #[test]
+    fn timeout_actions_and_snapshot_kinds_keep_the_sdk_spelling() {
+        assert_eq!(
+            serde_json::to_value(TimeoutAction::Hibernate).unwrap(),
+            "hibernate"
+        );
+        assert_eq!(
+            TimeoutAction::parse("pause"),
+            Some(TimeoutAction::Hibernate)
+        );
+        assert_eq!(TimeoutAction::parse("stop"), None);
+        let k: SnapshotKind = serde_json::from_value("fork".into()).unwrap();
+        assert!(k.is_internal() && !SnapshotKind::Snapshot.is_internal());
     }
 }

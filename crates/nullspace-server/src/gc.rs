@@ -178,11 +178,13 @@ async fn mark(state: &Shared) -> ApiResult<Marks> {
         .machines_in(nullspace_store::machines::LIVE)
         .await?
     {
-        if let Ok(doc) = serde_json::from_str::<Value>(&row.record) {
-            for k in ["template_dir", "base_dir"] {
-                if let Some(dir) = doc.get(k).and_then(Value::as_str).filter(|d| !d.is_empty()) {
-                    mark_snapshot(Path::new(dir), &mut m);
-                }
+        // A record this server cannot read keeps nothing alive: fail the
+        // mark rather than collect what it may hold.
+        let machine = crate::machines::record::Machine::from_row(row)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        for dir in [&machine.doc.template_dir, &machine.doc.base_dir] {
+            if !dir.is_empty() {
+                mark_snapshot(&state.machines.resolve(dir), &mut m);
             }
         }
     }

@@ -318,6 +318,18 @@ macro_rules! machine_routes {
             .query(WS_CHANNEL)
             .websocket()
             .to(machine_api::ws::<{ $f }>),
+            // ---- files: remove, rename, mkdir, permissions, batch, search, find, replace; metrics ----
+
+
+            // ---- upload sessions and signed URLs ----
+
+
+            // ---- terminals and directory watch ----
+
+
+            // ---- lifecycle events, git, stdin ----
+
+
         ]
     }};
 }
@@ -348,6 +360,8 @@ pub fn router(state: Shared) -> Router {
     authed
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .merge(public)
+        .fallback(machine_api::not_offered::fallback)
+        .method_not_allowed_fallback(machine_api::not_offered::method_not_allowed)
         // Context blobs are streamed to disk; JSON bodies are bounded.
         .layer(DefaultBodyLimit::max(64 << 20))
         .with_state(state)
@@ -1100,7 +1114,12 @@ async fn template_get(
     Path(r): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let (row, _) = templates::resolve(&s, &c, &r, false).await?;
+    let (row, qualifier) = templates::resolve(&s, &c, &r, false).await?;
+    // `name:tag` and `name:tb_…` exist only when that tag or build does
+    // (`Template.exists` must agree with what `Machine.create` accepts).
+    if !matches!(qualifier, nullspace_model::refs::Qualifier::None) {
+        templates::resolve_build(&s, &c, &r).await?;
+    }
     let info = templates::info(&s, &row).await?;
     Ok(Json(mask(
         serde_json::to_value(info).map_err(ApiError::internal)?,

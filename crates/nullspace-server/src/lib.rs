@@ -244,7 +244,7 @@ pub async fn serve_until(
     // timeouts and dead VMs watched; the base template built if missing.
     machines::recover(&state)
         .await
-        .map_err(|e| std::io::Error::other(format!("recovering machines: {}", e.message)))?;
+        .map_err(|e| std::io::Error::other(format!("recovering machines: {e}")))?;
     machines::spawn_reaper(state.clone());
     base::ensure(&state).await;
     let monitor = tokio::spawn(builds::queue::monitor(state.clone()));

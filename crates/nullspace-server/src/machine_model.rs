@@ -24,8 +24,7 @@ pub struct MachineDoc {
     #[serde(default)]
     pub started_at: Option<i64>,
     pub timeout_ms: u64,
-    /// `destroy` or `hibernate`.
-    pub timeout_action: String,
+    pub timeout_action: TimeoutAction,
     /// Running: when the timeout fires.
     #[serde(default)]
     pub timeout_at: Option<i64>,
@@ -49,10 +48,12 @@ pub struct MachineDoc {
     pub cwd: Option<String>,
     #[serde(default = "yes")]
     pub internet_access: bool,
-    /// The snapshot directory its disk sits on (template or machine snapshot).
+    /// The snapshot directory its disk sits on (template or machine
+    /// snapshot), relative to the data directory (absolute in records of
+    /// older servers; both resolve, see `machines::record::resolve`).
     pub base_dir: String,
     /// The template snapshot at the root of its disk's chain (what a
-    /// collector must keep while the machine lives).
+    /// collector must keep while the machine lives), likewise relative.
     #[serde(default)]
     pub template_dir: String,
     /// Paused: the hibernation snapshot. Created from a snapshot: that one.
@@ -61,9 +62,10 @@ pub struct MachineDoc {
     /// Forked from this machine.
     #[serde(default)]
     pub parent_id: Option<String>,
-    /// The running VMM (pid, directory, sockets).
+    /// The running VMM. Its directory and sockets follow from the id
+    /// (`Runtime::handle_of`), so the record holds no path.
     #[serde(default)]
-    pub vm: Option<nullspace_vm::sandbox::SandboxHandle>,
+    pub vm: Option<VmRecord>,
     /// The Idempotency-Key of its create (released if the create fails,
     /// so that a retry starts afresh).
     #[serde(default)]
@@ -79,6 +81,13 @@ fn yes() -> bool {
     true
 }
 
+/// A running machine's VMM as its record keeps it. (Older records held
+/// the whole handle with absolute paths: the extra keys are ignored.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub pid: u32,
+}
+
 /// What the server keeps of a snapshot (the `record` column).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotDoc {
@@ -87,8 +96,8 @@ pub struct SnapshotDoc {
     /// answers in it unless the query names `machine_id` or `sandbox_id`.
     pub flavor: Flavor,
     pub machine_id: String,
-    /// `snapshot`, `hibernate` or `fork`.
-    pub kind: String,
+    pub kind: SnapshotKind,
+    /// Relative to the data directory (absolute in older records).
     pub dir: String,
     /// The template snapshot at the root of its disk's chain.
     #[serde(default)]

@@ -110,6 +110,8 @@ pub enum RuntimeError {
 
 pub struct Runtime {
     pub node_id: String,
+    /// The data directory (canonical): records keep paths relative to it.
+    pub data_dir: PathBuf,
     /// `DATA_DIR/machines`.
     pub machines_dir: PathBuf,
     /// `DATA_DIR/snapshots`: machine snapshots.
@@ -184,6 +186,7 @@ impl Runtime {
         std::fs::create_dir_all(&snapshots_dir)?;
         Ok(Runtime {
             node_id: node_id(data_dir)?,
+            data_dir: std::fs::canonicalize(data_dir)?,
             machines_dir: std::fs::canonicalize(&machines_dir)?,
             snapshots_dir: std::fs::canonicalize(&snapshots_dir)?,
             limits,
@@ -515,6 +518,33 @@ impl Runtime {
             self.remove_if(live);
         }
         Ok(snap)
+    }
+
+    /// The handle of machine `id`'s VM, whose QEMU is `pid`: its directory
+    /// and sockets are where every restore puts them.
+    pub fn handle_of(&self, id: &str, pid: u32) -> SandboxHandle {
+        let dir = self.machine_dir(id);
+        SandboxHandle {
+            pid,
+            agent_socket: dir.join("agent.sock"),
+            qmp_socket: dir.join("qmp.sock"),
+            dir,
+        }
+    }
+
+    /// A path under the data directory as records keep it: relative, so a
+    /// moved data directory still resolves.
+    pub fn relative(&self, p: &Path) -> String {
+        let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        p.strip_prefix(&self.data_dir)
+            .unwrap_or(&p)
+            .display()
+            .to_string()
+    }
+
+    /// A path a record keeps (relative; absolute in older records).
+    pub fn resolve(&self, recorded: &str) -> PathBuf {
+        self.data_dir.join(recorded)
     }
 
     /// Ends a machine's VM and removes its directory; forgets it.

@@ -5,6 +5,7 @@
 //! of a live template, a live build or a live machine uses stays; what
 //! only deleted templates or ended machines used goes.
 
+use nullspace_model::machine::MachineStatus;
 use std::path::{Path, PathBuf};
 
 use nullspace_server::{Config, gc};
@@ -101,25 +102,30 @@ async fn collects_only_what_nothing_references() {
     let used = ready_build(&state, &data, &used_t, "tb_used").await;
     // A running machine restored from `used` keeps its snapshot after the
     // template goes; a destroyed one restored from `gone` keeps nothing.
-    let machine = |id: &str, status: &str, b: &Built| MachineRow {
+    let machine = |id: &str, status: MachineStatus, b: &Built| MachineRow {
         id: id.into(),
         namespace: "team-a".into(),
         node_id: "node_a".into(),
-        status: status.into(),
+        status,
         template_id: "tmpl".into(),
         base_snapshot: String::new(),
         created_at: 1,
         updated_at: 1,
         deadline_at: 0,
+        // A whole record, as the server writes it (an unreadable one
+        // fails the mark instead of keeping nothing).
         record: json!({
+            "id": id, "flavor": "machine", "template": "t", "template_id": "tmpl",
+            "build_id": "tb", "vcpus": 1, "memory_mb": 256, "created_at": 1,
+            "timeout_ms": 1000, "timeout_action": "destroy",
             "template_dir": b.snapshot.display().to_string(),
             "base_dir": b.snapshot.display().to_string(),
         })
         .to_string(),
     };
     for m in [
-        machine("mch_live", "running", &used),
-        machine("mch_ended", "destroyed", &gone),
+        machine("mch_live", MachineStatus::Running, &used),
+        machine("mch_ended", MachineStatus::Destroyed, &gone),
     ] {
         state.store.insert_machine_once(&m, None).await.unwrap();
     }

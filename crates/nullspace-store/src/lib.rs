@@ -29,6 +29,9 @@ pub enum StoreError {
     BadUrl(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A stored value no version of this server writes.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -8,14 +8,15 @@
 //! `0` = none). No column is NULL: sqlx's `Any` driver and both databases
 //! then read every row the same way.
 
+use nullspace_model::machine::MachineStatus;
 use sqlx::Row;
 
-use crate::{Result, Store, now_ms};
+use crate::{Result, Store, StoreError, now_ms};
 
 // The tables: migrations/0003_machines.sql.
 
 /// Statuses of a machine that has (or is getting, or keeps) a VM.
-pub const LIVE: &[&str] = &["creating", "running", "paused"];
+pub const LIVE: &[MachineStatus] = &MachineStatus::LIVE;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineRow {
@@ -23,7 +24,7 @@ pub struct MachineRow {
     pub namespace: String,
     /// The server (see the server's node identity) that runs the VMM.
     pub node_id: String,
-    pub status: String,
+    pub status: MachineStatus,
     pub template_id: String,
     /// The machine snapshot its disk sits on (`""`: the template's).
     pub base_snapshot: String,
@@ -58,19 +59,24 @@ pub enum Inserted {
 const MACHINE_COLS: &str = "id, namespace, node_id, status, template_id, base_snapshot, created_at, updated_at, deadline_at, record";
 const SNAPSHOT_COLS: &str = "id, namespace, machine_id, node_id, parent_id, created_at, record";
 
-fn machine_row(r: sqlx::any::AnyRow) -> MachineRow {
-    MachineRow {
-        id: r.get(0),
+fn machine_row(r: sqlx::any::AnyRow) -> Result<MachineRow> {
+    let id: String = r.get(0);
+    let status: String = r.get(3);
+    let status = status
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("machine {id}: {e}")))?;
+    Ok(MachineRow {
+        id,
         namespace: r.get(1),
         node_id: r.get(2),
-        status: r.get(3),
+        status,
         template_id: r.get(4),
         base_snapshot: r.get(5),
         created_at: r.get(6),
         updated_at: r.get(7),
         deadline_at: r.get(8),
         record: r.get(9),
-    }
+    })
 }
 
 fn snapshot_row(r: sqlx::any::AnyRow) -> SnapshotRow {
@@ -134,7 +140,7 @@ impl Store {
         .bind(&m.id)
         .bind(&m.namespace)
         .bind(&m.node_id)
-        .bind(&m.status)
+        .bind(m.status.as_str())
         .bind(&m.template_id)
         .bind(&m.base_snapshot)
         .bind(m.created_at)
@@ -220,13 +226,13 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(machine_row))
+        row.map(machine_row).transpose()
     }
 
     /// Replaces a machine's mutable columns and record. With `only_if`,
     /// only while its status is one of those (returns whether it did), so a
     /// destroyed machine is never brought back by a late writer.
-    pub async fn update_machine(&self, m: &MachineRow, only_if: &[&str]) -> Result<bool> {
+    pub async fn update_machine(&self, m: &MachineRow, only_if: &[MachineStatus]) -> Result<bool> {
         let mut sql = "UPDATE machines SET status = $1, base_snapshot = $2, updated_at = $3, deadline_at = $4, record = $5, node_id = $6 WHERE id = $7".to_string();
         if !only_if.is_empty() {
             sql.push_str(&format!(
@@ -235,7 +241,7 @@ impl Store {
             ));
         }
         let mut q = sqlx::query(&sql)
-            .bind(&m.status)
+            .bind(m.status.as_str())
             .bind(&m.base_snapshot)
             .bind(m.updated_at)
             .bind(m.deadline_at)
@@ -243,7 +249,7 @@ impl Store {
             .bind(&m.node_id)
             .bind(&m.id);
         for s in only_if {
-            q = q.bind(*s);
+            q = q.bind(s.as_str());
         }
         Ok(q.execute(&self.pool).await?.rows_affected() > 0)
     }
@@ -253,7 +259,7 @@ impl Store {
     pub async fn machines_page(
         &self,
         namespace: &str,
-        statuses: &[&str],
+        statuses: &[MachineStatus],
         limit: i64,
         after: Option<(i64, String)>,
     ) -> Result<Vec<MachineRow>> {
@@ -271,47 +277,51 @@ impl Store {
             .bind(aid)
             .bind(limit);
         for s in statuses {
-            q = q.bind(*s);
+            q = q.bind(s.as_str());
         }
-        Ok(q.fetch_all(&self.pool)
+        q.fetch_all(&self.pool)
             .await?
             .into_iter()
             .map(machine_row)
-            .collect())
+            .collect()
     }
 
     /// Machines of `node` in `statuses` (recovery, capacity, shutdown).
-    pub async fn machines_on_node(&self, node: &str, statuses: &[&str]) -> Result<Vec<MachineRow>> {
+    pub async fn machines_on_node(
+        &self,
+        node: &str,
+        statuses: &[MachineStatus],
+    ) -> Result<Vec<MachineRow>> {
         let sql = format!(
             "SELECT {MACHINE_COLS} FROM machines WHERE node_id = $1 AND status IN ({}) ORDER BY created_at, id",
             placeholders(2, statuses.len())
         );
         let mut q = sqlx::query(&sql).bind(node);
         for s in statuses {
-            q = q.bind(*s);
+            q = q.bind(s.as_str());
         }
-        Ok(q.fetch_all(&self.pool)
+        q.fetch_all(&self.pool)
             .await?
             .into_iter()
             .map(machine_row)
-            .collect())
+            .collect()
     }
 
     /// Every machine in `statuses`, on any node (the collector's marks).
-    pub async fn machines_in(&self, statuses: &[&str]) -> Result<Vec<MachineRow>> {
+    pub async fn machines_in(&self, statuses: &[MachineStatus]) -> Result<Vec<MachineRow>> {
         let sql = format!(
             "SELECT {MACHINE_COLS} FROM machines WHERE status IN ({}) ORDER BY created_at, id",
             placeholders(1, statuses.len())
         );
         let mut q = sqlx::query(&sql);
         for s in statuses {
-            q = q.bind(*s);
+            q = q.bind(s.as_str());
         }
-        Ok(q.fetch_all(&self.pool)
+        q.fetch_all(&self.pool)
             .await?
             .into_iter()
             .map(machine_row)
-            .collect())
+            .collect()
     }
 
     /// Machines of `node` whose deadline has passed at `now`.
@@ -324,7 +334,7 @@ impl Store {
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(machine_row).collect())
+        rows.into_iter().map(machine_row).collect()
     }
 
     // ---- snapshots ------------------------------------------------------
@@ -382,7 +392,7 @@ impl Store {
         );
         let mut q = sqlx::query(&sql).bind(id);
         for s in LIVE {
-            q = q.bind(*s);
+            q = q.bind(s.as_str());
         }
         let mut ids: Vec<String> = q
             .fetch_all(&self.pool)

@@ -1,6 +1,7 @@
 //! Machine, snapshot and idempotency-key queries, on SQLite and on a real
 //! Postgres (Debian's postgresql 15, started by the testkit).
 
+use nullspace_model::machine::MachineStatus as S;
 use nullspace_store::machines::LIVE;
 use nullspace_store::{Inserted, MachineRow, SnapshotRow, Store, now_ms};
 
@@ -9,7 +10,7 @@ fn machine(id: &str, ns: &str, created_at: i64) -> MachineRow {
         id: id.into(),
         namespace: ns.into(),
         node_id: "node_a".into(),
-        status: "creating".into(),
+        status: S::Creating,
         template_id: "tmpl_1".into(),
         base_snapshot: String::new(),
         created_at,
@@ -71,14 +72,14 @@ async fn exercise(store: &Store) {
 
     // Transitions are gated on the current status.
     let mut m = store.machine("mch_1").await.unwrap().unwrap();
-    m.status = "running".into();
+    m.status = S::Running;
     m.deadline_at = t0 - 1;
-    assert!(store.update_machine(&m, &["creating"]).await.unwrap());
-    m.status = "paused".into();
-    assert!(!store.update_machine(&m, &["creating"]).await.unwrap());
+    assert!(store.update_machine(&m, &[S::Creating]).await.unwrap());
+    m.status = S::Paused;
+    assert!(!store.update_machine(&m, &[S::Creating]).await.unwrap());
     assert_eq!(
         store.machine("mch_1").await.unwrap().unwrap().status,
-        "running"
+        S::Running
     );
 
     // Paging: oldest first, by (created_at, id).
@@ -97,13 +98,13 @@ async fn exercise(store: &Store) {
         ["mch_3", "mch_4"]
     );
     let running = store
-        .machines_page("team-a", &["running"], 10, None)
+        .machines_page("team-a", &[S::Running], 10, None)
         .await
         .unwrap();
     assert_eq!(running.len(), 1);
     assert_eq!(
         store
-            .machines_on_node("node_a", &["creating"])
+            .machines_on_node("node_a", &[S::Creating])
             .await
             .unwrap()
             .len(),
@@ -139,7 +140,7 @@ async fn exercise(store: &Store) {
         store.snapshot_users("snap_2").await.unwrap(),
         vec!["mch_2".to_string()]
     );
-    m2.status = "destroyed".into();
+    m2.status = S::Destroyed;
     store.update_machine(&m2, &[]).await.unwrap();
     assert!(store.snapshot_users("snap_2").await.unwrap().is_empty());
     assert_eq!(

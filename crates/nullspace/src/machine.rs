@@ -9,22 +9,16 @@ use std::io::{Read, Write};
 
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use nullspace_model::machine::{
     CreateMachineBody, Destroyed, ExecBody, ExecReply, FileInfo, MachineInfo, MachinePage,
-    MachineSnapshotInfo, TimeoutBody, TimeoutLease, WriteFileBody,
+    MachineSnapshotInfo, TimeoutAction, TimeoutBody, TimeoutLease, WriteFileBody,
 };
 use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::template::{Api, enc, print_json, push_q, read_json, to_body, with_query};
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum TimeoutAction {
-    Destroy,
-    Hibernate,
-}
 
 #[derive(Subcommand)]
 pub enum MachineCommand {
@@ -169,13 +163,6 @@ fn key_values(list: &[String]) -> Result<BTreeMap<String, String>> {
     Ok(m)
 }
 
-fn action_name(a: TimeoutAction) -> &'static str {
-    match a {
-        TimeoutAction::Destroy => "destroy",
-        TimeoutAction::Hibernate => "hibernate",
-    }
-}
-
 fn path(id: &str, rest: &str) -> String {
     format!("/v1/machines/{}{rest}", enc(id))
 }
@@ -228,7 +215,7 @@ pub fn run(c: MachineCommand) -> Result<()> {
                 template,
                 snapshot_id,
                 timeout_ms: Some(timeout * 1000),
-                timeout_action: timeout_action.map(|a| action_name(a).to_string()),
+                timeout_action: timeout_action.map(|a| a.as_str().to_string()),
                 envs: Some(key_values(&env)?),
                 cwd,
                 ..Default::default()
@@ -360,7 +347,7 @@ pub fn run(c: MachineCommand) -> Result<()> {
         } => {
             let req = TimeoutBody {
                 timeout_ms: seconds * 1000,
-                timeout_action: action.map(|a| action_name(a).to_string()),
+                timeout_action: action.map(|a| a.as_str().to_string()),
             };
             let p = path(&id, "/timeout");
             let lease: TimeoutLease = api.send_json(Method::POST, &p, Some(&to_body(&req)?))?;

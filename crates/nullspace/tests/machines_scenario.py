@@ -229,6 +229,45 @@ def _():
     assert a.id in running and b.id not in running
 
 
+@check("killed_machine_is_not_found")
+def _():
+    # b was killed above: connect (GET, then resume) must not hand it out.
+    try:
+        M.connect(b.id)
+        raise AssertionError("connected to a killed machine")
+    except NotFoundError as e:
+        assert e.code == ("machine_not_found" if V1 else "sandbox_not_found"), e.code
+        assert "destroyed" in str(e), str(e)
+    # It is still listed among the destroyed ones.
+    assert b.id in [m.id for m in M.list(state="destroyed")]
+
+
+@check("unoffered_calls_are_not_implemented")
+def _():
+    from nullspace.errors import NotImplementedError as NotOffered
+    from nullspace.client import NullspaceClient
+    # An SDK call whose feature this server does not offer: a JSON 501.
+    try:
+        a.list_volumes()
+        raise AssertionError("list_volumes answered")
+    except NotOffered as e:
+        assert "volumes" in str(e), str(e)
+    c = NullspaceClient()
+    prefix = f"/v1/{'machines' if V1 else 'sandboxes'}/{a.id}"
+    # A WebSocket channel not offered: refused before the upgrade with 501.
+    try:
+        c.ws_connect(prefix + "/ws", params={"channel": "desktop"}).close()
+        raise AssertionError("a desktop channel opened")
+    except NotOffered:
+        pass
+    # A path the SDK does not know either: a JSON 404, never a bare one.
+    try:
+        c.request("GET", "/v1/no-such-thing")
+        raise AssertionError("an unknown path answered")
+    except BaseError as e:
+        assert e.code == "not_found" and "/v1/no-such-thing" in str(e), (e.code, str(e))
+
+
 @check("other_namespace_cannot_see")
 def _():
     assert a.id not in [m.id for m in M.list(api_key=OTHER_KEY)]

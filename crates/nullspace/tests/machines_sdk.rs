@@ -83,6 +83,8 @@ const CHECKS: &[&str] = &[
     "snapshot_create_from_delete",
     "pause_then_connect_resume",
     "kill_removes_from_list",
+    "killed_machine_is_not_found",
+    "unoffered_calls_are_not_implemented",
     "other_namespace_cannot_see",
     "idempotency_key_same_machine",
     "timeout_destroys_or_hibernates",
@@ -160,8 +162,15 @@ st = {m.id: m.status.value for m in Machine.list(state=None)}
 assert st.get(keep) == "running", st
 assert st.get(paused) == "paused", st
 assert gone not in st, st
-g = Machine.get_info_by_id(gone)
-assert g.status.value == "error", g
+errored = {m.id: m for m in Machine.list(state="error")}
+assert gone in errored, errored
+# An ended machine is gone for everything but list: connect is not_found.
+from nullspace.errors import NotFoundError
+try:
+    Machine.connect(gone)
+    raise AssertionError("connected to a machine that ended")
+except NotFoundError as e:
+    assert e.code == "machine_not_found", e.code
 m = Machine.connect(keep)
 assert m.files.read("/tmp/kept.txt") == "survives"
 assert m.commands.run("cat /tmp/pid", shell=True).exit_code == 0

@@ -1,0 +1,150 @@
+//! File handlers: write (JSON or raw body), read (JSON or raw), info,
+//! exists, list.
+
+use std::collections::HashMap;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use base64::Engine as _;
+use nullspace_store::Caller;
+
+use super::{Speak, uint};
+use crate::error::{ApiError, ApiResult};
+use crate::guest::GuestError;
+use crate::http::JsonBody;
+use crate::machine_model::*;
+use crate::machines::{MachineError, commands::lossy, files};
+use crate::state::Shared;
+
+pub async fn files_write<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<WriteFileBody>,
+) -> ApiResult<Json<FileInfo>> {
+    let data = match b.encoding.as_deref().unwrap_or("utf8") {
+        "utf8" | "utf-8" | "text" => b.content.into_bytes(),
+        "base64" => base64::engine::general_purpose::STANDARD
+            .decode(b.content.as_bytes())
+            .map_err(|e| ApiError::invalid(format!("content is not valid base64: {e}")))?,
+        o => {
+            return Err(ApiError::invalid(format!(
+                "encoding {o:?} must be utf8 or base64"
+            )));
+        }
+    };
+    files::write_file(&s, &c, &id, &b.path, data, b.user.as_deref())
+        .await
+        .speak(F)
+        .map(Json)
+}
+
+pub async fn files_read<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<PathBody>,
+) -> ApiResult<Json<FileContent>> {
+    let data = files::read_file(&s, &c, &id, &b.path, b.user.as_deref())
+        .await
+        .speak(F)?;
+    let content = match b.encoding.as_deref().unwrap_or("utf8") {
+        "base64" => base64::engine::general_purpose::STANDARD.encode(&data),
+        _ => lossy(&data),
+    };
+    Ok(Json(FileContent { content }))
+}
+
+pub async fn files_info<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<PathBody>,
+) -> ApiResult<Json<FileInfo>> {
+    files::stat_file(&s, &c, &id, &b.path, b.user.as_deref())
+        .await
+        .speak(F)
+        .map(Json)
+}
+
+pub async fn files_exists<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<PathBody>,
+) -> ApiResult<Json<Exists>> {
+    match files::stat_file(&s, &c, &id, &b.path, b.user.as_deref()).await {
+        Ok(_) => Ok(Json(Exists { exists: true })),
+        Err(MachineError::Guest {
+            err: GuestError::NotFound(_),
+            ..
+        }) => Ok(Json(Exists { exists: false })),
+        Err(e) => Err(e).speak(F),
+    }
+}
+
+pub async fn files_list<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Vec<FileInfo>>> {
+    let path = q.get("path").map(String::as_str).unwrap_or("/");
+    let depth = uint::<u32>(&q, "depth")?.unwrap_or(1);
+    files::list_files(&s, &c, &id, path, depth, q.get("user").map(String::as_str))
+        .await
+        .speak(F)
+        .map(Json)
+}
+
+fn path_param(q: &HashMap<String, String>) -> ApiResult<&str> {
+    q.get("path")
+        .map(String::as_str)
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::invalid("the path query parameter is required"))
+}
+
+pub async fn file_get<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let data = files::read_file(
+        &s,
+        &c,
+        &id,
+        path_param(&q)?,
+        q.get("user").map(String::as_str),
+    )
+    .await
+    .speak(F)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from(data),
+    )
+        .into_response())
+}
+
+pub async fn file_put<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    files::write_file(
+        &s,
+        &c,
+        &id,
+        path_param(&q)?,
+        body.to_vec(),
+        q.get("user").map(String::as_str),
+    )
+    .await
+    .speak(F)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,187 @@
+//! The rules a machine request's values must keep: guest paths, cwd,
+//! envs, timeouts and their action, and the create options this server
+//! refuses rather than ignores. Each failure is one line naming the field.
+
+use std::collections::BTreeMap;
+
+use nullspace_model::machine::{CreateMachineBody, TimeoutAction};
+use serde_json::Value;
+
+use super::error::{MachineError, MachineResult};
+
+/// The SDK's default `timeout_ms`.
+pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
+/// The longest `timeout_ms` (one day).
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+/// Longest guest path accepted (Linux's `PATH_MAX`).
+pub const MAX_PATH: usize = 4096;
+/// Longest path component (Linux's `NAME_MAX`).
+pub const MAX_NAME: usize = 255;
+
+fn invalid(m: impl Into<String>) -> MachineError {
+    MachineError::Invalid(m.into())
+}
+
+/// An absolute guest path, normalised (`.` and `..` resolved, never above
+/// `/`); NUL bytes and overlong paths or names are refused.
+pub fn guest_path(what: &str, p: &str) -> MachineResult<String> {
+    if !p.starts_with('/') {
+        return Err(invalid(format!("{what} {p:?} must be an absolute path")));
+    }
+    if p.contains('\0') {
+        return Err(invalid(format!("{what} {p:?} contains a NUL byte")));
+    }
+    if p.len() > MAX_PATH {
+        return Err(invalid(format!("{what} is longer than {MAX_PATH} bytes")));
+    }
+    let mut parts: Vec<&str> = vec![];
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c if c.len() > MAX_NAME => {
+                return Err(invalid(format!(
+                    "{what}: the name {:?}… is longer than {MAX_NAME} bytes",
+                    &c[..c.floor_char_boundary(32)]
+                )));
+            }
+            c => parts.push(c),
+        }
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// A command's or machine's working directory.
+pub fn cwd(cwd: &str) -> MachineResult<String> {
+    let p = guest_path("cwd", cwd)?;
+    if p == "/workspace/.nullspace" || p.starts_with("/workspace/.nullspace/") {
+        return Err(invalid(format!(
+            "cwd {cwd:?} is reserved (/workspace/.nullspace)"
+        )));
+    }
+    Ok(p)
+}
+
+pub fn envs(what: &str, envs: &BTreeMap<String, String>) -> MachineResult<()> {
+    if envs.len() > 1000 {
+        return Err(invalid(format!("{what}: at most 1000 variables")));
+    }
+    let mut total = 0;
+    for (k, v) in envs {
+        nullspace_model::build::rules::env_name(k).map_err(|e| invalid(format!("{what}: {e}")))?;
+        total += k.len() + v.len();
+    }
+    if total > 1 << 20 {
+        return Err(invalid(format!("{what}: more than 1 MiB")));
+    }
+    Ok(())
+}
+
+/// `timeout_action`, else `lifecycle.on_timeout` (`pause` is hibernate).
+pub fn timeout_action(
+    raw: Option<&str>,
+    lifecycle: Option<&Value>,
+) -> MachineResult<Option<TimeoutAction>> {
+    if let Some(a) = raw {
+        return match a {
+            "destroy" | "hibernate" => Ok(TimeoutAction::parse(a)),
+            o => Err(invalid(format!(
+                "timeout_action {o:?} must be destroy or hibernate"
+            ))),
+        };
+    }
+    match lifecycle
+        .and_then(|l| l.get("on_timeout"))
+        .and_then(Value::as_str)
+    {
+        None => Ok(None),
+        Some(o) => TimeoutAction::parse(o).map(Some).ok_or_else(|| {
+            invalid(format!(
+                "lifecycle.on_timeout {o:?} must be destroy or pause"
+            ))
+        }),
+    }
+}
+
+pub fn timeout_ms(ms: u64) -> MachineResult<u64> {
+    if ms == 0 || ms > MAX_TIMEOUT_MS {
+        return Err(invalid(format!(
+            "timeout_ms {ms} must be between 1 and {MAX_TIMEOUT_MS} (one day)"
+        )));
+    }
+    Ok(ms)
+}
+
+/// Options this server does not offer fail clearly instead of being
+/// ignored.
+pub fn refuse_unsupported(b: &CreateMachineBody) -> MachineResult<()> {
+    let not = |m: &str| Err(MachineError::NotImplemented(m.to_string()));
+    if b.desktop.as_ref().is_some_and(|d| !d.is_null()) {
+        return not("desktop machines are not supported by this server");
+    }
+    if b.volumes
+        .as_ref()
+        .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()) && !v.is_null())
+    {
+        return not("volumes are not supported by this server");
+    }
+    if let Some(w) = b.warm_pool.as_ref().filter(|w| !w.is_null())
+        && w.get("mode").and_then(Value::as_str) != Some("bypass")
+    {
+        return not(
+            "warm pools are not supported by this server (omit warm_pool, or use mode bypass)",
+        );
+    }
+    if let Some(n) = b.network.as_ref()
+        && ["allow_out", "deny_out"].iter().any(|k| {
+            n.get(k)
+                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        })
+    {
+        return not(
+            "egress policies (network.allow_out/deny_out) are not supported; internet_access: false isolates a machine",
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_paths_are_normalised_and_hostile_ones_refused() {
+        assert_eq!(guest_path("path", "/a/./b/../c//").unwrap(), "/a/c");
+        assert_eq!(guest_path("path", "/../../etc").unwrap(), "/etc");
+        for bad in ["relative", "/a\0b", &format!("/{}", "x".repeat(300))] {
+            let e = guest_path("path", bad).unwrap_err().to_string();
+            assert!(e.starts_with("path"), "{e}");
+        }
+        let long = format!("/{}", "a/".repeat(2100));
+        assert!(guest_path("path", &long).is_err());
+    }
+
+    #[test]
+    fn timeout_actions_come_from_either_field() {
+        assert_eq!(
+            timeout_action(Some("hibernate"), None).unwrap(),
+            Some(TimeoutAction::Hibernate)
+        );
+        let l = serde_json::json!({"on_timeout": "pause"});
+        assert_eq!(
+            timeout_action(None, Some(&l)).unwrap(),
+            Some(TimeoutAction::Hibernate)
+        );
+        assert!(timeout_action(Some("pause"), None).is_err());
+        assert!(timeout_action(None, Some(&serde_json::json!({"on_timeout": "x"}))).is_err());
+        assert_eq!(timeout_action(None, None).unwrap(), None);
+    }
+
+    #[test]
+    fn reserved_cwd_is_refused() {
+        assert!(cwd("/workspace/.nullspace/x").is_err());
+        assert_eq!(cwd("/workspace/app/").unwrap(), "/workspace/app");
+    }
+}
