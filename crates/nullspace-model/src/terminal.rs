@@ -97,6 +97,7 @@ pub enum PtyEvent {
 
 /// `GET …/pty`, `GET …/pty/{sid}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PtySessionInfo {
     pub session_id: String,
     pub pid: u32,
@@ -108,6 +109,7 @@ pub struct PtySessionInfo {
 
 /// `POST …/pty/{sid}/resize`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResizeBody {
     pub cols: u16,
     pub rows: u16,

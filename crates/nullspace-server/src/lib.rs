@@ -24,7 +24,6 @@ pub mod refs;
 pub mod runtime;
 pub mod state;
 pub mod templates;
-pub mod terminal_api;
 pub mod validate;
 
 use std::path::{Path, PathBuf};

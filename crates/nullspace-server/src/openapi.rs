@@ -453,7 +453,8 @@ mod tests {
         // The one fallback answers errors only (501, JSON 404/405).
         assert_eq!(
             src.matches(".fallback(").count(),
-            src.matches(".fallback(machine_api::not_offered::fallback)").count()
+            src.matches(".fallback(machine_api::not_offered::fallback)")
+                .count()
         );
     }
 

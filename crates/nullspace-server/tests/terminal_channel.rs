@@ -1,11 +1,11 @@
-//! The terminal and watch sockets (`terminal_api`) against a real guest
+//! The terminal and watch sockets (`machine_api::pty`) against a real guest
 //! (QEMU, TCG here), speaking SDK 1.0.3's frames over a real WebSocket:
 //! a shell that echoes, resizes, survives the socket closing and passes on
 //! its exit code; a watch that reports create, write and remove.
 
 use futures_util::{SinkExt, StreamExt};
 use nullspace_server::guest::Guest;
-use nullspace_server::terminal_api;
+use nullspace_server::machine_api::pty as terminal_api;
 use nullspace_vm::qemu::{BootSpec, QemuVm, QemuVmm};
 use nullspace_vm::template::GuestConfig;
 use nullspace_vm::{GuestKernel, Vm};
@@ -58,9 +58,8 @@ fn boot() -> QemuVm {
     vm
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::Text(v.to_string().into())).await.unwrap();
@@ -68,7 +67,10 @@ async fn send(ws: &mut Ws, v: Value) {
 
 async fn recv(ws: &mut Ws) -> Value {
     loop {
-        match tokio::time::timeout(T, ws.next()).await.expect("a frame in time") {
+        match tokio::time::timeout(T, ws.next())
+            .await
+            .expect("a frame in time")
+        {
             Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
             Some(Ok(_)) => continue,
             other => panic!("socket ended: {other:?}"),

@@ -12,18 +12,21 @@
 //! | [`files`] | the file routes |
 //! | [`snapshots`] | `/v1/snapshots` |
 //! | [`ws`] | the WebSocket and its exec channel |
+//! | [`pty`] | terminals (the pty routes and channel) and directory watches (`file_watch`) |
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
 pub mod commands;
 pub mod files;
 pub mod lifecycle;
 pub mod not_offered;
+pub mod pty;
 pub mod snapshots;
 pub mod ws;
 
 pub use commands::*;
 pub use files::*;
 pub use lifecycle::*;
+pub use pty::{pty_get, pty_kill, pty_list, pty_resize};
 pub use snapshots::*;
 pub use ws::ws;
 

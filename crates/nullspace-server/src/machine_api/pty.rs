@@ -1,4 +1,6 @@
-//! The SDK's terminal and directory-watch sockets of one machine's guest:
+//! The machine's terminals and directory watches at the edge: the pty
+//! routes (`GET/DELETE …/pty[/{sid}]`, `POST …/pty/{sid}/resize`) and the
+//! SDK's terminal and directory-watch sockets of one machine's guest:
 //! `…/ws?channel=pty` (frames of [`nullspace_model::terminal`]: start or
 //! connect, then input, resize, kill; output and the exit), `file_watch`
 //! on `…/ws` without a channel, and what the pty routes answer.
@@ -20,13 +22,86 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use nullspace_model::terminal::ResizeBody;
+use nullspace_store::Caller;
+
+use super::Speak;
+use super::ws::Utf8Carry;
+use crate::error::{ApiError, ApiResult};
 use crate::guest::{Guest, GuestError, WatchUpdate};
-use crate::machine_api::Utf8Carry;
+use crate::http::JsonBody;
+use crate::machines::commands;
+use crate::machines::{MachineError, MachineResult};
+use crate::state::Shared;
 
 /// Frames waiting for a slow client, per socket.
 pub const OUT_FRAMES: usize = 64;
 /// Watches on one socket.
 pub const MAX_WATCHES_PER_SOCKET: usize = 8;
+
+// ---- the pty routes ------------------------------------------------------
+
+/// The machine's guest, when the machine runs.
+async fn guest_of(s: &Shared, c: &Caller, id: &str) -> MachineResult<Guest> {
+    let (_, live) = commands::running(s, c, id).await?;
+    Ok(live.guest.clone())
+}
+
+/// `GET …/pty`.
+pub async fn pty_list<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<PtySessionInfo>>> {
+    let g = guest_of(&s, &c, &id).await.speak(F)?;
+    let r = list(&g).await.map_err(|e| MachineError::guest(&id, e));
+    Ok(Json(r.speak(F)?))
+}
+
+/// `GET …/pty/{sid}`.
+pub async fn pty_get<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((id, sid)): Path<(String, String)>,
+) -> ApiResult<Json<PtySessionInfo>> {
+    let g = guest_of(&s, &c, &id).await.speak(F)?;
+    let r = get(&g, &sid).await.map_err(|e| MachineError::guest(&id, e));
+    Ok(Json(r.speak(F)?))
+}
+
+/// `DELETE …/pty/{sid}`.
+pub async fn pty_kill<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((id, sid)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let g = guest_of(&s, &c, &id).await.speak(F)?;
+    kill(&g, &sid)
+        .await
+        .map_err(|e| MachineError::guest(&id, e))
+        .speak(F)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST …/pty/{sid}/resize`.
+pub async fn pty_resize<const F: u8>(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((id, sid)): Path<(String, String)>,
+    JsonBody(b): JsonBody<ResizeBody>,
+) -> ApiResult<Json<PtySessionInfo>> {
+    check_size(b.cols, b.rows).map_err(ApiError::invalid)?;
+    let g = guest_of(&s, &c, &id).await.speak(F)?;
+    let r = resize(&g, &sid, b.cols, b.rows)
+        .await
+        .map_err(|e| MachineError::guest(&id, e));
+    Ok(Json(r.speak(F)?))
+}
+
+// ---- the guest calls behind them -----------------------------------------
 
 /// A session as `GET …/pty` lists it.
 pub fn session_info(p: &PtyInfo) -> PtySessionInfo {
