@@ -461,33 +461,71 @@ fn dispatch(state: &State, resp: &Resp, op: Op) -> Outcome {
         Op::Output { pid } => crate::exec::output(state, resp, pid),
         Op::Kill { pid, signal, group } => crate::exec::kill(state, pid, signal, group),
         Op::WriteStdin { pid, data, eof } => crate::exec::write_stdin(state, pid, &data, eof),
-        Op::Stat { path, user } => crate::files::stat(state, &path, user.as_deref()),
+        Op::Stat { path, user } => {
+            let out = crate::files::stat(state, &path, user.as_deref());
+            crate::files::naming_user(state, user.as_deref(), out)
+        }
         Op::ListDir {
             path,
             depth,
             user,
             max_entries,
-        } => crate::files::list_dir(state, resp, &path, depth, user.as_deref(), max_entries),
+        } => {
+            let out =
+                crate::files::list_dir(state, resp, &path, depth, user.as_deref(), max_entries);
+            crate::files::naming_user(state, user.as_deref(), out)
+        }
         Op::ReadFile {
             path,
             offset,
             length,
             user,
-        } => crate::files::read(state, &path, offset, length, user.as_deref()),
-        Op::WriteFile(spec) => crate::files::write(state, &spec),
+        } => {
+            let out = crate::files::read(state, &path, offset, length, user.as_deref());
+            crate::files::naming_user(state, user.as_deref(), out)
+        }
+        Op::WriteFile(spec) => {
+            let out = crate::files::write(state, &spec);
+            crate::files::naming_user(state, spec.user.as_deref(), out)
+        }
         Op::MakeDir {
             path,
             mode,
             parents,
             user,
-        } => crate::files::make_dir(state, &path, mode, parents, user.as_deref()),
+        } => {
+            let out = crate::files::make_dir(state, &path, mode, parents, user.as_deref());
+            crate::files::naming_user(state, user.as_deref(), out)
+        }
         Op::Remove {
             path,
             recursive,
             user,
-        } => crate::files::remove(state, &path, recursive, user.as_deref()),
-        Op::Rename { from, to, user } => crate::files::rename(state, &from, &to, user.as_deref()),
-        Op::Chmod { path, mode, user } => crate::files::chmod(state, &path, mode, user.as_deref()),
+        } => {
+            let out = crate::files::remove(state, &path, recursive, user.as_deref());
+            crate::files::naming_user(state, user.as_deref(), out)
+        }
+        Op::Rename { from, to, user } => {
+            let out = crate::files::rename(state, &from, &to, user.as_deref());
+            crate::files::naming_user(state, user.as_deref(), out)
+        }
+        Op::Chmod { path, mode, user } => {
+            let out = crate::files::chmod(state, &path, mode, user.as_deref());
+            crate::files::naming_user(state, user.as_deref(), out)
+        }
+        Op::SearchNames(spec) => {
+            let out = crate::search::search_names(state, resp, &spec);
+            crate::files::naming_user(state, spec.user.as_deref(), out)
+        }
+        Op::SearchContent(spec) => {
+            let out = crate::search::search_content(state, resp, &spec);
+            crate::files::naming_user(state, spec.user.as_deref(), out)
+        }
+        Op::Replace(spec) => {
+            let out = crate::replace::replace(state, &spec);
+            crate::files::naming_user(state, spec.user.as_deref(), out)
+        }
+        Op::Metrics { sample_ms } => crate::metrics::metrics(sample_ms),
         Op::Start(spec) => start(state, spec),
         Op::Probe { probe, timeout_ms } => Ok(probe_once(
             state,

@@ -1,5 +1,6 @@
 //! File operations for the host: `stat`, `list_dir`, chunked `read_file`
-//! and `write_file`, `make_dir`, `remove`, `rename`, `chmod`.
+//! and `write_file`, `make_dir`, `remove`, `rename`, `chmod`; and what the
+//! other file modules (`search`, `replace`) share: paths and identity.
 //!
 //! Each runs as a user (the request's, else the runtime default user): the
 //! request thread switches its own effective uid, gid and groups (Linux
@@ -16,7 +17,7 @@ use crate::procs::State;
 use crate::users::{self, Names};
 use nullspace_model::agent::{
     DEFAULT_MAX_ENTRIES, ErrorCode, Event, FileInfo, FileKind, LIST_BATCH, MAX_CHUNK, MAX_DEPTH,
-    MAX_ENTRIES, WriteFileSpec,
+    MAX_ENTRIES, NAME_MAX, PATH_MAX, WriteFileSpec,
 };
 use rustix::process::{Gid, Uid};
 use std::fs::Metadata;
@@ -77,15 +78,48 @@ impl Drop for AsUser {
     }
 }
 
+/// The user a file op runs as, by the name it was given (the request's,
+/// else the runtime default, else root).
+fn user_name(state: &State, user: Option<&str>) -> String {
+    match user.map(str::trim).filter(|u| !u.is_empty()) {
+        Some(u) => u.to_string(),
+        None => state
+            .defaults
+            .lock()
+            .unwrap()
+            .user
+            .clone()
+            .unwrap_or_else(|| "root".into()),
+    }
+}
+
+/// A file op's failure that depends on who asked names the user (the
+/// message names the path already): "…: Permission denied (as user app)".
+pub fn naming_user(state: &State, user: Option<&str>, out: Outcome) -> Outcome {
+    out.map_err(|mut f| {
+        let about_files = matches!(
+            f.code,
+            ErrorCode::PermissionDenied
+                | ErrorCode::NotFound
+                | ErrorCode::AlreadyExists
+                | ErrorCode::NotADirectory
+                | ErrorCode::IsADirectory
+                | ErrorCode::DirectoryNotEmpty
+                | ErrorCode::FileTooLarge
+        );
+        if about_files {
+            f.message = format!("{} (as user {})", f.message, user_name(state, user));
+        }
+        f
+    })
+}
+
 /// `path` made absolute (against the default workdir) and normalised
 /// lexically (`.`, `..`, repeated slashes), without resolving symlinks.
+/// Refuses a NUL byte (`bad_request`) and a path or name over the kernel's
+/// limits (`name_too_long`) before any system call sees them.
 pub(crate) fn absolute(state: &State, path: &str) -> Result<PathBuf, Failure> {
-    if path.is_empty() {
-        return Err(Failure::bad("empty path"));
-    }
-    if path.contains('\0') {
-        return Err(Failure::bad("path contains a NUL byte"));
-    }
+    check_path(path)?;
     let base = if path.starts_with('/') {
         PathBuf::from("/")
     } else {
@@ -109,10 +143,53 @@ pub(crate) fn absolute(state: &State, path: &str) -> Result<PathBuf, Failure> {
             Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
         }
     }
+    if out.as_os_str().len() > PATH_MAX {
+        return Err(Failure::new(
+            ErrorCode::NameTooLong,
+            format!(
+                "{}...: the path is longer than {PATH_MAX} bytes",
+                crate::agent::clip(&display(&out), 64)
+            ),
+        ));
+    }
     Ok(out)
 }
 
-fn display(p: &Path) -> String {
+/// The checks of a path as sent, before it is resolved.
+fn check_path(path: &str) -> Result<(), Failure> {
+    if path.is_empty() {
+        return Err(Failure::bad("empty path"));
+    }
+    if path.contains('\0') {
+        return Err(Failure::bad(format!(
+            "{:?}: the path contains a NUL byte",
+            crate::agent::clip(path, 256)
+        )));
+    }
+    if path.len() > PATH_MAX {
+        return Err(Failure::new(
+            ErrorCode::NameTooLong,
+            format!(
+                "{}...: the path has {} bytes, more than {PATH_MAX}",
+                crate::agent::clip(path, 64),
+                path.len()
+            ),
+        ));
+    }
+    if let Some(long) = path.split('/').find(|n| n.len() > NAME_MAX) {
+        return Err(Failure::new(
+            ErrorCode::NameTooLong,
+            format!(
+                "{}...: a name of {} bytes in the path, more than {NAME_MAX}",
+                crate::agent::clip(long, 64),
+                long.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn display(p: &Path) -> String {
     p.to_string_lossy().to_string()
 }
 
@@ -161,7 +238,7 @@ fn type_char(md: &Metadata) -> char {
 
 /// The SDK-shaped metadata of `path` (not following a final symlink for
 /// `symlink_target`, following it for type, size and mode).
-fn file_info(path: &Path, names: &Names) -> std::io::Result<FileInfo> {
+pub(crate) fn file_info(path: &Path, names: &Names) -> std::io::Result<FileInfo> {
     let lmd = std::fs::symlink_metadata(path)?;
     let (md, target) = if lmd.file_type().is_symlink() {
         let target = std::fs::read_link(path).ok().map(|t| display(&t));
@@ -424,6 +501,22 @@ pub fn chmod(state: &State, path: &str, mode: u32, user: Option<&str>) -> Outcom
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_checked_before_use() {
+        assert!(check_path("/srv/a.txt").is_ok());
+        let e = check_path("/tmp/a\0b").unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("NUL"), "{}", e.message);
+        let e = check_path(&format!("/tmp/{}", "n".repeat(NAME_MAX + 1))).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NameTooLong);
+        assert!(e.message.contains("256 bytes"), "{}", e.message);
+        assert!(check_path(&format!("/tmp/{}", "n".repeat(NAME_MAX))).is_ok());
+        let deep = "/abc".repeat(PATH_MAX / 4 + 1);
+        let e = check_path(&deep).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NameTooLong);
+        assert!(check_path("").is_err());
+    }
 
     #[test]
     fn permission_strings() {

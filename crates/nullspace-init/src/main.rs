@@ -16,9 +16,13 @@
 mod agent;
 mod exec;
 mod files;
+mod metrics;
 mod net;
+mod pattern;
 mod procs;
 mod pty;
+mod replace;
+mod search;
 mod users;
 mod watch;
 

@@ -15,7 +15,7 @@
 //! ([`Event`]). Requests are served concurrently; replies of different
 //! requests interleave. A request ends with exactly one *final* event
 //! ([`Event::is_final`]); streaming requests send non-final events before it
-//! (`started`, `stdout`/`stderr`, `entries`). [`Op::Ack`] and
+//! (`started`, `stdout`/`stderr`, `entries`, `paths`, `matches`). [`Op::Ack`] and
 //! [`Op::Cancel`] are answered by nothing but their effect on their target.
 //!
 //! | op | reply events (final last) |
@@ -38,6 +38,10 @@
 //! | `remove {path, recursive, user}` | `ok` |
 //! | `rename {from, to, user}` | `file {info}` (of `to`) |
 //! | `chmod {path, mode, user}` | `ok` |
+//! | `search_names {path, pattern, max_depth, max_results, timeout_ms, user}` | `paths {paths}`*, `search_end {truncated, visited}` |
+//! | `search_content {path, pattern, literal, max_matches, max_file_bytes, max_depth, timeout_ms, user}` | `matches {matches}`*, `search_end {truncated, visited}` |
+//! | `replace {files, pattern, replacement, literal, dry_run, user}` | `replaced {replacements, files_modified, files_skipped, binary_files_skipped}` |
+//! | `metrics {sample_ms}` | `metrics {cpu_percent, cpu_count, mem_used_bytes, mem_total_bytes, disk_used_bytes, disk_total_bytes, network_rx_bytes, network_tx_bytes}` |
 //! | `start {cmd, env, user, workdir}` | `spawned {pid}` (null without `cmd`) |
 //! | `probe {probe, timeout_ms}` | `probe {ready, detail}` |
 //! | `set_time {unix_ns}` | `time {previous_unix_ns}` |
@@ -52,7 +56,7 @@
 //! JSON with an `id` but no known `op` gets `error {code: unknown_op}`.
 //!
 //! # Flow control
-//! Streamed data (`stdout`, `stderr`, `entries`) is credit-based, as in SSH
+//! Streamed data (`stdout`, `stderr`, `entries`, `paths`, `matches`) is credit-based, as in SSH
 //! channels: the guest keeps at most [`STREAM_WINDOW`] bytes of a request's
 //! stream data unacknowledged and waits for the host's `ack {target,
 //! bytes}` before sending more. So one slow consumer never stalls the other
@@ -85,9 +89,22 @@
 //! # Limits
 //! [`MAX_LINE`] per line; [`MAX_CHUNK`] raw bytes per data field the host
 //! sends (file chunks, stdin) or asks for (`read_file` length);
-//! [`OUTPUT_CHUNK`] per output event; [`LIST_BATCH`] entries per `entries`
-//! event. The guest bounds its threads and processes (see
-//! `nullspace-init`'s agent) and answers `error {code: busy}` beyond them.
+//! [`OUTPUT_CHUNK`] per output event; [`LIST_BATCH`] entries per `entries`,
+//! `paths` or `matches` event. The guest bounds its threads and processes
+//! (see `nullspace-init`'s agent) and answers `error {code: busy}` beyond
+//! them.
+//!
+//! Searches (`search_names`, `search_content`) stop at the first of their
+//! result count, [`MAX_SEARCH_BYTES`] of result text, [`MAX_VISITED`]
+//! entries walked and their time limit, and say which in `search_end`'s
+//! `truncated`; they do not follow symlinks, and do not enter `/proc`,
+//! `/sys` or `/dev` unless the search starts there. `search_content` and
+//! `replace` skip binary files (a NUL byte) and read at most
+//! `max_file_bytes` ([`DEFAULT_MAX_FILE_BYTES`], at most
+//! [`MAX_FILE_BYTES`]) of a file; `replace` refuses a larger file before it
+//! changes any. A path with a NUL byte is `bad_request`; one longer than
+//! [`PATH_MAX`] bytes or with a name longer than [`NAME_MAX`] bytes is
+//! `name_too_long`.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -119,6 +136,36 @@ pub const MAX_DEPTH: u32 = 32;
 /// Default and largest ring buffer per stream of a background process.
 pub const DEFAULT_RING_BYTES: u64 = 1 << 20;
 pub const MAX_RING_BYTES: u64 = 8 << 20;
+/// Longest path (bytes) and file name the file ops accept (Linux's limits).
+pub const PATH_MAX: usize = 4095;
+pub const NAME_MAX: usize = 255;
+/// Longest `pattern` of a search or `replace`.
+pub const MAX_PATTERN: usize = 4096;
+/// Default and largest `max_results` of `search_names`.
+pub const DEFAULT_MAX_RESULTS: u32 = 10_000;
+pub const MAX_RESULTS: u32 = 100_000;
+/// Default and largest `max_matches` of `search_content`.
+pub const DEFAULT_MAX_MATCHES: u32 = 1_000;
+pub const MAX_MATCHES: u32 = 10_000;
+/// A match's `content` is its line cut to this many bytes.
+pub const MAX_MATCH_LINE: usize = 1024;
+/// Result text (paths, lines) one search sends at most.
+pub const MAX_SEARCH_BYTES: usize = 8 << 20;
+/// Directory entries one search walks at most.
+pub const MAX_VISITED: u64 = 1_000_000;
+/// Default and largest time limit of a search.
+pub const DEFAULT_SEARCH_TIMEOUT_MS: u64 = 30_000;
+pub const MAX_SEARCH_TIMEOUT_MS: u64 = 300_000;
+/// Default and largest size of a file `search_content` scans and `replace`
+/// rewrites.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 8 << 20;
+pub const MAX_FILE_BYTES: u64 = 32 << 20;
+/// Most files in one `replace`, and its longest `replacement`.
+pub const MAX_REPLACE_FILES: usize = 1_000;
+pub const MAX_REPLACEMENT: usize = 64 << 10;
+/// Longest and default CPU sample of `metrics`.
+pub const DEFAULT_METRICS_SAMPLE_MS: u64 = 200;
+pub const MAX_METRICS_SAMPLE_MS: u64 = 2_000;
 /// `reseed` accepts this many bytes at most (and at least [`MIN_RESEED`]).
 pub const MAX_RESEED: usize = 512;
 pub const MIN_RESEED: usize = 32;
@@ -294,6 +341,19 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<String>,
     },
+    /// Paths under `path` whose name matches a glob (see [`SearchNamesSpec`]).
+    SearchNames(SearchNamesSpec),
+    /// Lines of the files under `path` that match a pattern.
+    SearchContent(SearchContentSpec),
+    /// Replaces a pattern in a list of files, each rewritten atomically.
+    Replace(ReplaceSpec),
+    /// CPU, memory, disk and network figures of the guest.
+    Metrics {
+        /// How long the CPU is sampled ([`DEFAULT_METRICS_SAMPLE_MS`], at
+        /// most [`MAX_METRICS_SAMPLE_MS`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sample_ms: Option<u64>,
+    },
     /// Replaces the runtime defaults, then starts `cmd` as the supervised
     /// start command (what `info` reports).
     Start(StartSpec),
@@ -348,6 +408,10 @@ pub const OPS: &[&str] = &[
     "remove",
     "rename",
     "chmod",
+    "search_names",
+    "search_content",
+    "replace",
+    "metrics",
     "start",
     "probe",
     "set_time",
@@ -381,6 +445,10 @@ impl Op {
             Op::Remove { .. } => "remove",
             Op::Rename { .. } => "rename",
             Op::Chmod { .. } => "chmod",
+            Op::SearchNames(_) => "search_names",
+            Op::SearchContent(_) => "search_content",
+            Op::Replace(_) => "replace",
+            Op::Metrics { .. } => "metrics",
             Op::Start(_) => "start",
             Op::Probe { .. } => "probe",
             Op::SetTime { .. } => "set_time",
@@ -464,6 +532,78 @@ pub struct WriteFileSpec {
     /// Create missing parent directories (as `user`).
     #[serde(default, skip_serializing_if = "is_false")]
     pub parents: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// `search_names`: entries (files, directories, anything) under `path`,
+/// at most `max_depth` levels down (1: its children), whose name matches
+/// `pattern`, a glob (`*`, `?`, `[a-z]`, `{a,b}`). A pattern with a `/` is
+/// matched against the path relative to `path` instead, where `*` stays
+/// within one name and `**` spans directories. Answered with absolute
+/// paths, parents before children, names sorted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SearchNamesSpec {
+    pub path: String,
+    pub pattern: String,
+    /// Default and largest: [`MAX_DEPTH`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_depth: Option<u32>,
+    /// [`DEFAULT_MAX_RESULTS`], at most [`MAX_RESULTS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_results: Option<u32>,
+    /// [`DEFAULT_SEARCH_TIMEOUT_MS`], at most [`MAX_SEARCH_TIMEOUT_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// `search_content`: the lines of the regular files under `path` (or of
+/// the file `path`) that match `pattern`, a regular expression (Rust
+/// `regex` syntax); a pattern that is not a valid expression, or any
+/// pattern with `literal`, is matched as plain text. Files in walk order,
+/// lines in file order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SearchContentSpec {
+    pub path: String,
+    pub pattern: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub literal: bool,
+    /// [`DEFAULT_MAX_MATCHES`], at most [`MAX_MATCHES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_matches: Option<u32>,
+    /// Larger files are skipped ([`DEFAULT_MAX_FILE_BYTES`], at most
+    /// [`MAX_FILE_BYTES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_depth: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// `replace`: every match of `pattern` (as in [`SearchContentSpec`]) in
+/// each of `files` becomes `replacement` (`$1`, `${name}` expand to groups
+/// of an expression; taken literally for a literal pattern). Every file is
+/// checked first (it exists, is a regular file of at most
+/// [`DEFAULT_MAX_FILE_BYTES`], the user may read and write it), so a bad
+/// one fails the request before any file changes. A changed file is
+/// written to a temporary file beside it with its mode and owner, then
+/// renamed over it; a file with several hard links, or one whose owner the
+/// user cannot give the new file, is rewritten in place instead.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplaceSpec {
+    pub files: Vec<String>,
+    pub pattern: String,
+    pub replacement: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub literal: bool,
+    /// Count, change nothing.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dry_run: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
 }
@@ -561,6 +701,22 @@ pub enum Event {
     ListEnd {
         truncated: bool,
     },
+    /// Some of a `search_names` answer (absolute paths). Not final.
+    Paths {
+        paths: Vec<String>,
+    },
+    /// Some of a `search_content` answer. Not final.
+    Matches {
+        matches: Vec<ContentMatch>,
+    },
+    SearchEnd {
+        /// The limit that ended the search early, if one did.
+        truncated: Option<SearchLimit>,
+        /// Directory entries walked.
+        visited: u64,
+    },
+    Replaced(ReplaceResult),
+    Metrics(GuestMetrics),
     Data {
         #[serde(with = "b64")]
         data: Vec<u8>,
@@ -619,6 +775,8 @@ impl Event {
                 | Event::Entries { .. }
                 | Event::Watching { .. }
                 | Event::FileEvents { .. }
+                | Event::Paths { .. }
+                | Event::Matches { .. }
         )
     }
 
@@ -636,6 +794,11 @@ impl Event {
             Event::FileEvents { events, .. } => {
                 watch::BATCH_COST + events.iter().map(WatchEvent::stream_bytes).sum::<usize>()
             }
+            Event::Paths { paths } => paths.iter().map(|p| 16 + p.len()).sum(),
+            Event::Matches { matches } => matches
+                .iter()
+                .map(|m| 32 + m.file.len() + m.content.len())
+                .sum(),
             _ => 0,
         }
     }
@@ -662,6 +825,10 @@ pub enum ErrorCode {
     NotADirectory,
     IsADirectory,
     DirectoryNotEmpty,
+    /// A path over [`PATH_MAX`] bytes or a name over [`NAME_MAX`].
+    NameTooLong,
+    /// A file over the operation's size limit.
+    FileTooLarge,
     /// The agent's thread or process limit is reached; retry later.
     Busy,
     Cancelled,
@@ -685,6 +852,8 @@ impl ErrorCode {
             K::NotADirectory => ErrorCode::NotADirectory,
             K::IsADirectory => ErrorCode::IsADirectory,
             K::DirectoryNotEmpty => ErrorCode::DirectoryNotEmpty,
+            K::InvalidFilename => ErrorCode::NameTooLong,
+            K::FileTooLarge => ErrorCode::FileTooLarge,
             K::InvalidInput => ErrorCode::BadRequest,
             _ => ErrorCode::Io,
         }
@@ -785,6 +954,66 @@ pub struct FileInfo {
     pub modified_time: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symlink_target: Option<String>,
+}
+
+/// One matching line, in exactly the shape of the SDK's `SearchMatch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentMatch {
+    /// Absolute path of the file.
+    pub file: String,
+    /// 1-based line number.
+    pub line: u64,
+    /// The line without its end, lossy UTF-8, cut to [`MAX_MATCH_LINE`] bytes.
+    pub content: String,
+}
+
+/// Which bound ended a search early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SearchLimit {
+    /// `max_results` or `max_matches`.
+    Results,
+    /// [`MAX_SEARCH_BYTES`] of result text.
+    Bytes,
+    /// [`MAX_VISITED`] entries.
+    Entries,
+    /// The time limit.
+    Time,
+    /// A newer guest's limit.
+    #[serde(other)]
+    Other,
+}
+
+/// What a `replace` did, in exactly the shape of the SDK's `ReplaceResult`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplaceResult {
+    /// Matches replaced (or, for a dry run, that would be).
+    pub replacements: u64,
+    /// Files rewritten (or that would be).
+    pub files_modified: u64,
+    /// Files without a match.
+    pub files_skipped: u64,
+    /// Files with a NUL byte, left alone.
+    pub binary_files_skipped: u64,
+}
+
+/// The guest's figures for the SDK's `MachineMetrics` (the host adds the
+/// timestamp).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuestMetrics {
+    /// Busy share of all online CPUs over the sample, 0..=100.
+    pub cpu_percent: f64,
+    /// Online CPUs.
+    pub cpu_count: u32,
+    /// `MemTotal - MemAvailable`.
+    pub mem_used_bytes: u64,
+    pub mem_total_bytes: u64,
+    /// Of the root filesystem.
+    pub disk_used_bytes: u64,
+    pub disk_total_bytes: u64,
+    /// Bytes received and sent by all interfaces but loopback since boot.
+    pub network_rx_bytes: u64,
+    pub network_tx_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -989,6 +1218,33 @@ mod tests {
                 mode: 0o755,
                 user: None,
             },
+            Op::SearchNames(SearchNamesSpec {
+                path: "/srv".into(),
+                pattern: "*.py".into(),
+                max_depth: Some(3),
+                max_results: Some(10),
+                timeout_ms: Some(1000),
+                user: Some("app".into()),
+            }),
+            Op::SearchContent(SearchContentSpec {
+                path: "/srv".into(),
+                pattern: "fn (\\w+)".into(),
+                literal: true,
+                max_matches: Some(5),
+                max_file_bytes: Some(1 << 20),
+                ..Default::default()
+            }),
+            Op::Replace(ReplaceSpec {
+                files: vec!["/a".into(), "b".into()],
+                pattern: "x".into(),
+                replacement: "$1".into(),
+                literal: false,
+                dry_run: true,
+                user: None,
+            }),
+            Op::Metrics {
+                sample_ms: Some(100),
+            },
             Op::Start(StartSpec {
                 cmd: Some("httpd".into()),
                 env,
@@ -1118,6 +1374,79 @@ mod tests {
             entries: vec![info.clone(), info],
         });
         assert_eq!(v["entries"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn search_and_metrics_shapes() {
+        // Defaults fill what the host leaves out.
+        let r = parse_request(br#"{"id":1,"op":"search_names","path":"/","pattern":"*"}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::SearchNames(SearchNamesSpec {
+                path: "/".into(),
+                pattern: "*".into(),
+                ..Default::default()
+            })
+        );
+        let r = parse_request(br#"{"id":1,"op":"metrics"}"#).unwrap();
+        assert_eq!(r.op, Op::Metrics { sample_ms: None });
+        // A match and a replace result are exactly the SDK's keys.
+        let v = round_trip_reply(Event::Matches {
+            matches: vec![ContentMatch {
+                file: "/a".into(),
+                line: 3,
+                content: "x".into(),
+            }],
+        });
+        assert_eq!(
+            v,
+            json!({"id": 9, "type": "matches", "matches": [{"file": "/a", "line": 3, "content": "x"}]})
+        );
+        let v = serde_json::to_value(ReplaceResult {
+            replacements: 2,
+            files_modified: 1,
+            files_skipped: 1,
+            binary_files_skipped: 0,
+        })
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"replacements": 2, "files_modified": 1, "files_skipped": 1, "binary_files_skipped": 0})
+        );
+        let v = round_trip_reply(Event::SearchEnd {
+            truncated: Some(SearchLimit::Time),
+            visited: 4,
+        });
+        assert_eq!(v["truncated"], "time");
+        let r: Reply =
+            serde_json::from_str(r#"{"id":1,"type":"search_end","truncated":"quota","visited":0}"#)
+                .unwrap();
+        assert_eq!(
+            r.event,
+            Event::SearchEnd {
+                truncated: Some(SearchLimit::Other),
+                visited: 0
+            }
+        );
+        round_trip_reply(Event::Metrics(GuestMetrics {
+            cpu_percent: 12.5,
+            cpu_count: 2,
+            ..Default::default()
+        }));
+        round_trip_reply(Event::Paths {
+            paths: vec!["/a".into()],
+        });
+        assert!(!Event::Paths { paths: vec![] }.is_final());
+        assert!(!Event::Matches { matches: vec![] }.is_final());
+        assert_eq!(
+            Event::Paths {
+                paths: vec!["/ab".into()]
+            }
+            .stream_bytes(),
+            19
+        );
+        let v = round_trip_reply(Event::error(ErrorCode::NameTooLong, "m"));
+        assert_eq!(v["code"], "name_too_long");
     }
 
     #[test]

@@ -9,13 +9,16 @@
 //!   normalisation into a [`build::plan::BuildPlan`] (steps, probes,
 //!   context manifest, digests) and the status/phase/code vocabularies;
 //! - [`machine`]: the machine API's request and response bodies (both SDK
-//!   dialects), shared by the server and the CLI; [`terminal`]: the SDK's
-//!   terminal and directory-watch WebSocket frames and pty bodies.
+//!   dialects), shared by the server and the CLI; [`machine_files`]: the
+//!   bodies of its file operations beyond read and write, and metrics;
+//!   [`terminal`]: the SDK's terminal and directory-watch WebSocket frames
+//!   and pty bodies.
 
 pub mod agent;
 pub mod build;
 pub mod guest;
 pub mod machine;
+pub mod machine_files;
 pub mod refs;
 pub mod shell;
 pub mod snapshot;

@@ -1,8 +1,9 @@
 //! What the machine API asks of a machine's guest, over its agent
 //! connection (`nullspace_vm::agent`, the protocol of
 //! `nullspace_model::agent`): commands (foreground with streamed output,
-//! background with logs), processes, and files. The one place that knows
-//! the agent client's API.
+//! background with logs), processes, files (single-file operations,
+//! searches by name and content, replace in files) and the guest's
+//! metrics. The one place that knows the agent client's API.
 //!
 //! One multiplexed connection per machine: calls from any number of
 //! requests run at once on it. A connection that closed (the agent
@@ -14,12 +15,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nullspace_model::agent::{ErrorCode, FileInfo};
+use nullspace_model::agent::{
+    ContentMatch, ErrorCode, FileInfo, GuestMetrics, ReplaceResult, ReplaceSpec, SearchContentSpec,
+    SearchNamesSpec,
+};
+use nullspace_vm::VmError;
+use nullspace_vm::agent::{AgentClient, ExecRequest, Found, Stream, WriteOptions};
 use tokio_util::sync::CancellationToken;
 
 mod terminal;
-use nullspace_vm::VmError;
-use nullspace_vm::agent::{AgentClient, ExecRequest, Stream, WriteOptions};
 pub use terminal::WatchUpdate;
 
 /// Longest whole-file read answered in one response body.
@@ -34,6 +38,15 @@ pub enum GuestError {
     Unsupported(&'static str),
     #[error("{0}")]
     NotFound(String),
+    /// The user may not do this (the guest kernel's permission check).
+    #[error("{0}")]
+    Denied(String),
+    /// The request does not fit what is there, in the guest's words and
+    /// code: a file where a directory is expected or the reverse, a target
+    /// that exists, a directory not empty, a name over the limits, a file
+    /// too large, a malformed pattern.
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
     /// The agent connection or the VM is gone.
     #[error("the machine's guest agent is unreachable: {0}")]
     Gone(String),
@@ -43,6 +56,14 @@ pub enum GuestError {
     Timeout(Duration),
 }
 
+impl GuestError {
+    /// The machine, not the request, failed: the agent is unreachable or
+    /// does not answer.
+    pub fn is_machine_gone(&self) -> bool {
+        matches!(self, GuestError::Gone(_) | GuestError::Timeout(_))
+    }
+}
+
 fn classify(e: VmError, limit: Duration) -> GuestError {
     match e {
         VmError::Guest {
@@ -50,6 +71,23 @@ fn classify(e: VmError, limit: Duration) -> GuestError {
             message,
             ..
         } => GuestError::NotFound(message),
+        VmError::Guest {
+            code: ErrorCode::PermissionDenied,
+            message,
+            ..
+        } => GuestError::Denied(message),
+        VmError::Guest {
+            code:
+                code @ (ErrorCode::BadRequest
+                | ErrorCode::NotADirectory
+                | ErrorCode::IsADirectory
+                | ErrorCode::AlreadyExists
+                | ErrorCode::DirectoryNotEmpty
+                | ErrorCode::NameTooLong
+                | ErrorCode::FileTooLarge),
+            message,
+            ..
+        } => GuestError::Refused { code, message },
         VmError::Guest {
             code: ErrorCode::UnknownOp,
             op,
@@ -370,9 +408,21 @@ impl Guest {
         self.with(CALL, move |a| a.kill(pid, 9, true, CALL)).await
     }
 
+    /// Runs a file operation as `user` (the guest's errors name the path
+    /// and the user).
+    async fn file_call<T: Send + 'static>(
+        &self,
+        user: Option<&str>,
+        limit: Duration,
+        f: impl FnOnce(&AgentClient, Option<&str>) -> Result<T, VmError> + Send + 'static,
+    ) -> Result<T, GuestError> {
+        let user = user.map(str::to_string);
+        self.with(limit, move |a| f(a, user.as_deref())).await
+    }
+
     pub async fn stat(&self, path: &str, user: Option<&str>) -> Result<FileInfo, GuestError> {
-        let (path, user) = (path.to_string(), user.map(str::to_string));
-        self.with(CALL, move |a| a.stat(&path, user.as_deref(), CALL))
+        let path = path.to_string();
+        self.file_call(user, CALL, move |a, u| a.stat(&path, u, CALL))
             .await
     }
 
@@ -383,10 +433,10 @@ impl Guest {
         depth: u32,
         user: Option<&str>,
     ) -> Result<Vec<FileInfo>, GuestError> {
-        let (path, user) = (path.to_string(), user.map(str::to_string));
+        let path = path.to_string();
         let (entries, _truncated) = self
-            .with(CALL, move |a| {
-                a.list_dir(&path, depth, user.as_deref(), None, CALL)
+            .file_call(user, CALL, move |a, u| {
+                a.list_dir(&path, depth, u, None, CALL)
             })
             .await?;
         Ok(entries)
@@ -394,12 +444,12 @@ impl Guest {
 
     /// A whole file, at most [`READ_MAX`] bytes.
     pub async fn read(&self, path: &str, user: Option<&str>) -> Result<Vec<u8>, GuestError> {
-        let (p, user) = (path.to_string(), user.map(str::to_string));
+        let p = path.to_string();
         let limit = Duration::from_secs(300);
-        self.with(limit, move |a| {
+        self.file_call(user, limit, move |a, u| {
             let mut out = Vec::new();
             let mut w = Bounded(&mut out, READ_MAX as usize);
-            a.read_file_to(&p, user.as_deref(), &mut w, limit)?;
+            a.read_file_to(&p, u, &mut w, limit)?;
             Ok(out)
         })
         .await
@@ -420,17 +470,127 @@ impl Guest {
         data: Vec<u8>,
         user: Option<&str>,
     ) -> Result<u64, GuestError> {
-        let (path, user) = (path.to_string(), user.map(str::to_string));
+        let path = path.to_string();
         let limit = Duration::from_secs(300);
-        self.with(limit, move |a| {
+        self.file_call(user, limit, move |a, u| {
             let opts = WriteOptions {
                 parents: true,
-                user,
+                user: u.map(str::to_string),
                 ..Default::default()
             };
             a.write_file_from(&path, &mut &data[..], &opts, limit)
         })
         .await
+    }
+}
+
+/// The file operations beyond read and write: each as `user` (default:
+/// the template's user), through the guest's own checks and bounds.
+impl Guest {
+    /// Removes a file, a symlink or (with `recursive`, with its contents) a
+    /// directory.
+    pub async fn remove(
+        &self,
+        path: &str,
+        recursive: bool,
+        user: Option<&str>,
+    ) -> Result<(), GuestError> {
+        let path = path.to_string();
+        self.file_call(user, CALL, move |a, u| a.remove(&path, recursive, u, CALL))
+            .await
+    }
+
+    /// Renames `from` to `to`; the metadata at `to`.
+    pub async fn rename(
+        &self,
+        from: &str,
+        to: &str,
+        user: Option<&str>,
+    ) -> Result<FileInfo, GuestError> {
+        let (from, to) = (from.to_string(), to.to_string());
+        self.file_call(user, CALL, move |a, u| a.rename(&from, &to, u, CALL))
+            .await
+    }
+
+    /// `mkdir -p`; false when the directory already existed.
+    pub async fn make_dir(&self, path: &str, user: Option<&str>) -> Result<bool, GuestError> {
+        let path = path.to_string();
+        self.file_call(user, CALL, move |a, u| {
+            a.make_dir(&path, None, true, u, CALL)
+        })
+        .await
+    }
+
+    /// Sets the permission bits (`0..=0o7777`).
+    pub async fn chmod(&self, path: &str, mode: u32, user: Option<&str>) -> Result<(), GuestError> {
+        let path = path.to_string();
+        self.file_call(user, CALL, move |a, u| a.chmod(&path, mode, u, CALL))
+            .await
+    }
+
+    /// Paths under `path` whose name (or, with a `/` in the pattern, whose
+    /// path relative to `path`) matches the glob; the guest's default
+    /// bounds (`nullspace_model::agent`: result count, bytes, time).
+    pub async fn search_names(
+        &self,
+        path: &str,
+        pattern: &str,
+        user: Option<&str>,
+    ) -> Result<Found<String>, GuestError> {
+        let spec = SearchNamesSpec {
+            path: path.to_string(),
+            pattern: pattern.to_string(),
+            user: user.map(str::to_string),
+            ..Default::default()
+        };
+        self.file_call(user, CALL, move |a, _| a.search_names(&spec, CALL))
+            .await
+    }
+
+    /// Lines matching `pattern` (an expression, or text when it is not
+    /// one) in the text files under `path` or in the file `path`.
+    pub async fn search_content(
+        &self,
+        path: &str,
+        pattern: &str,
+        user: Option<&str>,
+    ) -> Result<Found<ContentMatch>, GuestError> {
+        let spec = SearchContentSpec {
+            path: path.to_string(),
+            pattern: pattern.to_string(),
+            user: user.map(str::to_string),
+            ..Default::default()
+        };
+        self.file_call(user, CALL, move |a, _| a.search_content(&spec, CALL))
+            .await
+    }
+
+    /// Replaces `pattern` in `files` (each rewritten atomically; all
+    /// checked before any changes); `dry_run` counts only.
+    pub async fn replace(
+        &self,
+        files: Vec<String>,
+        pattern: &str,
+        replacement: &str,
+        dry_run: bool,
+        user: Option<&str>,
+    ) -> Result<ReplaceResult, GuestError> {
+        let spec = ReplaceSpec {
+            files,
+            pattern: pattern.to_string(),
+            replacement: replacement.to_string(),
+            literal: false,
+            dry_run,
+            user: user.map(str::to_string),
+        };
+        self.file_call(user, CALL, move |a, _| a.replace(&spec, CALL))
+            .await
+    }
+
+    /// The guest's CPU (over a short sample), memory, disk and network
+    /// figures.
+    pub async fn metrics(&self) -> Result<GuestMetrics, GuestError> {
+        self.with(CALL, move |a| a.metrics(None, CALL)).await
     }
 }
 

@@ -197,6 +197,7 @@ fn template_routes() -> Vec<Route> {
 macro_rules! machine_routes {
     ($p:literal, $f:expr, $snap:ty) => {{
         use crate::machine_model as mm;
+        use nullspace_model::machine_files as mf;
         vec![
             Op::post(
                 $p,
@@ -319,6 +320,41 @@ macro_rules! machine_routes {
             .websocket()
             .to(machine_api::ws::<{ $f }>),
             // ---- files: remove, rename, mkdir, permissions, batch, search, find, replace; metrics ----
+            Op::post(concat!($p, "/{id}/files/remove"), "Remove a file or a directory with its contents")
+                .body::<mm::PathBody>()
+                .to(machine_api::files_remove::<{ $f }>),
+            Op::post(concat!($p, "/{id}/files/rename"), "Rename (move) a path")
+                .body::<mf::RenameBody>()
+                .reply::<mm::FileInfo>(200)
+                .to(machine_api::files_rename::<{ $f }>),
+            Op::post(concat!($p, "/{id}/files/mkdir"), "Make a directory and its parents")
+                .body::<mm::PathBody>()
+                .to(machine_api::files_mkdir::<{ $f }>),
+            Op::post(concat!($p, "/{id}/files/permissions"), "Set a path's permission bits (octal)")
+                .body::<mf::PermissionsBody>()
+                .to(machine_api::files_permissions::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/files/batch-write"),
+                "Write several files (multipart: a manifest part, then one part per file)",
+            )
+            .bytes()
+            .reply::<mf::BatchWriteResult>(200)
+            .to(machine_api::files_batch_write::<{ $f }>),
+            Op::post(concat!($p, "/{id}/files/search"), "Paths whose name matches a glob")
+                .body::<mf::PatternBody>()
+                .reply_list::<String>()
+                .to(machine_api::files_search::<{ $f }>),
+            Op::post(concat!($p, "/{id}/files/find"), "Lines of files that match a pattern")
+                .body::<mf::PatternBody>()
+                .reply_list::<mf::SearchMatch>()
+                .to(machine_api::files_find::<{ $f }>),
+            Op::post(concat!($p, "/{id}/files/replace"), "Replace a pattern in files")
+                .body::<mf::ReplaceBody>()
+                .reply::<mf::ReplaceResult>(200)
+                .to(machine_api::files_replace::<{ $f }>),
+            Op::get(concat!($p, "/{id}/metrics"), "CPU, memory, disk and network of the guest")
+                .reply_list::<mf::MachineMetrics>()
+                .to(machine_api::metrics::<{ $f }>),
 
 
             // ---- upload sessions and signed URLs ----
@@ -1088,7 +1124,8 @@ async fn blob_put(
 
 // ---- templates -------------------------------------------------------------
 
-fn mask(v: Value, fields: Option<&String>) -> Value {
+/// `fields=a,b`: only those keys of an object (templates and machines).
+pub(crate) fn mask(v: Value, fields: Option<&String>) -> Value {
     let Some(fields) = fields else { return v };
     let keep: Vec<&str> = fields
         .split(',')

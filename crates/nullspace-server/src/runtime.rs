@@ -521,9 +521,10 @@ impl Runtime {
     }
 
     /// The handle of machine `id`'s VM, whose QEMU is `pid`: its directory
-    /// and sockets are where every restore puts them.
+    /// (the `ns-sbx-*` one a restore makes in the machine's) and sockets.
     pub fn handle_of(&self, id: &str, pid: u32) -> SandboxHandle {
-        let dir = self.machine_dir(id);
+        let mdir = self.machine_dir(id);
+        let dir = machine::vm_dir(&mdir).unwrap_or(mdir);
         SandboxHandle {
             pid,
             agent_socket: dir.join("agent.sock"),

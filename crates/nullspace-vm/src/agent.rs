@@ -33,7 +33,9 @@
 //! that prints 2 GB against it.
 
 mod pty;
+mod search;
 mod watch;
+pub use search::Found;
 pub use watch::WatchEnd;
 
 use crate::VmError;

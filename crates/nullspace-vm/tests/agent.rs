@@ -603,6 +603,378 @@ fn files_as_a_non_root_user() {
     assert_eq!(a.stat("/tmp/files/abc", None, T).unwrap().owner, "root");
 }
 
+/// Writes `data` to a guest file as `user` (parents made).
+fn put(a: &nullspace_vm::AgentClient, path: &str, data: &[u8], user: &str) {
+    a.write_file_from(
+        path,
+        &mut &data[..],
+        &WriteOptions {
+            parents: true,
+            user: Some(user.into()),
+            ..Default::default()
+        },
+        T,
+    )
+    .unwrap();
+}
+
+fn guest_code<T: std::fmt::Debug>(r: Result<T, VmError>) -> ErrorCode {
+    match r {
+        Err(VmError::Guest { code, .. }) => code,
+        other => panic!("expected a guest error, got {other:?}"),
+    }
+}
+
+/// Search by name and by content, replace in files, as app and as root:
+/// what is found, the line numbers, the bytes and modes on disk, what app
+/// may not read or change, and the bounds.
+#[test]
+fn search_and_replace_as_a_user() {
+    let _s = serial();
+    let mut vm = boot("search", 1);
+    let a = vm.agent().clone();
+    let app = Some("app".to_string());
+    put(
+        &a,
+        "/tmp/s/a.py",
+        b"import os\nneedle = 1\nprint(needle)\n",
+        "app",
+    );
+    put(&a, "/tmp/s/sub/b.py", b"x\r\ny\r\nneedle here\r\n", "app");
+    put(&a, "/tmp/s/sub/deep/c.txt", b"no match\nNeedle\n", "app");
+    put(&a, "/tmp/s/bin.dat", b"needle\0binary", "app");
+    put(&a, "/tmp/s/notes.md", b"call foo(1)\nfoo\n", "app");
+    put(&a, "/tmp/s/secret.py", b"needle = 'root'\n", "root");
+    a.chmod("/tmp/s/secret.py", 0o600, Some("root"), T).unwrap();
+    put(&a, "/tmp/s/private/inner.py", b"needle\n", "root");
+    a.chmod("/tmp/s/private", 0o700, Some("root"), T).unwrap();
+    a.chmod("/tmp/s/a.py", 0o640, app.as_deref(), T).unwrap();
+
+    // By name: app sees names in what it may read, not inside private/.
+    let names = |pattern: &str, depth: Option<u32>, user: Option<String>| {
+        let f = a
+            .search_names(
+                &nullspace_model::agent::SearchNamesSpec {
+                    path: "/tmp/s".into(),
+                    pattern: pattern.into(),
+                    max_depth: depth,
+                    user,
+                    ..Default::default()
+                },
+                T,
+            )
+            .unwrap();
+        assert_eq!(f.truncated, None, "{pattern}");
+        let mut p = f.items;
+        p.sort();
+        p
+    };
+    assert_eq!(
+        names("*.py", None, app.clone()),
+        ["/tmp/s/a.py", "/tmp/s/secret.py", "/tmp/s/sub/b.py"]
+    );
+    assert_eq!(
+        names("*.py", None, Some("root".into())),
+        [
+            "/tmp/s/a.py",
+            "/tmp/s/private/inner.py",
+            "/tmp/s/secret.py",
+            "/tmp/s/sub/b.py"
+        ]
+    );
+    assert_eq!(
+        names("*.py", Some(1), app.clone()),
+        ["/tmp/s/a.py", "/tmp/s/secret.py"]
+    );
+    assert_eq!(
+        names("sub/**/*.txt", None, app.clone()),
+        ["/tmp/s/sub/deep/c.txt"]
+    );
+    assert_eq!(
+        names("su?", None, app.clone()),
+        ["/tmp/s/sub"],
+        "directories too"
+    );
+    let one = a
+        .search_names(
+            &nullspace_model::agent::SearchNamesSpec {
+                path: "/tmp/s".into(),
+                pattern: "*".into(),
+                max_results: Some(2),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(one.items.len(), 2);
+    assert_eq!(
+        one.truncated,
+        Some(nullspace_model::agent::SearchLimit::Results)
+    );
+    // From /: nothing under the pseudo filesystems.
+    let all = a
+        .search_names(
+            &nullspace_model::agent::SearchNamesSpec {
+                path: "/".into(),
+                pattern: "status".into(),
+                max_depth: Some(4),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert!(
+        all.items
+            .iter()
+            .all(|p| !p.starts_with("/proc") && !p.starts_with("/sys")),
+        "{:?}",
+        &all.items[..all.items.len().min(5)]
+    );
+    let timed = a
+        .search_names(
+            &nullspace_model::agent::SearchNamesSpec {
+                path: "/".into(),
+                pattern: "*".into(),
+                timeout_ms: Some(1),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        timed.truncated,
+        Some(nullspace_model::agent::SearchLimit::Time)
+    );
+
+    // By content: files, 1-based line numbers, the line without its end.
+    let grep = |path: &str, pattern: &str, user: Option<String>| {
+        a.search_content(
+            &nullspace_model::agent::SearchContentSpec {
+                path: path.into(),
+                pattern: pattern.into(),
+                user,
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    let mut hits: Vec<(String, u64, String)> = grep("/tmp/s", "needle", app.clone())
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|m| (m.file, m.line, m.content))
+        .collect();
+    hits.sort();
+    let want = |v: &[(&str, u64, &str)]| -> Vec<(String, u64, String)> {
+        v.iter()
+            .map(|(f, l, c)| (f.to_string(), *l, c.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        hits,
+        want(&[
+            ("/tmp/s/a.py", 2, "needle = 1"),
+            ("/tmp/s/a.py", 3, "print(needle)"),
+            ("/tmp/s/sub/b.py", 3, "needle here"),
+        ]),
+        "binary, unreadable and differently cased files left out"
+    );
+    let hits = grep("/tmp/s", r"^needle\s*=", app.clone()).unwrap().items;
+    assert_eq!(hits.len(), 1);
+    assert_eq!((hits[0].file.as_str(), hits[0].line), ("/tmp/s/a.py", 2));
+    let hits = grep("/tmp/s", "foo(", app.clone()).unwrap().items;
+    assert_eq!(hits.len(), 1, "not an expression: searched as text");
+    assert_eq!((hits[0].line, hits[0].content.as_str()), (1, "call foo(1)"));
+    let root_hits = grep("/tmp/s", "needle", Some("root".into())).unwrap().items;
+    assert_eq!(root_hits.len(), 5, "{root_hits:?}");
+    assert_eq!(
+        guest_code(grep("/tmp/s/secret.py", "needle", app.clone())),
+        ErrorCode::PermissionDenied,
+        "a file asked for by name that app may not read"
+    );
+    assert_eq!(
+        guest_code(grep("/tmp/s/missing", "needle", app.clone())),
+        ErrorCode::NotFound
+    );
+
+    // Replace: every file checked first, so one that app may not write
+    // fails the request with nothing changed.
+    let replace = |files: &[&str], pattern: &str, to: &str, dry: bool, user: Option<String>| {
+        a.replace(
+            &nullspace_model::agent::ReplaceSpec {
+                files: files.iter().map(|f| f.to_string()).collect(),
+                pattern: pattern.into(),
+                replacement: to.into(),
+                dry_run: dry,
+                user,
+                ..Default::default()
+            },
+            T,
+        )
+    };
+    let read = |p: &str| String::from_utf8(a.read_file(p, T).unwrap()).unwrap();
+    assert_eq!(
+        guest_code(replace(
+            &["/tmp/s/a.py", "/tmp/s/secret.py"],
+            "needle",
+            "x",
+            false,
+            app.clone()
+        )),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        read("/tmp/s/a.py"),
+        "import os\nneedle = 1\nprint(needle)\n"
+    );
+    let denied = replace(&["/tmp/s/secret.py"], "needle", "x", false, None).unwrap_err();
+    assert!(
+        denied.to_string().contains("/tmp/s/secret.py")
+            && denied.to_string().contains("as user app"),
+        "names the path and the (default) user: {denied}"
+    );
+    let dry = replace(&["/tmp/s/a.py"], "needle", "x", true, app.clone()).unwrap();
+    assert_eq!((dry.replacements, dry.files_modified), (2, 1));
+    assert!(
+        read("/tmp/s/a.py").contains("needle"),
+        "a dry run changes nothing"
+    );
+    let r = replace(
+        &[
+            "/tmp/s/a.py",
+            "sub/b.py",
+            "/tmp/s/sub/deep/c.txt",
+            "/tmp/s/bin.dat",
+        ],
+        "needle",
+        "thread",
+        false,
+        app.clone(),
+    );
+    // A relative path resolves against the workdir (/srv): not found there.
+    assert_eq!(guest_code(r), ErrorCode::NotFound);
+    let r = replace(
+        &[
+            "/tmp/s/a.py",
+            "/tmp/s/sub/b.py",
+            "/tmp/s/sub/deep/c.txt",
+            "/tmp/s/bin.dat",
+        ],
+        "needle",
+        "thread",
+        false,
+        app.clone(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            r.replacements,
+            r.files_modified,
+            r.files_skipped,
+            r.binary_files_skipped
+        ),
+        (3, 2, 1, 1)
+    );
+    assert_eq!(
+        read("/tmp/s/a.py"),
+        "import os\nthread = 1\nprint(thread)\n"
+    );
+    assert_eq!(read("/tmp/s/sub/b.py"), "x\r\ny\r\nthread here\r\n");
+    assert_eq!(
+        read("/tmp/s/bin.dat"),
+        "needle\0binary",
+        "binary left alone"
+    );
+    let info = a.stat("/tmp/s/a.py", None, T).unwrap();
+    assert_eq!(
+        (info.mode.as_str(), info.owner.as_str()),
+        ("0640", "app"),
+        "mode and owner kept"
+    );
+    // Groups expand; root keeps a root file's owner and mode.
+    let r = replace(
+        &["/tmp/s/secret.py"],
+        r"(\w+) = '(\w+)'",
+        "$2 = '$1'",
+        false,
+        Some("root".into()),
+    )
+    .unwrap();
+    assert_eq!(r.replacements, 1);
+    assert_eq!(read("/tmp/s/secret.py"), "root = 'needle'\n");
+    let info = a.stat("/tmp/s/secret.py", None, T).unwrap();
+    assert_eq!((info.mode.as_str(), info.owner.as_str()), ("0600", "root"));
+    let left = a.sh("ls -a /tmp/s | grep -c ns-replace", T).unwrap();
+    assert_eq!(left.stdout_str().trim(), "0", "no temporary files left");
+
+    // Hostile paths: a NUL byte, an overlong name.
+    assert_eq!(
+        guest_code(a.stat("/tmp/a\0b", None, T)),
+        ErrorCode::BadRequest
+    );
+    let long = format!("/tmp/{}", "n".repeat(300));
+    assert_eq!(guest_code(grep(&long, "x", None)), ErrorCode::NameTooLong);
+    assert_eq!(
+        guest_code(replace(&[long.as_str()], "x", "y", false, None)),
+        ErrorCode::NameTooLong
+    );
+}
+
+/// Metrics of a 2-vCPU guest: counts and sizes it has, and a CPU share
+/// that follows two busy loops.
+#[test]
+fn metrics_follow_the_guest() {
+    let _s = serial();
+    let mut vm = boot("metrics", 2);
+    let a = vm.agent().clone();
+    let m = a.metrics(None, T).unwrap();
+    eprintln!("[figures] idle guest: {m:?}");
+    assert_eq!(m.cpu_count, 2);
+    assert!((0.0..=100.0).contains(&m.cpu_percent), "{m:?}");
+    let mib = |b: u64| b >> 20;
+    assert!(
+        (400..=512).contains(&mib(m.mem_total_bytes)),
+        "512 MiB VM: {m:?}"
+    );
+    assert!(m.mem_used_bytes > 0 && m.mem_used_bytes < m.mem_total_bytes);
+    assert!(
+        (150..=260).contains(&mib(m.disk_total_bytes)),
+        "256 MB disk: {m:?}"
+    );
+    assert!(m.disk_used_bytes > 1 << 20 && m.disk_used_bytes < m.disk_total_bytes);
+    // 64 MiB more on disk shows in the used figure.
+    let fill = a
+        .exec(
+            &ExecRequest {
+                cmd: Some(
+                    "dd if=/dev/zero of=/fill bs=1048576 count=64 2>/dev/null && sync".into(),
+                ),
+                user: Some("root".into()),
+                ..Default::default()
+            },
+            T,
+        )
+        .unwrap();
+    assert!(fill.success(), "{fill:?}");
+    let filled = a.metrics(None, T).unwrap();
+    let grew = mib(filled.disk_used_bytes.saturating_sub(m.disk_used_bytes));
+    assert!((60..=70).contains(&grew), "disk used grew by {grew} MiB");
+    // Two busy loops on two vCPUs.
+    let mut pids = vec![];
+    for _ in 0..2 {
+        pids.push(
+            a.exec_background(&ExecRequest::shell("while :; do :; done"), None, T)
+                .unwrap(),
+        );
+    }
+    let busy = a.metrics(Some(Duration::from_millis(500)), T).unwrap();
+    eprintln!("[figures] busy guest: {busy:?}");
+    for pid in pids {
+        a.kill(pid, 9, true, T).unwrap();
+    }
+    assert!(busy.cpu_percent > 60.0, "{busy:?}");
+}
+
 /// Many threads, one connection: requests run at once in the guest.
 #[test]
 fn concurrent_requests_share_one_connection() {

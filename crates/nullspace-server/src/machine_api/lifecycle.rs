@@ -10,11 +10,9 @@ use axum::{Extension, Json};
 use nullspace_store::Caller;
 use serde_json::Value;
 
-use super::{
-    Speak, flavor, idempotency_key, json_object, json_status, project, snapshot_info, uint,
-};
+use super::{Speak, flavor, idempotency_key, json_object, json_status, snapshot_info, uint};
 use crate::error::{ApiError, ApiResult};
-use crate::http::JsonBody;
+use crate::http::{JsonBody, mask};
 use crate::machine_model::*;
 use crate::machines::{create as creating, end, pause, query, snapshots};
 use crate::state::Shared;
@@ -55,7 +53,7 @@ pub async fn list<const F: u8>(
         let items: Vec<Value> = page
             .items
             .into_iter()
-            .map(|m| project(serde_json::to_value(m).unwrap_or_default(), q.get("fields")))
+            .map(|m| mask(serde_json::to_value(m).unwrap_or_default(), q.get("fields")))
             .collect();
         // The page with projected items (only the asked-for keys).
         #[derive(serde::Serialize)]
@@ -83,7 +81,7 @@ pub async fn get<const F: u8>(
 ) -> ApiResult<Response> {
     let m = query::get(&s, &c, &id).await.speak(F)?;
     let v = serde_json::to_value(m).map_err(ApiError::internal)?;
-    Ok(Json(project(v, q.get("fields"))).into_response())
+    Ok(Json(mask(v, q.get("fields"))).into_response())
 }
 
 pub async fn destroy<const F: u8>(

@@ -9,13 +9,15 @@
 //! |---|---|
 //! | [`lifecycle`] | create, list, get, delete, timeout, pause, resume, fork, snapshot |
 //! | [`commands`] | exec, processes, their logs, kill |
-//! | [`files`] | the file routes |
+//! | [`files`] | the file routes: read, write, info, exists, list |
+//! | [`file_ops`] | the other file routes (remove … replace) and metrics |
 //! | [`snapshots`] | `/v1/snapshots` |
 //! | [`ws`] | the WebSocket and its exec channel |
 //! | [`pty`] | terminals (the pty routes and channel) and directory watches (`file_watch`) |
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
 pub mod commands;
+pub mod file_ops;
 pub mod files;
 pub mod lifecycle;
 pub mod not_offered;
@@ -24,6 +26,7 @@ pub mod snapshots;
 pub mod ws;
 
 pub use commands::*;
+pub use file_ops::*;
 pub use files::*;
 pub use lifecycle::*;
 pub use pty::{pty_get, pty_kill, pty_list, pty_resize};
@@ -121,6 +124,20 @@ fn guest(f: Flavor, id: &str, e: GuestError) -> ApiError {
     match e {
         GuestError::Unsupported(_) => not_implemented(e.to_string()),
         GuestError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "file_not_found", m),
+        GuestError::Denied(m) => ApiError::new(StatusCode::FORBIDDEN, "permission_denied", m),
+        GuestError::Refused { code, message } => {
+            use nullspace_model::agent::ErrorCode as C;
+            let (status, code) = match code {
+                C::NotADirectory => (StatusCode::BAD_REQUEST, "not_a_directory"),
+                C::IsADirectory => (StatusCode::BAD_REQUEST, "is_a_directory"),
+                C::AlreadyExists => (StatusCode::CONFLICT, "file_conflict"),
+                C::DirectoryNotEmpty => (StatusCode::CONFLICT, "directory_not_empty"),
+                C::NameTooLong => (StatusCode::BAD_REQUEST, "name_too_long"),
+                C::FileTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large"),
+                _ => (StatusCode::BAD_REQUEST, "invalid_request"),
+            };
+            ApiError::new(status, code, message)
+        }
         GuestError::Gone(m) => ApiError::new(
             StatusCode::BAD_GATEWAY,
             "exec_failed",
@@ -178,24 +195,6 @@ fn idempotency_key(h: &HeaderMap) -> ApiResult<Option<String>> {
 
 fn json_status<T: serde::Serialize>(status: StatusCode, v: T) -> Response {
     (status, Json(v)).into_response()
-}
-
-/// `fields=a,b`: only those keys of an object.
-fn project(v: Value, fields: Option<&String>) -> Value {
-    let Some(fields) = fields else { return v };
-    let keep: Vec<&str> = fields
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    match v {
-        Value::Object(m) => Value::Object(
-            m.into_iter()
-                .filter(|(k, _)| keep.contains(&k.as_str()))
-                .collect(),
-        ),
-        other => other,
-    }
 }
 
 fn uint<T: std::str::FromStr>(q: &HashMap<String, String>, k: &str) -> ApiResult<Option<T>> {

@@ -154,7 +154,8 @@ fn error_code(e: &GuestError) -> &'static str {
         GuestError::Unsupported(_) => "not_implemented",
         GuestError::Gone(_) => "machine_unavailable",
         GuestError::Timeout(_) => "timeout",
-        GuestError::Failed(_) => "pty_error",
+        GuestError::Denied(_) => "permission_denied",
+        GuestError::Refused { .. } | GuestError::Failed(_) => "pty_error",
     }
 }
 

@@ -29,6 +29,7 @@
 //! | [`query`] | get and list |
 //! | [`commands`] | the running machine a request needs; commands, processes |
 //! | [`files`] | file operations as a user |
+//! | [`file_ops`] | remove, rename, mkdir, permissions, batch write, search, find, replace; metrics |
 //! | [`snapshots`] | taking, listing, deleting and collecting snapshots |
 //! | [`pause`] | hibernate, resume, fork |
 //! | [`end`] | delete and every other ending; timeouts |
@@ -39,6 +40,7 @@ pub mod create;
 pub mod duties;
 pub mod end;
 pub mod error;
+pub mod file_ops;
 pub mod files;
 pub mod pause;
 pub mod query;
