@@ -128,6 +128,11 @@ impl Resp {
         true
     }
 
+    /// Stream bytes [`Resp::send_stream`] sends now without waiting.
+    pub fn stream_room(&self) -> usize {
+        STREAM_WINDOW.saturating_sub(*self.ctl.unacked.lock().unwrap())
+    }
+
     /// Sends stream data, first waiting until the request's unacknowledged
     /// stream bytes leave room in the window. False (nothing sent) when the
     /// host no longer wants it.
@@ -436,6 +441,20 @@ fn dispatch(state: &State, resp: &Resp, op: Op) -> Outcome {
     match op {
         Op::Ping => Ok(Event::Pong),
         Op::Info => Ok(Event::Info(info(state))),
+        // A terminal session's pid: its own table (`pty.rs`).
+        Op::Attach { pid, replay } if crate::pty::owns(pid) => {
+            crate::pty::attach(resp, pid, replay)
+        }
+        Op::Kill { pid, signal, group } if crate::pty::owns(pid) => {
+            crate::pty::kill(pid, signal, group)
+        }
+        Op::WriteStdin { pid, data, eof } if crate::pty::owns(pid) => {
+            crate::pty::write(pid, &data, eof)
+        }
+        Op::PtyStart(spec) => crate::pty::start(state, spec),
+        Op::PtyResize { pid, cols, rows } => crate::pty::resize(pid, cols, rows),
+        Op::PtyList => Ok(crate::pty::list()),
+        Op::Watch(spec) => crate::watch::watch(state, resp, spec),
         Op::Exec(spec) => crate::exec::exec(state, resp, spec),
         Op::Attach { pid, replay } => crate::exec::attach(state, resp, pid, replay),
         Op::Processes => Ok(crate::exec::processes(state)),

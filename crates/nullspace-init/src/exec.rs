@@ -34,7 +34,7 @@ const DRAIN_IDLE: Duration = Duration::from_millis(500);
 const HELPER_STACK: usize = 256 << 10;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Stream {
+pub(crate) enum Stream {
     Stdout = 0,
     Stderr = 1,
 }
@@ -73,14 +73,15 @@ struct ProcState {
     subs: Vec<Arc<Sub>>,
 }
 
-struct Ring {
-    buf: VecDeque<u8>,
+/// The newest `cap` bytes of an output stream (also a terminal session's).
+pub(crate) struct Ring {
+    pub(crate) buf: VecDeque<u8>,
     cap: usize,
-    dropped: u64,
+    pub(crate) dropped: u64,
 }
 
 impl Ring {
-    fn new(cap: usize) -> Ring {
+    pub(crate) fn new(cap: usize) -> Ring {
         Ring {
             buf: VecDeque::new(),
             cap,
@@ -88,7 +89,7 @@ impl Ring {
         }
     }
 
-    fn push(&mut self, data: &[u8]) {
+    pub(crate) fn push(&mut self, data: &[u8]) {
         if self.cap == 0 {
             return;
         }
@@ -102,7 +103,7 @@ impl Ring {
 }
 
 /// An attached reader's queue.
-struct Sub {
+pub(crate) struct Sub {
     q: Mutex<SubQ>,
     cv: Condvar,
 }
@@ -116,7 +117,30 @@ struct SubQ {
 }
 
 impl Sub {
-    fn push(&self, s: Stream, data: &[u8]) {
+    /// A queue of at most [`SUB_BACKLOG`] bytes, first holding `replay`
+    /// (a ring's contents, beyond the backlog).
+    pub(crate) fn new(replay: &[(Stream, Vec<u8>)]) -> Arc<Sub> {
+        let mut q = SubQ {
+            chunks: VecDeque::new(),
+            bytes: 0,
+            cap: SUB_BACKLOG,
+            dropped: 0,
+            done: false,
+        };
+        for (s, held) in replay {
+            q.cap += held.len();
+            q.bytes += held.len();
+            for c in held.chunks(OUTPUT_CHUNK) {
+                q.chunks.push_back((*s, c.to_vec()));
+            }
+        }
+        Arc::new(Sub {
+            q: Mutex::new(q),
+            cv: Condvar::new(),
+        })
+    }
+
+    pub(crate) fn push(&self, s: Stream, data: &[u8]) {
         let mut q = self.q.lock().unwrap();
         if q.bytes + data.len() > q.cap {
             q.dropped += data.len() as u64;
@@ -128,9 +152,43 @@ impl Sub {
         self.cv.notify_all();
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.q.lock().unwrap().done = true;
         self.cv.notify_all();
+    }
+
+    /// Sends the queue's chunks to the request until the source finishes
+    /// it: the bytes this reader missed, or `Err` when the host went away
+    /// (the caller then unsubscribes it).
+    pub(crate) fn forward(&self, resp: &Resp) -> Result<u64, Failure> {
+        loop {
+            let next = {
+                let mut q = self.q.lock().unwrap();
+                loop {
+                    if let Some((s, d)) = q.chunks.pop_front() {
+                        q.bytes -= d.len();
+                        break Some((s, d));
+                    }
+                    if q.done || !resp.live() {
+                        break None;
+                    }
+                    q = self
+                        .cv
+                        .wait_timeout(q, Duration::from_millis(100))
+                        .unwrap()
+                        .0;
+                }
+            };
+            match next {
+                Some((s, d)) => {
+                    if !resp.send_stream(s.event(d)) {
+                        return Err(Failure::new(ErrorCode::Cancelled, "detached"));
+                    }
+                }
+                None if !resp.live() => return Err(Failure::new(ErrorCode::Cancelled, "detached")),
+                None => return Ok(self.q.lock().unwrap().dropped),
+            }
+        }
     }
 }
 
@@ -541,29 +599,18 @@ pub fn output(state: &State, resp: &Resp, pid: u32) -> Outcome {
 /// `replay`) until the process exits and its pipes are drained.
 pub fn attach(state: &State, resp: &Resp, pid: u32, replay: bool) -> Outcome {
     let proc = find(state, pid)?;
-    let sub = Arc::new(Sub {
-        q: Mutex::new(SubQ {
-            chunks: VecDeque::new(),
-            bytes: 0,
-            cap: SUB_BACKLOG,
-            dropped: 0,
-            done: false,
-        }),
-        cv: Condvar::new(),
-    });
+    let sub;
     {
         let mut st = proc.st.lock().unwrap();
-        if replay {
-            let mut q = sub.q.lock().unwrap();
-            for s in [Stream::Stdout, Stream::Stderr] {
-                let held: Vec<u8> = st.rings[s as usize].buf.iter().copied().collect();
-                q.cap += held.len();
-                q.bytes += held.len();
-                for c in held.chunks(OUTPUT_CHUNK) {
-                    q.chunks.push_back((s, c.to_vec()));
-                }
-            }
-        }
+        let held: Vec<(Stream, Vec<u8>)> = if replay {
+            [Stream::Stdout, Stream::Stderr]
+                .into_iter()
+                .map(|s| (s, st.rings[s as usize].buf.iter().copied().collect()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        sub = Sub::new(&held);
         if st.output_done {
             sub.q.lock().unwrap().done = true;
         } else {
@@ -578,45 +625,14 @@ pub fn attach(state: &State, resp: &Resp, pid: u32, replay: bool) -> Outcome {
             .retain(|s| !Arc::ptr_eq(s, &sub));
     };
     resp.send(Event::Started { pid });
-    loop {
-        let next = {
-            let mut q = sub.q.lock().unwrap();
-            loop {
-                if let Some((s, d)) = q.chunks.pop_front() {
-                    q.bytes -= d.len();
-                    break Some((s, d));
-                }
-                if q.done || !resp.live() {
-                    break None;
-                }
-                q = sub
-                    .cv
-                    .wait_timeout(q, Duration::from_millis(100))
-                    .unwrap()
-                    .0;
-            }
-        };
-        match next {
-            Some((s, d)) => {
-                if !resp.send_stream(s.event(d)) {
-                    detach();
-                    return Err(Failure::new(ErrorCode::Cancelled, "detached"));
-                }
-            }
-            None if !resp.live() => {
-                detach();
-                return Err(Failure::new(ErrorCode::Cancelled, "detached"));
-            }
-            None => break,
-        }
-    }
+    let dropped = sub.forward(resp).inspect_err(|_| detach())?;
     let mut status = proc
         .st
         .lock()
         .unwrap()
         .exit
         .unwrap_or(Exit::Signal(9).status(false));
-    status.dropped = sub.q.lock().unwrap().dropped;
+    status.dropped = dropped;
     Ok(Event::Exit(status))
 }
 

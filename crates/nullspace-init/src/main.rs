@@ -20,9 +20,11 @@ mod metrics;
 mod net;
 mod pattern;
 mod procs;
+mod pty;
 mod replace;
 mod search;
 mod users;
+mod watch;
 
 use nullspace_model::guest::GuestConfig;
 use rustix::mount::MountFlags;

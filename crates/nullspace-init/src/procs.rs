@@ -188,6 +188,16 @@ pub fn build_env(
 }
 
 pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
+    spawn_with(state, spec, |_| {})
+}
+
+/// [`spawn`], with `extra` adjusting the command last (a terminal's stdio
+/// and `pre_exec`, which runs after the identity switch).
+pub fn spawn_with(
+    state: &State,
+    spec: Spec,
+    extra: impl FnOnce(&mut Command),
+) -> Result<Spawned, String> {
     let defaults = state.defaults.lock().unwrap().clone();
     let user = spec.user.or(defaults.user.as_deref());
     let ident = users::resolve(user)?;
@@ -234,6 +244,7 @@ pub fn spawn(state: &State, spec: Spec) -> Result<Spawned, String> {
             Ok(())
         });
     }
+    extra(&mut cmd);
     let (tx, rx) = channel();
     let mut reg = state.reg.lock().unwrap();
     let child = cmd.spawn().map_err(|e| {

@@ -46,6 +46,10 @@
 //! | `probe {probe, timeout_ms}` | `probe {ready, detail}` |
 //! | `set_time {unix_ns}` | `time {previous_unix_ns}` |
 //! | `reseed {data}` | `ok` |
+//! | `pty_start {argv\|cmd, env, cwd, user, cols, rows, ring_bytes}` | `pty {info}` |
+//! | `pty_resize {pid, cols, rows}` | `pty {info}` |
+//! | `pty_list` | `ptys {sessions}` |
+//! | `watch {path, recursive, user}` | `watching {path}`, `file_events {events, dropped}`*, `watch_end {reason}` |
 //! | `ack {target, bytes}`, `cancel {target}` | none |
 //!
 //! Any request may instead end with `error {code, message}`; a line that is
@@ -61,6 +65,19 @@
 //! process whose host stops reading blocks on its full pipe; a background
 //! process never blocks (its output goes to a bounded ring buffer per stream;
 //! an attached reader that falls behind loses chunks, counted in `dropped`).
+//! A `watch` charges each event against the window too; while the host has
+//! no credit the guest holds at most [`watch::WATCH_QUEUE`] bytes of events
+//! (repeats coalesced) and counts the rest in the next batch's `dropped`.
+//!
+//! # Terminals
+//! `pty_start` runs a process on a pseudo-terminal of its own (its session
+//! leader, the terminal its controlling one, the window size set, `TERM`
+//! [`pty::DEFAULT_TERM`] unless given) as the requested user with the
+//! runtime defaults, and answers at once. Like a background process, the
+//! session outlives the connection: its output goes to a ring buffer, read
+//! with `attach {pid, replay}` (as `stdout`); `write_stdin {pid}` types
+//! into it (`eof` sends the terminal's end-of-file character, ^D); `kill
+//! {pid}` signals it; `pty_list` lists the sessions, exited ones included.
 //!
 //! # Sessions
 //! A connection is a session. The host opens it with `hello`; the guest then
@@ -91,6 +108,11 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+pub mod pty;
+pub mod watch;
+pub use pty::{PtyInfo, PtySpec};
+pub use watch::{WatchEvent, WatchKind, WatchSpec};
 
 /// Version of this protocol; `hello` exchanges it and the host refuses a
 /// guest with another.
@@ -352,6 +374,17 @@ pub enum Op {
         #[serde(with = "b64")]
         data: Vec<u8>,
     },
+    /// Starts a terminal session ([`pty`]).
+    PtyStart(PtySpec),
+    /// Sets a session's window size (the process gets SIGWINCH).
+    PtyResize {
+        pid: u32,
+        cols: u16,
+        rows: u16,
+    },
+    PtyList,
+    /// Streams changes under a directory until cancelled ([`watch`]).
+    Watch(WatchSpec),
 }
 
 /// Every `op` name, for telling an unknown op from a malformed one.
@@ -383,6 +416,10 @@ pub const OPS: &[&str] = &[
     "probe",
     "set_time",
     "reseed",
+    "pty_start",
+    "pty_resize",
+    "pty_list",
+    "watch",
 ];
 
 impl Op {
@@ -416,6 +453,10 @@ impl Op {
             Op::Probe { .. } => "probe",
             Op::SetTime { .. } => "set_time",
             Op::Reseed { .. } => "reseed",
+            Op::PtyStart(_) => "pty_start",
+            Op::PtyResize { .. } => "pty_resize",
+            Op::PtyList => "pty_list",
+            Op::Watch(_) => "watch",
         }
     }
 
@@ -698,6 +739,29 @@ pub enum Event {
     Time {
         previous_unix_ns: u64,
     },
+    /// A terminal session (`pty_start`, `pty_resize`).
+    Pty {
+        info: PtyInfo,
+    },
+    Ptys {
+        sessions: Vec<PtyInfo>,
+    },
+    /// The watch is set up: later changes are reported. Not final.
+    Watching {
+        path: String,
+    },
+    /// Changes, oldest first; `dropped`: changes lost before these (the
+    /// host had no credit and the guest's queue was full, or the kernel's
+    /// queue overflowed). Not final.
+    FileEvents {
+        events: Vec<WatchEvent>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dropped: u64,
+    },
+    /// The watched directory is gone (removed, moved, unmounted). Final.
+    WatchEnd {
+        reason: String,
+    },
 }
 
 impl Event {
@@ -709,6 +773,8 @@ impl Event {
                 | Event::Stdout { .. }
                 | Event::Stderr { .. }
                 | Event::Entries { .. }
+                | Event::Watching { .. }
+                | Event::FileEvents { .. }
                 | Event::Paths { .. }
                 | Event::Matches { .. }
         )
@@ -723,6 +789,11 @@ impl Event {
                 .iter()
                 .map(|e| 64 + e.path.len() + e.name.len())
                 .sum(),
+            // A batch is charged a fixed size too, so one that only counts
+            // dropped events is flow-controlled like the rest.
+            Event::FileEvents { events, .. } => {
+                watch::BATCH_COST + events.iter().map(WatchEvent::stream_bytes).sum::<usize>()
+            }
             Event::Paths { paths } => paths.iter().map(|p| 16 + p.len()).sum(),
             Event::Matches { matches } => matches
                 .iter()
@@ -1190,6 +1261,24 @@ mod tests {
             },
             Op::SetTime { unix_ns: u64::MAX },
             Op::Reseed { data: vec![7; 64] },
+            Op::PtyStart(PtySpec {
+                cmd: Some("top".into()),
+                cols: 80,
+                rows: 24,
+                ring_bytes: Some(4096),
+                ..Default::default()
+            }),
+            Op::PtyResize {
+                pid: 3,
+                cols: 100,
+                rows: 40,
+            },
+            Op::PtyList,
+            Op::Watch(WatchSpec {
+                path: "/srv".into(),
+                recursive: true,
+                user: Some("app".into()),
+            }),
         ];
         let names: std::collections::BTreeSet<&str> = ops.iter().map(Op::name).collect();
         assert_eq!(names.len(), OPS.len(), "every op covered");
@@ -1388,6 +1477,75 @@ mod tests {
         assert!(e.reply().is_none());
         let e = parse_request(br#"{"op":"ping"}"#).unwrap_err();
         assert!(matches!(e, RequestError::NoId(_)));
+    }
+
+    #[test]
+    fn pty_and_watch_wire_shapes() {
+        let r = parse_request(br#"{"id":1,"op":"pty_start"}"#).unwrap();
+        assert_eq!(r.op, Op::PtyStart(PtySpec::default()));
+        let Op::PtyStart(spec) = r.op else {
+            unreachable!()
+        };
+        assert_eq!((spec.cols, spec.rows), (120, 30));
+        assert!(pty::check_size(80, 24).is_ok());
+        assert!(pty::check_size(0, 24).unwrap_err().contains("cols"));
+        assert!(pty::check_size(80, 5000).unwrap_err().contains("rows"));
+        let info = PtyInfo {
+            session: "pty_00ff".into(),
+            pid: 42,
+            cols: 80,
+            rows: 24,
+            command: "/bin/sh -i".into(),
+            running: true,
+            started_unix_ms: 1,
+            exit: None,
+        };
+        let v = round_trip_reply(Event::Pty { info: info.clone() });
+        assert_eq!(v["type"], "pty");
+        assert_eq!(v["info"]["session"], "pty_00ff");
+        round_trip_reply(Event::Ptys {
+            sessions: vec![info],
+        });
+        let r = parse_request(br#"{"id":1,"op":"watch","path":"/srv"}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Watch(WatchSpec {
+                path: "/srv".into(),
+                recursive: false,
+                user: None
+            })
+        );
+        let ev = Event::FileEvents {
+            events: vec![WatchEvent {
+                kind: WatchKind::Create,
+                name: "a/b".into(),
+                path: "/srv/a/b".into(),
+            }],
+            dropped: 0,
+        };
+        let v = round_trip_reply(ev.clone());
+        assert_eq!(
+            v,
+            json!({"id": 9, "type": "file_events", "events": [{"kind": "create", "name": "a/b", "path": "/srv/a/b"}]})
+        );
+        assert!(!ev.is_final());
+        assert_eq!(ev.stream_bytes(), watch::BATCH_COST + 32 + 3 + 8);
+        assert!(!Event::Watching { path: "/".into() }.is_final());
+        assert!(
+            Event::WatchEnd {
+                reason: "gone".into()
+            }
+            .is_final()
+        );
+        for k in [
+            WatchKind::Create,
+            WatchKind::Write,
+            WatchKind::Remove,
+            WatchKind::Rename,
+            WatchKind::Chmod,
+        ] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
     }
 
     #[test]

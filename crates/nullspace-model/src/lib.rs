@@ -11,7 +11,9 @@
 //! - [`machine`]: the machine API's request and response bodies (both SDK
 //!   dialects), shared by the server and the CLI; [`machine_files`]: the
 //!   bodies of its file operations beyond read and write, and metrics;
-//!   [`upload`]: its upload sessions and signed transfer URLs.
+//!   [`upload`]: its upload sessions and signed transfer URLs;
+//!   [`terminal`]: the SDK's terminal and directory-watch WebSocket frames
+//!   and pty bodies.
 
 pub mod agent;
 pub mod build;
@@ -21,4 +23,5 @@ pub mod machine_files;
 pub mod refs;
 pub mod shell;
 pub mod snapshot;
+pub mod terminal;
 pub mod upload;

@@ -21,6 +21,10 @@ use nullspace_model::agent::{
 };
 use nullspace_vm::VmError;
 use nullspace_vm::agent::{AgentClient, ExecRequest, Found, Stream, WriteOptions};
+use tokio_util::sync::CancellationToken;
+
+mod terminal;
+pub use terminal::WatchUpdate;
 
 use crate::uploads::GuestFiles;
 use crate::uploads::publish::EntryKind;
@@ -195,6 +199,9 @@ pub struct Guest {
     conn: Arc<Mutex<Option<AgentClient>>>,
     /// Read-held by every call; write-held while the VM is snapshotted.
     gate: Arc<std::sync::RwLock<()>>,
+    /// Cancelled by [`Guest::quiesce`]: streams that may last for good
+    /// (terminals, watches) hold no gate and end instead.
+    streams: Arc<Mutex<CancellationToken>>,
 }
 
 /// Held while a machine is quiesced (see [`Guest::quiesce`]).
@@ -211,6 +218,7 @@ impl Guest {
             socket,
             conn: Arc::new(Mutex::new(agent)),
             gate: Default::default(),
+            streams: Default::default(),
         }
     }
 
@@ -219,6 +227,7 @@ impl Guest {
     /// calls are still running after `limit` (blocking; not on a runtime thread).
     pub fn quiesce(&self, limit: Duration) -> Option<Quiesced<'_>> {
         let t = std::time::Instant::now();
+        std::mem::take(&mut *self.streams.lock().unwrap_or_else(|p| p.into_inner())).cancel();
         loop {
             if let Ok(g) = self.gate.try_write() {
                 self.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -265,6 +274,37 @@ impl Guest {
         })
         .await
         .map_err(|e| GuestError::Failed(format!("guest call: {e}")))?
+    }
+
+    /// Runs a stream that may last for good with the connection, on a
+    /// blocking thread, without holding the gate: `f` watches `stop`, which
+    /// a quiesce cancels too.
+    async fn with_streaming<T: Send + 'static>(
+        &self,
+        stop: CancellationToken,
+        f: impl FnOnce(&AgentClient, CancellationToken) -> Result<T, VmError> + Send + 'static,
+    ) -> Result<T, GuestError> {
+        let quiesce = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let linked = stop.clone();
+        let link = tokio::spawn(async move {
+            tokio::select! {
+                _ = quiesce.cancelled() => linked.cancel(),
+                _ = linked.cancelled() => {}
+            }
+        });
+        let g = self.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let c = g.client()?;
+            f(&c, stop).map_err(|e| classify(e, Duration::ZERO))
+        })
+        .await
+        .map_err(|e| GuestError::Failed(format!("guest call: {e}")));
+        link.abort();
+        r?
     }
 
     /// The agent answers.

@@ -420,6 +420,21 @@ macro_rules! machine_routes {
 
 
             // ---- terminals and directory watch ----
+            Op::get(concat!($p, "/{id}/pty"), "Running terminal sessions")
+                .reply_list::<nullspace_model::terminal::PtySessionInfo>()
+                .to(machine_api::pty_list::<{ $f }>),
+            Op::get(concat!($p, "/{id}/pty/{sid}"), "A terminal session")
+                .reply::<nullspace_model::terminal::PtySessionInfo>(200)
+                .to(machine_api::pty_get::<{ $f }>),
+            Op::delete(concat!($p, "/{id}/pty/{sid}"), "End a terminal session")
+                .to(machine_api::pty_kill::<{ $f }>),
+            Op::post(
+                concat!($p, "/{id}/pty/{sid}/resize"),
+                "Set a terminal session's window size",
+            )
+            .body::<nullspace_model::terminal::ResizeBody>()
+            .reply::<nullspace_model::terminal::PtySessionInfo>(200)
+            .to(machine_api::pty_resize::<{ $f }>),
 
 
             // ---- lifecycle events, git, stdin ----
@@ -629,8 +644,8 @@ const SIGNED_TOKEN: &[QueryParam] = &[QueryParam {
 }];
 const WS_CHANNEL: &[QueryParam] = &[QueryParam {
     name: "channel",
-    description: "`exec`",
-    kind: QueryKind::OneOf(&["exec"]),
+    description: "`exec`, `pty`; none: `file_watch` frames",
+    kind: QueryKind::OneOf(&["exec", "pty"]),
 }];
 const SNAPSHOT_LIST: &[QueryParam] = &[
     QueryParam {

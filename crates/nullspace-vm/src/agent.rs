@@ -32,8 +32,11 @@
 //! defaults); `tests/agent.rs` checks the host's peak RSS during an exec
 //! that prints 2 GB against it.
 
+mod pty;
 mod search;
+mod watch;
 pub use search::Found;
+pub use watch::WatchEnd;
 
 use crate::VmError;
 use nullspace_model::agent::{

@@ -29,7 +29,7 @@ pub mod snapshot;
 pub mod template;
 
 pub use agent::{
-    AgentClient, ExecOutput, ExecRequest, Limits, ProcessOutput, Stream, WriteOptions,
+    AgentClient, ExecOutput, ExecRequest, Limits, ProcessOutput, Stream, WatchEnd, WriteOptions,
 };
 pub use error::VmError;
 pub use kernel::GuestKernel;

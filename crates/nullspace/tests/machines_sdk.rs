@@ -194,6 +194,78 @@ fn kill_pid(pid: u32) {
         .status();
 }
 
+const TERMINAL: &str = r#"
+import threading, time
+from nullspace import Machine
+
+def until(buf, needle, t=60):
+    end = time.time() + t
+    while needle.encode() not in b"".join(buf):
+        assert time.time() < end, (needle, b"".join(buf)[-400:])
+        time.sleep(0.1)
+
+m = Machine.create(template="web")
+s = m.pty.create_session(cols=80, rows=24)
+sid = s.session_id
+assert sid.startswith("pty_") and s.pid > 0, (sid, s.pid)
+out = []
+threading.Thread(target=lambda: [out.append(c) for c in s], daemon=True).start()
+s.send_input("stty size; echo hi-$((6*7))\n")
+until(out, "hi-42")
+until(out, "24 80")
+s.resize(100, 40)
+s.send_input(b"stty size\n")
+until(out, "40 100")
+assert [i.session_id for i in m.pty.list_sessions()] == [sid]
+assert m.pty.get_session_info(sid).rows == 40
+m.pty.resize_session(sid, 90, 30)
+assert (m.pty.get_session_info(sid).cols, m.pty.get_session_info(sid).rows) == (90, 30)
+# The socket closes; the session goes on and is reattached by id.
+s.disconnect()
+s2 = m.pty.connect(session_id=sid)
+again = []
+s2.send_input("echo again-$((1+2)); exit 7\n")
+r = s2.wait(on_data=again.append, timeout=60)
+assert r.exit_code == 7, r
+assert b"again-3" in b"".join(again) and b"hi-42" in b"".join(again)
+s3 = m.pty.create_session()
+m.pty.kill_session(s3.session_id)
+r = s3.wait(timeout=60)
+assert r.exit_code in (129, 137), r
+assert m.pty.list_sessions() == []
+print("PTY OK")
+
+m.commands.run("mkdir -p /tmp/wd", shell=True)
+events = []
+h = m.files.watch_dir("/tmp/wd", events.append, recursive=True)
+m.commands.run("echo x > /tmp/wd/a && mkdir /tmp/wd/s && sleep 1 && echo y > /tmp/wd/s/b && rm /tmp/wd/a", shell=True)
+end = time.time() + 60
+want = {("create", "a"), ("write", "a"), ("create", "s"), ("create", "s/b"), ("write", "s/b"), ("remove", "a")}
+while not want <= {(e.type, e.name) for e in events}:
+    assert time.time() < end, [(e.type, e.name) for e in events]
+    time.sleep(0.1)
+assert all(e.path == "/tmp/wd/" + e.name for e in events), events
+h.stop()
+m.kill()
+print("WATCH OK")
+"#;
+
+/// SDK 1.0.3's `machine.pty` and `files.watch_dir`, unpatched: a terminal
+/// that echoes, resizes (`stty size`), is listed, resized and reattached
+/// by the routes and passes its exit code on; a kill ends it; a recursive
+/// watch reports create, write and remove.
+#[test]
+fn terminals_and_watch_through_sdk_1_0_3() {
+    let _s = serial();
+    let s = setup(&[]);
+    let (ok, out, err) = script(&s, TERMINAL, &[]);
+    assert!(
+        ok && out.contains("PTY OK") && out.contains("WATCH OK"),
+        "{out}\n{err}\nserver log:\n{}",
+        s.server.log_text()
+    );
+}
+
 /// A server that stops (SIGTERM, then a crash) leaves its machines running;
 /// started again, it takes them over, and a machine whose VM died while it
 /// was down is reported as `error`; a machine directory without a record

@@ -17,6 +17,7 @@
 //! | [`git`] | the `…/git/*` routes |
 //! | [`stdin`] | `…/processes/{pid}/stdin` |
 //! | [`ws`] | the WebSocket and its exec channel |
+//! | [`pty`] | terminals (the pty routes and channel) and directory watches (`file_watch`) |
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
 pub mod commands;
@@ -26,6 +27,7 @@ pub mod files;
 pub mod git;
 pub mod lifecycle;
 pub mod not_offered;
+pub mod pty;
 pub mod snapshots;
 pub mod stdin;
 pub mod uploads;
@@ -37,6 +39,7 @@ pub use file_ops::*;
 pub use files::*;
 pub use git::*;
 pub use lifecycle::*;
+pub use pty::{pty_get, pty_kill, pty_list, pty_resize};
 pub use snapshots::*;
 pub use stdin::*;
 pub use uploads::*;

@@ -1,5 +1,6 @@
 //! The machine's WebSocket (`GET …/ws`). Channels: `exec` (streamed
-//! commands); the others answer `not_implemented` before the upgrade.
+//! commands), `pty` and none (`file_watch`) in [`super::pty`]; the others
+//! answer `not_implemented` before the upgrade.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,19 +46,27 @@ pub async fn ws<const F: u8>(
             format!("this endpoint is a WebSocket: {e}"),
         )
     })?;
-    match q.get("channel").map(String::as_str) {
-        Some("exec") => {}
-        other => {
-            return Err(not_implemented(format!(
-                "channel {other:?}: this server serves the exec channel only (channel=exec)"
-            )));
-        }
+    let channel = q.get("channel").map(String::as_str);
+    if !matches!(channel, Some("exec" | "pty") | None) {
+        return Err(not_implemented(format!(
+            "channel {channel:?}: this server serves channel=exec, channel=pty and file_watch without a channel"
+        )));
     }
     // Errors before the upgrade are ordinary HTTP answers.
     let (m, live) = commands::running(&s, &c, &id).await.speak(F)?;
-    Ok(upgrade
-        .max_message_size(1 << 20)
-        .on_upgrade(move |socket| exec_channel(socket, f, id, m, live)))
+    let upgrade = upgrade.max_message_size(1 << 20);
+    match channel {
+        Some("pty") => {
+            let g = live.guest.clone();
+            return Ok(upgrade.on_upgrade(move |socket| super::pty::pty_channel(socket, g)));
+        }
+        None => {
+            let g = live.guest.clone();
+            return Ok(upgrade.on_upgrade(move |socket| super::pty::watch_channel(socket, g, None)));
+        }
+        _ => {}
+    }
+    Ok(upgrade.on_upgrade(move |socket| exec_channel(socket, f, id, m, live)))
 }
 
 /// Turns byte chunks into text without splitting a UTF-8 character.
