@@ -1,7 +1,7 @@
 # Large uploads, directory uploads and signed URLs through the published
 # SDK 1.0.3, unchanged (run by tests/machines_uploads.rs). Each check prints
 # "OK <name>" or "FAIL <name>: <why>".
-import base64, hashlib, hmac, json, os, random, sys, tempfile, time, traceback
+import shutil, base64, hashlib, hmac, json, os, random, sys, tempfile, time, traceback
 
 import httpx
 from nullspace import Machine
@@ -231,4 +231,6 @@ def _():
 
 
 m.kill()
+# The 200 MiB source and the directory tree are the test's own: gone too.
+shutil.rmtree(tmp, ignore_errors=True)
 print("DONE" if not failed else f"FAILED {failed}", flush=True)
