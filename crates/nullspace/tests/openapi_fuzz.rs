@@ -97,16 +97,19 @@ fn openapi_document_lists_every_route() {
             if path.starts_with("/v1/") {
                 assert_eq!(code, 401, "{method} {path} without a key: {body}");
                 assert_eq!(op["security"][0]["bearer"], serde_json::json!([]));
+            } else if path.starts_with("/signed/") {
+                // Signed transfer URLs need no key, but a valid token.
+                assert_eq!(code, 403, "{method} {path} without a token: {body}");
             } else {
                 assert_eq!(code, 200, "{method} {path}");
             }
             ops += 1;
         }
     }
-    // 27 template operations, 21 machine operations under each of
-    // `/v1/machines` and `/v1/sandboxes`, 3 snapshot operations,
-    // `/openapi.json` and `/healthz`.
-    assert_eq!(ops, 29 + 2 * 21 + 3, "operations documented");
+    // 27 template operations, 54 machine operations under each of
+    // `/v1/machines` and `/v1/sandboxes`, 3 snapshot operations, the 4
+    // signed transfer routes, `/openapi.json` and `/healthz`.
+    assert_eq!(ops, 29 + 2 * 54 + 3 + 4, "operations documented");
     for p in [
         "/v1/templates/builds",
         "/v1/templates/build",
