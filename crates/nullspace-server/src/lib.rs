@@ -114,7 +114,7 @@ pub async fn open(config: Config) -> Result<Shared, OpenError> {
     let mut engine_config =
         nullspace_build::engine::EngineConfig::new(config.data_dir.join("engines"));
     engine_config.buildkit_addr = config.buildkit_addr.clone();
-    engine_config.pid_dir = Some(nullspace_build::procs::PidDir::new(
+    engine_config.pid_dir = Some(nullspace_vm::process::PidDir::new(
         state.run_root().join(&state.owner),
     ));
     let engine_list: Vec<Arc<dyn nullspace_build::engine::DockerfileEngine>> =
@@ -162,20 +162,11 @@ async fn start_vmm(config: &Config) -> Result<nullspace_vm::QemuVmm, nullspace_v
     let init =
         nullspace_vm::init_binary::discover(config.init_bin.as_deref(), Some(&config.data_dir))?;
     let cache = config.data_dir.join("vm-cache");
-    // Build VMs keep their sockets, owner record and QEMU pidfile here.
+    // Build VMs keep their directories (sockets, lock, QEMU's record) here;
+    // what dead servers left is reaped with the rest of `run/`
+    // (`builds::queue::reap_dead_owners`, at serve and periodically).
     let run = config.data_dir.join("run");
     tokio::task::spawn_blocking(move || {
-        // QEMUs that a server which died left behind (a live server's VMs
-        // on the same data directory are left alone).
-        match nullspace_vm::reap_stale(&run) {
-            Ok(k) if !k.is_empty() => {
-                tracing::warn!(pids = ?k, "ended QEMU processes a previous run left")
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "checking for QEMU processes a previous run left")
-            }
-        }
         let kernel = nullspace_vm::GuestKernel::find()?;
         match nullspace_vm::QemuVmm::with_run_dir(kernel.clone(), &init, &cache, &run) {
             Err(nullspace_vm::VmError::VmCreate { message, .. })
@@ -234,7 +225,8 @@ pub async fn serve_until(
     // This server's run directory, locked for its life; then whatever
     // servers that died on this data directory left running is ended, and
     // their builds are recovered at once (their owner is known dead).
-    let lock = nullspace_build::procs::OwnerLock::acquire(&state.run_root(), &state.owner)?;
+    let lock = nullspace_vm::process::OwnerLock::acquire(&state.run_root(), &state.owner)
+        .map_err(std::io::Error::other)?;
     // Pooled VMs are recorded in this server's run directory while pooled.
     state.machines.start_pool(lock.pids.clone());
     *state.run_lock.lock().expect("run lock") = Some(lock);
@@ -296,7 +288,7 @@ async fn end_children(keep: Vec<u32>) {
         let me = std::process::id();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            let children: Vec<u32> = nullspace_build::procs::tree(me)
+            let children: Vec<u32> = nullspace_vm::process::tree(me)
                 .into_iter()
                 .filter(|p| *p != me && !keep.contains(p))
                 .collect();
@@ -305,7 +297,7 @@ async fn end_children(keep: Vec<u32>) {
             }
             for c in children {
                 tracing::warn!(pid = c, "ending a child process left at shutdown");
-                nullspace_build::procs::kill_tree(c);
+                nullspace_vm::process::kill_tree(c);
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

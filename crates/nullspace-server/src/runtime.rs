@@ -201,7 +201,7 @@ impl Runtime {
     /// entry's QEMU is recorded in `pids` (this server's run directory)
     /// while it is pooled, so that a server that finds this one dead ends
     /// it; the next start of this node sweeps its directory.
-    pub fn start_pool(&self, pids: nullspace_build::procs::PidDir) {
+    pub fn start_pool(&self, pids: nullspace_vm::process::PidDir) {
         if self.limits.pool_size == 0 {
             return;
         }

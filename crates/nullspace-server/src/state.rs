@@ -191,7 +191,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The lock on `run/<owner>/` (held while serving) and the pidfiles of
     /// this server's child processes.
-    pub run_lock: Mutex<Option<nullspace_build::procs::OwnerLock>>,
+    pub run_lock: Mutex<Option<nullspace_vm::process::OwnerLock>>,
     /// Upload sessions, spooled in `DATA_DIR/uploads`.
     pub uploads: Arc<crate::uploads::Uploads>,
     /// The key of signed transfer URLs (`DATA_DIR/signing.key`).
@@ -232,7 +232,7 @@ impl AppState {
             engine_list: vec![],
             vmm: None,
             wake: Default::default(),
-            owner: nullspace_store::new_id(nullspace_build::procs::OWNER_PREFIX),
+            owner: nullspace_store::new_id(nullspace_vm::process::OWNER_PREFIX),
             running: Default::default(),
             secrets: Default::default(),
             shutdown: CancellationToken::new(),
@@ -247,7 +247,7 @@ impl AppState {
     }
 
     /// `DATA_DIR/run`: one directory per live server (see
-    /// [`nullspace_build::procs`]).
+    /// [`nullspace_vm::process`]).
     pub fn run_root(&self) -> PathBuf {
         self.config.data_dir.join("run")
     }

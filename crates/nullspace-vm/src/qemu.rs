@@ -20,7 +20,7 @@
 
 use crate::agent::AgentClient;
 use crate::kernel::GuestKernel;
-use crate::process::{self, Watch};
+use crate::process::{self, Launch, OwnerLock, PidFile, Watch};
 use crate::qmp::{MigrationStatus, Qmp, RunState};
 use crate::snapshot::{self as snapfs, Snapshot, VmMeta};
 use crate::template::GuestConfig;
@@ -77,7 +77,7 @@ fn probe_kvm(
     base_initrd: &Path,
     run_dir: Option<&Path>,
 ) -> Result<bool, VmError> {
-    let dir = process::vm_dir(run_dir, "ns-kvmprobe-")?;
+    let mut dir = VmDir::owned(run_dir, "ns-kvmprobe-")?;
     let initrd = dir.path().join("initrd");
     let cfg = GuestConfig {
         probe_only: true,
@@ -108,13 +108,18 @@ fn probe_kvm(
         kernel.vmlinuz.display().to_string(),
         "-initrd".into(),
         initrd.display().to_string(),
-        "-pidfile".into(),
-        process::pidfile(dir.path()).display().to_string(),
     ])
     .collect();
     // Dies with this thread (the probe is one call) and is killed by the
     // guard on every return path.
-    let mut child = ChildGuard(Some(process::spawn_qemu(&args, &log, true, 0)?));
+    let mut child = ChildGuard(Some(process::spawn::spawn_qemu(
+        &args,
+        &log,
+        Launch::SCOPED_VM,
+    )?));
+    if let Some(c) = &child.0 {
+        dir.record(c.id())?;
+    }
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
         if std::fs::read_to_string(&log)
@@ -168,6 +173,72 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A VM's own directory (sockets, console log, initramfs, overlay),
+/// removed on drop. A build VM's or the KVM probe's is an owner directory
+/// (see [`process::records`]).
+pub(crate) struct VmDir {
+    /// QEMU's record (removed before the directory).
+    record: Option<PidFile>,
+    lock: Option<OwnerLock>,
+    dir: tempfile::TempDir,
+}
+
+impl VmDir {
+    /// `prefix` + random under `parent` (or the system temp dir); nothing
+    /// recorded.
+    pub(crate) fn temp(parent: Option<&Path>, prefix: &str) -> Result<VmDir, VmError> {
+        let mut b = tempfile::Builder::new();
+        b.prefix(prefix);
+        let dir = match parent {
+            Some(p) => {
+                std::fs::create_dir_all(p).map_err(VmError::io(p.display().to_string()))?;
+                b.tempdir_in(p)
+            }
+            None => b.tempdir(),
+        }
+        .map_err(VmError::io("VM directory"))?;
+        Ok(VmDir {
+            record: None,
+            lock: None,
+            dir,
+        })
+    }
+
+    /// Like [`VmDir::temp`], and an owner directory: locked by this
+    /// process, QEMU recorded in it (under a run root, [`process::reap_stale`]
+    /// ends what a dead process left).
+    pub(crate) fn owned(parent: Option<&Path>, prefix: &str) -> Result<VmDir, VmError> {
+        let mut d = VmDir::temp(parent, prefix)?;
+        d.lock = Some(OwnerLock::within(d.dir.path())?);
+        Ok(d)
+    }
+
+    /// Records `pid` (QEMU) in an owned directory; no-op otherwise.
+    fn record(&mut self, pid: u32) -> Result<(), VmError> {
+        if let Some(l) = &self.lock {
+            self.record = Some(l.pids.record(pid)?);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Leaves the directory in place; its path.
+    fn keep(self) -> PathBuf {
+        let VmDir { record, lock, dir } = self;
+        drop((record, lock));
+        dir.keep()
+    }
+
+    /// Whether QEMU's Unix sockets fit under `parent` (`sun_path` is 108
+    /// bytes).
+    fn sockets_fit(parent: &Path) -> bool {
+        parent.join("ns-vm-XXXXXX/agent.sock").as_os_str().len() < 108
+    }
+}
+
 /// The QEMU VMM: the guest kernel, the base initramfs, the accelerator,
 /// and the run directory for build VMs' directories and pidfiles.
 #[derive(Debug, Clone)]
@@ -175,9 +246,10 @@ pub struct QemuVmm {
     pub kernel: GuestKernel,
     pub base_initrd: PathBuf,
     pub accel: Accel,
-    /// Build VMs (and the KVM probe) keep their directory, with an owner
-    /// record and QEMU's pidfile, here; [`process::reap_stale`] ends what a
-    /// dead process left. `None`: the system temp dir, nothing recorded.
+    /// Build VMs (and the KVM probe) keep their directory here, each an
+    /// owner directory (locked, QEMU recorded in it; see
+    /// [`process::records`]); [`process::reap_stale`] ends what a dead
+    /// process left. `None`: the system temp dir, nothing recorded.
     pub run_dir: Option<PathBuf>,
 }
 
@@ -188,8 +260,8 @@ impl QemuVmm {
         Self::build(kernel, init_bin, cache_dir, None)
     }
 
-    /// Like [`QemuVmm::new`], with build VMs' directories (sockets, owner
-    /// record, `-pidfile`) under `run_dir` (created). The path must leave
+    /// Like [`QemuVmm::new`], with build VMs' directories (sockets, lock,
+    /// QEMU's record) under `run_dir` (created). The path must leave
     /// room for QEMU's Unix sockets (108 bytes).
     pub fn with_run_dir(
         kernel: GuestKernel,
@@ -200,7 +272,7 @@ impl QemuVmm {
         std::fs::create_dir_all(run_dir).map_err(VmError::io(run_dir.display().to_string()))?;
         let run_dir =
             std::fs::canonicalize(run_dir).map_err(VmError::io(run_dir.display().to_string()))?;
-        if !process::sockets_fit(&run_dir) {
+        if !VmDir::sockets_fit(&run_dir) {
             return Err(VmError::VmCreate {
                 message: format!(
                     "run directory {}: path too long for QEMU's Unix sockets (108 bytes)",
@@ -320,7 +392,7 @@ pub enum AfterSnapshot {
 
 pub struct QemuVm {
     child: ChildGuard,
-    dir: tempfile::TempDir,
+    dir: VmDir,
     agent: Option<AgentClient>,
     meta: VmMeta,
     cmdline: String,
@@ -744,24 +816,25 @@ fn now_ms() -> u64 {
 impl QemuVm {
     #[allow(clippy::too_many_arguments)]
     fn spawn(
-        dir: tempfile::TempDir,
+        mut dir: VmDir,
         meta: VmMeta,
         cmdline: String,
         initrd: PathBuf,
         args: Vec<String>,
-        die_with_thread: bool,
-        nice: i32,
+        launch: Launch,
         watch: &Watch,
     ) -> Result<QemuVm, VmError> {
-        let child = process::spawn_qemu(
+        let child = ChildGuard(Some(process::spawn::spawn_qemu(
             &args,
             &dir.path().join("console.log"),
-            die_with_thread,
-            nice,
-        )?;
-        watch.register(&child);
+            launch,
+        )?));
+        let c = child.0.as_ref().expect("spawned");
+        watch.register(c);
+        dir.record(c.id())?;
+        let nice = launch.nice;
         Ok(QemuVm {
-            child: ChildGuard(Some(child)),
+            child,
             dir,
             agent: None,
             meta,
@@ -795,7 +868,7 @@ impl QemuVm {
             )));
         }
         let parent = handle.dir.parent().unwrap_or(&handle.dir);
-        let dir = process::vm_dir(Some(parent), "ns-adopt-")?;
+        let dir = VmDir::temp(Some(parent), "ns-adopt-")?;
         for name in ["agent.sock", "qmp.sock", "disk.qcow2", "console.log"] {
             std::os::unix::fs::symlink(handle.dir.join(name), dir.path().join(name))
                 .map_err(VmError::io(format!("link {name}")))?;
@@ -926,7 +999,7 @@ impl QemuVm {
     ) -> Result<QemuVm, VmError> {
         let t0 = Instant::now();
         watch.check()?;
-        let dir = process::vm_dir(vmm.run_dir.as_deref(), "ns-vm-")?;
+        let dir = VmDir::owned(vmm.run_dir.as_deref(), "ns-vm-")?;
         let initrd = dir.path().join("initrd.img");
         let mut config = spec.config.clone();
         config.network = spec.network;
@@ -970,7 +1043,6 @@ impl QemuVm {
             format: DiskFormat::Raw,
             read_only: false,
         }];
-        let pidfile = process::pidfile(dir.path());
         let args = Machine {
             meta: &meta,
             cmdline: &cmdline,
@@ -985,10 +1057,10 @@ impl QemuVm {
                 None => Ram::Anonymous,
             },
             incoming: false,
-            pidfile: Some(&pidfile),
+            pidfile: None,
         }
         .args();
-        let mut vm = QemuVm::spawn(dir, meta, cmdline, initrd, args, true, 0, watch)?;
+        let mut vm = QemuVm::spawn(dir, meta, cmdline, initrd, args, Launch::SCOPED_VM, watch)?;
         vm.memory_file = memory_file;
         vm.attach_agent(t0 + spec.boot_timeout, watch)?;
         vm.ready_ms = t0.elapsed().as_millis();
@@ -1119,13 +1191,7 @@ impl QemuVm {
         snap.verify()?;
         phases.verify = ms(t0);
         watch.check()?;
-        let mut b = tempfile::Builder::new();
-        b.prefix("ns-sbx-");
-        let dir = match &spec.work_dir {
-            Some(w) => b.tempdir_in(w),
-            None => b.tempdir(),
-        }
-        .map_err(VmError::io("sandbox dir"))?;
+        let dir = VmDir::temp(spec.work_dir.as_deref(), "ns-sbx-")?;
         let t = Instant::now();
         let layers = restore_layers(snap, &dir.path().join("disk.qcow2"))?;
         phases.overlay = ms(t);
@@ -1158,8 +1224,7 @@ impl QemuVm {
             m.device.kernel_cmdline.clone(),
             initrd,
             args,
-            false,
-            spec.nice,
+            Launch::detached_vm(spec.nice),
             watch,
         )?;
         vm.origin = Some(Box::new(snap.clone()));
@@ -1191,7 +1256,7 @@ impl QemuVm {
         if self.nice != 0 && !warming {
             // A machine now: it runs at the priority of every other.
             let pid = crate::Vm::pid(self);
-            process::renice(pid, 0).map_err(|e| {
+            process::spawn::renice(pid, 0).map_err(|e| {
                 self.fail(format!(
                     "restore: setting QEMU (pid {pid}) back to niceness 0: {e}"
                 ))
@@ -1581,7 +1646,7 @@ impl QemuVm {
         stream: &Path,
         watch: &Watch,
     ) -> Result<(), VmError> {
-        let dir = process::vm_dir(None, "ns-fork-")?;
+        let dir = VmDir::temp(None, "ns-fork-")?;
         let om = &origin.manifest;
         let n = om.disk.len();
         let mut layers: Vec<Layer> = om
@@ -1625,7 +1690,7 @@ impl QemuVm {
                 private: false,
             },
             incoming: true,
-            pidfile: Some(&process::pidfile(dir.path())),
+            pidfile: None,
         }
         .args();
         // Lives within this call: dies with the thread, killed on return.
@@ -1635,8 +1700,7 @@ impl QemuVm {
             self.cmdline.clone(),
             initrd,
             args,
-            true,
-            0,
+            Launch::SCOPED_VM,
             watch,
         )?;
         let deadline = Instant::now() + Duration::from_secs(300);

@@ -6,6 +6,7 @@
 
 use crate::VmError;
 use crate::agent::AgentClient;
+use crate::process;
 use crate::qemu::{QemuVm, RestoreSpec};
 use crate::qmp::Qmp;
 use crate::snapshot::Snapshot;
@@ -52,32 +53,12 @@ pub fn restore_detached(
     Ok((vm.detach(), ms))
 }
 
-/// `/proc/<pid>/stat` state and command line, or `None` if gone.
-fn proc_state(pid: u32) -> Option<(char, Vec<u8>)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The state follows the parenthesised command name.
-    let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    Some((state, cmdline))
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
-}
-
 impl SandboxHandle {
     /// QEMU is running: the pid exists, is not a zombie, and its command
     /// line names this sandbox's agent socket (so a reused pid is not taken
     /// for it).
     pub fn alive(&self) -> bool {
-        match proc_state(self.pid) {
-            Some((state, cmdline)) => {
-                state != 'Z'
-                    && state != 'X'
-                    && contains(&cmdline, self.agent_socket.as_os_str().as_encoded_bytes())
-            }
-            None => false,
-        }
+        process::procfs::runs_naming(self.pid, self.agent_socket.as_os_str().as_encoded_bytes())
     }
 
     /// Connects to the guest agent and waits for its answer within `limit`.
@@ -109,40 +90,24 @@ impl SandboxHandle {
             while self.alive() && t.elapsed() < grace {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            // Only while its command line names this sandbox's agent socket
+            // (a reused pid is never hit).
+            let needle = self.agent_socket.as_os_str().as_encoded_bytes();
+            process::signal::kill_naming(self.pid, needle, Duration::from_secs(10));
             if self.alive() {
-                // SAFETY: kill(2) on a pid checked above to be this
-                // sandbox's QEMU.
-                unsafe {
-                    libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
-                }
-                let t = Instant::now();
-                while self.alive() && t.elapsed() < Duration::from_secs(10) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                if self.alive() {
-                    return Err(VmError::Agent(format!(
-                        "QEMU (pid {}) did not exit after SIGKILL",
-                        self.pid
-                    )));
-                }
+                return Err(VmError::Agent(format!(
+                    "QEMU (pid {}) did not exit after SIGKILL",
+                    self.pid
+                )));
             }
         }
         // The pid's zombie (if its parent is this process) is reaped here.
-        reap(self.pid);
+        process::reap_child(self.pid);
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(VmError::io(self.dir.display().to_string())(e)),
         }
-    }
-}
-
-/// Reaps `pid` if it is an exited child of this process (no-op otherwise).
-fn reap(pid: u32) {
-    let mut status = 0;
-    // SAFETY: WNOHANG waitpid on a specific pid only affects that child.
-    unsafe {
-        libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG);
     }
 }
 

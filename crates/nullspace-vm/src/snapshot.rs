@@ -368,7 +368,7 @@ pub(crate) fn link_or_copy(src: &Path, dst: &Path) -> Result<(), VmError> {
 /// a guest RAM file is mostly holes). `std::fs::copy` would write the
 /// holes out as zeros on ext4, which has no reflinks.
 pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
+    use rustix::fs::SeekFrom;
     let s = std::fs::File::open(src)?;
     let len = s.metadata()?.len();
     let d = std::fs::OpenOptions::new()
@@ -376,53 +376,36 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
         .create_new(true)
         .open(dst)?;
     d.set_len(len)?;
-    let mut pos: i64 = 0;
+    let mut pos: u64 = 0;
     let mut buf = vec![];
-    while (pos as u64) < len {
-        // SAFETY: lseek(2) on an fd we own.
-        let start = unsafe { libc::lseek(s.as_raw_fd(), pos, libc::SEEK_DATA) };
-        if start < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // only a hole is left
-            }
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(s.as_raw_fd(), start, libc::SEEK_HOLE) };
-        if end < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+    while pos < len {
+        let start = match rustix::fs::seek(&s, SeekFrom::Data(pos)) {
+            Ok(p) => p,
+            Err(rustix::io::Errno::NXIO) => break, // only a hole is left
+            Err(e) => return Err(e.into()),
+        };
+        let end = rustix::fs::seek(&s, SeekFrom::Hole(start))?;
         let mut off = start;
         while off < end {
             let (mut a, mut b) = (off, off);
-            // SAFETY: copy_file_range(2) between fds we own, explicit offsets.
-            let n = unsafe {
-                libc::copy_file_range(
-                    s.as_raw_fd(),
-                    &mut a,
-                    d.as_raw_fd(),
-                    &mut b,
-                    (end - off) as usize,
-                    0,
-                )
-            };
-            if n > 0 {
-                off += n as i64;
-                continue;
+            let want = (end - off) as usize;
+            match rustix::fs::copy_file_range(&s, Some(&mut a), &d, Some(&mut b), want) {
+                Ok(0) => break,
+                Ok(n) => {
+                    off += n as u64;
+                    continue;
+                }
+                // No in-kernel copy (e.g. across filesystems): read and write.
+                Err(_) => {}
             }
-            if n == 0 {
-                break;
-            }
-            // No in-kernel copy (e.g. across filesystems): read and write.
             buf.resize(1 << 20, 0);
-            let want = ((end - off) as usize).min(buf.len());
-            let got = s.read_at(&mut buf[..want], off as u64)?;
+            let want = want.min(buf.len());
+            let got = s.read_at(&mut buf[..want], off)?;
             if got == 0 {
                 break;
             }
-            d.write_all_at(&buf[..got], off as u64)?;
-            off += got as i64;
+            d.write_all_at(&buf[..got], off)?;
+            off += got as u64;
         }
         pos = end;
     }

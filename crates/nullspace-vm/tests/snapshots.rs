@@ -716,13 +716,15 @@ fn cancel_build(
     let n = steps.len();
     let mut on_step = |i: usize, _: &Step, ev: StepEvent<'_>| {
         if cancel_on(&ev, i, n) {
-            // The VM's pidfile in the run directory.
+            // QEMU's record in the VM's directory under the run directory.
             let pid = std::fs::read_dir(&run)
                 .unwrap()
                 .flatten()
-                .find_map(|e| std::fs::read_to_string(e.path().join("qemu.pid")).ok())
-                .and_then(|s| s.trim().parse().ok())
-                .expect("qemu.pid in the run directory");
+                .find_map(|e| {
+                    let recs = nullspace_vm::process::PidDir::new(e.path()).recorded();
+                    recs.first().map(|r| r.pid)
+                })
+                .expect("QEMU's record in the run directory");
             *qemu_pid.lock().unwrap() = pid;
             let (token, at) = (token.clone(), cancelled_at.clone());
             std::thread::spawn(move || {
@@ -837,66 +839,54 @@ fn a_cancelled_restore_leaves_nothing() {
 
 #[test]
 fn reap_stale_ends_a_qemu_a_dead_owner_left_and_keeps_live_ones() {
+    use nullspace_vm::process::{OwnerLock, PidDir, ProcessRecord};
     let _s = serial();
     let work = tempfile::Builder::new()
         .prefix("ns-reap-")
         .tempdir()
         .unwrap();
     let run = work.path().join("run");
-    // A process that has exited: its pid and start time name a dead owner.
-    let mut gone = std::process::Command::new("true").spawn().unwrap();
-    let gone_pid = gone.id();
-    gone.wait().unwrap();
-    let spawn = |name: &str, owner: String| {
+    // A VM directory in the run directory's one format: its owner's lock,
+    // QEMU's `<pid>.json` record. `hold`: the owner (this process) lives.
+    let spawn = |name: &str, hold: bool| {
         let dir = run.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("owner"), owner).unwrap();
+        let lock = OwnerLock::within(&dir).unwrap();
         let child = std::process::Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "microvm",
-                "-S",
-                "-display",
-                "none",
-                "-nodefaults",
-                "-pidfile",
-            ])
-            .arg(dir.join("qemu.pid"))
+            .args(["-M", "microvm", "-S", "-display", "none", "-nodefaults"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let t = Instant::now();
-        while !dir.join("qemu.pid").exists() && t.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        (dir, child)
+        std::mem::forget(lock.pids.record(child.id()).unwrap());
+        (dir, child, hold.then_some(lock))
     };
-    let (stale_dir, mut stale) = spawn("ns-vm-stale", format!("{gone_pid} 1\n"));
-    let me = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let my_start = me
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(19)
-        .unwrap()
-        .to_string();
-    let (live_dir, mut live) = spawn("ns-vm-live", format!("{} {my_start}\n", std::process::id()));
-    // A stale pidfile naming a process that is not that QEMU.
+    let (stale_dir, mut stale, _) = spawn("ns-vm-stale", false);
+    let (live_dir, mut live, _live_lock) = spawn("ns-vm-live", true);
+    // A dead owner's record whose pid now runs something else.
     let mut other = std::process::Command::new("sleep")
         .arg("100")
         .spawn()
         .unwrap();
     let fake = run.join("ns-vm-fake");
     std::fs::create_dir_all(&fake).unwrap();
-    std::fs::write(fake.join("owner"), format!("{gone_pid} 1\n")).unwrap();
-    std::fs::write(fake.join("qemu.pid"), format!("{}\n", other.id())).unwrap();
+    drop(OwnerLock::within(&fake).unwrap());
+    let mut rec = ProcessRecord::of(other.id()).unwrap();
+    rec.cmdline = vec!["qemu-system-x86_64".into(), "-M".into(), "microvm".into()];
+    std::fs::write(
+        fake.join(format!("{}.json", other.id())),
+        serde_json::to_vec(&rec).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(PidDir::new(&fake).recorded(), [rec]);
 
-    let killed = nullspace_vm::reap_stale(&run).unwrap();
+    let r = nullspace_vm::reap_stale(&run, Duration::from_secs(5)).unwrap();
+    let killed: Vec<u32> = r.killed.iter().map(|k| k.pid).collect();
     assert_eq!(killed, vec![stale.id()], "only the stale QEMU");
-    assert!(!alive(stale.id()));
     stale.wait().unwrap();
+    let mut dead = r.dead_vm_dirs.clone();
+    dead.sort();
+    assert_eq!(dead, ["ns-vm-fake", "ns-vm-stale"]);
     assert!(
         !stale_dir.exists() && !fake.exists(),
         "stale directories removed"
@@ -905,7 +895,8 @@ fn reap_stale_ends_a_qemu_a_dead_owner_left_and_keeps_live_ones() {
     assert!(live_dir.exists());
     assert!(alive(other.id()), "a reused pid is not killed");
     // Nothing left to do the second time.
-    assert!(nullspace_vm::reap_stale(&run).unwrap().is_empty());
+    let again = nullspace_vm::reap_stale(&run, Duration::from_secs(5)).unwrap();
+    assert!(again.killed.is_empty() && again.dead_vm_dirs.is_empty());
     for c in [&mut live, &mut other] {
         c.kill().unwrap();
         c.wait().unwrap();
@@ -913,19 +904,18 @@ fn reap_stale_ends_a_qemu_a_dead_owner_left_and_keeps_live_ones() {
 }
 
 #[test]
-fn build_vms_record_a_pidfile_and_owner_in_the_run_dir_and_the_kvm_probe_leaves_nothing() {
+fn build_vms_record_their_qemu_in_a_locked_run_dir_and_the_kvm_probe_leaves_nothing() {
+    use nullspace_vm::process::{PidDir, records::LOCK_FILE};
     let _s = serial();
     let f = fixture();
+    let me = std::process::id().to_string();
     // The fixture's QemuVmm ran the KVM probe (when /dev/kvm exists).
     assert!(our_qemus("ns-kvmprobe-").is_empty());
     let probes = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("ns-kvmprobe-"))
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("owner"))
-                .is_ok_and(|o| o.starts_with(&format!("{} ", std::process::id())))
-        })
+        .filter(|e| std::fs::read_to_string(e.path().join(LOCK_FILE)).is_ok_and(|o| o.trim() == me))
         .count();
     assert_eq!(probes, 0, "the probe's directory is removed");
     let work = tempfile::Builder::new()
@@ -943,19 +933,16 @@ fn build_vms_record_a_pidfile_and_owner_in_the_run_dir_and_the_kvm_probe_leaves_
     let mut vm = QemuVm::boot(&vmm, &spec, &nocancel()).unwrap();
     let dir = vm.dir().to_path_buf();
     assert!(dir.starts_with(std::fs::canonicalize(&run).unwrap()));
-    let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let recs = PidDir::new(&dir).running();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let pid = recs[0].pid;
     assert_eq!(pid, vm.pid());
-    let owner = std::fs::read_to_string(dir.join("owner")).unwrap();
-    assert!(
-        owner.starts_with(&format!("{} ", std::process::id())),
-        "{owner}"
-    );
+    assert_eq!(recs[0].cmdline[0], "qemu-system-x86_64");
+    let owner = std::fs::read_to_string(dir.join(LOCK_FILE)).unwrap();
+    assert_eq!(owner.trim(), me);
     // This process is alive: reaping leaves the VM alone.
-    assert!(nullspace_vm::reap_stale(&run).unwrap().is_empty());
+    let r = nullspace_vm::reap_stale(&run, Duration::from_secs(5)).unwrap();
+    assert!(r.killed.is_empty() && r.dead_vm_dirs.is_empty(), "{r:?}");
     assert_eq!(sh(&mut vm, "echo up"), "up");
     drop(vm);
     assert!(!alive(pid));

@@ -432,7 +432,7 @@ fn network_reaches_host_via_user_net_gateway() {
 
 /// Our temp dirs in the system temp dir (`ns-vm-`, `ns-sbx-`, `ns-snap-`, `ns-kvmprobe-`).
 /// The VM directories in the temp dir that this process may own: those
-/// of another process (its `owner` record names another pid) and other
+/// of another process (its `lock` names another pid) and other
 /// tests' own `ns-*` directories are not this test's leftovers.
 fn tmp_entries() -> Vec<String> {
     let me = std::process::id().to_string();
@@ -446,8 +446,8 @@ fn tmp_entries() -> Vec<String> {
                 .any(|p| n.starts_with(p))
         })
         .filter(|e| {
-            std::fs::read_to_string(e.path().join(nullspace_vm::process::OWNER_FILE))
-                .map(|o| o.split_whitespace().next() == Some(me.as_str()))
+            std::fs::read_to_string(e.path().join(nullspace_vm::process::records::LOCK_FILE))
+                .map(|o| o.trim() == me)
                 .unwrap_or(true)
         })
         .map(|e| e.file_name().to_string_lossy().to_string())

@@ -332,7 +332,7 @@ pub async fn recovery_loop(state: Shared) {
 pub async fn reap_dead_owners(state: &Shared) -> Vec<String> {
     let run_root = state.run_root();
     let reaped = tokio::task::spawn_blocking(move || {
-        nullspace_build::procs::reap_stale(&run_root, Duration::from_secs(5))
+        nullspace_vm::process::reap_stale(&run_root, Duration::from_secs(5))
     })
     .await;
     match reaped {
@@ -340,8 +340,9 @@ pub async fn reap_dead_owners(state: &Shared) -> Vec<String> {
             for k in &r.killed {
                 tracing::warn!(pid = k.pid, cmd = ?k.cmdline.first(), "ended a process a previous server left running");
             }
-            // Build VMs (`run/ns-*`) are nullspace_vm::reap_stale's, run
-            // when the VM driver starts.
+            for d in &r.dead_vm_dirs {
+                tracing::warn!(dir = %d, "removed a build VM directory a previous server left");
+            }
             r.dead_owners
         }
         Ok(Err(e)) => {
