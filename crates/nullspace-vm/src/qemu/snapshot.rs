@@ -1,0 +1,369 @@
+//! Taking snapshots of a VM: a build VM's (its RAM file already shared)
+//! and a restored VM's (fork, snapshot, pause).
+
+use super::args::{CommandLine, Layer, Ram};
+use super::child::{VmDir, tail};
+use super::migration::{
+    file_channel, set_migration, stop_migration, wait_incoming, wait_migration,
+};
+use super::overlay::{create_overlay, rebase};
+use super::vm::{AfterSnapshot, QemuVm};
+use crate::agent::AgentClient;
+use crate::process::{self, Launch, Watch};
+use crate::qmp::RunState;
+use crate::snapshot::{self as snapfs, Snapshot, VmMeta};
+use crate::{Vm, VmError};
+use nullspace_model::snapshot::{DiskFormat, DiskLayer, Memory, Parent, SnapshotManifest};
+use nullspace_model::snapshot::{MemoryMode, QemuVersion};
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Removes a half-written snapshot directory unless disarmed.
+pub(crate) struct DirGuard<'a>(pub &'a Path, pub bool);
+
+impl Drop for DirGuard<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            // Read-only files go too: removal needs the directory writable,
+            // which commits leave it.
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+}
+
+pub(super) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl QemuVm {
+    /// The build VM's snapshot: pause, write the device state (mapped: the
+    /// RAM is already in its file) or device state + RAM (streamed) into
+    /// `out`, quit QEMU, copy the kernel and initramfs in. Returns the
+    /// QEMU version and how long the VM was paused until its state was
+    /// written. The files are committed by the caller.
+    pub(crate) fn snapshot_build(
+        mut self,
+        out: &Path,
+        watch: &Watch,
+    ) -> Result<(QemuVersion, Duration), VmError> {
+        // Drop the agent connection first: the guest sees the host leave,
+        // and a restored guest waits for the next host to connect.
+        self.agent = None;
+        let mapped = self.meta.memory_mode == MemoryMode::Mapped;
+        let stream = out.join(if mapped { "device.state" } else { "memory.bin" });
+        let mut qmp = self.qmp(Duration::from_secs(10), watch)?;
+        let version = qmp.version()?;
+        set_migration(&mut qmp, mapped)?;
+        let t = Instant::now();
+        qmp.execute("stop", json!({}))?;
+        qmp.execute("migrate", json!({"channels": file_channel(&stream)}))?;
+        wait_migration(&mut qmp, watch, Duration::from_secs(120))?;
+        // The snapshot's content is fixed from here (a stopped guest does
+        // not write its RAM); the rest is cleanup and commit.
+        let paused = t.elapsed();
+        let _ = qmp.execute("quit", json!({}));
+        drop(qmp);
+        // QEMU unmaps guest RAM as it exits: only then is `memory.ram` done.
+        self.child.end(Duration::from_secs(5));
+        std::fs::copy(&self.initrd, out.join("initrd.img")).map_err(VmError::io("copy initrd"))?;
+        std::fs::copy(&self.meta.vmlinuz, out.join("vmlinuz"))
+            .map_err(VmError::io(format!("copy {}", self.meta.vmlinuz.display())))?;
+        Ok((version, paused))
+    }
+
+    /// Snapshots a restored VM into `out` (created; must not exist) and
+    /// leaves the VM as `after` says. `out` stands alone: the parent's
+    /// kernel, initramfs and disk layers are hard-linked in (copied across
+    /// filesystems), and the VM's disk overlay is added as `disk.N.qcow2`
+    /// (only what this VM wrote; its backing is the layer before it).
+    ///
+    /// Memory cannot be stored as the difference from the template here:
+    /// with `share=off` the pages this VM changed exist only in its QEMU
+    /// process, and QEMU can save device state without RAM only for shared
+    /// file-backed RAM (`x-ignore-shared`; `xen-save-devices-state` skips
+    /// the firmware RAM and its loader, `xen-load-devices-state`, aborts on
+    /// QEMU 10). So the VM is paused just long enough to write a full
+    /// migration stream and copy its overlay; then (mapped) a temporary
+    /// QEMU loads that stream into a new shared `memory.ram` (pre-filled
+    /// with a sparse copy of the parent's, which makes the load several
+    /// times faster) and writes the device state: the result restores by
+    /// mapping like a template. Costs are in `timings_ms` (`snapshot`: VM
+    /// paused; `commit`: the rest) and `bench/README.md`.
+    ///
+    /// On cancel the temporary QEMU is killed, `out` removed, the VM left as
+    /// `after` says (or paused, if cancelled while paused), and `Cancelled`
+    /// returned.
+    pub fn snapshot(
+        &mut self,
+        out: &Path,
+        after: AfterSnapshot,
+        cancel: &CancellationToken,
+    ) -> Result<Snapshot, VmError> {
+        let watch = Watch::new(cancel);
+        let r = self.snapshot_watched(out, after, &watch);
+        process::settle(r, watch)
+    }
+
+    pub(super) fn snapshot_watched(
+        &mut self,
+        out: &Path,
+        after: AfterSnapshot,
+        watch: &Watch,
+    ) -> Result<Snapshot, VmError> {
+        let origin = self.origin.clone().ok_or_else(|| {
+            VmError::Snapshot(
+                "only a restored VM can be snapshotted this way (a build VM is snapshotted by template::build_snapshot)".into(),
+            )
+        })?;
+        watch.check()?;
+        std::fs::create_dir(out).map_err(VmError::io(out.display().to_string()))?;
+        let out = std::fs::canonicalize(out).map_err(VmError::io(out.display().to_string()))?;
+        let mut guard = DirGuard(&out, false);
+        let om = &origin.manifest;
+        let mapped = om.memory.mode == MemoryMode::Mapped;
+        let mut qmp = self.qmp(Duration::from_secs(10), watch)?;
+        let version = qmp.version()?;
+        // The start command's state, from the guest while it runs (a paused
+        // guest cannot answer: then the parent's record stands).
+        let start = match (qmp.status()?, self.agent.as_mut()) {
+            (RunState::Running, Some(a)) => a
+                .info(Duration::from_secs(10))
+                .ok()
+                .map(|i| i["start"].clone()),
+            _ => None,
+        };
+        // As for a build snapshot: the guest in the snapshot has seen the
+        // host leave and waits for the next one.
+        self.agent = None;
+        let t0 = Instant::now();
+        if qmp.status()? == RunState::Postmigrate {
+            // Paused after an earlier snapshot: QEMU migrates only after the
+            // VM ran again (it runs for the few ms between the two commands).
+            qmp.execute("cont", json!({}))?;
+        }
+        qmp.execute("stop", json!({}))?;
+        let stream = out.join(if mapped { "full.stream" } else { "memory.bin" });
+        set_migration(&mut qmp, false)?;
+        let migrated = qmp
+            .execute("migrate", json!({"channels": file_channel(&stream)}))
+            .and_then(|_| wait_migration(&mut qmp, watch, Duration::from_secs(300)));
+        if migrated.is_err() {
+            // Cancelled or failed: make sure no migration is still running
+            // before the VM is resumed (a completed one would pause it).
+            stop_migration(&mut qmp);
+        }
+        // The disk overlay as of the pause (QEMU flushed it at `stop`).
+        let n = om.disk.len();
+        let top = format!("disk.{n}.qcow2");
+        let copied = migrated.and_then(|_| {
+            std::fs::copy(self.dir.path().join("disk.qcow2"), out.join(&top))
+                .map(|_| ())
+                .map_err(VmError::io("copy the disk overlay"))
+        });
+        let snapshot_ms = t0.elapsed().as_millis() as u64;
+        // Leave the VM as asked before the slow part (and on failure too).
+        let then = match after {
+            AfterSnapshot::Resume => qmp.execute("cont", json!({})).map(|_| ()),
+            AfterSnapshot::Pause => Ok(()),
+            AfterSnapshot::Stop => {
+                let _ = qmp.execute("quit", json!({}));
+                Ok(())
+            }
+        };
+        drop(qmp);
+        match after {
+            AfterSnapshot::Resume => {
+                then.and_then(|_| self.reconnect_agent(Duration::from_secs(30)))?
+            }
+            AfterSnapshot::Pause => {
+                // Connected now, answering once resumed.
+                self.agent = AgentClient::connect(
+                    &self.dir.path().join("agent.sock"),
+                    Duration::from_secs(5),
+                )
+                .ok();
+            }
+            AfterSnapshot::Stop => {
+                self.child.end(Duration::from_secs(5));
+                if let Some(pid) = self.adopted.take() {
+                    // Not this process's child: wait for it to go.
+                    let t = Instant::now();
+                    while process::alive(pid) && t.elapsed() < Duration::from_secs(5) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        copied?;
+
+        let t1 = Instant::now();
+        for f in [&om.kernel.file, &om.initramfs]
+            .into_iter()
+            .chain(om.disk.iter().map(|l| &l.file))
+        {
+            snapfs::link_or_copy(&origin.path(f), &out.join(&f.path))?;
+        }
+        let prev = &om.disk[n - 1];
+        rebase(&out.join(&top), &prev.file.path, prev.format)?;
+        let memory = if mapped {
+            let ram = om
+                .memory
+                .ram
+                .as_ref()
+                .expect("validated: mapped has a RAM file");
+            snapfs::copy_sparse(&origin.path(ram), &out.join("memory.ram"))
+                .map_err(VmError::io("copy the RAM file"))?;
+            self.rebuild_mapped(&origin, &out, &stream, watch)?;
+            let _ = std::fs::remove_file(&stream);
+            Memory {
+                mode: MemoryMode::Mapped,
+                ram: Some(snapfs::commit_file(&out, "memory.ram")?),
+                state: snapfs::commit_file(&out, "device.state")?,
+            }
+        } else {
+            Memory {
+                mode: MemoryMode::Streamed,
+                ram: None,
+                state: snapfs::commit_file(&out, "memory.bin")?,
+            }
+        };
+        let mut disk = om.disk.clone();
+        disk.push(DiskLayer {
+            format: DiskFormat::Qcow2,
+            file: snapfs::commit_file(&out, &top)?,
+        });
+        let commit_ms = t1.elapsed().as_millis() as u64;
+        let manifest = SnapshotManifest {
+            created_unix_ms: now_ms(),
+            qemu: version,
+            disk,
+            memory,
+            parent: Some(Parent {
+                manifest_sha256: origin.manifest_sha256.clone(),
+            }),
+            start: start.unwrap_or_else(|| om.start.clone()),
+            timings_ms: crate::snapshot::Timings {
+                snapshot: snapshot_ms,
+                commit: commit_ms,
+                ..Default::default()
+            }
+            .to_map(),
+            ..om.clone()
+        };
+        snapfs::write_manifest(&out, &manifest)?;
+        guard.1 = true;
+        Snapshot::open(&out)
+    }
+
+    /// Loads the full migration stream `stream` of this VM into a temporary
+    /// QEMU whose RAM is a shared mapping of `out/memory.ram`, and has it
+    /// write `out/device.state` (device state only). The temporary QEMU
+    /// never runs the guest.
+    pub(super) fn rebuild_mapped(
+        &self,
+        origin: &Snapshot,
+        out: &Path,
+        stream: &Path,
+        watch: &Watch,
+    ) -> Result<(), VmError> {
+        let dir = VmDir::temp(None, "ns-fork-")?;
+        let om = &origin.manifest;
+        let n = om.disk.len();
+        let mut layers: Vec<Layer> = om
+            .disk
+            .iter()
+            .map(|l| Layer {
+                path: out.join(&l.file.path),
+                format: l.format,
+                read_only: true,
+            })
+            .collect();
+        layers.push(Layer {
+            path: out.join(format!("disk.{n}.qcow2")),
+            format: DiskFormat::Qcow2,
+            read_only: true,
+        });
+        // A throwaway writable top, so the device configuration is exactly
+        // the restored VM's (a read-only virtio-blk would differ).
+        let scratch = dir.path().join("scratch.qcow2");
+        let top = layers.last().expect("layers");
+        create_overlay(&scratch, &top.path, DiskFormat::Qcow2, om.disk[0].file.size)?;
+        layers.push(Layer {
+            path: scratch,
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        });
+        let ram = out.join("memory.ram");
+        let initrd = out.join(&om.initramfs.path);
+        let meta = VmMeta {
+            vmlinuz: out.join(&om.kernel.file.path),
+            ..self.meta.clone()
+        };
+        let args = CommandLine {
+            meta: &meta,
+            cmdline: &self.cmdline,
+            dir: dir.path(),
+            initrd: &initrd,
+            disk: &layers,
+            ram: Ram::File {
+                path: &ram,
+                private: false,
+            },
+            incoming: true,
+            pidfile: None,
+        }
+        .args();
+        // Lives within this call: dies with the thread, killed on return.
+        let mut tmp = QemuVm::spawn(
+            dir,
+            meta,
+            self.cmdline.clone(),
+            initrd,
+            args,
+            Launch::SCOPED_VM,
+            watch,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let r = (|| {
+            let mut q = tmp.qmp(Duration::from_secs(30), watch)?;
+            set_migration(&mut q, false)?;
+            q.execute(
+                "migrate-incoming",
+                json!({"channels": file_channel(stream)}),
+            )?;
+            if !wait_incoming(&mut q, watch, deadline)? {
+                return Err(VmError::Snapshot(
+                    "the temporary QEMU started the guest".into(),
+                ));
+            }
+            set_migration(&mut q, true)?;
+            q.execute(
+                "migrate",
+                json!({"channels": file_channel(&out.join("device.state"))}),
+            )?;
+            wait_migration(&mut q, watch, Duration::from_secs(120))?;
+            let _ = q.execute("quit", json!({}));
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                // Guest RAM is complete once QEMU has unmapped it.
+                tmp.child.end(Duration::from_secs(5));
+                Ok(())
+            }
+            Err(e) => {
+                let tail = tail(&tmp.console(), 5);
+                tmp.child.kill();
+                Err(match e {
+                    VmError::Cancelled => e,
+                    e => VmError::Snapshot(format!("writing the memory file: {e} {tail}")),
+                })
+            }
+        }
+    }
+}
