@@ -146,7 +146,7 @@ fn bench_mode(
     )?;
     let changed = vm
         .memory_file()
-        .map(|f| changed_kb(vm.pid(), f))
+        .map(|f| changed_kb(vm.pid(), &f))
         .unwrap_or(0);
     let fork = vm.snapshot(
         &work.join(format!("fork-{mode:?}")),

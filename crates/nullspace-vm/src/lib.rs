@@ -35,7 +35,8 @@ pub use error::VmError;
 pub use kernel::GuestKernel;
 pub use process::reap_stale;
 pub use qemu::{
-    Accel, AfterSnapshot, BootSpec, MemoryMode, QemuVm, QemuVmm, RestorePhases, RestoreSpec,
+    Accel, AfterSnapshot, BootSpec, MemoryMode, PreparedVm, QemuVm, QemuVmm, RestorePhases,
+    RestoreSpec,
 };
 pub use readiness::{Probe, Readiness, ReadyReport};
 pub use snapshot::{Snapshot, SnapshotMeta};

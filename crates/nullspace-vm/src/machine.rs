@@ -13,7 +13,7 @@
 
 use crate::VmError;
 use crate::agent::AgentClient;
-use crate::qemu::{QemuVm, RestoreSpec};
+use crate::qemu::{PreparedVm, QemuVm, RestoreSpec};
 use crate::sandbox::{SandboxHandle, socket_path_fits};
 use crate::snapshot::Snapshot;
 use std::path::{Path, PathBuf};
@@ -44,13 +44,12 @@ pub struct Restored {
     pub ready_ms: u64,
 }
 
-fn handle_of(vm: &QemuVm) -> SandboxHandle {
-    let dir = vm.dir().to_path_buf();
+fn handle_of(pid: u32, dir: &Path) -> SandboxHandle {
     SandboxHandle {
-        pid: crate::Vm::pid(vm),
+        pid,
         agent_socket: dir.join("agent.sock"),
         qmp_socket: dir.join("qmp.sock"),
-        dir,
+        dir: dir.to_path_buf(),
     }
 }
 
@@ -71,7 +70,7 @@ pub fn restore(
     Ok(r)
 }
 
-/// A machine made ready ahead of its create ([`QemuVm::prepare`]): its
+/// A machine made ready ahead of its create (a [`PreparedVm`]): its
 /// QEMU runs in the machine directory (pidfile written), started with the
 /// snapshot's device configuration, memory mapping and a disk overlay of
 /// its own, loaded with the device state and paused; the agent socket is
@@ -79,7 +78,7 @@ pub fn restore(
 /// makes it a running machine; dropping it kills QEMU and removes the
 /// directory.
 pub struct Prepared {
-    vm: Option<QemuVm>,
+    vm: Option<PreparedVm>,
     /// The machine directory.
     dir: PathBuf,
     handle: SandboxHandle,
@@ -119,7 +118,7 @@ pub fn prepare(
         )?;
         // QEMU wrote its pidfile as it started (and removes it when it
         // exits); written again here in case it could not.
-        let handle = handle_of(&vm);
+        let handle = handle_of(vm.pid(), vm.dir());
         std::fs::write(dir.join(PID_FILE), format!("{}\n", handle.pid))
             .map_err(VmError::io("machine pidfile"))?;
         Ok(Prepared {
@@ -145,25 +144,19 @@ impl Prepared {
         cancel: &CancellationToken,
     ) -> Result<Restored, VmError> {
         let t0 = Instant::now();
-        let mut vm = self.vm.take().expect("a prepared VM");
-        match vm.start_prepared(limit, cancel) {
-            Ok(()) => {
-                let agent = crate::Vm::agent(&mut vm).clone();
-                let handle = self.handle.clone();
-                // Handed on: nothing of it is removed now.
-                self.dir = PathBuf::new();
-                Ok(Restored {
-                    vm,
-                    handle,
-                    agent,
-                    ready_ms: t0.elapsed().as_millis() as u64,
-                })
-            }
-            Err(e) => {
-                drop(vm);
-                Err(e)
-            }
-        }
+        let vm = self.vm.take().expect("a prepared VM");
+        // On failure `start` killed QEMU; the directory goes on drop.
+        let mut vm = vm.start(limit, cancel)?;
+        let agent = crate::Vm::agent(&mut vm).clone();
+        let handle = self.handle.clone();
+        // Handed on: nothing of it is removed now.
+        self.dir = PathBuf::new();
+        Ok(Restored {
+            vm,
+            handle,
+            agent,
+            ready_ms: t0.elapsed().as_millis() as u64,
+        })
     }
 
     /// QEMU's pid, directories and sockets.
@@ -181,7 +174,7 @@ impl Prepared {
         self.handle.alive()
     }
 
-    /// See [`QemuVm::warm_up`]: the guest runs for a moment (its first
+    /// See [`PreparedVm::warm_up`]: the guest runs for a moment (its first
     /// answer and a `true`) and is paused again; returns how long it ran.
     pub fn warm_up(&mut self, limit: Duration, cancel: &CancellationToken) -> Result<u64, VmError> {
         self.vm
@@ -197,7 +190,7 @@ impl Prepared {
 
     /// Where the preparation spent its time.
     pub fn phases(&self) -> crate::RestorePhases {
-        self.vm.as_ref().map(|v| v.phases).unwrap_or_default()
+        self.vm.as_ref().map(PreparedVm::phases).unwrap_or_default()
     }
 }
 

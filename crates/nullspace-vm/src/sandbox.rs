@@ -7,14 +7,12 @@
 use crate::VmError;
 use crate::agent::AgentClient;
 use crate::process;
-use crate::qemu::{QemuVm, RestoreSpec};
+use crate::qemu::QemuVm;
 use crate::qmp::Qmp;
-use crate::snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 /// A running QEMU that no Rust value owns: nothing kills it or removes its
 /// directory until [`SandboxHandle::kill`].
@@ -40,17 +38,6 @@ impl QemuVm {
             dir,
         }
     }
-}
-
-/// Restores `snapshot` (see [`crate::template::restore`]) and detaches it.
-pub fn restore_detached(
-    snapshot: &Snapshot,
-    spec: &RestoreSpec,
-    cancel: &CancellationToken,
-) -> Result<(SandboxHandle, u128), VmError> {
-    let vm = QemuVm::restore(snapshot, spec, cancel)?;
-    let ms = vm.ready_ms;
-    Ok((vm.detach(), ms))
 }
 
 impl SandboxHandle {

@@ -108,3 +108,21 @@ pub(super) fn wait_incoming(
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// An incoming migration from the file `stream` (`ignore_shared`: the RAM
+/// is a shared file and not in the stream), waited for; `Ok(true)` if the
+/// VM is paused (loaded), `Ok(false)` if it already runs.
+pub(super) fn incoming(
+    q: &mut Qmp,
+    stream: &Path,
+    ignore_shared: bool,
+    watch: &Watch,
+    deadline: Instant,
+) -> Result<bool, VmError> {
+    set_migration(q, ignore_shared)?;
+    q.execute(
+        "migrate-incoming",
+        json!({"channels": file_channel(stream)}),
+    )?;
+    wait_incoming(q, watch, deadline)
+}

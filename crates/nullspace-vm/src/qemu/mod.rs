@@ -19,7 +19,8 @@
 //! stream, read back by every restore), kept so benchmarks can compare.
 //!
 //! One job per module: [`vmm`] the driver and the specs a VM is made from,
-//! [`vm`] a running (or prepared) VM, [`snapshot`] taking snapshots of one,
+//! [`vm`] a running VM, [`restore`] the one restore path (prepare, then
+//! start), [`snapshot`] taking snapshots of one,
 //! [`args`] the QEMU command line, [`overlay`] disk overlays (and their
 //! cache) and layer rebasing with `qemu-img`, [`migration`] the QMP
 //! migration helpers, [`accel`] the KVM probe, [`child`] a VM's QEMU
@@ -30,6 +31,7 @@ mod args;
 mod child;
 mod migration;
 mod overlay;
+mod restore;
 mod snapshot;
 mod vm;
 mod vmm;
@@ -37,6 +39,7 @@ mod vmm;
 pub use crate::process::QEMU;
 pub use accel::detect_accel;
 pub use nullspace_model::snapshot::{Accel, MemoryMode, QemuVersion};
+pub use restore::PreparedVm;
 pub(crate) use snapshot::DirGuard;
 pub use vm::{AfterSnapshot, QemuVm, RestorePhases};
 pub use vmm::{BootSpec, QemuVmm, RestoreSpec};

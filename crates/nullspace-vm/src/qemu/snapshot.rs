@@ -3,11 +3,9 @@
 
 use super::args::{CommandLine, Layer, Ram};
 use super::child::{VmDir, tail};
-use super::migration::{
-    file_channel, set_migration, stop_migration, wait_incoming, wait_migration,
-};
+use super::migration::{file_channel, incoming, set_migration, stop_migration, wait_migration};
 use super::overlay::{create_overlay, rebase};
-use super::vm::{AfterSnapshot, QemuVm};
+use super::vm::{AfterSnapshot, Origin, QemuVm};
 use crate::agent::AgentClient;
 use crate::process::{self, Launch, Watch};
 use crate::qmp::RunState;
@@ -69,7 +67,7 @@ impl QemuVm {
         let _ = qmp.execute("quit", json!({}));
         drop(qmp);
         // QEMU unmaps guest RAM as it exits: only then is `memory.ram` done.
-        self.child.end(Duration::from_secs(5));
+        self.qemu.end(Duration::from_secs(5));
         std::fs::copy(&self.initrd, out.join("initrd.img")).map_err(VmError::io("copy initrd"))?;
         std::fs::copy(&self.meta.vmlinuz, out.join("vmlinuz"))
             .map_err(VmError::io(format!("copy {}", self.meta.vmlinuz.display())))?;
@@ -115,11 +113,12 @@ impl QemuVm {
         after: AfterSnapshot,
         watch: &Watch,
     ) -> Result<Snapshot, VmError> {
-        let origin = self.origin.clone().ok_or_else(|| {
-            VmError::Snapshot(
+        let Origin::Restored(origin) = &self.origin else {
+            return Err(VmError::Snapshot(
                 "only a restored VM can be snapshotted this way (a build VM is snapshotted by template::build_snapshot)".into(),
-            )
-        })?;
+            ));
+        };
+        let origin = origin.clone();
         watch.check()?;
         std::fs::create_dir(out).map_err(VmError::io(out.display().to_string()))?;
         let out = std::fs::canonicalize(out).map_err(VmError::io(out.display().to_string()))?;
@@ -189,14 +188,9 @@ impl QemuVm {
                 .ok();
             }
             AfterSnapshot::Stop => {
-                self.child.end(Duration::from_secs(5));
-                if let Some(pid) = self.adopted.take() {
-                    // Not this process's child: wait for it to go.
-                    let t = Instant::now();
-                    while process::alive(pid) && t.elapsed() < Duration::from_secs(5) {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
+                // A child is killed after the grace; an adopted QEMU is
+                // waited for (it quit).
+                self.qemu.end(Duration::from_secs(5));
             }
         }
         copied?;
@@ -325,18 +319,14 @@ impl QemuVm {
             self.cmdline.clone(),
             initrd,
             args,
+            Origin::Loader,
             Launch::SCOPED_VM,
             watch,
         )?;
         let deadline = Instant::now() + Duration::from_secs(300);
         let r = (|| {
             let mut q = tmp.qmp(Duration::from_secs(30), watch)?;
-            set_migration(&mut q, false)?;
-            q.execute(
-                "migrate-incoming",
-                json!({"channels": file_channel(stream)}),
-            )?;
-            if !wait_incoming(&mut q, watch, deadline)? {
+            if !incoming(&mut q, stream, false, watch, deadline)? {
                 return Err(VmError::Snapshot(
                     "the temporary QEMU started the guest".into(),
                 ));
@@ -353,12 +343,12 @@ impl QemuVm {
         match r {
             Ok(()) => {
                 // Guest RAM is complete once QEMU has unmapped it.
-                tmp.child.end(Duration::from_secs(5));
+                tmp.qemu.end(Duration::from_secs(5));
                 Ok(())
             }
             Err(e) => {
                 let tail = tail(&tmp.console(), 5);
-                tmp.child.kill();
+                tmp.qemu.kill();
                 Err(match e {
                     VmError::Cancelled => e,
                     e => VmError::Snapshot(format!("writing the memory file: {e} {tail}")),

@@ -3,17 +3,15 @@
 
 use super::QEMU;
 use super::args::{CommandLine, Layer, Ram, kernel_cmdline};
-use super::child::{ChildGuard, VmDir, tail};
-use super::migration::{file_channel, set_migration, wait_incoming};
-use super::overlay::restore_layers;
-use super::vmm::{BootSpec, QemuVmm, RestoreSpec};
+use super::child::{ChildGuard, Qemu, VmDir, tail};
+use super::vmm::{BootSpec, QemuVmm};
 use crate::agent::AgentClient;
 use crate::process::{self, Launch, Watch};
 use crate::qmp::{Qmp, RunState};
 use crate::snapshot::{Snapshot, VmMeta};
 use crate::{Vm, VmError, initramfs};
 use nullspace_model::snapshot::DiskFormat;
-use nullspace_model::snapshot::{MemoryMode, QemuVersion};
+use nullspace_model::snapshot::MemoryMode;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -30,33 +28,40 @@ pub enum AfterSnapshot {
     Stop,
 }
 
+/// A running VM: booted (a build VM), started from a [`PreparedVm`], or
+/// taken over after a restart ([`QemuVm::reattach`]). Dropping it kills a
+/// QEMU this process started and removes its directory.
+///
+/// [`PreparedVm`]: super::PreparedVm
 pub struct QemuVm {
-    pub(super) child: ChildGuard,
+    pub(super) qemu: Qemu,
     pub(super) dir: VmDir,
+    /// `None` after a snapshot that left it paused or stopped, until the
+    /// agent answers again.
     pub(super) agent: Option<AgentClient>,
     pub(super) meta: VmMeta,
     pub(super) cmdline: String,
     /// The initramfs it booted.
     pub(super) initrd: PathBuf,
-    /// A restored VM: the snapshot it came from (its disk overlay is
-    /// `dir/disk.qcow2`).
-    pub(super) origin: Option<Box<Snapshot>>,
-    /// Mapped memory: the RAM file (a build VM's shared file; a restored
-    /// VM's snapshot file, mapped privately).
-    pub(super) memory_file: Option<PathBuf>,
-    pub(super) qemu: Option<QemuVersion>,
-    /// A VM another process started ([`QemuVm::reattach`]): its QEMU's pid
-    /// (`child` is empty).
-    pub(super) adopted: Option<u32>,
+    pub(super) origin: Origin,
     /// Milliseconds from spawn to the agent's first answer.
     pub ready_ms: u128,
     /// A restore's parts (zero for a build VM).
     pub phases: RestorePhases,
-    /// Loaded and paused by [`QemuVm::prepare`]; the guest has not run
-    /// since the snapshot ([`QemuVm::start_prepared`] starts it).
-    pub(super) prepared: bool,
-    /// QEMU's niceness until it starts (a prepared VM's; 0 otherwise).
-    pub(super) nice: i32,
+}
+
+/// Where a VM came from, which decides how it is snapshotted.
+pub(super) enum Origin {
+    /// Booted from a disk (a build VM; `template::build_snapshot` snapshots
+    /// it). Mapped memory: its RAM is a shared mapping of this file.
+    Booted { memory_file: Option<PathBuf> },
+    /// Restored from this snapshot (its disk overlay is `dir/disk.qcow2`);
+    /// [`QemuVm::snapshot`] snapshots it.
+    Restored(Box<Snapshot>),
+    /// A temporary QEMU of [`QemuVm::snapshot`] that loads a migration
+    /// stream into a shared RAM file and writes its device state; its
+    /// guest never runs.
+    Loader,
 }
 
 /// Where a restore spent its time, in milliseconds (logged and printed by
@@ -84,6 +89,7 @@ impl QemuVm {
         cmdline: String,
         initrd: PathBuf,
         args: Vec<String>,
+        origin: Origin,
         launch: Launch,
         watch: &Watch,
     ) -> Result<QemuVm, VmError> {
@@ -95,22 +101,16 @@ impl QemuVm {
         let c = child.0.as_ref().expect("spawned");
         watch.register(c);
         dir.record(c.id())?;
-        let nice = launch.nice;
         Ok(QemuVm {
-            child,
+            qemu: Qemu::Child(child),
             dir,
             agent: None,
             meta,
             cmdline,
             initrd,
-            origin: None,
-            memory_file: None,
-            qemu: None,
-            adopted: None,
+            origin,
             ready_ms: 0,
             phases: RestorePhases::default(),
-            prepared: false,
-            nice,
         })
     }
 
@@ -138,26 +138,21 @@ impl QemuVm {
         }
         let m = &origin.manifest;
         Ok(QemuVm {
-            child: ChildGuard(None),
+            qemu: Qemu::Adopted(handle.pid),
             meta: origin.meta.vm.clone(),
             cmdline: m.device.kernel_cmdline.clone(),
             initrd: origin.path(&m.initramfs),
-            memory_file: m.memory.ram.as_ref().map(|r| origin.path(r)),
-            origin: Some(Box::new(origin)),
+            origin: Origin::Restored(Box::new(origin)),
             dir,
             agent: Some(agent),
-            qemu: None,
-            adopted: Some(handle.pid),
             ready_ms: 0,
             phases: RestorePhases::default(),
-            prepared: false,
-            nice: 0,
         })
     }
 
     pub(super) fn fail(&mut self, message: String) -> VmError {
         // Kill first so the console log is complete and no process is left.
-        self.child.kill();
+        self.qemu.kill();
         VmError::VmCreate {
             message,
             console_tail: tail(&self.console(), 30),
@@ -169,7 +164,7 @@ impl QemuVm {
     pub(super) fn fail_with(&mut self, e: VmError) -> VmError {
         match e {
             VmError::Cancelled | VmError::Incompatible { .. } | VmError::Corrupt { .. } => {
-                self.child.kill();
+                self.qemu.kill();
                 e
             }
             e => self.fail(e.to_string()),
@@ -177,25 +172,15 @@ impl QemuVm {
     }
 
     pub(super) fn exited(&mut self) -> Option<String> {
-        let c = self.child.0.as_mut()?;
-        match c.try_wait() {
-            Ok(Some(st)) => Some(format!("{QEMU} exited ({st})")),
-            _ => None,
-        }
+        self.qemu.exited()
     }
 
     pub(super) fn qmp(&mut self, limit: Duration, watch: &Watch) -> Result<Qmp, VmError> {
         let path = self.dir.path().join("qmp.sock");
-        let child = &mut self.child;
-        let adopted = self.adopted;
+        let qemu = &mut self.qemu;
         Qmp::connect_checked(&path, limit, &mut || {
             watch.check()?;
-            match child.0.as_mut().map(|c| c.try_wait()) {
-                Some(Ok(Some(st))) => Err(VmError::Agent(format!("{QEMU} exited ({st})"))),
-                None if adopted.is_some_and(process::alive) => Ok(()),
-                None => Err(VmError::Agent(format!("{QEMU} is not running"))),
-                _ => Ok(()),
-            }
+            qemu.check_running()
         })
     }
 
@@ -204,7 +189,7 @@ impl QemuVm {
         let sock = self.dir.path().join("agent.sock");
         let agent = loop {
             if watch.check().is_err() {
-                self.child.kill();
+                self.qemu.kill();
                 return Err(VmError::Cancelled);
             }
             if let Some(m) = self.exited() {
@@ -225,7 +210,7 @@ impl QemuVm {
         let left = deadline.saturating_duration_since(Instant::now());
         if let Err(e) = agent.ping(left) {
             if watch.check().is_err() {
-                self.child.kill();
+                self.qemu.kill();
                 return Err(VmError::Cancelled);
             }
             let m = self
@@ -323,283 +308,22 @@ impl QemuVm {
             pidfile: None,
         }
         .args();
-        let mut vm = QemuVm::spawn(dir, meta, cmdline, initrd, args, Launch::SCOPED_VM, watch)?;
-        vm.memory_file = memory_file;
-        vm.attach_agent(t0 + spec.boot_timeout, watch)?;
-        vm.ready_ms = t0.elapsed().as_millis();
-        Ok(vm)
-    }
-
-    /// Restores `snap` into a new QEMU: verifies the snapshot's files (once
-    /// per file identity per process), a qcow2 overlay over its disk, its
-    /// memory mapped copy-on-write (mapped) or read from the stream
-    /// (streamed), device state loaded, `cont`, agent reconnected, guest
-    /// clock set. On cancel QEMU is killed, its directory removed and
-    /// `Cancelled` returned. ([`QemuVm::prepare`] then
-    /// [`QemuVm::start_prepared`], in one call.)
-    pub fn restore(
-        snap: &Snapshot,
-        spec: &RestoreSpec,
-        cancel: &CancellationToken,
-    ) -> Result<QemuVm, VmError> {
-        let watch = Watch::new(cancel);
-        let t0 = Instant::now();
-        let deadline = t0 + spec.timeout;
-        let r = Self::prepare_watched(snap, spec, &watch).and_then(|mut vm| {
-            vm.start_watched(deadline, &watch, false)?;
-            vm.ready_ms = t0.elapsed().as_millis();
-            Ok(vm)
-        });
-        process::settle(r, watch)
-    }
-
-    /// The part of a restore that does not need the guest to run: the
-    /// files verified, the overlay made, QEMU started (`-incoming defer`,
-    /// the snapshot's device configuration and memory mapping), the device
-    /// state loaded, and the agent socket connected. The VM stays paused
-    /// until [`QemuVm::start_prepared`]: the guest has not run since the
-    /// snapshot, so a prepared VM can wait (in a pool) for as long as
-    /// needed and still start exactly where the snapshot left off. On
-    /// cancel QEMU is killed, its directory removed and `Cancelled`
-    /// returned.
-    pub fn prepare(
-        snap: &Snapshot,
-        spec: &RestoreSpec,
-        cancel: &CancellationToken,
-    ) -> Result<QemuVm, VmError> {
-        let watch = Watch::new(cancel);
-        let r = Self::prepare_watched(snap, spec, &watch);
-        process::settle(r, watch)
-    }
-
-    /// Starts a VM from [`QemuVm::prepare`] within `limit`: `cont`, then
-    /// the guest's clock and RNG are set (both requests in one round trip;
-    /// their answers are the agent's first). Kills QEMU on failure.
-    pub fn start_prepared(
-        &mut self,
-        limit: Duration,
-        cancel: &CancellationToken,
-    ) -> Result<(), VmError> {
-        let watch = Watch::new(cancel);
-        if let Some(c) = self.child.0.as_ref() {
-            watch.register(c);
-        }
-        let t0 = Instant::now();
-        let r = self.start_watched(t0 + limit, &watch, false);
-        if r.is_ok() {
-            self.ready_ms = t0.elapsed().as_millis();
-        }
-        process::settle(r, watch)
-    }
-
-    /// Whether this VM is prepared and not started yet.
-    pub fn is_prepared(&self) -> bool {
-        self.prepared
-    }
-
-    /// Runs a prepared VM for a moment and pauses it again: `cont`, the
-    /// guest's clock and RNG set, `/bin/sh -c true` through the agent,
-    /// `stop`. Under TCG a fresh QEMU translates every guest code path it
-    /// runs the first time (the guest's first answer and first command
-    /// cost 150-250 ms each here); this moves that out of the create. The
-    /// guest then is that moment (about the returned milliseconds) past
-    /// the snapshot, with an RNG of its own. Stays prepared; kills QEMU on
-    /// failure.
-    pub fn warm_up(&mut self, limit: Duration, cancel: &CancellationToken) -> Result<u64, VmError> {
-        if !self.prepared {
-            return Err(VmError::Restore("warm_up: the VM is not prepared".into()));
-        }
-        let watch = Watch::new(cancel);
-        if let Some(c) = self.child.0.as_ref() {
-            watch.register(c);
-        }
-        let t0 = Instant::now();
-        let deadline = t0 + limit;
-        let r = (|| {
-            self.start_watched(deadline, &watch, true)?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ran = self
-                .agent
-                .as_ref()
-                .map(|a| a.sh("true", left))
-                .transpose()
-                .and_then(|o| match o {
-                    Some(o) if !o.success() => Err(VmError::Restore(format!(
-                        "warm_up: `true` in the guest failed: {o:?}"
-                    ))),
-                    _ => Ok(()),
-                });
-            ran.map_err(|e| self.fail_with(e))?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            let stop = self
-                .qmp(left, &watch)
-                .and_then(|mut q| q.execute("stop", json!({})).map(|_| ()));
-            stop.map_err(|e| self.fail_with(e))?;
-            self.prepared = true;
-            Ok(t0.elapsed().as_millis() as u64)
-        })();
-        process::settle(r, watch)
-    }
-
-    pub(super) fn prepare_watched(
-        snap: &Snapshot,
-        spec: &RestoreSpec,
-        watch: &Watch,
-    ) -> Result<QemuVm, VmError> {
-        let t0 = Instant::now();
-        let deadline = t0 + spec.timeout;
-        let mut phases = RestorePhases::default();
-        let ms = |t: Instant| t.elapsed().as_millis() as u64;
-        watch.check()?;
-        snap.verify()?;
-        phases.verify = ms(t0);
-        watch.check()?;
-        let dir = VmDir::temp(spec.work_dir.as_deref(), "ns-sbx-")?;
-        let t = Instant::now();
-        let layers = restore_layers(snap, &dir.path().join("disk.qcow2"))?;
-        phases.overlay = ms(t);
-        let meta = snap.meta.vm.clone();
-        let m = &snap.manifest;
-        let ram_file = m.memory.ram.as_ref().map(|r| snap.path(r));
-        let initrd = snap.path(&m.initramfs);
-        let args = CommandLine {
-            meta: &meta,
-            cmdline: &m.device.kernel_cmdline,
-            dir: dir.path(),
-            initrd: &initrd,
-            disk: &layers,
-            ram: match &ram_file {
-                Some(p) => Ram::File {
-                    path: p,
-                    private: true,
-                },
-                None => Ram::Anonymous,
-            },
-            incoming: true,
-            pidfile: spec.pidfile.as_deref(),
-        }
-        .args();
-        let t = Instant::now();
-        // Restored VMs outlive this thread (handed on, or detached).
+        let origin = Origin::Booted {
+            memory_file: memory_file.clone(),
+        };
         let mut vm = QemuVm::spawn(
             dir,
             meta,
-            m.device.kernel_cmdline.clone(),
+            cmdline,
             initrd,
             args,
-            Launch::detached_vm(spec.nice),
+            origin,
+            Launch::SCOPED_VM,
             watch,
         )?;
-        vm.origin = Some(Box::new(snap.clone()));
-        vm.memory_file = ram_file;
-        let r = vm.load_state(snap, deadline, watch, &mut phases, t);
-        let paused = r.map_err(|e| vm.fail_with(e))?;
-        // QEMU made the agent's socket before its QMP answered. The guest
-        // reads what is sent now (the session's `hello`) once it runs.
-        let sock = vm.dir.path().join("agent.sock");
-        let left = deadline.saturating_duration_since(Instant::now());
-        match AgentClient::connect(&sock, left.min(Duration::from_secs(5))) {
-            Ok(a) => vm.agent = Some(a),
-            Err(e) => return Err(vm.fail(format!("restore: the agent socket: {e}"))),
-        }
-        vm.prepared = paused;
-        vm.phases = phases;
+        vm.attach_agent(t0 + spec.boot_timeout, watch)?;
+        vm.ready_ms = t0.elapsed().as_millis();
         Ok(vm)
-    }
-
-    /// `cont`, the clock and RNG; `warming`: a [`QemuVm::warm_up`], which
-    /// keeps a prepared VM's niceness.
-    pub(super) fn start_watched(
-        &mut self,
-        deadline: Instant,
-        watch: &Watch,
-        warming: bool,
-    ) -> Result<(), VmError> {
-        let t = Instant::now();
-        if self.nice != 0 && !warming {
-            // A machine now: it runs at the priority of every other.
-            let pid = crate::Vm::pid(self);
-            process::spawn::renice(pid, 0).map_err(|e| {
-                self.fail(format!(
-                    "restore: setting QEMU (pid {pid}) back to niceness 0: {e}"
-                ))
-            })?;
-            self.nice = 0;
-        }
-        if self.prepared {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let cont = self
-                .qmp(left, watch)
-                .and_then(|mut q| q.execute("cont", json!({})).map(|_| ()));
-            cont.map_err(|e| self.fail_with(e))?;
-            self.prepared = false;
-        }
-        if self.agent.is_none() {
-            self.attach_agent(deadline, watch)?;
-        }
-        self.sync_guest_clock(deadline, watch)?;
-        self.phases.start = t.elapsed().as_millis() as u64;
-        Ok(())
-    }
-
-    /// QEMU version check, then the device state (and streamed RAM) in;
-    /// whether the VM is paused (not running) afterwards.
-    pub(super) fn load_state(
-        &mut self,
-        snap: &Snapshot,
-        deadline: Instant,
-        watch: &Watch,
-        phases: &mut RestorePhases,
-        spawned: Instant,
-    ) -> Result<bool, VmError> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut qmp = self.qmp(left, watch)?;
-        let version = qmp.version()?;
-        phases.spawn = spawned.elapsed().as_millis() as u64;
-        let t = Instant::now();
-        snap.manifest
-            .check_qemu(&version)
-            .map_err(|e| VmError::Incompatible {
-                dir: snap.dir.display().to_string(),
-                detail: e.to_string(),
-            })?;
-        self.qemu = Some(version);
-        set_migration(&mut qmp, snap.manifest.memory.mode == MemoryMode::Mapped)?;
-        qmp.execute(
-            "migrate-incoming",
-            json!({"channels": file_channel(&snap.path(&snap.manifest.memory.state))}),
-        )?;
-        let paused = wait_incoming(&mut qmp, watch, deadline)?;
-        phases.load = t.elapsed().as_millis() as u64;
-        Ok(paused)
-    }
-
-    /// Sends the host's wall clock and fresh entropy to a restored guest
-    /// (its clock continues from the snapshot's time, and every clone of a
-    /// snapshot starts with the same RNG state). The two requests go out
-    /// together; their answers are also the agent's first sign of life.
-    pub(super) fn sync_guest_clock(
-        &mut self,
-        deadline: Instant,
-        watch: &Watch,
-    ) -> Result<(), VmError> {
-        let Some(agent) = self.agent.as_ref() else {
-            return Ok(());
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let synced = agent.sync_after_restore(std::time::SystemTime::now(), left);
-        if let Err(e) = synced {
-            if watch.check().is_err() {
-                self.child.kill();
-                return Err(VmError::Cancelled);
-            }
-            let m = self
-                .exited()
-                .map(|m| format!("{m} before the guest agent answered"))
-                .unwrap_or_else(|| format!("restore: setting the guest clock and RNG: {e}"));
-            return Err(self.fail(m));
-        }
-        Ok(())
     }
 
     /// Drops the agent connection and connects again (what a host does
@@ -630,15 +354,8 @@ impl QemuVm {
     /// Releases QEMU and the VM directory from this handle's cleanup: the
     /// process keeps running and the directory stays (see [`crate::sandbox`]).
     pub(crate) fn release(self) -> (u32, PathBuf) {
-        let QemuVm {
-            mut child,
-            dir,
-            adopted,
-            ..
-        } = self;
-        // Dropping a `Child` neither kills nor waits for it.
-        let pid = child.0.take().map(|c| c.id()).or(adopted).unwrap_or(0);
-        (pid, dir.keep())
+        let QemuVm { qemu, dir, .. } = self;
+        (qemu.release(), dir.keep())
     }
 
     pub fn meta(&self) -> &VmMeta {
@@ -650,13 +367,20 @@ impl QemuVm {
     }
 
     /// The guest RAM file (mapped memory).
-    pub fn memory_file(&self) -> Option<&Path> {
-        self.memory_file.as_deref()
+    pub fn memory_file(&self) -> Option<PathBuf> {
+        match &self.origin {
+            Origin::Booted { memory_file } => memory_file.clone(),
+            Origin::Loader => None,
+            Origin::Restored(snap) => snap.manifest.memory.ram.as_ref().map(|r| snap.path(r)),
+        }
     }
 
     /// The snapshot a restored VM came from.
     pub fn origin(&self) -> Option<&Snapshot> {
-        self.origin.as_deref()
+        match &self.origin {
+            Origin::Booted { .. } | Origin::Loader => None,
+            Origin::Restored(snap) => Some(snap),
+        }
     }
 
     /// QMP `query-status` (`running`, `paused`, `postmigrate`, …).
@@ -701,12 +425,7 @@ impl Vm for QemuVm {
     }
 
     fn pid(&self) -> u32 {
-        self.child
-            .0
-            .as_ref()
-            .map(|c| c.id())
-            .or(self.adopted)
-            .unwrap_or(0)
+        self.qemu.pid()
     }
 
     fn console(&self) -> String {
