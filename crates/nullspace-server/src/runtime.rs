@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nullspace_vm::machine::MachineHandle;
 use nullspace_vm::machine::{self, MachineSpec};
 use nullspace_vm::pool::{self, Pool, PoolConfig, PoolKey};
-use nullspace_vm::sandbox::SandboxHandle;
 use nullspace_vm::{AfterSnapshot, CancellationToken, QemuVm, Snapshot};
 
 use crate::guest::Guest;
@@ -85,7 +85,7 @@ impl Drop for Reservation {
 /// A running machine of this node.
 pub struct Live {
     pub id: String,
-    pub handle: SandboxHandle,
+    pub handle: MachineHandle,
     /// The VM (what snapshots it); `None` once it ended.
     vm: std::sync::Mutex<Option<QemuVm>>,
     pub guest: Guest,
@@ -427,7 +427,7 @@ impl Runtime {
     pub async fn adopt(
         &self,
         id: &str,
-        handle: SandboxHandle,
+        handle: MachineHandle,
         base: Snapshot,
         reservation: Reservation,
     ) -> Result<Arc<Live>, RuntimeError> {
@@ -522,10 +522,10 @@ impl Runtime {
 
     /// The handle of machine `id`'s VM, whose QEMU is `pid`: its directory
     /// (the `ns-sbx-*` one a restore makes in the machine's) and sockets.
-    pub fn handle_of(&self, id: &str, pid: u32) -> SandboxHandle {
+    pub fn handle_of(&self, id: &str, pid: u32) -> MachineHandle {
         let mdir = self.machine_dir(id);
         let dir = machine::vm_dir(&mdir).unwrap_or(mdir);
-        SandboxHandle {
+        MachineHandle {
             pid,
             agent_socket: dir.join("agent.sock"),
             qmp_socket: dir.join("qmp.sock"),
@@ -552,7 +552,7 @@ impl Runtime {
     pub async fn destroy(
         &self,
         id: &str,
-        handle: Option<SandboxHandle>,
+        handle: Option<MachineHandle>,
     ) -> Result<(), RuntimeError> {
         let live = self.remove(id);
         let handle = live.as_ref().map(|l| l.handle.clone()).or(handle);
@@ -593,7 +593,7 @@ impl Runtime {
             let dir = e.path();
             if let (Some(pid), Some(vm)) = (machine::pidfile_pid(&dir), machine::vm_dir(&dir)) {
                 // Killed only if the pid's command line names this VM's sockets.
-                let h = SandboxHandle {
+                let h = MachineHandle {
                     pid,
                     agent_socket: vm.join("agent.sock"),
                     qmp_socket: vm.join("qmp.sock"),

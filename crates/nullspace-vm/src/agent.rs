@@ -1211,7 +1211,7 @@ impl AgentClient {
     }
 
     /// Replaces the guest's runtime defaults (env, user, workdir: used by the
-    /// start command and every later exec, also in restored sandboxes) and
+    /// start command and every later exec, also in restored machines) and
     /// starts `cmd` as the supervised start command (reported by `info`).
     /// Returns its pid. For a VM booted with `GuestConfig::defer_start`.
     pub fn start(

@@ -1,9 +1,9 @@
 //! nullspace microVMs: the guest kernel and initramfs, VMM drivers behind
 //! [`Vmm`], the host side of the guest agent, readiness waiting per the
 //! spec's probes, and memory+disk snapshots restored with a copy-on-write
-//! disk per sandbox.
+//! disk per machine.
 //!
-//! A template build calls [`template::build_snapshot`]; a sandbox is
+//! A template build calls [`template::build_snapshot`]; a machine is
 //! [`template::restore`]d from the snapshot directory it wrote (see
 //! [`snapshot`] for its files and manifest), and a restored VM can be
 //! snapshotted again ([`QemuVm::snapshot`]). Every call that runs a VM
@@ -24,7 +24,6 @@ pub mod qemu;
 pub mod qmp;
 pub mod readiness;
 pub mod rootfs;
-pub mod sandbox;
 pub mod snapshot;
 pub mod template;
 

@@ -2,7 +2,7 @@
 //! build steps in it ([`build_snapshot_with_steps`], the native backend),
 //! start the start command with the runtime defaults, wait for readiness,
 //! snapshot memory + disk.
-//! Sandboxes restore it with a qcow2 overlay each.
+//! Machines restore it with a qcow2 overlay each.
 //!
 //! The snapshot directory's files and manifest: see [`crate::snapshot`].
 
@@ -44,7 +44,7 @@ pub struct TemplateSpec {
     pub disk_mb: Option<u64>,
     pub boot_timeout: Duration,
     /// Guest networking (QEMU user-mode NAT to the host's network, e.g. for
-    /// `apt_install`/`pip_install` steps); default off. Sandboxes restored
+    /// `apt_install`/`pip_install` steps); default off. Machines restored
     /// from the snapshot keep the network device.
     pub network: bool,
     /// How the snapshot stores guest memory (default: mapped).
@@ -346,7 +346,7 @@ fn build_inner(
     Snapshot::open(out)
 }
 
-/// A sandbox from a snapshot: a new QEMU with `-incoming`, a qcow2 overlay
+/// A machine from a snapshot: a new QEMU with `-incoming`, a qcow2 overlay
 /// over the snapshot disk, memory mapped (or streamed), `cont`, agent
 /// reconnected. See [`QemuVm::restore`].
 pub fn restore(

@@ -111,6 +111,8 @@ fn prepare_watched(
     snap.verify()?;
     phases.verify = ms(t0);
     watch.check()?;
+    // `ns-sbx-`: from when machines were called sandboxes; kept, since a
+    // server takes over machines whose directories an older one made.
     let dir = VmDir::temp(spec.work_dir.as_deref(), "ns-sbx-")?;
     let t = Instant::now();
     let layers = restore_layers(snap, &dir.path().join("disk.qcow2"))?;

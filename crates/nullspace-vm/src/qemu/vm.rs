@@ -120,7 +120,7 @@ impl QemuVm {
     /// here. Its directory is reached through links in a directory of this
     /// value's own (removed on drop; the VM's stays).
     pub fn reattach(
-        handle: &crate::sandbox::SandboxHandle,
+        handle: &crate::machine::MachineHandle,
         origin: Snapshot,
         agent: AgentClient,
     ) -> Result<QemuVm, VmError> {
@@ -352,7 +352,7 @@ impl QemuVm {
     }
 
     /// Releases QEMU and the VM directory from this handle's cleanup: the
-    /// process keeps running and the directory stays (see [`crate::sandbox`]).
+    /// process keeps running and the directory stays (see [`crate::machine::MachineHandle`]).
     pub(crate) fn release(self) -> (u32, PathBuf) {
         let QemuVm { qemu, dir, .. } = self;
         (qemu.release(), dir.keep())

@@ -130,7 +130,7 @@ impl BootSpec {
 
 #[derive(Debug, Clone)]
 pub struct RestoreSpec {
-    /// Parent of the sandbox's private directory (overlay, sockets);
+    /// Parent of the machine's private directory (overlay, sockets);
     /// `None` = the system temp dir.
     pub work_dir: Option<PathBuf>,
     pub timeout: Duration,

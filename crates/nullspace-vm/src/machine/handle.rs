@@ -1,8 +1,8 @@
-//! Sandboxes that outlive the process that restored them: a restored
-//! [`QemuVm`] is [`detach`](QemuVm::detach)ed into a [`SandboxHandle`]
+//! A machine's handle, valid across processes: a restored [`QemuVm`] is
+//! [`detach`](QemuVm::detach)ed into a [`MachineHandle`]
 //! (QEMU's pid and its directory: overlay, agent and QMP sockets, console
 //! log), which can be saved, reattached to from another process with
-//! [`SandboxHandle::agent`], and ended with [`SandboxHandle::kill`].
+//! [`MachineHandle::agent`], and ended with [`MachineHandle::kill`].
 
 use crate::VmError;
 use crate::agent::AgentClient;
@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// A running QEMU that no Rust value owns: nothing kills it or removes its
-/// directory until [`SandboxHandle::kill`].
+/// directory until [`MachineHandle::kill`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SandboxHandle {
+pub struct MachineHandle {
     pub pid: u32,
     /// QEMU's private directory: `disk.qcow2`, `agent.sock`, `qmp.sock`,
     /// `console.log`.
@@ -29,9 +29,9 @@ pub struct SandboxHandle {
 impl QemuVm {
     /// Leaves QEMU running and its directory in place after this value is
     /// gone (the agent connection is closed; the guest waits for the next).
-    pub fn detach(self) -> SandboxHandle {
+    pub fn detach(self) -> MachineHandle {
         let (pid, dir) = self.release();
-        SandboxHandle {
+        MachineHandle {
             pid,
             agent_socket: dir.join("agent.sock"),
             qmp_socket: dir.join("qmp.sock"),
@@ -40,9 +40,9 @@ impl QemuVm {
     }
 }
 
-impl SandboxHandle {
+impl MachineHandle {
     /// QEMU is running: the pid exists, is not a zombie, and its command
-    /// line names this sandbox's agent socket (so a reused pid is not taken
+    /// line names this machine's agent socket (so a reused pid is not taken
     /// for it).
     pub fn alive(&self) -> bool {
         process::procfs::runs_naming(self.pid, self.agent_socket.as_os_str().as_encoded_bytes())
@@ -52,7 +52,7 @@ impl SandboxHandle {
     pub fn agent(&self, limit: Duration) -> Result<AgentClient, VmError> {
         if !self.alive() {
             return Err(VmError::Agent(format!(
-                "the sandbox's QEMU (pid {}) is not running",
+                "the machine's QEMU (pid {}) is not running",
                 self.pid
             )));
         }
@@ -77,7 +77,7 @@ impl SandboxHandle {
             while self.alive() && t.elapsed() < grace {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            // Only while its command line names this sandbox's agent socket
+            // Only while its command line names this machine's agent socket
             // (a reused pid is never hit).
             let needle = self.agent_socket.as_os_str().as_encoded_bytes();
             process::signal::kill_naming(self.pid, needle, Duration::from_secs(10));

@@ -1,4 +1,6 @@
-//! Machines: restored VMs that outlive the process that started them.
+//! Machines: restored VMs that outlive the process that started them
+//! (the word for a running VM throughout nullspace; [`MachineHandle`] in
+//! `handle.rs` finds one again from another process).
 //!
 //! A machine lives in a directory of the caller's (e.g.
 //! `DATA_DIR/machines/<id>`): QEMU's pid in `qemu.pid`, and the VM's own
@@ -6,15 +8,17 @@
 //! agent and QMP sockets, the console log). QEMU leads a process group of
 //! its own (a signal to the server's group is not its own) and does not
 //! die with the thread that restored it. A process that restarts finds it
-//! again from its [`SandboxHandle`] (pid, directory, sockets; the pid's
+//! again from its [`MachineHandle`] (pid, directory, sockets; the pid's
 //! command line must name its agent socket) and takes it over with
 //! [`reattach`], after which it is snapshotted like a VM restored here
 //! ([`QemuVm::snapshot`]: fork, snapshot, pause).
 
+mod handle;
+pub use handle::{MachineHandle, socket_path_fits};
+
 use crate::VmError;
 use crate::agent::AgentClient;
 use crate::qemu::{PreparedVm, QemuVm, RestoreSpec};
-use crate::sandbox::{SandboxHandle, socket_path_fits};
 use crate::snapshot::Snapshot;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -38,14 +42,14 @@ pub struct MachineSpec {
 pub struct Restored {
     pub vm: QemuVm,
     /// What a later process needs to find it again.
-    pub handle: SandboxHandle,
+    pub handle: MachineHandle,
     pub agent: AgentClient,
     /// QEMU start to the agent's first answer, in milliseconds.
     pub ready_ms: u64,
 }
 
-fn handle_of(pid: u32, dir: &Path) -> SandboxHandle {
-    SandboxHandle {
+fn handle_of(pid: u32, dir: &Path) -> MachineHandle {
+    MachineHandle {
         pid,
         agent_socket: dir.join("agent.sock"),
         qmp_socket: dir.join("qmp.sock"),
@@ -81,7 +85,7 @@ pub struct Prepared {
     vm: Option<PreparedVm>,
     /// The machine directory.
     dir: PathBuf,
-    handle: SandboxHandle,
+    handle: MachineHandle,
     /// QEMU start to paused and loaded, in milliseconds.
     pub prepare_ms: u64,
 }
@@ -160,7 +164,7 @@ impl Prepared {
     }
 
     /// QEMU's pid, directories and sockets.
-    pub fn handle(&self) -> &SandboxHandle {
+    pub fn handle(&self) -> &MachineHandle {
         &self.handle
     }
 
@@ -207,7 +211,7 @@ impl Drop for Prepared {
 /// Takes over the running machine `handle` (restored from `origin` by an
 /// earlier process): its agent answers within `limit`.
 pub fn reattach(
-    handle: &SandboxHandle,
+    handle: &MachineHandle,
     origin: Snapshot,
     limit: Duration,
 ) -> Result<Restored, VmError> {
