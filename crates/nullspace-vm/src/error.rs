@@ -70,6 +70,9 @@ pub enum VmError {
         file: String,
         detail: String,
     },
+    /// A run directory's records (lock, pidfile) could not be kept.
+    #[error(transparent)]
+    Process(#[from] crate::process::ProcessError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -93,7 +96,7 @@ impl VmError {
 
             VmError::Incompatible { .. } => "snapshot_incompatible",
             VmError::Corrupt { .. } => "snapshot_corrupt",
-            VmError::Io { .. } => "io",
+            VmError::Process(_) | VmError::Io { .. } => "io",
         }
     }
 

@@ -54,12 +54,3 @@ pub enum ProcessError {
         source: std::io::Error,
     },
 }
-
-impl From<ProcessError> for crate::VmError {
-    fn from(e: ProcessError) -> crate::VmError {
-        crate::VmError::Io {
-            context: "process records".into(),
-            source: std::io::Error::other(e),
-        }
-    }
-}
