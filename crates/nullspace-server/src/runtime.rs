@@ -524,13 +524,7 @@ impl Runtime {
     /// (the `ns-sbx-*` one a restore makes in the machine's) and sockets.
     pub fn handle_of(&self, id: &str, pid: u32) -> MachineHandle {
         let mdir = self.machine_dir(id);
-        let dir = machine::vm_dir(&mdir).unwrap_or(mdir);
-        MachineHandle {
-            pid,
-            agent_socket: dir.join("agent.sock"),
-            qmp_socket: dir.join("qmp.sock"),
-            dir,
-        }
+        MachineHandle::new(pid, machine::vm_dir(&mdir).unwrap_or(mdir))
     }
 
     /// A path under the data directory as records keep it: relative, so a
@@ -593,13 +587,7 @@ impl Runtime {
             let dir = e.path();
             if let (Some(pid), Some(vm)) = (machine::pidfile_pid(&dir), machine::vm_dir(&dir)) {
                 // Killed only if the pid's command line names this VM's sockets.
-                let h = MachineHandle {
-                    pid,
-                    agent_socket: vm.join("agent.sock"),
-                    qmp_socket: vm.join("qmp.sock"),
-                    dir: vm,
-                };
-                let _ = h.kill(Duration::from_secs(2));
+                let _ = MachineHandle::new(pid, vm).kill(Duration::from_secs(2));
             }
             let _ = std::fs::remove_dir_all(&dir);
             swept.push(id);

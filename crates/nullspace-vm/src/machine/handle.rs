@@ -31,6 +31,15 @@ impl QemuVm {
     /// gone (the agent connection is closed; the guest waits for the next).
     pub fn detach(self) -> MachineHandle {
         let (pid, dir) = self.release();
+        MachineHandle::new(pid, dir)
+    }
+}
+
+impl MachineHandle {
+    /// The handle of QEMU `pid` running in the VM directory `dir` (its
+    /// sockets are `dir/agent.sock` and `dir/qmp.sock`).
+    pub fn new(pid: u32, dir: impl Into<PathBuf>) -> MachineHandle {
+        let dir = dir.into();
         MachineHandle {
             pid,
             agent_socket: dir.join("agent.sock"),
@@ -38,9 +47,7 @@ impl QemuVm {
             dir,
         }
     }
-}
 
-impl MachineHandle {
     /// QEMU is running: the pid exists, is not a zombie, and its command
     /// line names this machine's agent socket (so a reused pid is not taken
     /// for it).

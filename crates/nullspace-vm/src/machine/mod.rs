@@ -48,15 +48,6 @@ pub struct Restored {
     pub ready_ms: u64,
 }
 
-fn handle_of(pid: u32, dir: &Path) -> MachineHandle {
-    MachineHandle {
-        pid,
-        agent_socket: dir.join("agent.sock"),
-        qmp_socket: dir.join("qmp.sock"),
-        dir: dir.to_path_buf(),
-    }
-}
-
 /// Restores `snap` as a machine in `spec.dir` (see [`QemuVm::restore`]:
 /// verified files, an overlay, memory mapped copy-on-write, the guest's
 /// clock and RNG set) and writes QEMU's pid beside it. On failure nothing
@@ -122,7 +113,7 @@ pub fn prepare(
         )?;
         // QEMU wrote its pidfile as it started (and removes it when it
         // exits); written again here in case it could not.
-        let handle = handle_of(vm.pid(), vm.dir());
+        let handle = MachineHandle::new(vm.pid(), vm.dir());
         std::fs::write(dir.join(PID_FILE), format!("{}\n", handle.pid))
             .map_err(VmError::io("machine pidfile"))?;
         Ok(Prepared {
