@@ -20,11 +20,11 @@ use nullspace_model::build::rules;
 use nullspace_model::build::status::BuildStatus as Status;
 use nullspace_model::build::status::{LogKind, LogLevel};
 use nullspace_model::build::step::Step;
-use nullspace_model::refs;
-use nullspace_server::model::{
+use nullspace_model::build::wire::{
     BuildPage, BuildRecord, BuildStatus as StatusSnapshot, FailureDetail, LogEntry, TagEntry,
     TemplateInfo,
 };
+use nullspace_model::refs;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Method;
 use serde::Serialize;
