@@ -43,12 +43,18 @@ struct Setup {
 }
 
 fn setup(args: &[&str]) -> Setup {
+    setup_from(args, |reg, scratch| reg.push_demo(scratch, "demo/web"))
+}
+
+/// A server with the template `web` built from the image `push` puts in
+/// the registry (it returns the reference).
+fn setup_from(args: &[&str], push: impl FnOnce(&Registry, &Path) -> String) -> Setup {
     let tmp = tempfile::Builder::new()
         .prefix("ns-mach")
         .tempdir()
         .unwrap();
     let reg = Registry::start(Auth::None);
-    let image = reg.push_demo(tmp.path(), "demo/web");
+    let image = push(&reg, tmp.path());
     let init = init_bin();
     let mut a = vec!["--build-vm", "--init-bin", init.as_str()];
     a.extend_from_slice(args);
@@ -760,6 +766,47 @@ fn sdk_lifecycle_events_stdin_and_git() {
     assert!(
         failures.is_empty() && r.stdout.contains("DONE"),
         "failed: {failures:?}\n{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+}
+
+const GIT_SCENARIO: &str = include_str!("machines_git_scenario.py");
+
+/// Every git call of SDK 1.0.3, unpatched, run by git in the guest (a
+/// template carrying the host's git and its libraries), each checked by
+/// its effect on the repositories.
+#[test]
+fn git_through_sdk_1_0_3_in_a_template_with_git() {
+    let _s = serial();
+    let s = setup_from(&[], |reg, scratch| {
+        let git = nullspace_testkit::image::host_programs_layer(
+            &["/usr/bin/git"],
+            &[
+                // The demo image's PATH is busybox's /bin.
+                ("/bin/git", "/usr/bin/git"),
+                ("/usr/lib/git-core/git-upload-pack", "/usr/bin/git"),
+                ("/usr/lib/git-core/git-receive-pack", "/usr/bin/git"),
+                ("/usr/lib/git-core/git-upload-archive", "/usr/bin/git"),
+            ],
+        )
+        .expect("a layer with the host's git");
+        let img = nullspace_testkit::image::demo_image_with(git).expect("demo image");
+        reg.push_image(scratch, "demo/git", &img)
+    });
+    let t = Instant::now();
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        GIT_SCENARIO,
+        &[("NS_TEMPLATE", "web")],
+    );
+    eprintln!("git scenario in {:?}", t.elapsed());
+    assert!(
+        r.stdout.contains("GIT OK"),
+        "{}\n{}\nserver log:\n{}",
         r.stdout,
         r.stderr,
         s.server.log_text()
