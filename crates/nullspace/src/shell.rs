@@ -143,10 +143,30 @@ async fn session(base: &str, key: &str, id: &str, o: Options) -> Result<i32, She
     } else {
         None
     };
+    let kill = PtyRequest::PtyKill {
+        id: s.req.clone(),
+        session_id: s.sid.clone(),
+    };
     let r = s.pump(&mut tx, &mut rx, guard.as_ref()).await;
+    // Sessions outlive their socket: unless the terminal ended by itself,
+    // end it rather than leave it running in the machine.
+    if !matches!(r, Ok(End::Exited(_))) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), send(&mut tx, &kill, id)).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), tx.close()).await;
     drop(guard);
-    r
+    match r? {
+        End::Exited(code) => Ok(code),
+        End::Signal(n) => Ok(128 + n),
+    }
+}
+
+/// How a session ended, short of an error.
+enum End {
+    /// The machine's terminal exited with this code.
+    Exited(i32),
+    /// This process got this signal.
+    Signal(i32),
 }
 
 /// Waits for `pty_started`; returns the session id.
@@ -245,7 +265,7 @@ impl Session<'_> {
         tx: &mut Tx,
         rx: &mut Rx,
         raw: Option<&tty::RawMode>,
-    ) -> Result<i32, ShellError> {
+    ) -> Result<End, ShellError> {
         let id = self.id;
         let sig = |k: SignalKind| signal(k).map_err(ShellError::Tty);
         let on = |n: Sig| Ok::<_, ShellError>((n.as_raw(), sig(SignalKind::from_raw(n.as_raw()))?));
@@ -284,7 +304,7 @@ impl Session<'_> {
                             .and_then(|()| stdout.flush())
                             .map_err(ShellError::Stdout)?;
                     }
-                    Ok(Some(PtyEvent::PtyExited { exit_code, .. })) => return Ok(exit_code),
+                    Ok(Some(PtyEvent::PtyExited { exit_code, .. })) => return Ok(End::Exited(exit_code)),
                     Ok(Some(PtyEvent::Error { code, message, .. })) => {
                         return Err(ShellError::Remote { id: id.into(), code, message });
                     }
@@ -319,11 +339,7 @@ impl Session<'_> {
                         r.reapply().map_err(ShellError::Tty)?;
                     }
                 }
-                n = any_of(&mut ends) => {
-                    let kill = PtyRequest::PtyKill { id: self.req.clone(), session_id: self.sid.clone() };
-                    let _ = tokio::time::timeout(Duration::from_secs(2), send(tx, &kill, id)).await;
-                    return Ok(128 + n);
-                }
+                n = any_of(&mut ends) => return Ok(End::Signal(n)),
             }
             for f in out {
                 if send_failed.is_some() {
