@@ -137,6 +137,9 @@ async fn session(base: &str, key: &str, id: &str, o: Options) -> Result<i32, She
         sid,
         size: (cols, rows),
     };
+    // Before raw mode: from here on these signals are returns, never a
+    // death with the terminal left raw.
+    let mut sigs = Signals::install(tty::size().is_some(), raw)?;
     // Held to the end of this function: every return restores the terminal.
     let guard = if raw {
         Some(tty::RawMode::enter().map_err(ShellError::Tty)?)
@@ -147,7 +150,7 @@ async fn session(base: &str, key: &str, id: &str, o: Options) -> Result<i32, She
         id: s.req.clone(),
         session_id: s.sid.clone(),
     };
-    let r = s.pump(&mut tx, &mut rx, guard.as_ref()).await;
+    let r = s.pump(&mut tx, &mut rx, guard.as_ref(), &mut sigs).await;
     // Sessions outlive their socket: unless the terminal ended by itself,
     // end it rather than leave it running in the machine.
     if !matches!(r, Ok(End::Exited(_))) {
@@ -265,22 +268,10 @@ impl Session<'_> {
         tx: &mut Tx,
         rx: &mut Rx,
         raw: Option<&tty::RawMode>,
+        sigs: &mut Signals,
     ) -> Result<End, ShellError> {
         let id = self.id;
-        let sig = |k: SignalKind| signal(k).map_err(ShellError::Tty);
-        let on = |n: Sig| Ok::<_, ShellError>((n.as_raw(), sig(SignalKind::from_raw(n.as_raw()))?));
-        let mut ends = [on(Sig::TERM)?, on(Sig::HUP)?, on(Sig::INT)?, on(Sig::QUIT)?];
-        // Resizes matter only when there is a window to follow.
-        let mut winch = match tty::size() {
-            Some(_) => Some(sig(SignalKind::window_change())?),
-            None => None,
-        };
-        // A job-control shell may reset the terminal while this process is
-        // stopped; raw mode is put back when it continues.
-        let mut cont = match raw {
-            Some(_) => Some(sig(SignalKind::from_raw(Sig::CONT.as_raw()))?),
-            None => None,
-        };
+        let Signals { ends, winch, cont } = sigs;
         let (in_tx, mut input) = mpsc::channel::<Vec<u8>>(INPUT_QUEUE);
         read_stdin(in_tx);
         let mut input_open = true;
@@ -321,7 +312,7 @@ impl Session<'_> {
                         }
                     }
                 },
-                Some(()) = recv_some(&mut winch) => {
+                Some(()) = recv_some(winch) => {
                     if let Some(size) = tty::size()
                         && size != self.size
                     {
@@ -334,12 +325,12 @@ impl Session<'_> {
                         });
                     }
                 }
-                Some(()) = recv_some(&mut cont) => {
+                Some(()) = recv_some(cont) => {
                     if let Some(r) = raw {
                         r.reapply().map_err(ShellError::Tty)?;
                     }
                 }
-                n = any_of(&mut ends) => return Ok(End::Signal(n)),
+                n = any_of(ends) => return Ok(End::Signal(n)),
             }
             for f in out {
                 if send_failed.is_some() {
@@ -351,6 +342,34 @@ impl Session<'_> {
                 }
             }
         }
+    }
+}
+
+/// The signals a session follows.
+struct Signals {
+    /// SIGTERM, SIGHUP, SIGINT, SIGQUIT with their numbers: they end it.
+    ends: [(i32, Signal); 4],
+    /// SIGWINCH, when there is a window to follow.
+    winch: Option<Signal>,
+    /// SIGCONT in raw mode: a job-control shell may have reset the
+    /// terminal while this process was stopped.
+    cont: Option<Signal>,
+}
+
+impl Signals {
+    fn install(resize: bool, raw: bool) -> Result<Signals, ShellError> {
+        let sig = |n: Sig| signal(SignalKind::from_raw(n.as_raw())).map_err(ShellError::Tty);
+        let end = |n: Sig| Ok::<_, ShellError>((n.as_raw(), sig(n)?));
+        Ok(Signals {
+            ends: [
+                end(Sig::TERM)?,
+                end(Sig::HUP)?,
+                end(Sig::INT)?,
+                end(Sig::QUIT)?,
+            ],
+            winch: if resize { Some(sig(Sig::WINCH)?) } else { None },
+            cont: if raw { Some(sig(Sig::CONT)?) } else { None },
+        })
     }
 }
 
