@@ -85,6 +85,8 @@ pub enum ShellError {
     Stdout(std::io::Error),
     #[error("the local terminal: {0}")]
     Tty(std::io::Error),
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
     #[error("starting the client runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -278,6 +280,7 @@ impl Session<'_> {
         // A failed send ends input; the reason is reported if no exit
         // frame is left to read.
         let mut send_failed: Option<ShellError> = None;
+        let mut remote: Option<ShellError> = None;
         let mut stdout = std::io::stdout();
         loop {
             let mut out = vec![];
@@ -296,11 +299,15 @@ impl Session<'_> {
                             .map_err(ShellError::Stdout)?;
                     }
                     Ok(Some(PtyEvent::PtyExited { exit_code, .. })) => return Ok(End::Exited(exit_code)),
+                    // An answer to one of our frames (input racing the
+                    // exit, say) or the session's failure, which the
+                    // server follows by closing: reported only if no exit
+                    // frame comes.
                     Ok(Some(PtyEvent::Error { code, message, .. })) => {
-                        return Err(ShellError::Remote { id: id.into(), code, message });
+                        remote = Some(ShellError::Remote { id: id.into(), code, message });
                     }
                     Ok(Some(PtyEvent::PtyStarted { .. }) | None) => {}
-                    Err(e) => return Err(send_failed.unwrap_or(e)),
+                    Err(e) => return Err(remote.or(send_failed).unwrap_or(e)),
                 },
                 chunk = input.recv(), if input_open => match chunk {
                     Some(bytes) => out.push(self.input(&bytes)),
@@ -358,7 +365,7 @@ struct Signals {
 
 impl Signals {
     fn install(resize: bool, raw: bool) -> Result<Signals, ShellError> {
-        let sig = |n: Sig| signal(SignalKind::from_raw(n.as_raw())).map_err(ShellError::Tty);
+        let sig = |n: Sig| signal(SignalKind::from_raw(n.as_raw())).map_err(ShellError::Signals);
         let end = |n: Sig| Ok::<_, ShellError>((n.as_raw(), sig(n)?));
         Ok(Signals {
             ends: [
