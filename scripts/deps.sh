@@ -23,6 +23,7 @@ NULLSPACE_APT_PACKAGES=(
   postgresql        # the shared store, started per test run by the harness
   python3-venv      # the published Python SDK runs in a venv for API tests
   ca-certificates curl
+  git               # the git tests, and the git a machine test's template carries
   cpio              # the guest initramfs is packed with it
   util-linux        # unshare (engine builds without network), runuser
   debootstrap       # the realistic Debian image of the VM test and benchmarks
@@ -78,7 +79,7 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
 REQUIRED_PROGRAMS=(
   qemu-system-x86_64 qemu-img buildah skopeo umoci docker-registry e2fsck debugfs
   mkfs.ext4 htpasswd openssl cpio unshare runuser busybox curl debootstrap python3
-  cargo
+  cargo git ldd
 )
 missing=()
 for p in "${REQUIRED_PROGRAMS[@]}"; do command -v "$p" >/dev/null 2>&1 || missing+=("$p"); done

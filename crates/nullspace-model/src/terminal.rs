@@ -29,6 +29,13 @@ pub enum PtyRequest {
         cwd: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         envs: Option<BTreeMap<String, String>>,
+        /// nullspace's own (the SDK sends neither): the guest user the
+        /// terminal runs as (default: the template's) ...
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        /// ... and a shell line run instead of the login shell.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cmd: Option<String>,
     },
     /// Exactly one of `session_id` and (legacy) `pid`.
     PtyConnect {
@@ -174,9 +181,27 @@ mod tests {
             PtyRequest::PtyStart {
                 cols: 120,
                 rows: 30,
+                user: None,
+                cmd: None,
                 ..
             }
         ));
+        // The CLI's extension: absent fields stay off the wire.
+        let start = PtyRequest::PtyStart {
+            id: json!("x"),
+            cols: 80,
+            rows: 24,
+            cwd: None,
+            envs: None,
+            user: Some("root".into()),
+            cmd: Some("top".into()),
+        };
+        let v = serde_json::to_value(&start).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "pty_start", "id": "x", "cols": 80, "rows": 24, "user": "root", "cmd": "top"})
+        );
+        assert_eq!(serde_json::from_value::<PtyRequest>(v).unwrap(), start);
         let r: PtyRequest =
             serde_json::from_value(json!({"type": "pty_connect", "id": "x", "pid": 7})).unwrap();
         assert_eq!(

@@ -1,27 +1,38 @@
 //! The garbage collector (`nullspace gc`, and periodically in the server).
 //!
+//! One rule, references and leases, never file age (see
+//! [`nullspace_store::artifacts`] for the locks that make it race-free):
+//! while the collector runs it holds the artifact store exclusively, lists
+//! what exists, then marks, then removes what is unmarked.
+//!
 //! Mark: the roots are every ready build of a template that still exists
 //! (its artifact manifest, every digest that manifest names, its snapshot
-//! directory and every digest the snapshot's files name), every uploaded
-//! context blob, every live machine's template snapshot, and anything of a live
-//! (waiting or building) build. Sweep:
+//! directory and every digest the snapshot's files name), every announced
+//! context blob, every live machine's template snapshot, everything leased
+//! to a live (waiting or building) build, and the work and snapshot
+//! directories of live builds. Sweep:
 //!
 //! - artifacts (`artifacts/sha256/*`) and snapshots
-//!   (`artifacts/snapshots/*`) nothing marks, once older than
-//!   [`Policy::min_age`] (a running build stores its rootfs before any
-//!   manifest names it; a commit sets the mtime, so young files are spared);
+//!   (`artifacts/snapshots/*`) nothing marks;
+//! - leases whose holder is no longer live (what it kept is referenced by
+//!   its record now, or garbage);
 //! - final-artifact cache entries whose build is no longer a root;
 //! - logs of builds that ended more than [`Policy::log_retention`] ago;
-//! - leftovers in `artifacts/tmp/`, `work/` and the layer cache's temp
-//!   spools older than [`Policy::leftover_age`] that no live build owns.
+//! - spools in `artifacts/tmp/` that no process holds, and `work/`
+//!   directories of builds that are not live;
+//! - machine snapshot directories no snapshot row names, once no take
+//!   holds their `.taking` marker (a crash between the VM's snapshot and
+//!   its record).
 //!
 //! A ready build whose artifacts were collected says so in its record
-//! (`artifact_availability: unavailable`).
+//! (`artifact_availability: unavailable`). Recorded machine snapshots are
+//! the machine core's: deleted when no live machine or later snapshot
+//! references them (`machines::snapshots`).
 
 use nullspace_model::build::status::BuildStatus as Status;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -30,23 +41,19 @@ use crate::builds;
 use crate::error::{ApiError, ApiResult};
 use crate::model::{Availability, iso};
 use crate::state::Shared;
+use nullspace_store::artifacts::{Artifacts, Leased};
+use nullspace_store::inflight;
 
 #[derive(Debug, Clone)]
 pub struct Policy {
     /// Logs of builds that ended longer ago than this are removed.
     pub log_retention: Duration,
-    /// Unreferenced artifacts and snapshots younger than this are kept.
-    pub min_age: Duration,
-    /// Leftovers in `tmp/` and `work/` younger than this are kept.
-    pub leftover_age: Duration,
 }
 
 impl Default for Policy {
     fn default() -> Self {
         Policy {
             log_retention: Duration::from_secs(30 * 24 * 3600),
-            min_age: Duration::from_secs(3600),
-            leftover_age: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -54,7 +61,8 @@ impl Default for Policy {
 /// One thing the collector removed (or, in a dry run, would remove).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Item {
-    /// `artifact`, `snapshot`, `logs`, `cache_entry`, `tmp` or `work`.
+    /// `artifact`, `snapshot`, `machine_snapshot`, `lease`, `logs`,
+    /// `cache_entry`, `tmp` or `work`.
     pub kind: &'static str,
     /// A path, or a build id (logs) or cache key (cache entries).
     pub what: String,
@@ -82,6 +90,10 @@ struct Marks {
     orphaned: Vec<String>,
     /// Builds whose artifacts are roots.
     rooted: BTreeSet<String>,
+    /// Holders of leases that keep nothing any more.
+    expired_leases: Vec<String>,
+    /// Machine snapshot directories (and markers) of takes that crashed.
+    unrecorded: Vec<PathBuf>,
 }
 
 /// Every `sha256:…` string anywhere in `v`.
@@ -188,14 +200,23 @@ async fn mark(state: &Shared) -> ApiResult<Marks> {
             }
         }
     }
+    let leases = state.artifacts.leases().map_err(ApiError::internal)?;
+    let snapshots = state.template_snapshots_dir();
+    for (holder, kept) in leases {
+        if !m.live.contains(&holder) {
+            m.expired_leases.push(holder);
+            continue;
+        }
+        for what in kept {
+            match what {
+                Leased::Artifact(d) => {
+                    m.digests.insert(d.to_string());
+                }
+                Leased::Snapshot(name) => mark_snapshot(&snapshots.join(name), &mut m),
+            }
+        }
+    }
     Ok(m)
-}
-
-fn older_than(p: &Path, age: Duration) -> bool {
-    std::fs::symlink_metadata(p)
-        .and_then(|md| md.modified())
-        .map(|t| SystemTime::now().duration_since(t).unwrap_or_default() >= age)
-        .unwrap_or(false)
 }
 
 fn size_of(p: &Path) -> u64 {
@@ -230,7 +251,29 @@ fn remove(p: &Path) -> std::io::Result<()> {
 /// Runs the collector once (see the module docs). `dry_run` lists what it
 /// would remove, with sizes, and changes nothing.
 pub async fn collect(state: &Shared, policy: &Policy, dry_run: bool) -> ApiResult<Report> {
-    let marks = mark(state).await?;
+    let artifacts = state.artifacts.clone();
+    let _hold = tokio::task::spawn_blocking(move || artifacts.collecting())
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    // List before marking: what appears later is no candidate (a build
+    // row exists before its directories do), and while the hold lasts
+    // nothing is committed or leased.
+    let st = state.clone();
+    let mut found = tokio::task::spawn_blocking(move || list(&st))
+        .await
+        .map_err(ApiError::internal)?;
+    let mut marks = mark(state).await?;
+    // Machine snapshots no row names and no take holds.
+    for (name, p) in std::mem::take(&mut found.machine_snapshots) {
+        let (id, marker) = match name.strip_suffix(".taking") {
+            Some(id) => (id.to_string(), p.clone()),
+            None => (name.clone(), p.with_extension("taking")),
+        };
+        if !inflight::is_held(&marker) && state.store.snapshot(&id).await?.is_none() {
+            marks.unrecorded.push(p);
+        }
+    }
     let mut report = Report {
         dry_run,
         ..Default::default()
@@ -250,9 +293,8 @@ pub async fn collect(state: &Shared, policy: &Policy, dry_run: bool) -> ApiResul
         }
     }
     let st = state.clone();
-    let pol = policy.clone();
     let ((items, errors), orphaned) =
-        tokio::task::spawn_blocking(move || sweep(&st, &pol, &marks, dry_run))
+        tokio::task::spawn_blocking(move || sweep(&st, found, &marks, dry_run))
             .await
             .map_err(ApiError::internal)?;
     report.items.extend(items);
@@ -292,9 +334,60 @@ pub async fn collect(state: &Shared, policy: &Policy, dry_run: bool) -> ApiResul
 
 type Swept = ((Vec<Item>, Vec<String>), Vec<String>);
 
+/// What exists when the collection starts.
+struct Found {
+    /// `(digest, path)` of every artifact.
+    artifacts: Vec<(String, PathBuf)>,
+    snapshots: Vec<PathBuf>,
+    /// `(id, path)` of machine snapshot directories and markers.
+    machine_snapshots: Vec<(String, PathBuf)>,
+    spools: Vec<PathBuf>,
+    work: Vec<PathBuf>,
+}
+
+fn entries(dir: &Path) -> Vec<std::fs::DirEntry> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect()
+}
+
+fn list(state: &Shared) -> Found {
+    let art = state.config.data_dir.join("artifacts");
+    let artifacts = ["sha256", "sha512"]
+        .into_iter()
+        .flat_map(|alg| {
+            entries(&art.join(alg)).into_iter().map(move |e| {
+                (
+                    format!("{alg}:{}", e.file_name().to_string_lossy()),
+                    e.path(),
+                )
+            })
+        })
+        .collect();
+    let paths = |d: &Path| entries(d).iter().map(|e| e.path()).collect::<Vec<_>>();
+    Found {
+        artifacts,
+        snapshots: paths(&state.template_snapshots_dir()),
+        machine_snapshots: entries(&state.machines.machine_snapshots_dir)
+            .iter()
+            .map(|e| (name_of(&e.path()), e.path()))
+            .collect(),
+        spools: paths(&state.artifacts.tmp_dir()),
+        work: paths(&state.work_dir),
+    }
+}
+
+fn name_of(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// The file-system half of the sweep; returns the items, the ids of
 /// orphaned builds whose artifacts it removed, and errors.
-fn sweep(state: &Shared, policy: &Policy, marks: &Marks, dry_run: bool) -> Swept {
+fn sweep(state: &Shared, found: Found, marks: &Marks, dry_run: bool) -> Swept {
     let mut items = vec![];
     let mut errors = vec![];
     let mut take = |kind: &'static str, p: PathBuf, items: &mut Vec<Item>| {
@@ -309,30 +402,13 @@ fn sweep(state: &Shared, policy: &Policy, marks: &Marks, dry_run: bool) -> Swept
             bytes,
         });
     };
-    let art = state.config.data_dir.join("artifacts");
-    for alg in ["sha256", "sha512"] {
-        for e in std::fs::read_dir(art.join(alg))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let digest = format!("{alg}:{}", e.file_name().to_string_lossy());
-            if !marks.digests.contains(&digest) && older_than(&e.path(), policy.min_age) {
-                take("artifact", e.path(), &mut items);
-            }
+    for (digest, p) in found.artifacts {
+        if !marks.digests.contains(&digest) {
+            take("artifact", p, &mut items);
         }
     }
-    for e in std::fs::read_dir(state.snapshots_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let p = e.path();
-        if marks.live.contains(owner_of(&name))
-            || marks.snapshots.contains(&canonical(&p))
-            || !older_than(&p, policy.min_age)
-        {
+    for p in found.snapshots {
+        if marks.live.contains(owner_of(&name_of(&p))) || marks.snapshots.contains(&canonical(&p)) {
             continue;
         }
         if !dry_run {
@@ -344,24 +420,29 @@ fn sweep(state: &Shared, policy: &Policy, marks: &Marks, dry_run: bool) -> Swept
         }
         take("snapshot", p, &mut items);
     }
-    for e in std::fs::read_dir(art.join("tmp"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        if older_than(&e.path(), policy.leftover_age) {
-            take("tmp", e.path(), &mut items);
+    for p in found.spools {
+        if !Artifacts::spool_in_use(&p) {
+            take("tmp", p, &mut items);
         }
     }
-    for e in std::fs::read_dir(&state.work_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !marks.live.contains(owner_of(&name)) && older_than(&e.path(), policy.leftover_age) {
-            take("work", e.path(), &mut items);
+    for p in found.work {
+        if !marks.live.contains(owner_of(&name_of(&p))) {
+            take("work", p, &mut items);
         }
+    }
+    for p in &marks.unrecorded {
+        take("machine_snapshot", p.clone(), &mut items);
+    }
+    for holder in &marks.expired_leases {
+        if !dry_run && let Err(e) = state.artifacts.release(holder) {
+            errors.push(format!("releasing the leases of {holder}: {e}"));
+            continue;
+        }
+        items.push(Item {
+            kind: "lease",
+            what: holder.clone(),
+            bytes: 0,
+        });
     }
     let collected = marks.orphaned.clone();
     ((items, errors), collected)

@@ -1190,13 +1190,9 @@ async fn blob_put(
     // Stream the body to a temp file through the verifier.
     use futures_util::StreamExt;
     let mut stream = body.into_data_stream();
-    let tmp = s
-        .artifacts
-        .tmp_dir()
-        .join(format!("{blob_id}.{}", nullspace_store::new_id("")));
-    let mut f = tokio::fs::File::create(&tmp)
-        .await
-        .map_err(ApiError::internal)?;
+    // A spool its writer holds: the collector leaves it alone until dropped.
+    let mut spool = s.artifacts.spool("blob").map_err(ApiError::internal)?;
+    let mut f = tokio::fs::File::from_std(spool.file.try_clone().map_err(ApiError::internal)?);
     let mut hasher = nullspace_digest::Hasher::new(nullspace_digest::Algorithm::Sha256);
     let mut n: i64 = 0;
     use tokio::io::AsyncWriteExt;
@@ -1226,15 +1222,18 @@ async fn blob_put(
         Ok(())
     }
     .await;
-    if let Err(e) = res {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
-    }
+    // Dropping the spool removes it.
+    res?;
+    drop(f);
     let artifacts = s.artifacts.clone();
-    tokio::task::spawn_blocking(move || artifacts.adopt(&tmp))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    tokio::task::spawn_blocking(move || {
+        artifacts
+            .writing()
+            .and_then(|w| w.commit_spool(&mut spool, &expected))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
     s.store
         .put_blob_meta(&c.namespace, &blob_id, &sha, size, true)
         .await?;

@@ -115,7 +115,7 @@ pub struct Runtime {
     /// `DATA_DIR/machines`.
     pub machines_dir: PathBuf,
     /// `DATA_DIR/snapshots`: machine snapshots.
-    pub snapshots_dir: PathBuf,
+    pub machine_snapshots_dir: PathBuf,
     pub limits: Limits,
     usage: Arc<Mutex<Usage>>,
     live: Mutex<HashMap<String, Arc<Live>>>,
@@ -188,7 +188,7 @@ impl Runtime {
             node_id: node_id(data_dir)?,
             data_dir: std::fs::canonicalize(data_dir)?,
             machines_dir: std::fs::canonicalize(&machines_dir)?,
-            snapshots_dir: std::fs::canonicalize(&snapshots_dir)?,
+            machine_snapshots_dir: std::fs::canonicalize(&snapshots_dir)?,
             limits,
             usage: Default::default(),
             live: Default::default(),

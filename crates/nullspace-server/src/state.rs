@@ -252,7 +252,9 @@ impl AppState {
         self.config.data_dir.join("run")
     }
 
-    pub fn snapshots_dir(&self) -> PathBuf {
+    /// `DATA_DIR/artifacts/snapshots`: the snapshots builds take, which
+    /// templates start from (machines' own are `Runtime::machine_snapshots_dir`).
+    pub fn template_snapshots_dir(&self) -> PathBuf {
         self.config.data_dir.join("artifacts/snapshots")
     }
 }

@@ -9,6 +9,7 @@ use nullspace_model::machine::MachineStatus;
 use std::path::{Path, PathBuf};
 
 use nullspace_server::{Config, gc};
+use nullspace_store::artifacts::Leased;
 use nullspace_store::{BuildRow, MachineRow};
 use serde_json::json;
 
@@ -26,14 +27,9 @@ async fn ready_build(
     id: &str,
 ) -> Built {
     let art = |d: &nullspace_digest::Digest| state.artifacts.path(d);
-    let (rootfs, _) = state
-        .artifacts
-        .put(format!("rootfs of {id}").as_bytes())
-        .unwrap();
-    let (kernel, _) = state
-        .artifacts
-        .put(format!("kernel of {id}").as_bytes())
-        .unwrap();
+    let w = state.artifacts.writing().unwrap();
+    let (rootfs, _) = w.put(format!("rootfs of {id}").as_bytes()).unwrap();
+    let (kernel, _) = w.put(format!("kernel of {id}").as_bytes()).unwrap();
     let snapshot = data.join("artifacts/snapshots").join(format!("{id}.1"));
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::write(snapshot.join("memory"), vec![7u8; 4096]).unwrap();
@@ -47,10 +43,8 @@ async fn ready_build(
         "start_cmd": null, "readiness": null, "image": {}, "oci": {},
         "snapshot": snapshot.display().to_string(),
     });
-    let (m, _) = state
-        .artifacts
-        .put(manifest.to_string().as_bytes())
-        .unwrap();
+    let (m, _) = w.put(manifest.to_string().as_bytes()).unwrap();
+    drop(w);
     state
         .store
         .insert_build(&BuildRow {
@@ -145,15 +139,52 @@ async fn collects_only_what_nothing_references() {
         })
         .await
         .unwrap();
+    // Machine snapshots: a recorded one stays; one a take is writing (its
+    // marker held) stays; a crash's leftover (no row, marker not held) goes.
+    let msnaps = data.join("snapshots");
+    let recorded = msnaps.join("snap_recorded");
+    let taking = msnaps.join("snap_taking");
+    let crashed = msnaps.join("snap_crashed");
+    for d in [&recorded, &taking, &crashed] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("memory"), b"m").unwrap();
+    }
+    std::fs::write(msnaps.join("snap_crashed.taking"), b"").unwrap();
+    let held =
+        nullspace_store::inflight::InFlight::hold(&msnaps.join("snap_taking.taking")).unwrap();
+    state
+        .store
+        .insert_snapshot(&nullspace_store::SnapshotRow {
+            id: "snap_recorded".into(),
+            namespace: "team-a".into(),
+            machine_id: "mch_live".into(),
+            node_id: "node_a".into(),
+            parent_id: String::new(),
+            created_at: 1,
+            record: "{}".into(),
+        })
+        .await
+        .unwrap();
     let live_snapshot = data.join("artifacts/snapshots/tb_live.1");
     std::fs::create_dir_all(&live_snapshot).unwrap();
+    // What the live build stored and leased (no record names it yet) stays;
+    // a lease of a build that ended keeps nothing.
+    let w = state.artifacts.writing().unwrap();
+    let (leased, _) = w.put(&b"rootfs of tb_live"[..]).unwrap();
+    assert!(
+        w.lease("tb_live", &Leased::Artifact(leased.clone()))
+            .unwrap()
+    );
+    let (stale, _) = w.put(&b"rootfs of a build that failed"[..]).unwrap();
+    assert!(
+        w.lease("tb_failed", &Leased::Artifact(stale.clone()))
+            .unwrap()
+    );
+    drop(w);
     assert!(state.store.delete_template(&gone_t).await.unwrap());
     assert!(state.store.delete_template(&used_t).await.unwrap());
 
-    let policy = gc::Policy {
-        min_age: std::time::Duration::ZERO,
-        ..Default::default()
-    };
+    let policy = gc::Policy::default();
     let dry = gc::collect(&state, &policy, true).await.unwrap();
     let listed: Vec<&str> = dry.items.iter().map(|i| i.what.as_str()).collect();
     for p in [
@@ -192,6 +223,16 @@ async fn collects_only_what_nothing_references() {
         live_snapshot.exists(),
         "a running build's snapshot directory"
     );
+    assert!(state.artifacts.contains(&leased), "a live build's lease");
+    assert!(recorded.exists() && taking.exists(), "{:#?}", done.items);
+    assert!(!crashed.exists() && !msnaps.join("snap_crashed.taking").exists());
+    assert!(!state.artifacts.contains(&stale), "an ended build's lease");
+    let leases = state.artifacts.leases().unwrap();
+    assert_eq!(leases.keys().collect::<Vec<_>>(), ["tb_live"]);
     let again = gc::collect(&state, &policy, false).await.unwrap();
     assert!(again.items.is_empty(), "{:#?}", again.items);
+    // The take ended without a record (it failed): its directory goes now.
+    drop(held);
+    let last = gc::collect(&state, &policy, false).await.unwrap();
+    assert!(!taking.exists(), "{:#?}", last.items);
 }

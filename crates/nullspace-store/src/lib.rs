@@ -4,13 +4,15 @@
 //!   Postgres when given a `postgres://` URL. Both run the same queries
 //!   through sqlx's `Any` driver (numbered `$N` parameters, portable types:
 //!   TEXT for JSON documents, BIGINT epoch milliseconds for times).
-//! - A content-addressed artifact store on disk ([`artifacts`]).
+//! - A content-addressed artifact store on disk ([`artifacts`]), and the
+//!   in-flight markers that tell work from a crash's leftover ([`inflight`]).
 //!
 //! Records are stored as JSON documents next to the few columns queries
 //! need. The store does not interpret them: the server owns their shape.
 //! Nothing here may ever hold a secret value; callers sanitize first.
 
 pub mod artifacts;
+pub mod inflight;
 pub mod lifecycle;
 pub mod machines;
 

@@ -332,6 +332,92 @@ pub fn docker_archive(out: &Path, tag: &str, img: &BuiltImage, new_format: bool)
     b.finish().expect("tar finish");
 }
 
+/// A layer carrying host programs and every shared library `ldd` names for
+/// them, at the paths the loader asks for, plus symlinks `(path, target)`:
+/// for a template that needs a tool the demo's busybox lacks (git), built
+/// without a network.
+pub fn host_programs_layer(programs: &[&str], links: &[(&str, &str)]) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context as _;
+    let mut files = std::collections::BTreeSet::new();
+    for p in programs {
+        files.insert(p.to_string());
+        let out = std::process::Command::new("ldd")
+            .arg(p)
+            .output()
+            .with_context(|| format!("ldd {p}"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ldd {p}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // `libz.so.1 => /lib/…/libz.so.1 (0x…)` or `/lib64/ld-linux-….so.2 (0x…)`.
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.trim(),
+                None => line.trim(),
+            };
+            if let Some(path) = path
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
+            {
+                files.insert(path.to_string());
+            }
+        }
+    }
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    };
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut add_parents = |b: &mut tar::Builder<Vec<u8>>, path: &str| -> anyhow::Result<()> {
+        let rel = path.trim_start_matches('/');
+        let mut acc = String::new();
+        for part in Path::new(rel).parent().into_iter().flat_map(|p| p.iter()) {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(&part.to_string_lossy());
+            if dirs.insert(acc.clone()) {
+                let mut h = header(tar::EntryType::Directory, 0o755, 0);
+                b.append_data(&mut h, format!("{acc}/"), std::io::empty())?;
+            }
+        }
+        Ok(())
+    };
+    for f in &files {
+        let data = fs::read(f).with_context(|| format!("reading {f}"))?;
+        add_parents(&mut b, f)?;
+        let mut h = header(tar::EntryType::Regular, 0o755, data.len() as u64);
+        b.append_data(&mut h, f.trim_start_matches('/'), &data[..])?;
+    }
+    for (path, target) in links {
+        add_parents(&mut b, path)?;
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        b.append_link(&mut h, path.trim_start_matches('/'), target)?;
+    }
+    Ok(b.into_inner()?)
+}
+
+/// [`demo_image`] with one more layer on top (gzip).
+pub fn demo_image_with(layer: Vec<u8>) -> anyhow::Result<BuiltImage> {
+    let demo = nullspace_oci::demo::demo_image()?;
+    let mut layers: Vec<Layer> = demo
+        .layers
+        .into_iter()
+        .map(|l| Layer::new(l, Compression::Gzip))
+        .collect();
+    layers.push(Layer::new(layer, Compression::Gzip));
+    Ok(ImageSpec::new(layers).config(demo.config).build())
+}
+
 /// The embedded demo image (`nullspace_oci::demo`: Debian's static busybox
 /// with its applet links, a user database, an application layer), with a
 /// gzip base layer and a zstd app layer. Needs the `busybox-static` package.

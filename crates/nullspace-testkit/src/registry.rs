@@ -147,6 +147,15 @@ impl Registry {
         self.push_layout(&layout, "1", repo)
     }
 
+    /// Pushes `img` as `REPO:1` and returns its reference.
+    pub fn push_image(&self, scratch: &Path, repo: &str, img: &crate::image::BuiltImage) -> String {
+        let layout = scratch.join(format!("layout-{}", repo.replace('/', "-")));
+        crate::image::Layout::create(&layout)
+            .image("1", img)
+            .finish();
+        self.push_layout(&layout, "1", repo)
+    }
+
     /// Pushes `oci:LAYOUT:TAG` to `REPO:TAG` with skopeo (`--all` keeps
     /// indexes), which also cross-checks what the testkit wrote.
     pub fn push_layout(&self, layout: &Path, tag: &str, repo: &str) -> String {

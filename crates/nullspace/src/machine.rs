@@ -71,6 +71,25 @@ pub enum MachineCommand {
         #[arg(last = true, required = true, value_name = "CMD")]
         cmd: Vec<String>,
     },
+    /// An interactive terminal in a running machine, in this terminal
+    /// (raw mode, resized with the window); exits with the terminal's exit
+    /// code. Standard input may be a pipe: its end is sent as Ctrl-D.
+    Shell {
+        id: String,
+        /// Start in this directory.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// As this user in the guest (default: the template's).
+        #[arg(long)]
+        user: Option<String>,
+        /// Run this shell line instead of the user's login shell.
+        #[arg(long)]
+        cmd: Option<String>,
+        /// KEY=VALUE added to the environment (repeatable); `TERM` is this
+        /// terminal's unless given.
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+    },
     /// Read, write or list files in a machine.
     #[command(subcommand)]
     Files(FilesCommand),
@@ -274,6 +293,26 @@ pub fn run(c: MachineCommand) -> Result<()> {
             std::io::stdout().flush()?;
             if r.exit_code != 0 {
                 std::process::exit(r.exit_code.clamp(1, 255));
+            }
+            Ok(())
+        }
+        MachineCommand::Shell {
+            id,
+            cwd,
+            user,
+            cmd,
+            env,
+        } => {
+            let o = crate::shell::Options {
+                cwd,
+                user,
+                cmd,
+                env: key_values(&env)?,
+            };
+            // The terminal is restored when `run` returns, before exiting.
+            let code = crate::shell::run(&api, &id, o)?;
+            if code != 0 {
+                std::process::exit(code.clamp(1, 255));
             }
             Ok(())
         }

@@ -4,6 +4,7 @@ mod image;
 mod machine;
 mod progress;
 mod server;
+mod shell;
 mod template;
 
 use std::process::ExitCode;

@@ -110,12 +110,6 @@ pub struct GcPolicyArgs {
     /// Days build logs are kept after the build ended.
     #[arg(long, env = "NULLSPACE_LOG_RETENTION_DAYS", default_value_t = 30)]
     log_retention_days: u64,
-    /// Unreferenced artifacts and snapshots younger than this (seconds) are kept.
-    #[arg(long, default_value_t = 3600)]
-    gc_min_age_secs: u64,
-    /// Leftovers in tmp/ and work/ younger than this (seconds) are kept.
-    #[arg(long, default_value_t = 86400)]
-    gc_leftover_age_secs: u64,
 }
 
 impl GcPolicyArgs {
@@ -123,8 +117,6 @@ impl GcPolicyArgs {
         use std::time::Duration;
         nullspace_server::gc::Policy {
             log_retention: Duration::from_secs(self.log_retention_days * 24 * 3600),
-            min_age: Duration::from_secs(self.gc_min_age_secs),
-            leftover_age: Duration::from_secs(self.gc_leftover_age_secs),
         }
     }
 }

@@ -20,11 +20,11 @@ use nullspace_model::build::rules;
 use nullspace_model::build::status::BuildStatus as Status;
 use nullspace_model::build::status::{LogKind, LogLevel};
 use nullspace_model::build::step::Step;
-use nullspace_model::refs;
-use nullspace_server::model::{
+use nullspace_model::build::wire::{
     BuildPage, BuildRecord, BuildStatus as StatusSnapshot, FailureDetail, LogEntry, TagEntry,
     TemplateInfo,
 };
+use nullspace_model::refs;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Method;
 use serde::Serialize;
@@ -576,7 +576,7 @@ impl ApiError {
     /// Both body shapes the SDK accepts: flat, or `error` as an object whose
     /// fields win over the top level. Read as a `Value`: the body may also
     /// be a proxy's text, or a shape `ErrorBody` does not describe.
-    fn from_body(status: u16, body: &str) -> ApiError {
+    pub(crate) fn from_body(status: u16, body: &str) -> ApiError {
         let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
         let nested = v.get("error").filter(|e| e.is_object());
         let field = |k: &str| {
@@ -670,6 +670,16 @@ impl Api {
             key,
             http,
         })
+    }
+
+    /// The base URL, without a trailing slash.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The API key (sent as `Authorization: Bearer`).
+    pub(crate) fn key(&self) -> &str {
+        &self.key
     }
 
     /// Sends a request; 429 is retried like the SDK does (3 times, honouring

@@ -43,12 +43,18 @@ struct Setup {
 }
 
 fn setup(args: &[&str]) -> Setup {
+    setup_from(args, |reg, scratch| reg.push_demo(scratch, "demo/web"))
+}
+
+/// A server with the template `web` built from the image `push` puts in
+/// the registry (it returns the reference).
+fn setup_from(args: &[&str], push: impl FnOnce(&Registry, &Path) -> String) -> Setup {
     let tmp = tempfile::Builder::new()
         .prefix("ns-mach")
         .tempdir()
         .unwrap();
     let reg = Registry::start(Auth::None);
-    let image = reg.push_demo(tmp.path(), "demo/web");
+    let image = push(&reg, tmp.path());
     let init = init_bin();
     let mut a = vec!["--build-vm", "--init-bin", init.as_str()];
     a.extend_from_slice(args);
@@ -511,6 +517,293 @@ fn the_cli_drives_machines() {
     assert_eq!(s.server.qemu_pids(), Vec::<u32>::new());
 }
 
+/// A pseudo-terminal opened by the test: the CLI gets its terminal end as
+/// its controlling terminal (`setsid --ctty`), the test types into and
+/// reads from the other end and resizes it.
+struct Terminal {
+    master: std::sync::Arc<std::os::fd::OwnedFd>,
+    slave: std::os::fd::OwnedFd,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Terminal {
+    fn open(cols: u16, rows: u16) -> Terminal {
+        use rustix::fs::{Mode, OFlags};
+        use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+        let master =
+            openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).expect("openpt");
+        grantpt(&master).unwrap();
+        unlockpt(&master).unwrap();
+        let name = ptsname(&master, Vec::new()).unwrap();
+        let slave = rustix::fs::open(
+            name.as_c_str(),
+            OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let t = Terminal {
+            master: std::sync::Arc::new(master),
+            slave,
+            out: Default::default(),
+        };
+        t.resize(cols, rows);
+        let (master, out) = (t.master.clone(), t.out.clone());
+        // Ends with the test process: the read blocks while the test holds
+        // the terminal end.
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = rustix::io::read(&*master, &mut buf) {
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        t
+    }
+
+    /// The CLI with this terminal as its standard streams and controlling
+    /// terminal (so the kernel signals it on a resize).
+    fn spawn(&self, s: &Setup, args: &[&str]) -> std::process::Child {
+        let fd = || std::process::Stdio::from(self.slave.try_clone().unwrap());
+        std::process::Command::new("setsid")
+            .args(["--wait", "--ctty"])
+            .arg(nullspace_testkit::nullspace_bin())
+            .args(args)
+            .env("NULLSPACE_API_URL", &s.server.url)
+            .env("NULLSPACE_API_KEY", &s.key)
+            .env("TERM", "vt100")
+            .stdin(fd())
+            .stdout(fd())
+            .stderr(fd())
+            .spawn()
+            .unwrap()
+    }
+
+    fn resize(&self, cols: u16, rows: u16) {
+        let w = rustix::termios::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(&*self.master, w).unwrap();
+    }
+
+    fn type_in(&self, keys: &str) {
+        let mut b = keys.as_bytes();
+        while !b.is_empty() {
+            let n = rustix::io::write(&*self.master, b).unwrap();
+            b = &b[n..];
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).to_string()
+    }
+
+    /// Waits until the output holds `needle` (after `from` bytes).
+    fn until(&self, from: usize, needle: &str, s: &Setup) -> usize {
+        let end = Instant::now() + Duration::from_secs(90);
+        loop {
+            let out = self.out.lock().unwrap();
+            if let Some(i) = String::from_utf8_lossy(&out[from.min(out.len())..]).find(needle) {
+                return from + i + needle.len();
+            }
+            drop(out);
+            assert!(
+                Instant::now() < end,
+                "no {needle:?} in the terminal:\n{}\nserver log:\n{}",
+                self.text(),
+                s.server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The terminal's local modes (ICANON, ECHO, ISIG...) as the CLI left them.
+    fn local_modes(&self) -> rustix::termios::LocalModes {
+        rustix::termios::tcgetattr(&self.slave).unwrap().local_modes
+    }
+
+    /// Waits until the CLI has put the terminal in raw mode.
+    fn until_raw(&self, s: &Setup) {
+        use rustix::termios::LocalModes;
+        let end = Instant::now() + Duration::from_secs(90);
+        while self
+            .local_modes()
+            .intersects(LocalModes::ICANON | LocalModes::ECHO)
+        {
+            assert!(
+                Instant::now() < end,
+                "the terminal never went raw:\n{}\nserver log:\n{}",
+                self.text(),
+                s.server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn wait_exit(child: &mut std::process::Child, t: &Terminal, s: &Setup) -> i32 {
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(
+            Instant::now() < end,
+            "the CLI did not exit:\n{}\nserver log:\n{}",
+            t.text(),
+            s.server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `nullspace machine shell` in a real pseudo-terminal: raw mode while it
+/// runs, typed keys run in the machine, a resize of the window reaches it
+/// (`stty size`), the exit code passes on and the terminal's settings are
+/// back afterwards; SIGTERM ends the session (none is left in the guest)
+/// and restores them too. Pipes, `--cmd`, `--user`, and the errors for a
+/// machine that does not exist or does not run.
+#[test]
+fn the_shell_command_is_a_terminal() {
+    use rustix::termios::LocalModes;
+    let _s = serial();
+    let s = setup(&[]);
+    let nullspace = |args: &[&str], stdin: &[u8]| {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(nullspace_testkit::nullspace_bin())
+            .args(args)
+            .env("NULLSPACE_API_URL", &s.server.url)
+            .env("NULLSPACE_API_KEY", &s.key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, id, err) = nullspace(&["machine", "create", "web"], b"");
+    assert_eq!(code, 0, "{err}\n{}", s.server.log_text());
+    let id = id.trim().to_string();
+
+    let t = Terminal::open(80, 24);
+    let cooked = t.local_modes();
+    assert!(cooked.contains(LocalModes::ICANON | LocalModes::ECHO | LocalModes::ISIG));
+    let mut cli = t.spawn(&s, &["machine", "shell", &id, "--cwd", "/srv"]);
+    t.until_raw(&s);
+    t.type_in("stty size; echo hi-$((6*7)) $TERM $PWD\r");
+    let at = t.until(0, "hi-42 vt100 /srv", &s);
+    assert!(t.text().contains("24 80"), "{}", t.text());
+    t.resize(100, 40);
+    // The resize travels as a frame while the typed line does too: repeat
+    // `stty size` until the machine's terminal has it.
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut from = at;
+    loop {
+        t.type_in("stty size\r");
+        let got = t.until(from, "\n", &s);
+        std::thread::sleep(Duration::from_millis(500));
+        if t.text()[from..].contains("40 100") {
+            break;
+        }
+        assert!(Instant::now() < end, "no resize:\n{}", t.text());
+        from = got;
+    }
+    t.type_in("exit 3\r");
+    assert_eq!(wait_exit(&mut cli, &t, &s), 3, "{}", t.text());
+    assert_eq!(t.local_modes(), cooked, "the terminal's settings are back");
+
+    // A signal ends the session in the guest too, and restores the terminal.
+    let t = Terminal::open(80, 24);
+    let mut cli = t.spawn(&s, &["machine", "shell", &id]);
+    t.until_raw(&s);
+    t.type_in("echo ready-$((1+1))\r");
+    t.until(0, "ready-2", &s);
+    kill_term(cli.id());
+    assert_eq!(wait_exit(&mut cli, &t, &s), 128 + 15, "{}", t.text());
+    assert_eq!(t.local_modes(), cooked);
+    let (ok, out, err) = script(
+        &s,
+        "import sys, time\nfrom nullspace import Machine\nm = Machine.connect(sys.argv[1])\nend = time.time() + 30\nwhile m.pty.list_sessions():\n    assert time.time() < end, m.pty.list_sessions()\n    time.sleep(0.2)\nprint('NO SESSIONS')\n",
+        &[&id],
+    );
+    assert!(ok && out.contains("NO SESSIONS"), "{out}\n{err}");
+
+    // No terminal: a pipe's lines run, its end is Ctrl-D, the exit code passes on.
+    let (code, out, err) = nullspace(
+        &["machine", "shell", &id, "--user", "app"],
+        b"echo uid-$(id -u) piped-$((2+3))\nexit 4\n",
+    );
+    assert_eq!(code, 4, "{out}\n{err}");
+    assert!(out.contains("uid-1000 piped-5"), "{out:?}");
+    let (code, out, err) = nullspace(
+        &[
+            "machine",
+            "shell",
+            &id,
+            "--cmd",
+            "echo cmd-$((3+4)); exit 5",
+        ],
+        b"",
+    );
+    assert_eq!(code, 5, "{out}\n{err}");
+    assert!(out.contains("cmd-7"), "{out:?}");
+    let (code, out, err) = nullspace(&["machine", "shell", &id, "--cmd", "cat"], b"");
+    assert_eq!(code, 0, "Ctrl-D ends cat: {out}\n{err}");
+
+    // One-line errors naming the machine.
+    let (code, _, err) = nullspace(&["machine", "shell", "mch_nope"], b"");
+    assert_eq!(code, 1);
+    assert!(
+        err.lines().count() == 1
+            && err.contains("\"mch_nope\" not found")
+            && err.contains("machine_not_found"),
+        "{err}"
+    );
+    let (code, _, err) = nullspace(&["machine", "pause", &id], b"");
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = nullspace(&["machine", "shell", &id], b"");
+    assert_eq!(code, 1);
+    assert!(
+        err.lines().count() == 1
+            && err.contains(&format!("{id} is paused"))
+            && err.contains("machine_not_ready"),
+        "{err}"
+    );
+    let (code, _, err) = nullspace(&["machine", "kill", &id], b"");
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = nullspace(&["machine", "shell", &id], b"");
+    assert!(code == 1 && err.contains("machine_not_found"), "{err}");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let out = std::process::Command::new(nullspace_testkit::nullspace_bin())
+        .args(["machine", "shell", &id])
+        .env("NULLSPACE_API_URL", &url)
+        .env("NULLSPACE_API_KEY", &s.key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains(&format!("cannot reach the server at {url}")),
+        "{err}"
+    );
+    assert_eq!(s.server.qemu_pids(), Vec::<u32>::new());
+}
+
+fn kill_term(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
 /// A second template of another shape (1 vCPU, 384 MiB) whose start
 /// command marks its machines.
 const BUILD_SMALL: &str = r#"
@@ -760,6 +1053,47 @@ fn sdk_lifecycle_events_stdin_and_git() {
     assert!(
         failures.is_empty() && r.stdout.contains("DONE"),
         "failed: {failures:?}\n{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+}
+
+const GIT_SCENARIO: &str = include_str!("machines_git_scenario.py");
+
+/// Every git call of SDK 1.0.3, unpatched, run by git in the guest (a
+/// template carrying the host's git and its libraries), each checked by
+/// its effect on the repositories.
+#[test]
+fn git_through_sdk_1_0_3_in_a_template_with_git() {
+    let _s = serial();
+    let s = setup_from(&[], |reg, scratch| {
+        let git = nullspace_testkit::image::host_programs_layer(
+            &["/usr/bin/git"],
+            &[
+                // The demo image's PATH is busybox's /bin.
+                ("/bin/git", "/usr/bin/git"),
+                ("/usr/lib/git-core/git-upload-pack", "/usr/bin/git"),
+                ("/usr/lib/git-core/git-receive-pack", "/usr/bin/git"),
+                ("/usr/lib/git-core/git-upload-archive", "/usr/bin/git"),
+            ],
+        )
+        .expect("a layer with the host's git");
+        let img = nullspace_testkit::image::demo_image_with(git).expect("demo image");
+        reg.push_image(scratch, "demo/git", &img)
+    });
+    let t = Instant::now();
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        GIT_SCENARIO,
+        &[("NS_TEMPLATE", "web")],
+    );
+    eprintln!("git scenario in {:?}", t.elapsed());
+    assert!(
+        r.stdout.contains("GIT OK"),
+        "{}\n{}\nserver log:\n{}",
         r.stdout,
         r.stderr,
         s.server.log_text()

@@ -509,13 +509,7 @@ fn a_moved_tag_is_not_served_from_the_final_artifact_cache() {
 }
 
 fn gc(data: &Path, extra: &[&str]) -> (Vec<String>, String) {
-    let mut args = vec![
-        "gc",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--gc-min-age-secs",
-        "0",
-    ];
+    let mut args = vec!["gc", "--data-dir", data.to_str().unwrap()];
     args.extend_from_slice(extra);
     let r = nullspace(&args);
     r.ok();
@@ -555,14 +549,25 @@ fn gc_removes_what_nothing_references_and_nothing_that_something_does() {
     };
     let keep_files = files(&keep);
     let gone_files = files(&gone);
-    // Leftovers of a crashed run: old, owned by no live build.
+    // Leftovers of a crashed run, however young: a spool nobody holds, the
+    // work directory of a build that is not live.
     let stale_tmp = data.join("artifacts/tmp/put-deadbeef");
     std::fs::write(&stale_tmp, b"partial").unwrap();
     let stale_work = data.join("work/tb_0123456789abcdef01234567.1");
     std::fs::create_dir_all(&stale_work).unwrap();
-    let old = std::time::SystemTime::now() - Duration::from_secs(3 * 86400);
-    for p in [&stale_tmp, &stale_work] {
-        std::fs::File::open(p).unwrap().set_modified(old).unwrap();
+    // A spool a live writer holds (its flock) is no leftover.
+    let held_tmp = data.join("artifacts/tmp/blob-held");
+    std::fs::write(&held_tmp, b"in flight").unwrap();
+    let held = std::fs::File::open(&held_tmp).unwrap();
+    held.lock().unwrap();
+    // Each build leased what it stored until its record referenced it;
+    // both ended, so their leases keep nothing now.
+    let leases = data.join("artifacts/leases");
+    for b in [&keep, &gone] {
+        assert!(
+            leases.join(b["build_id"].as_str().unwrap()).is_dir(),
+            "no lease of {b}"
+        );
     }
     api.call(reqwest::Method::DELETE, "/v1/templates/refs/gone", None);
 
@@ -572,6 +577,15 @@ fn gc_removes_what_nothing_references_and_nothing_that_something_does() {
     assert!(gone_files.iter().all(|p| listed(p)), "{dry:#?}");
     assert!(!keep_files.iter().any(|p| listed(p)), "{dry:#?}");
     assert!(listed(&stale_tmp) && listed(&stale_work), "{dry:#?}");
+    assert!(!listed(&held_tmp), "{dry:#?}");
+    for b in [&keep, &gone] {
+        let id = b["build_id"].as_str().unwrap();
+        assert!(
+            dry.iter()
+                .any(|l| l.starts_with("would remove lease") && l.contains(id)),
+            "{dry:#?}"
+        );
+    }
     assert!(
         dry.iter()
             .any(|l| l.starts_with("would remove cache_entry")),
@@ -589,6 +603,9 @@ fn gc_removes_what_nothing_references_and_nothing_that_something_does() {
     assert!(!gone_files.iter().any(|p| p.exists()), "{done:#?}");
     assert!(keep_files.iter().all(|p| p.exists()), "{done:#?}");
     assert!(!stale_tmp.exists() && !stale_work.exists());
+    assert!(held_tmp.exists(), "a held spool was collected");
+    drop(held);
+    assert_eq!(std::fs::read_dir(&leases).unwrap().count(), 0, "{done:#?}");
     let (g, _) = api.status(gone["build_id"].as_str().unwrap());
     assert_eq!(g["artifact_availability"]["status"], "unavailable", "{g}");
 

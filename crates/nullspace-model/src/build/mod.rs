@@ -12,7 +12,9 @@
 //!   [`plan::BuildPlan`]: what validate reports on, `/plan` serialises,
 //!   the executor runs and the CLI's `--dry-run` prints;
 //! - [`status`]: the status, phase, code and log vocabularies, exactly the
-//!   strings the SDK accepts.
+//!   strings the SDK accepts;
+//! - [`wire`]: the template API's response bodies (build records, logs,
+//!   templates, tags), sent by the server and read by the CLI.
 
 pub mod context;
 pub mod plan;
@@ -21,3 +23,4 @@ pub mod request;
 pub mod rules;
 pub mod status;
 pub mod step;
+pub mod wire;

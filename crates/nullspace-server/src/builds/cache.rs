@@ -27,6 +27,7 @@ use super::execute::{Run, cache_entry};
 use super::{ArtifactManifest, Failure, parse_record};
 use crate::model::*;
 use crate::state::Shared;
+use nullspace_store::artifacts::Leased;
 
 /// The lookup's answer.
 pub enum Lookup {
@@ -80,7 +81,7 @@ pub async fn lookup(
         }
     };
     let key = final_cache_key(run, p, job, &bases);
-    if let Some(m) = cached_artifact(run.state, &rec.namespace_slug, &key).await {
+    if let Some(m) = cached_artifact(run.state, &rec.build_id, &rec.namespace_slug, &key).await {
         rec.cache_summary.final_artifact_hits = 1;
         cache_entry(run, rec, "final_artifact", "hit", None, &key, None).await;
         return Ok(Lookup::Hit(Box::new(m)));
@@ -178,8 +179,14 @@ fn sha256_json(v: &impl Serialize) -> String {
 }
 
 /// The artifact a ready build stored under `key`, if all of it is still
-/// there (the collector may have removed it).
-async fn cached_artifact(state: &Shared, ns: &str, key: &str) -> Option<ArtifactManifest> {
+/// there (the collector may have removed it), leased to `holder` (the build
+/// that reuses it) until that build's own record references it.
+async fn cached_artifact(
+    state: &Shared,
+    holder: &str,
+    ns: &str,
+    key: &str,
+) -> Option<ArtifactManifest> {
     let build_id = state.store.cache_get(ns, key).await.ok()??;
     let row = state.store.build(&build_id).await.ok()??;
     let rec = parse_record(&row).ok()?;
@@ -187,25 +194,31 @@ async fn cached_artifact(state: &Shared, ns: &str, key: &str) -> Option<Artifact
         return None;
     }
     let digest = nullspace_digest::Digest::parse(rec.artifact_ids.first()?).ok()?;
-    let bytes = std::fs::read(state.artifacts.path(&digest)).ok()?;
-    let m: ArtifactManifest = serde_json::from_slice(&bytes).ok()?;
-    let rootfs = nullspace_digest::Digest::parse(&m.rootfs).ok()?;
-    let snapshot_ok = m
-        .snapshot
-        .as_ref()
-        .is_none_or(|s| super::snapshot_path(state, s).is_dir());
-    if !(state.artifacts.contains(&rootfs) && snapshot_ok) {
-        return None;
-    }
-    // Young again: the collector spares what a build just reused, until
-    // that build's own manifest (ready) names it.
-    let now = std::time::SystemTime::now();
-    let mut paths = vec![state.artifacts.path(&digest), state.artifacts.path(&rootfs)];
-    paths.extend(m.snapshot.as_ref().map(|s| super::snapshot_path(state, s)));
-    for p in paths {
-        if let Ok(f) = std::fs::File::open(&p) {
-            let _ = f.set_modified(now);
+    let artifacts = state.artifacts.clone();
+    let snapshots = state.template_snapshots_dir();
+    let holder = holder.to_string();
+    // Read and lease under one hold of the store, so the collector cannot
+    // remove what was just found.
+    tokio::task::spawn_blocking(move || {
+        let w = artifacts.writing().ok()?;
+        let bytes = std::fs::read(artifacts.path(&digest)).ok()?;
+        let m: ArtifactManifest = serde_json::from_slice(&bytes).ok()?;
+        let rootfs = nullspace_digest::Digest::parse(&m.rootfs).ok()?;
+        let mut keep = vec![Leased::Artifact(digest), Leased::Artifact(rootfs)];
+        if let Some(s) = &m.snapshot {
+            let name = std::path::Path::new(s).file_name()?.to_str()?.to_string();
+            if !snapshots.join(&name).is_dir() {
+                return None;
+            }
+            keep.push(Leased::Snapshot(name));
         }
-    }
-    Some(m)
+        for what in &keep {
+            if !w.lease(&holder, what).ok()? {
+                return None;
+            }
+        }
+        Some(m)
+    })
+    .await
+    .ok()?
 }

@@ -7,6 +7,7 @@
 //! [`Store::transition`]: nullspace_store::Store::transition
 
 use nullspace_model::build::status::BuildStatus as Status;
+use nullspace_store::artifacts::Leased;
 use nullspace_store::{BuildRow, Caller, LogGate, Transition, Writer, now_ms};
 use serde_json::{Value, json};
 
@@ -638,10 +639,17 @@ pub async fn finish_ready(
 ) -> bool {
     let bytes = serde_json::to_vec(&m).unwrap_or_default();
     let artifacts = state.artifacts.clone();
-    let stored = tokio::task::spawn_blocking(move || artifacts.put(&bytes[..]))
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
+    let holder = rec.build_id.clone();
+    // Leased until the ready record below references it.
+    let stored = tokio::task::spawn_blocking(move || {
+        let w = artifacts.writing()?;
+        let stored = w.put(&bytes[..])?;
+        w.lease(&holder, &Leased::Artifact(stored.0.clone()))?;
+        Ok(stored)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
     let manifest_digest = match stored {
         Ok((d, _)) => d,
         Err(e) => {

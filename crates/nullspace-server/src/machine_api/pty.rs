@@ -224,6 +224,8 @@ pub async fn pty_channel(socket: WebSocket, guest: Guest) {
                 rows,
                 cwd,
                 envs,
+                user,
+                cmd,
             } => {
                 if attached.is_some() {
                     let _ = out
@@ -242,6 +244,8 @@ pub async fn pty_channel(socket: WebSocket, guest: Guest) {
                 let spec = PtySpec {
                     cwd,
                     env: envs.unwrap_or_default(),
+                    user,
+                    cmd,
                     cols,
                     rows,
                     ..Default::default()

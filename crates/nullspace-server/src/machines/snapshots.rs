@@ -2,11 +2,14 @@
 //! ends for a hibernation), the snapshot API (get, list, delete), and the
 //! collection rule: the server's own snapshots (hibernate, fork) are
 //! deleted when no live machine and no later snapshot references them; a
-//! user's stay until deleted, and never while referenced.
+//! user's stay until deleted, and never while referenced. A directory no
+//! row names is a crash's leftover once no take holds its `.taking`
+//! marker; the collector (`gc.rs`) removes it.
 
 use std::sync::Arc;
 
 use nullspace_model::machine::SnapshotKind;
+use nullspace_store::inflight::InFlight;
 use nullspace_store::{Caller, SnapshotRow, now_ms};
 use nullspace_vm::AfterSnapshot;
 use serde_json::{Map, Value};
@@ -31,7 +34,11 @@ pub(super) async fn take(
     after: AfterSnapshot,
 ) -> MachineResult<SnapshotDoc> {
     let sid = nullspace_store::new_id("snap_");
-    let dir = state.machines.snapshots_dir.join(&sid);
+    let dir = state.machines.machine_snapshots_dir.join(&sid);
+    // Held until the row below names the directory: the collector removes
+    // an unnamed one only when nobody is taking it (a crash's leftover).
+    let _taking = InFlight::hold(&dir.with_extension("taking"))
+        .map_err(|e| MachineError::Internal(format!("snapshot {sid}: {e}")))?;
     let snap = state
         .machines
         .snapshot(live, dir.clone(), after)

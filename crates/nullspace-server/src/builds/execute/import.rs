@@ -6,6 +6,7 @@ use std::time::Duration;
 use nullspace_build::import::{ImportError, ImportOptions, import};
 use nullspace_oci::layout::NoProgress;
 use nullspace_oci::{Image, ResolveOptions, SourceRef};
+use nullspace_store::artifacts::Leased;
 
 use super::Run;
 use super::context::basic_credentials;
@@ -118,6 +119,7 @@ pub async fn import_source(
     };
     let token = run.token.clone();
     let artifacts = state.artifacts.clone();
+    let holder = rec.build_id.clone();
     let mut task = tokio::task::spawn_blocking(move || {
         let _ = std::fs::remove_dir_all(&work);
         let result = (|| {
@@ -131,8 +133,14 @@ pub async fn import_source(
             if token.is_cancelled() {
                 return Err(ImportFailure::Cancelled);
             }
+            // Leased to the build until its record references the rootfs.
             let stored = artifacts
-                .adopt(&out.join("rootfs.ext4"))
+                .writing()
+                .and_then(|w| {
+                    let stored = w.adopt(&out.join("rootfs.ext4"))?;
+                    w.lease(&holder, &Leased::Artifact(stored.0.clone()))?;
+                    Ok(stored)
+                })
                 .map_err(|e| ImportFailure::Other(format!("storing the rootfs: {e}")))?;
             Ok((image, meta, stored))
         })();

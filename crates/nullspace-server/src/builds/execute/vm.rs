@@ -36,7 +36,7 @@ pub async fn snapshot_in_vm(
 ) -> Result<ArtifactManifest, Failure> {
     let spec = vm_spec(run, &m, p, rec)?;
     let native = native_context(run, rec, p).await?;
-    let dir = run.state.snapshots_dir();
+    let dir = run.state.template_snapshots_dir();
     std::fs::create_dir_all(&dir).map_err(|e| failed("snapshot", e.to_string(), true, "retry"))?;
     let snap_name = format!("{}.{}", rec.build_id, run.attempt);
     let out = dir.join(&snap_name);
