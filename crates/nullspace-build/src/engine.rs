@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::clean_relative;
 use crate::dockerfile::{self, Analysis};
-use crate::procs::{self, PidDir};
+use nullspace_vm::process::{self as procs, PidDir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -153,7 +153,7 @@ pub struct EngineConfig {
     /// credentials: a tmpfs (`/dev/shm`).
     pub secret_root: PathBuf,
     /// Where engine processes are recorded while they run (see
-    /// [`crate::procs`]); `None` records nothing.
+    /// [`nullspace_vm::process`]); `None` records nothing.
     pub pid_dir: Option<PidDir>,
 }
 

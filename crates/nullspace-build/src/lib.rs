@@ -8,6 +8,5 @@ pub mod context;
 pub mod dockerfile;
 pub mod engine;
 pub mod import;
-pub mod procs;
 pub mod render;
 pub mod template;

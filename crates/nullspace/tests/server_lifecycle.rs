@@ -9,11 +9,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nullspace_build::procs::{ProcessRecord, tree};
 use nullspace_testkit::image::{Compression, ImageSpec, Layer, Layout, TarLayer};
 use nullspace_testkit::nullspace;
 use nullspace_testkit::registry::{Auth, Registry};
 use nullspace_testkit::server::{Postgres, Server};
+use nullspace_vm::process::{ProcessRecord, tree};
 use serde_json::{Value, json};
 
 /// The API over plain HTTP (the SDK drives the same endpoints in the
