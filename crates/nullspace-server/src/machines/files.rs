@@ -1,5 +1,5 @@
 //! Files in a running machine, as the requested user: write, read, stat,
-//! list. Paths are checked and normalised here ([`rules::guest_path`]);
+//! list. Paths are checked and normalised here ([`rules::file_path`]);
 //! the guest enforces the user's permissions.
 
 use nullspace_model::machine::FileInfo;
@@ -47,7 +47,7 @@ pub async fn write_file(
     data: Vec<u8>,
     user: Option<&str>,
 ) -> MachineResult<FileInfo> {
-    let path = rules::guest_path("path", path)?;
+    let path = rules::file_path("path", path, user)?;
     let (_, live) = running(state, c, id).await?;
     live.guest
         .write(&path, data, user)
@@ -67,7 +67,7 @@ pub async fn read_file(
     path: &str,
     user: Option<&str>,
 ) -> MachineResult<Vec<u8>> {
-    let path = rules::guest_path("path", path)?;
+    let path = rules::file_path("path", path, user)?;
     let (_, live) = running(state, c, id).await?;
     live.guest
         .read(&path, user)
@@ -82,7 +82,7 @@ pub async fn stat_file(
     path: &str,
     user: Option<&str>,
 ) -> MachineResult<FileInfo> {
-    let path = rules::guest_path("path", path)?;
+    let path = rules::file_path("path", path, user)?;
     let (_, live) = running(state, c, id).await?;
     live.guest
         .stat(&path, user)
@@ -99,7 +99,7 @@ pub async fn list_files(
     depth: u32,
     user: Option<&str>,
 ) -> MachineResult<Vec<FileInfo>> {
-    let path = rules::guest_path("path", path)?;
+    let path = rules::file_path("path", path, user)?;
     if !(1..=MAX_DEPTH).contains(&depth) {
         return Err(MachineError::Invalid(format!(
             "depth {depth} must be between 1 and {MAX_DEPTH}"
