@@ -378,7 +378,10 @@ fn reader(sock: UnixStream, shared: Arc<Shared>, max_line: usize) {
         if reply.id == shared.hello_id {
             match &reply.event {
                 Event::Hello { protocol, agent } if *protocol == PROTOCOL_VERSION => {
-                    let _ = shared.agent.set(agent.clone());
+                    // Kept for logs: a version, not a megabyte.
+                    let _ = shared
+                        .agent
+                        .set(agent[..agent.floor_char_boundary(64)].to_string());
                 }
                 other => {
                     let _ = r.get_ref().shutdown(std::net::Shutdown::Both);

@@ -155,6 +155,7 @@ fn a_hostile_agent_gets_clear_errors_and_bounded_memory() {
     assert_eq!(m.cpu_percent, 100.0, "clamped");
     assert_eq!(m.mem_used_bytes, m.mem_total_bytes, "used within total");
     assert!(grew < bound_kib + slack_kib, "+{grew} KiB");
+    assert_eq!(a.agent_version().as_deref(), Some("hostile"));
     std::thread::sleep(Duration::from_secs(3));
     assert!(a.closed().is_none(), "a flood of stale replies is ignored");
 
