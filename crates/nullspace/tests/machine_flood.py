@@ -1,6 +1,7 @@
 # A guest that floods the host, through the published SDK 1.0.3: a terminal
 # running `yes` for ~30 s read by a slow client, then a watched directory
 # taking 100k changes (files created and removed in rounds). The server's RSS
+# Then a client downloads a 32 MiB file eight times at once. The server's RSS
 # (VmRSS polled, and VmHWM) must stay under NS_RSS_BOUND_KB above where it
 # started; the terminal and the watch still answer afterwards; nothing of
 # the flood is left running in the guest. Prints "FLOOD OK" and figures.
@@ -105,10 +106,22 @@ sh("touch /tmp/wf/after-the-flood")
 until(lambda: any(e.name == "after-the-flood" for e in events), lambda: events[-3:], t=120)
 h.stop()
 watch_peak = peak[0] - base
+
+# 3. A client downloading a 32 MiB file eight times at once (`read` as
+#    bytes: GET …/file): the server streams each, holding a chunk apiece.
+import concurrent.futures, hashlib
+sh("head -c 33554432 /dev/urandom > /dev/shm/big")
+want = sh("sha256sum /dev/shm/big").split()[0]
+t0 = time.time()
+with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(lambda _: hashlib.sha256(m.files.read("/dev/shm/big", format="bytes")).hexdigest(), range(8)))
+assert got == [want] * 8, (got, want)
+read_peak = peak[0] - base
+print(f"[figures] 8 concurrent 32 MiB downloads in {time.time() - t0:.0f} s; server RSS peak +{read_peak} KiB", flush=True)
 stop.set()
 hwm = kb("VmHWM:") - base
 print(f"[figures] watch flood: 100k changes in {made:.0f} s; SDK got {len(events)} events; "
       f"server RSS peak +{watch_peak} KiB, VmHWM +{hwm} KiB (bound {BOUND_KB} KiB)", flush=True)
-assert max(pty_peak, watch_peak, hwm) < BOUND_KB, (pty_peak, watch_peak, hwm, BOUND_KB)
+assert max(pty_peak, watch_peak, read_peak, hwm) < BOUND_KB, (pty_peak, watch_peak, read_peak, hwm, BOUND_KB)
 m.kill()
 print("FLOOD OK", flush=True)

@@ -113,7 +113,7 @@ pub async fn file_get<const F: u8>(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
-    let data = files::read_file(
+    let (size, stream) = files::read_stream(
         &s,
         &c,
         &id,
@@ -123,8 +123,11 @@ pub async fn file_get<const F: u8>(
     .await
     .speak(F)?;
     Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from(data),
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        Body::from_stream(stream),
     )
         .into_response())
 }

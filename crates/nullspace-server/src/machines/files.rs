@@ -10,6 +10,9 @@ use super::error::{MachineError, MachineResult};
 use super::rules;
 use crate::state::Shared;
 
+/// Bytes per piece of a streamed read (the agent's largest data field).
+const CHUNK: usize = nullspace_model::agent::MAX_CHUNK;
+
 /// Deepest listing (the agent's limit).
 pub const MAX_DEPTH: u32 = nullspace_model::agent::MAX_DEPTH;
 
@@ -73,6 +76,58 @@ pub async fn read_file(
         .read(&path, user)
         .await
         .map_err(|e| MachineError::guest(id, e))
+}
+
+/// A file as a stream of pieces of at most [`CHUNK`] bytes, each read
+/// from the guest when the client takes the previous one: a download holds
+/// one piece on the host whatever the file's size. The first piece is read
+/// before answering, so a missing file is an error, not a broken stream.
+pub async fn read_stream(
+    state: &Shared,
+    c: &Caller,
+    id: &str,
+    path: &str,
+    user: Option<&str>,
+) -> MachineResult<(
+    u64,
+    impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static,
+)> {
+    use futures_util::StreamExt as _;
+    let path = rules::file_path("path", path, user)?;
+    let (_, live) = running(state, c, id).await?;
+    let guest = live.guest.clone();
+    let user = user.map(str::to_string);
+    let (first, size, eof) = guest
+        .read_chunk(&path, 0, CHUNK, user.as_deref())
+        .await
+        .map_err(|e| MachineError::guest(id, e))?;
+    let at = (
+        guest,
+        path,
+        user,
+        first.len() as u64,
+        eof || first.is_empty(),
+    );
+    let rest = futures_util::stream::unfold(at, |(guest, path, user, off, eof)| async move {
+        if eof {
+            return None;
+        }
+        match guest.read_chunk(&path, off, CHUNK, user.as_deref()).await {
+            Ok((d, _, eof)) => {
+                let eof = eof || d.is_empty();
+                let next = off + d.len() as u64;
+                Some((Ok(d), (guest, path, user, next, eof)))
+            }
+            Err(e) => Some((
+                Err(std::io::Error::other(format!("reading {path}: {e}"))),
+                (guest, path, user, off, true),
+            )),
+        }
+    });
+    Ok((
+        size,
+        futures_util::stream::once(async move { Ok(first) }).chain(rest),
+    ))
 }
 
 pub async fn stat_file(
