@@ -521,7 +521,9 @@ fn guest_error(op: &str, code: ErrorCode, mut message: String) -> VmError {
         message.truncate(message.floor_char_boundary(ERROR_TEXT_MAX));
         message.push('…');
     }
-    message.retain(|c| c != '\n' && c != '\r');
+    if message.contains(['\n', '\r']) {
+        message = message.replace(['\n', '\r'], " ");
+    }
     VmError::Guest {
         op: op.to_string(),
         code,
@@ -1390,6 +1392,24 @@ mod tests {
         assert_eq!(leading_id(b"{\"type\":\"x\",\"id\":42}"), None);
         assert_eq!(leading_id(b"{\"id\":\"42\"}"), None);
         assert_eq!(leading_id(b"{\"id\":99999999999999999999999}"), None);
+    }
+
+    #[test]
+    fn guest_words_stay_one_short_line() {
+        let e = guest_error("stat", ErrorCode::Other, "a\nb\r\nc".into());
+        assert_eq!(e.to_string(), "agent: stat: a b  c");
+        let e = guest_error("stat", ErrorCode::Other, "é".repeat(4000));
+        let m = e.to_string();
+        assert!(
+            m.ends_with('…') && m.len() < ERROR_TEXT_MAX + 32,
+            "{}",
+            m.len()
+        );
+        let ev = Event::Stdout {
+            data: vec![b'x'; 256 << 10],
+        };
+        let d = clipped_debug(&ev);
+        assert!(d.starts_with("Stdout { data: [120") && d.len() <= ERROR_TEXT_MAX + 3);
     }
 
     #[test]
