@@ -106,6 +106,10 @@ fn both_published_sdks_pass_the_file_scenarios() {
         &[
             ("NS_SERVER_PID", &pid),
             ("NS_RSS_BOUND_KB", &bound_kb.to_string()),
+            (
+                "NS_WHOLE_READS",
+                &nullspace_server::machine_api::files::WHOLE_READS.to_string(),
+            ),
         ],
     );
     eprintln!("[V1_0_3] floods in {:?}\n{}", t.elapsed(), r.stdout);

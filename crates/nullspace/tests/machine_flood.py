@@ -1,7 +1,8 @@
 # A guest that floods the host, through the published SDK 1.0.3: a terminal
 # running `yes` for ~30 s read by a slow client, then a watched directory
 # taking 100k changes (files created and removed in rounds). The server's RSS
-# Then a client downloads a 32 MiB file eight times at once. The server's RSS
+# Then a client downloads a 32 MiB file eight times at once, and reads an
+# 8 MiB text file sixteen times at once (bounded separately). The server's RSS
 # (VmRSS polled, and VmHWM) must stay under NS_RSS_BOUND_KB above where it
 # started; the terminal and the watch still answer afterwards; nothing of
 # the flood is left running in the guest. Prints "FLOOD OK" and figures.
@@ -118,10 +119,31 @@ with concurrent.futures.ThreadPoolExecutor(8) as pool:
 assert got == [want] * 8, (got, want)
 read_peak = peak[0] - base
 print(f"[figures] 8 concurrent 32 MiB downloads in {time.time() - t0:.0f} s; server RSS peak +{read_peak} KiB", flush=True)
+
 stop.set()
 hwm = kb("VmHWM:") - base
 print(f"[figures] watch flood: 100k changes in {made:.0f} s; SDK got {len(events)} events; "
       f"server RSS peak +{watch_peak} KiB, VmHWM +{hwm} KiB (bound {BOUND_KB} KiB)", flush=True)
 assert max(pty_peak, watch_peak, read_peak, hwm) < BOUND_KB, (pty_peak, watch_peak, read_peak, hwm, BOUND_KB)
+
+# 4. Sixteen text reads of an 8 MiB file at once (POST …/files/read: the
+#    file and its JSON answer are held whole): at most NS_WHOLE_READS run
+#    at a time, so the server holds about that many times four copies.
+sh("yes abcdefg | head -c 8388608 > /dev/shm/text")
+with open(f"/proc/{PID}/clear_refs", "w") as f:
+    f.write("5")
+text_base = kb("VmRSS:")
+t0 = time.time()
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    texts = list(pool.map(lambda _: m.files.read("/dev/shm/text"), range(16)))
+assert all(len(t) == 8388608 and t.startswith("abcdefg\n") for t in texts), [len(t) for t in texts]
+del texts
+text_peak = kb("VmHWM:") - text_base
+# Per read in flight: the file, its text and its JSON, with buffer growth
+# (about four copies), plus the allocator's arenas.
+text_bound = int(os.environ["NS_WHOLE_READS"]) * 4 * 8 * 1024 + (48 << 10)
+print(f"[figures] 16 concurrent 8 MiB text reads in {time.time() - t0:.0f} s; server RSS peak +{text_peak} KiB (bound {text_bound} KiB)", flush=True)
+assert text_peak < text_bound, (text_peak, text_bound)
+
 m.kill()
 print("FLOOD OK", flush=True)
