@@ -739,15 +739,49 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
         };
         // No field of the API carries a NUL, and Postgres cannot store one.
         if bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) || bytes.contains(&0) {
-            return Err(ApiError::invalid(
-                "request body: NUL characters are not allowed",
-            ));
+            let at = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| nul_field(&v, String::new()));
+            return Err(ApiError::invalid(match at {
+                Some((field, value)) => format!(
+                    "request body: field {field} ({:?}) contains a NUL character, which no field allows",
+                    &value[..value.floor_char_boundary(128)]
+                ),
+                None => "request body: NUL characters are not allowed".into(),
+            }));
         }
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             ApiError::invalid(format!(
                 "request body is not valid JSON for this endpoint: {e}"
             ))
         })
+    }
+}
+
+/// Where the first string (key or value) of `v` holding a NUL is (`field
+/// "files[0]"`) and the string. The parser's depth limit bounds the walk.
+fn nul_field(v: &serde_json::Value, at: String) -> Option<(String, String)> {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.contains('\0') => Some((format!("field {at:?}"), s.clone())),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_field(x, format!("{at}[{i}]"))),
+        Value::Object(o) => o.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                return Some((format!("a field name in {at:?}"), k.clone()));
+            }
+            nul_field(
+                x,
+                if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                },
+            )
+        }),
+        _ => None,
     }
 }
 
@@ -1416,4 +1450,25 @@ async fn namespace_get(
         "namespace_not_found",
         format!("namespace {slug:?} not found"),
     ))
+}
+
+#[cfg(test)]
+mod nul_tests {
+    use super::nul_field;
+    use serde_json::json;
+
+    #[test]
+    fn a_nul_is_found_by_field() {
+        let v = json!({"user": "app", "path": "/tmp/a\0b"});
+        assert_eq!(
+            nul_field(&v, String::new()),
+            Some(("field \"path\"".into(), "/tmp/a\0b".into()))
+        );
+        let v = json!({"files": ["/ok", "/b\0"]});
+        assert_eq!(
+            nul_field(&v, String::new()).unwrap().0,
+            "field \"files[1]\""
+        );
+        assert_eq!(nul_field(&json!({"ok": [1, "x"]}), String::new()), None);
+    }
 }

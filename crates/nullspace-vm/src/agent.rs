@@ -317,6 +317,13 @@ fn read_line_bounded(
     }
 }
 
+/// The id of a reply line that begins `{"id":<digits>`.
+fn leading_id(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"{\"id\":")?;
+    let n = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..n]).ok()?.parse().ok()
+}
+
 fn reader(sock: UnixStream, shared: Arc<Shared>, max_line: usize) {
     let mut r = BufReader::with_capacity(64 << 10, sock);
     let mut line = Vec::new();
@@ -341,11 +348,18 @@ fn reader(sock: UnixStream, shared: Arc<Shared>, max_line: usize) {
                 struct Head {
                     id: u64,
                 }
-                let Ok(h) = serde_json::from_slice::<Head>(&line) else {
+                // A reply too deep for the parser still names its request
+                // first (as the agent writes it): fail that request now
+                // rather than at its deadline.
+                let Some(id) = serde_json::from_slice::<Head>(&line)
+                    .map(|h| h.id)
+                    .ok()
+                    .or_else(|| leading_id(&line))
+                else {
                     continue; // not ours (resync garbage)
                 };
                 let text = String::from_utf8_lossy(&line[..line.len().min(300)]).to_string();
-                if h.id == shared.hello_id {
+                if id == shared.hello_id {
                     let _ = r.get_ref().shutdown(std::net::Shutdown::Both);
                     return shared.close(format!(
                         "the guest agent does not speak protocol {PROTOCOL_VERSION} \
@@ -353,7 +367,7 @@ fn reader(sock: UnixStream, shared: Arc<Shared>, max_line: usize) {
                     ));
                 }
                 Reply {
-                    id: h.id,
+                    id,
                     event: Event::error(
                         ErrorCode::Other,
                         format!("unexpected reply from the guest agent ({e}): {text}"),
@@ -364,13 +378,17 @@ fn reader(sock: UnixStream, shared: Arc<Shared>, max_line: usize) {
         if reply.id == shared.hello_id {
             match &reply.event {
                 Event::Hello { protocol, agent } if *protocol == PROTOCOL_VERSION => {
-                    let _ = shared.agent.set(agent.clone());
+                    // Kept for logs: a version, not a megabyte.
+                    let _ = shared
+                        .agent
+                        .set(agent[..agent.floor_char_boundary(64)].to_string());
                 }
                 other => {
                     let _ = r.get_ref().shutdown(std::net::Shutdown::Both);
                     return shared.close(format!(
                         "the guest agent does not speak protocol {PROTOCOL_VERSION} \
-                         (an older template? rebuild it): {other:?}"
+                         (an older template? rebuild it): {}",
+                        clipped_debug(other)
                     ));
                 }
             }
@@ -493,8 +511,19 @@ impl Drop for Call<'_> {
     }
 }
 
-/// A guest error event as a [`VmError`].
-fn guest_error(op: &str, code: ErrorCode, message: String) -> VmError {
+/// Most bytes of guest text an error carries: the guest is hostile, and
+/// its words end up in one-line API errors and logs.
+const ERROR_TEXT_MAX: usize = 1024;
+
+/// A guest error event as a [`VmError`] (its message clipped, marked `…`).
+fn guest_error(op: &str, code: ErrorCode, mut message: String) -> VmError {
+    if message.len() > ERROR_TEXT_MAX {
+        message.truncate(message.floor_char_boundary(ERROR_TEXT_MAX));
+        message.push('…');
+    }
+    if message.contains(['\n', '\r']) {
+        message = message.replace(['\n', '\r'], " ");
+    }
     VmError::Guest {
         op: op.to_string(),
         code,
@@ -502,10 +531,31 @@ fn guest_error(op: &str, code: ErrorCode, message: String) -> VmError {
     }
 }
 
+/// `Debug` of a guest event, stopped at [`ERROR_TEXT_MAX`] bytes (an
+/// event may carry a 256 KiB chunk: it is never formatted whole).
+fn clipped_debug(ev: &Event) -> String {
+    struct Upto(String);
+    impl std::fmt::Write for Upto {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let room = ERROR_TEXT_MAX.saturating_sub(self.0.len());
+            if s.len() > room {
+                self.0.push_str(&s[..s.floor_char_boundary(room)]);
+                self.0.push('…');
+                return Err(std::fmt::Error);
+            }
+            self.0.push_str(s);
+            Ok(())
+        }
+    }
+    let mut w = Upto(String::new());
+    let _ = std::fmt::write(&mut w, format_args!("{ev:?}"));
+    w.0
+}
+
 fn unexpected(op: &str, ev: Event) -> VmError {
     match ev {
         Event::Error { code, message } => guest_error(op, code, message),
-        other => VmError::Agent(format!("{op}: unexpected reply {other:?}")),
+        other => VmError::Agent(format!("{op}: unexpected reply {}", clipped_debug(&other))),
     }
 }
 
@@ -1334,6 +1384,32 @@ mod tests {
             LineRead::TooLong
         ));
         assert!(line.len() <= 16, "never more than the limit held");
+    }
+
+    #[test]
+    fn a_reply_names_its_request_first() {
+        assert_eq!(leading_id(b"{\"id\":42,\"type\":[[[["), Some(42));
+        assert_eq!(leading_id(b"{\"type\":\"x\",\"id\":42}"), None);
+        assert_eq!(leading_id(b"{\"id\":\"42\"}"), None);
+        assert_eq!(leading_id(b"{\"id\":99999999999999999999999}"), None);
+    }
+
+    #[test]
+    fn guest_words_stay_one_short_line() {
+        let e = guest_error("stat", ErrorCode::Other, "a\nb\r\nc".into());
+        assert_eq!(e.to_string(), "agent: stat: a b  c");
+        let e = guest_error("stat", ErrorCode::Other, "é".repeat(4000));
+        let m = e.to_string();
+        assert!(
+            m.ends_with('…') && m.len() < ERROR_TEXT_MAX + 32,
+            "{}",
+            m.len()
+        );
+        let ev = Event::Stdout {
+            data: vec![b'x'; 256 << 10],
+        };
+        let d = clipped_debug(&ev);
+        assert!(d.starts_with("Stdout { data: [120") && d.len() <= ERROR_TEXT_MAX + 3);
     }
 
     #[test]

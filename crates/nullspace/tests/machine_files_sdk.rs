@@ -2,7 +2,9 @@
 //! search_files, find_files, replace_in_files, rename, set_permissions,
 //! remove) and metrics, through the published SDKs unchanged: 1.0.3
 //! (`Machine`) and 0.1.9 (`Sandbox`) run `machine_files_scenario.py`
-//! against a real server with the build VM. CPU-heavy (a TCG guest).
+//! against a real server with the build VM; then a guest flooding its
+//! terminal and a watched directory (`machine_flood.py`) while the
+//! server's RSS is measured. CPU-heavy (a TCG guest).
 
 use std::path::Path;
 use std::time::Instant;
@@ -11,6 +13,7 @@ use nullspace_testkit::registry::{Auth, Registry};
 use nullspace_testkit::server::{Sdk, Server, run_sdk_version};
 
 const SCENARIO: &str = include_str!("machine_files_scenario.py");
+const FLOOD: &str = include_str!("machine_flood.py");
 
 /// The demo image (user app, workdir /srv) as template "web".
 const BUILD: &str = r#"
@@ -32,6 +35,7 @@ const CHECKS: &[&str] = &[
     "rename_and_set_permissions",
     "remove_files_and_trees",
     "errors_name_the_path_and_the_user",
+    "hostile_paths_are_refused_on_every_route",
     "metrics_of_the_guest",
 ];
 
@@ -87,6 +91,30 @@ fn both_published_sdks_pass_the_file_scenarios() {
         if !r.stdout.contains("DONE") {
             failures.push(format!("{sdk:?} did not finish: {}", r.stderr));
         }
+    }
+    // A guest that floods the terminal and the watcher (same template, one
+    // more machine): the server's memory stays within the agent client's
+    // stated bound for a few requests in flight plus allocator slack.
+    let bound_kb = (nullspace_vm::Limits::default().memory_bound(4) >> 10) + (32 << 10);
+    let pid = server.pid().unwrap().to_string();
+    let t = Instant::now();
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &server,
+        &key,
+        FLOOD,
+        &[
+            ("NS_SERVER_PID", &pid),
+            ("NS_RSS_BOUND_KB", &bound_kb.to_string()),
+            (
+                "NS_WHOLE_READS",
+                &nullspace_server::machine_api::files::WHOLE_READS.to_string(),
+            ),
+        ],
+    );
+    eprintln!("[V1_0_3] floods in {:?}\n{}", t.elapsed(), r.stdout);
+    if !r.stdout.contains("FLOOD OK") {
+        failures.push(format!("flood: {}", r.stderr));
     }
     assert!(
         failures.is_empty(),

@@ -9,6 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::Engine as _;
+use futures_util::StreamExt as _;
 use nullspace_store::Caller;
 
 use super::{Speak, uint};
@@ -42,12 +43,24 @@ pub async fn files_write<const F: u8>(
         .map(Json)
 }
 
+/// Text reads (`…/files/read`) in flight on this server. Each holds the
+/// whole file (at most [`crate::guest::READ_MAX`]), its text and its JSON
+/// answer (about four times the file at the peak, with the buffers' growth)
+/// until the answer is sent; more wait their turn, so a client asking for
+/// many at once cannot multiply that.
+pub const WHOLE_READS: usize = 2;
+static WHOLE_READ_PERMITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(WHOLE_READS);
+
 pub async fn files_read<const F: u8>(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
     JsonBody(b): JsonBody<PathBody>,
-) -> ApiResult<Json<FileContent>> {
+) -> ApiResult<Response> {
+    let permit = WHOLE_READ_PERMITS
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal(format!("text reads: {e}")))?;
     let data = files::read_file(&s, &c, &id, &b.path, b.user.as_deref())
         .await
         .speak(F)?;
@@ -55,7 +68,25 @@ pub async fn files_read<const F: u8>(
         "base64" => base64::engine::general_purpose::STANDARD.encode(&data),
         _ => lossy(&data),
     };
-    Ok(Json(FileContent { content }))
+    drop(data);
+    // Sized up front: a growing buffer would hold two copies at its last step.
+    let mut json = Vec::with_capacity(content.len() + content.len() / 16 + 32);
+    serde_json::to_writer(&mut json, &FileContent { content })
+        .map_err(|e| ApiError::internal(format!("file content: {e}")))?;
+    let body = Bytes::from(json);
+    // Sent in slices; the permit goes with the last one (or the client).
+    let slices = (0..body.len())
+        .step_by(256 << 10)
+        .map(move |at| body.slice(at..(at + (256 << 10)).min(body.len())));
+    let stream = futures_util::stream::iter(slices).map(move |b| {
+        let _held = &permit;
+        Ok::<_, std::convert::Infallible>(b)
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 pub async fn files_info<const F: u8>(
@@ -113,7 +144,7 @@ pub async fn file_get<const F: u8>(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
-    let data = files::read_file(
+    let (size, stream) = files::read_stream(
         &s,
         &c,
         &id,
@@ -123,8 +154,11 @@ pub async fn file_get<const F: u8>(
     .await
     .speak(F)?;
     Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from(data),
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        Body::from_stream(stream),
     )
         .into_response())
 }

@@ -473,10 +473,28 @@ pub async fn watch_channel(socket: WebSocket, guest: Guest, user: Option<String>
                 .await;
             continue;
         }
+        let as_user = req.user.or_else(|| user.clone());
+        let path = match crate::machines::rules::file_path_or_relative(
+            "path",
+            &req.path,
+            as_user.as_deref(),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                let message = format!("file_watch: {e}");
+                let _ = out
+                    .send(WatchFrame::Error {
+                        id: req.id,
+                        message,
+                    })
+                    .await;
+                continue;
+            }
+        };
         let spec = WatchSpec {
-            path: req.path,
+            path,
             recursive: req.recursive,
-            user: req.user.or_else(|| user.clone()),
+            user: as_user,
         };
         let limit = req
             .timeout_secs

@@ -92,7 +92,7 @@ fn upload_error(id: Option<&str>, e: UploadError) -> Refusal {
     let status = match &e {
         E::NotFound { .. } => StatusCode::NOT_FOUND,
         E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        E::Quota { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        E::Quota { .. } | E::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
         E::TooManySessions(_) => StatusCode::SERVICE_UNAVAILABLE,
         E::PartDiffers { .. }
         | E::Completing { .. }
@@ -379,11 +379,11 @@ async fn grant_url<const F: u8>(
     req: &TransferUrlRequest,
     method: Method,
 ) -> Result<(String, String), Refusal> {
-    let path = machines::rules::guest_path("path", &req.path)
+    let user = req.user.as_deref().filter(|u| !u.trim().is_empty());
+    let path = machines::rules::file_path("path", &req.path, user)
         .speak(F)
         .map_err(api)?;
     guest_of(s, c, F, id).await?;
-    let user = req.user.as_deref().filter(|u| !u.trim().is_empty());
     let (_, token) = s
         .signing_key
         .grant(

@@ -1,7 +1,7 @@
 //! Files in a running machine beyond read and write (remove, rename,
 //! mkdir, permissions, batch write, search by name, find by content,
 //! replace) and the machine's metrics. Each as the requested user: paths
-//! are checked and normalised here ([`rules::guest_path`]), permissions,
+//! are checked and normalised here ([`rules::file_path`]), permissions,
 //! bounds and atomic rewrites are the guest's (`nullspace-init`).
 
 use nullspace_model::machine::FileInfo;
@@ -29,7 +29,7 @@ pub async fn remove(
     path: &str,
     user: Option<&str>,
 ) -> MachineResult<()> {
-    let path = rules::guest_path("path", path)?;
+    let path = rules::file_path("path", path, user)?;
     if path == "/" {
         return Err(MachineError::Invalid("path / cannot be removed".into()));
     }
@@ -49,8 +49,8 @@ pub async fn rename(
     new: &str,
     user: Option<&str>,
 ) -> MachineResult<FileInfo> {
-    let old = rules::guest_path("old_path", old)?;
-    let new = rules::guest_path("new_path", new)?;
+    let old = rules::file_path("old_path", old, user)?;
+    let new = rules::file_path("new_path", new, user)?;
     let (_, live) = running(state, c, id).await?;
     live.guest
         .rename(&old, &new, user)
@@ -67,7 +67,7 @@ pub async fn make_dir(
     path: &str,
     user: Option<&str>,
 ) -> MachineResult<bool> {
-    let path = rules::guest_path("path", path)?;
+    let path = rules::file_path("path", path, user)?;
     let (_, live) = running(state, c, id).await?;
     live.guest
         .make_dir(&path, user)
@@ -84,7 +84,7 @@ pub async fn set_permissions(
     permissions: &str,
     user: Option<&str>,
 ) -> MachineResult<()> {
-    let path = rules::guest_path("path", path)?;
+    let path = rules::file_path("path", path, user)?;
     let mode = parse_mode(permissions).map_err(|e| MachineError::Invalid(e.to_string()))?;
     let (_, live) = running(state, c, id).await?;
     live.guest
@@ -109,7 +109,7 @@ pub async fn write_one(
     item: BatchItem,
     user: Option<&str>,
 ) -> MachineResult<BatchEntry> {
-    let path = match rules::guest_path("path", &item.path) {
+    let path = match rules::file_path("path", &item.path, user) {
         Ok(p) => p,
         Err(e) => {
             return Ok(BatchEntry::Error {
@@ -146,7 +146,7 @@ pub async fn search_names(
     pattern: &str,
     user: Option<&str>,
 ) -> MachineResult<Vec<String>> {
-    let path = rules::guest_path("path", path)?;
+    let path = rules::file_path("path", path, user)?;
     let (_, live) = running(state, c, id).await?;
     let found = live
         .guest
@@ -168,7 +168,7 @@ pub async fn find_content(
     pattern: &str,
     user: Option<&str>,
 ) -> MachineResult<Vec<SearchMatch>> {
-    let path = rules::guest_path("path", path)?;
+    let path = rules::file_path("path", path, user)?;
     let (_, live) = running(state, c, id).await?;
     let found = live
         .guest
@@ -206,7 +206,7 @@ pub async fn replace(
     let files = b
         .files
         .iter()
-        .map(|f| rules::guest_path("files[]", f))
+        .map(|f| rules::file_path("files[]", f, b.user.as_deref()))
         .collect::<MachineResult<Vec<_>>>()?;
     let (_, live) = running(state, c, id).await?;
     let r = live

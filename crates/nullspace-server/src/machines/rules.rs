@@ -53,6 +53,80 @@ pub fn guest_path(what: &str, p: &str) -> MachineResult<String> {
     Ok(format!("/{}", parts.join("/")))
 }
 
+/// A path a file route names (read, write, stat, list, remove, rename,
+/// mkdir, chmod, search, find, replace, transfer URLs, watches), as
+/// `user` would use it: absolute (or, with `relative_ok`, relative to the
+/// guest's working directory), without NUL bytes, within `PATH_MAX` and
+/// `NAME_MAX`, and without `..` components: the guest resolves those
+/// through symbolic links and the server cannot, so it refuses rather than
+/// guess. `.` and repeated slashes are dropped. The refusal is one line
+/// naming the field, the path and the user.
+pub fn file_path(what: &str, p: &str, user: Option<&str>) -> MachineResult<String> {
+    checked_file_path(what, p, user, false)
+}
+
+/// [`file_path`] that also takes a path relative to the guest's working
+/// directory (a directory watch, as the SDK sends it).
+pub fn file_path_or_relative(what: &str, p: &str, user: Option<&str>) -> MachineResult<String> {
+    checked_file_path(what, p, user, true)
+}
+
+fn checked_file_path(
+    what: &str,
+    p: &str,
+    user: Option<&str>,
+    relative_ok: bool,
+) -> MachineResult<String> {
+    let as_user = match user.filter(|u| !u.trim().is_empty()) {
+        Some(u) => format!("as user {:?}", clip(u, 64)),
+        None => "as the machine's default user".to_string(),
+    };
+    let refuse = |rule: String| {
+        Err(invalid(format!(
+            "{what} {:?} ({as_user}): {rule}",
+            clip(p, 128)
+        )))
+    };
+    if p.is_empty() {
+        return refuse("is empty".into());
+    }
+    if !relative_ok && !p.starts_with('/') {
+        return refuse("must be an absolute path".into());
+    }
+    if p.contains('\0') {
+        return refuse("contains a NUL byte".into());
+    }
+    if p.len() > MAX_PATH {
+        return refuse(format!("is {} bytes, longer than {MAX_PATH}", p.len()));
+    }
+    let mut parts: Vec<&str> = vec![];
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return refuse("has a '..' component (name the directory itself)".into()),
+            c if c.len() > MAX_NAME => {
+                return refuse(format!(
+                    "has a name of {} bytes ({:?}…), longer than {MAX_NAME}",
+                    c.len(),
+                    clip(c, 32)
+                ));
+            }
+            c => parts.push(c),
+        }
+    }
+    Ok(match (p.starts_with('/'), parts.is_empty()) {
+        (true, _) => format!("/{}", parts.join("/")),
+        (false, true) => ".".to_string(),
+        (false, false) => parts.join("/"),
+    })
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary (a hostile
+/// path is quoted, not echoed whole).
+fn clip(s: &str, max: usize) -> &str {
+    &s[..s.floor_char_boundary(max)]
+}
+
 /// A command's or machine's working directory.
 pub fn cwd(cwd: &str) -> MachineResult<String> {
     let p = guest_path("cwd", cwd)?;
@@ -161,6 +235,39 @@ mod tests {
         }
         let long = format!("/{}", "a/".repeat(2100));
         assert!(guest_path("path", &long).is_err());
+    }
+
+    #[test]
+    fn file_paths_refuse_dot_dot_nul_and_overlong_names_naming_path_and_user() {
+        assert_eq!(file_path("path", "/a/./b//c/", None).unwrap(), "/a/b/c");
+        assert_eq!(file_path("path", "/", Some("app")).unwrap(), "/");
+        assert_eq!(file_path_or_relative("path", "./w/x", None).unwrap(), "w/x");
+        assert_eq!(file_path_or_relative("path", ".", None).unwrap(), ".");
+        let long_name = format!("/tmp/{}", "n".repeat(256));
+        let long_path = format!("/{}", "a/".repeat(2100));
+        let cases: [(&str, &str); 7] = [
+            ("/workspace/../etc/passwd", "has a '..' component"),
+            ("/..", "has a '..' component"),
+            ("/tmp/a\0b", "contains a NUL byte"),
+            (&long_name, "has a name of 256 bytes"),
+            (&long_path, "is 4201 bytes, longer than 4096"),
+            ("relative/x", "must be an absolute path"),
+            ("", "is empty"),
+        ];
+        for (bad, rule) in cases {
+            let e = file_path("path", bad, Some("app")).unwrap_err().to_string();
+            assert!(e.starts_with("path \""), "{e}");
+            assert!(
+                e.contains("(as user \"app\")") && e.contains(rule),
+                "{bad:?}: {e}"
+            );
+            assert!(e.len() < 400, "one short line: {e}");
+            let e = file_path("old_path", bad, None).unwrap_err().to_string();
+            assert!(e.contains("(as the machine's default user)"), "{e}");
+        }
+        // Relative watch paths still refuse the rest.
+        let e = file_path_or_relative("path", "a/../../b", Some("app")).unwrap_err();
+        assert!(e.to_string().contains("'..'"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,8 @@
 use std::io::Read;
 
 use super::publish::{
-    EntryKind, GuestFiles, Published, copy_in, guest_err, parent, reader, sibling,
+    EntryKind, GuestFiles, Published, copy_in, guest_err, make_parents, parent, reader,
+    remove_made, sibling,
 };
 use super::{CHUNK, Conflict, Job, Reason, UploadError};
 
@@ -432,12 +433,15 @@ pub(super) fn publish_dir(job: &Job, g: &dyn GuestFiles) -> Result<Published, Up
         }
         _ => {}
     }
-    if let Some(p) = parent(dest) {
-        g.make_dir(p, 0o755, true).map_err(guest_err("mkdir", p))?;
-    }
+    let made = match parent(dest) {
+        Some(p) => make_parents(g, p)?,
+        None => Vec::new(),
+    };
     let staging = sibling(dest, "upload", &job.id);
-    g.make_dir(&staging, 0o755, false)
-        .map_err(guest_err("mkdir", &staging))?;
+    if let Err(e) = g.make_dir(&staging, 0o755, false) {
+        remove_made(g, &made);
+        return Err(guest_err("mkdir", &staging)(e));
+    }
     let placed = (|| {
         let out = unpack(job, g, &staging)?;
         match (existing, job.conflict) {
@@ -466,6 +470,7 @@ pub(super) fn publish_dir(job: &Job, g: &dyn GuestFiles) -> Result<Published, Up
     })();
     if placed.is_err() {
         let _ = g.remove(&staging, true);
+        remove_made(g, &made);
     }
     placed
 }

@@ -186,6 +186,19 @@ pub enum UploadError {
         length: u64,
         quota: u64,
     },
+    /// The host's spool file system is full (its path stays out of the
+    /// message: clients see it).
+    #[error(
+        "the server's upload spool has {available} bytes free; {needed} are needed ({length} for this upload, {pending} still due to open sessions, {reserve} kept free)"
+    )]
+    DiskFull {
+        path: PathBuf,
+        available: u64,
+        needed: u64,
+        length: u64,
+        pending: u64,
+        reserve: u64,
+    },
     #[error("{0} upload sessions are open; complete or abort one first")]
     TooManySessions(usize),
     #[error("upload {id}: part number {raw:?} is not a number from 0 to {last}")]
@@ -274,7 +287,7 @@ impl UploadError {
         use UploadError::*;
         Some(match self {
             TooLarge { .. } => Reason::SizeLimitExceeded,
-            Quota { .. } | TooManySessions(_) => Reason::InsufficientStagingSpace,
+            Quota { .. } | DiskFull { .. } | TooManySessions(_) => Reason::InsufficientStagingSpace,
             MalformedPart { .. } | PartOutOfRange { .. } => Reason::PartOutOfRange,
             PartSize { .. } => Reason::PartSizeMismatch,
             PartChecksum { .. } | PartDiffers { .. } => Reason::InvalidPartChecksum,
@@ -319,6 +332,7 @@ impl UploadError {
                 | UploadError::Spool { .. }
                 | UploadError::TooManySessions(_)
                 | UploadError::Quota { .. }
+                | UploadError::DiskFull { .. }
         )
     }
 }
@@ -338,6 +352,10 @@ pub struct Limits {
     pub max_sessions: usize,
     /// How long a finished session's record answers status calls.
     pub keep_finished: Duration,
+    /// Bytes the spool's file system keeps free: a session is refused when
+    /// its size, the bytes still due to open sessions and this would not
+    /// fit (checked at creation, and before a signed `PUT` spools).
+    pub spool_reserve_bytes: u64,
 }
 
 impl Default for Limits {
@@ -350,6 +368,7 @@ impl Default for Limits {
             ttl: Duration::from_secs(6 * 3600),
             max_sessions: 256,
             keep_finished: Duration::from_secs(24 * 3600),
+            spool_reserve_bytes: 512 << 20,
         }
     }
 }
@@ -442,6 +461,12 @@ impl Session {
         self.parts.len() as u32
     }
 
+    /// Declared bytes not received yet.
+    fn bytes_due(&self) -> u64 {
+        let got: u64 = self.parts.iter().flatten().map(|p| p.size).sum();
+        self.req.content_length.saturating_sub(got)
+    }
+
     fn expected_size(&self, n: u32) -> u64 {
         let start = n as u64 * self.part_size;
         (self.req.content_length - start).min(self.part_size)
@@ -532,9 +557,19 @@ fn valid_sha256(s: &str) -> bool {
 }
 
 /// `path` without `.` and empty components, refusing `..`, NUL and
-/// overlong names: absolute stays absolute, relative stays relative.
-pub fn normalize_target(path: &str) -> Result<String, UploadError> {
-    let bad = |why: &str| Err(UploadError::Invalid(format!("target path {path:?} {why}")));
+/// overlong names: absolute stays absolute, relative stays relative. A
+/// refusal names the path and the user it would be written as.
+pub fn normalize_target(path: &str, user: Option<&str>) -> Result<String, UploadError> {
+    let as_user = match user {
+        Some(u) => format!("as user {:?}", &u[..u.floor_char_boundary(64)]),
+        None => "as the machine's default user".to_string(),
+    };
+    let shown = &path[..path.floor_char_boundary(128)];
+    let bad = |why: &str| {
+        Err(UploadError::Invalid(format!(
+            "target path {shown:?} ({as_user}) {why}"
+        )))
+    };
     if path.contains('\0') {
         return bad("contains NUL");
     }
@@ -626,7 +661,7 @@ impl Uploads {
     }
 
     pub fn create(&self, req: NewUpload) -> Result<Info, UploadError> {
-        let target = normalize_target(&req.target_path)?;
+        let target = normalize_target(&req.target_path, req.user.as_deref())?;
         if req.content_length > self.limits.max_upload_bytes {
             return Err(UploadError::TooLarge {
                 length: req.content_length,
@@ -671,6 +706,8 @@ impl Uploads {
                 quota: self.limits.machine_staging_quota_bytes,
             });
         }
+        let pending = open.iter().map(|s| s.bytes_due()).sum();
+        self.check_disk(req.content_length, pending)?;
         let dir = self.dir(&id);
         std::fs::create_dir(&dir).map_err(|source| UploadError::Spool {
             path: dir.clone(),
@@ -692,6 +729,30 @@ impl Uploads {
         let info = s.info(&self.limits);
         map.insert(id, s);
         Ok(info)
+    }
+
+    /// Refuses `length` more bytes when the spool's file system cannot hold
+    /// them besides the `pending` bytes open sessions may still send and the
+    /// reserve: a full host disk fails the create, not a part halfway.
+    fn check_disk(&self, length: u64, pending: u64) -> Result<(), UploadError> {
+        let st = rustix::fs::statvfs(&self.root).map_err(|e| UploadError::Spool {
+            path: self.root.clone(),
+            source: e.into(),
+        })?;
+        let available = st.f_bavail.saturating_mul(st.f_frsize);
+        let reserve = self.limits.spool_reserve_bytes;
+        let needed = length.saturating_add(pending).saturating_add(reserve);
+        if needed > available {
+            return Err(UploadError::DiskFull {
+                path: self.root.clone(),
+                available,
+                needed,
+                length,
+                pending,
+                reserve,
+            });
+        }
+        Ok(())
     }
 
     pub fn status(&self, owner: &Owner, id: &str) -> Result<Info, UploadError> {
@@ -939,7 +1000,17 @@ impl Uploads {
         B: AsRef<[u8]>,
         E: std::fmt::Display,
     {
-        let target = normalize_target(target)?;
+        let target = normalize_target(target, user.as_deref())?;
+        // The size is unknown until the body ends: at least the reserve
+        // must be there (the spool stops at max_upload_bytes).
+        let pending = {
+            let map = self.lock();
+            map.values()
+                .filter(|s| !s.status.is_terminal())
+                .map(Session::bytes_due)
+                .sum()
+        };
+        self.check_disk(0, pending)?;
         let id = new_id("put");
         let (staged, size) = spool::receive(
             &self.root,

@@ -1,7 +1,8 @@
 //! Completing an upload: the spooled bytes verified against the whole
 //! sha256, then written into the guest under a temporary sibling name and
-//! renamed into place, so a failure leaves nothing at the target (the
-//! temporary is removed; parent directories created on the way stay).
+//! renamed into place, so a failure leaves nothing behind: the temporary
+//! is removed, and so are the parent directories created on the way (when
+//! still empty: another upload may have filled them meanwhile).
 //!
 //! The guest is reached through [`GuestFiles`], the few file operations the
 //! agent offers, as the session's user; calls are blocking (run on a
@@ -82,6 +83,40 @@ pub(super) fn parent(path: &str) -> Option<&str> {
     match path.rsplit_once('/') {
         Some(("", _)) | None => None,
         Some((p, _)) => Some(p),
+    }
+}
+
+/// Creates the missing directories of `dir` one at a time (shallowest
+/// first) and returns those it made, so a failure can take them back with
+/// [`remove_made`]. On an error the ones made so far are removed.
+pub(super) fn make_parents(g: &dyn GuestFiles, dir: &str) -> Result<Vec<String>, UploadError> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if g.kind(d).map_err(guest_err("stat", d))?.is_some() {
+            break;
+        }
+        missing.push(d.to_string());
+        cur = parent(d);
+    }
+    let mut made = Vec::with_capacity(missing.len());
+    for d in missing.into_iter().rev() {
+        if let Err(e) = g.make_dir(&d, 0o755, false) {
+            remove_made(g, &made);
+            return Err(guest_err("mkdir", &d)(e));
+        }
+        made.push(d);
+    }
+    Ok(made)
+}
+
+/// Removes the directories [`make_parents`] made, deepest first; one that
+/// is no longer empty stays (with everything above it).
+pub(super) fn remove_made(g: &dyn GuestFiles, made: &[String]) {
+    for d in made.iter().rev() {
+        if g.remove(d, false).is_err() {
+            return;
+        }
     }
 }
 
@@ -180,9 +215,10 @@ fn publish_file(job: &Job, g: &dyn GuestFiles) -> Result<Published, UploadError>
         }
         _ => {}
     }
-    if let Some(p) = parent(target) {
-        g.make_dir(p, 0o755, true).map_err(guest_err("mkdir", p))?;
-    }
+    let made = match parent(target) {
+        Some(p) => make_parents(g, p)?,
+        None => Vec::new(),
+    };
     let tmp = sibling(target, "upload", &job.id);
     let size: u64 = job.parts.iter().map(|p| p.1).sum();
     let mut buf = vec![0u8; CHUNK];
@@ -190,6 +226,7 @@ fn publish_file(job: &Job, g: &dyn GuestFiles) -> Result<Published, UploadError>
         .and_then(|()| g.rename(&tmp, target).map_err(guest_err("rename", &tmp)));
     if r.is_err() {
         let _ = g.remove(&tmp, false);
+        remove_made(g, &made);
     }
     r.map(|()| Published {
         bytes: size,

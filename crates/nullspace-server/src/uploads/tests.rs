@@ -58,10 +58,11 @@ impl GuestFiles for HostDir {
     }
     fn remove(&self, path: &str, recursive: bool) -> std::io::Result<()> {
         let p = self.at(path);
-        if recursive && p.symlink_metadata()?.is_dir() {
-            std::fs::remove_dir_all(p)
-        } else {
-            std::fs::remove_file(p)
+        // As the agent: a directory goes whole, or (not recursive) when empty.
+        match (p.symlink_metadata()?.is_dir(), recursive) {
+            (true, true) => std::fs::remove_dir_all(p),
+            (true, false) => std::fs::remove_dir(p),
+            (false, _) => std::fs::remove_file(p),
         }
     }
     fn kind(&self, path: &str) -> std::io::Result<Option<EntryKind>> {
@@ -126,6 +127,7 @@ impl Fixture {
 fn small() -> Limits {
     Limits {
         part_size: 1000,
+        spool_reserve_bytes: 0,
         ..Limits::default()
     }
 }
@@ -455,9 +457,18 @@ async fn limits_refuse_oversized_uploads_and_targets() {
             f.up.create(new_upload(Kind::File, bad, 1, None))
                 .unwrap_err();
         assert!(matches!(e, UploadError::Invalid(_)), "{bad:?}: {e}");
+        assert!(
+            e.to_string().contains("(as the machine's default user)"),
+            "{e}"
+        );
     }
-    assert_eq!(normalize_target("/a//./b/").unwrap(), "/a/b");
-    assert_eq!(normalize_target("./a/b").unwrap(), "a/b");
+    let e = normalize_target("/a/../b", Some("app")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "upload request: target path \"/a/../b\" (as user \"app\") contains '..'"
+    );
+    assert_eq!(normalize_target("/a//./b/", None).unwrap(), "/a/b");
+    assert_eq!(normalize_target("./a/b", None).unwrap(), "a/b");
 }
 
 #[tokio::test]
@@ -827,4 +838,170 @@ fn the_spool_reader_reads_and_seeks_across_parts() {
     let mut rest = Vec::new();
     r.read_to_end(&mut rest).unwrap();
     assert_eq!(rest, b"h");
+}
+
+/// A guest whose disk fills after `room` bytes of file content (ENOSPC, as
+/// the agent reports it), otherwise the host directory.
+struct FillingGuest {
+    dir: HostDir,
+    room: std::sync::atomic::AtomicI64,
+}
+
+impl GuestFiles for FillingGuest {
+    fn write_at(&self, path: &str, offset: u64, data: &[u8], mode: u32) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.room.fetch_sub(data.len() as i64, Ordering::SeqCst) < data.len() as i64 {
+            return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        self.dir.write_at(path, offset, data, mode)
+    }
+    fn make_dir(&self, path: &str, mode: u32, parents: bool) -> std::io::Result<()> {
+        self.dir.make_dir(path, mode, parents)
+    }
+    fn chmod(&self, path: &str, mode: u32) -> std::io::Result<()> {
+        self.dir.chmod(path, mode)
+    }
+    fn symlink(&self, target: &str, path: &str) -> std::io::Result<()> {
+        self.dir.symlink(target, path)
+    }
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        self.dir.rename(from, to)
+    }
+    fn remove(&self, path: &str, recursive: bool) -> std::io::Result<()> {
+        self.dir.remove(path, recursive)
+    }
+    fn kind(&self, path: &str) -> std::io::Result<Option<EntryKind>> {
+        self.dir.kind(path)
+    }
+}
+
+/// A failed completion takes back the parent directories it created (a
+/// file upload whose guest disk fills, a directory upload with a hostile
+/// entry), and leaves those that were there, or that another upload filled
+/// meanwhile.
+#[tokio::test]
+async fn a_failed_upload_leaves_no_parent_directories_behind() {
+    let f = fixture(small());
+    let content = data(2500);
+    let id =
+        f.up.create(new_upload(Kind::File, "/workspace/a/b/c/f", 2500, None))
+            .unwrap()
+            .id;
+    for n in 0..3 {
+        put(&f, &id, n, &content, 1000).await.unwrap();
+    }
+    let full = FillingGuest {
+        dir: f.guest(),
+        room: 1000.into(),
+    };
+    let e = f.up.complete(&owner(), &id, None, full).await.unwrap_err();
+    assert!(
+        matches!(&e, UploadError::Guest { op: "write", path, .. } if path.contains("/workspace/a/b/c/.f.nullspace-upload-")),
+        "{e}"
+    );
+    assert_eq!(f.guest_tree(), ["workspace"], "{e}");
+
+    // A relative target's parents too (relative to the guest's workdir).
+    let mut req = new_upload(Kind::File, "x/y/f", 2500, None);
+    req.conflict = Conflict::Replace;
+    let id = f.up.create(req).unwrap().id;
+    for n in 0..3 {
+        put(&f, &id, n, &content, 1000).await.unwrap();
+    }
+    let full = FillingGuest {
+        dir: f.guest(),
+        room: 0.into(),
+    };
+    f.up.complete(&owner(), &id, None, full).await.unwrap_err();
+    assert_eq!(f.guest_tree(), ["workspace"]);
+
+    // A directory upload refused for an entry, under missing parents.
+    let mut b = Vec::new();
+    add_raw(&mut b, b"ok.txt", tar::EntryType::Regular, b"", b"fine");
+    add_raw(&mut b, b"../evil", tar::EntryType::Regular, b"", b"");
+    let e = upload_dir(&f, "/srv/p/q/t", &finish_raw(b), Conflict::Merge)
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), Some(Reason::DirectoryExtractInvalidPath), "{e}");
+    assert_eq!(f.guest_tree(), ["workspace"], "{e}");
+
+    // Directories that existed stay; one filled meanwhile stays too.
+    std::fs::create_dir_all(f.guest_root.join("srv/keep")).unwrap();
+    std::fs::create_dir_all(f.guest_root.join("srv/busy")).unwrap();
+    let g = f.guest();
+    let made = publish::make_parents(&g, "/srv/keep/n1/n2").unwrap();
+    assert_eq!(made, ["/srv/keep/n1", "/srv/keep/n1/n2"]);
+    std::fs::write(f.guest_root.join("srv/keep/n1/other"), b"x").unwrap();
+    publish::remove_made(&g, &made);
+    assert!(f.guest_root.join("srv/keep/n1/other").exists());
+    assert!(!f.guest_root.join("srv/keep/n1/n2").exists());
+    // A file in the way fails, naming the path.
+    std::fs::write(f.guest_root.join("srv/busy/file"), b"x").unwrap();
+    let e = publish::make_parents(&g, "/srv/busy/file/d").unwrap_err();
+    assert!(
+        e.to_string().contains("/srv/busy/file/d: Not a directory"),
+        "{e}"
+    );
+}
+
+/// A session the spool's file system could not hold is refused when it is
+/// created (507, `insufficient_staging_space`), not halfway through its
+/// parts; so is a signed `PUT` when the disk is down to the reserve.
+#[tokio::test]
+async fn an_upload_the_spool_disk_cannot_hold_is_refused_up_front() {
+    let f = fixture(Limits {
+        spool_reserve_bytes: u64::MAX / 4,
+        ..small()
+    });
+    let e =
+        f.up.create(new_upload(Kind::File, "/workspace/big", 10, None))
+            .unwrap_err();
+    assert!(matches!(e, UploadError::DiskFull { length: 10, .. }), "{e}");
+    assert_eq!(e.reason(), Some(Reason::InsufficientStagingSpace));
+    assert!(e.retryable());
+    assert!(
+        e.to_string().contains("upload spool has") && e.to_string().contains("kept free"),
+        "{e}"
+    );
+    assert!(
+        !e.to_string().contains(f.spool.to_str().unwrap()),
+        "the host path stays out of the message: {e}"
+    );
+    assert_eq!(f.spool_entries(), 0, "nothing spooled");
+    let e =
+        f.up.spool_direct(&owner(), "/workspace/put", None, body(b"data"))
+            .await
+            .unwrap_err();
+    assert!(matches!(e, UploadError::DiskFull { .. }), "{e}");
+    assert_eq!(f.spool_entries(), 0);
+
+    // What open sessions may still send counts against the free space.
+    let st = rustix::fs::statvfs(&f.spool).unwrap();
+    let free = st.f_bavail * st.f_frsize;
+    let f = fixture(Limits {
+        spool_reserve_bytes: 0,
+        max_upload_bytes: u64::MAX,
+        machine_staging_quota_bytes: u64::MAX,
+        part_size: 1 << 30,
+        ..Limits::default()
+    });
+    f.up.create(new_upload(
+        Kind::File,
+        "/workspace/a",
+        free / 2 + free / 8,
+        None,
+    ))
+    .unwrap();
+    let e =
+        f.up.create(new_upload(
+            Kind::File,
+            "/workspace/b",
+            free / 2 + free / 8,
+            None,
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(e, UploadError::DiskFull { pending, .. } if pending > free / 2 + free / 16),
+        "{e}"
+    );
 }
