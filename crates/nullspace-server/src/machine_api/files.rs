@@ -153,14 +153,22 @@ pub async fn file_get<const F: u8>(
     )
     .await
     .speak(F)?;
-    Ok((
+    Ok(octet_stream(size, stream))
+}
+
+/// A file's bytes as they stream from the guest, `size` announced.
+pub(super) fn octet_stream(
+    size: u64,
+    stream: impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static,
+) -> Response {
+    (
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
             (header::CONTENT_LENGTH, size.to_string()),
         ],
         Body::from_stream(stream),
     )
-        .into_response())
+        .into_response()
 }
 
 pub async fn file_put<const F: u8>(

@@ -11,7 +11,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures_util::StreamExt as _;
 use nullspace_model::upload::*;
 use nullspace_store::Caller;
 use serde_json::json;
@@ -485,42 +484,13 @@ pub async fn signed_get<const F: u8>(
     Query(q): Query<TokenQuery>,
 ) -> Res {
     let (g, c) = verified(&s, &id, &q, Method::Get)?;
-    let guest = guest_of(&s, &c, F, &id).await?;
-    // The first chunk before the answer: a missing file is a 404, not a
-    // broken 200.
-    let (first, size, eof) = guest
-        .read_chunk(&g.path, 0, uploads::CHUNK, g.user.as_deref())
+    // Streamed as `GET …/file` streams it (its first chunk read before the
+    // answer: a missing file is a 404, not a broken 200).
+    let (size, stream) = machines::files::read_stream(&s, &c, &id, &g.path, g.user.as_deref())
         .await
-        .map_err(|e| api(super::dialect(flavor(F), MachineError::guest(&id, e))))?;
-    let state = (guest, g, first.len() as u64, eof);
-    let rest = futures_util::stream::unfold(state, |(guest, g, off, eof)| async move {
-        if eof {
-            return None;
-        }
-        match guest
-            .read_chunk(&g.path, off, uploads::CHUNK, g.user.as_deref())
-            .await
-        {
-            Ok((d, _, eof)) => {
-                let eof = eof || d.is_empty();
-                let next = off + d.len() as u64;
-                Some((Ok::<_, std::io::Error>(d), (guest, g, next, eof)))
-            }
-            Err(e) => Some((
-                Err(std::io::Error::other(e.to_string())),
-                (guest, g, off, true),
-            )),
-        }
-    });
-    let body = futures_util::stream::once(async move { Ok(first) }).chain(rest);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, size.to_string()),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response())
+        .speak(F)
+        .map_err(api)?;
+    Ok(super::files::octet_stream(size, stream))
 }
 
 /// `PUT /signed/v1/…/{id}/file?token=`: the body is spooled, then written to
