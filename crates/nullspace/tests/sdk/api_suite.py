@@ -217,6 +217,14 @@ assert got.name == "app" and "v1" in got.tags and got.visibility.value == "priva
 assert Template.exists("app") is True
 assert Template.exists("team-a/app:v1") is True
 assert Template.exists("nope") is False
+# A tag the template does not have: exists and get agree with what a
+# create from that ref would do.
+assert Template.exists("app:no-such-tag") is False
+try:
+    Template.get("app:no-such-tag")
+    raise AssertionError("get of a missing tag answered")
+except NotFoundError as e:
+    assert "no-such-tag" in str(e), str(e)
 Template.assign_tags("app:v1", ["prod"])
 assert "prod" in [t.tag for t in Template.get_tags("app")]
 Template.remove_tag("app", "prod")
