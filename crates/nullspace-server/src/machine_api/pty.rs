@@ -217,6 +217,19 @@ pub async fn pty_channel(socket: WebSocket, guest: Guest) {
                 continue;
             }
         };
+        // One session per socket: a second start or connect is refused.
+        if let (Some(_), PtyRequest::PtyStart { id, .. } | PtyRequest::PtyConnect { id, .. }) =
+            (&attached, &req)
+        {
+            let _ = out
+                .send(err(
+                    id,
+                    "invalid_request",
+                    "this socket already serves a session".into(),
+                ))
+                .await;
+            continue;
+        }
         let r = match req {
             PtyRequest::PtyStart {
                 id,
@@ -227,16 +240,6 @@ pub async fn pty_channel(socket: WebSocket, guest: Guest) {
                 user,
                 cmd,
             } => {
-                if attached.is_some() {
-                    let _ = out
-                        .send(err(
-                            &id,
-                            "invalid_request",
-                            "this socket already serves a session".into(),
-                        ))
-                        .await;
-                    continue;
-                }
                 if let Err(m) = check_size(cols, rows) {
                     let _ = out.send(err(&id, "invalid_request", m)).await;
                     continue;
@@ -260,16 +263,6 @@ pub async fn pty_channel(socket: WebSocket, guest: Guest) {
                 session_id,
                 pid,
             } => {
-                if attached.is_some() {
-                    let _ = out
-                        .send(err(
-                            &id,
-                            "invalid_request",
-                            "this socket already serves a session".into(),
-                        ))
-                        .await;
-                    continue;
-                }
                 if session_id.is_some() == pid.is_some() {
                     let _ = out
                         .send(err(
