@@ -91,13 +91,14 @@ fn build_fixture() -> anyhow::Result<Fixture> {
 
 /// The start command holds a random token in its environment (process
 /// memory, generated at boot) and counts in a shell variable, writing the
-/// count every 100 ms; ready once it counted to 20.
+/// count every 100 ms; ready once it counted to 20. The count is renamed
+/// into place: `echo > file` truncates first, and a read in between saw "".
 fn counter_spec(rootfs: &Path, mode: MemoryMode) -> TemplateSpec {
     let mut c = GuestConfig::new("nullspace-snap");
     c.env.insert("PATH".into(), "/bin".into());
     c.start_cmd = Some(
         "export TOKEN=$(cat /proc/sys/kernel/random/uuid); echo $TOKEN > /tmp/token; \
-         exec sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done'"
+         exec sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done'"
             .into(),
     );
     let mut spec = TemplateSpec::new(rootfs, c);

@@ -256,7 +256,12 @@ mod tests {
         let q = Qemu::Child(ChildGuard(Some(sleeper())));
         let pid = q.release();
         assert!(crate::process::alive(pid), "released child was killed");
-        crate::process::signal::kill_naming(pid, b"30", Duration::from_secs(5));
+        crate::process::procfs::wait_exec(pid);
+        assert!(crate::process::signal::kill_naming(
+            pid,
+            b"30",
+            Duration::from_secs(5)
+        ));
         assert!(!crate::process::alive(pid));
     }
 }
