@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 
 pub mod git;
 pub mod lifecycle;
+pub mod ssh;
 pub mod stdin;
 
 /// Which client dialect a request speaks (its path prefix).

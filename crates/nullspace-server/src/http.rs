@@ -499,6 +499,20 @@ macro_rules! machine_routes {
     }};
 }
 
+/// SSH access (SDK 1.0.x only: 0.1.9 has no such call).
+fn ssh_routes() -> Vec<Route> {
+    use nullspace_model::machine::ssh as s;
+    vec![
+        Op::post(
+            "/v1/machines/{id}/ssh-access",
+            "Mint certificate-backed SSH access: a short-lived OpenSSH user certificate for the given public key, to log into this machine through the server's SSH endpoint",
+        )
+        .body::<s::SshAccessBody>()
+        .reply::<s::SshAccessReply>(200)
+        .to(machine_api::ssh::ssh_access::<{ machine_api::MACHINE }>),
+    ]
+}
+
 /// Every route: the template API, then machines under both prefixes.
 fn all_routes() -> Vec<Route> {
     let mut r = template_routes();
@@ -507,6 +521,7 @@ fn all_routes() -> Vec<Route> {
         machine_api::MACHINE,
         crate::machine_model::MachineSnapshotInfo
     ));
+    r.extend(ssh_routes());
     r.extend(machine_routes!(
         "/v1/sandboxes",
         machine_api::SANDBOX,

@@ -24,6 +24,7 @@ pub mod plan;
 pub mod refs;
 pub mod runtime;
 pub mod signed_url;
+pub mod ssh;
 pub mod state;
 pub mod templates;
 pub mod uploads;
@@ -227,6 +228,11 @@ pub async fn serve_until(
     // their builds are recovered at once (their owner is known dead).
     let lock = nullspace_vm::process::OwnerLock::acquire(&state.run_root(), &state.owner)
         .map_err(std::io::Error::other)?;
+    // Bound first: an address in use fails the start before any work.
+    let ssh_listener = match state.config.ssh_listen.clone() {
+        Some(addr) => Some(ssh::server::bind(&state, &addr).await?),
+        None => None,
+    };
     // Pooled VMs are recorded in this server's run directory while pooled.
     state.machines.start_pool(lock.pids.clone());
     *state.run_lock.lock().expect("run lock") = Some(lock);
@@ -250,6 +256,8 @@ pub async fn serve_until(
         .gc_interval
         .map(|every| tokio::spawn(gc::periodic(state.clone(), every)));
     let workers = builds::queue::spawn_workers(&state, state.config.workers);
+    // The SSH endpoint ends with the shutdown token, its sessions with it.
+    let ssh = ssh_listener.map(|l| tokio::spawn(ssh::server::run(state.clone(), l)));
     let shutdown = state.shutdown.clone();
     let http =
         axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
@@ -258,6 +266,9 @@ pub async fn serve_until(
         });
     let served = http.await;
     state.shutdown.cancel();
+    if let Some(t) = ssh {
+        let _ = t.await;
+    }
     builds::queue::drain(&state, workers, state.config.shutdown_grace).await;
     let _ = monitor.await;
     let _ = recovery.await;

@@ -67,6 +67,11 @@ pub struct Config {
     /// output) kept in the build log; the rest is counted and left out.
     pub step_log_limit: u64,
     pub gc: crate::gc::Policy,
+    /// Where the SSH endpoint listens (`None`: no endpoint).
+    pub ssh_listen: Option<String>,
+    /// The host SSH access answers name (default: the host the client
+    /// reached the API at).
+    pub ssh_public_host: Option<String>,
 }
 
 impl Config {
@@ -92,6 +97,8 @@ impl Config {
             gc_interval: Some(Duration::from_secs(3600)),
             gc: crate::gc::Policy::default(),
             step_log_limit: 4 << 20,
+            ssh_listen: None,
+            ssh_public_host: None,
         }
     }
 
@@ -196,6 +203,8 @@ pub struct AppState {
     pub uploads: Arc<crate::uploads::Uploads>,
     /// The key of signed transfer URLs (`DATA_DIR/signing.key`).
     pub signing_key: crate::signed_url::SigningKey,
+    /// SSH access: the CA and host keys (`DATA_DIR/ssh`), grants, the endpoint.
+    pub ssh: Arc<crate::ssh::Ssh>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -219,7 +228,9 @@ impl AppState {
         .map_err(std::io::Error::other)?;
         let signing_key =
             crate::signed_url::SigningKey::open(&config.data_dir).map_err(std::io::Error::other)?;
+        let ssh = crate::ssh::Ssh::open(&config.data_dir).map_err(std::io::Error::other)?;
         Ok(AppState {
+            ssh: Arc::new(ssh),
             uploads: Arc::new(uploads),
             signing_key,
             cache_dir: config.data_dir.join("cache"),

@@ -69,6 +69,11 @@ impl Server {
         if !self.args.iter().any(|a| a == "--machine-pool-size") {
             cmd.args(["--machine-pool-size", "0"]);
         }
+        // Test servers run side by side: their SSH endpoints take any free
+        // port (answers from `…/ssh-access` say which) unless a test says.
+        if !self.args.iter().any(|a| a == "--ssh-listen") {
+            cmd.args(["--ssh-listen", "127.0.0.1:0"]);
+        }
         // The build VM is on by default wherever it can run; API tests that
         // do not ask for it run without (fast, and independent of whether
         // a guest init happens to be installed). `--auto-build-vm` (a

@@ -77,6 +77,14 @@ pub struct ServeArgs {
     /// snapshot's migration stream, read by every restore; for comparisons).
     #[arg(long, env = "NULLSPACE_BUILD_VM_MEMORY", default_value = "mapped", value_parser = ["mapped", "streamed"])]
     build_vm_memory: String,
+    /// Address of the SSH endpoint machines are reached through with
+    /// certificates from `POST …/ssh-access` (`off`: none; port 0: any free port).
+    #[arg(long, env = "NULLSPACE_SSH_LISTEN", default_value = "127.0.0.1:2222")]
+    ssh_listen: String,
+    /// The host name SSH access answers give clients (default: the host
+    /// the client reached the API at).
+    #[arg(long, env = "NULLSPACE_SSH_PUBLIC_HOST")]
+    ssh_public_host: Option<String>,
     #[command(flatten)]
     lifecycle: LifecycleArgs,
 }
@@ -199,6 +207,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .then(|| std::time::Duration::from_secs(a.lifecycle.gc_interval_secs));
     config.gc = a.lifecycle.gc.policy();
     config.step_log_limit = a.lifecycle.step_log_limit_bytes;
+    config.ssh_listen = (a.ssh_listen != "off").then(|| a.ssh_listen.clone());
+    config.ssh_public_host = a.ssh_public_host;
     runtime()?.block_on(async move {
         let state = nullspace_server::open(config)
             .await

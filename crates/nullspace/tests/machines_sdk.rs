@@ -577,6 +577,21 @@ impl Terminal {
             .unwrap()
     }
 
+    /// Any program with this terminal as its standard streams and
+    /// controlling terminal.
+    fn spawn_program(&self, argv: &[String]) -> std::process::Child {
+        let fd = || std::process::Stdio::from(self.slave.try_clone().unwrap());
+        std::process::Command::new("setsid")
+            .args(["--wait", "--ctty"])
+            .args(argv)
+            .env("TERM", "vt100")
+            .stdin(fd())
+            .stdout(fd())
+            .stderr(fd())
+            .spawn()
+            .unwrap()
+    }
+
     fn resize(&self, cols: u16, rows: u16) {
         let w = rustix::termios::Winsize {
             ws_row: rows,
@@ -1098,4 +1113,201 @@ fn git_through_sdk_1_0_3_in_a_template_with_git() {
         r.stderr,
         s.server.log_text()
     );
+}
+
+// ---- SSH access (`create_ssh_access` and the server's SSH endpoint) ----
+
+const SSH_SCENARIO: &str = include_str!("machines_ssh.py");
+
+fn keygen(path: &Path) {
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Runs `argv` (a real OpenSSH client), stdin `input`: (status, stdout, stderr).
+fn run_ssh(argv: &[String], input: &[u8]) -> (i32, String, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The SDK's command line as words, with `extra` options before the
+/// destination and `remote` after it.
+fn ssh_argv(command: &str, extra: &[&str], remote: &[&str]) -> Vec<String> {
+    let mut words: Vec<String> = command.split(' ').map(str::to_string).collect();
+    // The command is shlex-joined from paths without spaces: plain words.
+    assert!(!command.contains('\''), "{command}");
+    let dest = words.pop().unwrap();
+    words.extend(["-o", "BatchMode=yes", "-o", "ConnectTimeout=60"].map(String::from));
+    words.extend(extra.iter().map(|s| s.to_string()));
+    words.push(dest);
+    words.extend(remote.iter().map(|s| s.to_string()));
+    words
+}
+
+/// `create_ssh_access` with the unpatched SDK 1.0.3, then a real OpenSSH
+/// client with the command it returns: `id -u` is the guest user's, exit
+/// statuses, stdin, stdout and stderr pass through; a terminal session
+/// (`ssh -tt` in a real pseudo-terminal) runs typed commands. Refused:
+/// an expired certificate (signed with the data directory's CA by
+/// `ssh-keygen -V` in the past), machine A's certificate at machine B,
+/// another namespace's certificate, and a forged one naming another
+/// machine under A's grant; a malformed or RSA key is a 400.
+#[test]
+fn ssh_access_through_the_servers_endpoint() {
+    let _s = serial();
+    let s = setup(&[]);
+    let other = s.server.key("team-b");
+    let dir = tempfile::tempdir().unwrap();
+    let (key, key_c) = (dir.path().join("id_a"), dir.path().join("id_c"));
+    keygen(&key);
+    keygen(&key_c);
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        SSH_SCENARIO,
+        &[
+            ("NS_KEY", key.to_str().unwrap()),
+            ("NS_KEY_C", key_c.to_str().unwrap()),
+            ("NS_OTHER_KEY", &other),
+            ("HOME", dir.path().to_str().unwrap()),
+        ],
+    );
+    let line = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("SSH "))
+        .unwrap_or_else(|| panic!("{}\n{}\n{}", r.stdout, r.stderr, s.server.log_text()));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let text = |k: &str| v[k].as_str().unwrap().to_string();
+    let (a, b, c) = (text("a"), text("b"), text("c"));
+    let command = text("command");
+    eprintln!("the SDK's command: {command}");
+
+    // Malformed and unsupported keys: 400 invalid_request, one line naming the rule.
+    for (name, rule) in [
+        ("malformed", "not an OpenSSH public key"),
+        ("rsa", "not supported"),
+    ] {
+        let (code, msg) = (
+            v["bad"][name][0].as_str().unwrap(),
+            v["bad"][name][1].as_str().unwrap(),
+        );
+        assert_eq!(code, "invalid_request", "{name}: {msg}");
+        assert!(msg.contains(rule) && !msg.contains('\n'), "{name}: {msg}");
+    }
+    assert_eq!(v["bad"]["other_namespace"][0], "machine_not_found", "{v}");
+
+    // The command as the SDK printed it: the guest user's uid.
+    let (st, out, err) = run_ssh(&ssh_argv(&command, &[], &["id", "-u"]), b"");
+    assert_eq!(
+        (st, out.trim()),
+        (0, "1000"),
+        "{err}\n{}",
+        s.server.log_text()
+    );
+    let (st, _, _) = run_ssh(&ssh_argv(&command, &[], &["exit 7"]), b"");
+    assert_eq!(st, 7);
+    let (st, out, err) = run_ssh(
+        &ssh_argv(&command, &[], &["tr a-z A-Z; echo oops >&2; exit 3"]),
+        b"hello ssh\n",
+    );
+    assert_eq!((st, out.as_str()), (3, "HELLO SSH\n"), "{err}");
+    assert!(err.contains("oops"), "{err}");
+
+    // Refusals: the client sees an authentication failure (255), the log says why.
+    let refused = |argv: Vec<String>, why: &str| {
+        let (st, out, err) = run_ssh(&argv, b"");
+        assert_eq!(st, 255, "{argv:?} was let in: {out}{err}");
+        let log = s.server.log_text();
+        assert!(log.contains(why), "no {why:?} in the server log:\n{log}");
+    };
+    // A's certificate at machine B.
+    let at = |cmd: &str, m: &str| {
+        cmd.rsplit_once(' ').map(|(h, dest)| {
+            let host = dest.split_once('@').unwrap().1;
+            format!("{h} {m}@{host}")
+        })
+    };
+    refused(
+        ssh_argv(&at(&command, &b).unwrap(), &[], &["true"]),
+        &format!("login {b:?} is not a principal"),
+    );
+    // Namespace team-b's certificate (for C) at A, and A's at C.
+    let command_c = text("command_c");
+    let (st, out, err) = run_ssh(&ssh_argv(&command_c, &[], &["id", "-u"]), b"");
+    assert_eq!((st, out.trim()), (0, "0"), "{err}");
+    refused(
+        ssh_argv(&at(&command_c, &a).unwrap(), &[], &["true"]),
+        &format!("login {a:?} is not a principal"),
+    );
+    refused(
+        ssh_argv(&at(&command, &c).unwrap(), &[], &["true"]),
+        &format!("login {c:?}"),
+    );
+    // Signed by this server's CA with ssh-keygen: expired, and a forged
+    // principal (machine C, in team-b) under A's grant.
+    let ca = s._tmp.path().join("data/ssh/ca_ed25519");
+    let sign = |name: &str, principal: &str, validity: &str| {
+        let k = dir.path().join(name);
+        std::fs::copy(&key, &k).unwrap();
+        std::fs::copy(
+            key.with_extension("pub"),
+            dir.path().join(format!("{name}.pub")),
+        )
+        .unwrap();
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(&ca)
+            .args(["-I", &text("access_id"), "-n", principal, "-V", validity])
+            .arg(dir.path().join(format!("{name}.pub")))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let cert = dir.path().join(format!("{name}-cert.pub"));
+        command
+            .replace(key.to_str().unwrap(), k.to_str().unwrap())
+            .replace(
+                &format!("CertificateFile={}", key.display()),
+                &format!("CertificateFile={}", k.display()),
+            )
+            .replace(&format!("{}-cert.pub", k.display()), cert.to_str().unwrap())
+    };
+    let expired = sign("id_expired", &a, "20200101:20200102");
+    assert!(expired.contains("id_expired-cert.pub"), "{expired}");
+    refused(ssh_argv(&expired, &[], &["true"]), "expired");
+    let forged = sign("id_forged", &c, "-5m:+5m");
+    refused(
+        ssh_argv(&at(&forged, &c).unwrap(), &[], &["true"]),
+        &format!("is for machine {a}, not {c}"),
+    );
+    // The right certificate still works after the refusals.
+    let (st, _, _) = run_ssh(&ssh_argv(&command, &[], &["true"]), b"");
+    assert_eq!(st, 0);
+
+    // An interactive session in a real terminal.
+    let t = Terminal::open(80, 24);
+    let mut ssh = t.spawn_program(&ssh_argv(&command, &["-tt"], &[]));
+    t.type_in("stty size; echo hi-$((6*7)) $TERM $(id -u)\r");
+    t.until(0, "hi-42 vt100 1000", &s);
+    assert!(t.text().contains("24 80"), "{}", t.text());
+    t.type_in("exit 4\r");
+    assert_eq!(wait_exit(&mut ssh, &t, &s), 4, "{}", t.text());
 }

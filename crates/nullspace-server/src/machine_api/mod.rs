@@ -18,6 +18,7 @@
 //! | [`stdin`] | `…/processes/{pid}/stdin` |
 //! | [`ws`] | the WebSocket and its exec channel |
 //! | [`pty`] | terminals (the pty routes and channel) and directory watches (`file_watch`) |
+//! | [`ssh`] | `…/ssh-access`: SSH grants and where the endpoint is reached |
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
 pub mod commands;
@@ -29,6 +30,7 @@ pub mod lifecycle;
 pub mod not_offered;
 pub mod pty;
 pub mod snapshots;
+pub mod ssh;
 pub mod stdin;
 pub mod uploads;
 pub mod ws;

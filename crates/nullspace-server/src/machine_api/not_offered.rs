@@ -20,7 +20,6 @@ const MACHINE_FAMILIES: &[(&str, &str)] = &[
     ("host", "ports and preview URLs"),
     ("ports", "ports and preview URLs"),
     ("preview-urls", "preview URLs"),
-    ("ssh-access", "SSH access"),
     ("metrics", "machine metrics"),
     ("lifecycle", "this lifecycle operation"),
     ("git", "this git operation"),
