@@ -22,7 +22,7 @@ WORK=$(mktemp -d /var/tmp/ns-bench-machines.XXXXXX)
 DATA=$WORK/data
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 target/debug/nullspace serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" --build-vm \
-  --init-bin "$INIT" 2>"$WORK/server.log" &
+  --init-bin "$INIT" --ssh-listen 127.0.0.1:0 2>"$WORK/server.log" &
 SRV=$!
 cleanup() {
   kill "$SRV" 2>/dev/null || true
@@ -40,4 +40,5 @@ trap cleanup EXIT
 for _ in $(seq 600); do curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 KEY=$(target/debug/nullspace keys create --data-dir "$DATA" --name bench --namespace bench)
 echo "nullspace $(git rev-parse --short HEAD), $(nproc) cores, $(grep -c ^processor /proc/cpuinfo) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
-NULLSPACE_API_URL="http://127.0.0.1:$PORT" NULLSPACE_API_KEY="$KEY" NS_DATA="$DATA" "$PY" bench/machines.py
+# NS_DRIVER: another driver against the same server (bench/ssh.sh).
+NULLSPACE_API_URL="http://127.0.0.1:$PORT" NULLSPACE_API_KEY="$KEY" NS_DATA="$DATA" "$PY" "${NS_DRIVER:-bench/machines.py}"

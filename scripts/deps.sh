@@ -24,6 +24,7 @@ NULLSPACE_APT_PACKAGES=(
   python3-venv      # the published Python SDK runs in a venv for API tests
   ca-certificates curl
   git               # the git tests, and the git a machine test's template carries
+  openssh-client    # ssh and ssh-keygen: the SSH access tests and benchmark
   cpio              # the guest initramfs is packed with it
   util-linux        # unshare (engine builds without network), runuser
   debootstrap       # the realistic Debian image of the VM test and benchmarks
@@ -79,7 +80,7 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
 REQUIRED_PROGRAMS=(
   qemu-system-x86_64 qemu-img buildah skopeo umoci docker-registry e2fsck debugfs
   mkfs.ext4 htpasswd openssl cpio unshare runuser busybox curl debootstrap python3
-  cargo git ldd
+  cargo git ldd ssh ssh-keygen
 )
 missing=()
 for p in "${REQUIRED_PROGRAMS[@]}"; do command -v "$p" >/dev/null 2>&1 || missing+=("$p"); done

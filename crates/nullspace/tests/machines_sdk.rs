@@ -1119,9 +1119,9 @@ fn git_through_sdk_1_0_3_in_a_template_with_git() {
 
 const SSH_SCENARIO: &str = include_str!("machines_ssh.py");
 
-fn keygen(path: &Path) {
+fn keygen(path: &Path, kind: &str) {
     let st = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+        .args(["-q", "-t", kind, "-N", "", "-C", "test", "-f"])
         .arg(path)
         .status()
         .unwrap();
@@ -1172,12 +1172,14 @@ fn ssh_argv(command: &str, extra: &[&str], remote: &[&str]) -> Vec<String> {
 #[test]
 fn ssh_access_through_the_servers_endpoint() {
     let _s = serial();
-    let s = setup(&[]);
+    let mut s = setup(&[]);
     let other = s.server.key("team-b");
     let dir = tempfile::tempdir().unwrap();
     let (key, key_c) = (dir.path().join("id_a"), dir.path().join("id_c"));
-    keygen(&key);
-    keygen(&key_c);
+    let rsa = dir.path().join("id_rsa");
+    keygen(&key, "ed25519");
+    keygen(&key_c, "ed25519");
+    keygen(&rsa, "rsa");
     let r = run_sdk_version(
         Sdk::V1_0_3,
         &s.server,
@@ -1186,6 +1188,7 @@ fn ssh_access_through_the_servers_endpoint() {
         &[
             ("NS_KEY", key.to_str().unwrap()),
             ("NS_KEY_C", key_c.to_str().unwrap()),
+            ("NS_RSA", rsa.to_str().unwrap()),
             ("NS_OTHER_KEY", &other),
             ("HOME", dir.path().to_str().unwrap()),
         ],
@@ -1214,6 +1217,14 @@ fn ssh_access_through_the_servers_endpoint() {
         assert!(msg.contains(rule) && !msg.contains('\n'), "{name}: {msg}");
     }
     assert_eq!(v["bad"]["other_namespace"][0], "machine_not_found", "{v}");
+
+    // A connection that says nothing (checked at the end).
+    let port = v["port"].as_u64().unwrap();
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    use std::io::Read as _;
+    let argv_sleep = ssh_argv(&command, &[], &["echo ready; exec sleep 600"]);
 
     // The command as the SDK printed it: the guest user's uid.
     let (st, out, err) = run_ssh(&ssh_argv(&command, &[], &["id", "-u"]), b"");
@@ -1292,7 +1303,8 @@ fn ssh_access_through_the_servers_endpoint() {
     };
     let expired = sign("id_expired", &a, "20200101:20200102");
     assert!(expired.contains("id_expired-cert.pub"), "{expired}");
-    refused(ssh_argv(&expired, &[], &["true"]), "expired");
+    // russh refuses it before the handler (its own log line).
+    refused(ssh_argv(&expired, &[], &["true"]), "Certificate is expired");
     let forged = sign("id_forged", &c, "-5m:+5m");
     refused(
         ssh_argv(&at(&forged, &c).unwrap(), &[], &["true"]),
@@ -1310,4 +1322,40 @@ fn ssh_access_through_the_servers_endpoint() {
     assert!(t.text().contains("24 80"), "{}", t.text());
     t.type_in("exit 4\r");
     assert_eq!(wait_exit(&mut ssh, &t, &s), 4, "{}", t.text());
+
+    // An idle connection that never authenticates is closed (30 s): the
+    // server's banner, then EOF.
+    let mut read = String::new();
+    let t0 = Instant::now();
+    let n = idle.read_to_string(&mut read);
+    assert!(
+        n.is_ok() && read.starts_with("SSH-2.0-nullspace"),
+        "{n:?} {read:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(35), "{:?}", t0.elapsed());
+
+    // Sessions end when the server stops.
+    let mut long = std::process::Command::new(&argv_sleep[0])
+        .args(&argv_sleep[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 6];
+    std::io::Read::read_exact(long.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert_eq!(&first, b"ready\n");
+    let st = s.server.terminate(Duration::from_secs(60));
+    assert!(st.is_some_and(|x| x.success()), "{st:?}");
+    let end = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(st) = long.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(Instant::now() < end, "the ssh session outlived the server");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_ne!(code, Some(0));
+    let log = s.server.log_text();
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -10,7 +10,10 @@ key, key_c = os.environ["NS_KEY"], os.environ["NS_KEY_C"]
 other = os.environ["NS_OTHER_KEY"]
 a = Machine.create(template="web")
 b = Machine.create(template="web")
-c = Machine.create(template="web", api_key=other)
+# C in another namespace, from this one's template made public.
+from nullspace import Template
+Template.set_visibility("web", "public")
+c = Machine.create(template="team-a/web", api_key=other)
 
 acc = a.create_ssh_access(public_key=open(key + ".pub").read(), identity_file=key,
                           user="app", expires_in_minutes=5)
@@ -22,12 +25,12 @@ known = open(acc.known_hosts_file).read()
 assert f"[{acc.host}]:{acc.port} ssh-ed25519 " in known, known
 
 acc_c = Machine.connect(c.id, api_key=other).create_ssh_access(
-    public_key=open(key_c + ".pub").read(), identity_file=key_c)
+    public_key=open(key_c + ".pub").read(), identity_file=key_c, user="root")
 
 # A key the server cannot certify: one clear line, invalid_request.
 bad = {}
 for name, text in (("malformed", "ssh-ed25519 AAAA!!notbase64"),
-                   ("rsa", "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDCxKfmHoeTNeiRWP2x2yUGxU1OgBPpiOMY4gmuYoSAwfS9cTZ5lHFqyWnN+kPSKJ0BiXJbjcLb3GdRuWRfvyBwsmA1eYomDXUw5dZQEpwffk00Tff1xx/1S7whvB6c6pujMmZ/FP9mSzj1lhi1GKbp49WZjT6Jyeog+zt8sv+X5w==")):
+                   ("rsa", open(os.environ["NS_RSA"] + ".pub").read())):
     try:
         a.create_ssh_access(public_key=text)
         raise AssertionError(f"{name} key accepted")

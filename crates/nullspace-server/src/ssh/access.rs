@@ -138,6 +138,19 @@ pub fn parse_public_key(line: &str) -> Result<PublicKey, AccessError> {
     if line.contains('\n') || line.contains('\r') {
         return Err(AccessError::MalformedKey("it spans several lines".into()));
     }
+    // The type word first: a known type this server does not take is named
+    // as such, whatever the rest of the line holds.
+    let kind = line.split_ascii_whitespace().next().unwrap_or_default();
+    if !(kind == "ssh-ed25519" || kind.starts_with("ecdsa-sha2-nistp")) {
+        return Err(
+            if kind.len() <= 64 && kind.bytes().all(|b| b.is_ascii_graphic()) && kind.contains('-')
+            {
+                AccessError::UnsupportedKey(kind.to_string())
+            } else {
+                AccessError::MalformedKey("it does not start with a key type".into())
+            },
+        );
+    }
     let key =
         PublicKey::from_openssh(line).map_err(|e| AccessError::MalformedKey(e.to_string()))?;
     match key.algorithm() {

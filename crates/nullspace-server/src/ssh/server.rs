@@ -139,27 +139,37 @@ async fn connection(
     let bye = |why: &str| {
         let handle = handle.clone();
         let why = why.to_string();
+        // Bounded: a session stuck on a full queue must not hold the stop.
         async move {
-            let _ = handle
-                .disconnect(russh::Disconnect::ByApplication, why, String::new())
-                .await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                handle.disconnect(russh::Disconnect::ByApplication, why, String::new()),
+            )
+            .await;
         }
     };
-    tokio::select! {
+    let ended = tokio::select! {
         r = &mut running => {
             if let Err(e) = r {
                 tracing::debug!(%peer, "ssh: connection ended: {e}");
             }
+            true
         }
         _ = watch => {
             tracing::info!(%peer, "ssh: closed: no authentication within {AUTH_DEADLINE:?}");
             bye("authentication timed out").await;
+            false
         }
-        _ = stop.cancelled() => bye("the server is stopping").await,
-    }
+        _ = stop.cancelled() => {
+            bye("the server is stopping").await;
+            false
+        }
+    };
     // Sessions of this connection end with it.
     stop.cancel();
     // The session task stops once it sent the disconnect; do not wait on a
     // peer that never reads.
-    let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+    if !ended {
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+    }
 }

@@ -427,12 +427,17 @@ struct Run {
 }
 
 impl Run {
+    /// Sends output to the client; a client that is gone stops the session.
     async fn out(&self, stderr: bool, d: Vec<u8>) -> bool {
-        if stderr {
+        let sent = if stderr {
             self.handle.extended_data(self.channel, 1, d).await.is_ok()
         } else {
             self.handle.data(self.channel, d).await.is_ok()
+        };
+        if !sent {
+            self.stop.cancel();
         }
+        sent
     }
 
     /// A command without a terminal: a background process of the agent
