@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::keys::ssh_key::certificate::{Builder, CertType};
-use russh::keys::ssh_key::{Algorithm, Fingerprint, public::KeyData};
+use russh::keys::ssh_key::{Algorithm, Fingerprint};
 use russh::keys::{Certificate, HashAlg, PrivateKey, PublicKey};
 
 /// Lifetime of a certificate when the request names none.
@@ -229,7 +229,7 @@ impl Registry {
         let sign = |e: russh::keys::ssh_key::Error| AccessError::Sign(e.to_string());
         let mut b = Builder::new(
             nonce.to_vec(),
-            KeyData::from(key.key_data().clone()),
+            key.key_data().clone(),
             now.saturating_sub(BACKDATE),
             expires_at,
         )
@@ -396,7 +396,7 @@ mod tests {
         let now = now_secs();
         let mut b = Builder::new(
             vec![0; 32],
-            KeyData::from(user.public_key().key_data().clone()),
+            user.public_key().key_data().clone(),
             now - 10,
             now + 100,
         )
