@@ -107,9 +107,10 @@ fn openapi_document_lists_every_route() {
         }
     }
     // 27 template operations, 54 machine operations under each of
-    // `/v1/machines` and `/v1/sandboxes`, 3 snapshot operations, the 4
-    // signed transfer routes, `/openapi.json` and `/healthz`.
-    assert_eq!(ops, 29 + 2 * 54 + 3 + 4, "operations documented");
+    // `/v1/machines` and `/v1/sandboxes`, `…/ssh-access` (1.0.x only), 3
+    // snapshot operations, the 4 signed transfer routes, `/openapi.json`
+    // and `/healthz`.
+    assert_eq!(ops, 29 + 2 * 54 + 1 + 3 + 4, "operations documented");
     for p in [
         "/v1/templates/builds",
         "/v1/templates/build",
@@ -122,6 +123,7 @@ fn openapi_document_lists_every_route() {
         "/v1/machines",
         "/v1/machines/{id}/exec",
         "/v1/machines/{id}/ws",
+        "/v1/machines/{id}/ssh-access",
         "/v1/sandboxes/{id}/files/write",
         "/v1/snapshots/{snapshot_id}",
     ] {

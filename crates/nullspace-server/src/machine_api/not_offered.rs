@@ -20,6 +20,8 @@ const MACHINE_FAMILIES: &[(&str, &str)] = &[
     ("host", "ports and preview URLs"),
     ("ports", "ports and preview URLs"),
     ("preview-urls", "preview URLs"),
+    // Served under /v1/machines (http::ssh_routes); 0.1.9's prefix has none.
+    ("ssh-access", "SSH access for sandboxes (SDK 0.1.9)"),
     ("metrics", "machine metrics"),
     ("lifecycle", "this lifecycle operation"),
     ("git", "this git operation"),

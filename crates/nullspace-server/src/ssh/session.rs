@@ -218,7 +218,12 @@ impl Handler for Conn {
                 Ok(Auth::Accept)
             }
             Err(r) => {
-                let login: String = user.chars().take(64).collect();
+                // The client's words: one line, bounded, printable.
+                let login: String = user
+                    .chars()
+                    .take(64)
+                    .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+                    .collect();
                 tracing::warn!(peer = %self.peer, login = %login, "ssh: refused: {r}");
                 Ok(Auth::reject())
             }
