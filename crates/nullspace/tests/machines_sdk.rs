@@ -1318,8 +1318,21 @@ fn ssh_access_through_the_servers_endpoint() {
     let t = Terminal::open(80, 24);
     let mut ssh = t.spawn_program(&ssh_argv(&command, &["-tt"], &[]));
     t.type_in("stty size; echo hi-$((6*7)) $TERM $(id -u)\r");
-    t.until(0, "hi-42 vt100 1000", &s);
+    let mut from = t.until(0, "hi-42 vt100 1000", &s);
     assert!(t.text().contains("24 80"), "{}", t.text());
+    // A window change reaches the machine's terminal (ssh forwards SIGWINCH).
+    t.resize(100, 40);
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        t.type_in("stty size\r");
+        let got = t.until(from, "\n", &s);
+        std::thread::sleep(Duration::from_millis(500));
+        if t.text()[from..].contains("40 100") {
+            break;
+        }
+        assert!(Instant::now() < end, "no resize:\n{}", t.text());
+        from = got;
+    }
     t.type_in("exit 4\r");
     assert_eq!(wait_exit(&mut ssh, &t, &s), 4, "{}", t.text());
 
