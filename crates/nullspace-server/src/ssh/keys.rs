@@ -105,18 +105,24 @@ fn load_or_create(path: &Path, comment: &str) -> Result<PrivateKey, KeyError> {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
+    // A name of this process's own: a server starting beside it writes its own.
+    let tmp = path.with_extension(format!(
+        "tmp.{}.{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    // A hard link fails if another server made the key first: read theirs.
-    match std::fs::hard_link(&tmp, path) {
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        })
+        // A hard link fails if another server made the key first: read theirs.
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    match written {
         Ok(()) => {
             let _ = std::fs::remove_file(&tmp);
             tracing::info!(path = %path.display(), "made a new SSH key");
