@@ -67,6 +67,11 @@ pub struct Config {
     /// output) kept in the build log; the rest is counted and left out.
     pub step_log_limit: u64,
     pub gc: crate::gc::Policy,
+    /// Preview host names are `{port}-{id}.{this}` (`None`: addressed by
+    /// path only, under `/preview/`).
+    pub preview_domain: Option<String>,
+    /// How long the proxy waits for a guest's server to begin answering.
+    pub preview_response_timeout: Duration,
 }
 
 impl Config {
@@ -92,6 +97,8 @@ impl Config {
             gc_interval: Some(Duration::from_secs(3600)),
             gc: crate::gc::Policy::default(),
             step_log_limit: 4 << 20,
+            preview_domain: Some("localhost".into()),
+            preview_response_timeout: Duration::from_secs(60),
         }
     }
 
@@ -196,6 +203,8 @@ pub struct AppState {
     pub uploads: Arc<crate::uploads::Uploads>,
     /// The key of signed transfer URLs (`DATA_DIR/signing.key`).
     pub signing_key: crate::signed_url::SigningKey,
+    /// Use of preview grants since this server started.
+    pub preview_usage: crate::machines::ports::UsageTable,
 }
 
 pub type Shared = Arc<AppState>;
@@ -222,6 +231,7 @@ impl AppState {
         Ok(AppState {
             uploads: Arc::new(uploads),
             signing_key,
+            preview_usage: Default::default(),
             cache_dir: config.data_dir.join("cache"),
             work_dir: config.data_dir.join("work"),
             config,
