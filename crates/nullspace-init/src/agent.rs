@@ -25,9 +25,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Requests served at once (each on its own thread). Foreground execs and
-/// attaches hold theirs while they stream.
-pub const MAX_REQUEST_THREADS: usize = 64;
+/// Requests served at once (each on its own thread). Foreground execs,
+/// attaches and tunnels hold theirs while they stream.
+pub const MAX_REQUEST_THREADS: usize = 128;
 /// Stack of a request thread (file ops, probes, exec supervision).
 const REQUEST_STACK: usize = 512 << 10;
 
@@ -92,6 +92,13 @@ pub struct Ctl {
     cv: Condvar,
     /// Process group to kill on cancel (a foreground exec's).
     pub kill_pgid: Mutex<Option<u32>>,
+}
+
+impl Ctl {
+    /// The request's id (`target` of later `ack`, `cancel` and `send`).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
 }
 
 /// Sends a request's events.
@@ -200,6 +207,7 @@ impl Conn {
             if let Some(pgid) = *ctl.kill_pgid.lock().unwrap() {
                 crate::exec::kill_group(pgid, 9);
             }
+            crate::tunnel::close(target);
             ctl.cv.notify_all();
         }
     }
@@ -455,6 +463,8 @@ fn dispatch(state: &State, resp: &Resp, op: Op) -> Outcome {
         Op::PtyResize { pid, cols, rows } => crate::pty::resize(pid, cols, rows),
         Op::PtyList => Ok(crate::pty::list()),
         Op::Watch(spec) => crate::watch::watch(state, resp, spec),
+        Op::Connect { port } => crate::tunnel::connect(resp, resp.ctl().id(), port),
+        Op::Send { target, data, eof } => crate::tunnel::send(target, &data, eof),
         Op::Exec(spec) => crate::exec::exec(state, resp, spec),
         Op::Attach { pid, replay } => crate::exec::attach(state, resp, pid, replay),
         Op::Processes => Ok(crate::exec::processes(state)),

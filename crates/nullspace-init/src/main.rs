@@ -23,6 +23,7 @@ mod procs;
 mod pty;
 mod replace;
 mod search;
+mod tunnel;
 mod users;
 mod watch;
 

@@ -50,6 +50,8 @@
 //! | `pty_resize {pid, cols, rows}` | `pty {info}` |
 //! | `pty_list` | `ptys {sessions}` |
 //! | `watch {path, recursive, user}` | `watching {path}`, `file_events {events, dropped}`*, `watch_end {reason}` |
+//! | `connect {port}` | `connected`, `received {data}`*, `closed` |
+//! | `send {target, data, eof}` | `written {bytes}` |
 //! | `ack {target, bytes}`, `cancel {target}` | none |
 //!
 //! Any request may instead end with `error {code, message}`; a line that is
@@ -78,6 +80,16 @@
 //! with `attach {pid, replay}` (as `stdout`); `write_stdin {pid}` types
 //! into it (`eof` sends the terminal's end-of-file character, ^D); `kill
 //! {pid}` signals it; `pty_list` lists the sessions, exited ones included.
+//!
+//! # Tunnels
+//! `connect` opens a TCP connection to a port on the guest's loopback
+//! (127.0.0.1, then ::1): how the host reaches a server in a guest that
+//! has no network device. What the guest side sends arrives as `received`
+//! stream data (flow-controlled like `stdout`); the host writes with
+//! `send {target}`, one at a time per connection (the `written` reply is
+//! its credit). The guest closing its end ends the request with `closed`;
+//! `cancel` closes the connection. A session change closes every tunnel.
+//! The guest holds at most [`MAX_TUNNELS`] open at once (`busy` beyond).
 //!
 //! # Sessions
 //! A connection is a session. The host opens it with `hello`; the guest then
@@ -126,6 +138,8 @@ pub const MAX_CHUNK: usize = 256 << 10;
 pub const OUTPUT_CHUNK: usize = 64 << 10;
 /// Unacknowledged stream bytes the guest may have in flight per request.
 pub const STREAM_WINDOW: usize = 512 << 10;
+/// Tunnels (`connect`) open at once in one guest.
+pub const MAX_TUNNELS: usize = 48;
 /// Entries per `entries` event.
 pub const LIST_BATCH: usize = 128;
 /// Default and largest `max_entries` of `list_dir`.
@@ -385,6 +399,21 @@ pub enum Op {
     PtyList,
     /// Streams changes under a directory until cancelled ([`watch`]).
     Watch(WatchSpec),
+    /// Opens a TCP connection to `port` on the guest's loopback (see
+    /// "Tunnels"): `connected`, then `received`* until the guest side
+    /// closes (`closed`) or the host cancels.
+    Connect {
+        port: u16,
+    },
+    /// Writes to the connection that request `target` opened; `eof` then
+    /// shuts its write side. At most [`MAX_CHUNK`] bytes.
+    Send {
+        target: u64,
+        #[serde(with = "b64", default)]
+        data: Vec<u8>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        eof: bool,
+    },
 }
 
 /// Every `op` name, for telling an unknown op from a malformed one.
@@ -420,6 +449,8 @@ pub const OPS: &[&str] = &[
     "pty_resize",
     "pty_list",
     "watch",
+    "connect",
+    "send",
 ];
 
 impl Op {
@@ -457,6 +488,8 @@ impl Op {
             Op::PtyResize { .. } => "pty_resize",
             Op::PtyList => "pty_list",
             Op::Watch(_) => "watch",
+            Op::Connect { .. } => "connect",
+            Op::Send { .. } => "send",
         }
     }
 
@@ -762,6 +795,15 @@ pub enum Event {
     WatchEnd {
         reason: String,
     },
+    /// A `connect`'s connection is open.
+    Connected,
+    /// Bytes the guest side of a `connect` sent (stream data).
+    Received {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The guest side of a `connect` closed its end. Final.
+    Closed,
 }
 
 impl Event {
@@ -777,13 +819,17 @@ impl Event {
                 | Event::FileEvents { .. }
                 | Event::Paths { .. }
                 | Event::Matches { .. }
+                | Event::Connected
+                | Event::Received { .. }
         )
     }
 
     /// Raw bytes this event counts against the request's [`STREAM_WINDOW`].
     pub fn stream_bytes(&self) -> usize {
         match self {
-            Event::Stdout { data } | Event::Stderr { data } => data.len(),
+            Event::Stdout { data } | Event::Stderr { data } | Event::Received { data } => {
+                data.len()
+            }
             // An entry is charged a fixed size plus its names.
             Event::Entries { entries } => entries
                 .iter()
@@ -834,6 +880,9 @@ pub enum ErrorCode {
     Cancelled,
     /// The process could not be started (bad argv, cwd, user).
     SpawnFailed,
+    /// Nothing listens on the port a `connect` named.
+    ConnectionRefused,
+    TimedOut,
     /// Another I/O error.
     Io,
     /// A newer guest's code this host does not know.
@@ -855,6 +904,8 @@ impl ErrorCode {
             K::InvalidFilename => ErrorCode::NameTooLong,
             K::FileTooLarge => ErrorCode::FileTooLarge,
             K::InvalidInput => ErrorCode::BadRequest,
+            K::ConnectionRefused => ErrorCode::ConnectionRefused,
+            K::TimedOut => ErrorCode::TimedOut,
             _ => ErrorCode::Io,
         }
     }

@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 
 pub mod git;
 pub mod lifecycle;
+pub mod ports;
 pub mod ssh;
 pub mod stdin;
 
@@ -320,6 +321,10 @@ pub struct MachineInfo {
     /// Paused: the snapshot `resume` restores; else the snapshot it was
     /// created from, if any.
     pub snapshot_id: Option<String>,
+    /// A private machine's (`network.allow_public_traffic: false`): the
+    /// `x-nullspace-traffic-access-token` its preview URLs need.
+    #[serde(default)]
+    pub traffic_access_token: Option<String>,
 }
 
 /// `GET /v1/machines`: one page.

@@ -20,7 +20,9 @@ use nullspace_model::agent::{
     SearchContentSpec, SearchNamesSpec, WriteFileSpec,
 };
 use nullspace_vm::VmError;
-use nullspace_vm::agent::{AgentClient, ExecRequest, Found, Stream, WriteOptions};
+use nullspace_vm::agent::{
+    AgentClient, ExecRequest, Found, Stream, TunnelReader, TunnelWriter, WriteOptions,
+};
 use tokio_util::sync::CancellationToken;
 
 mod terminal;
@@ -87,7 +89,10 @@ fn classify(e: VmError, limit: Duration) -> GuestError {
                 | ErrorCode::AlreadyExists
                 | ErrorCode::DirectoryNotEmpty
                 | ErrorCode::NameTooLong
-                | ErrorCode::FileTooLarge),
+                | ErrorCode::FileTooLarge
+                | ErrorCode::ConnectionRefused
+                | ErrorCode::TimedOut
+                | ErrorCode::Busy),
             message,
             ..
         } => GuestError::Refused { code, message },
@@ -641,7 +646,53 @@ impl Guest {
     pub async fn metrics(&self) -> Result<GuestMetrics, GuestError> {
         self.with(CALL, move |a| a.metrics(None, CALL)).await
     }
+
+    /// Opens a connection to `port` on the guest's loopback. Like a
+    /// terminal it may last for good, so it holds no gate: its reads and
+    /// writes end when `stop` or a quiesce (snapshot, pause) cancels.
+    pub async fn open_tunnel(
+        &self,
+        port: u16,
+        stop: CancellationToken,
+    ) -> Result<(TunnelReader, TunnelWriter), GuestError> {
+        let quiesce = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let linked = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = quiesce.cancelled() => linked.cancel(),
+                _ = linked.cancelled() => {}
+            }
+        });
+        let g = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = g.client()?.with_cancel(stop);
+            c.open_tunnel(port, TUNNEL_CONNECT)
+                .map_err(|e| classify(e, TUNNEL_CONNECT))
+        })
+        .await
+        .map_err(|e| GuestError::Failed(format!("guest call: {e}")))?
+    }
+
+    /// One readiness check of `probe` in the guest: ready, and what it saw.
+    pub async fn probe(
+        &self,
+        probe: nullspace_model::agent::ProbeSpec,
+        limit: Duration,
+    ) -> Result<(bool, String), GuestError> {
+        let v =
+            serde_json::to_value(&probe).map_err(|e| GuestError::Failed(format!("probe: {e}")))?;
+        self.with(limit + CALL, move |a| a.probe_once(v, limit))
+            .await
+    }
 }
+
+/// How long a tunnel waits for the guest's server to accept (the guest
+/// gives up after 5 s itself).
+const TUNNEL_CONNECT: Duration = Duration::from_secs(15);
 
 /// A writer that refuses to grow past its bound (guest data is hostile).
 struct Bounded<'a>(&'a mut Vec<u8>, usize);

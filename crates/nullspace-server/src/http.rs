@@ -419,6 +419,33 @@ macro_rules! machine_routes {
                 .to(machine_api::signed_put::<{ $f }>),
 
 
+            // ---- ports and preview URLs ----
+            Op::post(concat!($p, "/{id}/host"), "Where a port of the machine is reached: host and signed URLs")
+                .body::<nullspace_model::machine::ports::HostBody>()
+                .reply::<nullspace_model::machine::ports::HostInfo>(200)
+                .to(machine_api::host::<{ $f }>),
+            Op::get(concat!($p, "/{id}/ports/{port}/preview-url"), "A signed preview URL of a port (default lifetime)")
+                .reply::<nullspace_model::machine::ports::PreviewUrl>(200)
+                .to(machine_api::preview_url::<{ $f }>),
+            Op::post(concat!($p, "/{id}/ports/{port}/signed-preview-url"), "A signed preview URL of a port, expiring as asked")
+                .body::<nullspace_model::machine::ports::GrantBody>()
+                .reply::<nullspace_model::machine::ports::PreviewUrl>(200)
+                .to(machine_api::signed_preview_url::<{ $f }>),
+            Op::post(concat!($p, "/{id}/ports/{port}/preview-proxy-target"), "A header token for a proxy in front of a port")
+                .body::<nullspace_model::machine::ports::GrantBody>()
+                .reply::<nullspace_model::machine::ports::PreviewProxyTarget>(200)
+                .to(machine_api::proxy_target::<{ $f }>),
+            Op::post(concat!($p, "/{id}/ports/{port}/readiness"), "Wait until a port accepts connections (tcp) or answers (http)")
+                .body::<nullspace_model::machine::ports::ReadinessBody>()
+                .reply::<nullspace_model::machine::ports::PreviewReadiness>(200)
+                .to(machine_api::readiness::<{ $f }>),
+            Op::get(concat!($p, "/{id}/preview-urls"), "The machine's preview grants (`port` filters)")
+                .reply::<nullspace_model::machine::ports::PreviewGrantList>(200)
+                .to(machine_api::list_grants::<{ $f }>),
+            Op::delete(concat!($p, "/{id}/preview-urls/{grant_id}"), "Revoke a preview grant (at once)")
+                .reply::<nullspace_model::machine::ports::RevokedGrant>(200)
+                .to(machine_api::revoke_grant::<{ $f }>),
+
             // ---- terminals and directory watch ----
             Op::get(concat!($p, "/{id}/pty"), "Running terminal sessions")
                 .reply_list::<nullspace_model::terminal::PtySessionInfo>()
@@ -540,10 +567,17 @@ pub fn router(state: Shared) -> Router {
     authed
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .merge(public)
+        // The preview proxy by path: the guest's own paths, not API
+        // operations, so not in the table (by host name: the layer below).
+        .merge(crate::preview::routes())
         .fallback(machine_api::not_offered::fallback)
         .method_not_allowed_fallback(machine_api::not_offered::method_not_allowed)
         // Context blobs are streamed to disk; JSON bodies are bounded.
         .layer(DefaultBodyLimit::max(64 << 20))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::preview::by_host,
+        ))
         .with_state(state)
 }
 

@@ -21,6 +21,7 @@ pub mod machines;
 pub mod model;
 pub mod openapi;
 pub mod plan;
+pub mod preview;
 pub mod refs;
 pub mod runtime;
 pub mod signed_url;

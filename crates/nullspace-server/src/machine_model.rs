@@ -48,6 +48,9 @@ pub struct MachineDoc {
     pub cwd: Option<String>,
     #[serde(default = "yes")]
     pub internet_access: bool,
+    /// Who may reach its ports (`machines::ports`).
+    #[serde(default)]
+    pub access: crate::machines::ports::PortAccess,
     /// The snapshot directory its disk sits on (template or machine
     /// snapshot), relative to the data directory (absolute in records of
     /// older servers; both resolve, see `machines::record::resolve`).

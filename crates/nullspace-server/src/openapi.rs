@@ -450,6 +450,15 @@ mod tests {
             "http.rs must add routes only through `routes()` (found {calls} `.route(` calls)"
         );
         assert!(!src.contains(".nest("));
+        // The one exception: the preview proxy's path routes (the guest's
+        // paths under `/preview/{id}/{port}/`, any method), merged once.
+        assert_eq!(src.matches(".merge(crate::preview::routes())").count(), 1);
+        assert_eq!(
+            include_str!("preview/mod.rs")
+                .matches(".route(\"/preview/")
+                .count(),
+            3
+        );
         // The one fallback answers errors only (501, JSON 404/405).
         assert_eq!(
             src.matches(".fallback(").count(),

@@ -72,6 +72,11 @@ pub struct Config {
     /// The host SSH access answers name (default: the host the client
     /// reached the API at).
     pub ssh_public_host: Option<String>,
+    /// Preview host names are `{port}-{id}.{this}` (`None`: addressed by
+    /// path only, under `/preview/`).
+    pub preview_domain: Option<String>,
+    /// How long the proxy waits for a guest's server to begin answering.
+    pub preview_response_timeout: Duration,
 }
 
 impl Config {
@@ -99,6 +104,8 @@ impl Config {
             step_log_limit: 4 << 20,
             ssh_listen: None,
             ssh_public_host: None,
+            preview_domain: Some("localhost".into()),
+            preview_response_timeout: Duration::from_secs(60),
         }
     }
 
@@ -205,6 +212,8 @@ pub struct AppState {
     pub signing_key: crate::signed_url::SigningKey,
     /// SSH access: the CA and host keys (`DATA_DIR/ssh`), grants, the endpoint.
     pub ssh: Arc<crate::ssh::Ssh>,
+    /// Use of preview grants since this server started.
+    pub preview_usage: crate::machines::ports::UsageTable,
 }
 
 pub type Shared = Arc<AppState>;
@@ -233,6 +242,7 @@ impl AppState {
             ssh: Arc::new(ssh),
             uploads: Arc::new(uploads),
             signing_key,
+            preview_usage: Default::default(),
             cache_dir: config.data_dir.join("cache"),
             work_dir: config.data_dir.join("work"),
             config,

@@ -15,9 +15,11 @@ pub mod artifacts;
 pub mod inflight;
 pub mod lifecycle;
 pub mod machines;
+pub mod previews;
 
 pub use lifecycle::{LifecycleEvent, LifecycleFilter, LifecyclePage, Order, StoredLifecycleEvent};
 pub use machines::{Inserted, MachineRow, SnapshotRow};
+pub use previews::PreviewGrantRow;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
@@ -68,6 +70,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "lifecycle events",
         include_str!("../migrations/0004_lifecycle_events.sql"),
+    ),
+    (
+        5,
+        "preview grants",
+        include_str!("../migrations/0005_preview_grants.sql"),
     ),
 ];
 

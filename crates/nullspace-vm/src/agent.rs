@@ -34,8 +34,10 @@
 
 mod pty;
 mod search;
+mod tunnel;
 mod watch;
 pub use search::Found;
+pub use tunnel::{TunnelReader, TunnelWriter};
 pub use watch::WatchEnd;
 
 use crate::VmError;
@@ -419,8 +421,8 @@ fn reader(sock: UnixStream, shared: Arc<Shared>, max_line: usize) {
 }
 
 /// One request in flight: its events, its credit, its cancellation.
-struct Call<'a> {
-    client: &'a AgentClient,
+struct Call {
+    client: AgentClient,
     id: u64,
     op: &'static str,
     rx: Receiver<Event>,
@@ -432,7 +434,7 @@ struct Call<'a> {
     done: bool,
 }
 
-impl Call<'_> {
+impl Call {
     /// The next event before `deadline`. Consuming the previous one
     /// returns its stream credit: in batches, and always before blocking
     /// (so a guest waiting for credit is never left waiting).
@@ -495,7 +497,7 @@ impl Call<'_> {
     }
 }
 
-impl Drop for Call<'_> {
+impl Drop for Call {
     fn drop(&mut self) {
         self.client
             .conn
@@ -688,7 +690,7 @@ impl AgentClient {
     }
 
     /// Sends a request; its events arrive on the returned call.
-    fn start_call(&self, op: Op) -> Result<Call<'_>, VmError> {
+    fn start_call(&self, op: Op) -> Result<Call, VmError> {
         if self.cancel.is_cancelled() {
             return Err(VmError::Cancelled);
         }
@@ -705,7 +707,7 @@ impl AgentClient {
         );
         let name = op.name();
         let call = Call {
-            client: self,
+            client: self.clone(),
             id,
             op: name,
             rx,

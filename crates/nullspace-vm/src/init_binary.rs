@@ -113,6 +113,14 @@ pub fn locate_or_build(workspace: &Path) -> Result<PathBuf, VmError> {
 }
 
 pub fn build(workspace: &Path) -> Result<PathBuf, VmError> {
+    build_static(workspace, "nullspace-init")
+}
+
+/// Builds the binary of workspace package `package` the way the init is
+/// built (static glibc, release, stripped, into `target/guest`): for
+/// programs that run inside guests, such as the tests' web server
+/// (`nullspace-guest-fixture`).
+pub fn build_static(workspace: &Path, package: &str) -> Result<PathBuf, VmError> {
     let target_dir = workspace.join("target/guest");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
@@ -123,7 +131,7 @@ pub fn build(workspace: &Path) -> Result<PathBuf, VmError> {
             "build",
             "-q",
             "-p",
-            "nullspace-init",
+            package,
             "--release",
             "--target",
             "x86_64-unknown-linux-gnu",
@@ -135,14 +143,14 @@ pub fn build(workspace: &Path) -> Result<PathBuf, VmError> {
         ])
         .arg(&target_dir)
         .output()
-        .map_err(VmError::io("cargo build -p nullspace-init"))?;
+        .map_err(VmError::io(format!("cargo build -p {package}")))?;
     if !out.status.success() {
         return Err(VmError::Kernel(format!(
-            "building nullspace-init failed: {}",
+            "building {package} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    Ok(target_dir.join("x86_64-unknown-linux-gnu/release/nullspace-init"))
+    Ok(target_dir.join(format!("x86_64-unknown-linux-gnu/release/{package}")))
 }
 
 #[cfg(test)]

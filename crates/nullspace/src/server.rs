@@ -111,6 +111,19 @@ pub struct LifecycleArgs {
     step_log_limit_bytes: u64,
     #[command(flatten)]
     gc: GcPolicyArgs,
+    /// Preview host names are `{port}-{machine id}.{this}` (names under
+    /// `localhost` resolve to loopback in browsers and curl); empty: ports
+    /// are addressed by path only (`/preview/{id}/{port}/`).
+    #[arg(long, env = "NULLSPACE_PREVIEW_DOMAIN", default_value = "localhost")]
+    preview_domain: String,
+    /// Seconds the preview proxy waits for a machine's server to begin
+    /// answering before it answers 504.
+    #[arg(
+        long,
+        env = "NULLSPACE_PREVIEW_RESPONSE_TIMEOUT_SECS",
+        default_value_t = 60
+    )]
+    preview_response_timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -209,6 +222,16 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     config.step_log_limit = a.lifecycle.step_log_limit_bytes;
     config.ssh_listen = (a.ssh_listen != "off").then(|| a.ssh_listen.clone());
     config.ssh_public_host = a.ssh_public_host;
+    config.preview_domain = Some(
+        a.lifecycle
+            .preview_domain
+            .trim()
+            .trim_matches('.')
+            .to_string(),
+    )
+    .filter(|d| !d.is_empty());
+    config.preview_response_timeout =
+        std::time::Duration::from_secs(a.lifecycle.preview_response_timeout_secs.max(1));
     runtime()?.block_on(async move {
         let state = nullspace_server::open(config)
             .await

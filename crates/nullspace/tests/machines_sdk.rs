@@ -1115,6 +1115,55 @@ fn git_through_sdk_1_0_3_in_a_template_with_git() {
     );
 }
 
+const PORTS_SCENARIO: &str = include_str!("machines_ports_scenario.py");
+
+/// Ports and previews through SDK 1.0.3 (`machines_ports_scenario.py`), in
+/// a template that carries the tests' web server
+/// (`nullspace-guest-fixture`, built static like the init).
+#[test]
+fn ports_and_previews_through_sdk_1_0_3() {
+    let _s = serial();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let fixture = nullspace_vm::init_binary::build_static(&workspace, "nullspace-guest-fixture")
+        .expect("the guest web server");
+    // The path goes into the image as it is: no `..` in it.
+    let fixture = std::fs::canonicalize(fixture).expect("the fixture's path");
+    let fixture = fixture.to_str().expect("a UTF-8 path").to_string();
+    let s = setup_from(&["--preview-response-timeout-secs", "3"], |reg, scratch| {
+        let layer = nullspace_testkit::image::host_programs_layer(
+            &[&fixture],
+            &[("/bin/ns-guest-fixture", &fixture)],
+        )
+        .expect("a layer with the guest web server");
+        let img = nullspace_testkit::image::demo_image_with(layer).expect("demo image");
+        reg.push_image(scratch, "demo/ports", &img)
+    });
+    let other = s.server.key("team-b");
+    let t = Instant::now();
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        PORTS_SCENARIO,
+        &[
+            ("NS_TEMPLATE", "web"),
+            ("NS_KEY_B", &other),
+            (
+                "NS_SERVER_PID",
+                &s.server.pid().expect("server pid").to_string(),
+            ),
+        ],
+    );
+    eprintln!("ports scenario in {:?}:\n{}", t.elapsed(), r.stdout);
+    assert!(
+        r.stdout.contains("PORTS OK"),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+}
+
 // ---- SSH access (`create_ssh_access` and the server's SSH endpoint) ----
 
 const SSH_SCENARIO: &str = include_str!("machines_ssh.py");

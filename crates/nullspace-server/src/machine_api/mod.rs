@@ -18,6 +18,7 @@
 //! | [`stdin`] | `…/processes/{pid}/stdin` |
 //! | [`ws`] | the WebSocket and its exec channel |
 //! | [`pty`] | terminals (the pty routes and channel) and directory watches (`file_watch`) |
+//! | [`ports`] | ports and preview URLs (`…/host`, `…/ports/*`, `…/preview-urls`) |
 //! | [`ssh`] | `…/ssh-access`: SSH grants and where the endpoint is reached |
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
@@ -28,6 +29,7 @@ pub mod files;
 pub mod git;
 pub mod lifecycle;
 pub mod not_offered;
+pub mod ports;
 pub mod pty;
 pub mod snapshots;
 pub mod ssh;
@@ -41,6 +43,7 @@ pub use file_ops::*;
 pub use files::*;
 pub use git::*;
 pub use lifecycle::*;
+pub use ports::*;
 pub use pty::{pty_get, pty_kill, pty_list, pty_resize};
 pub use snapshots::*;
 pub use stdin::*;
@@ -108,6 +111,11 @@ pub fn dialect(f: Flavor, e: MachineError) -> ApiError {
         e @ MachineError::SnapshotNotFound(_) => {
             ApiError::new(StatusCode::NOT_FOUND, "snapshot_not_found", e.to_string())
         }
+        e @ MachineError::GrantNotFound(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "preview_grant_not_found",
+            e.to_string(),
+        ),
         MachineError::ProcessNotFound(m) => {
             ApiError::new(StatusCode::NOT_FOUND, "process_not_found", m)
         }

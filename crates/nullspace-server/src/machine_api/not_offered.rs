@@ -17,9 +17,9 @@ const MACHINE_FAMILIES: &[(&str, &str)] = &[
     ("code", "the code interpreter"),
     ("volumes", "volumes"),
     ("egress", "egress policies"),
-    ("host", "ports and preview URLs"),
-    ("ports", "ports and preview URLs"),
-    ("preview-urls", "preview URLs"),
+    ("host", "this port operation"),
+    ("ports", "this port operation"),
+    ("preview-urls", "this preview URL operation"),
     // Served under /v1/machines (http::ssh_routes); 0.1.9's prefix has none.
     ("ssh-access", "SSH access for sandboxes (SDK 0.1.9)"),
     ("metrics", "machine metrics"),
@@ -105,8 +105,8 @@ mod tests {
             Some("warm pools")
         );
         assert_eq!(
-            feature("/v1/machines/mch_1/host"),
-            Some("ports and preview URLs")
+            feature("/v1/machines/mch_1/ports/80/other"),
+            Some("this port operation")
         );
         assert_eq!(feature("/v1/nothing"), None);
         assert_eq!(feature("/v2/machines/x/desktop"), None);

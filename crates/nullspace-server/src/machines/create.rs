@@ -214,6 +214,7 @@ pub async fn create(
         }
     }
     let internet = b.internet_access.unwrap_or(true);
+    let public = super::rules::public_traffic(&b)?;
     if !internet && src.snapshot.meta.vm.network {
         return Err(MachineError::NotImplemented(format!(
             "internet_access false: template {:?} was built with a network device (--build-vm-network), which its machines keep; build it with build_config internet_access false",
@@ -274,6 +275,10 @@ pub async fn create(
         env_keys: src.envs.keys().cloned().collect(),
         cwd: cwd.or(src.cwd.clone()),
         internet_access: internet,
+        access: super::ports::PortAccess {
+            public,
+            traffic_token: super::ports::new_secret(),
+        },
         base_dir: state.machines.relative(&src.snapshot.dir),
         template_dir: src.template_dir.clone(),
         snapshot_id: src.snapshot_id.clone(),

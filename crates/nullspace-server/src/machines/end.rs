@@ -101,8 +101,13 @@ pub async fn end(
 }
 
 /// The events of an ending: a timeout first when it was one, then the
-/// destroy (failed when the machine ended in `error`).
+/// destroy (failed when the machine ended in `error`); its preview grants
+/// are forgotten.
 async fn ended_events(state: &Shared, m: &Machine, status: MachineStatus, reason: &str) {
+    // Its preview grants can never admit anything again.
+    if let Err(e) = state.store.delete_preview_grants(m.id()).await {
+        tracing::warn!(machine = m.id(), "forgetting preview grants: {e}");
+    }
     let by_user = reason == "deleted";
     if reason == "timeout" {
         let ev = Event::ok(Op::TimeoutExpired).by_system().reason("destroy");

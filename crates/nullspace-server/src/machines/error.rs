@@ -46,6 +46,8 @@ pub enum MachineError {
     NotImplemented(String),
     #[error("snapshot {0:?} not found")]
     SnapshotNotFound(String),
+    #[error("preview grant {0:?} not found")]
+    GrantNotFound(String),
     #[error("{0}")]
     ProcessNotFound(String),
     /// A foreground command outlived its `timeout_secs` and was killed.

@@ -36,6 +36,7 @@
 //! | [`duties`] | recovery at start-up and the reaper |
 //! | [`events`] | lifecycle events: recorded at transitions, listed, replayed |
 //! | [`stdin`] | input to a background process |
+//! | [`ports`] | who may reach a machine's ports; preview grants |
 
 pub mod commands;
 pub mod create;
@@ -46,6 +47,7 @@ pub mod events;
 pub mod file_ops;
 pub mod files;
 pub mod pause;
+pub mod ports;
 pub mod query;
 pub mod record;
 pub mod rules;

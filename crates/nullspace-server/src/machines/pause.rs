@@ -177,6 +177,7 @@ pub async fn fork(
         auto_resume: Some(doc.auto_resume),
         metadata: Some(doc.metadata.clone()),
         internet_access: Some(doc.internet_access),
+        network: Some(serde_json::json!({"allow_public_traffic": doc.access.public})),
         ..Default::default()
     };
     let child = super::create::create(state, c, doc.flavor, body, None).await?;

@@ -104,6 +104,8 @@ impl Machine {
             ephemeral: doc.ephemeral,
             cwd: doc.cwd.clone(),
             snapshot_id: doc.snapshot_id.clone(),
+            // The owner's to hand out; a public machine needs none.
+            traffic_access_token: (!doc.access.public).then(|| doc.access.traffic_token.clone()),
         }
     }
 }
@@ -214,6 +216,7 @@ mod tests {
             env_keys: vec![],
             cwd: None,
             internet_access: true,
+            access: Default::default(),
             base_dir: "artifacts/snap".into(),
             template_dir: "artifacts/snap".into(),
             snapshot_id: None,

@@ -188,6 +188,22 @@ pub fn timeout_ms(ms: u64) -> MachineResult<u64> {
     Ok(ms)
 }
 
+/// `network.allow_public_traffic` (default true, as the SDK documents):
+/// whether the machine's ports answer without a token.
+pub fn public_traffic(b: &CreateMachineBody) -> MachineResult<bool> {
+    match b
+        .network
+        .as_ref()
+        .and_then(|n| n.get("allow_public_traffic"))
+    {
+        None | Some(serde_json::Value::Null) => Ok(true),
+        Some(serde_json::Value::Bool(v)) => Ok(*v),
+        Some(v) => Err(MachineError::Invalid(format!(
+            "network.allow_public_traffic must be true or false, not {v}"
+        ))),
+    }
+}
+
 /// Options this server does not offer fail clearly instead of being
 /// ignored.
 pub fn refuse_unsupported(b: &CreateMachineBody) -> MachineResult<()> {
