@@ -106,11 +106,11 @@ fn openapi_document_lists_every_route() {
             ops += 1;
         }
     }
-    // 27 template operations, 54 machine operations under each of
-    // `/v1/machines` and `/v1/sandboxes`, `…/ssh-access` (1.0.x only), 3
-    // snapshot operations, the 4 signed transfer routes, `/openapi.json`
-    // and `/healthz`.
-    assert_eq!(ops, 29 + 2 * 54 + 1 + 3 + 4, "operations documented");
+    // 27 template operations, 54 machine operations and 7 of ports and
+    // preview URLs under each of `/v1/machines` and `/v1/sandboxes`,
+    // `…/ssh-access` (1.0.x only), 3 snapshot operations, the 4 signed
+    // transfer routes, `/openapi.json` and `/healthz`.
+    assert_eq!(ops, 29 + 2 * (54 + 7) + 1 + 3 + 4, "operations documented");
     for p in [
         "/v1/templates/builds",
         "/v1/templates/build",
