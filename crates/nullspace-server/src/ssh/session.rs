@@ -604,3 +604,17 @@ impl Run {
         self.stop.cancel();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::dimensions;
+
+    #[test]
+    fn terminal_sizes_are_bounded() {
+        assert_eq!(dimensions(80, 24), Some((80, 24)));
+        // OpenSSH's 0x0 (stdin not a terminal): a default size.
+        assert_eq!(dimensions(0, 0), Some((80, 24)));
+        assert_eq!(dimensions(70_000, 24), None);
+        assert_eq!(dimensions(5000, 24), None);
+    }
+}
