@@ -175,6 +175,28 @@ try:
     ok(g.url, "-c", jar)
     assert ok(bare, "-b", jar) == index
     os.remove(jar)
+    # A real browser (headless Chromium) renders a page of the private
+    # machine from a signed URL: the page's own fetch passes with the
+    # cookie the first answer set, and fills in the heading.
+    import tempfile
+    private.commands.run("/bin/ns-guest-fixture 8000", background=True)
+    assert private.wait_for_preview(8000, timeout_secs=60).ready
+    app = private.create_signed_preview_url(8000, expires_in_seconds=300)
+    chromium = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--virtual-time-budget=20000"]
+    with tempfile.TemporaryDirectory() as profile:
+        r = subprocess.run(chromium + ["--user-data-dir=" + profile, "--dump-dom", app.url],
+                           capture_output=True, text=True, timeout=180)
+    assert '<h1 id="greeting">hello from the machine</h1>' in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
+    shot = os.environ["NS_SCREENSHOT"]
+    with tempfile.TemporaryDirectory() as profile:
+        r = subprocess.run(chromium + ["--user-data-dir=" + profile, "--window-size=800,600",
+                                       "--screenshot=" + shot, app.url],
+                           capture_output=True, text=True, timeout=180)
+    assert os.path.getsize(shot) > 1000, r.stderr[-2000:]
+    print("browser: rendered the private machine's page; screenshot", shot)
+
     # Revoked: refused at once, and listed as revoked.
     rv = private.revoke_preview_url(g.grant.id)
     assert rv.success and rv.grant.status == "revoked", rv

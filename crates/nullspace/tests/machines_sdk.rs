@@ -1139,6 +1139,9 @@ fn ports_and_previews_through_sdk_1_0_3() {
         reg.push_image(scratch, "demo/ports", &img)
     });
     let other = s.server.key("team-b");
+    // Kept with the test output (target/tmp) for a look.
+    let shot = format!("{}/ports-preview.png", env!("CARGO_TARGET_TMPDIR"));
+    let _ = std::fs::remove_file(&shot);
     let t = Instant::now();
     let r = run_sdk_version(
         Sdk::V1_0_3,
@@ -1152,11 +1155,13 @@ fn ports_and_previews_through_sdk_1_0_3() {
                 "NS_SERVER_PID",
                 &s.server.pid().expect("server pid").to_string(),
             ),
+            ("NS_SCREENSHOT", &shot),
         ],
     );
     eprintln!("ports scenario in {:?}:\n{}", t.elapsed(), r.stdout);
+    let png = std::fs::read(&shot).unwrap_or_default();
     assert!(
-        r.stdout.contains("PORTS OK"),
+        r.stdout.contains("PORTS OK") && png.starts_with(b"\x89PNG"),
         "{}\n{}\nserver log:\n{}",
         r.stdout,
         r.stderr,

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::guest::{Guest, GuestError};
 use crate::machines::ports::Usage;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Buffered bytes per direction between the proxy and the tunnel.
 const BUF: usize = 256 << 10;
@@ -19,9 +19,11 @@ const BUF: usize = 256 << 10;
 const IDLE_MAX: Duration = Duration::from_secs(3600);
 /// How long one `send` may wait for the guest's server to take the bytes.
 const SEND_LIMIT: Duration = Duration::from_secs(60);
-/// After the proxy's side ended its input, how long the guest's side may
-/// go on answering before the tunnel is closed.
-const DRAIN: Duration = Duration::from_secs(30);
+/// After the proxy's side ended its input (hyper half-closes once it knows
+/// the connection ends with this answer), how long the guest's side may be
+/// silent before the tunnel is closed. Not a cap on the answer: a long
+/// download keeps it open while bytes flow.
+const DRAIN_IDLE: Duration = Duration::from_secs(30);
 
 /// Opens a connection to `port` in the guest; the tunnel closes when the
 /// returned stream is dropped (or the guest's side closes).
@@ -38,10 +40,15 @@ pub async fn open(
     let rt = tokio::runtime::Handle::current();
     let guest_side = stop.clone();
     let out_usage = usage.clone();
+    // When the guest side last sent (ms since `t0`), for the drain.
+    let t0 = std::time::Instant::now();
+    let active = Arc::new(AtomicU64::new(0));
+    let seen = active.clone();
     tokio::task::spawn_blocking(move || {
         loop {
             match reader.recv(IDLE_MAX) {
                 Ok(Some(d)) => {
+                    seen.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
                     if let Some(u) = &out_usage {
                         u.bytes_out.fetch_add(d.len() as u64, Ordering::Relaxed);
                     }
@@ -84,10 +91,18 @@ pub async fn open(
                 break;
             }
         }
-        // Input ended: the guest may still answer, for a while.
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = tokio::time::sleep(DRAIN) => stop.cancel(),
+        // Input ended: the guest may still answer, while it keeps sending.
+        active.fetch_max(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let quiet = t0.elapsed().as_millis() as u64 - active.load(Ordering::Relaxed);
+            if quiet > DRAIN_IDLE.as_millis() as u64 {
+                stop.cancel();
+                return;
+            }
         }
     });
     Ok(ours)
