@@ -281,6 +281,23 @@ impl Guest {
         .map_err(|e| GuestError::Failed(format!("guest call: {e}")))?
     }
 
+    /// A task that cancels `stop` when the machine is quiesced; it ends when
+    /// either is cancelled.
+    fn link_to_quiesce(&self, stop: &CancellationToken) -> tokio::task::JoinHandle<()> {
+        let quiesce = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let linked = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = quiesce.cancelled() => linked.cancel(),
+                _ = linked.cancelled() => {}
+            }
+        })
+    }
+
     /// Runs a stream that may last for good with the connection, on a
     /// blocking thread, without holding the gate: `f` watches `stop`, which
     /// a quiesce cancels too.
@@ -289,18 +306,7 @@ impl Guest {
         stop: CancellationToken,
         f: impl FnOnce(&AgentClient, CancellationToken) -> Result<T, VmError> + Send + 'static,
     ) -> Result<T, GuestError> {
-        let quiesce = self
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let linked = stop.clone();
-        let link = tokio::spawn(async move {
-            tokio::select! {
-                _ = quiesce.cancelled() => linked.cancel(),
-                _ = linked.cancelled() => {}
-            }
-        });
+        let link = self.link_to_quiesce(&stop);
         let g = self.clone();
         let r = tokio::task::spawn_blocking(move || {
             let c = g.client()?;
@@ -655,18 +661,7 @@ impl Guest {
         port: u16,
         stop: CancellationToken,
     ) -> Result<(TunnelReader, TunnelWriter), GuestError> {
-        let quiesce = self
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let linked = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = quiesce.cancelled() => linked.cancel(),
-                _ = linked.cancelled() => {}
-            }
-        });
+        self.link_to_quiesce(&stop);
         let g = self.clone();
         tokio::task::spawn_blocking(move || {
             let c = g.client()?.with_cancel(stop);

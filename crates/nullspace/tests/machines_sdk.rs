@@ -615,6 +615,22 @@ impl Terminal {
     }
 
     /// Waits until the output holds `needle` (after `from` bytes).
+    /// Types `stty size` until the machine's terminal reports `size` (a
+    /// resize travels as a frame while typed lines do too).
+    fn await_size(&self, mut from: usize, size: &str, s: &Setup) {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.type_in("stty size\r");
+            let got = self.until(from, "\n", s);
+            std::thread::sleep(Duration::from_millis(500));
+            if self.text()[from..].contains(size) {
+                return;
+            }
+            assert!(Instant::now() < end, "no resize:\n{}", self.text());
+            from = got;
+        }
+    }
+
     fn until(&self, from: usize, needle: &str, s: &Setup) -> usize {
         let end = Instant::now() + Duration::from_secs(90);
         loop {
@@ -716,20 +732,7 @@ fn the_shell_command_is_a_terminal() {
     let at = t.until(0, "hi-42 vt100 /srv", &s);
     assert!(t.text().contains("24 80"), "{}", t.text());
     t.resize(100, 40);
-    // The resize travels as a frame while the typed line does too: repeat
-    // `stty size` until the machine's terminal has it.
-    let end = Instant::now() + Duration::from_secs(60);
-    let mut from = at;
-    loop {
-        t.type_in("stty size\r");
-        let got = t.until(from, "\n", &s);
-        std::thread::sleep(Duration::from_millis(500));
-        if t.text()[from..].contains("40 100") {
-            break;
-        }
-        assert!(Instant::now() < end, "no resize:\n{}", t.text());
-        from = got;
-    }
+    t.await_size(at, "40 100", &s);
     t.type_in("exit 3\r");
     assert_eq!(wait_exit(&mut cli, &t, &s), 3, "{}", t.text());
     assert_eq!(t.local_modes(), cooked, "the terminal's settings are back");
@@ -1372,21 +1375,11 @@ fn ssh_access_through_the_servers_endpoint() {
     let t = Terminal::open(80, 24);
     let mut ssh = t.spawn_program(&ssh_argv(&command, &["-tt"], &[]));
     t.type_in("stty size; echo hi-$((6*7)) $TERM $(id -u)\r");
-    let mut from = t.until(0, "hi-42 vt100 1000", &s);
+    let from = t.until(0, "hi-42 vt100 1000", &s);
     assert!(t.text().contains("24 80"), "{}", t.text());
     // A window change reaches the machine's terminal (ssh forwards SIGWINCH).
     t.resize(100, 40);
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        t.type_in("stty size\r");
-        let got = t.until(from, "\n", &s);
-        std::thread::sleep(Duration::from_millis(500));
-        if t.text()[from..].contains("40 100") {
-            break;
-        }
-        assert!(Instant::now() < end, "no resize:\n{}", t.text());
-        from = got;
-    }
+    t.await_size(from, "40 100", &s);
     t.type_in("exit 4\r");
     assert_eq!(wait_exit(&mut ssh, &t, &s), 4, "{}", t.text());
 

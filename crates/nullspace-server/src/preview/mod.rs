@@ -104,6 +104,14 @@ pub fn target_of_host(host: &str, domain: &str) -> Option<(String, u16)> {
     crate::machines::record::plausible_id(&id).then_some((id, port))
 }
 
+/// `?query` as the client sent it (still valid in a header value), or "".
+fn query_suffix(req: &Request) -> String {
+    req.uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default()
+}
+
 /// The path-addressed proxy's routes (any method): `/preview/{id}/{port}`
 /// (redirected to `…/`), `…/` and everything under it.
 pub fn routes() -> axum::Router<Shared> {
@@ -144,11 +152,7 @@ pub async fn by_path(
     // The rest of the path as sent (not percent-decoded): the guest's app
     // decodes it itself.
     let rest = req.uri().path().splitn(5, '/').nth(4).unwrap_or("");
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
+    let query = query_suffix(&req);
     let pq = format!("/{rest}{query}");
     let prefix = format!("/preview/{id}/{port}/");
     serve(&state, &id, port, pq, &prefix, req).await
@@ -160,12 +164,7 @@ pub async fn to_path_root(Path((id, port)): Path<(String, u16)>, req: Request) -
     if !crate::machines::record::plausible_id(&id) {
         return ProxyError::NotFound(id).into_response();
     }
-    // The query as the client sent it: still valid in a header value.
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
+    let query = query_suffix(&req);
     axum::response::Redirect::permanent(&format!("/preview/{id}/{port}/{query}")).into_response()
 }
 
@@ -175,11 +174,7 @@ pub async fn by_path_root(
     Path((id, port)): Path<(String, u16)>,
     req: Request,
 ) -> Response {
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
+    let query = query_suffix(&req);
     let prefix = format!("/preview/{id}/{port}/");
     serve(&state, &id, port, format!("/{query}"), &prefix, req).await
 }
