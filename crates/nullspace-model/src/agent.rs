@@ -1330,6 +1330,12 @@ mod tests {
                 recursive: true,
                 user: Some("app".into()),
             }),
+            Op::Connect { port: 8080 },
+            Op::Send {
+                target: 9,
+                data: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+                eof: true,
+            },
         ];
         let names: std::collections::BTreeSet<&str> = ops.iter().map(Op::name).collect();
         assert_eq!(names.len(), OPS.len(), "every op covered");

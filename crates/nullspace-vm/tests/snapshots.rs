@@ -91,14 +91,16 @@ fn build_fixture() -> anyhow::Result<Fixture> {
 
 /// The start command holds a random token in its environment (process
 /// memory, generated at boot) and counts in a shell variable, writing the
-/// count every 100 ms; ready once it counted to 20. The count is renamed
-/// into place: `echo > file` truncates first, and a read in between saw "".
+/// count every 100 ms; ready once it counted to 20. (`echo > file`
+/// truncates first: a read may see "", which [`count`] reads again. A
+/// rename into place would cost the 1-vCPU guest a `mv` process every
+/// 100 ms, enough to widen other races under TCG.)
 fn counter_spec(rootfs: &Path, mode: MemoryMode) -> TemplateSpec {
     let mut c = GuestConfig::new("nullspace-snap");
     c.env.insert("PATH".into(), "/bin".into());
     c.start_cmd = Some(
         "export TOKEN=$(cat /proc/sys/kernel/random/uuid); echo $TOKEN > /tmp/token; \
-         exec sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done'"
+         exec sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done'"
             .into(),
     );
     let mut spec = TemplateSpec::new(rootfs, c);
@@ -157,7 +159,14 @@ fn start_proc(vm: &mut QemuVm) -> Proc {
 }
 
 fn count(vm: &mut QemuVm) -> u64 {
-    sh(vm, "cat /tmp/count").parse().expect("count")
+    // Between the writer's truncate and write the file is empty.
+    for _ in 0..50 {
+        if let Ok(n) = sh(vm, "cat /tmp/count").parse() {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("/tmp/count stayed empty")
 }
 
 fn sha256(p: &Path) -> String {
@@ -401,9 +410,13 @@ fn snapshot_of_a_paused_restored_vm_keeps_its_files_and_processes() {
         &mut a,
         "FORKVAL=v-$(cat /proc/sys/kernel/random/uuid) setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!",
     );
+    // `$!` may still be the shell's fork, with the shell's environment,
+    // until it execs: wait for the variable.
     let forkval = sh(
         &mut a,
-        &format!("tr '\\0' '\\n' < /proc/{bg}/environ | grep ^FORKVAL="),
+        &format!(
+            "for i in $(seq 200); do tr '\\0' '\\n' < /proc/{bg}/environ | grep ^FORKVAL= && exit 0; sleep 0.05; done; exit 1"
+        ),
     );
     let c_before = count(&mut a);
     a.pause().unwrap();
