@@ -1,0 +1,2 @@
+#!/bin/sh
+while true; do date +%s.%N; sleep 0.05; done
