@@ -90,6 +90,10 @@ pub struct Device {
     pub vcpus: u32,
     /// QEMU user-mode networking (`virtio-net-device`).
     pub network: bool,
+    /// A `virtio-net-device` whatever `network` says (every VM booted since
+    /// egress policies; absent in older manifests).
+    #[serde(default)]
+    pub nic: bool,
     /// The kernel command line the VM booted with.
     pub kernel_cmdline: String,
 }
@@ -341,6 +345,7 @@ mod tests {
                 memory_mib: 512,
                 vcpus: 2,
                 network: false,
+                nic: true,
                 kernel_cmdline: "console=ttyS0".into(),
             },
             disk: vec![DiskLayer {

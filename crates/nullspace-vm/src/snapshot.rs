@@ -52,8 +52,20 @@ pub struct VmMeta {
     /// a restore must recreate the same device set.
     #[serde(default)]
     pub network: bool,
+    /// A `virtio-net-device` (every VM booted since egress policies; its
+    /// build backend was user-mode, `restrict=on` unless `network`), so
+    /// that a restore may give it any backend.
+    #[serde(default)]
+    pub nic: bool,
     #[serde(default)]
     pub memory_mode: MemoryMode,
+}
+
+impl VmMeta {
+    /// Whether the VM has a NIC (older templates: only with `network`).
+    pub fn has_nic(&self) -> bool {
+        self.nic || self.network
+    }
 }
 
 /// What callers read about a snapshot (derived from its manifest).
@@ -182,6 +194,7 @@ impl Snapshot {
                 vcpus: m.device.vcpus,
                 accel: m.device.accel,
                 network: m.device.network,
+                nic: m.device.nic,
                 memory_mode: m.memory.mode,
             },
             config,
