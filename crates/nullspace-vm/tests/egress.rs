@@ -89,6 +89,14 @@ fn egress_policies_hold_for_every_protocol_and_apply_at_once() {
         nice: 0,
         net: Some(host.clone()),
     };
+    // The machine's directory and namespace go even if an assertion fails.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = machine::remove_dir(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(spec.dir.clone());
     let t = Instant::now();
     let r = machine::restore(&snap, &spec, &nullspace_vm::CancellationToken::new()).unwrap();
     eprintln!("[timing] restore with a namespace: {:?}", t.elapsed());

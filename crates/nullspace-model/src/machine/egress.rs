@@ -58,10 +58,18 @@ pub struct EgressPolicy {
     pub rate_limit: Option<EgressRateLimit>,
 }
 
-/// `PATCH …/egress` body and answer.
+/// `PATCH …/egress` body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EgressBody {
+    pub egress: EgressPolicy,
+}
+
+/// `PATCH …/egress` answer: the policy now in effect.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct EgressReply {
+    pub machine_id: String,
     pub egress: EgressPolicy,
 }
 

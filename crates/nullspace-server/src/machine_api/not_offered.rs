@@ -16,7 +16,8 @@ const MACHINE_FAMILIES: &[(&str, &str)] = &[
     ("desktop", "desktop machines"),
     ("code", "the code interpreter"),
     ("volumes", "volumes"),
-    ("egress", "egress policies"),
+    // Served under /v1/machines (http::ssh_routes); 0.1.9's prefix has none.
+    ("egress", "egress policies for sandboxes (SDK 0.1.9)"),
     ("host", "this port operation"),
     ("ports", "this port operation"),
     ("preview-urls", "this preview URL operation"),

@@ -111,9 +111,10 @@ pub async fn resume(state: &Shared, c: &Caller, id: &str) -> MachineResult<Machi
         });
     }
     let envs = load_envs(&snapshot.dir);
+    let egress = super::egress::effective(m.doc.internet_access, m.doc.egress.as_ref());
     match state
         .machines
-        .restore(id, snapshot, envs, reservation, None)
+        .restore(id, snapshot, envs, reservation, None, egress)
         .await
     {
         Ok((live, started)) => {
@@ -177,7 +178,11 @@ pub async fn fork(
         auto_resume: Some(doc.auto_resume),
         metadata: Some(doc.metadata.clone()),
         internet_access: Some(doc.internet_access),
-        network: Some(serde_json::json!({"allow_public_traffic": doc.access.public})),
+        // The child keeps its parent's access and egress policy.
+        network: Some(serde_json::json!({
+            "allow_public_traffic": doc.access.public,
+            "egress": doc.egress,
+        })),
         ..Default::default()
     };
     let child = super::create::create(state, c, doc.flavor, body, None).await?;

@@ -143,8 +143,12 @@ impl CommandLine<'_> {
             Nic::User { restrict: true } => Some("user,id=n0,restrict=on".to_string()),
             Nic::Tap => {
                 a.extend(["-netdev".to_string(), "user,id=slirp0,restrict=on".into()]);
+                // `vnet_hdr=off`: with it on, the NIC's migration state
+                // would require a backend with vnet headers, and snapshots
+                // of the machine could no longer be loaded onto a user-mode
+                // one (pause writes its memory through one).
                 Some(format!(
-                    "tap,id=n0,ifname={},script=no,downscript=no",
+                    "tap,id=n0,ifname={},script=no,downscript=no,vnet_hdr=off",
                     crate::net::rules::TAP
                 ))
             }
