@@ -200,9 +200,20 @@ fn template_snapshot_and_two_restored_sandboxes() {
                 .contains("hello from a nullspace template"),
             "{page:?}"
         );
-        // No network device by default: only `lo`.
+        // A network device that leads nowhere by default (QEMU's user
+        // network with restrict=on): the host's loopback, where slirp
+        // would forward 10.0.2.2, is not reached.
         let ifs = a.sh("ls /sys/class/net", T).unwrap();
-        assert_eq!(ifs.stdout_str(), "lo\n");
+        assert_eq!(ifs.stdout_str(), "eth0\nlo\n");
+        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = host.local_addr().unwrap().port();
+        let out = a
+            .sh(
+                &format!("timeout 5 nc 10.0.2.2 {port} </dev/null; echo rc=$?"),
+                T,
+            )
+            .unwrap();
+        assert!(!out.stdout_str().contains("rc=0"), "{out:?}");
         // Runtime defaults apply to agent commands too.
         let who = a.sh("id -u; pwd; echo $GREETING; hostname", T).unwrap();
         assert_eq!(who.stdout_str(), "1000\n/srv\nhello\nnullspace-demo\n");

@@ -218,7 +218,8 @@ try:
         pass
 
     # A paused machine with auto_resume wakes for its visitor.
-    sleeper = Machine.create(template=os.environ["NS_TEMPLATE"], auto_resume=True)
+    sleeper = Machine.create(template=os.environ["NS_TEMPLATE"], auto_resume=True,
+                             timeout_action="hibernate")
     try:
         url = sleeper.get_url(8080)
         sleeper.pause()

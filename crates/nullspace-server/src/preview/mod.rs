@@ -196,6 +196,17 @@ async fn serve(
     }
 }
 
+/// Machine `id`'s record, whatever its namespace (the token decides).
+async fn machine(state: &Shared, id: &str) -> Result<Machine, ProxyError> {
+    let row = state
+        .store
+        .machine(id)
+        .await
+        .map_err(|e| ProxyError::Internal(e.to_string()))?
+        .ok_or_else(|| ProxyError::NotFound(id.to_string()))?;
+    Machine::from_row(row).map_err(|e| ProxyError::Internal(e.to_string()))
+}
+
 async fn proxy(
     state: &Shared,
     id: &str,
@@ -209,13 +220,7 @@ async fn proxy(
     if !crate::machines::record::plausible_id(id) {
         return Err(ProxyError::NotFound(id.to_string()));
     }
-    let row = state
-        .store
-        .machine(id)
-        .await
-        .map_err(|e| ProxyError::Internal(e.to_string()))?
-        .ok_or_else(|| ProxyError::NotFound(id.to_string()))?;
-    let m = Machine::from_row(row).map_err(|e| ProxyError::Internal(e.to_string()))?;
+    let m = machine(state, id).await?;
     let presented = presented(&req);
     let via_query = presented.1;
     let grant = ports::admit(state, &m, &m.doc.access, port, &presented.0).await?;
@@ -230,13 +235,7 @@ async fn proxy(
         crate::machines::pause::resume(state, &owner, id)
             .await
             .map_err(|e| ProxyError::Internal(format!("resuming machine {id}: {e}")))?;
-        let row = state
-            .store
-            .machine(id)
-            .await
-            .map_err(|e| ProxyError::Internal(e.to_string()))?
-            .ok_or_else(|| ProxyError::NotFound(id.to_string()))?;
-        Machine::from_row(row).map_err(|e| ProxyError::Internal(e.to_string()))?
+        machine(state, id).await?
     } else {
         m
     };

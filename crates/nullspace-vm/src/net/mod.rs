@@ -95,12 +95,6 @@ fn run(
     }
 }
 
-fn found(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false)
-}
-
 /// The host side, set up once per server: checked, forwarding on, the
 /// host table loaded.
 #[derive(Debug, Clone)]
@@ -123,7 +117,7 @@ impl HostNet {
             ));
         }
         for bin in ["ip", "nft"] {
-            if !found(bin) {
+            if !crate::process::on_path(bin) {
                 return Err(NetError::Unavailable(format!(
                     "{bin} (apt-get install iproute2 nftables)"
                 )));

@@ -30,6 +30,13 @@ pub use records::{OWNER_PREFIX, OwnerLock, PidDir, PidFile, Reaped, VM_PREFIX, r
 pub use signal::{kill_tree, reap_child};
 pub use spawn::{Launch, enter_netns, may_raise_priority, prepare};
 pub use watch::sleep_cancellable;
+
+/// Whether `bin` is a file in one of `$PATH`'s directories.
+pub fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
 pub(crate) use watch::{Watch, settle};
 
 use std::path::PathBuf;

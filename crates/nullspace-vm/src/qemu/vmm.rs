@@ -78,10 +78,7 @@ impl QemuVmm {
 }
 
 pub(super) fn which(bin: &str) -> Result<(), VmError> {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false);
-    if found {
+    if crate::process::on_path(bin) {
         Ok(())
     } else {
         Err(VmError::VmCreate {
