@@ -171,9 +171,16 @@ pub fn mount(spec: MountSpec) -> Outcome {
         Some(s) => stage.join(s),
     };
     let bind = (|| {
-        if sub.is_some() && !spec.read_only {
+        if sub.is_some() && !spec.read_only && !source.exists() {
             std::fs::create_dir_all(&source)
                 .map_err(|e| Failure::io(&format!("subpath {}", source.display()), e))?;
+            // A new subpath is used like the volume's root: same mode and
+            // owner (a fresh volume's root is 1777), not root's 0755.
+            if let Ok(root) = std::fs::metadata(&stage) {
+                use std::os::unix::fs::MetadataExt;
+                let _ = std::fs::set_permissions(&source, root.permissions());
+                let _ = std::os::unix::fs::chown(&source, Some(root.uid()), Some(root.gid()));
+            }
         }
         if !source.is_dir() {
             return Err(Failure::new(

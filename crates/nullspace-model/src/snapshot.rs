@@ -90,6 +90,10 @@ pub struct Device {
     pub vcpus: u32,
     /// QEMU user-mode networking (`virtio-net-device`).
     pub network: bool,
+    /// Spare `virtio-blk-device`s after the root disk (volumes); 0 in
+    /// snapshots made before volumes existed.
+    #[serde(default)]
+    pub spare_disks: u32,
     /// The kernel command line the VM booted with.
     pub kernel_cmdline: String,
 }
@@ -341,6 +345,7 @@ mod tests {
                 memory_mib: 512,
                 vcpus: 2,
                 network: false,
+                spare_disks: 4,
                 kernel_cmdline: "console=ttyS0".into(),
             },
             disk: vec![DiskLayer {

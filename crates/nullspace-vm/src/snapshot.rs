@@ -54,6 +54,10 @@ pub struct VmMeta {
     pub network: bool,
     #[serde(default)]
     pub memory_mode: MemoryMode,
+    /// Spare disks for volumes (`qemu::spares`); 0 = none (an older
+    /// template: no volumes until it is rebuilt).
+    #[serde(default)]
+    pub spare_disks: u32,
 }
 
 /// What callers read about a snapshot (derived from its manifest).
@@ -183,6 +187,7 @@ impl Snapshot {
                 accel: m.device.accel,
                 network: m.device.network,
                 memory_mode: m.memory.mode,
+                spare_disks: m.device.spare_disks,
             },
             config,
             start: m.start.clone(),

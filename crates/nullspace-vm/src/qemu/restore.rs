@@ -136,6 +136,7 @@ fn prepare_watched(
         },
         incoming: true,
         pidfile: spec.pidfile.as_deref(),
+        spares: super::spares::args(&meta, dir.path(), &spec.volumes)?,
     }
     .args();
     let t = Instant::now();

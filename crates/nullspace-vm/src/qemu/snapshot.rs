@@ -310,6 +310,7 @@ impl QemuVm {
             },
             incoming: true,
             pidfile: None,
+            spares: super::spares::args(&meta, dir.path(), &[])?,
         }
         .args();
         // Lives within this call: dies with the thread, killed on return.

@@ -261,6 +261,7 @@ impl QemuVm {
             accel: vmm.accel,
             network: spec.network,
             memory_mode: spec.memory_mode,
+            spare_disks: super::spares::SPARE_DISKS,
         };
         let disk = std::fs::canonicalize(&spec.disk)
             .map_err(VmError::io(spec.disk.display().to_string()))?;
@@ -306,6 +307,7 @@ impl QemuVm {
             },
             incoming: false,
             pidfile: None,
+            spares: super::spares::args(&meta, dir.path(), &[])?,
         }
         .args();
         let origin = Origin::Booted {

@@ -141,6 +141,9 @@ pub struct RestoreSpec {
     /// running machines); a start sets every thread back to 0, which needs
     /// the privilege to raise priority (`CAP_SYS_NICE`) when this is > 0.
     pub nice: i32,
+    /// Volume images for the spare disks, by slot (`None`: the
+    /// placeholder): a resumed machine's attachments.
+    pub volumes: Vec<Option<super::spares::SpareImage>>,
 }
 
 impl Default for RestoreSpec {
@@ -150,6 +153,7 @@ impl Default for RestoreSpec {
             timeout: Duration::from_secs(60),
             pidfile: None,
             nice: 0,
+            volumes: Vec::new(),
         }
     }
 }
