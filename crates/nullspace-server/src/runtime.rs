@@ -363,6 +363,7 @@ impl Runtime {
         envs: BTreeMap<String, String>,
         reservation: Reservation,
         pooled: Option<pool::Entry>,
+        volumes: Vec<Option<nullspace_vm::spares::SpareImage>>,
     ) -> Result<(Arc<Live>, Started), RuntimeError> {
         let spec = MachineSpec {
             dir: self.machine_dir(id),
@@ -393,7 +394,7 @@ impl Runtime {
                 });
                 let r = match from_pool {
                     Some(r) => r,
-                    None => machine::restore(&base, &spec, &nc)?,
+                    None => machine::restore_with(&base, &spec, &volumes, &nc)?,
                 };
                 if !started.pooled {
                     started.phases = r.vm.phases;
@@ -419,6 +420,15 @@ impl Runtime {
             _reservation: reservation,
         });
         Ok((live, started))
+    }
+
+    /// Spare disks of the machine's VM (0: a template from before volumes).
+    pub fn spare_disks(live: &Live) -> u32 {
+        live.vm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |vm| vm.meta().spare_disks)
     }
 
     /// Takes over a machine a previous run of this server started: its

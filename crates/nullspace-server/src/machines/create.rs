@@ -140,6 +140,8 @@ pub async fn create(
     key: Option<String>,
 ) -> MachineResult<MachineInfo> {
     rules::refuse_unsupported(&b)?;
+    // Checked before anything is made; attached once the machine runs.
+    let volumes = crate::volumes::rules::mounts(b.volumes.as_ref())?;
     if let Some(k) = &key {
         if k.is_empty() || k.len() > 256 {
             return Err(MachineError::Invalid(
@@ -327,8 +329,13 @@ pub async fn create(
         key.map(|k| (c.namespace.clone(), k)),
         pooled,
     ));
-    task.await
-        .map_err(|e| MachineError::Internal(format!("create task: {e}")))?
+    let info = task
+        .await
+        .map_err(|e| MachineError::Internal(format!("create task: {e}")))??;
+    if !volumes.is_empty() {
+        crate::volumes::attach::at_create(state, c, &info.id, &volumes).await?;
+    }
+    Ok(info)
 }
 
 async fn finish_create(
@@ -343,7 +350,7 @@ async fn finish_create(
     let id = m.row.id.clone();
     match state
         .machines
-        .restore(&id, snapshot, envs, reservation, pooled)
+        .restore(&id, snapshot, envs, reservation, pooled, Vec::new())
         .await
     {
         Ok((live, started)) => {

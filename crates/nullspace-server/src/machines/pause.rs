@@ -111,9 +111,18 @@ pub async fn resume(state: &Shared, c: &Caller, id: &str) -> MachineResult<Machi
         });
     }
     let envs = load_envs(&snapshot.dir);
+    // Its volumes are mounted in the guest's memory: each spare gets its
+    // image back before the guest runs.
+    let volumes = match crate::volumes::attach::resume_images(state, id).await {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = record::transition(state, &mut m, MachineStatus::Paused).await;
+            return Err(e.into());
+        }
+    };
     match state
         .machines
-        .restore(id, snapshot, envs, reservation, None)
+        .restore(id, snapshot, envs, reservation, None, volumes)
         .await
     {
         Ok((live, started)) => {
