@@ -1419,3 +1419,30 @@ fn ssh_access_through_the_servers_endpoint() {
     let log = s.server.log_text();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+// ---- volumes (`Volume.*`, attach/detach/health/remount, `Volume.files`) ----
+
+const VOLUMES_SCENARIO: &str = include_str!("machines_volumes_scenario.py");
+
+#[test]
+fn volumes_through_sdk_1_0_3() {
+    let _s = serial();
+    let s = setup(&[]);
+    let other = s.server.key("team-b");
+    let t = Instant::now();
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        VOLUMES_SCENARIO,
+        &[("NS_TEMPLATE", "web"), ("NS_OTHER_KEY", &other)],
+    );
+    eprintln!("volumes scenario in {:?}:\n{}", t.elapsed(), r.stdout);
+    assert!(
+        r.stdout.contains("VOLUMES OK"),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+}

@@ -4,7 +4,7 @@
 //! detach, health, remount). The logic is `crate::volumes`; here are the
 //! shapes and the status codes: a missing volume (or another namespace's)
 //! 404 `volume_not_found`, a lock refusal or an attached delete 409
-//! `volume_in_use`, a machine that cannot take it 409 `volume_conflict`.
+//! `volume_busy` (the SDK's ConflictError), a machine that cannot take it 409 `volume_conflict`.
 
 use std::collections::HashMap;
 
@@ -31,10 +31,10 @@ pub fn speak(e: VolumeError) -> ApiError {
         VolumeError::AttachmentNotFound(_) => {
             ApiError::new(StatusCode::NOT_FOUND, "volume_attachment_not_found", msg)
         }
-        VolumeError::NameTaken(_) => ApiError::conflict("volume_exists", msg),
+        VolumeError::NameTaken(_) => ApiError::conflict("volume_name_conflict", msg),
         VolumeError::Invalid(_) => ApiError::invalid(msg),
         VolumeError::InUse { .. } | VolumeError::Attached { .. } => {
-            ApiError::conflict("volume_in_use", msg)
+            ApiError::conflict("volume_busy", msg)
         }
         VolumeError::Conflict(_) => ApiError::conflict("volume_conflict", msg),
         VolumeError::Machine(m) => dialect(flavor(MACHINE), m),

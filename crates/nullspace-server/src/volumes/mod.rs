@@ -74,7 +74,7 @@ impl From<VolumeError> for MachineError {
         match e {
             VolumeError::Machine(e) => e,
             e @ (VolumeError::InUse { .. } | VolumeError::Attached { .. }) => {
-                MachineError::conflict("volume_in_use", e.to_string())
+                MachineError::conflict("volume_busy", e.to_string())
             }
             e @ VolumeError::Conflict(_) => {
                 MachineError::conflict("volume_conflict", e.to_string())
