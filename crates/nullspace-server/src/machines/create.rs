@@ -142,6 +142,7 @@ pub async fn create(
     rules::refuse_unsupported(&b)?;
     // Checked before anything is made; attached once the machine runs.
     let volumes = crate::volumes::rules::mounts(b.volumes.as_ref())?;
+    crate::volumes::attach::check_at_create(state, c, &volumes).await?;
     if let Some(k) = &key {
         if k.is_empty() || k.len() > 256 {
             return Err(MachineError::Invalid(

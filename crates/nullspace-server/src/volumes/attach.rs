@@ -198,32 +198,40 @@ pub async fn at_create(
     machine_id: &str,
     mounts: &[VolumeMountBody],
 ) -> VolumeResult<()> {
-    for (i, b) in mounts.iter().enumerate() {
+    for b in mounts {
         if let Err(e) = attach(state, c, machine_id, b).await {
             let _ = crate::machines::end::destroy(state, c, machine_id).await;
-            return Err(match e {
-                VolumeError::Machine(m) => VolumeError::Machine(m),
-                e => VolumeError::Invalid(format!("volumes[{i}]: {e}")).with_kind_of(e),
-            });
+            return Err(e);
         }
     }
     Ok(())
 }
 
-impl VolumeError {
-    /// `self`'s message with `other`'s kind (a conflict stays a conflict).
-    fn with_kind_of(self, other: VolumeError) -> VolumeError {
-        let msg = self.to_string();
-        match other {
-            VolumeError::InUse { volume, .. } => VolumeError::InUse {
-                volume,
-                holder: msg,
-            },
-            VolumeError::Conflict(_) | VolumeError::Attached { .. } => VolumeError::Conflict(msg),
-            VolumeError::NotFound(_) => VolumeError::NotFound(msg),
-            _ => self,
+/// Before a create makes anything: every `ref` is one of the caller's
+/// volumes, and none is in exclusive use (a race can still lose, at
+/// attach, which then ends the machine).
+pub async fn check_at_create(
+    state: &Shared,
+    c: &Caller,
+    mounts: &[VolumeMountBody],
+) -> VolumeResult<()> {
+    for b in mounts {
+        let v = catalog::resolve(state, c, &b.reference).await?;
+        let held = state.store.volume_attachments(&v.id, false).await?;
+        let rw = held.iter().filter(|a| !a.read_only).count();
+        if !rules::may_join(b.read_only, rw, held.len() - rw) {
+            let holder = held
+                .iter()
+                .find(|a| !a.read_only)
+                .map(|a| format!("machine {}", a.machine_id))
+                .unwrap_or_else(|| format!("{} read-only attachment(s)", held.len()));
+            return Err(VolumeError::InUse {
+                volume: v.id,
+                holder,
+            });
         }
     }
+    Ok(())
 }
 
 /// The caller's attachment `aid` of machine `machine_id`.
@@ -366,6 +374,8 @@ pub async fn remount(
         .guest
         .unmount_volume(a.slot as u32, &a.mount_path)
         .await;
+    // The spare is re-pointed from scratch, in case the device is what failed.
+    unplug_device(&live, a.slot as u32).await;
     let r = plug(
         &live,
         spare_image(state, &a, size),
