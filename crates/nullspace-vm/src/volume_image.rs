@@ -128,14 +128,6 @@ fn debugfs(img: &Path, write: bool, req: &str) -> Result<(Vec<u8>, String), Imag
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| ImageError::Io(format!("{shown}: debugfs (install e2fsprogs)"), e))?;
-    let pid = child.id();
-    // A crafted image must not hold the call: kill it after the limit.
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let killer = std::thread::spawn(move || {
-        if done_rx.recv_timeout(CALL_LIMIT).is_err() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-    });
     let mut stderr = child.stderr.take();
     let err_thread = std::thread::spawn(move || {
         let mut s = Vec::new();
@@ -144,31 +136,45 @@ fn debugfs(img: &Path, write: bool, req: &str) -> Result<(Vec<u8>, String), Imag
         }
         s
     });
-    let mut out = Vec::new();
-    let read = child
-        .stdout
-        .take()
-        .map(|o| o.take(MAX_OUTPUT as u64 + 1).read_to_end(&mut out));
-    let over = out.len() > MAX_OUTPUT;
-    if over {
-        let _ = child.kill();
-    }
-    let status = child.wait();
-    let _ = done_tx.send(());
-    let _ = killer.join();
+    let mut stdout = child.stdout.take();
+    let out_thread = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let r = stdout
+            .as_mut()
+            .map(|o| o.take(MAX_OUTPUT as u64 + 1).read_to_end(&mut out));
+        (out, r)
+    });
+    // A crafted image must not hold the call: killed at the time limit.
+    // A huge answer stops at the cap: the reader then closes the pipe and
+    // the child ends on its next write.
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if t0.elapsed() < CALL_LIMIT => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let (out, read) = out_thread.join().unwrap_or_default();
     let err = err_thread.join().unwrap_or_default();
-    if over {
+    if out.len() > MAX_OUTPUT {
         return Err(ImageError::TooLarge(req.to_string()));
     }
     if let Some(Err(e)) = read {
         return Err(ImageError::Io(shown, e));
     }
     match status {
-        Ok(s) if s.success() => {}
+        Some(s) if s.success() => {}
         _ => {
             return Err(ImageError::Tool(
                 shown,
-                "debugfs failed or was killed".to_string(),
+                "debugfs failed or was killed (time limit)".to_string(),
             ));
         }
     }
