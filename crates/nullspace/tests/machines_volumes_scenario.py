@@ -106,6 +106,17 @@ try:
     run(b, "echo after-resume >> /mnt/v/b.txt")
     batt = b.list_volumes()[0]
     assert b.get_volume_health(batt.id).state.value == "mounted"
+
+    # A fork has no volumes (never a second writer); the original has its
+    # volume mounted again after the snapshot.
+    child = b.fork()
+    try:
+        assert child.list_volumes() == []
+        assert run(child, "test -e /mnt/v/b.txt || echo none") == "none\n"
+    finally:
+        child.kill()
+    assert run(b, "cat /mnt/v/b.txt") == "from-b\nafter-resume\n"
+    assert b.get_volume_health(batt.id).state.value == "mounted"
     b.detach_volume(batt.id)
 
     # No machine: the host reads what b wrote.
