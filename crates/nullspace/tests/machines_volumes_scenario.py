@@ -54,6 +54,7 @@ assert vol.id not in [v.id for v in Volume.list(api_key=OTHER)]
 a = Machine.create(template=T, volumes=[vol.mount("/data")])
 b = None
 try:
+    assert [(x.mount_path, x.state.value) for x in a.volumes] == [("/data", "mounted")], a.volumes
     att = a.list_volumes()
     assert [(x.mount_path, x.read_only) for x in att] == [("/data", False)], att
     assert run(a, "cat /data/seed/hello.txt") == "from the host\n"

@@ -330,11 +330,19 @@ pub async fn create(
         key.map(|k| (c.namespace.clone(), k)),
         pooled,
     ));
-    let info = task
+    let mut info = task
         .await
         .map_err(|e| MachineError::Internal(format!("create task: {e}")))??;
     if !volumes.is_empty() {
-        crate::volumes::attach::at_create(state, c, &info.id, &volumes).await?;
+        let attached = crate::volumes::attach::at_create(state, c, &info.id, &volumes).await?;
+        // The create's answer says what is mounted where, as the SDK reads
+        // it (`Machine.volumes`, from `metadata.volume_attachments`); the
+        // machine's own metadata is not changed.
+        if let Ok(v) = serde_json::to_value(&attached) {
+            info.metadata
+                .get_or_insert_with(Default::default)
+                .insert("volume_attachments".into(), v);
+        }
     }
     Ok(info)
 }

@@ -197,14 +197,18 @@ pub async fn at_create(
     c: &Caller,
     machine_id: &str,
     mounts: &[VolumeMountBody],
-) -> VolumeResult<()> {
+) -> VolumeResult<Vec<VolumeAttachment>> {
+    let mut out = Vec::new();
     for b in mounts {
-        if let Err(e) = attach(state, c, machine_id, b).await {
-            let _ = crate::machines::end::destroy(state, c, machine_id).await;
-            return Err(e);
+        match attach(state, c, machine_id, b).await {
+            Ok(a) => out.push(a),
+            Err(e) => {
+                let _ = crate::machines::end::destroy(state, c, machine_id).await;
+                return Err(e);
+            }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Before a create makes anything: every `ref` is one of the caller's
