@@ -30,6 +30,7 @@ NULLSPACE_APT_PACKAGES=(
   debootstrap       # the realistic Debian image of the VM test and benchmarks
   linux-image-cloud-amd64  # the guest kernel + the virtio modules the initramfs loads
   chromium fonts-dejavu-core  # the browser test renders a machine's preview URL
+  iproute2 nftables # a network namespace per machine, its egress policy as an nft table
 )
 # The VMM and qemu-img come from bookworm-backports (QEMU 10): the same
 # version for both, and the one the machine image already carries for
@@ -81,7 +82,7 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
 REQUIRED_PROGRAMS=(
   qemu-system-x86_64 qemu-img buildah skopeo umoci docker-registry e2fsck debugfs
   mkfs.ext4 htpasswd openssl cpio unshare runuser busybox curl debootstrap python3
-  cargo git ldd chromium ssh ssh-keygen
+  cargo git ldd chromium ssh ssh-keygen ip nft
 )
 missing=()
 for p in "${REQUIRED_PROGRAMS[@]}"; do command -v "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -545,7 +545,12 @@ fn dispatch(state: &State, resp: &Resp, op: Op) -> Outcome {
             &probe,
             Duration::from_millis(timeout_ms.unwrap_or(2000)),
         )),
-        Op::SetTime { unix_ns } => set_time(unix_ns),
+        Op::SetTime { unix_ns } => {
+            // Sent once per restore, before anything else: the moment to
+            // forget what the snapshot's network looked like.
+            crate::net::forget_neighbours();
+            set_time(unix_ns)
+        }
         Op::Reseed { data } => reseed(&data),
         // Answered inline by `handle_line`.
         Op::Hello { .. } | Op::Ack { .. } | Op::Cancel { .. } => Ok(Event::Ok),

@@ -153,6 +153,35 @@ pub fn setup() -> Result<(), String> {
     Ok(())
 }
 
+/// Forgets the link-layer addresses of the gateway and the resolver: a
+/// restored machine's NIC may lead to another backend than its
+/// snapshot's (a TAP in the machine's namespace instead of QEMU's user
+/// network), whose MAC the guest must ask for again rather than wait for
+/// its stale entry to time out. No entry is not an error.
+pub fn forget_neighbours() {
+    if !Path::new(&format!("/sys/class/net/{IFACE}")).exists() {
+        return;
+    }
+    let Ok(fd) = ioctl_socket() else {
+        return;
+    };
+    let mut dev = [0 as libc::c_char; 16];
+    for (d, b) in dev.iter_mut().zip(IFACE.bytes()) {
+        *d = b as libc::c_char;
+    }
+    let dns: std::net::Ipv4Addr = DNS.parse().expect("an address");
+    for ip in [GATEWAY, dns.octets()] {
+        let mut req = libc::arpreq {
+            arp_pa: sockaddr(ip),
+            arp_ha: sockaddr([0; 4]),
+            arp_flags: 0,
+            arp_netmask: sockaddr([0; 4]),
+            arp_dev: dev,
+        };
+        let _ = ioctl(&fd, libc::SIOCDARP, &mut req, "SIOCDARP");
+    }
+}
+
 fn resolv_conf() -> Result<(), String> {
     let p = Path::new("/etc/resolv.conf");
     let usable = std::fs::read_to_string(p)

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod egress;
 pub mod git;
 pub mod lifecycle;
 pub mod ports;

@@ -94,6 +94,10 @@ pub struct Device {
     /// snapshots made before volumes existed.
     #[serde(default)]
     pub spare_disks: u32,
+    /// A `virtio-net-device` whatever `network` says (every VM booted since
+    /// egress policies; absent in older manifests).
+    #[serde(default)]
+    pub nic: bool,
     /// The kernel command line the VM booted with.
     pub kernel_cmdline: String,
 }
@@ -346,6 +350,7 @@ mod tests {
                 vcpus: 2,
                 network: false,
                 spare_disks: 4,
+                nic: true,
                 kernel_cmdline: "console=ttyS0".into(),
             },
             disk: vec![DiskLayer {

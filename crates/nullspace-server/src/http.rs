@@ -526,7 +526,7 @@ macro_rules! machine_routes {
     }};
 }
 
-/// SSH access (SDK 1.0.x only: 0.1.9 has no such call).
+/// SSH access and egress policies (SDK 1.0.x only: 0.1.9 has no such calls).
 fn ssh_routes() -> Vec<Route> {
     use nullspace_model::machine::ssh as s;
     vec![
@@ -537,6 +537,13 @@ fn ssh_routes() -> Vec<Route> {
         .body::<s::SshAccessBody>()
         .reply::<s::SshAccessReply>(200)
         .to(machine_api::ssh::ssh_access::<{ machine_api::MACHINE }>),
+        Op::patch(
+            "/v1/machines/{id}/egress",
+            "Replace a machine's egress policy (allow_all, deny_all, custom CIDR lists, rate limit); a running machine's rules change before the answer",
+        )
+        .body::<nullspace_model::machine::egress::EgressBody>()
+        .reply::<nullspace_model::machine::egress::EgressReply>(200)
+        .to(machine_api::egress::update_egress),
     ]
 }
 

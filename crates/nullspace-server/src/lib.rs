@@ -235,6 +235,18 @@ pub async fn serve_until(
         Some(addr) => Some(ssh::server::bind(&state, &addr).await?),
         None => None,
     };
+    // Machine networking before the pool: pooled VMs get namespaces too.
+    if state.vmm.is_some() && state.config.machine_namespaces {
+        match state.machines.init_net(state.config.machine_dns) {
+            Ok(()) => tracing::info!(
+                resolver = ?state.machines.net().and_then(|n| n.resolver()),
+                "machine networking: a namespace per machine; egress policies enforced"
+            ),
+            Err(e) => tracing::warn!(
+                "machine networking: QEMU's user-mode network, no egress policies ({e})"
+            ),
+        }
+    }
     // Pooled VMs are recorded in this server's run directory while pooled.
     state.machines.start_pool(lock.pids.clone());
     *state.run_lock.lock().expect("run lock") = Some(lock);

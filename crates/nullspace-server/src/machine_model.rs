@@ -48,6 +48,10 @@ pub struct MachineDoc {
     pub cwd: Option<String>,
     #[serde(default = "yes")]
     pub internet_access: bool,
+    /// The egress policy asked for (`None`: all, if `internet_access`);
+    /// see `machines::egress::effective`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<nullspace_model::machine::egress::EgressPolicy>,
     /// Who may reach its ports (`machines::ports`).
     #[serde(default)]
     pub access: crate::machines::ports::PortAccess,

@@ -14,8 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nullspace_model::machine::egress::Egress;
 use nullspace_vm::machine::MachineHandle;
 use nullspace_vm::machine::{self, MachineSpec};
+use nullspace_vm::net::{HostNet, MachineNet};
 use nullspace_vm::pool::{self, Pool, PoolConfig, PoolKey};
 use nullspace_vm::{AfterSnapshot, CancellationToken, QemuVm, Snapshot};
 
@@ -122,6 +124,9 @@ pub struct Runtime {
     /// Prepared machines ([`Runtime::start_pool`]; none before, and none
     /// for commands that only open the store).
     pool: std::sync::OnceLock<Pool>,
+    /// Machine networking through namespaces ([`Runtime::init_net`];
+    /// unset: QEMU's user-mode network, and no egress policies).
+    net: std::sync::OnceLock<HostNet>,
 }
 
 /// How a machine was started, for logs and benchmarks.
@@ -193,7 +198,39 @@ impl Runtime {
             usage: Default::default(),
             live: Default::default(),
             pool: Default::default(),
+            net: Default::default(),
         })
+    }
+
+    /// Sets machine networking up (before the pool starts): namespaces
+    /// with egress policies when this process may make them, else says
+    /// why not (machines then get QEMU's user-mode network, restricted
+    /// unless their template was built with network).
+    pub fn init_net(&self, resolver: Option<std::net::Ipv4Addr>) -> Result<(), String> {
+        let h = HostNet::init(&self.data_dir, resolver).map_err(|e| e.to_string())?;
+        let _ = self.net.set(h);
+        Ok(())
+    }
+
+    /// Machine networking with egress policies, if set up.
+    pub fn net(&self) -> Option<&HostNet> {
+        self.net.get()
+    }
+
+    /// Replaces running machine `id`'s egress policy (its namespace's
+    /// table, one transaction).
+    pub async fn apply_egress(&self, id: &str, egress: Egress) -> Result<(), RuntimeError> {
+        let resolver = self.net().and_then(HostNet::resolver);
+        let dir = self.machine_dir(id);
+        tokio::task::spawn_blocking(move || {
+            let ns = MachineNet::of_dir(&dir, resolver).ok_or_else(|| {
+                RuntimeError::Io(format!("{}: no network namespace", dir.display()))
+            })?;
+            ns.apply(&egress)
+                .map_err(|e| RuntimeError::Io(e.to_string()))
+        })
+        .await
+        .map_err(|e| RuntimeError::Io(format!("egress task: {e}")))?
     }
 
     /// Starts the pool of prepared machines (when `limits.pool_size` > 0):
@@ -228,6 +265,7 @@ impl Runtime {
             },
             quiet: Duration::from_millis(300),
             recorder: Some(recorder),
+            net: self.net.get().cloned(),
         }));
     }
 
@@ -356,6 +394,10 @@ impl Runtime {
     /// records its envs beside it; with `pooled` (an entry prepared for
     /// `id` from `base`), only starts that one (a failed start falls back
     /// to a restore). The returned machine is registered.
+    // One restore path for creates (a pooled entry, no volumes) and resumes
+    // (no pool, the volumes the guest has mounted): each argument is one
+    // of its inputs.
+    #[allow(clippy::too_many_arguments)]
     pub async fn restore(
         &self,
         id: &str,
@@ -363,13 +405,16 @@ impl Runtime {
         envs: BTreeMap<String, String>,
         reservation: Reservation,
         pooled: Option<pool::Entry>,
+        egress: Egress,
         volumes: Vec<Option<nullspace_vm::spares::SpareImage>>,
     ) -> Result<(Arc<Live>, Started), RuntimeError> {
         let spec = MachineSpec {
             dir: self.machine_dir(id),
             timeout: Duration::from_secs(90),
             nice: 0,
+            net: self.net.get().cloned(),
         };
+        let resolver = self.net().and_then(HostNet::resolver);
         let e = envs.clone();
         let mid = id.to_string();
         let (restored, started) =
@@ -402,8 +447,17 @@ impl Runtime {
                 started.phases.start = r.vm.phases.start;
                 if let Err(err) = save_envs(&spec.dir, &e) {
                     drop(r);
-                    let _ = std::fs::remove_dir_all(&spec.dir);
+                    let _ = machine::remove_dir(&spec.dir);
                     return Err(RuntimeError::Io(format!("machine envs: {err}")));
+                }
+                // A machine's namespace denies everything until its own
+                // policy is in place (fail closed).
+                if let Some(ns) = MachineNet::of_dir(&spec.dir, resolver)
+                    && let Err(err) = ns.apply(&egress)
+                {
+                    drop(r);
+                    let _ = machine::remove_dir(&spec.dir);
+                    return Err(RuntimeError::Io(format!("machine egress policy: {err}")));
                 }
                 started.ms = t0.elapsed().as_millis() as u64;
                 Ok((r, started))
@@ -518,7 +572,7 @@ impl Runtime {
                 // QEMU ended: drop the VM (its directory goes) and the machine's.
                 guard.take();
                 let _ = l.handle.kill(Duration::from_secs(1));
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = machine::remove_dir(&dir);
             }
             Ok(snap)
         })
@@ -569,7 +623,7 @@ impl Runtime {
             if let Some(l) = live {
                 l.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
             }
-            match std::fs::remove_dir_all(&dir) {
+            match machine::remove_dir(&dir) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(RuntimeError::Io(format!("{}: {e}", dir.display()))),
@@ -599,8 +653,22 @@ impl Runtime {
                 // Killed only if the pid's command line names this VM's sockets.
                 let _ = MachineHandle::new(pid, vm).kill(Duration::from_secs(2));
             }
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = machine::remove_dir(&dir);
             swept.push(id);
+        }
+        // Namespaces whose machine directory is gone (a crash between the
+        // two).
+        if let Some(net) = self.net() {
+            let ids: Vec<String> = std::fs::read_dir(&self.machines_dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for name in net.sweep(|id| ids.iter().any(|i| i == id)) {
+                swept.push(name);
+            }
         }
         swept
     }

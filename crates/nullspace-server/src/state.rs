@@ -38,6 +38,14 @@ pub struct Config {
     /// host's loopback services, which hostile build steps must not see
     /// unless the operator accepts that.
     pub build_vm_network: bool,
+    /// Run each machine in a network namespace of its own under its
+    /// egress policy (`nullspace_vm::net`; needs root, `ip` and `nft`).
+    /// Off, or where it cannot be set up: QEMU's user-mode network and no
+    /// egress policies.
+    pub machine_namespaces: bool,
+    /// The resolver machines' DNS queries go to (`None`: the host's first
+    /// non-loopback `nameserver`).
+    pub machine_dns: Option<std::net::Ipv4Addr>,
     /// How build VMs keep guest memory, and so how their machines restore:
     /// `Mapped` (the default: a RAM file that machines map copy-on-write)
     /// or `Streamed` (the earlier design, all RAM in the migration stream;
@@ -91,6 +99,8 @@ impl Config {
             build_vm: BuildVm::Off,
             init_bin: None,
             build_vm_network: false,
+            machine_namespaces: true,
+            machine_dns: None,
             build_vm_memory: nullspace_vm::MemoryMode::Mapped,
             machine_limits: crate::runtime::Limits::default_for_host(),
             base_template: true,

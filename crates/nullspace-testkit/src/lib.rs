@@ -2,6 +2,7 @@
 //! started on loopback ([`registry`]). Tests read as scenarios on top.
 
 pub mod image;
+pub mod inet;
 pub mod registry;
 pub mod server;
 pub mod tree;

@@ -18,6 +18,7 @@ pub mod init_binary;
 pub mod initramfs;
 pub mod kernel;
 pub mod machine;
+pub mod net;
 pub mod pool;
 pub mod process;
 pub mod qemu;

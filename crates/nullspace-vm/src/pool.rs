@@ -110,6 +110,8 @@ pub struct PoolConfig {
     /// first commands run without a refill beside them).
     pub quiet: Duration,
     pub recorder: Option<Arc<Recorder>>,
+    /// Entries get a network namespace each ([`MachineSpec::net`]).
+    pub net: Option<crate::net::HostNet>,
 }
 
 /// A prepared machine taken from the pool.
@@ -446,6 +448,7 @@ fn refill(inner: &Inner) {
             dir: cfg.dir.join(&id),
             timeout: cfg.timeout,
             nice: cfg.nice,
+            net: cfg.net.clone(),
         };
         let r = machine::prepare(&snap, &spec, &inner.cancel).and_then(|mut p| {
             if cfg.warm_up && key.accel == Accel::Tcg {

@@ -52,12 +52,24 @@ pub struct VmMeta {
     /// a restore must recreate the same device set.
     #[serde(default)]
     pub network: bool,
+    /// A `virtio-net-device` (every VM booted since egress policies; its
+    /// build backend was user-mode, `restrict=on` unless `network`), so
+    /// that a restore may give it any backend.
+    #[serde(default)]
+    pub nic: bool,
     #[serde(default)]
     pub memory_mode: MemoryMode,
     /// Spare disks for volumes (`qemu::spares`); 0 = none (an older
     /// template: no volumes until it is rebuilt).
     #[serde(default)]
     pub spare_disks: u32,
+}
+
+impl VmMeta {
+    /// Whether the VM has a NIC (older templates: only with `network`).
+    pub fn has_nic(&self) -> bool {
+        self.nic || self.network
+    }
 }
 
 /// What callers read about a snapshot (derived from its manifest).
@@ -186,6 +198,7 @@ impl Snapshot {
                 vcpus: m.device.vcpus,
                 accel: m.device.accel,
                 network: m.device.network,
+                nic: m.device.nic,
                 memory_mode: m.memory.mode,
                 spare_disks: m.device.spare_disks,
             },

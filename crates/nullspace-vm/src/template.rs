@@ -321,6 +321,7 @@ fn build_inner(
             vcpus: vm_meta.vcpus,
             network: vm_meta.network,
             spare_disks: vm_meta.spare_disks,
+            nic: vm_meta.nic,
             kernel_cmdline: cmdline,
         },
         disk: vec![DiskLayer {

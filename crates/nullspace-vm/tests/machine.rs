@@ -76,6 +76,7 @@ fn spec(dir: PathBuf) -> MachineSpec {
         dir,
         timeout: T,
         nice: 0,
+        net: None,
     }
 }
 

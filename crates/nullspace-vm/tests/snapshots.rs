@@ -1033,6 +1033,7 @@ fn a_prepared_vm_waits_paused_and_then_starts_where_the_snapshot_left_off() {
         dir: work.path().join("m1"),
         timeout: T,
         nice: 0,
+        net: None,
     };
     let mut p = machine::prepare(&f.template, &spec, &nocancel()).expect("prepare");
     assert_eq!(p.status().unwrap(), RunState::Paused);
@@ -1079,6 +1080,7 @@ fn a_prepared_vm_waits_paused_and_then_starts_where_the_snapshot_left_off() {
         dir: work.path().join("m2"),
         timeout: T,
         nice: 0,
+        net: None,
     };
     let p2 = machine::prepare(&f.template, &spec2, &nocancel()).unwrap();
     let pid2 = p2.handle().pid;
@@ -1138,6 +1140,7 @@ fn pool_entries_of_different_templates_and_sizes_never_mix() {
     let rec = records.clone();
     let n = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let pool = Pool::new(PoolConfig {
+        net: None,
         size: 1,
         max_keys: 4,
         idle: Duration::from_secs(600),

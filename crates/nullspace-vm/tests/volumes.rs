@@ -3,8 +3,6 @@
 //! released; the host reads what the guest wrote; a read-only attachment
 //! cannot change the image; the spare takes another image after.
 
-// Shared with the other guest tests; not every helper is used here.
-#[allow(dead_code)]
 mod support;
 
 use nullspace_model::agent::MountSpec;

@@ -57,6 +57,15 @@ pub struct ServeArgs {
     /// (QEMU user networking: this also reaches the host's loopback services).
     #[arg(long, env = "NULLSPACE_BUILD_VM_NETWORK")]
     build_vm_network: bool,
+    /// Give machines QEMU's user-mode network instead of a network
+    /// namespace each (then no egress policies; namespaces need root,
+    /// `ip` and `nft`, and are used by default where those are there).
+    #[arg(long, env = "NULLSPACE_NO_MACHINE_NAMESPACES")]
+    no_machine_namespaces: bool,
+    /// The DNS server machines' queries go to [default: the host's first
+    /// non-loopback nameserver in /etc/resolv.conf].
+    #[arg(long, env = "NULLSPACE_MACHINE_DNS")]
+    machine_dns: Option<std::net::Ipv4Addr>,
     /// Do not build the `nullspace/base` template at start-up (machines
     /// created without a template then fail until it exists).
     #[arg(long, env = "NULLSPACE_NO_BASE_TEMPLATE")]
@@ -202,6 +211,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     };
     config.init_bin = a.init_bin;
     config.build_vm_network = a.build_vm_network;
+    config.machine_namespaces = !a.no_machine_namespaces;
+    config.machine_dns = a.machine_dns;
     config.machine_limits.max_machines = a.max_machines;
     config.machine_limits.pool_size = a.machine_pool_size;
     config.build_vm_memory = match a.build_vm_memory.as_str() {

@@ -217,6 +217,16 @@ try:
     except NotFoundError:
         pass
 
+    # A paused machine with auto_resume wakes for its visitor.
+    sleeper = Machine.create(template=os.environ["NS_TEMPLATE"], auto_resume=True)
+    try:
+        url = sleeper.get_url(8080)
+        sleeper.pause()
+        assert "hello" in ok(url), "the page after an auto-resume"
+        assert Machine.get_info_by_id(sleeper.id).status.value == "running"
+    finally:
+        sleeper.kill()
+
     # The 60 s URL has expired by now (the scenario waits out the rest).
     left = 61 - (time.monotonic() - short_at)
     if left > 0:

@@ -1420,6 +1420,67 @@ fn ssh_access_through_the_servers_endpoint() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+// ---- egress policies (`network.egress`, legacy lists, `update_egress`) ----
+
+const EGRESS_SCENARIO: &str = include_str!("machines_egress.py");
+
+#[test]
+fn egress_policies_through_sdk_1_0_3() {
+    use nullspace_testkit::inet::{self, TestInternet};
+    let _s = serial();
+    let _inet = TestInternet::start().expect("the test internet");
+    let namespaces = || -> Vec<String> {
+        std::fs::read_dir("/run/netns")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.starts_with("nsm-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = namespaces();
+    let dns = inet::DNS.to_string();
+    let s = setup(&["--machine-dns", &dns]);
+    assert!(
+        s.server
+            .log_text()
+            .contains("a namespace per machine; egress policies enforced"),
+        "machine namespaces were not set up:\n{}",
+        s.server.log_text()
+    );
+    let other = s.server.key("team-b");
+    let t = Instant::now();
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        EGRESS_SCENARIO,
+        &[
+            ("NS_TEMPLATE", "web"),
+            ("NS_KEY_B", &other),
+            ("NS_ALLOWED", &inet::ALLOWED.to_string()),
+            ("NS_DENIED", &inet::DENIED.to_string()),
+            ("NS_DNS", &dns),
+        ],
+    );
+    eprintln!("egress scenario in {:?}:\n{}", t.elapsed(), r.stdout);
+    assert!(
+        r.stdout.contains("EGRESS OK"),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+    // Every machine ended: no namespace of this server is left.
+    drop(s);
+    let left: Vec<String> = namespaces()
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+}
+
 // ---- volumes (`Volume.*`, attach/detach/health/remount, `Volume.files`) ----
 
 const VOLUMES_SCENARIO: &str = include_str!("machines_volumes_scenario.py");

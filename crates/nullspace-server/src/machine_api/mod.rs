@@ -23,6 +23,7 @@
 //! | [`not_offered`] | what answers a path no route serves (501, JSON 404/405) |
 
 pub mod commands;
+pub mod egress;
 pub mod events;
 pub mod file_ops;
 pub mod files;

@@ -17,7 +17,7 @@ const MACHINE_FAMILIES: &[(&str, &str)] = &[
     ("code", "the code interpreter"),
     // Served under /v1/machines; 0.1.9's prefix has none.
     ("volumes", "volumes for sandboxes (SDK 0.1.9)"),
-    ("egress", "egress policies"),
+    ("egress", "egress policies for sandboxes (SDK 0.1.9)"),
     ("host", "this port operation"),
     ("ports", "this port operation"),
     ("preview-urls", "this preview URL operation"),

@@ -218,12 +218,14 @@ pub async fn create(
     }
     let internet = b.internet_access.unwrap_or(true);
     let public = super::rules::public_traffic(&b)?;
-    if !internet && src.snapshot.meta.vm.network {
-        return Err(MachineError::NotImplemented(format!(
-            "internet_access false: template {:?} was built with a network device (--build-vm-network), which its machines keep; build it with build_config internet_access false",
-            src.template
-        )));
-    }
+    let egress = super::egress::requested(&b)?;
+    super::egress::admit(
+        state,
+        &src.template,
+        &src.snapshot.meta.vm,
+        internet,
+        egress.as_ref(),
+    )?;
     if state.vmm.is_none() {
         return Err(MachineError::NotImplemented(
             "this server runs no VMs (started with --no-build-vm, or QEMU, the guest kernel or the guest init is missing)".into(),
@@ -278,6 +280,7 @@ pub async fn create(
         env_keys: src.envs.keys().cloned().collect(),
         cwd: cwd.or(src.cwd.clone()),
         internet_access: internet,
+        egress,
         access: super::ports::PortAccess {
             public,
             traffic_token: super::ports::new_secret(),
@@ -357,9 +360,10 @@ async fn finish_create(
     pooled: Option<nullspace_vm::pool::Entry>,
 ) -> MachineResult<MachineInfo> {
     let id = m.row.id.clone();
+    let egress = super::egress::effective(m.doc.internet_access, m.doc.egress.as_ref());
     match state
         .machines
-        .restore(&id, snapshot, envs, reservation, pooled, Vec::new())
+        .restore(&id, snapshot, envs, reservation, pooled, egress, Vec::new())
         .await
     {
         Ok((live, started)) => {

@@ -41,6 +41,7 @@
 pub mod commands;
 pub mod create;
 pub mod duties;
+pub mod egress;
 pub mod end;
 pub mod error;
 pub mod events;

@@ -111,6 +111,7 @@ pub async fn resume(state: &Shared, c: &Caller, id: &str) -> MachineResult<Machi
         });
     }
     let envs = load_envs(&snapshot.dir);
+    let egress = super::egress::effective(m.doc.internet_access, m.doc.egress.as_ref());
     // Its volumes are mounted in the guest's memory: each spare gets its
     // image back before the guest runs.
     let volumes = match crate::volumes::attach::resume_images(state, id).await {
@@ -122,7 +123,7 @@ pub async fn resume(state: &Shared, c: &Caller, id: &str) -> MachineResult<Machi
     };
     match state
         .machines
-        .restore(id, snapshot, envs, reservation, None, volumes)
+        .restore(id, snapshot, envs, reservation, None, egress, volumes)
         .await
     {
         Ok((live, started)) => {
@@ -186,7 +187,11 @@ pub async fn fork(
         auto_resume: Some(doc.auto_resume),
         metadata: Some(doc.metadata.clone()),
         internet_access: Some(doc.internet_access),
-        network: Some(serde_json::json!({"allow_public_traffic": doc.access.public})),
+        // The child keeps its parent's access and egress policy.
+        network: Some(serde_json::json!({
+            "allow_public_traffic": doc.access.public,
+            "egress": doc.egress,
+        })),
         ..Default::default()
     };
     let child = super::create::create(state, c, doc.flavor, body, None).await?;

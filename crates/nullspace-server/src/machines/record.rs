@@ -216,6 +216,7 @@ mod tests {
             env_keys: vec![],
             cwd: None,
             internet_access: true,
+            egress: None,
             access: Default::default(),
             base_dir: "artifacts/snap".into(),
             template_dir: "artifacts/snap".into(),

@@ -218,16 +218,6 @@ pub fn refuse_unsupported(b: &CreateMachineBody) -> MachineResult<()> {
             "warm pools are not supported by this server (omit warm_pool, or use mode bypass)",
         );
     }
-    if let Some(n) = b.network.as_ref()
-        && ["allow_out", "deny_out"].iter().any(|k| {
-            n.get(k)
-                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
-        })
-    {
-        return not(
-            "egress policies (network.allow_out/deny_out) are not supported; internet_access: false isolates a machine",
-        );
-    }
     Ok(())
 }
 

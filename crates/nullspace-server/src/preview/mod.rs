@@ -219,6 +219,27 @@ async fn proxy(
     let presented = presented(&req);
     let via_query = presented.1;
     let grant = ports::admit(state, &m, &m.doc.access, port, &presented.0).await?;
+    // A paused machine with auto_resume wakes for its visitors as for its
+    // owner's commands (the request was admitted: the token is the
+    // credential, so the resume acts for the machine's namespace).
+    let m = if m.status() == MachineStatus::Paused && m.doc.auto_resume {
+        let owner = nullspace_store::Caller {
+            key_id: String::new(),
+            namespace: m.row.namespace.clone(),
+        };
+        crate::machines::pause::resume(state, &owner, id)
+            .await
+            .map_err(|e| ProxyError::Internal(format!("resuming machine {id}: {e}")))?;
+        let row = state
+            .store
+            .machine(id)
+            .await
+            .map_err(|e| ProxyError::Internal(e.to_string()))?
+            .ok_or_else(|| ProxyError::NotFound(id.to_string()))?;
+        Machine::from_row(row).map_err(|e| ProxyError::Internal(e.to_string()))?
+    } else {
+        m
+    };
     if m.status() != MachineStatus::Running {
         return Err(ProxyError::NotRunning(id.to_string(), m.status()));
     }

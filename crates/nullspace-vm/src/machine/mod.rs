@@ -28,6 +28,12 @@ use tokio_util::sync::CancellationToken;
 /// In a machine directory: QEMU's pid.
 pub const PID_FILE: &str = "qemu.pid";
 
+/// Removes a machine directory and the network namespace it records
+/// (its QEMU must have ended).
+pub fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    crate::net::release_dir(dir)
+}
+
 /// How a machine is restored.
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
@@ -37,6 +43,10 @@ pub struct MachineSpec {
     pub timeout: Duration,
     /// QEMU's niceness while prepared (see [`RestoreSpec::nice`]).
     pub nice: i32,
+    /// Machine networking through a namespace of its own (created here,
+    /// everything denied until the caller applies the machine's policy);
+    /// `None`: QEMU's user-mode network ([`RestoreSpec::net`]).
+    pub net: Option<crate::net::HostNet>,
 }
 
 /// A machine restored (or taken over) by this process.
@@ -123,6 +133,16 @@ pub fn prepare_with(
                 dir.display()
             )));
         }
+        let net = match &spec.net {
+            Some(h) if snap.meta.vm.has_nic() => {
+                let id = dir.file_name().unwrap_or_default().to_string_lossy();
+                Some(
+                    h.create(&id, &dir)
+                        .map_err(|e| VmError::Restore(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
         let vm = QemuVm::prepare(
             snap,
             &RestoreSpec {
@@ -131,6 +151,7 @@ pub fn prepare_with(
                 pidfile: Some(dir.join(PID_FILE)),
                 nice: spec.nice,
                 volumes: volumes.to_vec(),
+                net: net.clone(),
             },
             cancel,
         )?;
@@ -147,8 +168,9 @@ pub fn prepare_with(
         })
     })();
     if r.is_err() {
-        // A failed prepare killed its QEMU; its directory goes too.
-        let _ = std::fs::remove_dir_all(&spec.dir);
+        // A failed prepare killed its QEMU; its directory (and namespace)
+        // goes too.
+        let _ = remove_dir(&spec.dir);
     }
     r
 }
@@ -217,7 +239,7 @@ impl Drop for Prepared {
         // Dropping the VM kills and reaps QEMU and removes its directory.
         self.vm.take();
         if !self.dir.as_os_str().is_empty() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = remove_dir(&self.dir);
         }
     }
 }

@@ -28,7 +28,7 @@ pub mod watch;
 pub use procfs::{ProcessRecord, alive, tree};
 pub use records::{OWNER_PREFIX, OwnerLock, PidDir, PidFile, Reaped, VM_PREFIX, reap_stale};
 pub use signal::{kill_tree, reap_child};
-pub use spawn::{Launch, may_raise_priority, prepare};
+pub use spawn::{Launch, enter_netns, may_raise_priority, prepare};
 pub use watch::sleep_cancellable;
 pub(crate) use watch::{Watch, settle};
 

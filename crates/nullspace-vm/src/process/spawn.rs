@@ -10,6 +10,7 @@
 use super::QEMU;
 use crate::VmError;
 use rustix::process::{Pid, Signal};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -27,6 +28,9 @@ pub struct Launch {
     pub subreaper: bool,
     /// Scheduling niceness (0: the spawner's).
     pub nice: i32,
+    /// A network namespace to start in (an open `/run/netns/…` file; the
+    /// caller keeps it open until the spawn returned).
+    pub netns: Option<RawFd>,
 }
 
 impl Launch {
@@ -37,6 +41,7 @@ impl Launch {
         die_with_thread: true,
         subreaper: true,
         nice: 0,
+        netns: None,
     };
     /// A QEMU that lives within one call on one thread.
     pub const SCOPED_VM: Launch = Launch {
@@ -44,6 +49,7 @@ impl Launch {
         die_with_thread: true,
         subreaper: false,
         nice: 0,
+        netns: None,
     };
 
     /// A QEMU that outlives its spawning thread (a restored VM), at `nice`.
@@ -53,6 +59,7 @@ impl Launch {
             die_with_thread: false,
             subreaper: false,
             nice,
+            netns: None,
         }
     }
 
@@ -60,6 +67,10 @@ impl Launch {
     pub fn apply(self, cmd: &mut Command) {
         if self.own_group {
             cmd.process_group(0);
+        }
+        if let Some(fd) = self.netns {
+            // SAFETY: the caller keeps `fd` open until the spawn returned.
+            enter_netns(cmd, unsafe { BorrowedFd::borrow_raw(fd) });
         }
         if !(self.die_with_thread || self.subreaper || self.nice != 0) {
             return;
@@ -92,6 +103,23 @@ impl Launch {
                 Ok(())
             });
         }
+    }
+}
+
+/// Makes `cmd` start in the network namespace `ns` (it must stay open
+/// until the spawn returned).
+pub fn enter_netns(cmd: &mut Command, ns: impl AsFd) {
+    let fd = ns.as_fd().as_raw_fd();
+    // SAFETY: between fork and exec: one setns(2) through rustix (no
+    // allocation, no locks) on a descriptor the parent keeps open.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::thread::move_into_link_name_space(
+                BorrowedFd::borrow_raw(fd),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            Ok(())
+        });
     }
 }
 

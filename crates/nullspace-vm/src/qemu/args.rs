@@ -31,6 +31,21 @@ pub(super) fn opt(s: &Path) -> String {
     s.display().to_string().replace(',', ",,")
 }
 
+/// A VM's NIC (`virtio-net-device` on netdev `n0`) and its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Nic {
+    /// None (templates built before every VM got one, without network).
+    Absent,
+    /// QEMU's user-mode NAT: guest 10.0.2.15, gateway 10.0.2.2 (= the
+    /// host's loopback), DNS forwarder 10.0.2.3; `restrict`: no way out.
+    User { restrict: bool },
+    /// The TAP device `tap0` of the namespace QEMU starts in
+    /// ([`crate::net`]). Its snapshot was taken with a user-mode netdev,
+    /// whose own migration section (`slirp`) a restore must still accept:
+    /// an unconnected, restricted user netdev takes it.
+    Tap,
+}
+
 /// What a VM's QEMU command line is made of ([`CommandLine::args`]).
 pub(super) struct CommandLine<'a> {
     pub(super) meta: &'a VmMeta,
@@ -44,6 +59,7 @@ pub(super) struct CommandLine<'a> {
     pub(super) pidfile: Option<&'a Path>,
     /// The spare disks' `-blockdev`/`-device` arguments (`spares::args`).
     pub(super) spares: Vec<String>,
+    pub(super) nic: Nic,
 }
 
 impl CommandLine<'_> {
@@ -128,12 +144,26 @@ impl CommandLine<'_> {
                 opt(&self.dir.join("qmp.sock"))
             ),
         ]);
-        if meta.network {
-            // User-mode NAT: guest 10.0.2.15, gateway 10.0.2.2 (= the host's
-            // loopback), DNS forwarder 10.0.2.3.
+        let netdev = match self.nic {
+            Nic::Absent => None,
+            Nic::User { restrict: false } => Some("user,id=n0".to_string()),
+            Nic::User { restrict: true } => Some("user,id=n0,restrict=on".to_string()),
+            Nic::Tap => {
+                a.extend(["-netdev".to_string(), "user,id=slirp0,restrict=on".into()]);
+                // `vnet_hdr=off`: with it on, the NIC's migration state
+                // would require a backend with vnet headers, and snapshots
+                // of the machine could no longer be loaded onto a user-mode
+                // one (pause writes its memory through one).
+                Some(format!(
+                    "tap,id=n0,ifname={},script=no,downscript=no,vnet_hdr=off",
+                    crate::net::rules::TAP
+                ))
+            }
+        };
+        if let Some(n) = netdev {
             a.extend([
                 "-netdev".to_string(),
-                "user,id=n0".into(),
+                n,
                 "-device".into(),
                 "virtio-net-device,netdev=n0".into(),
             ]);

@@ -12,7 +12,7 @@
 //!                         └────┘ warm_up (runs a moment, paused again)
 //! ```
 
-use super::args::{CommandLine, Ram};
+use super::args::{CommandLine, Nic, Ram};
 use super::child::VmDir;
 use super::migration::incoming;
 use super::overlay::restore_layers;
@@ -25,6 +25,7 @@ use crate::snapshot::Snapshot;
 use crate::{Vm, VmError};
 use nullspace_model::snapshot::MemoryMode;
 use serde_json::json;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -137,8 +138,19 @@ fn prepare_watched(
         incoming: true,
         pidfile: spec.pidfile.as_deref(),
         spares: super::spares::args(&meta, dir.path(), &spec.volumes)?,
+        nic: match (meta.has_nic(), &spec.net) {
+            (false, _) => Nic::Absent,
+            (true, Some(_)) => Nic::Tap,
+            (true, None) => Nic::User {
+                restrict: !meta.network,
+            },
+        },
     }
     .args();
+    let netns = match (&spec.net, meta.has_nic()) {
+        (Some(n), true) => Some(n.open().map_err(|e| VmError::Restore(e.to_string()))?),
+        _ => None,
+    };
     let t = Instant::now();
     // Restored VMs outlive this thread (handed on, or detached).
     let mut vm = QemuVm::spawn(
@@ -148,7 +160,10 @@ fn prepare_watched(
         initrd,
         args,
         Origin::Restored(Box::new(snap.clone())),
-        Launch::detached_vm(spec.nice),
+        Launch {
+            netns: netns.as_ref().map(|f| f.as_raw_fd()),
+            ..Launch::detached_vm(spec.nice)
+        },
         watch,
     )?;
     let r = load_state(&mut vm, snap, deadline, watch, &mut phases, t);

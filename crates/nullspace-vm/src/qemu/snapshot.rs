@@ -1,7 +1,7 @@
 //! Taking snapshots of a VM: a build VM's (its RAM file already shared)
 //! and a restored VM's (fork, snapshot, pause).
 
-use super::args::{CommandLine, Layer, Ram};
+use super::args::{CommandLine, Layer, Nic, Ram};
 use super::child::{VmDir, tail};
 use super::migration::{file_channel, incoming, set_migration, stop_migration, wait_migration};
 use super::overlay::{create_overlay, rebase};
@@ -311,6 +311,12 @@ impl QemuVm {
             incoming: true,
             pidfile: None,
             spares: super::spares::args(&meta, dir.path(), &[])?,
+            // Loads the state only: nothing may get out.
+            nic: if meta.has_nic() {
+                Nic::User { restrict: true }
+            } else {
+                Nic::Absent
+            },
         }
         .args();
         // Lives within this call: dies with the thread, killed on return.

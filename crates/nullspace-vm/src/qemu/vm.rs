@@ -2,7 +2,7 @@
 //! after a restart; its agent, pause and resume.
 
 use super::QEMU;
-use super::args::{CommandLine, Layer, Ram, kernel_cmdline};
+use super::args::{CommandLine, Layer, Nic, Ram, kernel_cmdline};
 use super::child::{ChildGuard, Qemu, VmDir, tail};
 use super::vmm::{BootSpec, QemuVmm};
 use crate::agent::AgentClient;
@@ -250,7 +250,8 @@ impl QemuVm {
         let dir = VmDir::owned(vmm.run_dir.as_deref(), "ns-vm-")?;
         let initrd = dir.path().join("initrd.img");
         let mut config = spec.config.clone();
-        config.network = spec.network;
+        // Every VM has a NIC (a restore decides where it leads).
+        config.network = true;
         let cfg = serde_json::to_vec(&config).unwrap_or_default();
         initramfs::write_with_config(&vmm.base_initrd, &cfg, &initrd)?;
         let meta = VmMeta {
@@ -260,6 +261,7 @@ impl QemuVm {
             vcpus: spec.vcpus,
             accel: vmm.accel,
             network: spec.network,
+            nic: true,
             memory_mode: spec.memory_mode,
             spare_disks: super::spares::SPARE_DISKS,
         };
@@ -308,6 +310,9 @@ impl QemuVm {
             incoming: false,
             pidfile: None,
             spares: super::spares::args(&meta, dir.path(), &[])?,
+            nic: Nic::User {
+                restrict: !spec.network,
+            },
         }
         .args();
         let origin = Origin::Booted {

@@ -144,6 +144,10 @@ pub struct RestoreSpec {
     /// Volume images for the spare disks, by slot (`None`: the
     /// placeholder): a resumed machine's attachments.
     pub volumes: Vec<Option<super::spares::SpareImage>>,
+    /// The machine's network namespace: a VM with a NIC joins its TAP
+    /// (`None`: QEMU's user-mode network, restricted unless the snapshot
+    /// was built with network).
+    pub net: Option<crate::net::MachineNet>,
 }
 
 impl Default for RestoreSpec {
@@ -154,6 +158,7 @@ impl Default for RestoreSpec {
             pidfile: None,
             nice: 0,
             volumes: Vec::new(),
+            net: None,
         }
     }
 }

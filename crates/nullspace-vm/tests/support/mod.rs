@@ -1,3 +1,6 @@
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
+
 //! A booted guest for agent tests: the demo image (busybox) imported once
 //! per test binary, one VM at a time.
 
@@ -90,4 +93,24 @@ pub fn status_kb(field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
+}
+
+/// A template snapshot of the demo rootfs (no start command) in the
+/// fixture's directory `name`.
+pub fn template(f: &Fixture, name: &str) -> nullspace_vm::Snapshot {
+    let disk = f.dir.join(format!("{name}.ext4"));
+    std::fs::copy(&f.rootfs, &disk).unwrap();
+    nullspace_vm::rootfs::grow(&disk, 256).unwrap();
+    let mut config = GuestConfig::new(name);
+    config.env.insert("PATH".into(), "/bin".into());
+    let spec = nullspace_vm::template::TemplateSpec::new(&disk, config);
+    let out = f.dir.join(name);
+    let _ = std::fs::remove_dir_all(&out);
+    nullspace_vm::template::build_snapshot(
+        &f.vmm,
+        &spec,
+        &out,
+        &nullspace_vm::CancellationToken::new(),
+    )
+    .expect("template")
 }
