@@ -108,12 +108,12 @@ fn openapi_document_lists_every_route() {
     }
     // 27 template operations, 54 machine operations and 7 of ports and
     // preview URLs under each of `/v1/machines` and `/v1/sandboxes`,
-    // `…/ssh-access` (1.0.x only), 3 snapshot operations, the 4 signed
-    // transfer routes, `/openapi.json` and `/healthz`, and 18 of volumes
-    // (13 under `/v1/volumes`, 5 under `/v1/machines/{id}/volumes`).
+    // `…/ssh-access` and `…/egress` (1.0.x only), 3 snapshot operations,
+    // the 4 signed transfer routes, `/openapi.json` and `/healthz`, and 18
+    // of volumes (13 under `/v1/volumes`, 5 under `/v1/machines/{id}/volumes`).
     assert_eq!(
         ops,
-        29 + 2 * (54 + 7) + 1 + 3 + 4 + 18,
+        29 + 2 * (54 + 7) + 2 + 3 + 4 + 18,
         "operations documented"
     );
     for p in [
