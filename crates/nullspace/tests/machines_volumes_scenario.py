@@ -8,7 +8,7 @@ import os
 import time
 
 from nullspace import Machine, Volume
-from nullspace.errors import ConflictError, NotFoundError
+from nullspace.errors import ConflictError, MachineError, NotFoundError
 
 T = os.environ["NS_TEMPLATE"]
 OTHER = os.environ["NS_OTHER_KEY"]
@@ -49,6 +49,25 @@ try:
 except NotFoundError:
     pass
 assert vol.id not in [v.id for v in Volume.list(api_key=OTHER)]
+for call in (lambda: Volume.get_by_name("team-data", api_key=OTHER),
+             lambda: Volume.get(vol.id, api_key=OTHER).delete()):
+    try:
+        call()
+        raise AssertionError("another namespace reached the volume")
+    except NotFoundError:
+        pass
+
+# Hostile requests get one-line 400s, never a 5xx.
+for call, words in (
+    (lambda: Volume.create("bad name!"), "volume name"),
+    (lambda: vol.files.read("/seed/../etc"), "'..'"),
+    (lambda: vol.files.write('/a"b', "x"), "quotes"),
+):
+    try:
+        call()
+        raise AssertionError(f"accepted: {words}")
+    except MachineError as e:
+        assert e.code == "invalid_request" and words in str(e), (e.code, str(e))
 
 # Attached at create: the host's file is there; the machine writes one.
 a = Machine.create(template=T, volumes=[vol.mount("/data")])
