@@ -105,9 +105,16 @@ pub async fn delete(state: &Shared, c: &Caller, id: &str) -> VolumeResult<()> {
     let v = get(state, c, id).await?;
     if !state.store.delete_volume(&c.namespace, &v.id).await? {
         let count = state.store.volume_attachments(&v.id, false).await?.len() as u64;
+        if count == 0 {
+            // Held by a `Volume.files` call for the moment.
+            return Err(VolumeError::InUse {
+                volume: v.id,
+                holder: "a file operation on the server (retry)".into(),
+            });
+        }
         return Err(VolumeError::Attached {
             volume: v.id,
-            count: count.max(1),
+            count,
         });
     }
     let dir = super::dir(state, &v.id);
