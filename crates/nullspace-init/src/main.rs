@@ -25,6 +25,7 @@ mod replace;
 mod search;
 mod tunnel;
 mod users;
+mod volume;
 mod watch;
 
 use nullspace_model::guest::GuestConfig;

@@ -52,6 +52,9 @@
 //! | `watch {path, recursive, user}` | `watching {path}`, `file_events {events, dropped}`*, `watch_end {reason}` |
 //! | `connect {port}` | `connected`, `received {data}`*, `closed` |
 //! | `send {target, data, eof}` | `written {bytes}` |
+//! | `mount {slot, mount_path, read_only, subpath, size_bytes}` | `volume {mounted, total_bytes, used_bytes, inodes_used}` |
+//! | `unmount {slot, mount_path}` | `ok` (sync first; nothing mounted is not an error) |
+//! | `volume_health {slot, mount_path}` | `volume {…}` |
 //! | `ack {target, bytes}`, `cancel {target}` | none |
 //!
 //! Any request may instead end with `error {code, message}`; a line that is
@@ -122,8 +125,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub mod pty;
+pub mod volume;
 pub mod watch;
 pub use pty::{PtyInfo, PtySpec};
+pub use volume::{MountSpec, VolumeStatus};
 pub use watch::{WatchEvent, WatchKind, WatchSpec};
 
 /// Version of this protocol; `hello` exchanges it and the host refuses a
@@ -414,6 +419,19 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "is_false")]
         eof: bool,
     },
+    /// Mounts a volume's spare device ([`volume`]).
+    Mount(MountSpec),
+    /// Syncs and unmounts what `mount` put at `mount_path` (lazily when
+    /// busy: the device then goes away under the guest's open files).
+    Unmount {
+        slot: u32,
+        mount_path: String,
+    },
+    /// Is the volume mounted at `mount_path`, and its usage.
+    VolumeHealth {
+        slot: u32,
+        mount_path: String,
+    },
 }
 
 /// Every `op` name, for telling an unknown op from a malformed one.
@@ -451,6 +469,9 @@ pub const OPS: &[&str] = &[
     "watch",
     "connect",
     "send",
+    "mount",
+    "unmount",
+    "volume_health",
 ];
 
 impl Op {
@@ -490,6 +511,9 @@ impl Op {
             Op::Watch(_) => "watch",
             Op::Connect { .. } => "connect",
             Op::Send { .. } => "send",
+            Op::Mount(_) => "mount",
+            Op::Unmount { .. } => "unmount",
+            Op::VolumeHealth { .. } => "volume_health",
         }
     }
 
@@ -804,6 +828,8 @@ pub enum Event {
     },
     /// The guest side of a `connect` closed its end. Final.
     Closed,
+    /// A volume's state (`mount`, `volume_health`).
+    Volume(VolumeStatus),
 }
 
 impl Event {
@@ -1336,6 +1362,21 @@ mod tests {
                 data: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
                 eof: true,
             },
+            Op::Mount(MountSpec {
+                slot: 1,
+                mount_path: "/data".into(),
+                read_only: true,
+                subpath: Some("team/a".into()),
+                size_bytes: 64 << 20,
+            }),
+            Op::Unmount {
+                slot: 1,
+                mount_path: "/data".into(),
+            },
+            Op::VolumeHealth {
+                slot: 1,
+                mount_path: "/data".into(),
+            },
         ];
         let names: std::collections::BTreeSet<&str> = ops.iter().map(Op::name).collect();
         assert_eq!(names.len(), OPS.len(), "every op covered");
@@ -1386,6 +1427,16 @@ mod tests {
             json!({"id": 9, "type": "exit", "code": 3, "signal": null})
         );
         assert_eq!(round_trip_reply(Event::Ok), json!({"id": 9, "type": "ok"}));
+        let v = round_trip_reply(Event::Volume(VolumeStatus {
+            mounted: true,
+            total_bytes: 8,
+            used_bytes: 2,
+            inodes_used: 11,
+        }));
+        assert_eq!(
+            v,
+            json!({"id": 9, "type": "volume", "mounted": true, "total_bytes": 8, "used_bytes": 2, "inodes_used": 11})
+        );
         let v = round_trip_reply(Event::error(ErrorCode::NotFound, "/x: gone"));
         assert_eq!(v["code"], "not_found");
         // An error code from a newer guest still parses.

@@ -23,6 +23,7 @@ pub mod lifecycle;
 pub mod ports;
 pub mod ssh;
 pub mod stdin;
+pub mod volume;
 
 /// Which client dialect a request speaks (its path prefix).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

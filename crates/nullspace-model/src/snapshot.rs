@@ -90,6 +90,10 @@ pub struct Device {
     pub vcpus: u32,
     /// QEMU user-mode networking (`virtio-net-device`).
     pub network: bool,
+    /// Spare `virtio-blk-device`s after the root disk (volumes); 0 in
+    /// snapshots made before volumes existed.
+    #[serde(default)]
+    pub spare_disks: u32,
     /// A `virtio-net-device` whatever `network` says (every VM booted since
     /// egress policies; absent in older manifests).
     #[serde(default)]
@@ -345,6 +349,7 @@ mod tests {
                 memory_mib: 512,
                 vcpus: 2,
                 network: false,
+                spare_disks: 4,
                 nic: true,
                 kernel_cmdline: "console=ttyS0".into(),
             },

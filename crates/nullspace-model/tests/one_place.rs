@@ -90,6 +90,14 @@ fn value_rules_probe_defaults_and_requests_live_in_the_model() {
                     "nullspace-init/src/net.rs",
                     "an interface's flags in sysfs (hex), not a mode",
                 ),
+                (
+                    "nullspace-init/src/volume.rs",
+                    "mountinfo's octal escapes in names, not a mode",
+                ),
+                (
+                    "nullspace-vm/src/volume_image.rs",
+                    "debugfs `ls -p` output (type and mode bits), a format field",
+                ),
             ],
         ),
         // The env-name character rule, as code.

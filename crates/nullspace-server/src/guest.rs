@@ -672,6 +672,32 @@ impl Guest {
         .map_err(|e| GuestError::Failed(format!("guest call: {e}")))?
     }
 
+    /// Mounts a volume's spare disk in the guest (`volumes::attach`).
+    pub async fn mount_volume(
+        &self,
+        spec: nullspace_model::agent::MountSpec,
+    ) -> Result<nullspace_model::agent::VolumeStatus, GuestError> {
+        self.with(CALL, move |a| a.mount_volume(spec, CALL)).await
+    }
+
+    /// Syncs and unmounts a volume in the guest.
+    pub async fn unmount_volume(&self, slot: u32, mount_path: &str) -> Result<(), GuestError> {
+        let p = mount_path.to_string();
+        self.with(CALL, move |a| a.unmount_volume(slot, &p, CALL))
+            .await
+    }
+
+    /// Whether a volume is still mounted in the guest, and its usage.
+    pub async fn volume_health(
+        &self,
+        slot: u32,
+        mount_path: &str,
+    ) -> Result<nullspace_model::agent::VolumeStatus, GuestError> {
+        let p = mount_path.to_string();
+        self.with(CALL, move |a| a.volume_health(slot, &p, CALL))
+            .await
+    }
+
     /// One readiness check of `probe` in the guest: ready, and what it saw.
     pub async fn probe(
         &self,

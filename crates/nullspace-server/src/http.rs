@@ -547,6 +547,117 @@ fn ssh_routes() -> Vec<Route> {
     ]
 }
 
+/// Volumes (SDK 1.0.x only: 0.1.9 has none), `machine_api::volumes`.
+fn volume_routes() -> Vec<Route> {
+    use machine_api::volumes as v;
+    use nullspace_model::machine as mm;
+    use nullspace_model::machine::volume as vm;
+    vec![
+        Op::post(
+            "/v1/volumes",
+            "Create a volume (an ext4 image of max_size_bytes, default 1 GiB)",
+        )
+        .body::<vm::CreateVolumeBody>()
+        .reply::<vm::VolumeInfo>(200)
+        .to(v::create),
+        Op::get("/v1/volumes", "The namespace's volumes")
+            .reply_list::<vm::VolumeInfo>()
+            .to(v::list),
+        Op::get("/v1/volumes/by-name/{name}", "A volume by name")
+            .reply::<vm::VolumeInfo>(200)
+            .to(v::get_by_name),
+        Op::get("/v1/volumes/{id}", "A volume")
+            .reply::<vm::VolumeInfo>(200)
+            .to(v::get),
+        Op::delete(
+            "/v1/volumes/{id}",
+            "Delete a volume (refused while attached)",
+        )
+        .to(v::delete),
+        Op::get(
+            "/v1/volumes/{id}/attachments",
+            "The machines a volume is attached to",
+        )
+        .reply_list::<vm::VolumeAttachment>()
+        .to(v::volume_attachments),
+        Op::get(
+            "/v1/volumes/{id}/files",
+            "List a volume directory (no machine may have it read-write)",
+        )
+        .query(VOLUME_FILES_LIST)
+        .reply_list::<mm::FileInfo>()
+        .to(v::files_list),
+        Op::post(
+            "/v1/volumes/{id}/files/read",
+            "Read a volume file (utf8 or base64)",
+        )
+        .body::<mm::PathBody>()
+        .reply::<vm::VolumeReadReply>(200)
+        .to(v::files_read),
+        Op::post(
+            "/v1/volumes/{id}/files/write",
+            "Write a volume file (utf8 or base64 content)",
+        )
+        .body::<mm::WriteFileBody>()
+        .reply::<mm::FileInfo>(200)
+        .to(v::files_write),
+        Op::post("/v1/volumes/{id}/files/info", "A volume path's metadata")
+            .body::<mm::PathBody>()
+            .reply::<mm::FileInfo>(200)
+            .to(v::files_info),
+        Op::post(
+            "/v1/volumes/{id}/files/exists",
+            "Whether a volume path exists",
+        )
+        .body::<mm::PathBody>()
+        .reply::<mm::Exists>(200)
+        .to(v::files_exists),
+        Op::post(
+            "/v1/volumes/{id}/files/mkdir",
+            "Make a volume directory and its parents",
+        )
+        .body::<mm::PathBody>()
+        .to(v::files_mkdir),
+        Op::post(
+            "/v1/volumes/{id}/files/remove",
+            "Remove a volume file or empty directory",
+        )
+        .body::<mm::PathBody>()
+        .to(v::files_remove),
+        Op::post(
+            "/v1/machines/{id}/volumes",
+            "Attach a volume to a running machine and mount it",
+        )
+        .body::<vm::VolumeMountBody>()
+        .reply::<vm::VolumeAttachment>(201)
+        .to(v::machine_attach),
+        Op::get(
+            "/v1/machines/{id}/volumes",
+            "A machine's volume attachments",
+        )
+        .reply_list::<vm::VolumeAttachment>()
+        .to(v::machine_list),
+        Op::delete(
+            "/v1/machines/{id}/volumes/{attachment_id}",
+            "Unmount and detach a volume",
+        )
+        .reply::<vm::VolumeAttachment>(200)
+        .to(v::machine_detach),
+        Op::get(
+            "/v1/machines/{id}/volumes/{attachment_id}/health",
+            "Whether the volume is still mounted in the guest",
+        )
+        .reply::<vm::VolumeAttachment>(200)
+        .to(v::machine_health),
+        Op::post(
+            "/v1/machines/{id}/volumes/{attachment_id}/remount",
+            "Unmount and mount a volume again",
+        )
+        .reply::<vm::VolumeAttachment>(200)
+        .to(v::machine_remount),
+    ]
+}
+
 /// Every route: the template API, then machines under both prefixes.
 fn all_routes() -> Vec<Route> {
     let mut r = template_routes();
@@ -556,6 +667,7 @@ fn all_routes() -> Vec<Route> {
         crate::machine_model::MachineSnapshotInfo
     ));
     r.extend(ssh_routes());
+    r.extend(volume_routes());
     r.extend(machine_routes!(
         "/v1/sandboxes",
         machine_api::SANDBOX,
@@ -684,6 +796,18 @@ const GUEST_USER: QueryParam = QueryParam {
     kind: QueryKind::Text,
 };
 const FILE_PATH: &[QueryParam] = &[GUEST_PATH, GUEST_USER];
+const VOLUME_FILES_LIST: &[QueryParam] = &[
+    QueryParam {
+        name: "path",
+        description: "A path in the volume (default /)",
+        kind: QueryKind::Text,
+    },
+    QueryParam {
+        name: "depth",
+        description: "Levels below `path` (default 1)",
+        kind: QueryKind::Range(1, 32),
+    },
+];
 const FILES_LIST: &[QueryParam] = &[
     GUEST_PATH,
     QueryParam {

@@ -30,6 +30,7 @@ pub mod state;
 pub mod templates;
 pub mod uploads;
 pub mod validate;
+pub mod volumes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -259,6 +260,14 @@ pub async fn serve_until(
         .await
         .map_err(|e| std::io::Error::other(format!("recovering machines: {e}")))?;
     machines::spawn_reaper(state.clone());
+    // A volume file operation cut short by the last run's end holds no lock.
+    if let Err(e) = state
+        .store
+        .release_host_volume_locks(volumes::files::HOST_HOLDER)
+        .await
+    {
+        tracing::warn!("releasing volume locks: {e}");
+    }
     state.uploads.clear_spool().map_err(std::io::Error::other)?;
     spawn_upload_sweeper(state.clone());
     base::ensure(&state).await;

@@ -394,6 +394,10 @@ impl Runtime {
     /// records its envs beside it; with `pooled` (an entry prepared for
     /// `id` from `base`), only starts that one (a failed start falls back
     /// to a restore). The returned machine is registered.
+    // One restore path for creates (a pooled entry, no volumes) and resumes
+    // (no pool, the volumes the guest has mounted): each argument is one
+    // of its inputs.
+    #[allow(clippy::too_many_arguments)]
     pub async fn restore(
         &self,
         id: &str,
@@ -402,6 +406,7 @@ impl Runtime {
         reservation: Reservation,
         pooled: Option<pool::Entry>,
         egress: Egress,
+        volumes: Vec<Option<nullspace_vm::spares::SpareImage>>,
     ) -> Result<(Arc<Live>, Started), RuntimeError> {
         let spec = MachineSpec {
             dir: self.machine_dir(id),
@@ -434,7 +439,7 @@ impl Runtime {
                 });
                 let r = match from_pool {
                     Some(r) => r,
-                    None => machine::restore(&base, &spec, &nc)?,
+                    None => machine::restore_with(&base, &spec, &volumes, &nc)?,
                 };
                 if !started.pooled {
                     started.phases = r.vm.phases;
@@ -469,6 +474,15 @@ impl Runtime {
             _reservation: reservation,
         });
         Ok((live, started))
+    }
+
+    /// Spare disks of the machine's VM (0: a template from before volumes).
+    pub fn spare_disks(live: &Live) -> u32 {
+        live.vm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |vm| vm.meta().spare_disks)
     }
 
     /// Takes over a machine a previous run of this server started: its

@@ -16,10 +16,12 @@ pub mod inflight;
 pub mod lifecycle;
 pub mod machines;
 pub mod previews;
+pub mod volumes;
 
 pub use lifecycle::{LifecycleEvent, LifecycleFilter, LifecyclePage, Order, StoredLifecycleEvent};
 pub use machines::{Inserted, MachineRow, SnapshotRow};
 pub use previews::PreviewGrantRow;
+pub use volumes::{AttachOutcome, AttachmentRow, VolumeRow};
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
@@ -76,6 +78,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "preview grants",
         include_str!("../migrations/0005_preview_grants.sql"),
     ),
+    (6, "volumes", include_str!("../migrations/0006_volumes.sql")),
 ];
 
 #[derive(Debug)]
@@ -460,7 +463,7 @@ impl Store {
     /// IMMEDIATE`): a deferred transaction that reads and then writes fails
     /// at once with "database is locked" when another process (a second
     /// server, a CLI command) wrote in between, instead of waiting.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+    pub(crate) async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
         Ok(match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,

@@ -122,6 +122,7 @@ fn trace_one(
                 dir,
                 timeout: T,
                 nice: 0,
+                net: None,
             },
             &nc,
         )?;

@@ -35,6 +35,7 @@
 mod pty;
 mod search;
 mod tunnel;
+mod volume;
 mod watch;
 pub use search::Found;
 pub use tunnel::{TunnelReader, TunnelWriter};

@@ -27,6 +27,7 @@ pub mod readiness;
 pub mod rootfs;
 pub mod snapshot;
 pub mod template;
+pub mod volume_image;
 
 pub use agent::{
     AgentClient, ExecOutput, ExecRequest, Limits, ProcessOutput, Stream, WatchEnd, WriteOptions,
@@ -34,6 +35,7 @@ pub use agent::{
 pub use error::VmError;
 pub use kernel::GuestKernel;
 pub use process::reap_stale;
+pub use qemu::spares;
 pub use qemu::{
     Accel, AfterSnapshot, BootSpec, MemoryMode, PreparedVm, QemuVm, QemuVmm, RestorePhases,
     RestoreSpec,

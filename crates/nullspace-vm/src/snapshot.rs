@@ -59,6 +59,10 @@ pub struct VmMeta {
     pub nic: bool,
     #[serde(default)]
     pub memory_mode: MemoryMode,
+    /// Spare disks for volumes (`qemu::spares`); 0 = none (an older
+    /// template: no volumes until it is rebuilt).
+    #[serde(default)]
+    pub spare_disks: u32,
 }
 
 impl VmMeta {
@@ -196,6 +200,7 @@ impl Snapshot {
                 network: m.device.network,
                 nic: m.device.nic,
                 memory_mode: m.memory.mode,
+                spare_disks: m.device.spare_disks,
             },
             config,
             start: m.start.clone(),

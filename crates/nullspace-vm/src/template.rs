@@ -320,6 +320,7 @@ fn build_inner(
             memory_mib: vm_meta.memory_mb,
             vcpus: vm_meta.vcpus,
             network: vm_meta.network,
+            spare_disks: vm_meta.spare_disks,
             nic: vm_meta.nic,
             kernel_cmdline: cmdline,
         },

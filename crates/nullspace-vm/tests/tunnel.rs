@@ -2,8 +2,6 @@
 //! httpd arrives whole, an echo sees the host's end of input, a closed port
 //! is refused by name, and the guest bounds how many are open.
 
-// Shared with the other guest tests; not every helper is used here.
-#[allow(dead_code)]
 mod support;
 
 use nullspace_model::agent::{ErrorCode, MAX_TUNNELS};

@@ -246,14 +246,18 @@ def _():
 def _():
     from nullspace.errors import NotImplementedError as NotOffered
     from nullspace.client import NullspaceClient
-    # An SDK call whose feature this server does not offer: a JSON 501.
-    try:
-        a.list_volumes()
-        raise AssertionError("list_volumes answered")
-    except NotOffered as e:
-        assert "volumes" in str(e), str(e)
     c = NullspaceClient()
     prefix = f"/v1/{'machines' if V1 else 'sandboxes'}/{a.id}"
+    # An SDK call whose feature this server does not offer: a JSON 501
+    # (volumes are offered under /v1/machines only).
+    try:
+        if V1:
+            c.request("GET", prefix + "/desktop/status")
+        else:
+            a.list_volumes()
+        raise AssertionError("an unoffered call answered")
+    except NotOffered as e:
+        assert ("desktop" if V1 else "volumes") in str(e), str(e)
     # A WebSocket channel not offered: refused before the upgrade with 501.
     try:
         c.ws_connect(prefix + "/ws", params={"channel": "desktop"}).close()

@@ -1480,3 +1480,30 @@ fn egress_policies_through_sdk_1_0_3() {
         .collect();
     assert!(left.is_empty(), "namespaces left: {left:?}");
 }
+
+// ---- volumes (`Volume.*`, attach/detach/health/remount, `Volume.files`) ----
+
+const VOLUMES_SCENARIO: &str = include_str!("machines_volumes_scenario.py");
+
+#[test]
+fn volumes_through_sdk_1_0_3() {
+    let _s = serial();
+    let s = setup(&[]);
+    let other = s.server.key("team-b");
+    let t = Instant::now();
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        VOLUMES_SCENARIO,
+        &[("NS_TEMPLATE", "web"), ("NS_OTHER_KEY", &other)],
+    );
+    eprintln!("volumes scenario in {:?}:\n{}", t.elapsed(), r.stdout);
+    assert!(
+        r.stdout.contains("VOLUMES OK"),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+}

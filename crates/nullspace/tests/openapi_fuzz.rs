@@ -108,9 +108,14 @@ fn openapi_document_lists_every_route() {
     }
     // 27 template operations, 54 machine operations and 7 of ports and
     // preview URLs under each of `/v1/machines` and `/v1/sandboxes`,
-    // `…/ssh-access` (1.0.x only), 3 snapshot operations, the 4 signed
-    // transfer routes, `/openapi.json` and `/healthz`.
-    assert_eq!(ops, 29 + 2 * (54 + 7) + 1 + 3 + 4, "operations documented");
+    // `…/ssh-access` and `…/egress` (1.0.x only), 3 snapshot operations,
+    // the 4 signed transfer routes, `/openapi.json` and `/healthz`, and 18
+    // of volumes (13 under `/v1/volumes`, 5 under `/v1/machines/{id}/volumes`).
+    assert_eq!(
+        ops,
+        29 + 2 * (54 + 7) + 2 + 3 + 4 + 18,
+        "operations documented"
+    );
     for p in [
         "/v1/templates/builds",
         "/v1/templates/build",
@@ -272,7 +277,7 @@ slugs = {{ values = ["team-a", "nullspace"] }}
 "body.base_image" = {{ dictionary = "images", probability = 0.5 }}
 "body.tag" = {{ dictionary = "tags", probability = 0.5 }}
 
-# A create asking for what this server does not offer (a desktop, volumes,
+# A create asking for what this server does not offer (a desktop,
 # a warm pool) answers 501 not_implemented by design: the SDK raises its
 # NotImplementedError for exactly that status. Any other 5xx still fails.
 [[operations]]

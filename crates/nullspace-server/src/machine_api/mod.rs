@@ -36,6 +36,7 @@ pub mod snapshots;
 pub mod ssh;
 pub mod stdin;
 pub mod uploads;
+pub mod volumes;
 pub mod ws;
 
 pub use commands::*;

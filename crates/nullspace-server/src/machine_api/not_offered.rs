@@ -15,8 +15,8 @@ use crate::error::ApiError;
 const MACHINE_FAMILIES: &[(&str, &str)] = &[
     ("desktop", "desktop machines"),
     ("code", "the code interpreter"),
-    ("volumes", "volumes"),
-    // Served under /v1/machines (http::ssh_routes); 0.1.9's prefix has none.
+    // Served under /v1/machines; 0.1.9's prefix has none.
+    ("volumes", "volumes for sandboxes (SDK 0.1.9)"),
     ("egress", "egress policies for sandboxes (SDK 0.1.9)"),
     ("host", "this port operation"),
     ("ports", "this port operation"),
@@ -35,7 +35,8 @@ const MACHINE_FAMILIES: &[(&str, &str)] = &[
 /// Top-level families under `/v1/…`.
 const API_FAMILIES: &[(&str, &str)] = &[
     ("template-warm-pools", "warm pools"),
-    ("volumes", "volumes"),
+    // The routes offered are served; the rest (upload sessions, search…) not.
+    ("volumes", "this volume operation"),
     ("functions", "functions"),
     ("environments", "environments"),
     ("secrets", "secrets"),
@@ -100,7 +101,10 @@ mod tests {
             feature("/v1/machines/mch_1/desktop/screenshot"),
             Some("desktop machines")
         );
-        assert_eq!(feature("/v1/sandboxes/sbx/volumes"), Some("volumes"));
+        assert_eq!(
+            feature("/v1/sandboxes/sbx/volumes"),
+            Some("volumes for sandboxes (SDK 0.1.9)")
+        );
         assert_eq!(
             feature("/v1/template-warm-pools/wp_1/drain"),
             Some("warm pools")

@@ -140,6 +140,9 @@ pub async fn create(
     key: Option<String>,
 ) -> MachineResult<MachineInfo> {
     rules::refuse_unsupported(&b)?;
+    // Checked before anything is made; attached once the machine runs.
+    let volumes = crate::volumes::rules::mounts(b.volumes.as_ref())?;
+    crate::volumes::attach::check_at_create(state, c, &volumes).await?;
     if let Some(k) = &key {
         if k.is_empty() || k.len() > 256 {
             return Err(MachineError::Invalid(
@@ -330,8 +333,21 @@ pub async fn create(
         key.map(|k| (c.namespace.clone(), k)),
         pooled,
     ));
-    task.await
-        .map_err(|e| MachineError::Internal(format!("create task: {e}")))?
+    let mut info = task
+        .await
+        .map_err(|e| MachineError::Internal(format!("create task: {e}")))??;
+    if !volumes.is_empty() {
+        let attached = crate::volumes::attach::at_create(state, c, &info.id, &volumes).await?;
+        // The create's answer says what is mounted where, as the SDK reads
+        // it (`Machine.volumes`, from `metadata.volume_attachments`); the
+        // machine's own metadata is not changed.
+        if let Ok(v) = serde_json::to_value(&attached) {
+            info.metadata
+                .get_or_insert_with(Default::default)
+                .insert("volume_attachments".into(), v);
+        }
+    }
+    Ok(info)
 }
 
 async fn finish_create(
@@ -347,7 +363,7 @@ async fn finish_create(
     let egress = super::egress::effective(m.doc.internet_access, m.doc.egress.as_ref());
     match state
         .machines
-        .restore(&id, snapshot, envs, reservation, pooled, egress)
+        .restore(&id, snapshot, envs, reservation, pooled, egress, Vec::new())
         .await
     {
         Ok((live, started)) => {

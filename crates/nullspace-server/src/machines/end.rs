@@ -82,6 +82,8 @@ pub async fn end(
         }
     }
     tracing::info!(machine = %id, %status, reason, "machine ended");
+    // Its QEMU is gone: its volumes are free for other machines.
+    crate::volumes::attach::release_machine(state, &id).await;
     // Its upload sessions (and their spool) go with it.
     state.uploads.forget_machine(&crate::uploads::Owner {
         namespace: m.row.namespace.clone(),

@@ -112,9 +112,18 @@ pub async fn resume(state: &Shared, c: &Caller, id: &str) -> MachineResult<Machi
     }
     let envs = load_envs(&snapshot.dir);
     let egress = super::egress::effective(m.doc.internet_access, m.doc.egress.as_ref());
+    // Its volumes are mounted in the guest's memory: each spare gets its
+    // image back before the guest runs.
+    let volumes = match crate::volumes::attach::resume_images(state, id).await {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = record::transition(state, &mut m, MachineStatus::Paused).await;
+            return Err(e.into());
+        }
+    };
     match state
         .machines
-        .restore(id, snapshot, envs, reservation, None, egress)
+        .restore(id, snapshot, envs, reservation, None, egress, volumes)
         .await
     {
         Ok((live, started)) => {

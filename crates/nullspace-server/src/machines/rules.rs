@@ -211,12 +211,6 @@ pub fn refuse_unsupported(b: &CreateMachineBody) -> MachineResult<()> {
     if b.desktop.as_ref().is_some_and(|d| !d.is_null()) {
         return not("desktop machines are not supported by this server");
     }
-    if b.volumes
-        .as_ref()
-        .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()) && !v.is_null())
-    {
-        return not("volumes are not supported by this server");
-    }
     if let Some(w) = b.warm_pool.as_ref().filter(|w| !w.is_null())
         && w.get("mode").and_then(Value::as_str) != Some("bypass")
     {

@@ -39,11 +39,19 @@ pub(super) async fn take(
     // an unnamed one only when nobody is taking it (a crash's leftover).
     let _taking = InFlight::hold(&dir.with_extension("taking"))
         .map_err(|e| MachineError::Internal(format!("snapshot {sid}: {e}")))?;
-    let snap = state
-        .machines
-        .snapshot(live, dir.clone(), after)
-        .await
-        .map_err(|e| MachineError::runtime(m.id(), e))?;
+    // A fork or a user snapshot holds no volume (another machine made from
+    // it would write through the guest's view of it); a hibernation keeps
+    // them (the resume gives the spares their images back).
+    let volumes = if kind == SnapshotKind::Hibernate {
+        Vec::new()
+    } else {
+        crate::volumes::attach::before_snapshot(state, live).await?
+    };
+    let snap = state.machines.snapshot(live, dir.clone(), after).await;
+    if !volumes.is_empty() {
+        crate::volumes::attach::after_snapshot(state, live, volumes).await;
+    }
+    let snap = snap.map_err(|e| MachineError::runtime(m.id(), e))?;
     let meta = &snap.meta;
     let doc = &m.doc;
     let sdoc = SnapshotDoc {

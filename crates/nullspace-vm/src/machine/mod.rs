@@ -18,6 +18,7 @@ pub use handle::{MachineHandle, socket_path_fits};
 
 use crate::VmError;
 use crate::agent::AgentClient;
+use crate::qemu::spares::SpareImage;
 use crate::qemu::{PreparedVm, QemuVm, RestoreSpec};
 use crate::snapshot::Snapshot;
 use std::path::{Path, PathBuf};
@@ -67,8 +68,19 @@ pub fn restore(
     spec: &MachineSpec,
     cancel: &CancellationToken,
 ) -> Result<Restored, VmError> {
+    restore_with(snap, spec, &[], cancel)
+}
+
+/// [`restore`] with volume images behind the spare disks, by slot (a
+/// resumed machine's attachments: the guest's mounts are in its memory).
+pub fn restore_with(
+    snap: &Snapshot,
+    spec: &MachineSpec,
+    volumes: &[Option<SpareImage>],
+    cancel: &CancellationToken,
+) -> Result<Restored, VmError> {
     let t0 = Instant::now();
-    let p = prepare(snap, spec, cancel)?;
+    let p = prepare_with(snap, spec, volumes, cancel)?;
     let left = spec.timeout.saturating_sub(t0.elapsed());
     let mut r = p.start(left.max(Duration::from_secs(1)), cancel)?;
     r.ready_ms = t0.elapsed().as_millis() as u64;
@@ -97,6 +109,16 @@ pub struct Prepared {
 pub fn prepare(
     snap: &Snapshot,
     spec: &MachineSpec,
+    cancel: &CancellationToken,
+) -> Result<Prepared, VmError> {
+    prepare_with(snap, spec, &[], cancel)
+}
+
+/// [`prepare`] with volume images behind the spare disks ([`restore_with`]).
+pub fn prepare_with(
+    snap: &Snapshot,
+    spec: &MachineSpec,
+    volumes: &[Option<SpareImage>],
     cancel: &CancellationToken,
 ) -> Result<Prepared, VmError> {
     let t0 = Instant::now();
@@ -128,6 +150,7 @@ pub fn prepare(
                 timeout: spec.timeout,
                 pidfile: Some(dir.join(PID_FILE)),
                 nice: spec.nice,
+                volumes: volumes.to_vec(),
                 net: net.clone(),
             },
             cancel,

@@ -57,6 +57,8 @@ pub(super) struct CommandLine<'a> {
     pub(super) ram: Ram<'a>,
     pub(super) incoming: bool,
     pub(super) pidfile: Option<&'a Path>,
+    /// The spare disks' `-blockdev`/`-device` arguments (`spares::args`).
+    pub(super) spares: Vec<String>,
     pub(super) nic: Nic,
 }
 
@@ -122,7 +124,12 @@ impl CommandLine<'_> {
         a.extend([
             "-device".to_string(),
             format!("virtio-blk-device,drive=d{}", self.disk.len() - 1),
-            "-device".into(),
+        ]);
+        // Spares right after the root disk: the device order is part of
+        // the snapshot, and older snapshots (no spares) keep theirs.
+        a.extend(self.spares.iter().cloned());
+        a.extend([
+            "-device".to_string(),
             "virtio-serial-device".into(),
             "-chardev".into(),
             format!(

@@ -21,7 +21,7 @@
 //! One job per module: [`vmm`] the driver and the specs a VM is made from,
 //! [`vm`] a running VM, [`restore`] the one restore path (prepare, then
 //! start), [`snapshot`] taking snapshots of one,
-//! [`args`] the QEMU command line, [`overlay`] disk overlays (and their
+//! [`args`] the QEMU command line, [`spares`] the spare disks volumes use, [`overlay`] disk overlays (and their
 //! cache) and layer rebasing with `qemu-img`, [`migration`] the QMP
 //! migration helpers, [`accel`] the KVM probe, [`child`] a VM's QEMU
 //! process and directory.
@@ -33,6 +33,7 @@ mod migration;
 mod overlay;
 mod restore;
 mod snapshot;
+pub mod spares;
 mod vm;
 mod vmm;
 

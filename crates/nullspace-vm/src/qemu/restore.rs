@@ -137,6 +137,7 @@ fn prepare_watched(
         },
         incoming: true,
         pidfile: spec.pidfile.as_deref(),
+        spares: super::spares::args(&meta, dir.path(), &spec.volumes)?,
         nic: match (meta.has_nic(), &spec.net) {
             (false, _) => Nic::Absent,
             (true, Some(_)) => Nic::Tap,

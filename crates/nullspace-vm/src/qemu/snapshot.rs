@@ -310,6 +310,7 @@ impl QemuVm {
             },
             incoming: true,
             pidfile: None,
+            spares: super::spares::args(&meta, dir.path(), &[])?,
             // Loads the state only: nothing may get out.
             nic: if meta.has_nic() {
                 Nic::User { restrict: true }

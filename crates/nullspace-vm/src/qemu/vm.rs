@@ -263,6 +263,7 @@ impl QemuVm {
             network: spec.network,
             nic: true,
             memory_mode: spec.memory_mode,
+            spare_disks: super::spares::SPARE_DISKS,
         };
         let disk = std::fs::canonicalize(&spec.disk)
             .map_err(VmError::io(spec.disk.display().to_string()))?;
@@ -308,6 +309,7 @@ impl QemuVm {
             },
             incoming: false,
             pidfile: None,
+            spares: super::spares::args(&meta, dir.path(), &[])?,
             nic: Nic::User {
                 restrict: !spec.network,
             },

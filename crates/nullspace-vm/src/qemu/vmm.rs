@@ -138,6 +138,9 @@ pub struct RestoreSpec {
     /// running machines); a start sets every thread back to 0, which needs
     /// the privilege to raise priority (`CAP_SYS_NICE`) when this is > 0.
     pub nice: i32,
+    /// Volume images for the spare disks, by slot (`None`: the
+    /// placeholder): a resumed machine's attachments.
+    pub volumes: Vec<Option<super::spares::SpareImage>>,
     /// The machine's network namespace: a VM with a NIC joins its TAP
     /// (`None`: QEMU's user-mode network, restricted unless the snapshot
     /// was built with network).
@@ -151,6 +154,7 @@ impl Default for RestoreSpec {
             timeout: Duration::from_secs(60),
             pidfile: None,
             nice: 0,
+            volumes: Vec::new(),
             net: None,
         }
     }
