@@ -411,6 +411,20 @@ fn unread_and_oversized_bodies_keep_the_connection() {
     assert_eq!(r.code(), "request_too_large");
     next(&mut c, "a raw body over the limit");
 
+    // A client waiting for `100 Continue` before its 10 MiB body gets
+    // the 401 at once, and `Connection: close` (it sent nothing, and is
+    // not invited to send what would be thrown away).
+    let mut ask = Conn::open(&server.addr);
+    ask.s
+        .write_all(
+            b"POST /v1/templates/validate HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 10485760\r\n\r\n",
+        )
+        .unwrap();
+    let r = ask.read_response().unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.code(), "missing_api_key");
+    assert_eq!(r.header("connection"), Some("close"));
+
     // Far past the limit: read while writing (the server answers before
     // the body ends), then the connection is closed.
     let mut far = Conn::open(&server.addr);

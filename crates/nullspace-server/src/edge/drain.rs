@@ -4,7 +4,8 @@
 //! body to a route that answered early (401, 404) gets a broken pipe
 //! instead of the answer. Here the body a handler dropped is taken back,
 //! and read to its end and discarded before the answer goes out, within
-//! [`HttpLimits`]: past them the answer says `Connection: close`.
+//! [`HttpLimits`]: past them the answer says `Connection: close` (as it
+//! does when the client waits for `100 Continue` and has sent nothing).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -20,14 +21,16 @@ use futures_util::StreamExt;
 use super::HttpLimits;
 use crate::state::Shared;
 
-/// Where a request body the handler dropped before its end is put back.
-type Slot = Arc<Mutex<Option<Body>>>;
+/// Where a request body the handler dropped before its end is put back,
+/// with whether any of it was read.
+type Slot = Arc<Mutex<Option<(Body, bool)>>>;
 
 /// A request body that, dropped before its end, returns what is left to
 /// its [`Slot`] instead of dropping it.
 struct Tracked {
     inner: Option<Body>,
     slot: Slot,
+    polled: bool,
 }
 
 impl HttpBody for Tracked {
@@ -38,6 +41,7 @@ impl HttpBody for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        self.polled = true;
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -65,7 +69,7 @@ impl Drop for Tracked {
         if let Some(rest) = self.inner.take().filter(|b| !b.is_end_stream())
             && let Ok(mut slot) = self.slot.lock()
         {
-            *slot = Some(rest);
+            *slot = Some((rest, self.polled));
         }
     }
 }
@@ -79,15 +83,23 @@ pub async fn drain_unread(State(state): State<Shared>, req: Request, next: Next)
     if body.is_end_stream() {
         return next.run(Request::from_parts(parts, body)).await;
     }
+    // A client that asked before sending (`Expect: 100-continue`) and was
+    // never told to go on has sent nothing: closing is cleaner than
+    // inviting the body only to discard it.
+    let expects = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let slot = Slot::default();
     let tracked = Body::new(Tracked {
         inner: Some(body),
         slot: slot.clone(),
+        polled: false,
     });
     let mut resp = next.run(Request::from_parts(parts, tracked)).await;
     let rest = slot.lock().ok().and_then(|mut s| s.take());
-    if let Some(rest) = rest
-        && !discard(rest, &state.config.http).await
+    if let Some((rest, polled)) = rest
+        && ((expects && !polled) || !discard(rest, &state.config.http).await)
     {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

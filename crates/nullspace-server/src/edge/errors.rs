@@ -33,6 +33,14 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
     {
         return resp;
     }
+    // The framework's rejections are short and whole; a body that may be
+    // long or a stream is left alone rather than waited for.
+    if axum::body::HttpBody::size_hint(resp.body())
+        .upper()
+        .is_none_or(|n| n > MESSAGE_MAX as u64 * 64)
+    {
+        return resp;
+    }
     let (parts, body) = resp.into_parts();
     let text = axum::body::to_bytes(body, MESSAGE_MAX)
         .await
