@@ -5,7 +5,8 @@
 //! keep-alive connection that stays usable; another namespace's ids are
 //! "not found"; hundreds of slow or silent connections neither stop the
 //! server answering others nor grow its memory past a bound, and are
-//! closed after the header deadline; the connection bound holds.
+//! closed after the header and write-stall deadlines; the connection
+//! bound holds; heads hyper cannot parse are refused with a 4xx.
 //!
 //! HTTP is spoken over raw TCP here: the point is what a client that
 //! breaks the rules sees, byte for byte.
@@ -744,4 +745,46 @@ fn connection_bound_holds_and_frees() {
         "the fifth connection waited {waited:?} (the idle ones hold every slot for 2 s)"
     );
     drop(idle);
+}
+
+/// Heads hyper refuses before any route: a 1 MiB header, 500 headers, a
+/// request line that is not HTTP. Each gets a 4xx (hyper's own, without a
+/// body: the README says so) or a closed connection, never a 5xx, and
+/// the server goes on answering.
+#[test]
+fn malformed_heads_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"), None);
+    let many: String = (0..500).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let heads = [
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(1 << 20)
+        ),
+        format!("GET /healthz HTTP/1.1\r\nHost: t\r\n{many}\r\n"),
+        "NOT HTTP AT ALL\r\n\r\n".to_string(),
+        "GET /\u{0}nul HTTP/1.1\r\nHost: t\r\n\r\n".to_string(),
+    ];
+    for head in &heads {
+        let mut c = Conn::open(&server.addr);
+        let _ = c.s.write_all(head.as_bytes());
+        match c.read_response() {
+            Ok(r) => assert!(
+                (400..500).contains(&r.status),
+                "{:?}…: {}",
+                &head[..20],
+                r.status
+            ),
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                ),
+                "{:?}…: {e}",
+                &head[..20]
+            ),
+        }
+    }
+    let mut c = Conn::open(&server.addr);
+    assert_eq!(c.request("GET", "/healthz", &[], b"").unwrap().status, 200);
 }
