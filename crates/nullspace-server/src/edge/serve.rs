@@ -187,3 +187,76 @@ async fn accept_failed(e: io::Error) {
     tracing::error!("accepting a connection: {e}");
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A WebSocket whose client never reads holds the only connection
+    /// slot while the server floods it; the write stall deadline ends it,
+    /// and the next client is answered. Without the deadline that client
+    /// would wait for as long as the silent one stays connected.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_websocket_never_read_is_ended_and_frees_its_slot() {
+        let app = Router::new().route("/ok", get(|| async { "ok" })).route(
+            "/flood",
+            get(|ws: WebSocketUpgrade| async move {
+                ws.on_upgrade(|mut s| async move {
+                    let frame = vec![0u8; 64 << 10];
+                    while s.send(Message::Binary(frame.clone().into())).await.is_ok() {}
+                })
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = HttpLimits {
+            max_connections: 1,
+            header_read_timeout: Duration::from_secs(30),
+            write_stall_timeout: Duration::from_millis(500),
+            drain_max_bytes: 0,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, limits, async move {
+            let _ = stop_rx.await;
+        }));
+
+        let mut deaf = TcpStream::connect(addr).await.unwrap();
+        deaf.write_all(
+            b"GET /flood HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // The upgrade's answer arrives; after that, nothing is read.
+        let mut head = [0u8; 12];
+        deaf.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101");
+
+        let started = std::time::Instant::now();
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        next.write_all(b"GET /ok HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(20), next.read_to_string(&mut answer))
+            .await
+            .expect("the next client is answered once the deaf one is ended")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "answered after {:?}: the slot was not held",
+            started.elapsed()
+        );
+        drop(deaf);
+        let _ = stop_tx.send(());
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops once its connections are gone")
+            .unwrap()
+            .unwrap();
+    }
+}
