@@ -253,7 +253,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         let state = nullspace_server::open(config)
             .await
             .context("opening the data directory")?;
-        let listener = tokio::net::TcpListener::bind(&a.listen)
+        let listener = nullspace_server::edge::serve::bind(&a.listen)
             .await
             .with_context(|| format!("listening on {}", a.listen))?;
         eprintln!("nullspace serving on http://{}", listener.local_addr()?);

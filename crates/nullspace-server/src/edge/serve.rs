@@ -107,6 +107,34 @@ impl AsyncWrite for Counted {
     }
 }
 
+/// Connections the kernel completes and queues before the accept loop
+/// takes them (std's and tokio's `bind` use 128: a burst of a few hundred
+/// clients then has SYNs dropped, and each retried a second later).
+pub const BACKLOG: u32 = 1024;
+
+/// Listens on `addr` (`host:port`; the first address it resolves to) with
+/// a [`BACKLOG`]-deep queue.
+pub async fn bind(addr: &str) -> io::Result<TcpListener> {
+    let mut last = io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{addr} resolves to no address"),
+    );
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std's bind: a restarted server may take its port at once.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Serves `app` on `listener` within `limits` until `stop` completes, then
 /// until every connection has closed.
 pub async fn serve(
