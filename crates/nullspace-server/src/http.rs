@@ -676,6 +676,10 @@ fn all_routes() -> Vec<Route> {
     r
 }
 
+/// The most bytes a buffered request body (JSON, a file written whole)
+/// may have; streamed uploads (blobs, upload parts) have their own bounds.
+pub const BODY_LIMIT: usize = 64 << 20;
+
 pub fn router(state: Shared) -> Router {
     let mut authed = Router::new();
     let mut public = Router::new();
@@ -692,10 +696,17 @@ pub fn router(state: Shared) -> Router {
         .fallback(machine_api::not_offered::fallback)
         .method_not_allowed_fallback(machine_api::not_offered::method_not_allowed)
         // Context blobs are streamed to disk; JSON bodies are bounded.
-        .layer(DefaultBodyLimit::max(64 << 20))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::preview::by_host,
+        ))
+        // The edge, outermost: error answers in one JSON shape, and bodies
+        // a handler left unread drained (`edge`).
+        .layer(middleware::from_fn(crate::edge::errors::json_errors))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::edge::drain::drain_unread,
         ))
         .with_state(state)
 }
@@ -909,9 +920,17 @@ pub struct JsonBody<T>(pub T);
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    e.status(),
+                    "request_too_large",
+                    format!("request body: over the {} MiB limit", BODY_LIMIT >> 20),
+                )
+            } else {
+                ApiError::invalid(format!("request body: {e}"))
+            }
+        })?;
         let bytes = if bytes.is_empty() {
             Bytes::from_static(b"{}")
         } else {

@@ -10,6 +10,7 @@
 
 pub mod base;
 pub mod builds;
+pub mod edge;
 pub mod error;
 pub mod gc;
 pub mod git;
@@ -281,12 +282,16 @@ pub async fn serve_until(
     // The SSH endpoint ends with the shutdown token, its sessions with it.
     let ssh = ssh_listener.map(|l| tokio::spawn(ssh::server::run(state.clone(), l)));
     let shutdown = state.shutdown.clone();
-    let http =
-        axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
+    let served = edge::serve::serve(
+        listener,
+        http::router(state.clone()),
+        state.config.http.clone(),
+        async move {
             stop.await;
             shutdown.cancel();
-        });
-    let served = http.await;
+        },
+    )
+    .await;
     state.shutdown.cancel();
     if let Some(t) = ssh {
         let _ = t.await;

@@ -13,7 +13,6 @@
 
 use std::sync::OnceLock;
 
-use axum::Json;
 use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter, on};
 use schemars::generate::SchemaSettings;
@@ -383,15 +382,21 @@ pub fn build(ops: &[Op]) -> Value {
 }
 
 /// `GET /openapi.json`.
-pub async fn document() -> Json<Value> {
-    static DOC: OnceLock<Value> = OnceLock::new();
-    Json(
-        DOC.get_or_init(|| {
-            let ops: Vec<Op> = crate::http::routes().into_iter().map(|r| r.op).collect();
-            build(&ops)
-        })
-        .clone(),
+pub async fn document() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    // Serialised once: the document is fixed, and (170 KiB) cloning and
+    // serialising it per request let a client that pipelines requests for
+    // it and never reads the answers keep a core busy.
+    static DOC: OnceLock<axum::body::Bytes> = OnceLock::new();
+    let doc = DOC.get_or_init(|| {
+        let ops: Vec<Op> = crate::http::routes().into_iter().map(|r| r.op).collect();
+        serde_json::to_vec(&build(&ops)).unwrap_or_default().into()
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        doc.clone(),
     )
+        .into_response()
 }
 
 #[cfg(test)]

@@ -85,6 +85,8 @@ pub struct Config {
     pub preview_domain: Option<String>,
     /// How long the proxy waits for a guest's server to begin answering.
     pub preview_response_timeout: Duration,
+    /// Connections and header deadlines at the HTTP edge.
+    pub http: crate::edge::HttpLimits,
 }
 
 impl Config {
@@ -116,6 +118,7 @@ impl Config {
             ssh_public_host: None,
             preview_domain: Some("localhost".into()),
             preview_response_timeout: Duration::from_secs(60),
+            http: crate::edge::HttpLimits::default(),
         }
     }
 

@@ -133,6 +133,18 @@ pub struct LifecycleArgs {
         default_value_t = 60
     )]
     preview_response_timeout_secs: u64,
+    /// HTTP connections open at once (WebSockets included); more wait in
+    /// the listen backlog until one closes.
+    #[arg(long, env = "NULLSPACE_MAX_CONNECTIONS", default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers; an idle
+    /// keep-alive connection is closed after as long.
+    #[arg(long, env = "NULLSPACE_HEADER_READ_TIMEOUT_SECS", default_value_t = 30)]
+    header_read_timeout_secs: u64,
+    /// Seconds a write to a client (a response, a WebSocket frame) may
+    /// make no progress before the connection is ended.
+    #[arg(long, env = "NULLSPACE_WRITE_STALL_TIMEOUT_SECS", default_value_t = 60)]
+    write_stall_timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -243,11 +255,16 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     .filter(|d| !d.is_empty());
     config.preview_response_timeout =
         std::time::Duration::from_secs(a.lifecycle.preview_response_timeout_secs.max(1));
+    config.http.max_connections = a.lifecycle.max_connections.max(1);
+    config.http.header_read_timeout =
+        std::time::Duration::from_secs(a.lifecycle.header_read_timeout_secs.max(1));
+    config.http.write_stall_timeout =
+        std::time::Duration::from_secs(a.lifecycle.write_stall_timeout_secs.max(1));
     runtime()?.block_on(async move {
         let state = nullspace_server::open(config)
             .await
             .context("opening the data directory")?;
-        let listener = tokio::net::TcpListener::bind(&a.listen)
+        let listener = nullspace_server::edge::serve::bind(&a.listen)
             .await
             .with_context(|| format!("listening on {}", a.listen))?;
         eprintln!("nullspace serving on http://{}", listener.local_addr()?);

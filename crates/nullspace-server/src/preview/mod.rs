@@ -188,7 +188,11 @@ async fn serve(
     req: Request,
 ) -> Response {
     match proxy(state, id, port, path_and_query, cookie_path, req).await {
-        Ok(r) => r,
+        Ok(mut r) => {
+            // The guest's answer, whatever its status: not the API's to reshape.
+            r.extensions_mut().insert(crate::edge::errors::Relayed);
+            r
+        }
         Err(e) => {
             tracing::debug!(machine = id, port, "preview refused: {e}");
             e.into_response()
