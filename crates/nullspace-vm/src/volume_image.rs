@@ -33,6 +33,8 @@ pub enum ImageError {
     NotFound(String),
     #[error("volume path {0}: is a directory")]
     IsADirectory(String),
+    #[error("volume path {0}: directory not empty (remove its entries first)")]
+    NotEmpty(String),
     #[error("volume path {0}: output over {MAX_OUTPUT} bytes")]
     TooLarge(String),
     #[error("volume image {0}: {1}")]
@@ -364,7 +366,18 @@ pub fn write(img: &Path, path: &str, data: &[u8], spool: &Path) -> Result<Entry,
 /// Removes a file or an empty directory.
 pub fn remove(img: &Path, path: &str) -> Result<(), ImageError> {
     let p = clean(path)?;
+    if p == "/" {
+        return Err(ImageError::BadPath {
+            path: p,
+            rule: "the volume's root cannot be removed",
+        });
+    }
     let e = stat(img, &p)?.ok_or_else(|| ImageError::NotFound(p.clone()))?;
+    // debugfs's rmdir refuses a directory with entries: say so as the
+    // caller's mistake, not the tool's failure.
+    if e.is_dir() && !list(img, &p)?.is_empty() {
+        return Err(ImageError::NotEmpty(p));
+    }
     let req = if e.is_dir() {
         format!("rmdir \"{p}\"")
     } else {
@@ -434,8 +447,15 @@ mod tests {
             Err(ImageError::IsADirectory(_))
         ));
         assert_eq!(stat(&img, "/").unwrap().unwrap().mode, 0o41777);
+        assert!(matches!(
+            remove(&img, "/docs"),
+            Err(ImageError::NotEmpty(_))
+        ));
+        assert!(matches!(remove(&img, "/"), Err(ImageError::BadPath { .. })));
         remove(&img, "/docs/a b.txt").unwrap();
         assert!(stat(&img, "/docs/a b.txt").unwrap().is_none());
+        remove(&img, "/docs").unwrap();
+        assert!(stat(&img, "/docs").unwrap().is_none());
         let u = usage(&img).unwrap();
         assert!(u.used_bytes > 0 && u.inodes_used >= 11, "{u:?}");
     }

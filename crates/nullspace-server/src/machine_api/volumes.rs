@@ -45,6 +45,9 @@ pub fn speak(e: VolumeError) -> ApiError {
             nullspace_vm::volume_image::ImageError::NotFound(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "file_not_found", msg)
             }
+            nullspace_vm::volume_image::ImageError::NotEmpty(_) => {
+                ApiError::conflict("directory_not_empty", msg)
+            }
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "volume_error", msg),
         },
         VolumeError::Device { .. } => ApiError::new(
