@@ -35,6 +35,8 @@ pub enum ImageError {
     IsADirectory(String),
     #[error("volume path {0}: directory not empty (remove its entries first)")]
     NotEmpty(String),
+    #[error("volume path {0}: the volume is full (nothing was written)")]
+    Full(String),
     #[error("volume path {0}: output over {MAX_OUTPUT} bytes")]
     TooLarge(String),
     #[error("volume image {0}: {1}")]
@@ -356,8 +358,15 @@ pub fn write(img: &Path, path: &str, data: &[u8], spool: &Path) -> Result<Entry,
         .map_err(|e| ImageError::Io(spool.display().to_string(), e))?;
     let local: PathBuf = tmp.path().to_path_buf();
     let (_, err) = debugfs(img, true, &format!("write \"{}\" \"{p}\"", local.display()))?;
-    if err.contains("rror") || err.contains("not found") {
-        return Err(ImageError::Tool(p, err));
+    if !err.is_empty() {
+        // debugfs leaves the inode of a write it could not finish (a full
+        // volume: "Could not allocate block"): no partial file stays.
+        let _ = debugfs(img, true, &format!("rm \"{p}\""));
+        return Err(if err.contains("Could not allocate") {
+            ImageError::Full(p)
+        } else {
+            ImageError::Tool(p, err)
+        });
     }
     debugfs(img, true, &format!("sif \"{p}\" mode 0100644"))?;
     stat(img, &p)?.ok_or(ImageError::NotFound(p))
@@ -456,6 +465,13 @@ mod tests {
         assert!(stat(&img, "/docs/a b.txt").unwrap().is_none());
         remove(&img, "/docs").unwrap();
         assert!(stat(&img, "/docs").unwrap().is_none());
+        // More than the volume holds: refused, and nothing left of it.
+        let big = vec![7u8; 40 << 20];
+        assert!(matches!(
+            write(&img, "/big.bin", &big, d.path()),
+            Err(ImageError::Full(_))
+        ));
+        assert!(stat(&img, "/big.bin").unwrap().is_none());
         let u = usage(&img).unwrap();
         assert!(u.used_bytes > 0 && u.inodes_used >= 11, "{u:?}");
     }

@@ -48,6 +48,9 @@ pub fn speak(e: VolumeError) -> ApiError {
             nullspace_vm::volume_image::ImageError::NotEmpty(_) => {
                 ApiError::conflict("directory_not_empty", msg)
             }
+            nullspace_vm::volume_image::ImageError::Full(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "volume_full", msg)
+            }
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "volume_error", msg),
         },
         VolumeError::Device { .. } => ApiError::new(
