@@ -8,10 +8,11 @@
 # (at least this long from one sequential create to the next, default
 # 1000), NS_PAR (creates at once, default 10), NS_ROUNDS (default 3),
 # NS_PSS (machine counts, default "1,8,32"), NS_SERVER_LOG (for the pool
-# hits the server logs).
+# hits the server logs), NS_WARM (a warm pool of that many ready machines
+# made first; 0: none).
 import glob, json, math, os, statistics, threading, time
 
-from nullspace import Machine, Template, wait_for_port
+from nullspace import Machine, Template, TemplateWarmPool, wait_for_port
 
 DATA = os.environ["NS_DATA"]
 MODE = os.environ["NS_MODE"]
@@ -146,20 +147,34 @@ res["snapshot"] = {
     "disk_bytes": sum(layer["file"]["size"] for layer in m["disk"]),
 }
 
+WARM = int(os.environ.get("NS_WARM", "0"))
+if WARM:
+    t = time.perf_counter()
+    wp = TemplateWarmPool.create(TEMPLATE, name="bench", min_ready=WARM, max_ready=WARM)
+    wp.wait_until_ready(timeout_secs=900, interval_secs=0.5)
+    res["warm_pool_ready_s"] = time.perf_counter() - t
+    log(f"warm pool of {WARM} ready in {res['warm_pool_ready_s']:.1f} s")
+
 # One untimed create: the server hashes the snapshot's files once.
 mm, _, _ = one()
 mm.kill()
 settle(5)
 
+if WARM:
+    t = time.time()
+    while len(pooled_pids(set())) < WARM and time.time() - t < 300:
+        time.sleep(0.5)
 hits0 = pooled_hits()
-seq_c, seq_e, seq_t = [], [], []
+seq_c, seq_e, seq_t, seq_k = [], [], [], []
 for i in range(N):
     t = time.perf_counter()
     mm, c, e = one()
     seq_c.append(c)
     seq_e.append(e)
     seq_t.append(c + e)
+    k0 = time.perf_counter()
     mm.kill()
+    seq_k.append(c + e + (time.perf_counter() - k0) * 1000)
     left = PACE - (time.perf_counter() - t)
     if left > 0:
         time.sleep(left)
@@ -167,10 +182,12 @@ res["sequential"] = {
     "create": summary(seq_c),
     "exec": summary(seq_e),
     "total": summary(seq_t),
+    "with_kill": summary(seq_k),
     "pooled": pooled_hits() - hits0,
     "pace_ms": PACE * 1000,
 }
-log(f"sequential: create+exec p50 {pct(seq_t, 50):.0f} ms p99 {pct(seq_t, 99):.0f} ms")
+log(f"sequential: create+exec p50 {pct(seq_t, 50):.0f} ms p99 {pct(seq_t, 99):.0f} ms; "
+    f"with kill p50 {pct(seq_k, 50):.0f} ms p99 {pct(seq_k, 99):.0f} ms")
 settle(5)
 
 def wait_pool(limit=90):

@@ -11,6 +11,12 @@
 #             (--machine-pool-size 0)
 #   pool      mapped + prepared VMs (--machine-pool-size $NS_POOL, default 2;
 #             a mode poolN uses N)
+#   previous  the pool before issue 18 (a fixed size, refills only after
+#             300 ms without creates): the server binary NS_PREV_BIN, built
+#             from an earlier commit (`git worktree add /tmp/prev b70f911`,
+#             `cargo build -p nullspace --bins` there), default flags
+#   warmN     pool + a warm pool of N ready machines made through the SDK
+#             (TemplateWarmPool.create, min_ready = max_ready = N) first
 #   cold boot the same template's build VM: QEMU start to the agent plus
 #             start command to readiness (from each mode's snapshot.json)
 #
@@ -20,7 +26,9 @@
 # machines (NS_PSS), snapshot pause and size. Prints ratios.
 #
 # Usage: bench/restore.sh   (env: NS_N NS_PACE_MS NS_PAR NS_ROUNDS NS_PSS NS_POOL
-#                            NS_MODES="streamed mapped pool pool10" NS_DEBIAN_LAYOUT)
+#                            NS_MODES="streamed mapped pool pool10" NS_DEBIAN_LAYOUT
+#                            NS_PREV_BIN)
+# Issue 18's run: NS_MODES="previous pool warm20" NS_N=20 NS_PACE_MS=0
 # The Debian layout is the one bench/import.sh caches (`sudo bash bench/import.sh
 # --build-only`). Debug build (VM time dominates). CPU-heavy under TCG.
 set -euo pipefail
@@ -84,8 +92,13 @@ IMAGE="127.0.0.1:$RPORT/bench/deb:1"
 
 echo "nullspace $(git rev-parse --short HEAD), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(qemu-system-x86_64 --version | head -1)"
 for mode in $MODES; do
-  size=0 skip_pss=0
+  size=0 skip_pss=0 warm=0 bin=target/debug/nullspace
   case $mode in
+    previous)
+      data=$WORK/previous; size=2; skip_pss=1; flags=()
+      bin=${NS_PREV_BIN:?NS_PREV_BIN: the earlier server binary}
+      ;;
+    warm[0-9]*) data=$WORK/warm; warm=${mode#warm}; size=$warm; skip_pss=1; flags=() ;;
     streamed) data=$WORK/streamed; flags=(--build-vm-memory streamed --machine-pool-size 0) ;;
     mapped) data=$WORK/mapped; flags=(--machine-pool-size 0) ;;
     pool) data=$WORK/mapped; size=$POOL; flags=(--machine-pool-size "$POOL") ;;
@@ -96,14 +109,14 @@ for mode in $MODES; do
   mkdir -p "$data"
   port=$(free_port)
   log=$WORK/server-$mode.log
-  target/debug/nullspace serve --data-dir "$data" --listen "127.0.0.1:$port" --build-vm \
+  "$bin" serve --data-dir "$data" --listen "127.0.0.1:$port" --build-vm \
     --init-bin "$INIT" --no-base-template "${flags[@]}" 2>"$log" &
   SRV=$!
   for _ in $(seq 600); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
   key=$(target/debug/nullspace keys create --data-dir "$data" --name bench --namespace bench)
   NULLSPACE_API_URL="http://127.0.0.1:$port" NULLSPACE_API_KEY="$key" NS_DATA="$data" \
     NS_IMAGE="$IMAGE" NS_MODE="$mode" NS_OUT="$WORK/$mode.json" NS_SERVER_LOG="$log" \
-    NS_POOL_SIZE="$size" NS_SKIP_PSS="$skip_pss" \
+    NS_POOL_SIZE="$size" NS_SKIP_PSS="$skip_pss" NS_WARM="$warm" \
     "$PY" bench/restore.py || { tail -30 "$log" >&2; exit 1; }
   stop_server
   kill_machines

@@ -24,6 +24,7 @@ pub mod ports;
 pub mod ssh;
 pub mod stdin;
 pub mod volume;
+pub mod warm_pool;
 
 /// Which client dialect a request speaks (its path prefix).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,6 +328,10 @@ pub struct MachineInfo {
     /// `x-nullspace-traffic-access-token` its preview URLs need.
     #[serde(default)]
     pub traffic_access_token: Option<String>,
+    /// A create's answer: whether a prepared VM was taken (the server's
+    /// own pool, or the warm pool the create named).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool_checkout: Option<warm_pool::CheckoutResult>,
 }
 
 /// `GET /v1/machines`: one page.

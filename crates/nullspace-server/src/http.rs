@@ -186,6 +186,12 @@ fn template_routes() -> Vec<Route> {
             .public()
             .reply_with(200, any_object_schema)
             .to(crate::openapi::document),
+        Op::get(
+            "/metrics",
+            "The node's figures (Prometheus text): capacity held, and the pool's stock, hits, misses and refill times per template shape",
+        )
+        .text()
+        .to(crate::metrics::handler),
         Op::get("/healthz", "Liveness: `ok`")
             .public()
             .text()
@@ -547,6 +553,65 @@ fn ssh_routes() -> Vec<Route> {
     ]
 }
 
+/// Template warm pools (SDK 1.0.x), `machine_api::warm_pools`.
+fn warm_pool_routes() -> Vec<Route> {
+    use machine_api::warm_pools as w;
+    use nullspace_model::machine::warm_pool as wp;
+    const P: &str = "/v1/template-warm-pools";
+    const ONE: &str = "/v1/template-warm-pools/{id}";
+    vec![
+        Op::post(
+            P,
+            "Create a warm pool: min_ready..max_ready prepared machines of a template build and shape",
+        )
+        .body::<wp::CreateWarmPoolBody>()
+        .reply::<wp::WarmPoolInfo>(200)
+        .to(w::create),
+        Op::get(P, "The namespace's warm pools")
+            .query(WARM_POOL_LIST)
+            .reply::<wp::WarmPoolList>(200)
+            .to(w::list),
+        Op::get(ONE, "A warm pool")
+            .reply::<wp::WarmPoolInfo>(200)
+            .to(w::get),
+        Op::get(
+            "/v1/template-warm-pools/{id}/status",
+            "A warm pool's counts (target, ready, warming, claimed …)",
+        )
+        .reply::<wp::WarmPoolCounts>(200)
+        .to(w::status),
+        Op::patch(ONE, "Change a warm pool (bounds, policy, template ref, labels)")
+            .body::<wp::UpdateWarmPoolBody>()
+            .reply::<wp::WarmPoolInfo>(200)
+            .to(w::update),
+        Op::delete(ONE, "Delete a warm pool (its ready machines end)").to(w::delete),
+        Op::post(
+            "/v1/template-warm-pools/{id}/enable",
+            "Keep and serve the pool",
+        )
+        .reply::<wp::WarmPoolInfo>(200)
+        .to(w::enable),
+        Op::post(
+            "/v1/template-warm-pools/{id}/disable",
+            "Stop keeping and serving the pool",
+        )
+        .reply::<wp::WarmPoolInfo>(200)
+        .to(w::disable),
+        Op::post(
+            "/v1/template-warm-pools/{id}/drain",
+            "Give the pool's ready machines back; not kept until enabled",
+        )
+        .reply::<wp::WarmPoolInfo>(200)
+        .to(w::drain),
+        Op::post(
+            "/v1/template-warm-pools/{id}/reconcile",
+            "Move the pool to its template ref's current build",
+        )
+        .reply::<wp::WarmPoolInfo>(200)
+        .to(w::reconcile),
+    ]
+}
+
 /// Volumes (SDK 1.0.x only: 0.1.9 has none), `machine_api::volumes`.
 fn volume_routes() -> Vec<Route> {
     use machine_api::volumes as v;
@@ -668,6 +733,7 @@ fn all_routes() -> Vec<Route> {
     ));
     r.extend(ssh_routes());
     r.extend(volume_routes());
+    r.extend(warm_pool_routes());
     r.extend(machine_routes!(
         "/v1/sandboxes",
         machine_api::SANDBOX,
@@ -807,6 +873,34 @@ const GUEST_USER: QueryParam = QueryParam {
     kind: QueryKind::Text,
 };
 const FILE_PATH: &[QueryParam] = &[GUEST_PATH, GUEST_USER];
+const WARM_POOL_LIST: &[QueryParam] = &[
+    QueryParam {
+        name: "template",
+        description: "Only pools of this template ref (or id)",
+        kind: QueryKind::Text,
+    },
+    QueryParam {
+        name: "state",
+        description: "Only pools in this state",
+        kind: QueryKind::OneOf(&["enabled", "disabled", "draining", "deleted"]),
+    },
+    QueryParam {
+        name: "label",
+        description: "key=value (or a key) every listed pool has; repeatable",
+        kind: QueryKind::Text,
+    },
+    QueryParam {
+        name: "status",
+        description: "Only pools that stand so",
+        kind: QueryKind::OneOf(&["ready", "warming", "degraded", "draining", "unavailable"]),
+    },
+    QueryParam {
+        name: "limit",
+        description: "At most this many",
+        kind: QueryKind::Offset,
+    },
+];
+
 const VOLUME_FILES_LIST: &[QueryParam] = &[
     QueryParam {
         name: "path",

@@ -19,6 +19,7 @@ pub mod http;
 pub mod machine_api;
 pub mod machine_model;
 pub mod machines;
+pub mod metrics;
 pub mod model;
 pub mod openapi;
 pub mod plan;
@@ -32,6 +33,7 @@ pub mod templates;
 pub mod uploads;
 pub mod validate;
 pub mod volumes;
+pub mod warm_pools;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -261,6 +263,8 @@ pub async fn serve_until(
         .await
         .map_err(|e| std::io::Error::other(format!("recovering machines: {e}")))?;
     machines::spawn_reaper(state.clone());
+    // Warm pools pinned again, after the machines hold their capacity.
+    warm_pools::restore(&state).await;
     // A volume file operation cut short by the last run's end holds no lock.
     if let Err(e) = state
         .store

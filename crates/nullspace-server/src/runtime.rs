@@ -31,16 +31,24 @@ pub struct Limits {
     pub max_machines: usize,
     /// Guest memory of running (and restoring) machines, MiB.
     pub max_memory_mb: u64,
-    /// Prepared machines kept ready per template snapshot and shape
-    /// (`--machine-pool-size`; 0: no pool). They are not machines yet and
-    /// do not count against the bounds above.
+    /// Prepared machines kept ready per template snapshot and shape at
+    /// least (`--machine-pool-size`; 0: none but warm pools'). They count
+    /// against the bounds above, and give way to creates.
     pub pool_size: usize,
+    /// What recent demand may grow a template's stock to
+    /// (`--machine-pool-max`; never below `pool_size`; with `pool_size` 0
+    /// demand grows nothing).
+    pub pool_max: usize,
 }
 
 /// Template keys the pool keeps entries for at most (least recently used
 /// dropped first), and how long a key nobody created from keeps them.
 pub const POOL_MAX_KEYS: usize = 8;
 pub const POOL_IDLE: Duration = Duration::from_secs(600);
+/// A template's demand is its creates within this window: enough stock to
+/// absorb that many while refills (about 0.6 s each under TCG here) catch
+/// up.
+pub const POOL_DEMAND_WINDOW: Duration = Duration::from_secs(10);
 
 impl Limits {
     /// 64 machines and three quarters of the host's memory.
@@ -59,6 +67,7 @@ impl Limits {
             max_machines: 64,
             max_memory_mb: total_mb * 3 / 4,
             pool_size: 2,
+            pool_max: 8,
         }
     }
 }
@@ -67,6 +76,33 @@ impl Limits {
 struct Usage {
     machines: usize,
     memory_mb: u64,
+}
+
+/// Capacity for one machine of `memory_mb`, or which bound it would break.
+fn try_reserve(
+    usage: &Arc<Mutex<Usage>>,
+    limits: &Limits,
+    memory_mb: u64,
+) -> Result<Reservation, RuntimeError> {
+    let mut u = usage.lock().unwrap_or_else(|p| p.into_inner());
+    if u.machines >= limits.max_machines {
+        return Err(RuntimeError::Capacity(format!(
+            "this server runs at most {} machines (--max-machines) and runs {} now",
+            limits.max_machines, u.machines
+        )));
+    }
+    if u.memory_mb + memory_mb > limits.max_memory_mb {
+        return Err(RuntimeError::Capacity(format!(
+            "a machine of {memory_mb} MiB does not fit: this server's machines may use {} MiB of guest memory (--max-machine-memory-mb) and use {} MiB now",
+            limits.max_memory_mb, u.memory_mb
+        )));
+    }
+    u.machines += 1;
+    u.memory_mb += memory_mb;
+    Ok(Reservation {
+        usage: usage.clone(),
+        memory_mb,
+    })
 }
 
 /// Capacity held for a machine that runs or is being restored; released
@@ -239,9 +275,6 @@ impl Runtime {
     /// while it is pooled, so that a server that finds this one dead ends
     /// it; the next start of this node sweeps its directory.
     pub fn start_pool(&self, pids: nullspace_vm::process::PidDir) {
-        if self.limits.pool_size == 0 {
-            return;
-        }
         let recorder: Arc<pool::Recorder> = Arc::new(move |pid| match pids.record(pid) {
             Ok(f) => Some(Box::new(f) as Box<dyn Send>),
             Err(e) => {
@@ -249,8 +282,22 @@ impl Runtime {
                 None
             }
         });
+        let (usage, limits) = (self.usage.clone(), self.limits);
+        let admit: Arc<pool::Admit> = Arc::new(move |k: &PoolKey| {
+            try_reserve(&usage, &limits, k.memory_mb as u64)
+                .ok()
+                .map(|r| Box::new(r) as Box<dyn std::any::Any + Send>)
+        });
+        let max_size = if self.limits.pool_size == 0 {
+            0
+        } else {
+            self.limits.pool_max.max(self.limits.pool_size)
+        };
         let _ = self.pool.set(Pool::new(PoolConfig {
             size: self.limits.pool_size,
+            max_size,
+            demand_window: POOL_DEMAND_WINDOW,
+            admit: Some(admit),
             max_keys: POOL_MAX_KEYS,
             idle: POOL_IDLE,
             dir: self.machines_dir.clone(),
@@ -269,10 +316,17 @@ impl Runtime {
         }));
     }
 
-    /// A prepared machine of `template_id`'s snapshot `snap` (exactly its
-    /// shape), if one is ready; the pool refills in the background.
-    pub fn take_pooled(&self, template_id: &str, snap: &Snapshot) -> Option<pool::Entry> {
-        self.pool.get()?.take(template_id, snap)
+    /// The pool of prepared machines (none before [`Runtime::start_pool`]).
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.get()
+    }
+
+    /// The capacity a pool entry was granted, for its machine to hold.
+    pub fn admission_of(entry: &mut pool::Entry) -> Option<Reservation> {
+        entry
+            .take_admission()
+            .and_then(|a| a.downcast::<Reservation>().ok())
+            .map(|r| *r)
     }
 
     /// Ends the pooled machines that `drop_it` picks (a deleted template,
@@ -299,26 +353,20 @@ impl Runtime {
 
     /// Holds capacity for one machine of `memory_mb`, or says which bound
     /// it would break.
+    ///
+    /// Prepared machines of the pool hold capacity too: when the host is
+    /// full they give way, one at a time, before a create is refused.
     pub fn reserve(&self, memory_mb: u32) -> Result<Reservation, RuntimeError> {
-        let mut u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-        if u.machines >= self.limits.max_machines {
-            return Err(RuntimeError::Capacity(format!(
-                "this server runs at most {} machines (--max-machines) and runs {} now",
-                self.limits.max_machines, u.machines
-            )));
+        loop {
+            match try_reserve(&self.usage, &self.limits, memory_mb as u64) {
+                Ok(r) => return Ok(r),
+                // Outside the usage lock: an ended entry releases its own.
+                Err(e) => match self.pool.get() {
+                    Some(p) if p.shed_one() => continue,
+                    _ => return Err(e),
+                },
+            }
         }
-        if u.memory_mb + memory_mb as u64 > self.limits.max_memory_mb {
-            return Err(RuntimeError::Capacity(format!(
-                "a machine of {memory_mb} MiB does not fit: this server's machines may use {} MiB of guest memory (--max-machine-memory-mb) and use {} MiB now",
-                self.limits.max_memory_mb, u.memory_mb
-            )));
-        }
-        u.machines += 1;
-        u.memory_mb += memory_mb as u64;
-        Ok(Reservation {
-            usage: self.usage.clone(),
-            memory_mb: memory_mb as u64,
-        })
     }
 
     /// `(machines, memory MiB)` held now.

@@ -17,11 +17,13 @@ pub mod lifecycle;
 pub mod machines;
 pub mod previews;
 pub mod volumes;
+pub mod warm_pools;
 
 pub use lifecycle::{LifecycleEvent, LifecycleFilter, LifecyclePage, Order, StoredLifecycleEvent};
 pub use machines::{Inserted, MachineRow, SnapshotRow};
 pub use previews::PreviewGrantRow;
 pub use volumes::{AttachOutcome, AttachmentRow, VolumeRow};
+pub use warm_pools::WarmPoolRow;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
@@ -79,6 +81,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0005_preview_grants.sql"),
     ),
     (6, "volumes", include_str!("../migrations/0006_volumes.sql")),
+    (
+        7,
+        "warm pools",
+        include_str!("../migrations/0007_warm_pools.sql"),
+    ),
 ];
 
 #[derive(Debug)]

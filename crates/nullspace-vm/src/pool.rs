@@ -4,9 +4,25 @@
 //! connected), so that creating a machine is `cont` plus the guest's first
 //! answer instead of a QEMU start and a state load.
 //!
-//! Refills run one at a time, only once creates have been quiet for a
-//! moment (`quiet`), and their QEMUs run niced (`nice`) until taken: the
-//! pool's work yields the CPU to the machines' (two cores here).
+//! Refills run one at a time and their QEMUs run niced (`nice`) until
+//! taken: the pool's work yields the CPU to the machines' (two cores
+//! here). A key with no entry left refills at once, while creates go on;
+//! a key that still has one waits until creates have been quiet for a
+//! moment (`quiet`), so a create's first commands rarely share the CPU
+//! with a QEMU start.
+//!
+//! How many entries a key keeps (its target) follows demand: the takes of
+//! the last `demand_window`, between `size` (the floor) and `max_size`
+//! (the ceiling); a burst of creates thus grows the key's stock, and a
+//! quiet key shrinks back to the floor as its entries are taken. Callers
+//! may also pin a key ([`Pool::pin`]: a warm pool with its own floor and
+//! ceiling), which keeps it from eviction while pinned.
+//!
+//! Entries hold capacity: before a refill starts, `admit` must grant it
+//! (the server's machine and memory bounds); an entry keeps that grant
+//! until it is taken (the create then holds it: [`Entry::take_admission`])
+//! or ended. A create that finds the host full asks the pool to give way
+//! ([`Pool::shed_one`]).
 //!
 //! Under TCG an entry is also warmed up before it waits (`warm_up`:
 //! resumed for about 0.3 s to answer the agent and run `/bin/sh -c true`,
@@ -21,10 +37,10 @@
 //! command line or the guest (the snapshot, by directory and manifest
 //! hash; vCPUs, memory, network, accelerator, memory mode) plus the
 //! caller's label (the template). A take hands out only an entry of the
-//! exact key asked for. A key exists once a take asked for it; one
-//! background thread then keeps `size` entries ready for it, one at a
-//! time (a QEMU start is CPU-heavy, and creates come first), most recently
-//! used key first. At most `max_keys` keys are kept (the least recently
+//! exact key asked for. A key exists once a take asked for it (or a pin
+//! named it); one background thread then keeps its target of entries
+//! ready, one at a time (a QEMU start is CPU-heavy, and creates come
+//! first), empty keys first, then the most recently used. At most `max_keys` keys are kept (the least recently
 //! used goes, its entries ended), and a key nobody took from for
 //! `idle` is dropped too.
 //!
@@ -41,6 +57,7 @@
 use crate::machine::{self, MachineSpec, Prepared, Restored};
 use crate::snapshot::Snapshot;
 use crate::{Accel, MemoryMode, VmError};
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -83,10 +100,18 @@ impl PoolKey {
 /// the returned guard is dropped when the entry is taken or ended.
 pub type Recorder = dyn Fn(u32) -> Option<Box<dyn Send>> + Send + Sync;
 
+/// Grants an entry of this key the capacity it needs (`None`: the host is
+/// full, no refill now); the grant is released when dropped.
+pub type Admit = dyn Fn(&PoolKey) -> Option<Box<dyn Any + Send>> + Send + Sync;
+
 #[derive(Clone)]
 pub struct PoolConfig {
-    /// Entries kept ready per key (0: no pool).
+    /// Entries kept ready per wanted key at least (0: no pool).
     pub size: usize,
+    /// Entries a key's demand may grow it to.
+    pub max_size: usize,
+    /// Takes within this window are a key's demand.
+    pub demand_window: Duration,
     /// Keys kept at most.
     pub max_keys: usize,
     /// A key not taken from for this long is dropped.
@@ -106,10 +131,13 @@ pub struct PoolConfig {
     /// warm-up yield the CPU to running machines; a take sets them back
     /// to 0, which needs `CAP_SYS_NICE`: use 0 without it).
     pub nice: i32,
-    /// Refills wait until no take happened for this long (a create's
-    /// first commands run without a refill beside them).
+    /// A key that still has an entry refills only once no take happened
+    /// for this long (a create's first commands run without a refill
+    /// beside them); an empty key refills at once.
     pub quiet: Duration,
     pub recorder: Option<Arc<Recorder>>,
+    /// Capacity for each entry (none: entries are not counted).
+    pub admit: Option<Arc<Admit>>,
     /// Entries get a network namespace each ([`MachineSpec::net`]).
     pub net: Option<crate::net::HostNet>,
 }
@@ -121,6 +149,7 @@ pub struct Entry {
     pub key: PoolKey,
     prepared: Prepared,
     _record: Option<Box<dyn Send>>,
+    admission: Option<Box<dyn Any + Send>>,
     /// When it became ready.
     pub ready_since: Instant,
 }
@@ -139,8 +168,13 @@ impl Entry {
     /// killed and the directory removed.
     pub fn start(self, limit: Duration, cancel: &CancellationToken) -> Result<Restored, VmError> {
         let Entry {
-            prepared, _record, ..
+            prepared,
+            _record,
+            admission,
+            ..
         } = self;
+        // Whoever took the entry holds capacity of its own by now.
+        drop(admission);
         let r = prepared.start(limit, cancel);
         // A machine now (or gone): no longer the pool's to record.
         drop(_record);
@@ -150,27 +184,85 @@ impl Entry {
     pub fn prepared(&self) -> &Prepared {
         &self.prepared
     }
+
+    /// The capacity granted to this entry (`PoolConfig::admit`), for the
+    /// machine it becomes to hold from now on.
+    pub fn take_admission(&mut self) -> Option<Box<dyn Any + Send>> {
+        self.admission.take()
+    }
 }
 
 /// Per-key figures ([`Pool::stats`]).
 #[derive(Debug, Clone, Default)]
 pub struct KeyStats {
     pub ready: usize,
+    /// Entries being prepared now (0 or 1).
+    pub warming: usize,
+    /// What the key keeps ready now (demand or pins, within bounds).
+    pub target: usize,
     pub hits: u64,
     pub misses: u64,
     pub prepared: u64,
     pub failures: u64,
+    /// Entries ended to give way to creates on a full host.
+    pub shed: u64,
+    /// Sum of the refills' times (QEMU start to ready), ms.
+    pub refill_ms_sum: u64,
     pub last_error: Option<String>,
+}
+
+/// A caller's hold on a key: a floor and ceiling of its own.
+#[derive(Debug, Clone, Copy)]
+struct Pin {
+    min: usize,
+    max: usize,
 }
 
 struct Slot {
     snapshot: Snapshot,
     ready: VecDeque<Entry>,
     used: Instant,
+    /// Recent takes (within `demand_window`).
+    takes: VecDeque<Instant>,
+    pins: HashMap<String, Pin>,
     stats: KeyStats,
     /// Consecutive failures, and when to try again.
     failing: u32,
     retry_at: Option<Instant>,
+}
+
+impl Slot {
+    fn new(snapshot: &Snapshot) -> Slot {
+        Slot {
+            snapshot: snapshot.clone(),
+            ready: VecDeque::new(),
+            used: Instant::now(),
+            takes: VecDeque::new(),
+            pins: HashMap::new(),
+            stats: KeyStats::default(),
+            failing: 0,
+            retry_at: None,
+        }
+    }
+
+    /// Entries to keep: recent demand between the pool's floor and
+    /// ceiling, and at least what pins ask for (at most what they allow).
+    fn target(&mut self, cfg: &PoolConfig) -> usize {
+        while self
+            .takes
+            .front()
+            .is_some_and(|t| t.elapsed() > cfg.demand_window)
+        {
+            self.takes.pop_front();
+        }
+        let demand = self.takes.len().clamp(cfg.size, cfg.max_size.max(cfg.size));
+        if self.pins.is_empty() {
+            return demand;
+        }
+        let min: usize = self.pins.values().map(|p| p.min).sum();
+        let max: usize = self.pins.values().map(|p| p.max).sum();
+        demand.max(min).min(max.max(min))
+    }
 }
 
 #[derive(Default)]
@@ -203,10 +295,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool filled by a background thread of its own (none when
-    /// `cfg.size` is 0).
+    /// A pool filled by a background thread of its own. With `size` and
+    /// `max_size` 0 only pinned keys get entries.
     pub fn new(cfg: PoolConfig) -> Pool {
-        let enabled = cfg.size > 0;
+        let enabled = true;
         let inner = Arc::new(Inner {
             cfg,
             state: Mutex::new(State::default()),
@@ -236,28 +328,31 @@ impl Pool {
     /// still runs), or `None` (a miss). Either way the key is marked as
     /// wanted, and the pool refills it in the background.
     pub fn take(&self, label: &str, snapshot: &Snapshot) -> Option<Entry> {
-        if self.inner.cfg.size == 0 {
-            return None;
-        }
+        self.take_within(label, snapshot, Duration::ZERO)
+    }
+
+    /// [`Pool::take`], waiting up to `wait` for an entry of the key to
+    /// become ready when none is (one hit or miss is counted either way).
+    pub fn take_within(&self, label: &str, snapshot: &Snapshot, wait: Duration) -> Option<Entry> {
         let key = &PoolKey::of(label, snapshot);
+        let end = Instant::now() + wait;
         let mut dead = vec![];
         let mut evicted = vec![];
-        let got = {
-            let mut st = self.inner.lock();
+        let mut st = self.inner.lock();
+        let mut counted = false;
+        let got = loop {
             if st.stopped {
                 return None;
             }
-            let slot = st.slots.entry(key.clone()).or_insert_with(|| Slot {
-                snapshot: snapshot.clone(),
-                ready: VecDeque::new(),
-                used: Instant::now(),
-                stats: KeyStats::default(),
-                failing: 0,
-                retry_at: None,
-            });
-            slot.used = Instant::now();
-            st.last_take = Some(Instant::now());
-            let slot = st.slots.get_mut(key).expect("just inserted");
+            let now = Instant::now();
+            let slot = st
+                .slots
+                .entry(key.clone())
+                .or_insert_with(|| Slot::new(snapshot));
+            slot.used = now;
+            if !counted {
+                slot.takes.push_back(now);
+            }
             let mut got = None;
             while let Some(e) = slot.ready.pop_front() {
                 if e.prepared.alive() {
@@ -266,19 +361,116 @@ impl Pool {
                 }
                 dead.push(e);
             }
-            if got.is_some() {
-                slot.stats.hits += 1;
-            } else {
-                slot.stats.misses += 1;
+            if got.is_some() || now >= end {
+                if got.is_some() {
+                    slot.stats.hits += 1;
+                } else {
+                    slot.stats.misses += 1;
+                }
+                st.last_take = Some(now);
+                break got;
             }
-            evicted.extend(evict(&mut st, self.inner.cfg.max_keys, self.inner.cfg.idle));
-            got
+            counted = true;
+            // Wake the refill thread for this key, then wait for its entry.
+            self.inner.wake.notify_all();
+            st = self
+                .inner
+                .wake
+                .wait_timeout(st, (end - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         };
+        evicted.extend(evict(&mut st, self.inner.cfg.max_keys, self.inner.cfg.idle));
+        drop(st);
         self.inner.wake.notify_all();
         // Ended outside the lock (a kill waits for the process).
         drop(dead);
         drop(evicted);
         got
+    }
+
+    /// Keeps between `min` and `max` entries of `PoolKey::of(label,
+    /// snapshot)` ready under the caller's `pin` name (a warm pool),
+    /// whatever the demand; a pinned key is never evicted. Pinning again
+    /// under the same name replaces the bounds (and the key, if it moved).
+    pub fn pin(&self, pin: &str, label: &str, snapshot: &Snapshot, min: usize, max: usize) {
+        let key = PoolKey::of(label, snapshot);
+        let gone = self.unpin_keep(pin, Some(&key));
+        {
+            let mut st = self.inner.lock();
+            let slot = st.slots.entry(key).or_insert_with(|| Slot::new(snapshot));
+            slot.pins.insert(pin.to_string(), Pin { min, max });
+            slot.used = Instant::now();
+        }
+        drop(gone);
+        self.inner.wake.notify_all();
+    }
+
+    /// Drops the pin `pin`; the key's entries beyond its new target are
+    /// ended (a drained or deleted warm pool gives its machines back).
+    pub fn unpin(&self, pin: &str) {
+        let gone = self.unpin_keep(pin, None);
+        drop(gone);
+        self.inner.wake.notify_all();
+    }
+
+    /// Removes `pin` from every key but `keep`; returns the entries now
+    /// beyond their key's target, to be ended outside the lock.
+    fn unpin_keep(&self, pin: &str, keep: Option<&PoolKey>) -> Vec<Entry> {
+        let mut st = self.inner.lock();
+        let cfg = &self.inner.cfg;
+        let mut out = vec![];
+        for (k, slot) in st.slots.iter_mut() {
+            if Some(k) == keep || slot.pins.remove(pin).is_none() {
+                continue;
+            }
+            let target = slot.target(cfg);
+            while slot.ready.len() > target {
+                out.extend(slot.ready.pop_back());
+            }
+        }
+        out
+    }
+
+    /// The figures of one key (none if nobody asked for it yet).
+    pub fn key_stats(&self, label: &str, snapshot: &Snapshot) -> Option<KeyStats> {
+        let key = PoolKey::of(label, snapshot);
+        let mut st = self.inner.lock();
+        let warming = usize::from(st.preparing.as_ref().is_some_and(|p| p.0 == key));
+        let slot = st.slots.get_mut(&key)?;
+        let mut x = slot.stats.clone();
+        x.ready = slot.ready.len();
+        x.warming = warming;
+        x.target = slot.target(&self.inner.cfg);
+        Some(x)
+    }
+
+    /// Ends one ready entry so that a create gets its capacity (the host
+    /// is full): from the key with the most entries beyond its floor, the
+    /// one ready longest. Whether there was one.
+    pub fn shed_one(&self) -> bool {
+        let gone = {
+            let mut st = self.inner.lock();
+            let cfg = &self.inner.cfg;
+            let pick = st
+                .slots
+                .iter_mut()
+                .filter(|(_, s)| !s.ready.is_empty())
+                .map(|(k, s)| {
+                    let floor = s.pins.values().map(|p| p.min).sum::<usize>().max(cfg.size);
+                    (s.ready.len() as isize - floor as isize, k.clone())
+                })
+                .max_by_key(|(over, _)| *over)
+                .map(|(_, k)| k);
+            pick.and_then(|k| {
+                let slot = st.slots.get_mut(&k)?;
+                slot.stats.shed += 1;
+                slot.ready.pop_front()
+            })
+        };
+        let shed = gone.is_some();
+        drop(gone);
+        shed
     }
 
     /// Ends every entry (and forgets every key) that `drop_it` picks;
@@ -311,29 +503,35 @@ impl Pool {
 
     /// Figures of every key.
     pub fn stats(&self) -> Vec<(PoolKey, KeyStats)> {
-        let st = self.inner.lock();
+        let mut st = self.inner.lock();
+        let preparing = st.preparing.as_ref().map(|p| p.0.clone());
+        let cfg = &self.inner.cfg;
         st.slots
-            .iter()
+            .iter_mut()
             .map(|(k, s)| {
                 let mut x = s.stats.clone();
                 x.ready = s.ready.len();
+                x.warming = usize::from(preparing.as_ref() == Some(k));
+                x.target = s.target(cfg);
                 (k.clone(), x)
             })
             .collect()
     }
 
-    /// Waits until every wanted key has `size` entries (or `limit` passed);
+    /// Waits until every wanted key has its target of entries (or `limit`
+    /// passed);
     /// whether it got there.
     pub fn wait_full(&self, limit: Duration) -> bool {
         let end = Instant::now() + limit;
         loop {
             {
-                let st = self.inner.lock();
+                let mut st = self.inner.lock();
+                let cfg = &self.inner.cfg;
                 let full = st.preparing.is_none()
                     && st
                         .slots
-                        .values()
-                        .all(|s| s.ready.len() >= self.inner.cfg.size || s.retry_at.is_some());
+                        .values_mut()
+                        .all(|s| s.ready.len() >= s.target(cfg) || s.retry_at.is_some());
                 if full {
                     return true;
                 }
@@ -375,7 +573,7 @@ fn evict(st: &mut State, max_keys: usize, idle: Duration) -> Vec<Entry> {
     let stale: Vec<PoolKey> = st
         .slots
         .iter()
-        .filter(|(_, s)| s.used.elapsed() > idle)
+        .filter(|(_, s)| s.pins.is_empty() && s.used.elapsed() > idle)
         .map(|(k, _)| k.clone())
         .collect();
     for k in stale {
@@ -385,6 +583,7 @@ fn evict(st: &mut State, max_keys: usize, idle: Duration) -> Vec<Entry> {
         let Some(k) = st
             .slots
             .iter()
+            .filter(|(_, s)| s.pins.is_empty())
             .min_by_key(|(_, s)| s.used)
             .map(|(k, _)| k.clone())
         else {
@@ -400,7 +599,7 @@ fn evict(st: &mut State, max_keys: usize, idle: Duration) -> Vec<Entry> {
 fn refill(inner: &Inner) {
     let cfg = &inner.cfg;
     loop {
-        let (key, snap, id) = {
+        let (key, snap, id, admission) = {
             let mut st = inner.lock();
             loop {
                 if st.stopped {
@@ -414,36 +613,61 @@ fn refill(inner: &Inner) {
                     st = inner.lock();
                     continue;
                 }
-                let calm = st.last_take.map_or(Duration::MAX, |t| t.elapsed());
-                if calm < cfg.quiet {
-                    st = inner
-                        .wake
-                        .wait_timeout(st, cfg.quiet - calm)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                    continue;
-                }
                 let now = Instant::now();
+                // Keys short of their target: empty ones first, then the
+                // most recently used.
                 let next = st
                     .slots
-                    .iter()
-                    .filter(|(_, s)| {
-                        s.ready.len() < cfg.size && s.retry_at.is_none_or(|t| t <= now)
+                    .iter_mut()
+                    .filter(|(_, s)| s.retry_at.is_none_or(|t| t <= now))
+                    .filter_map(|(k, s)| {
+                        let target = s.target(cfg);
+                        (s.ready.len() < target).then_some((s.ready.is_empty(), s.used, k))
                     })
-                    .max_by_key(|(_, s)| s.used)
-                    .map(|(k, s)| (k.clone(), s.snapshot.clone()));
-                if let Some((k, snap)) = next {
-                    let id = (cfg.new_id)();
-                    st.preparing = Some((k.clone(), id.clone()));
-                    break (k, snap, id);
+                    .max_by_key(|(empty, used, _)| (*empty, *used))
+                    .map(|(empty, _, k)| (empty, k.clone()));
+                let calm = st.last_take.map_or(Duration::MAX, |t| t.elapsed());
+                match next {
+                    Some((false, _)) if calm < cfg.quiet => {
+                        st = inner
+                            .wake
+                            .wait_timeout(st, cfg.quiet - calm)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    Some((_, k)) => {
+                        // Capacity first: a full host gets no new entry
+                        // (checked again in a moment).
+                        let admission = match &cfg.admit {
+                            Some(admit) => match admit(&k) {
+                                Some(a) => Some(a),
+                                None => {
+                                    st = inner
+                                        .wake
+                                        .wait_timeout(st, Duration::from_millis(500))
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .0;
+                                    continue;
+                                }
+                            },
+                            None => None,
+                        };
+                        let snap = st.slots[&k].snapshot.clone();
+                        let id = (cfg.new_id)();
+                        st.preparing = Some((k.clone(), id.clone()));
+                        break (k, snap, id, admission);
+                    }
+                    None => {
+                        st = inner
+                            .wake
+                            .wait_timeout(st, Duration::from_secs(1))
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
                 }
-                st = inner
-                    .wake
-                    .wait_timeout(st, Duration::from_secs(1))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
             }
         };
+        let began = Instant::now();
         let spec = MachineSpec {
             dir: cfg.dir.join(&id),
             timeout: cfg.timeout,
@@ -459,7 +683,13 @@ fn refill(inner: &Inner) {
         let mut st = inner.lock();
         st.preparing = None;
         let stopped = st.stopped;
-        let slot = st.slots.get_mut(&key).filter(|_| !stopped);
+        // Kept only if the key still wants it (a pin dropped meanwhile
+        // lowers the target).
+        let wanted = st
+            .slots
+            .get_mut(&key)
+            .is_some_and(|s| r.is_err() || s.ready.len() < s.target(cfg));
+        let slot = st.slots.get_mut(&key).filter(|_| !stopped && wanted);
         let extra = match (r, slot) {
             (Ok(p), Some(slot)) => {
                 let record = cfg.recorder.as_ref().and_then(|f| f(p.handle().pid));
@@ -468,14 +698,16 @@ fn refill(inner: &Inner) {
                     key: key.clone(),
                     prepared: p,
                     _record: record,
+                    admission,
                     ready_since: Instant::now(),
                 });
                 slot.stats.prepared += 1;
+                slot.stats.refill_ms_sum += began.elapsed().as_millis() as u64;
                 slot.failing = 0;
                 slot.retry_at = None;
                 None
             }
-            // The key went (or the pool stopped) meanwhile: not kept.
+            // The key went or wants no more (or the pool stopped): not kept.
             (Ok(p), None) => Some(p),
             (Err(e), slot) => {
                 if let Some(slot) = slot {
@@ -491,6 +723,8 @@ fn refill(inner: &Inner) {
             }
         };
         drop(st);
+        // A waiting take may want this entry.
+        inner.wake.notify_all();
         drop(extra);
     }
 }

@@ -1142,6 +1142,9 @@ fn pool_entries_of_different_templates_and_sizes_never_mix() {
     let pool = Pool::new(PoolConfig {
         net: None,
         size: 1,
+        max_size: 1,
+        demand_window: Duration::from_secs(10),
+        admit: None,
         max_keys: 4,
         idle: Duration::from_secs(600),
         dir: machines.clone(),

@@ -78,9 +78,15 @@ pub struct ServeArgs {
     #[arg(long, env = "NULLSPACE_MAX_MACHINE_MEMORY_MB")]
     max_machine_memory_mb: Option<u64>,
     /// VMs kept started and paused, ready to become machines, per template
-    /// snapshot and shape (refilled in the background; 0: none).
+    /// snapshot and shape at least (refilled in the background; 0: none but
+    /// warm pools'). They count against --max-machines and the memory bound,
+    /// and give way to creates when the host is full.
     #[arg(long, env = "NULLSPACE_MACHINE_POOL_SIZE", default_value_t = 2)]
     machine_pool_size: usize,
+    /// What a template's recent demand (its creates in the last 10 s) may
+    /// grow its stock of prepared VMs to.
+    #[arg(long, env = "NULLSPACE_MACHINE_POOL_MAX", default_value_t = 8)]
+    machine_pool_max: usize,
     /// How build VMs keep guest memory: `mapped` (a RAM file machines map
     /// copy-on-write) or `streamed` (the earlier design: all RAM in the
     /// snapshot's migration stream, read by every restore; for comparisons).
@@ -227,6 +233,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     config.machine_dns = a.machine_dns;
     config.machine_limits.max_machines = a.max_machines;
     config.machine_limits.pool_size = a.machine_pool_size;
+    config.machine_limits.pool_max = a.machine_pool_max;
     config.build_vm_memory = match a.build_vm_memory.as_str() {
         "streamed" => nullspace_server::MemoryMode::Streamed,
         _ => nullspace_server::MemoryMode::Mapped,

@@ -1507,3 +1507,32 @@ fn volumes_through_sdk_1_0_3() {
         s.server.log_text()
     );
 }
+
+// ---- warm pools (`TemplateWarmPool.*`, `Machine.create(warm_pool=…)`) ----
+
+const WARM_POOLS_SCENARIO: &str = include_str!("machines_warm_pools.py");
+
+#[test]
+fn warm_pools_through_sdk_1_0_3() {
+    let _s = serial();
+    // No pool of the server's own: what is ready is the warm pool's; three
+    // machines at most, so the pool's stock must give way to creates.
+    let s = setup(&["--machine-pool-size", "0", "--max-machines", "3"]);
+    let other = s.server.key("team-b");
+    let t = Instant::now();
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        WARM_POOLS_SCENARIO,
+        &[("NS_TEMPLATE", "web"), ("NS_OTHER_KEY", &other)],
+    );
+    eprintln!("warm pools scenario in {:?}:\n{}", t.elapsed(), r.stdout);
+    assert!(
+        r.stdout.contains("WARM POOLS OK"),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+}

@@ -37,6 +37,7 @@ pub mod ssh;
 pub mod stdin;
 pub mod uploads;
 pub mod volumes;
+pub mod warm_pools;
 pub mod ws;
 
 pub use commands::*;

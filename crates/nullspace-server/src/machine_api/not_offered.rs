@@ -34,7 +34,6 @@ const MACHINE_FAMILIES: &[(&str, &str)] = &[
 
 /// Top-level families under `/v1/…`.
 const API_FAMILIES: &[(&str, &str)] = &[
-    ("template-warm-pools", "warm pools"),
     // The routes offered are served; the rest (upload sessions, search…) not.
     ("volumes", "this volume operation"),
     ("functions", "functions"),
@@ -105,10 +104,7 @@ mod tests {
             feature("/v1/sandboxes/sbx/volumes"),
             Some("volumes for sandboxes (SDK 0.1.9)")
         );
-        assert_eq!(
-            feature("/v1/template-warm-pools/wp_1/drain"),
-            Some("warm pools")
-        );
+        assert_eq!(feature("/v1/functions/f_1"), Some("functions"));
         assert_eq!(
             feature("/v1/machines/mch_1/ports/80/other"),
             Some("this port operation")

@@ -15,27 +15,28 @@ use super::events::{self, Event};
 use super::record::{self, Machine};
 use super::rules;
 use crate::machine_model::{Flavor, MachineDoc, VmRecord};
-use crate::runtime::{Reservation, load_envs};
+use crate::runtime::{Reservation, Runtime, load_envs};
 use crate::state::Shared;
 use crate::templates;
 use nullspace_model::machine::lifecycle::LifecycleOperation as Op;
 
 pub(super) const SCOPE_CREATE: &str = "machine_create";
 
-/// What a new machine is restored from.
-struct Source {
-    template: String,
-    template_id: String,
-    build_id: String,
-    snapshot: Snapshot,
+/// Where a new machine comes from: a template build's snapshot or a
+/// machine snapshot, with what the machine inherits.
+pub struct Source {
+    pub template: String,
+    pub template_id: String,
+    pub build_id: String,
+    pub snapshot: Snapshot,
     /// The template snapshot at the root of the chain (as recorded).
-    template_dir: String,
+    pub template_dir: String,
     /// The machine snapshot (`None`: a template's).
-    snapshot_id: Option<String>,
-    envs: BTreeMap<String, String>,
-    cwd: Option<String>,
-    vcpus: u32,
-    memory_mb: u32,
+    pub snapshot_id: Option<String>,
+    pub envs: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub vcpus: u32,
+    pub memory_mb: u32,
 }
 
 /// Opens a snapshot directory a record names.
@@ -52,7 +53,7 @@ pub(super) fn open_snapshot(state: &Shared, recorded: &str) -> MachineResult<Sna
     })
 }
 
-async fn template_source(state: &Shared, c: &Caller, raw: &str) -> MachineResult<Source> {
+pub async fn template_source(state: &Shared, c: &Caller, raw: &str) -> MachineResult<Source> {
     let resolved = match templates::resolve_build(state, c, raw).await {
         Ok(x) => x,
         Err(e) if raw == crate::base::NAME && e.code == "template_not_found" => {
@@ -233,24 +234,29 @@ pub async fn create(
     }
     // Create-time envs go over the snapshot's (a machine from a snapshot keeps them).
     src.envs.extend(envs);
-    let reservation = state
-        .machines
-        .reserve(src.memory_mb)
-        .map_err(|e| MachineError::runtime("(new)", e))?;
     // A template's machine may start from a VM prepared ahead for exactly
-    // this snapshot and shape: its id is the one it was prepared under.
-    let pooled = if src.snapshot_id.is_none() {
-        let (machines, tid, snap) = (
-            state.machines.clone(),
-            src.template_id.clone(),
-            src.snapshot.clone(),
-        );
-        tokio::task::spawn_blocking(move || machines.take_pooled(&tid, &snap))
-            .await
-            .ok()
-            .flatten()
+    // this snapshot and shape (the server's pool, or the warm pool the
+    // create names): its id is the one it was prepared under, and it
+    // brings the capacity it holds.
+    let (mut pooled, checkout) = if src.snapshot_id.is_none() {
+        let plan = crate::warm_pools::plan_checkout(state, c, b.warm_pool.as_ref(), &src).await?;
+        let machines = state.machines.clone();
+        let (tid, snap) = (src.template_id.clone(), src.snapshot.clone());
+        let (entry, result) = tokio::task::spawn_blocking(move || {
+            crate::warm_pools::take(&machines, &plan, &tid, &snap)
+        })
+        .await
+        .map_err(|e| MachineError::Internal(format!("pool take task: {e}")))??;
+        (entry, Some(result))
     } else {
-        None
+        (None, None)
+    };
+    let reservation = match pooled.as_mut().and_then(Runtime::admission_of) {
+        Some(r) => r,
+        None => state
+            .machines
+            .reserve(src.memory_mb)
+            .map_err(|e| MachineError::runtime("(new)", e))?,
     };
     let id = pooled
         .as_ref()
@@ -336,6 +342,7 @@ pub async fn create(
     let mut info = task
         .await
         .map_err(|e| MachineError::Internal(format!("create task: {e}")))??;
+    info.warm_pool_checkout = checkout;
     if !volumes.is_empty() {
         let attached = crate::volumes::attach::at_create(state, c, &info.id, &volumes).await?;
         // The create's answer says what is mounted where, as the SDK reads

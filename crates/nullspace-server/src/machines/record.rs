@@ -106,6 +106,8 @@ impl Machine {
             snapshot_id: doc.snapshot_id.clone(),
             // The owner's to hand out; a public machine needs none.
             traffic_access_token: (!doc.access.public).then(|| doc.access.traffic_token.clone()),
+            // Only a create's answer says (`machines::create`).
+            warm_pool_checkout: None,
         }
     }
 }

@@ -211,13 +211,6 @@ pub fn refuse_unsupported(b: &CreateMachineBody) -> MachineResult<()> {
     if b.desktop.as_ref().is_some_and(|d| !d.is_null()) {
         return not("desktop machines are not supported by this server");
     }
-    if let Some(w) = b.warm_pool.as_ref().filter(|w| !w.is_null())
-        && w.get("mode").and_then(Value::as_str) != Some("bypass")
-    {
-        return not(
-            "warm pools are not supported by this server (omit warm_pool, or use mode bypass)",
-        );
-    }
     Ok(())
 }
 
