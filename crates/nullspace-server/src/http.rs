@@ -188,7 +188,7 @@ fn template_routes() -> Vec<Route> {
             .to(crate::openapi::document),
         Op::get(
             "/metrics",
-            "The node's figures (Prometheus text): capacity held, and the pool's stock, hits, misses and refill times per template shape",
+            "The node's figures (Prometheus text): capacity held, and per VM shape the pool's stock, hits, misses and refill times",
         )
         .text()
         .to(crate::metrics::handler),

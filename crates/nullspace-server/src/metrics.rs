@@ -1,6 +1,6 @@
 //! `GET /metrics`: the node's figures in Prometheus' text format — the
-//! machines and memory it holds, and per template shape the pool's stock,
-//! hits, misses and refill times. Written by hand: the figures are read
+//! machines and memory it holds, and per VM shape the pool's stock, hits,
+//! misses and refill times. Written by hand: the figures are read
 //! from the pool and the capacity counters when scraped, and the format
 //! for counters and gauges is two lines each (a registry crate would hold
 //! a second copy of state the pool already keeps).
@@ -10,6 +10,8 @@ use std::fmt::Write;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+
+use nullspace_vm::pool::KeyStats;
 
 use crate::state::Shared;
 
@@ -22,21 +24,8 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     }
 }
 
-/// Label values are template ids and numbers; quotes and backslashes
-/// are escaped all the same.
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// A per-template pool metric: name, type, help, and its value of a key.
-type PoolFamily<'a> = (
-    &'a str,
-    &'a str,
-    &'a str,
-    &'a dyn Fn(&nullspace_vm::pool::KeyStats) -> f64,
-);
+/// A pool metric per VM shape: name, type, help, and its value of a key.
+type PoolFamily<'a> = (&'a str, &'a str, &'a str, &'a dyn Fn(&KeyStats) -> f64);
 
 pub fn render(state: &Shared) -> String {
     let mut out = String::new();
@@ -55,17 +44,25 @@ pub fn render(state: &Shared) -> String {
         "Guest memory held by machines and prepared pool VMs, MiB.",
         &[(String::new(), memory as f64)],
     );
-    let stats = state.machines.pool_stats();
-    let lab = |k: &nullspace_vm::pool::PoolKey| {
-        format!(
-            "{{template=\"{}\",vcpus=\"{}\",memory_mb=\"{}\"}}",
-            esc(&k.label),
-            k.vcpus,
-            k.memory_mb
-        )
-    };
-    let each = |f: &dyn Fn(&nullspace_vm::pool::KeyStats) -> f64| -> Vec<(String, f64)> {
-        stats.iter().map(|(k, s)| (lab(k), f(s))).collect()
+    // Summed per VM shape: a template id would tell one namespace's key
+    // of another namespace's templates.
+    let mut by_shape: std::collections::BTreeMap<(u32, u32), KeyStats> = Default::default();
+    for (k, x) in state.machines.pool_stats() {
+        let a = by_shape.entry((k.vcpus, k.memory_mb)).or_default();
+        a.ready += x.ready;
+        a.target += x.target;
+        a.hits += x.hits;
+        a.misses += x.misses;
+        a.prepared += x.prepared;
+        a.refill_ms_sum += x.refill_ms_sum;
+        a.failures += x.failures;
+        a.shed += x.shed;
+    }
+    let each = |f: &dyn Fn(&KeyStats) -> f64| -> Vec<(String, f64)> {
+        by_shape
+            .iter()
+            .map(|((v, m), s)| (format!("{{vcpus=\"{v}\",memory_mb=\"{m}\"}}"), f(s)))
+            .collect()
     };
     let rows: [PoolFamily; 8] = [
         (

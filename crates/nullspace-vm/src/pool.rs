@@ -211,6 +211,27 @@ pub struct KeyStats {
     pub last_error: Option<String>,
 }
 
+/// Entries a key keeps: its recent takes between the pool's `floor` and
+/// `ceiling`, and at least what its pins ask for (at most what they
+/// allow).
+fn target<'a>(
+    takes: usize,
+    pins: impl Iterator<Item = &'a Pin>,
+    floor: usize,
+    ceiling: usize,
+) -> usize {
+    let demand = takes.clamp(floor, ceiling.max(floor));
+    let (mut min, mut max, mut pinned) = (0, 0, false);
+    for p in pins {
+        (min, max, pinned) = (min + p.min, max + p.max, true);
+    }
+    if pinned {
+        demand.max(min).min(max.max(min))
+    } else {
+        demand
+    }
+}
+
 /// A caller's hold on a key: a floor and ceiling of its own.
 #[derive(Debug, Clone, Copy)]
 struct Pin {
@@ -245,8 +266,8 @@ impl Slot {
         }
     }
 
-    /// Entries to keep: recent demand between the pool's floor and
-    /// ceiling, and at least what pins ask for (at most what they allow).
+    /// Entries to keep now ([`target`] of the takes within
+    /// `demand_window` and the pins).
     fn target(&mut self, cfg: &PoolConfig) -> usize {
         while self
             .takes
@@ -255,13 +276,7 @@ impl Slot {
         {
             self.takes.pop_front();
         }
-        let demand = self.takes.len().clamp(cfg.size, cfg.max_size.max(cfg.size));
-        if self.pins.is_empty() {
-            return demand;
-        }
-        let min: usize = self.pins.values().map(|p| p.min).sum();
-        let max: usize = self.pins.values().map(|p| p.max).sum();
-        demand.max(min).min(max.max(min))
+        target(self.takes.len(), self.pins.values(), cfg.size, cfg.max_size)
     }
 }
 
@@ -726,5 +741,29 @@ fn refill(inner: &Inner) {
         // A waiting take may want this entry.
         inner.wake.notify_all();
         drop(extra);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_follows_demand_within_bounds_and_pins() {
+        let none: [Pin; 0] = [];
+        // Demand between the floor and the ceiling.
+        assert_eq!(target(0, none.iter(), 2, 8), 2);
+        assert_eq!(target(5, none.iter(), 2, 8), 5);
+        assert_eq!(target(30, none.iter(), 2, 8), 8);
+        // No floor and no ceiling: nothing, whatever the demand.
+        assert_eq!(target(30, none.iter(), 0, 0), 0);
+        // Pins add their floors and bound the demand by their ceilings.
+        let pins = [Pin { min: 3, max: 4 }, Pin { min: 1, max: 2 }];
+        assert_eq!(target(0, pins.iter(), 0, 0), 4);
+        assert_eq!(target(5, pins.iter(), 2, 8), 5);
+        assert_eq!(target(30, pins.iter(), 2, 8), 6);
+        // A pin whose ceiling is below its floor keeps its floor.
+        let odd = [Pin { min: 3, max: 1 }];
+        assert_eq!(target(0, odd.iter(), 0, 0), 3);
     }
 }

@@ -1512,12 +1512,27 @@ fn volumes_through_sdk_1_0_3() {
 
 const WARM_POOLS_SCENARIO: &str = include_str!("machines_warm_pools.py");
 
+/// Makes a warm pool of two and waits for them (prints its id), or (with
+/// `NS_POOL_ID`) waits until that pool is ready again.
+const WARM_POOL_AGAIN: &str = r#"
+import os
+from nullspace import TemplateWarmPool
+pid = os.environ.get("NS_POOL_ID")
+if pid:
+    p = TemplateWarmPool.get(pid)
+else:
+    p = TemplateWarmPool.create(os.environ["NS_TEMPLATE"], name="kept", min_ready=2, max_ready=2)
+info = p.wait_until_ready(timeout_secs=240, interval_secs=0.5)
+assert info.status.ready >= 2 and p.state == "enabled", info
+print("POOL", p.id)
+"#;
+
 #[test]
 fn warm_pools_through_sdk_1_0_3() {
     let _s = serial();
     // No pool of the server's own: what is ready is the warm pool's; three
     // machines at most, so the pool's stock must give way to creates.
-    let s = setup(&["--machine-pool-size", "0", "--max-machines", "3"]);
+    let mut s = setup(&["--machine-pool-size", "0", "--max-machines", "3"]);
     let other = s.server.key("team-b");
     let t = Instant::now();
     let r = run_sdk_version(
@@ -1534,5 +1549,43 @@ fn warm_pools_through_sdk_1_0_3() {
         r.stdout,
         r.stderr,
         s.server.log_text()
+    );
+    // A warm pool outlives a crash of its server: the next start ends the
+    // old VMs and prepares new ones, never more than the capacity.
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        WARM_POOL_AGAIN,
+        &[("NS_TEMPLATE", "web")],
+    );
+    let id = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("POOL "))
+        .unwrap_or_else(|| panic!("{}\n{}", r.stdout, r.stderr))
+        .to_string();
+    let before = s.server.qemu_pids();
+    assert_eq!(before.len(), 2, "the pool's two VMs: {before:?}");
+    s.server.restart();
+    let r = run_sdk_version(
+        Sdk::V1_0_3,
+        &s.server,
+        &s.key,
+        WARM_POOL_AGAIN,
+        &[("NS_POOL_ID", &id)],
+    );
+    assert!(
+        r.stdout.contains(&format!("POOL {id}")),
+        "{}\n{}\nserver log:\n{}",
+        r.stdout,
+        r.stderr,
+        s.server.log_text()
+    );
+    let after = s.server.qemu_pids();
+    assert_eq!(after.len(), 2, "two VMs again, none left over: {after:?}");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "the crashed server's VMs were ended: {before:?} -> {after:?}"
     );
 }

@@ -94,7 +94,7 @@ fn openapi_document_lists_every_route() {
                 None,
                 None,
             );
-            if path.starts_with("/v1/") {
+            if path.starts_with("/v1/") || path == "/metrics" {
                 assert_eq!(code, 401, "{method} {path} without a key: {body}");
                 assert_eq!(op["security"][0]["bearer"], serde_json::json!([]));
             } else if path.starts_with("/signed/") {
@@ -110,10 +110,11 @@ fn openapi_document_lists_every_route() {
     // preview URLs under each of `/v1/machines` and `/v1/sandboxes`,
     // `…/ssh-access` and `…/egress` (1.0.x only), 3 snapshot operations,
     // the 4 signed transfer routes, `/openapi.json` and `/healthz`, and 18
-    // of volumes (13 under `/v1/volumes`, 5 under `/v1/machines/{id}/volumes`).
+    // of volumes (13 under `/v1/volumes`, 5 under `/v1/machines/{id}/volumes`),
+    // 10 of warm pools and `/metrics`.
     assert_eq!(
         ops,
-        29 + 2 * (54 + 7) + 2 + 3 + 4 + 18,
+        29 + 2 * (54 + 7) + 2 + 3 + 4 + 18 + 10 + 1,
         "operations documented"
     );
     for p in [
@@ -277,11 +278,20 @@ slugs = {{ values = ["team-a", "nullspace"] }}
 "body.base_image" = {{ dictionary = "images", probability = 0.5 }}
 "body.tag" = {{ dictionary = "tags", probability = 0.5 }}
 
-# A create asking for what this server does not offer (a desktop,
-# a warm pool) answers 501 not_implemented by design: the SDK raises its
-# NotImplementedError for exactly that status. Any other 5xx still fails.
+# A create asking for what this server does not offer (a desktop, a
+# warm pool that follows a tag or a host pool) answers 501
+# not_implemented by design: the SDK raises its NotImplementedError for
+# exactly that status. Any other 5xx still fails.
 [[operations]]
 include-name = "POST /v1/machines"
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "501"]
+
+[[operations]]
+include-name = "POST /v1/template-warm-pools"
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "501"]
+
+[[operations]]
+include-name = "PATCH /v1/template-warm-pools/{{id}}"
 checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "501"]
 
 [[operations]]
