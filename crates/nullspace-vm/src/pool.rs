@@ -138,6 +138,11 @@ pub struct PoolConfig {
     pub recorder: Option<Arc<Recorder>>,
     /// Capacity for each entry (none: entries are not counted).
     pub admit: Option<Arc<Admit>>,
+    /// A take that finds no entry waits for the one being prepared for
+    /// its key when that is expected within this (its key's mean
+    /// preparation time so far, less what has passed): sooner than a
+    /// restore of its own, which would also share the CPU with it.
+    pub wait_for_refill: Duration,
     /// Entries get a network namespace each ([`MachineSpec::net`]).
     pub net: Option<crate::net::HostNet>,
 }
@@ -285,6 +290,8 @@ struct State {
     slots: HashMap<PoolKey, Slot>,
     /// The key and id of the entry being prepared right now.
     preparing: Option<(PoolKey, String)>,
+    /// When that preparation began.
+    preparing_since: Option<Instant>,
     /// The last take (refills wait for `quiet` after it).
     last_take: Option<Instant>,
     stopped: bool,
@@ -350,7 +357,7 @@ impl Pool {
     /// become ready when none is (one hit or miss is counted either way).
     pub fn take_within(&self, label: &str, snapshot: &Snapshot, wait: Duration) -> Option<Entry> {
         let key = &PoolKey::of(label, snapshot);
-        let end = Instant::now() + wait;
+        let mut end = Instant::now() + wait;
         let mut dead = vec![];
         let mut evicted = vec![];
         let mut st = self.inner.lock();
@@ -360,6 +367,9 @@ impl Pool {
                 return None;
             }
             let now = Instant::now();
+            let prep_since = st
+                .preparing_since
+                .filter(|_| st.preparing.as_ref().is_some_and(|p| &p.0 == key));
             let slot = st
                 .slots
                 .entry(key.clone())
@@ -375,6 +385,16 @@ impl Pool {
                     break;
                 }
                 dead.push(e);
+            }
+            if got.is_none() && !counted {
+                // An entry about to be ready is worth waiting for.
+                let soon = prep_since.and_then(|since| {
+                    let mean = slot.stats.refill_ms_sum.checked_div(slot.stats.prepared)?;
+                    Duration::from_millis(mean).checked_sub(since.elapsed())
+                });
+                if let Some(left) = soon.filter(|l| *l <= self.inner.cfg.wait_for_refill) {
+                    end = end.max(now + left + Duration::from_millis(50));
+                }
             }
             if got.is_some() || now >= end {
                 if got.is_some() {
@@ -670,6 +690,7 @@ fn refill(inner: &Inner) {
                         let snap = st.slots[&k].snapshot.clone();
                         let id = (cfg.new_id)();
                         st.preparing = Some((k.clone(), id.clone()));
+                        st.preparing_since = Some(Instant::now());
                         break (k, snap, id, admission);
                     }
                     None => {
@@ -697,6 +718,7 @@ fn refill(inner: &Inner) {
         });
         let mut st = inner.lock();
         st.preparing = None;
+        st.preparing_since = None;
         let stopped = st.stopped;
         // Kept only if the key still wants it (a pin dropped meanwhile
         // lowers the target).

@@ -1145,6 +1145,7 @@ fn pool_entries_of_different_templates_and_sizes_never_mix() {
         max_size: 1,
         demand_window: Duration::from_secs(10),
         admit: None,
+        wait_for_refill: Duration::ZERO,
         max_keys: 4,
         idle: Duration::from_secs(600),
         dir: machines.clone(),

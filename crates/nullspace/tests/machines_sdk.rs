@@ -42,6 +42,24 @@ struct Setup {
     key: String,
 }
 
+impl Setup {
+    /// Runs an SDK 1.0.3 script against the server; the test fails, with
+    /// the script's output and the server's log, unless it printed `done`.
+    fn scenario(&self, script: &str, env: &[(&str, &str)], done: &str) -> String {
+        let t = Instant::now();
+        let r = run_sdk_version(Sdk::V1_0_3, &self.server, &self.key, script, env);
+        eprintln!("{done} after {:?}:\n{}", t.elapsed(), r.stdout);
+        assert!(
+            r.stdout.contains(done),
+            "{}\n{}\nserver log:\n{}",
+            r.stdout,
+            r.stderr,
+            self.server.log_text()
+        );
+        r.stdout
+    }
+}
+
 fn setup(args: &[&str]) -> Setup {
     setup_from(args, |reg, scratch| reg.push_demo(scratch, "demo/web"))
 }
@@ -1100,22 +1118,7 @@ fn git_through_sdk_1_0_3_in_a_template_with_git() {
         let img = nullspace_testkit::image::demo_image_with(git).expect("demo image");
         reg.push_image(scratch, "demo/git", &img)
     });
-    let t = Instant::now();
-    let r = run_sdk_version(
-        Sdk::V1_0_3,
-        &s.server,
-        &s.key,
-        GIT_SCENARIO,
-        &[("NS_TEMPLATE", "web")],
-    );
-    eprintln!("git scenario in {:?}", t.elapsed());
-    assert!(
-        r.stdout.contains("GIT OK"),
-        "{}\n{}\nserver log:\n{}",
-        r.stdout,
-        r.stderr,
-        s.server.log_text()
-    );
+    s.scenario(GIT_SCENARIO, &[("NS_TEMPLATE", "web")], "GIT OK");
 }
 
 const PORTS_SCENARIO: &str = include_str!("machines_ports_scenario.py");
@@ -1450,11 +1453,7 @@ fn egress_policies_through_sdk_1_0_3() {
         s.server.log_text()
     );
     let other = s.server.key("team-b");
-    let t = Instant::now();
-    let r = run_sdk_version(
-        Sdk::V1_0_3,
-        &s.server,
-        &s.key,
+    s.scenario(
         EGRESS_SCENARIO,
         &[
             ("NS_TEMPLATE", "web"),
@@ -1463,14 +1462,7 @@ fn egress_policies_through_sdk_1_0_3() {
             ("NS_DENIED", &inet::DENIED.to_string()),
             ("NS_DNS", &dns),
         ],
-    );
-    eprintln!("egress scenario in {:?}:\n{}", t.elapsed(), r.stdout);
-    assert!(
-        r.stdout.contains("EGRESS OK"),
-        "{}\n{}\nserver log:\n{}",
-        r.stdout,
-        r.stderr,
-        s.server.log_text()
+        "EGRESS OK",
     );
     // Every machine ended: no namespace of this server is left.
     drop(s);
@@ -1490,21 +1482,10 @@ fn volumes_through_sdk_1_0_3() {
     let _s = serial();
     let s = setup(&[]);
     let other = s.server.key("team-b");
-    let t = Instant::now();
-    let r = run_sdk_version(
-        Sdk::V1_0_3,
-        &s.server,
-        &s.key,
+    s.scenario(
         VOLUMES_SCENARIO,
         &[("NS_TEMPLATE", "web"), ("NS_OTHER_KEY", &other)],
-    );
-    eprintln!("volumes scenario in {:?}:\n{}", t.elapsed(), r.stdout);
-    assert!(
-        r.stdout.contains("VOLUMES OK"),
-        "{}\n{}\nserver log:\n{}",
-        r.stdout,
-        r.stderr,
-        s.server.log_text()
+        "VOLUMES OK",
     );
 }
 
@@ -1534,53 +1515,26 @@ fn warm_pools_through_sdk_1_0_3() {
     // machines at most, so the pool's stock must give way to creates.
     let mut s = setup(&["--machine-pool-size", "0", "--max-machines", "3"]);
     let other = s.server.key("team-b");
-    let t = Instant::now();
-    let r = run_sdk_version(
-        Sdk::V1_0_3,
-        &s.server,
-        &s.key,
+    s.scenario(
         WARM_POOLS_SCENARIO,
         &[("NS_TEMPLATE", "web"), ("NS_OTHER_KEY", &other)],
-    );
-    eprintln!("warm pools scenario in {:?}:\n{}", t.elapsed(), r.stdout);
-    assert!(
-        r.stdout.contains("WARM POOLS OK"),
-        "{}\n{}\nserver log:\n{}",
-        r.stdout,
-        r.stderr,
-        s.server.log_text()
+        "WARM POOLS OK",
     );
     // A warm pool outlives a crash of its server: the next start ends the
     // old VMs and prepares new ones, never more than the capacity.
-    let r = run_sdk_version(
-        Sdk::V1_0_3,
-        &s.server,
-        &s.key,
-        WARM_POOL_AGAIN,
-        &[("NS_TEMPLATE", "web")],
-    );
-    let id = r
-        .stdout
+    let out = s.scenario(WARM_POOL_AGAIN, &[("NS_TEMPLATE", "web")], "POOL ");
+    let id = out
         .lines()
         .find_map(|l| l.strip_prefix("POOL "))
-        .unwrap_or_else(|| panic!("{}\n{}", r.stdout, r.stderr))
+        .expect("the pool's id")
         .to_string();
     let before = s.server.qemu_pids();
     assert_eq!(before.len(), 2, "the pool's two VMs: {before:?}");
     s.server.restart();
-    let r = run_sdk_version(
-        Sdk::V1_0_3,
-        &s.server,
-        &s.key,
+    s.scenario(
         WARM_POOL_AGAIN,
         &[("NS_POOL_ID", &id)],
-    );
-    assert!(
-        r.stdout.contains(&format!("POOL {id}")),
-        "{}\n{}\nserver log:\n{}",
-        r.stdout,
-        r.stderr,
-        s.server.log_text()
+        &format!("POOL {id}"),
     );
     let after = s.server.qemu_pids();
     assert_eq!(after.len(), 2, "two VMs again, none left over: {after:?}");
