@@ -115,3 +115,19 @@ sdk_venv() { # sdk_venv DIR VERSION EXTRA...
 }
 sdk_venv "${NULLSPACE_SDK_VENV:-$ROOT/target/sdk-venv}" 0.1.9 'schemathesis==4.32.5'
 sdk_venv "${NULLSPACE_SDK1_VENV:-$ROOT/target/sdk1-venv}" 1.0.3
+
+# The supply-chain checks test.sh runs (deny.toml; unused dependencies),
+# pinned; built from crates.io only when missing or another version.
+# Debug builds: less than half the CPU of release builds (cargo-deny 99 s
+# against 234 s here), and their checks still take seconds (README.md,
+# "Supply chain").
+cargo_tool() { # cargo_tool CRATE VERSION
+  local have # the last word of `--version` (cargo-deny prints its name first)
+  have=$(cargo "${1#cargo-}" --version 2>/dev/null | awk '{print $NF}' || true)
+  if [ "$have" != "$2" ]; then
+    echo "installing $1 $2 (have: ${have:-none})" >&2
+    cargo install -q --locked --debug "$1@$2"
+  fi
+}
+cargo_tool cargo-deny 0.20.2
+cargo_tool cargo-machete 0.9.2
