@@ -115,3 +115,25 @@ sdk_venv() { # sdk_venv DIR VERSION EXTRA...
 }
 sdk_venv "${NULLSPACE_SDK_VENV:-$ROOT/target/sdk-venv}" 0.1.9 'schemathesis==4.32.5'
 sdk_venv "${NULLSPACE_SDK1_VENV:-$ROOT/target/sdk1-venv}" 1.0.3
+
+# The supply-chain checks test.sh runs (deny.toml; unused dependencies),
+# pinned, built from crates.io when missing or another version: in one
+# `cargo install` with one target directory (they share most crates), as
+# debug builds without debug info. From scratch on this machine's 2 cores
+# that took 124 s of CPU for both, against 358 s as two release builds;
+# their checks still take seconds (README.md, "Supply chain").
+SUPPLY_TOOLS=(cargo-deny@0.20.2 cargo-machete@0.9.2)
+tools_missing=()
+for t in "${SUPPLY_TOOLS[@]}"; do
+  name=${t%@*}
+  # The last word of `--version` (cargo-deny prints its name first).
+  have=$(cargo "${name#cargo-}" --version 2>/dev/null | awk '{print $NF}' || true)
+  [ "$have" = "${t#*@}" ] || tools_missing+=("$t")
+done
+if ((${#tools_missing[@]})); then
+  echo "installing ${tools_missing[*]}" >&2
+  tools_target=$(mktemp -d)
+  CARGO_PROFILE_DEV_DEBUG=0 cargo install -q --locked --debug \
+    --target-dir "$tools_target" "${tools_missing[@]}"
+  rm -rf "$tools_target"
+fi

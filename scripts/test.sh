@@ -13,6 +13,20 @@ export NULLSPACE_REQUIRE_DEBIAN_VM=1
 # Style and lints are part of the suite: CI fails on either.
 cargo fmt --all --check
 cargo clippy -q --workspace --all-targets -- -D warnings
+# Supply chain (deny.toml): licences, sources (crates.io only), duplicate
+# versions; no unused dependency. RustSec advisories only where their
+# database (a git repository on github.com) can be fetched: README.md,
+# "Supply chain", says what unblocks it here.
+cargo deny check licenses sources bans
+if timeout 120 cargo deny fetch db >/dev/null 2>&1; then
+  cargo deny check advisories
+elif compgen -G "$HOME/.cargo/advisory-dbs/advisory-db-*/crates" >/dev/null; then
+  echo "note: the RustSec database cannot be fetched; checking against the copy in ~/.cargo/advisory-dbs" >&2
+  cargo deny --offline check advisories
+else
+  echo "note: cargo deny advisories not checked: the RustSec database (github.com/RustSec/advisory-db) cannot be fetched from here" >&2
+fi
+cargo machete
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

@@ -4,6 +4,9 @@
 use nullspace_store::lifecycle::{PAGE_MAX, TEXT_MAX};
 use nullspace_store::{LifecycleEvent, LifecycleFilter, Order, Store};
 
+mod common;
+use common::SqliteDb;
+
 fn event(ns: &str, machine: &str, op: &str, status: &str, at: i64) -> LifecycleEvent {
     LifecycleEvent {
         namespace: ns.into(),
@@ -247,15 +250,14 @@ async fn concurrent_appends(store: &Store) {
 
 #[tokio::test]
 async fn lifecycle_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
-    let store = Store::open(&url).await.unwrap();
+    let db = SqliteDb::new();
+    let store = db.open().await;
     exercise(&store).await;
     concurrent_appends(&store).await;
     // Reopening keeps the events and the counter.
     let head = store.lifecycle_head().await.unwrap();
     drop(store);
-    let store = Store::open(&url).await.unwrap();
+    let store = db.open().await;
     assert_eq!(store.lifecycle_head().await.unwrap(), head);
     let next = store
         .append_lifecycle_event(&event("team-a", "mch_9", "create", "succeeded", 1))

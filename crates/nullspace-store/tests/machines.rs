@@ -5,6 +5,9 @@ use nullspace_model::machine::MachineStatus as S;
 use nullspace_store::machines::LIVE;
 use nullspace_store::{Inserted, MachineRow, SnapshotRow, Store, now_ms};
 
+mod common;
+use common::SqliteDb;
+
 fn machine(id: &str, ns: &str, created_at: i64) -> MachineRow {
     MachineRow {
         id: id.into(),
@@ -172,13 +175,12 @@ async fn exercise(store: &Store) {
 
 #[tokio::test]
 async fn machines_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
-    let store = Store::open(&url).await.unwrap();
+    let db = SqliteDb::new();
+    let store = db.open().await;
     exercise(&store).await;
     // Reopening keeps everything (the schema is created only if missing).
     drop(store);
-    let store = Store::open(&url).await.unwrap();
+    let store = db.open().await;
     assert!(store.machine("mch_1").await.unwrap().is_some());
 }
 

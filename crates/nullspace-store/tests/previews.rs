@@ -3,6 +3,9 @@
 
 use nullspace_store::{PreviewGrantRow, Store};
 
+mod common;
+use common::SqliteDb;
+
 fn grant(id: &str, machine: &str, port: u16, issued: i64, expires: i64) -> PreviewGrantRow {
     PreviewGrantRow {
         id: id.into(),
@@ -78,13 +81,8 @@ async fn exercise(store: &Store) {
 
 #[tokio::test]
 async fn previews_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!(
-        "sqlite:{}",
-        dir.path().join("db.sqlite").display()
-    ))
-    .await
-    .unwrap();
+    let db = SqliteDb::new();
+    let store = db.open().await;
     exercise(&store).await;
 }
 

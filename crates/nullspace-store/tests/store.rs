@@ -4,6 +4,9 @@
 use nullspace_store::{BuildFilter, BuildRow, LogGate, Store, Transition, Writer, now_ms};
 use nullspace_testkit::server::Postgres;
 
+mod common;
+use common::SqliteDb;
+
 async fn exercise(store: &Store) {
     let (key_id, secret) = store.create_key("ci", "team-a").await.unwrap();
     let caller = store.authenticate(&secret).await.unwrap().unwrap();
@@ -407,19 +410,10 @@ async fn upgrades_a_legacy_store(url: &str) {
     leases(&store).await;
 }
 
-fn sqlite_url(dir: &std::path::Path) -> String {
-    format!("sqlite:{}", dir.join("db.sqlite").display())
-}
-
 #[tokio::test]
 async fn sqlite_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!(
-        "sqlite:{}",
-        dir.path().join("db.sqlite").display()
-    ))
-    .await
-    .unwrap();
+    let db = SqliteDb::new();
+    let store = db.open().await;
     exercise(&store).await;
     leases(&store).await;
 }
@@ -434,8 +428,8 @@ async fn postgres_store() {
 
 #[tokio::test]
 async fn sqlite_store_upgrades_from_the_legacy_schema() {
-    let dir = tempfile::tempdir().unwrap();
-    upgrades_a_legacy_store(&sqlite_url(dir.path())).await;
+    let db = SqliteDb::new();
+    upgrades_a_legacy_store(&db.url).await;
 }
 
 #[tokio::test]

@@ -4,6 +4,9 @@
 
 use nullspace_store::{AttachOutcome, AttachmentRow, Store, VolumeRow};
 
+mod common;
+use common::SqliteDb;
+
 fn vol(id: &str, ns: &str, name: &str) -> VolumeRow {
     VolumeRow {
         id: id.into(),
@@ -161,13 +164,8 @@ async fn exercise(store: &Store) {
 
 #[tokio::test]
 async fn volumes_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!(
-        "sqlite:{}",
-        dir.path().join("db.sqlite").display()
-    ))
-    .await
-    .unwrap();
+    let db = SqliteDb::new();
+    let store = db.open().await;
     exercise(&store).await;
 }
 

@@ -219,6 +219,9 @@ impl Drop for Server {
                 .args(["-KILL", &pid.to_string()])
                 .status();
         }
+        // Their network namespaces too (empty once QEMU is gone, but they
+        // outlive the data directory and pile up in `ip netns list`).
+        nullspace_vm::net::release_owner(&self.data_dir);
     }
 }
 

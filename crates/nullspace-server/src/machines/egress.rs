@@ -67,6 +67,13 @@ pub fn effective(internet_access: bool, policy: Option<&EgressPolicy>) -> Egress
         .unwrap_or_else(|| EgressPolicy::allow_all().check().expect("allow_all"))
 }
 
+/// A policy asked of a server that has no machine network namespaces.
+fn no_namespaces() -> MachineError {
+    MachineError::NotImplemented(
+        "egress policies need machine network namespaces, which this server could not set up (it runs them as root with ip and nft; see its start-up log)".into(),
+    )
+}
+
 /// Whether a create of a machine with this network can be served here:
 /// a policy needs namespaces (and a template with a NIC); without
 /// namespaces a template built with network cannot be cut off.
@@ -80,9 +87,7 @@ pub fn admit(
     let restricted = policy.is_some_and(|p| p.mode != EgressMode::AllowAll);
     if state.machines.net().is_none() {
         if restricted {
-            return Err(MachineError::NotImplemented(
-                "egress policies need machine network namespaces, which this server could not set up (it runs them as root with ip and nft; see its start-up log)".into(),
-            ));
+            return Err(no_namespaces());
         }
         if !internet && vm.network {
             return Err(MachineError::NotImplemented(format!(
@@ -124,9 +129,7 @@ pub async fn update(
         ));
     }
     if state.machines.net().is_none() {
-        return Err(MachineError::NotImplemented(
-            "egress policies need machine network namespaces, which this server could not set up (see its start-up log)".into(),
-        ));
+        return Err(no_namespaces());
     }
     let status = m.status();
     match status {

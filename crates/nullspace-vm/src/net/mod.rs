@@ -139,13 +139,8 @@ impl HostNet {
             &rules::host_table(),
             None,
         )?;
-        let tag = {
-            use sha2::Digest;
-            let p = std::fs::canonicalize(owner).unwrap_or_else(|_| owner.to_path_buf());
-            hex::encode(&sha2::Sha256::digest(p.as_os_str().as_encoded_bytes())[..4])
-        };
         Ok(HostNet {
-            tag,
+            tag: owner_tag(owner),
             resolver: resolver.or_else(host_resolver),
         })
     }
@@ -194,23 +189,64 @@ impl HostNet {
     /// Deletes this server's namespaces whose machine `keep` does not
     /// name (what a crash left); returns their names.
     pub fn sweep(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
-        let prefix = format!("nsm-{}-", self.tag);
-        let Ok(rd) = std::fs::read_dir(NETNS_DIR) else {
-            return vec![];
-        };
-        let mut gone = vec![];
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(id) = name.strip_prefix(&prefix) else {
-                continue;
-            };
-            if !keep(id) {
-                release_name(&name);
-                gone.push(name);
-            }
-        }
-        gone
+        sweep_tag(&self.tag, keep)
     }
+}
+
+/// `<tag>` of the namespace names of the server whose data directory is
+/// `owner`: the same directory, however it is spelt, gives the same tag,
+/// also once it is removed (a test's data directory often goes before its
+/// server: then its nearest existing ancestor is resolved).
+fn owner_tag(owner: &Path) -> String {
+    use sha2::Digest;
+    let mut rest = vec![];
+    let mut at = owner;
+    let p = loop {
+        let here = if at.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            at
+        };
+        if let Ok(p) = std::fs::canonicalize(here) {
+            break rest.iter().rev().fold(p, |p, c| p.join(c));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(up), Some(name)) => {
+                rest.push(name);
+                at = up;
+            }
+            _ => break owner.to_path_buf(),
+        }
+    };
+    hex::encode(&sha2::Sha256::digest(p.as_os_str().as_encoded_bytes())[..4])
+}
+
+/// Deletes the namespaces of tag `tag` whose machine id `keep` refuses;
+/// returns their names.
+fn sweep_tag(tag: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let prefix = format!("nsm-{tag}-");
+    let Ok(rd) = std::fs::read_dir(NETNS_DIR) else {
+        return vec![];
+    };
+    let mut gone = vec![];
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(id) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !keep(id) {
+            release_name(&name);
+            gone.push(name);
+        }
+    }
+    gone
+}
+
+/// Deletes every namespace of the server whose data directory is `owner`
+/// (a server gone for good, e.g. a test's, with machines it never ended);
+/// returns their names. Needs no [`HostNet`]: nothing is set up.
+pub fn release_owner(owner: &Path) -> Vec<String> {
+    sweep_tag(&owner_tag(owner), |_| false)
 }
 
 /// The first `nameserver` of the host's resolv.conf that a namespace can
