@@ -1,6 +1,8 @@
 //! Warm pools on both backends: names unique per namespace (also through
 //! a rename), one namespace never sees or changes another's, delete.
 
+mod common;
+use common::SqliteDb;
 use nullspace_store::{Store, WarmPoolRow};
 
 fn pool(id: &str, ns: &str, name: &str) -> WarmPoolRow {
@@ -72,9 +74,8 @@ async fn exercise(store: &Store) {
 
 #[tokio::test]
 async fn warm_pools_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
-    exercise(&Store::open(&url).await.unwrap()).await;
+    let db = SqliteDb::new();
+    exercise(&db.open().await).await;
 }
 
 #[tokio::test]
