@@ -1543,3 +1543,122 @@ fn warm_pools_through_sdk_1_0_3() {
         "the crashed server's VMs were ended: {before:?} -> {after:?}"
     );
 }
+
+// ---- fault injection: the server killed during each machine operation ----
+
+const FAULT_PREP: &str = r#"
+from nullspace import Machine
+m = Machine.create(template="web")
+m.files.write("/tmp/mark", "before")
+if sys.argv[1] == "resume":
+    m.pause()
+print("ID", m.id)
+"#;
+
+/// One operation, cut short when the test kills the server: it writes the
+/// marker file just before its request.
+const FAULT_OP: &str = r#"
+import pathlib
+from nullspace import Machine
+op, mid, mark = sys.argv[1:4]
+m = Machine.connect(mid) if op in ("pause", "fork", "snapshot", "kill") else None
+pathlib.Path(mark).write_text("go")
+try:
+    if op == "create":
+        Machine.create(template="web")
+    elif op == "pause":
+        m.pause()
+    elif op == "resume":
+        Machine.resume(mid)
+    elif op == "fork":
+        m.fork()
+    elif op == "snapshot":
+        m.create_snapshot()
+    elif op == "kill":
+        m.kill()
+    print("OP DONE")
+except Exception as e:
+    print("OP CUT", type(e).__name__, e)
+"#;
+
+/// After the restart: every machine listed is running (and answers), paused
+/// (and resumes with its files) or ended with a reason; each is then killed.
+const FAULT_CHECK: &str = r#"
+from nullspace import Machine
+seen = {m.id: m.status.value for m in Machine.list(state=None)}
+for mid, st in seen.items():
+    assert st in ("running", "paused", "error"), (mid, st, seen)
+    if st == "error":
+        continue
+    m = Machine.connect(mid)
+    r = m.commands.run("cat /tmp/mark 2>/dev/null; echo; echo ok", shell=True)
+    assert r.stdout.endswith("ok\n"), (mid, st, r.stdout, r.stderr)
+    m.kill()
+print("STATES", seen)
+print("CHECK OK")
+"#;
+
+/// SIGKILL of the server in the middle of create, pause, resume, fork,
+/// snapshot and kill, then a restart: the records say what exists (each
+/// machine runs and answers, is paused and resumes with its files, or
+/// ended as `error`), and once the listed machines are killed no QEMU and
+/// no machine directory is left.
+#[test]
+fn a_server_killed_during_each_machine_operation_restarts_consistent() {
+    let _s = serial();
+    let mut s = setup(&["--machine-pool-size", "0"]);
+    let scratch = tempfile::tempdir().unwrap();
+    // How long after the request to kill: inside each operation here.
+    for (op, after_ms) in [
+        ("create", 150),
+        ("pause", 80),
+        ("resume", 150),
+        ("fork", 120),
+        ("snapshot", 40),
+        ("kill", 20),
+    ] {
+        let id = if op == "create" {
+            String::new()
+        } else {
+            let (ok, out, err) = script(&s, FAULT_PREP, &[op]);
+            assert!(ok, "{op}: {out}\n{err}\n{}", s.server.log_text());
+            out.lines()
+                .find_map(|l| l.strip_prefix("ID "))
+                .unwrap()
+                .to_string()
+        };
+        let mark = scratch.path().join(op);
+        let pid = s.server.pid().expect("server running");
+        let out = std::thread::scope(|t| {
+            let run = t.spawn(|| script(&s, FAULT_OP, &[op, &id, mark.to_str().unwrap()]));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !mark.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(after_ms));
+            kill_pid(pid);
+            run.join().unwrap()
+        });
+        eprintln!("{op}: {}", out.1.trim());
+        s.server.start_again();
+        let (ok, out, err) = script(&s, FAULT_CHECK, &[]);
+        assert!(
+            ok && out.contains("CHECK OK"),
+            "after {op}: {out}\n{err}\n{}",
+            s.server.log_text()
+        );
+        eprintln!("after {op}: {}", out.lines().next().unwrap_or(""));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let machines = s.server.data_dir.join("machines");
+        let left = || std::fs::read_dir(&machines).map(|d| d.count()).unwrap_or(0);
+        while (!s.server.qemu_pids().is_empty() || left() > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            s.server.qemu_pids(),
+            Vec::<u32>::new(),
+            "after {op}: QEMU left"
+        );
+        assert_eq!(left(), 0, "after {op}: machine directories left");
+    }
+}
