@@ -54,6 +54,18 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Whether a conditional write changed a row; a unique index refusing it
+/// (two writers of one name at once) is "no" as well.
+pub(crate) fn wrote(
+    r: std::result::Result<sqlx::any::AnyQueryResult, sqlx::Error>,
+) -> Result<bool> {
+    match r {
+        Ok(n) => Ok(n.rows_affected() > 0),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The schema as sqlx migrations (`migrations/`), embedded at compile time.
 /// Embedded with `include_str!` and a [`MigrationSource`] rather than
 /// `sqlx::migrate!`, which needs sqlx's `macros` feature: a second build of

@@ -102,12 +102,8 @@ impl Store {
         .bind(v.created_at)
         .execute(&self.pool)
         .await;
-        match n {
-            Ok(n) => Ok(n.rows_affected() > 0),
-            // Two creates of one name at once: the unique index decides.
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        // Two creates of one name at once: the unique index decides.
+        crate::wrote(n)
     }
 
     /// A namespace's volume by id (another namespace's is `None`).

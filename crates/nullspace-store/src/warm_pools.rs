@@ -53,12 +53,8 @@ impl Store {
         .bind(w.updated_at)
         .execute(&self.pool)
         .await;
-        match n {
-            Ok(n) => Ok(n.rows_affected() > 0),
-            // Two creates of one name at once: the unique index decides.
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        // Two creates of one name at once: the unique index decides.
+        crate::wrote(n)
     }
 
     /// A namespace's pool by id (another namespace's is `None`).
@@ -110,11 +106,7 @@ impl Store {
         .bind(w.updated_at)
         .execute(&self.pool)
         .await;
-        match n {
-            Ok(n) => Ok(n.rows_affected() > 0),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        crate::wrote(n)
     }
 
     /// Deletes a namespace's pool; whether it was there.
