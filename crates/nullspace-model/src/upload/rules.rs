@@ -71,3 +71,36 @@ pub fn valid_sha256(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_normalise_or_name_the_rule() {
+        assert_eq!(normalize_target("/a//./b/").as_deref(), Ok("/a/b"));
+        assert_eq!(normalize_target("./a/b").as_deref(), Ok("a/b"));
+        assert_eq!(normalize_target("/a/../b"), Err(TargetRule::DotDot));
+        assert_eq!(normalize_target("/./"), Err(TargetRule::NoFile));
+        assert_eq!(normalize_target("a\0b"), Err(TargetRule::Nul));
+        assert_eq!(
+            normalize_target("//workspace/./.nullspace/x"),
+            Err(TargetRule::Reserved)
+        );
+        assert_eq!(
+            normalize_target(&"x".repeat(256)),
+            Err(TargetRule::LongComponent)
+        );
+    }
+
+    #[test]
+    fn part_numbers_are_canonical_decimals() {
+        assert_eq!(parse_part("0"), Some(0));
+        assert_eq!(parse_part("4294967295"), Some(u32::MAX));
+        for bad in ["", "00", "01", "+1", "-1", "4294967296", "1a", " 1"] {
+            assert_eq!(parse_part(bad), None, "{bad:?}");
+        }
+        assert!(valid_sha256(&"ab".repeat(32)));
+        assert!(!valid_sha256(&"AB".repeat(32)));
+    }
+}
