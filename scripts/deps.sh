@@ -77,12 +77,15 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
   -o Dpkg::Options::=--force-confold >/tmp/nullspace-apt.log 2>&1 \
   || { tail -n 30 /tmp/nullspace-apt.log >&2; echo "error: apt-get install failed (log: /tmp/nullspace-apt.log)" >&2; exit 1; }
 
+# cargo-fuzz, pinned, for CI's fuzz step (scripts/fuzz-smoke.sh).
+if command -v cargo >/dev/null 2>&1; then bash "$(dirname "$0")/fuzz-smoke.sh" --install-only; fi
+
 # Every program the project, its tests and its benchmarks call. One line
 # names whatever is missing.
 REQUIRED_PROGRAMS=(
   qemu-system-x86_64 qemu-img buildah skopeo umoci docker-registry e2fsck debugfs
   mkfs.ext4 htpasswd openssl cpio unshare runuser busybox curl debootstrap python3
-  cargo git ldd chromium ssh ssh-keygen ip nft
+  cargo cargo-fuzz git ldd chromium ssh ssh-keygen ip nft
 )
 missing=()
 for p in "${REQUIRED_PROGRAMS[@]}"; do command -v "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -32,9 +32,13 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# Every fuzz target briefly, seeds first (fuzz/README.md): a crash fails CI.
+bash scripts/fuzz-smoke.sh
+fuzz_status=$?
 set -e
 # cargo prints one result line per test target, the last often for a target
 # with no tests; close with the totals.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
+if [ "$status" -eq 0 ]; then status=$fuzz_status; fi
 exit "$status"

@@ -14,6 +14,7 @@
 //! snapshot's guest simply waits for the next host.
 
 use crate::procs::{self, Exit, State};
+use nullspace_model::agent::lines::LineSplitter;
 use nullspace_model::agent::{
     self as proto, AgentInfo, ErrorCode, Event, MAX_LINE, Op, PROTOCOL_VERSION, ProbeSpec, Reply,
     Request, STREAM_WINDOW, StartInfo, StartSpec,
@@ -249,50 +250,6 @@ fn open_port(name: &str) -> File {
     }
 }
 
-/// Splits the byte stream into lines of at most `MAX_LINE` bytes; longer
-/// lines are skipped up to their newline without being kept.
-struct Lines {
-    buf: Vec<u8>,
-    skipping: bool,
-}
-
-impl Lines {
-    fn push(&mut self, data: &[u8], on_line: &mut dyn FnMut(&[u8])) {
-        let mut rest = data;
-        while !rest.is_empty() {
-            match rest.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    if !self.skipping {
-                        self.buf.extend_from_slice(&rest[..i]);
-                        if self.buf.len() < MAX_LINE {
-                            on_line(&self.buf);
-                        }
-                    }
-                    self.buf.clear();
-                    self.skipping = false;
-                    rest = &rest[i + 1..];
-                }
-                None => {
-                    if !self.skipping {
-                        self.buf.extend_from_slice(rest);
-                        if self.buf.len() >= MAX_LINE {
-                            crate::log("agent: request line over the limit, discarded");
-                            self.buf = Vec::new();
-                            self.skipping = true;
-                        }
-                    }
-                    rest = &[];
-                }
-            }
-        }
-    }
-
-    fn reset(&mut self) {
-        self.buf.clear();
-        self.skipping = false;
-    }
-}
-
 pub fn serve(state: State) -> ! {
     let port = open_port(&state.cfg.agent_port);
     let conn = Arc::new(Conn {
@@ -302,10 +259,7 @@ pub fn serve(state: State) -> ! {
         active: AtomicUsize::new(0),
     });
     let mut input = port;
-    let mut lines = Lines {
-        buf: Vec::new(),
-        skipping: false,
-    };
+    let mut lines = LineSplitter::new();
     let mut chunk = vec![0u8; 64 * 1024];
     let mut hung_up = false;
     loop {
@@ -336,7 +290,13 @@ pub fn serve(state: State) -> ! {
                 lines.reset();
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Ok(n) => lines.push(&chunk[..n], &mut |line| handle_line(&state, &conn, line)),
+            Ok(n) => {
+                let discarded =
+                    lines.push(&chunk[..n], &mut |line| handle_line(&state, &conn, line));
+                if discarded > 0 {
+                    crate::log("agent: request line over the limit, discarded");
+                }
+            }
             Err(e) => {
                 crate::log(&format!("agent read: {e}"));
                 lines.reset();
@@ -757,27 +717,6 @@ fn http_get(host: &str, port: u16, path: &str, limit: Duration) -> (bool, String
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lines_are_bounded() {
-        let mut l = Lines {
-            buf: Vec::new(),
-            skipping: false,
-        };
-        let mut got: Vec<Vec<u8>> = vec![];
-        l.push(b"a\nbc", &mut |x| got.push(x.to_vec()));
-        l.push(b"d\n", &mut |x| got.push(x.to_vec()));
-        assert_eq!(got, vec![b"a".to_vec(), b"bcd".to_vec()]);
-        // An over-long line is dropped up to its newline, never kept whole.
-        got.clear();
-        let big = vec![b'x'; 64 << 10];
-        for _ in 0..(MAX_LINE / big.len() + 2) {
-            l.push(&big, &mut |x| got.push(x.to_vec()));
-            assert!(l.buf.len() < MAX_LINE);
-        }
-        l.push(b"tail\nok\n", &mut |x| got.push(x.to_vec()));
-        assert_eq!(got, vec![b"ok".to_vec()]);
-    }
 
     #[test]
     fn clip_keeps_char_boundaries() {

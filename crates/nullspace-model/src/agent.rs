@@ -124,6 +124,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod lines;
 pub mod pty;
 pub mod volume;
 pub mod watch;

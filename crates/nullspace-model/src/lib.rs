@@ -25,3 +25,4 @@ pub mod shell;
 pub mod snapshot;
 pub mod terminal;
 pub mod upload;
+pub mod utf8;

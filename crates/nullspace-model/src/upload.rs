@@ -5,6 +5,8 @@
 //! The SDK builds its response classes with `**data`: a key it does not
 //! know crashes it, so these carry exactly its fields.
 
+pub mod rules;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

@@ -33,7 +33,10 @@ pub fn from_docker_config(registry: &str) -> Option<Credentials> {
     lookup(&text, registry)
 }
 
-fn lookup(config: &[u8], registry: &str) -> Option<Credentials> {
+/// Looks `registry` up in the text of a Docker client config. Public for
+/// the fuzz target `docker_auth`.
+#[doc(hidden)]
+pub fn lookup(config: &[u8], registry: &str) -> Option<Credentials> {
     let v: serde_json::Value = serde_json::from_slice(config).ok()?;
     let auths = v.get("auths")?.as_object()?;
     let hub = matches!(

@@ -162,3 +162,30 @@ impl Default for Limits {
         }
     }
 }
+
+/// Flattens decoded layers the way [`build_rootfs`] does (whiteouts,
+/// opaque directories, hard links, mount points) without writing an image,
+/// and returns every live path with its kind, sorted. Public for the fuzz
+/// targets (`tar_layer`, `compression`), which check that no flattened path
+/// escapes the root.
+#[doc(hidden)]
+pub fn flatten_paths(layers: &[(&str, &LayerIndex)]) -> Result<Vec<(String, char)>, Error> {
+    let mut tree = tree::Tree::new(0);
+    for (i, (name, index)) in layers.iter().enumerate() {
+        tree.apply_layer(i as u32, name, index)?;
+    }
+    tree.ensure_mount_points();
+    let names: Vec<&str> = layers.iter().map(|(n, _)| *n).collect();
+    tree.take_lost_found(&names)?;
+    Ok(build::walk(&tree)
+        .into_iter()
+        .map(|item| {
+            let kind = match tree.nodes[item.id as usize].kind {
+                tree::Kind::Dir(_) => 'd',
+                tree::Kind::File { .. } => 'f',
+                tree::Kind::Symlink(_) => 'l',
+            };
+            (item.path, kind)
+        })
+        .collect())
+}

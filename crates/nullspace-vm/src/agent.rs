@@ -282,15 +282,18 @@ fn next_id() -> u64 {
     .fetch_add(1, Ordering::SeqCst)
 }
 
-enum LineRead {
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineRead {
     Line,
     Eof,
     TooLong,
 }
 
 /// Reads one line (without its newline) into `line`, never holding more
-/// than `max` bytes.
-fn read_line_bounded(
+/// than `max` bytes. Public for the fuzz target `agent_host`.
+#[doc(hidden)]
+pub fn read_line_bounded(
     r: &mut impl BufRead,
     line: &mut Vec<u8>,
     max: usize,
@@ -321,10 +324,53 @@ fn read_line_bounded(
 }
 
 /// The id of a reply line that begins `{"id":<digits>`.
-fn leading_id(line: &[u8]) -> Option<u64> {
+#[doc(hidden)]
+pub fn leading_id(line: &[u8]) -> Option<u64> {
     let rest = line.strip_prefix(b"{\"id\":")?;
     let n = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&rest[..n]).ok()?.parse().ok()
+}
+
+/// What one line from the guest is.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Decoded {
+    Reply(Reply),
+    /// It names a request, but is no reply we can read.
+    Unreadable {
+        id: u64,
+        error: String,
+    },
+    /// Not ours (resync garbage): skipped.
+    Garbage,
+}
+
+/// Reads one reply line. Public for the fuzz target `agent_host`.
+#[doc(hidden)]
+pub fn decode_reply(line: &[u8]) -> Decoded {
+    match serde_json::from_slice::<Reply>(line) {
+        Ok(r) => Decoded::Reply(r),
+        Err(e) => {
+            #[derive(serde::Deserialize)]
+            struct Head {
+                id: u64,
+            }
+            // A reply too deep for the parser still names its request
+            // first (as the agent writes it): fail that request now
+            // rather than at its deadline.
+            match serde_json::from_slice::<Head>(line)
+                .map(|h| h.id)
+                .ok()
+                .or_else(|| leading_id(line))
+            {
+                Some(id) => Decoded::Unreadable {
+                    id,
+                    error: e.to_string(),
+                },
+                None => Decoded::Garbage,
+            }
+        }
+    }
 }
 
 fn reader(sock: UnixStream, shared: Arc<Shared>, max_line: usize) {
@@ -344,23 +390,10 @@ fn reader(sock: UnixStream, shared: Arc<Shared>, max_line: usize) {
             }
             Err(e) => return shared.close(format!("reading from the guest agent: {e}")),
         }
-        let reply = match serde_json::from_slice::<Reply>(&line) {
-            Ok(r) => r,
-            Err(e) => {
-                #[derive(serde::Deserialize)]
-                struct Head {
-                    id: u64,
-                }
-                // A reply too deep for the parser still names its request
-                // first (as the agent writes it): fail that request now
-                // rather than at its deadline.
-                let Some(id) = serde_json::from_slice::<Head>(&line)
-                    .map(|h| h.id)
-                    .ok()
-                    .or_else(|| leading_id(&line))
-                else {
-                    continue; // not ours (resync garbage)
-                };
+        let reply = match decode_reply(&line) {
+            Decoded::Reply(r) => r,
+            Decoded::Garbage => continue, // not ours (resync garbage)
+            Decoded::Unreadable { id, error } => {
                 let text = String::from_utf8_lossy(&line[..line.len().min(300)]).to_string();
                 if id == shared.hello_id {
                     let _ = r.get_ref().shutdown(std::net::Shutdown::Both);
@@ -373,7 +406,7 @@ fn reader(sock: UnixStream, shared: Arc<Shared>, max_line: usize) {
                     id,
                     event: Event::error(
                         ErrorCode::Other,
-                        format!("unexpected reply from the guest agent ({e}): {text}"),
+                        format!("unexpected reply from the guest agent ({error}): {text}"),
                     ),
                 }
             }

@@ -551,9 +551,7 @@ fn lower_hex(b: &[u8]) -> String {
 }
 
 fn valid_sha256(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    nullspace_model::upload::rules::valid_sha256(s)
 }
 
 /// `path` without `.` and empty components, refusing `..`, NUL and
@@ -570,37 +568,7 @@ pub fn normalize_target(path: &str, user: Option<&str>) -> Result<String, Upload
             "target path {shown:?} ({as_user}) {why}"
         )))
     };
-    if path.contains('\0') {
-        return bad("contains NUL");
-    }
-    if path.len() > 4096 {
-        return bad("is longer than 4096 bytes");
-    }
-    let mut parts = Vec::new();
-    for c in path.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => return bad("contains '..'"),
-            c if c.len() > 255 => return bad("has a component longer than 255 bytes"),
-            c => parts.push(c),
-        }
-    }
-    if parts.is_empty() {
-        return bad("names no file");
-    }
-    if parts.len() >= 2
-        && parts[0] == "workspace"
-        && parts[1] == ".nullspace"
-        && path.starts_with('/')
-    {
-        return bad("is under the reserved /workspace/.nullspace");
-    }
-    let joined = parts.join("/");
-    Ok(if path.starts_with('/') {
-        format!("/{joined}")
-    } else {
-        joined
-    })
+    nullspace_model::upload::rules::normalize_target(path).or_else(|rule| bad(&rule.to_string()))
 }
 
 impl Uploads {
@@ -1104,13 +1072,7 @@ fn new_id(prefix: &str) -> String {
 
 /// A part number as the URL spells it: decimal, no sign, no leading zero.
 fn parse_part(s: &str) -> Option<u32> {
-    if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    if s.len() > 1 && s.starts_with('0') {
-        return None;
-    }
-    s.parse().ok()
+    nullspace_model::upload::rules::parse_part(s)
 }
 
 #[cfg(test)]
