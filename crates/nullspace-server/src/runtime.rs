@@ -704,6 +704,17 @@ impl Runtime {
                 // Killed only if the pid's command line names this VM's sockets.
                 let _ = MachineHandle::new(pid, vm).kill(Duration::from_secs(2));
             }
+            // A QEMU caught in its first moments by a crash may not have
+            // its pid file or VM directory yet: found by its command line,
+            // which names the machine directory.
+            let needle = format!("{}/", dir.display());
+            for pid in nullspace_vm::process::procfs::naming(needle.as_bytes()) {
+                let _ = nullspace_vm::process::signal::kill_naming(
+                    pid,
+                    needle.as_bytes(),
+                    Duration::from_secs(2),
+                );
+            }
             let _ = machine::remove_dir(&dir);
             swept.push(id);
         }

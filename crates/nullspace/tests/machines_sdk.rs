@@ -932,7 +932,9 @@ fn wait_entries(s: &Setup, running: &[String], n: usize) -> Vec<(String, String)
 #[test]
 fn pooled_vms_are_per_template_and_shape_and_end_with_the_server() {
     let _s = serial();
-    let mut s = setup(&["--machine-pool-size", "2"]);
+    // Two per key whatever the demand (the demand rule would grow a key
+    // that these creates keep taking from).
+    let mut s = setup(&["--machine-pool-size", "2", "--machine-pool-max", "2"]);
     let image = s._reg.push_demo(s._tmp.path(), "demo/small");
     let r = run_sdk_version(
         Sdk::V1_0_3,

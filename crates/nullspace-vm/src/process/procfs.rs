@@ -36,6 +36,14 @@ pub fn runs_naming(pid: u32, needle: &[u8]) -> bool {
             .any(|w| w == needle)
 }
 
+/// Live processes whose command line contains `needle`.
+pub fn naming(needle: &[u8]) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|&p| runs_naming(p, needle))
+        .collect()
+}
+
 fn all_pids() -> Vec<u32> {
     fs::read_dir("/proc")
         .map(|rd| {
