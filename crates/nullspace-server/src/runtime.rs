@@ -688,6 +688,20 @@ impl Runtime {
     /// the pool: a previous run's pooled machines are swept too): their
     /// QEMU (if it still runs, matched by the pidfile and its command line)
     /// is killed and the directory removed. Returns the ids swept.
+    /// Ends every process whose command line names machine `id`'s
+    /// directory: a QEMU a crash caught mid-restore, which its record
+    /// never learnt of (its pid file or VM directory may not exist yet).
+    pub fn end_strays(&self, id: &str) {
+        let needle = format!("{}/", self.machine_dir(id).display());
+        for pid in nullspace_vm::process::procfs::naming(needle.as_bytes()) {
+            let _ = nullspace_vm::process::signal::kill_naming(
+                pid,
+                needle.as_bytes(),
+                Duration::from_secs(2),
+            );
+        }
+    }
+
     pub fn sweep_orphans(&self, known: &[String]) -> Vec<String> {
         let mut swept = vec![];
         let Ok(rd) = std::fs::read_dir(&self.machines_dir) else {
@@ -704,17 +718,7 @@ impl Runtime {
                 // Killed only if the pid's command line names this VM's sockets.
                 let _ = MachineHandle::new(pid, vm).kill(Duration::from_secs(2));
             }
-            // A QEMU caught in its first moments by a crash may not have
-            // its pid file or VM directory yet: found by its command line,
-            // which names the machine directory.
-            let needle = format!("{}/", dir.display());
-            for pid in nullspace_vm::process::procfs::naming(needle.as_bytes()) {
-                let _ = nullspace_vm::process::signal::kill_naming(
-                    pid,
-                    needle.as_bytes(),
-                    Duration::from_secs(2),
-                );
-            }
+            self.end_strays(&id);
             let _ = machine::remove_dir(&dir);
             swept.push(id);
         }

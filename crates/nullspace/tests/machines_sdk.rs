@@ -1656,10 +1656,19 @@ fn a_server_killed_during_each_machine_operation_restarts_consistent() {
         while (!s.server.qemu_pids().is_empty() || left() > 0) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));
         }
-        assert_eq!(
-            s.server.qemu_pids(),
-            Vec::<u32>::new(),
-            "after {op}: QEMU left"
+        let stray: Vec<String> = s
+            .server
+            .qemu_pids()
+            .iter()
+            .map(|p| {
+                let c = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                format!("{p}: {}", String::from_utf8_lossy(&c).replace('\0', " "))
+            })
+            .collect();
+        assert!(
+            stray.is_empty(),
+            "after {op}: QEMU left: {stray:?}\n{}",
+            s.server.log_text()
         );
         assert_eq!(left(), 0, "after {op}: machine directories left");
     }

@@ -58,6 +58,12 @@ pub async fn recover(state: &Shared) -> MachineResult<()> {
             }
             Err(why) => {
                 tracing::warn!(machine = %m.id(), "machine ended at start-up: {why}");
+                if m.status() == MachineStatus::Creating {
+                    // Its VM (created or resumed), if the restore got that
+                    // far, was never recorded: found by its directory.
+                    let (rt, id) = (rt.clone(), m.id().to_string());
+                    let _ = tokio::task::spawn_blocking(move || rt.end_strays(&id)).await;
+                }
                 let was_resuming =
                     m.status() == MachineStatus::Creating && m.doc.paused_at.is_some();
                 if was_resuming {
