@@ -10,6 +10,7 @@ import glob, json, math, os, statistics, threading, time
 
 from nullspace import Machine
 from nullspace.errors import NotFoundError
+from procstat import pss_kib
 
 DATA = os.environ["NS_DATA"]
 N = int(os.environ.get("NS_N", "30"))
@@ -32,17 +33,6 @@ def one():
     t2 = time.perf_counter()
     assert r.stdout == "hi\n", r
     return m, (t1 - t0) * 1000, (t2 - t1) * 1000
-
-
-def pss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def machine_pids():

@@ -13,6 +13,7 @@
 import glob, json, math, os, statistics, threading, time
 
 from nullspace import Machine, Template, TemplateWarmPool, wait_for_port
+from procstat import pss_kib
 
 DATA = os.environ["NS_DATA"]
 MODE = os.environ["NS_MODE"]
@@ -50,17 +51,6 @@ def one():
     t2 = time.perf_counter()
     assert r.stdout == "hi\n", r
     return m, (t1 - t0) * 1000, (t2 - t1) * 1000
-
-
-def pss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def pid_of(machine_id):

@@ -47,21 +47,9 @@ WORK=$(mktemp -d /var/tmp/ns-bench-restore.XXXXXX)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # The image, served from a docker-registry on loopback.
-RPORT=$(free_port)
-cat > "$WORK/registry.yml" <<YML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $WORK/registry
-http:
-  addr: 127.0.0.1:$RPORT
-YML
-docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 &
-REG=$!
+# shellcheck source=bench/registry.sh
+source bench/registry.sh
+REG=
 SRV=
 stop_server() {
   [ -n "$SRV" ] || return 0
@@ -86,7 +74,7 @@ cleanup() {
   [ -n "${NS_KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$RPORT") 2>/dev/null && break; sleep 0.1; done
+start_registry "$WORK"
 skopeo copy -q --dest-tls-verify=false "oci:$LAYOUT:app" "docker://127.0.0.1:$RPORT/bench/deb:1"
 IMAGE="127.0.0.1:$RPORT/bench/deb:1"
 

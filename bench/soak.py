@@ -29,6 +29,7 @@ import csv, glob, hashlib, os, random, sqlite3, subprocess, sys, threading, time
 
 from nullspace import Machine, Template
 from nullspace.errors import NotFoundError
+from procstat import pss_kib
 
 DATA = os.environ["NS_DATA"]
 SRV = int(os.environ["SRV"])
@@ -65,17 +66,6 @@ def proc_status(pid, key):
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
-def pss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -145,7 +135,7 @@ def sample(kind):
     s = {
         "t": round(now(), 1), "kind": kind,
         "running": state["running"], "paused": state["paused"],
-        "rss_kib": proc_status(SRV, "VmRSS"), "pss_kib": pss_kib(SRV),
+        "rss_kib": proc_status(SRV, "VmRSS"), "pss_kib": pss_kib(SRV, missing=-1),
         "fds": len(os.listdir(f"/proc/{SRV}/fd")) if os.path.isdir(f"/proc/{SRV}/fd") else -1,
         "threads": proc_status(SRV, "Threads"),
         "children": children, "qemus": qemus,

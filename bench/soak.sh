@@ -33,21 +33,9 @@ SERVER_LOG=$WORK/server.log
 
 # The demo image, served from a docker-registry on loopback (storage in WORK).
 target/debug/ns-demo-image "$WORK/demo" demo >/dev/null
-RPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$WORK/registry.yml" <<YML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $WORK/registry
-http:
-  addr: 127.0.0.1:$RPORT
-YML
-docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 &
-REG=$!
+# shellcheck source=bench/registry.sh
+source bench/registry.sh
+REG=
 DRV=
 soak_cleanup() {
   # The driver first (it would otherwise keep creating), then server.sh's
@@ -62,7 +50,7 @@ trap soak_cleanup EXIT
 # An EXIT trap alone does not run on a signal: turn signals into an exit.
 trap 'exit 130' INT
 trap 'exit 143' TERM HUP
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$RPORT") 2>/dev/null && break; sleep 0.1; done
+start_registry "$WORK"
 skopeo copy -q --dest-tls-verify=false "oci:$WORK/demo:demo" "docker://127.0.0.1:$RPORT/soak/demo:1"
 
 echo "soak: ${NS_SOAK_SECS:-3600} s from $(date -u +%FT%TZ), server pid $SRV, data $NS_DATA, output $OUT"
