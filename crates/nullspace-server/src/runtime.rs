@@ -714,10 +714,8 @@ impl Runtime {
                 continue;
             }
             let dir = e.path();
-            if let (Some(pid), Some(vm)) = (machine::pidfile_pid(&dir), machine::vm_dir(&dir)) {
-                // Killed only if the pid's command line names this VM's sockets.
-                let _ = MachineHandle::new(pid, vm).kill(Duration::from_secs(2));
-            }
+            // Its QEMU, if any, is found by its command line (which names
+            // the directory), with or without a pid file.
             self.end_strays(&id);
             let _ = machine::remove_dir(&dir);
             swept.push(id);

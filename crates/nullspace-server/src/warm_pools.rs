@@ -181,21 +181,30 @@ async fn apply(state: &Shared, p: &Pool, snapshot: Option<Snapshot>) {
     .await;
 }
 
-async fn info(state: &Shared, c: &Caller, p: &Pool) -> WarmPoolInfo {
+/// The API's view of `p`, with its key's counts; `known` is its
+/// template's snapshot when the caller resolved it already (else it is
+/// resolved here).
+async fn info(state: &Shared, c: &Caller, p: &Pool, known: Option<Snapshot>) -> WarmPoolInfo {
     let d = &p.doc;
-    let stats = match template_source(state, c, &p.doc.template_ref).await {
-        Ok(src) => {
+    let snapshot = match known {
+        Some(s) => Some(s),
+        None => template_source(state, c, &p.doc.template_ref)
+            .await
+            .ok()
+            .map(|src| src.snapshot),
+    };
+    let stats = match snapshot {
+        Some(snap) => {
             let rt = state.machines.clone();
             let tid = p.row.template_id.clone();
             tokio::task::spawn_blocking(move || {
-                rt.pool()
-                    .and_then(|pool| pool.key_stats(&tid, &src.snapshot))
+                rt.pool().and_then(|pool| pool.key_stats(&tid, &snap))
             })
             .await
             .ok()
             .flatten()
         }
-        Err(_) => None,
+        None => None,
     };
     let enabled = p.state == WarmPoolState::Enabled;
     let s = stats.unwrap_or_default();
@@ -322,8 +331,8 @@ pub async fn create(state: &Shared, c: &Caller, b: &CreateWarmPoolBody) -> R<War
             format!("a warm pool named {:?} exists already", b.name),
         ));
     }
-    apply(state, &p, Some(src.snapshot)).await;
-    Ok(info(state, c, &p).await)
+    apply(state, &p, Some(src.snapshot.clone())).await;
+    Ok(info(state, c, &p, Some(src.snapshot)).await)
 }
 
 /// `GET /v1/template-warm-pools` filters.
@@ -342,7 +351,7 @@ pub async fn list(state: &Shared, c: &Caller, f: &ListFilter) -> R<Vec<WarmPoolI
     let mut out = vec![];
     for row in state.store.warm_pools(Some(&c.namespace)).await? {
         let p = Pool::of(row)?;
-        let i = info(state, c, &p).await;
+        let i = info(state, c, &p, None).await;
         let template_ok = f
             .template
             .as_deref()
@@ -376,7 +385,7 @@ fn status_of(i: &WarmPoolInfo) -> &'static str {
 
 pub async fn get(state: &Shared, c: &Caller, id: &str) -> R<WarmPoolInfo> {
     let p = load(state, c, id).await?;
-    Ok(info(state, c, &p).await)
+    Ok(info(state, c, &p, None).await)
 }
 
 pub async fn update(
@@ -421,8 +430,8 @@ pub async fn update(
     let src = resolve(state, c, &p.doc.template_ref.clone(), &p.doc.resources).await?;
     rebind(&mut p, &src);
     save(state, &mut p).await?;
-    apply(state, &p, Some(src.snapshot)).await;
-    Ok(info(state, c, &p).await)
+    apply(state, &p, Some(src.snapshot.clone())).await;
+    Ok(info(state, c, &p, Some(src.snapshot)).await)
 }
 
 /// Points the pool at `src`'s build (a new generation when it moved).
@@ -452,8 +461,8 @@ pub async fn act(state: &Shared, c: &Caller, id: &str, action: WarmPoolAction) -
         None
     };
     save(state, &mut p).await?;
-    apply(state, &p, snapshot).await;
-    Ok(info(state, c, &p).await)
+    apply(state, &p, snapshot.clone()).await;
+    Ok(info(state, c, &p, snapshot).await)
 }
 
 /// Moves the pool to its ref's current build and pins it again.
@@ -469,8 +478,8 @@ pub async fn reconcile(state: &Shared, c: &Caller, id: &str) -> R<WarmPoolInfo> 
         Err(_) => None,
     };
     save(state, &mut p).await?;
-    apply(state, &p, snapshot).await;
-    Ok(info(state, c, &p).await)
+    apply(state, &p, snapshot.clone()).await;
+    Ok(info(state, c, &p, snapshot).await)
 }
 
 pub async fn delete(state: &Shared, c: &Caller, id: &str) -> R<()> {

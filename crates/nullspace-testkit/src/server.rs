@@ -169,29 +169,13 @@ impl Server {
             .unwrap_or_else(|_| self.data_dir.clone())
             .display()
             .to_string();
-        let mut pids = vec![];
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let zombie = std::fs::read_to_string(e.path().join("stat"))
-                .map(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start()
-                        .starts_with('Z')
-                })
-                .unwrap_or(true);
-            if cmd.contains("qemu-system") && cmd.contains(&needle) && !zombie {
-                pids.push(pid);
-            }
-        }
-        pids
+        nullspace_vm::process::procfs::naming(needle.as_bytes())
+            .into_iter()
+            .filter(|&p| {
+                String::from_utf8_lossy(&nullspace_vm::process::procfs::cmdline_bytes(p))
+                    .contains("qemu-system")
+            })
+            .collect()
     }
 
     /// Kills the server without a chance to clean up (a crash).
