@@ -9,7 +9,8 @@
 # 1000), NS_PAR (creates at once, default 10), NS_ROUNDS (default 3),
 # NS_PSS (machine counts, default "1,8,32"), NS_SERVER_LOG (for the pool
 # hits the server logs), NS_WARM (a warm pool of that many ready machines
-# made first; 0: none).
+# made first; 0: none), NS_SNAPS (snapshots, forks and pauses of machines
+# that changed 10 MiB of memory, default 3).
 import glob, json, math, os, statistics, threading, time
 
 from nullspace import Machine, Template, TemplateWarmPool, wait_for_port
@@ -250,6 +251,71 @@ for n in PSS if os.environ.get("NS_SKIP_PSS") != "1" else []:
         f"({total / 1024 / max(1, len(ms)):.0f} MiB each), pool {pool / 1024:.0f} MiB, load {load}")
     kill_all(ms)
     settle(10)
+
+
+
+def own_bytes(d):
+    """Bytes a snapshot directory wrote: allocated blocks of its files that
+    are not hard links shared with another snapshot."""
+    n = 0
+    for f in os.listdir(d):
+        st = os.stat(os.path.join(d, f))
+        if st.st_nlink == 1:
+            n += st.st_blocks * 512
+    return n
+
+
+def snapshot_dirs():
+    return set(glob.glob(os.path.join(DATA, "snapshots", "*", "snapshot.json")))
+
+
+# Snapshots of running machines that changed 10 MiB of memory, and forks
+# (NS_SNAPS of each; 0: none).
+res["machine_snapshots"] = []
+for _ in range(int(os.environ.get("NS_SNAPS", "3"))):
+    mm, _, _ = one()
+    r = mm.commands.run("head -c 10485760 /dev/urandom > /dev/shm/ten && sha256sum /dev/shm/ten")
+    want = r.stdout.split()[0]
+    before = snapshot_dirs()
+    t = time.perf_counter()
+    mm.create_snapshot()
+    snap_ms = (time.perf_counter() - t) * 1000
+    new = sorted(snapshot_dirs() - before)
+    assert len(new) == 1, new
+    sd = os.path.dirname(new[0])
+    sm = json.load(open(new[0]))
+    t = time.perf_counter()
+    child = mm.fork()
+    fork_ms = (time.perf_counter() - t) * 1000
+    r = child.commands.run("sha256sum /dev/shm/ten")
+    fork_exec_ms = (time.perf_counter() - t) * 1000
+    assert r.stdout.split()[0] == want, (r.stdout, want)
+    t = time.perf_counter()
+    mm.pause()
+    pause_ms = (time.perf_counter() - t) * 1000
+    t = time.perf_counter()
+    back = Machine.resume(mm.id)
+    r = back.commands.run("sha256sum /dev/shm/ten")
+    resume_exec_ms = (time.perf_counter() - t) * 1000
+    assert r.stdout.split()[0] == want, (r.stdout, want)
+    e = {
+        "snapshot_ms": snap_ms,
+        "paused_ms": sm["timings_ms"].get("snapshot", 0),
+        "commit_ms": sm["timings_ms"].get("commit", 0),
+        "written_bytes": own_bytes(sd),
+        "memory_mode": sm["memory"]["mode"],
+        "state_bytes": sm["memory"]["state"]["size"],
+        "fork_ms": fork_ms,
+        "fork_exec_ms": fork_exec_ms,
+        "pause_ms": pause_ms,
+        "resume_exec_ms": resume_exec_ms,
+    }
+    res["machine_snapshots"].append(e)
+    log(f"snapshot of a machine that changed 10 MiB: {snap_ms:.0f} ms, wrote {e['written_bytes'] / 2**20:.1f} MiB "
+        f"({e['memory_mode']}); fork {fork_ms:.0f} ms (+ first exec {fork_exec_ms:.0f} ms); "
+        f"pause {pause_ms:.0f} ms, resume + first exec {resume_exec_ms:.0f} ms")
+    kill_all([child, back])
+    settle(3)
 
 json.dump(res, open(os.environ["NS_OUT"], "w"), indent=1)
 log("done")

@@ -36,6 +36,13 @@ pub enum MemoryMode {
     /// The earlier design: all guest RAM is in the migration stream, and
     /// every restore reads all of it into private memory.
     Streamed,
+    /// A snapshot of a restored VM: `memory.ram` is the template's RAM file
+    /// (a hard link of the one its chain started from), and the migration
+    /// stream holds the device state plus only the pages that differ from
+    /// it. A restore maps the file private, as for `Mapped`, and loads the
+    /// stream over it. Every delta is against the template's file, so a
+    /// chain of pauses never grows beyond what the VM changed.
+    Delta,
 }
 
 /// The accelerator the snapshot was taken under (a restore uses the same).
@@ -120,12 +127,13 @@ pub struct DiskLayer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Memory {
     pub mode: MemoryMode,
-    /// [`MemoryMode::Mapped`]: the raw guest RAM image (`memory_mib` MiB,
-    /// sparse where the guest never wrote).
+    /// [`MemoryMode::Mapped`] and [`MemoryMode::Delta`]: the raw guest RAM
+    /// image (`memory_mib` MiB, sparse where the guest never wrote).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram: Option<FileEntry>,
-    /// The QEMU migration stream: device state only (mapped), or device
-    /// state and all of RAM (streamed).
+    /// The QEMU migration stream: device state only (mapped), device state
+    /// and the pages that differ from `ram` (delta), or device state and
+    /// all of RAM (streamed).
     pub state: FileEntry,
 }
 
@@ -266,11 +274,15 @@ impl SnapshotManifest {
             }
         }
         match (self.memory.mode, &self.memory.ram) {
-            (MemoryMode::Mapped, None) => return bad("mapped memory without a RAM file".into()),
+            (MemoryMode::Mapped | MemoryMode::Delta, None) => {
+                return bad("mapped memory without a RAM file".into());
+            }
             (MemoryMode::Streamed, Some(r)) => {
                 return bad(format!("streamed memory with a RAM file {}", r.path));
             }
-            (MemoryMode::Mapped, Some(r)) if r.size != (self.device.memory_mib as u64) << 20 => {
+            (MemoryMode::Mapped | MemoryMode::Delta, Some(r))
+                if r.size != (self.device.memory_mib as u64) << 20 =>
+            {
                 return bad(format!(
                     "RAM file {}: {} bytes for {} MiB of guest memory",
                     r.path, r.size, self.device.memory_mib

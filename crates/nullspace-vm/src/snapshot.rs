@@ -15,8 +15,10 @@
 //!
 //! In memory mode `streamed` (the earlier design, kept for comparison)
 //! there is no `memory.ram` and `memory.bin` is the migration stream with
-//! all of RAM. A snapshot of a restored VM also holds the disk layers of
-//! its parent (hard links) and `disk.N.qcow2`, the VM's own overlay.
+//! all of RAM. A snapshot of a restored VM (memory mode `delta`) holds the
+//! disk layers and `memory.ram` of its parent (hard links: the RAM file is
+//! the template's), `disk.N.qcow2`, the VM's own overlay, and a
+//! `device.state` that carries the RAM pages differing from `memory.ram`.
 //!
 //! Every file is made read-only when committed. Verification hashes each
 //! file once per file identity (device, inode, size, mtime, ctime) per
@@ -189,7 +191,12 @@ impl Snapshot {
                 .unwrap_or(0)
         };
         let m = &manifest;
-        let memory_bytes = m.memory.ram.as_ref().map(allocated).unwrap_or(0) + m.memory.state.size;
+        // A delta's RAM file is the template's (linked): only its stream is
+        // its own.
+        let memory_bytes = match m.memory.mode {
+            MemoryMode::Delta => 0,
+            _ => m.memory.ram.as_ref().map(allocated).unwrap_or(0),
+        } + m.memory.state.size;
         let meta = SnapshotMeta {
             vm: VmMeta {
                 vmlinuz: dir.join(&m.kernel.file.path),
@@ -265,6 +272,19 @@ fn remember(md: &std::fs::Metadata, sha: &str) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(identity(md), sha.to_string());
+}
+
+/// Keeps the verification of a file whose ctime alone changed (same inode,
+/// size and mtime: a hard link was made or removed).
+fn still_verified(before: &std::fs::Metadata, after: &std::fs::Metadata) {
+    let (b, a) = (identity(before), identity(after));
+    if (b.dev, b.ino, b.size, b.mtime) != (a.dev, a.ino, a.size, a.mtime) {
+        return;
+    }
+    let mut v = verified().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(sha) = v.get(&b).cloned() {
+        v.insert(a, sha);
+    }
 }
 
 fn verify_file(dir: &Path, role: &str, f: &FileEntry) -> Result<(), VmError> {
@@ -373,7 +393,14 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), VmError> {
 /// Hard-links `src` to `dst` (an immutable snapshot file shared by several
 /// snapshot directories); copies when they are on different filesystems.
 pub(crate) fn link_or_copy(src: &Path, dst: &Path) -> Result<(), VmError> {
+    let before = std::fs::symlink_metadata(src).ok();
     if std::fs::hard_link(src, dst).is_ok() {
+        // A link changes the file's ctime, not its content: carry a
+        // verification over, or the template's next restore would hash
+        // its RAM and disk again.
+        if let (Some(md), Ok(after)) = (before, std::fs::symlink_metadata(dst)) {
+            still_verified(&md, &after);
+        }
         return Ok(());
     }
     let ctx = || format!("copy {} to {}", src.display(), dst.display());

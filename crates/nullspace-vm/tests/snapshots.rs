@@ -324,7 +324,7 @@ fn mapped_and_streamed_restores_continue_where_the_snapshot_left_off() {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         match mode {
-            MemoryMode::Mapped => {
+            MemoryMode::Mapped | MemoryMode::Delta => {
                 let ram = snap.path(snap.manifest.memory.ram.as_ref().unwrap());
                 let (perms, _) = mapping(pid, &ram);
                 assert_eq!(perms, "rw-p", "a private (copy-on-write) mapping");
@@ -443,7 +443,8 @@ fn snapshot_of_a_paused_restored_vm_keeps_its_files_and_processes() {
     );
 
     // The fork's directory stands alone: the template's files are linked
-    // in, the disk gains A's overlay, memory is a new mapped file.
+    // in, the disk gains A's overlay, memory is the template's RAM file
+    // (linked) and a stream of what A changed.
     let m = &fork.manifest;
     assert_eq!(
         m.parent.as_ref().unwrap().manifest_sha256,
@@ -451,18 +452,25 @@ fn snapshot_of_a_paused_restored_vm_keeps_its_files_and_processes() {
     );
     assert_eq!(m.disk.len(), 2);
     assert_eq!(m.disk[0], f.template.manifest.disk[0]);
-    assert_eq!(m.memory.mode, MemoryMode::Mapped);
-    assert_ne!(
-        m.memory.ram.as_ref().unwrap().sha256,
-        f.template.manifest.memory.ram.as_ref().unwrap().sha256
-    );
-    use std::os::unix::fs::MetadataExt;
-    assert_eq!(
-        std::fs::metadata(fork.dir.join("disk.ext4")).unwrap().ino(),
-        std::fs::metadata(f.template.dir.join("disk.ext4"))
-            .unwrap()
-            .ino(),
-        "hard-linked, not copied"
+    assert_eq!(m.memory.mode, MemoryMode::Delta);
+    assert_eq!(m.memory.ram, f.template.manifest.memory.ram);
+    let linked = |snap: &Snapshot, file: &str| {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |d: &Path| std::fs::metadata(d.join(file)).unwrap().ino();
+        assert_eq!(
+            ino(&snap.dir),
+            ino(&f.template.dir),
+            "{file} of {}: hard-linked, not copied",
+            snap.dir.display()
+        );
+    };
+    linked(&fork, "disk.ext4");
+    linked(&fork, "memory.ram");
+    let whole = (m.device.memory_mib as u64) << 20;
+    assert!(
+        m.memory.state.size < whole / 4,
+        "a delta of {} bytes for {whole} bytes of RAM",
+        m.memory.state.size
     );
     drop(a);
 
@@ -496,6 +504,15 @@ fn snapshot_of_a_paused_restored_vm_keeps_its_files_and_processes() {
         .expect("snapshot of a snapshot");
     assert_eq!(b.pid(), 0, "stopped");
     assert_eq!(fork2.manifest.disk.len(), 3);
+    // Still one delta against the template's file, not a chain of them.
+    assert_eq!(fork2.manifest.memory.mode, MemoryMode::Delta);
+    linked(&fork2, "memory.ram");
+    assert!(fork2.manifest.memory.state.size < whole / 4);
+    eprintln!(
+        "[size] deltas: fork {} KiB, fork of the fork {} KiB",
+        m.memory.state.size >> 10,
+        fork2.manifest.memory.state.size >> 10
+    );
     let mut c = restore(&fork2);
     check(&mut c, "restored from the fork of the fork");
     // Keeping the VM running through a snapshot.

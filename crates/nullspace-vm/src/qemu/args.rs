@@ -10,6 +10,10 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 
 /// Guest RAM as QEMU should back it.
+/// The guest RAM backend's id: QEMU names the RAM block after it in
+/// migration streams.
+pub(super) const RAM_ID: &str = "mem0";
+
 pub(super) enum Ram<'a> {
     Anonymous,
     /// `private`: copy-on-write of a file opened read-only; else shared.
@@ -95,7 +99,7 @@ impl CommandLine<'_> {
         if let Ram::File { path, private } = self.ram {
             let mut o = json!({
                 "qom-type": "memory-backend-file",
-                "id": "mem0",
+                "id": RAM_ID,
                 "size": (meta.memory_mb as u64) << 20,
                 "mem-path": path,
                 "share": !private,

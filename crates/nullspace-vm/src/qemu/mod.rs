@@ -15,12 +15,17 @@
 //! page into the new VM's own memory, so it saves neither restore time nor
 //! memory. `x-ignore-shared` with a file-backed RAM is what allows mapping.)
 //!
+//! A snapshot of a restored VM is [`MemoryMode::Delta`]: the template's
+//! `memory.ram` plus a stream of only the pages that differ from it
+//! ([`delta`]).
+//!
 //! [`MemoryMode::Streamed`] is the earlier design (all RAM in the migration
 //! stream, read back by every restore), kept so benchmarks can compare.
 //!
 //! One job per module: [`vmm`] the driver and the specs a VM is made from,
 //! [`vm`] a running VM, [`restore`] the one restore path (prepare, then
-//! start), [`snapshot`] taking snapshots of one,
+//! start), [`snapshot`] taking snapshots of one, [`delta`] the memory
+//! delta filter,
 //! [`args`] the QEMU command line, [`spares`] the spare disks volumes use, [`overlay`] disk overlays (and their
 //! cache) and layer rebasing with `qemu-img`, [`migration`] the QMP
 //! migration helpers, [`accel`] the KVM probe, [`child`] a VM's QEMU
@@ -29,6 +34,7 @@
 mod accel;
 mod args;
 mod child;
+mod delta;
 mod migration;
 mod overlay;
 mod restore;

@@ -214,9 +214,11 @@ fn load_state(
             dir: snap.dir.display().to_string(),
             detail: e.to_string(),
         })?;
-    let mapped = snap.manifest.memory.mode == MemoryMode::Mapped;
+    // Only a mapped snapshot's stream leaves the RAM out; a delta's carries
+    // the pages that differ from the (private) mapping it lands on.
+    let ignore_shared = snap.manifest.memory.mode == MemoryMode::Mapped;
     let state = snap.path(&snap.manifest.memory.state);
-    let paused = incoming(&mut qmp, &state, mapped, watch, deadline)?;
+    let paused = incoming(&mut qmp, &state, ignore_shared, watch, deadline)?;
     phases.load = t.elapsed().as_millis() as u64;
     Ok(paused)
 }

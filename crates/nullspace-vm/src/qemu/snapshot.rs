@@ -1,16 +1,15 @@
 //! Taking snapshots of a VM: a build VM's (its RAM file already shared)
 //! and a restored VM's (fork, snapshot, pause).
 
-use super::args::{CommandLine, Layer, Nic, Ram};
-use super::child::{VmDir, tail};
-use super::migration::{file_channel, incoming, set_migration, stop_migration, wait_migration};
-use super::overlay::{create_overlay, rebase};
+use super::args::RAM_ID;
+use super::migration::{file_channel, set_migration, stop_migration, wait_migration};
+use super::overlay::rebase;
 use super::vm::{AfterSnapshot, Origin, QemuVm};
+use crate::VmError;
 use crate::agent::AgentClient;
-use crate::process::{self, Launch, Watch};
+use crate::process::{self, Watch};
 use crate::qmp::RunState;
-use crate::snapshot::{self as snapfs, Snapshot, VmMeta};
-use crate::{Vm, VmError};
+use crate::snapshot::{self as snapfs, Snapshot};
 use nullspace_model::snapshot::{DiskFormat, DiskLayer, Memory, Parent, SnapshotManifest};
 use nullspace_model::snapshot::{MemoryMode, QemuVersion};
 use serde_json::json;
@@ -80,20 +79,15 @@ impl QemuVm {
     /// filesystems), and the VM's disk overlay is added as `disk.N.qcow2`
     /// (only what this VM wrote; its backing is the layer before it).
     ///
-    /// Memory cannot be stored as the difference from the template here:
-    /// with `share=off` the pages this VM changed exist only in its QEMU
-    /// process, and QEMU can save device state without RAM only for shared
-    /// file-backed RAM (`x-ignore-shared`; `xen-save-devices-state` skips
-    /// the firmware RAM and its loader, `xen-load-devices-state`, aborts on
-    /// QEMU 10). So the VM is paused just long enough to write a full
-    /// migration stream and copy its overlay; then (mapped) a temporary
-    /// QEMU loads that stream into a new shared `memory.ram` (pre-filled
-    /// with a sparse copy of the parent's, which makes the load several
-    /// times faster) and writes the device state: the result restores by
-    /// mapping like a template. Costs are in `timings_ms` (`snapshot`: VM
-    /// paused; `commit`: the rest) and `bench/README.md`.
+    /// Memory (when the parent maps its RAM: mapped or delta) is stored as
+    /// the difference from the parent's RAM file, which is the template's
+    /// ([`super::delta`]): the VM is paused while QEMU writes its full
+    /// migration stream through the delta filter into `device.state`, and
+    /// its disk overlay is copied; the RAM file is hard-linked. Costs are
+    /// in `timings_ms` (`snapshot`: VM paused; `commit`: the rest) and
+    /// `bench/README.md`.
     ///
-    /// On cancel the temporary QEMU is killed, `out` removed, the VM left as
+    /// On cancel the migration is cancelled, `out` removed, the VM left as
     /// `after` says (or paused, if cancelled while paused), and `Cancelled`
     /// returned.
     pub fn snapshot(
@@ -124,7 +118,7 @@ impl QemuVm {
         let out = std::fs::canonicalize(out).map_err(VmError::io(out.display().to_string()))?;
         let mut guard = DirGuard(&out, false);
         let om = &origin.manifest;
-        let mapped = om.memory.mode == MemoryMode::Mapped;
+        let delta = om.memory.mode != MemoryMode::Streamed;
         let mut qmp = self.qmp(Duration::from_secs(10), watch)?;
         let version = qmp.version()?;
         // The start command's state, from the guest while it runs (a paused
@@ -146,16 +140,26 @@ impl QemuVm {
             qmp.execute("cont", json!({}))?;
         }
         qmp.execute("stop", json!({}))?;
-        let stream = out.join(if mapped { "full.stream" } else { "memory.bin" });
         set_migration(&mut qmp, false)?;
-        let migrated = qmp
-            .execute("migrate", json!({"channels": file_channel(&stream)}))
-            .and_then(|_| wait_migration(&mut qmp, watch, Duration::from_secs(300)));
-        if migrated.is_err() {
-            // Cancelled or failed: make sure no migration is still running
-            // before the VM is resumed (a completed one would pause it).
-            stop_migration(&mut qmp);
-        }
+        let limit = Duration::from_secs(300);
+        let migrated = if delta {
+            let ram = om.memory.ram.as_ref().expect("validated: a RAM file");
+            let state = out.join("device.state");
+            super::delta::migrate(&mut qmp, RAM_ID, &origin.path(ram), &state, watch, limit)
+                .map(|_| ())
+        } else {
+            let stream = out.join("memory.bin");
+            let r = qmp
+                .execute("migrate", json!({"channels": file_channel(&stream)}))
+                .and_then(|_| wait_migration(&mut qmp, watch, limit));
+            if r.is_err() {
+                // Cancelled or failed: make sure no migration is still
+                // running before the VM is resumed (a completed one would
+                // pause it).
+                stop_migration(&mut qmp);
+            }
+            r
+        };
         // The disk overlay as of the pause (QEMU flushed it at `stop`).
         let n = om.disk.len();
         let top = format!("disk.{n}.qcow2");
@@ -204,19 +208,14 @@ impl QemuVm {
         }
         let prev = &om.disk[n - 1];
         rebase(&out.join(&top), &prev.file.path, prev.format)?;
-        let memory = if mapped {
-            let ram = om
-                .memory
-                .ram
-                .as_ref()
-                .expect("validated: mapped has a RAM file");
-            snapfs::copy_sparse(&origin.path(ram), &out.join("memory.ram"))
-                .map_err(VmError::io("copy the RAM file"))?;
-            self.rebuild_mapped(&origin, &out, &stream, watch)?;
-            let _ = std::fs::remove_file(&stream);
+        let memory = if delta {
+            // The parent's RAM file is the template's (a delta's parent
+            // links the same one): linked, its entry (and sha256) kept.
+            let ram = om.memory.ram.as_ref().expect("validated: a RAM file");
+            snapfs::link_or_copy(&origin.path(ram), &out.join(&ram.path))?;
             Memory {
-                mode: MemoryMode::Mapped,
-                ram: Some(snapfs::commit_file(&out, "memory.ram")?),
+                mode: MemoryMode::Delta,
+                ram: Some(ram.clone()),
                 state: snapfs::commit_file(&out, "device.state")?,
             }
         } else {
@@ -252,115 +251,5 @@ impl QemuVm {
         snapfs::write_manifest(&out, &manifest)?;
         guard.1 = true;
         Snapshot::open(&out)
-    }
-
-    /// Loads the full migration stream `stream` of this VM into a temporary
-    /// QEMU whose RAM is a shared mapping of `out/memory.ram`, and has it
-    /// write `out/device.state` (device state only). The temporary QEMU
-    /// never runs the guest.
-    pub(super) fn rebuild_mapped(
-        &self,
-        origin: &Snapshot,
-        out: &Path,
-        stream: &Path,
-        watch: &Watch,
-    ) -> Result<(), VmError> {
-        let dir = VmDir::temp(None, "ns-fork-")?;
-        let om = &origin.manifest;
-        let n = om.disk.len();
-        let mut layers: Vec<Layer> = om
-            .disk
-            .iter()
-            .map(|l| Layer {
-                path: out.join(&l.file.path),
-                format: l.format,
-                read_only: true,
-            })
-            .collect();
-        layers.push(Layer {
-            path: out.join(format!("disk.{n}.qcow2")),
-            format: DiskFormat::Qcow2,
-            read_only: true,
-        });
-        // A throwaway writable top, so the device configuration is exactly
-        // the restored VM's (a read-only virtio-blk would differ).
-        let scratch = dir.path().join("scratch.qcow2");
-        let top = layers.last().expect("layers");
-        create_overlay(&scratch, &top.path, DiskFormat::Qcow2, om.disk[0].file.size)?;
-        layers.push(Layer {
-            path: scratch,
-            format: DiskFormat::Qcow2,
-            read_only: false,
-        });
-        let ram = out.join("memory.ram");
-        let initrd = out.join(&om.initramfs.path);
-        let meta = VmMeta {
-            vmlinuz: out.join(&om.kernel.file.path),
-            ..self.meta.clone()
-        };
-        let args = CommandLine {
-            meta: &meta,
-            cmdline: &self.cmdline,
-            dir: dir.path(),
-            initrd: &initrd,
-            disk: &layers,
-            ram: Ram::File {
-                path: &ram,
-                private: false,
-            },
-            incoming: true,
-            pidfile: None,
-            spares: super::spares::args(&meta, dir.path(), &[])?,
-            // Loads the state only: nothing may get out.
-            nic: if meta.has_nic() {
-                Nic::User { restrict: true }
-            } else {
-                Nic::Absent
-            },
-        }
-        .args();
-        // Lives within this call: dies with the thread, killed on return.
-        let mut tmp = QemuVm::spawn(
-            dir,
-            meta,
-            self.cmdline.clone(),
-            initrd,
-            args,
-            Origin::Loader,
-            Launch::SCOPED_VM,
-            watch,
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let r = (|| {
-            let mut q = tmp.qmp(Duration::from_secs(30), watch)?;
-            if !incoming(&mut q, stream, false, watch, deadline)? {
-                return Err(VmError::Snapshot(
-                    "the temporary QEMU started the guest".into(),
-                ));
-            }
-            set_migration(&mut q, true)?;
-            q.execute(
-                "migrate",
-                json!({"channels": file_channel(&out.join("device.state"))}),
-            )?;
-            wait_migration(&mut q, watch, Duration::from_secs(120))?;
-            let _ = q.execute("quit", json!({}));
-            Ok(())
-        })();
-        match r {
-            Ok(()) => {
-                // Guest RAM is complete once QEMU has unmapped it.
-                tmp.qemu.end(Duration::from_secs(5));
-                Ok(())
-            }
-            Err(e) => {
-                let tail = tail(&tmp.console(), 5);
-                tmp.qemu.kill();
-                Err(match e {
-                    VmError::Cancelled => e,
-                    e => VmError::Snapshot(format!("writing the memory file: {e} {tail}")),
-                })
-            }
-        }
     }
 }

@@ -58,10 +58,6 @@ pub(super) enum Origin {
     /// Restored from this snapshot (its disk overlay is `dir/disk.qcow2`);
     /// [`QemuVm::snapshot`] snapshots it.
     Restored(Box<Snapshot>),
-    /// A temporary QEMU of [`QemuVm::snapshot`] that loads a migration
-    /// stream into a shared RAM file and writes its device state; its
-    /// guest never runs.
-    Loader,
 }
 
 /// Where a restore spent its time, in milliseconds (logged and printed by
@@ -269,6 +265,12 @@ impl QemuVm {
             .map_err(VmError::io(spec.disk.display().to_string()))?;
         let memory_file = match spec.memory_mode {
             MemoryMode::Streamed => None,
+            MemoryMode::Delta => {
+                return Err(VmError::VmCreate {
+                    message: "memory mode delta is for snapshots of restored VMs: a build VM's memory is mapped or streamed".into(),
+                    console_tail: String::new(),
+                });
+            }
             MemoryMode::Mapped => {
                 let p = match &spec.memory_file {
                     Some(p) => {
@@ -377,7 +379,6 @@ impl QemuVm {
     pub fn memory_file(&self) -> Option<PathBuf> {
         match &self.origin {
             Origin::Booted { memory_file } => memory_file.clone(),
-            Origin::Loader => None,
             Origin::Restored(snap) => snap.manifest.memory.ram.as_ref().map(|r| snap.path(r)),
         }
     }
@@ -385,7 +386,7 @@ impl QemuVm {
     /// The snapshot a restored VM came from.
     pub fn origin(&self) -> Option<&Snapshot> {
         match &self.origin {
-            Origin::Booted { .. } | Origin::Loader => None,
+            Origin::Booted { .. } => None,
             Origin::Restored(snap) => Some(snap),
         }
     }
