@@ -31,7 +31,6 @@ use serde_json::json;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -86,6 +85,58 @@ const KNOWN_FLAGS: u64 =
 pub const PAGE: usize = 4096;
 const FLAG_MASK: u64 = PAGE as u64 - 1;
 
+/// The RAM image pages are compared against, with where its file has data
+/// (the rest are holes, zero): most of a guest's pages are zero, and a
+/// zero page in a hole is dropped without touching the mapping.
+pub struct Base<'a> {
+    bytes: &'a [u8],
+    /// Sorted, disjoint data extents (start, end); None: all data.
+    data: Option<Vec<(u64, u64)>>,
+}
+
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
+impl<'a> Base<'a> {
+    /// `bytes` without hole information (every page compared).
+    #[cfg(test)]
+    pub fn whole(bytes: &'a [u8]) -> Base<'a> {
+        Base { bytes, data: None }
+    }
+
+    /// `bytes` mapped from `file`, whose data extents are asked of the
+    /// file system (SEEK_DATA/SEEK_HOLE).
+    pub fn of_file(bytes: &'a [u8], file: &std::fs::File) -> io::Result<Base<'a>> {
+        use rustix::fs::{SeekFrom, seek};
+        let len = bytes.len() as u64;
+        let mut data = Vec::new();
+        let mut pos = 0;
+        while pos < len {
+            let start = match seek(file, SeekFrom::Data(pos)) {
+                Ok(p) => p,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            let end = seek(file, SeekFrom::Hole(start))?.min(len);
+            if end <= start {
+                break;
+            }
+            data.push((start, end));
+            pos = end;
+        }
+        Ok(Base {
+            bytes,
+            data: Some(data),
+        })
+    }
+
+    /// Whether any byte of the page at `at` may be data.
+    fn has_data(&self, at: u64) -> bool {
+        let Some(d) = &self.data else { return true };
+        let i = d.partition_point(|e| e.1 <= at);
+        d.get(i).is_some_and(|e| e.0 < at + PAGE as u64)
+    }
+}
+
 /// Filters the migration stream `input` into `out`, dropping the RAM
 /// records of block `block` whose page equals the same page of `base` (a
 /// zero page where `base` is zero, a data page with the same bytes). Pages
@@ -94,7 +145,7 @@ pub fn filter<R: Read, W: Write>(
     input: R,
     out: W,
     block: &str,
-    base: &[u8],
+    base: &Base<'_>,
 ) -> Result<DeltaStats, DeltaError> {
     let mut f = Filter {
         r: Counting { inner: input, n: 0 },
@@ -146,7 +197,7 @@ struct Filter<'a, R, W> {
     r: Counting<R>,
     w: CountingW<W>,
     block: &'a [u8],
-    base: &'a [u8],
+    base: &'a Base<'a>,
     /// The RAM's section id, once its START was read.
     ram_section: Option<u32>,
     /// The block the last page record read was in: QEMU's CONTINUE refers
@@ -443,13 +494,22 @@ impl<R: Read, W: Write> Filter<'_, R, W> {
     /// Whether the page at `addr` (a zero page filled with `fill`, or the
     /// data just read) equals the base's page there.
     fn same_as_base(&self, addr: u64, fill: Option<u8>) -> bool {
-        let Ok(at) = usize::try_from(addr) else {
+        let Some(end) = addr.checked_add(PAGE as u64) else {
             return false;
         };
-        let Some(b) = at.checked_add(PAGE).and_then(|end| self.base.get(at..end)) else {
+        if end > self.base.bytes.len() as u64 {
             return false;
-        };
+        }
+        if !self.base.has_data(addr) {
+            // A hole: zero.
+            return match fill {
+                Some(c) => c == 0,
+                None => self.page.as_slice() == ZERO_PAGE,
+            };
+        }
+        let b = &self.base.bytes[addr as usize..end as usize];
         match fill {
+            Some(0) => b == ZERO_PAGE,
             Some(c) => b.iter().all(|&x| x == c),
             None => b == self.page.as_slice(),
         }
@@ -475,6 +535,9 @@ pub(super) fn migrate(
     // the mapping is read-only and private to this call.
     let map = unsafe { memmap2::Mmap::map(&file) }
         .map_err(VmError::io(format!("map {}", base.display())))?;
+    let _ = map.advise(memmap2::Advice::Sequential);
+    let holes = Base::of_file(&map, &file)
+        .map_err(VmError::io(format!("extents of {}", base.display())))?;
     let sink = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -490,57 +553,59 @@ pub(super) fn migrate(
     listener
         .set_nonblocking(true)
         .map_err(VmError::io("socket"))?;
-    let give_up = Arc::new(AtomicBool::new(false));
+    let give_up = AtomicBool::new(false);
     let deadline = Instant::now() + limit;
-    let stop = give_up.clone();
-    let block = block.to_string();
-    let reader = std::thread::spawn(move || -> Result<DeltaStats, VmError> {
-        let conn = loop {
-            match listener.accept() {
-                Ok((c, _)) => break c,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                        return Err(VmError::Snapshot("QEMU never connected".into()));
+    // Scoped: the reader borrows the mapping and ends before it is unmapped.
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| -> Result<DeltaStats, VmError> {
+            let conn = loop {
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if give_up.load(Ordering::Relaxed) || Instant::now() > deadline {
+                            return Err(VmError::Snapshot("QEMU never connected".into()));
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    Err(e) => return Err(VmError::io("accept")(e)),
                 }
-                Err(e) => return Err(VmError::io("accept")(e)),
-            }
-        };
-        conn.set_nonblocking(false).map_err(VmError::io("socket"))?;
-        // A QEMU that stalls must not hold this thread past the deadline.
-        conn.set_read_timeout(Some(limit))
-            .map_err(VmError::io("socket"))?;
-        let r = io::BufReader::with_capacity(1 << 20, conn);
-        let mut w = io::BufWriter::with_capacity(1 << 20, sink);
-        let stats = filter(r, &mut w, &block, &map)
-            .map_err(|e| VmError::Snapshot(format!("writing the memory delta: {e}")))?;
-        let sink = w
-            .into_inner()
-            .map_err(|e| VmError::io("write the memory delta")(e.into_error()))?;
-        sink.sync_all()
-            .map_err(VmError::io("sync the memory delta"))?;
-        Ok(stats)
-    });
-    let channel = json!([{"channel-type": "main",
-        "addr": {"transport": "socket", "type": "unix", "path": sock}}]);
-    let migrated = q
-        .execute("migrate", json!({"channels": channel}))
-        .and_then(|_| wait_migration(q, watch, limit));
-    if migrated.is_err() {
-        stop_migration(q);
-        give_up.store(true, Ordering::Relaxed);
-    }
-    let read = reader
-        .join()
-        .unwrap_or_else(|_| Err(VmError::Snapshot("the delta writer panicked".into())));
-    match (migrated, read) {
-        (Ok(()), Ok(stats)) => Ok(stats),
-        // A cancel truncates the stream: that, not the reader, is the cause.
-        (Err(VmError::Cancelled), _) => Err(VmError::Cancelled),
-        // Otherwise a reader that stopped is why QEMU's writes failed.
-        (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
-    }
+            };
+            conn.set_nonblocking(false).map_err(VmError::io("socket"))?;
+            // A QEMU that stalls must not hold this thread past the deadline.
+            conn.set_read_timeout(Some(limit))
+                .map_err(VmError::io("socket"))?;
+            let r = io::BufReader::with_capacity(1 << 20, conn);
+            let mut w = io::BufWriter::with_capacity(1 << 20, sink);
+            let stats = filter(r, &mut w, block, &holes)
+                .map_err(|e| VmError::Snapshot(format!("writing the memory delta: {e}")))?;
+            let sink = w
+                .into_inner()
+                .map_err(|e| VmError::io("write the memory delta")(e.into_error()))?;
+            sink.sync_all()
+                .map_err(VmError::io("sync the memory delta"))?;
+            Ok(stats)
+        });
+        let channel = json!([{"channel-type": "main",
+            "addr": {"transport": "socket", "type": "unix", "path": sock}}]);
+        let migrated = q
+            .execute("migrate", json!({"channels": channel}))
+            .and_then(|_| wait_migration(q, watch, limit));
+        if migrated.is_err() {
+            stop_migration(q);
+            give_up.store(true, Ordering::Relaxed);
+        }
+        let read = reader
+            .join()
+            .unwrap_or_else(|_| Err(VmError::Snapshot("the delta writer panicked".into())));
+        match (migrated, read) {
+            (Ok(()), Ok(stats)) => Ok(stats),
+            // A cancel truncates the stream: that, not the reader, is the
+            // cause.
+            (Err(VmError::Cancelled), _) => Err(VmError::Cancelled),
+            // Otherwise a reader that stopped is why QEMU's writes failed.
+            (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -712,7 +777,7 @@ mod tests {
         s.pages(SECTION_END, &[("mem0", 6, None), ("mem0", 7, None)]);
         s.devices();
         let mut out = Vec::new();
-        let st = filter(s.0.as_slice(), &mut out, "mem0", &base).unwrap();
+        let st = filter(s.0.as_slice(), &mut out, "mem0", &Base::whole(&base)).unwrap();
         assert_eq!(st.pages_in, 9);
         // Kept: mem0 2, rom 0, mem0 3, mem0 4.
         assert_eq!(st.pages_out, 4);
@@ -731,28 +796,76 @@ mod tests {
     }
 
     #[test]
+    fn a_sparse_base_file_gives_the_same_delta_as_its_bytes() {
+        use std::io::{Seek, SeekFrom};
+        let pages = 16u64;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("memory.ram");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.set_len(pages * PAGE as u64).unwrap();
+        // Data at pages 1 and 2 (page 2 written as zeros: data, not a hole).
+        f.seek(SeekFrom::Start(PAGE as u64)).unwrap();
+        f.write_all(&[0x11; PAGE]).unwrap();
+        f.write_all(&[0; PAGE]).unwrap();
+        f.sync_all().unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let sparse = Base::of_file(&bytes, &f).unwrap();
+        assert!(sparse.has_data(PAGE as u64));
+        assert!(!sparse.has_data(9 * PAGE as u64), "a hole");
+        let mut s = Stream::new();
+        s.start(&[("mem0", pages * PAGE as u64)]);
+        s.pages(
+            SECTION_END,
+            &[
+                ("mem0", 0, None),
+                ("mem0", 1, Some(0x11)),
+                ("mem0", 2, None),
+                ("mem0", 3, Some(0x22)),
+                ("mem0", 9, None),
+                ("mem0", 10, Some(0)),
+                ("mem0", 1, None),
+            ],
+        );
+        s.devices();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let sa = filter(s.0.as_slice(), &mut a, "mem0", &sparse).unwrap();
+        let sb = filter(s.0.as_slice(), &mut b, "mem0", &Base::whole(&bytes)).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(sa, sb);
+        // Kept: page 3 (new data) and page 1 zeroed.
+        assert_eq!(sa.pages_out, 2);
+    }
+
+    #[test]
     fn an_empty_base_keeps_everything_and_a_bad_stream_is_an_error() {
         let mut s = Stream::new();
         s.start(&[("mem0", 2 * PAGE as u64)]);
         s.pages(SECTION_END, &[("mem0", 0, Some(3)), ("mem0", 1, None)]);
         s.devices();
         let mut out = Vec::new();
-        let st = filter(s.0.as_slice(), &mut out, "mem0", &[]).unwrap();
+        let st = filter(s.0.as_slice(), &mut out, "mem0", &Base::whole(&[])).unwrap();
         assert_eq!(st.pages_out, 2);
         assert_eq!(out, s.0, "nothing dropped: the same bytes");
 
-        let e = filter(&b"not a stream at all"[..], Vec::new(), "mem0", &[]).unwrap_err();
+        let e = filter(
+            &b"not a stream at all"[..],
+            Vec::new(),
+            "mem0",
+            &Base::whole(&[]),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("not a QEMU migration stream"), "{e}");
         // Cut inside a page: an error, not a short success.
         let cut = &s.0[..s.0.len() - 40 - PAGE / 2];
-        assert!(filter(cut, Vec::new(), "mem0", &[]).is_err());
+        assert!(filter(cut, Vec::new(), "mem0", &Base::whole(&[])).is_err());
         // An unknown record flag inside the RAM is refused.
         let mut odd = Stream::new();
         odd.start(&[("mem0", PAGE as u64)]);
         odd.0.push(SECTION_PART);
         odd.0.extend(2u32.to_be_bytes());
         odd.0.extend(0x40u64.to_be_bytes());
-        let e = filter(odd.0.as_slice(), Vec::new(), "mem0", &[]).unwrap_err();
+        let e = filter(odd.0.as_slice(), Vec::new(), "mem0", &Base::whole(&[])).unwrap_err();
         assert!(e.to_string().contains("0x40"), "{e}");
     }
 }
