@@ -986,9 +986,10 @@ fn cancel_during_a_snapshot_of_a_restored_vm_keeps_the_vm_and_leaves_nothing() {
     let f = fixture();
     let work = tempfile::tempdir().unwrap();
     let mut vm = restore(&f.template);
-    // Early: while the VM is paused for the migration; later: while the
-    // temporary QEMU rebuilds the memory file (the VM already resumed).
-    for (i, delay) in [60u64, 150, 300].into_iter().enumerate() {
+    // While the VM is paused for the migration (the delta filter reading
+    // QEMU's stream), at several points: a snapshot takes ~100-300 ms here.
+    let mut cancelled = 0;
+    for (i, delay) in [20u64, 50, 90].into_iter().enumerate() {
         let before = count(&mut vm);
         let token = CancellationToken::new();
         let t2 = token.clone();
@@ -1006,13 +1007,9 @@ fn cancel_during_a_snapshot_of_a_restored_vm_keeps_the_vm_and_leaves_nothing() {
         );
         match r {
             Err(VmError::Cancelled) => {
+                cancelled += 1;
                 assert!(!out.exists(), "nothing half-written");
-                assert!(
-                    our_qemus("ns-fork-").is_empty(),
-                    "the temporary QEMU is gone"
-                );
             }
-            Ok(_) if delay == 300 => panic!("a snapshot in under 300 ms?"),
             Ok(_) => {}
             Err(e) => panic!("{e:?}"),
         }
@@ -1028,6 +1025,7 @@ fn cancel_during_a_snapshot_of_a_restored_vm_keeps_the_vm_and_leaves_nothing() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    assert!(cancelled > 0, "no snapshot was still running 20 ms in?");
 }
 
 /// The guest's `/proc/uptime` (seconds since boot, on the guest's clock,
