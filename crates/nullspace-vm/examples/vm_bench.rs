@@ -253,7 +253,7 @@ fn report(name: &str, s: &Mode, m: &Mode) {
             &int,
         );
         row(
-            "  commit ms (mapped: memory file rebuilt)",
+            "  commit ms (overlay copy, links, sha256)",
             a.commit_ms as f64,
             b.commit_ms as f64,
             &int,
@@ -265,7 +265,7 @@ fn report(name: &str, s: &Mode, m: &Mode) {
             &mib,
         );
         row(
-            "  pages the VM changed MiB (a diff's size)",
+            "  pages the VM changed MiB (what a delta holds)",
             a.changed_kb as f64 * 1024.0,
             b.changed_kb as f64 * 1024.0,
             &mib,

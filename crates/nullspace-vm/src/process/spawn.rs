@@ -3,7 +3,7 @@
 //!
 //! `PR_SET_PDEATHSIG` fires when the *thread* that spawned the child exits,
 //! not the process: it is only for children whose whole life is one call
-//! on one thread (a build VM, the temporary QEMU of a snapshot, the KVM
+//! on one thread (a build VM, the KVM
 //! probe, a build engine's command). VMs handed to other threads or meant
 //! to outlive the process (restored and pooled VMs) do not get it.
 
