@@ -274,11 +274,17 @@ fn remember(md: &std::fs::Metadata, sha: &str) {
         .insert(identity(md), sha.to_string());
 }
 
+/// Whether two identities are the same file with no write between them (a
+/// write moves the mtime; only the ctime may differ).
+fn same_content(a: &Identity, b: &Identity) -> bool {
+    (a.dev, a.ino, a.size, a.mtime) == (b.dev, b.ino, b.size, b.mtime)
+}
+
 /// Keeps the verification of a file whose ctime alone changed (same inode,
 /// size and mtime: a hard link was made or removed).
 fn still_verified(before: &std::fs::Metadata, after: &std::fs::Metadata) {
     let (b, a) = (identity(before), identity(after));
-    if (b.dev, b.ino, b.size, b.mtime) != (a.dev, a.ino, a.size, a.mtime) {
+    if !same_content(&b, &a) {
         return;
     }
     let mut v = verified().lock().unwrap_or_else(|p| p.into_inner());
@@ -327,9 +333,14 @@ fn verify_file(dir: &Path, role: &str, f: &FileEntry) -> Result<(), VmError> {
             f.sha256
         )));
     }
-    // Cache only if nothing changed while hashing.
-    if std::fs::symlink_metadata(&p).is_ok_and(|m| identity(&m) == id) {
-        remember(&md, &got);
+    // Cache only if the content cannot have changed while hashing: the same
+    // inode, size and mtime (a hard link made meanwhile, by a snapshot of a
+    // machine of this template, changes the ctime alone; dropping the result
+    // then would make every later restore hash the file again).
+    if let Ok(m) = std::fs::symlink_metadata(&p)
+        && same_content(&identity(&m), &id)
+    {
+        remember(&m, &got);
     }
     Ok(())
 }
