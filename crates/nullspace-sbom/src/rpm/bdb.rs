@@ -79,6 +79,12 @@ pub(crate) fn values(
             "page size {page_size} is not a power of two in 512..=65536"
         )));
     }
+    if file.len() < page_size {
+        return Err(bad(format!(
+            "{} bytes, shorter than its {page_size}-byte meta page",
+            file.len()
+        )));
+    }
     if file[24] != 0 || file[26] & 0x01 != 0 {
         return Err(bad(
             "encrypted or checksummed pages (rpm writes neither)".into()
@@ -91,6 +97,10 @@ pub(crate) fn values(
         )));
     }
     let pages = file.len() / page_size;
+    // Each overflow page belongs to one chain in a sound database, so all
+    // chains together hold less than the file: more means shared pages, and
+    // reading them again for every reference could take quadratic time.
+    let mut budget = file.len();
     let page = |n: usize| -> Option<&[u8]> {
         file.get(n.checked_mul(page_size)?..(n + 1).checked_mul(page_size)?)
     };
@@ -134,8 +144,11 @@ pub(crate) fn values(
                     let (Some(first), Some(total)) = (first, total) else {
                         return Err(bad(format!("page {n}: a truncated overflow reference")));
                     };
-                    let data =
-                        overflow(path, file, order, page_size, first as usize, total as usize)?;
+                    let total = total as usize;
+                    budget = budget.checked_sub(total).ok_or_else(|| {
+                        bad("overflow values add up to more than the file".into())
+                    })?;
+                    let data = overflow(path, file, order, page_size, first as usize, total)?;
                     each(&data)?;
                 }
                 t => {
