@@ -15,9 +15,14 @@ pub(crate) fn document(inv: &Inventory, info: &DocumentInfo) -> Value {
                 "version": p.version,
                 "purl": p.purl,
             });
-            // `name`, not `id`: a recorded licence is not always an SPDX identifier.
+            // An SPDX expression where the recorded licence is one (as
+            // `expression`: a single `id` would have to be in the schema's
+            // older licence list); otherwise the recorded words as a name.
             if let Some(l) = &p.license {
-                c["licenses"] = json!([{ "license": { "name": l } }]);
+                c["licenses"] = match crate::license::spdx_expression(l) {
+                    Some(e) => json!([{ "expression": e }]),
+                    None => json!([{ "license": { "name": l } }]),
+                };
             }
             c
         })

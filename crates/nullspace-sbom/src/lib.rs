@@ -11,6 +11,7 @@ mod apk;
 mod cyclonedx;
 mod dpkg;
 mod error;
+mod license;
 mod npm;
 mod package;
 mod pacman;

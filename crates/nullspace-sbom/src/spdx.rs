@@ -32,16 +32,18 @@ pub(crate) fn document(inv: &Inventory, info: &DocumentInfo) -> Value {
                 "referenceLocator": p.purl,
             }],
         });
-        // licenseDeclared must be an SPDX expression: a recorded licence that
-        // cannot be one is kept verbatim in licenseComments instead.
-        let declared = match &p.license {
-            Some(l) if is_expression(l) => l.clone(),
-            Some(l) => {
-                pkg["licenseComments"] = json!(format!("recorded licence: {l}"));
-                "NOASSERTION".to_owned()
-            }
-            None => "NOASSERTION".to_owned(),
-        };
+        // licenseDeclared must be an SPDX expression; the recorded words go
+        // to licenseComments whenever they are not exactly that expression.
+        let expression = p
+            .license
+            .as_deref()
+            .and_then(crate::license::spdx_expression);
+        if let Some(l) = &p.license
+            && expression.as_deref() != Some(l.as_str())
+        {
+            pkg["licenseComments"] = json!(format!("recorded licence: {l}"));
+        }
+        let declared = expression.unwrap_or_else(|| "NOASSERTION".to_owned());
         pkg["licenseDeclared"] = json!(declared);
         relationships.push(json!({
             "spdxElementId": "SPDXRef-DOCUMENT",
@@ -63,63 +65,4 @@ pub(crate) fn document(inv: &Inventory, info: &DocumentInfo) -> Value {
         "packages": packages,
         "relationships": relationships,
     })
-}
-
-/// Whether `s` has the shape of an SPDX licence expression: identifiers
-/// (letters, digits, `.`, `-`, a trailing `+`) joined by AND/OR/WITH, with
-/// balanced parentheses. Debian's `GPL-2+` passes; prose does not.
-fn is_expression(s: &str) -> bool {
-    let spaced = s.replace('(', " ( ").replace(')', " ) ");
-    let mut depth = 0i32;
-    let mut want_id = true;
-    for tok in spaced.split_whitespace() {
-        match tok {
-            "(" if want_id => depth += 1,
-            ")" if !want_id => {
-                depth -= 1;
-                if depth < 0 {
-                    return false;
-                }
-            }
-            "AND" | "OR" | "WITH" if !want_id => want_id = true,
-            id if want_id => {
-                let body = id.strip_suffix('+').unwrap_or(id);
-                let ok = !body.is_empty()
-                    && body
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
-                if !ok {
-                    return false;
-                }
-                want_id = false;
-            }
-            _ => return false,
-        }
-    }
-    depth == 0 && !want_id
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn expressions() {
-        for ok in [
-            "MIT",
-            "GPL-2+",
-            "GPL-2.0-or-later OR (MIT AND BSD-3-Clause)",
-            "Apache-2.0 WITH LLVM-exception",
-        ] {
-            assert!(super::is_expression(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "MIT AND",
-            "public domain",
-            "(MIT",
-            "BSD and MIT",
-            "GPL, v2",
-        ] {
-            assert!(!super::is_expression(bad), "{bad}");
-        }
-    }
 }

@@ -418,3 +418,58 @@ fn symlinks_resolve_inside_the_root() {
     let err = scan(&HostDir::new(root)).unwrap_err();
     assert!(err.to_string().contains("etc/os-release"), "{err}");
 }
+
+#[test]
+fn licences_are_spdx_expressions_only_when_exactly_so() {
+    let info = DocumentInfo {
+        name: "t".into(),
+        created: None,
+    };
+    let spdx_of = |root: &str, name: &str| -> serde_json::Value {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&render(&scan_root(root), Format::SpdxJson, &info)).unwrap();
+        doc["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let p = spdx_of("alpm", "hello-alpm");
+    assert_eq!(p["licenseDeclared"], "GPL-2.0-or-later AND MIT");
+    assert!(p.get("licenseComments").is_none());
+    let p = spdx_of("deb", "libfix++1");
+    assert_eq!(p["licenseDeclared"], "(Apache-2.0 OR MIT) AND MIT");
+    assert_eq!(
+        p["licenseComments"],
+        "recorded licence: (Apache-2.0 or MIT) AND MIT"
+    );
+    // Debian's "GPL-2+" and rpm's "GPLv2+ and BSD" name no exact SPDX licence.
+    let p = spdx_of("deb", "hello-sbom");
+    assert_eq!(p["licenseDeclared"], "NOASSERTION");
+    assert_eq!(p["licenseComments"], "recorded licence: GPL-2+ AND MIT");
+    let p = spdx_of("rpm-sqlite", "rpm-epoch");
+    assert_eq!(p["licenseDeclared"], "NOASSERTION");
+
+    let cdx: serde_json::Value =
+        serde_json::from_slice(&render(&scan_root("rpm-bdb"), Format::CycloneDxJson, &info))
+            .unwrap();
+    let licences = |name: &str| {
+        cdx["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()["licenses"]
+            .clone()
+    };
+    assert_eq!(
+        licences("rpm-large"),
+        serde_json::json!([{ "expression": "Apache-2.0" }])
+    );
+    assert_eq!(
+        licences("rpm-epoch"),
+        serde_json::json!([{ "license": { "name": "GPLv2+ and BSD" } }])
+    );
+}
