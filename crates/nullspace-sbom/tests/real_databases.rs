@@ -92,6 +92,8 @@ fn rpm_sqlite_and_berkeleydb_give_the_same_packages() {
     let bdb = scan_root("rpm-bdb");
     assert_eq!(listed(&sqlite), expected("rpm"));
     assert_eq!(listed(&bdb), expected("rpm"));
+    // Big-endian, 512-byte pages: the same packages, purls and licences.
+    assert_eq!(scan_root("rpm-bdb-be").packages, bdb.packages);
     let (s, b) = (by_name(&sqlite), by_name(&bdb));
     assert_eq!(s["rpm-epoch"].license.as_deref(), Some("GPLv2+ and BSD"));
     assert_eq!(
@@ -177,7 +179,15 @@ fn documents_validate_against_spdx_2_3_and_cyclonedx_1_5() {
         name: "fixture".into(),
         created: None,
     };
-    for root in ["deb", "rpm-sqlite", "rpm-bdb", "alpm", "apk", "lang"] {
+    for root in [
+        "deb",
+        "rpm-sqlite",
+        "rpm-bdb",
+        "rpm-bdb-be",
+        "alpm",
+        "apk",
+        "lang",
+    ] {
         let inv = scan_root(root);
         let spdx = render(&inv, Format::SpdxJson, &info);
         validate("spdx", &spdx).unwrap_or_else(|e| panic!("{root} SPDX: {e}"));
@@ -352,6 +362,10 @@ fn mutated_databases_never_panic() {
     // changes. Each scan returns, Ok or a Corrupt/Sqlite error.
     let cases = [
         ("var/lib/rpm/Packages", real("rpm-bdb/var/lib/rpm/Packages")),
+        (
+            "var/lib/rpm/Packages",
+            real("rpm-bdb-be/var/lib/rpm/Packages"),
+        ),
         (
             "var/lib/rpm/rpmdb.sqlite",
             real("rpm-sqlite/var/lib/rpm/rpmdb.sqlite"),
