@@ -272,6 +272,22 @@ for ch in ['Bearer realm="https://auth.docker.io/token",service="registry.docker
            'Basic realm="registry"', 'Bearer realm="a", Basic realm="b"']:
     add("docker_auth", "registry-1.docker.io\n" + ch)
 
+# package_db: the real databases the SBOM tests have their tools write
+# (crates/nullspace-sbom/tests/fixtures/make-rootfs.sh), each behind the
+# byte that picks its path in the target.
+import glob, tempfile
+with tempfile.TemporaryDirectory() as w:
+    subprocess.run(["bash", os.path.join(ROOT, "crates/nullspace-sbom/tests/fixtures/make-rootfs.sh"), w],
+                   check=True, stdout=subprocess.DEVNULL)
+    for pick, pattern in [(0, "rpm-bdb/var/lib/rpm/Packages"), (0, "rpm-bdb-be/var/lib/rpm/Packages"),
+                          (1, "deb/var/lib/dpkg/status"), (2, "apk/lib/apk/db/installed"),
+                          (3, "alpm/var/lib/pacman/local/*/desc"),
+                          (4, "lang/opt/venv/lib/python3*/site-packages/pip-*.dist-info/METADATA"),
+                          (5, "lang/app/node_modules/*/package.json")]:
+        for f in sorted(glob.glob(os.path.join(w, pattern))):
+            with open(f, "rb") as fh:
+                add("package_db", bytes([pick]) + fh.read())
+
 CAP = 80
 for target, files in sorted(seeds.items()):
     d = os.path.join(OUT, target)

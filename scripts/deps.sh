@@ -31,6 +31,9 @@ NULLSPACE_APT_PACKAGES=(
   linux-image-cloud-amd64  # the guest kernel + the virtio modules the initramfs loads
   chromium fonts-dejavu-core  # the browser test renders a machine's preview URL
   iproute2 nftables # a network namespace per machine, its egress policy as an nft table
+  # The SBOM tests' fixture databases, written by the real package managers
+  # (crates/nullspace-sbom/tests/fixtures/make-rootfs.sh), and their schema check.
+  rpm db5.3-util pacman-package-manager libarchive-tools python3-jsonschema
 )
 # The VMM and qemu-img come from bookworm-backports (QEMU 10): the same
 # version for both, and the one the machine image already carries for
@@ -86,6 +89,7 @@ REQUIRED_PROGRAMS=(
   qemu-system-x86_64 qemu-img buildah skopeo umoci docker-registry e2fsck debugfs
   mkfs.ext4 htpasswd openssl cpio unshare runuser busybox curl debootstrap python3
   cargo cargo-fuzz git ldd chromium ssh ssh-keygen ip nft
+  dpkg-deb rpm rpmbuild db5.3_load pacman bsdtar
 )
 missing=()
 for p in "${REQUIRED_PROGRAMS[@]}"; do command -v "$p" >/dev/null 2>&1 || missing+=("$p"); done
