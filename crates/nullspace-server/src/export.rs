@@ -61,12 +61,13 @@ pub async fn export_archive(
             state.artifacts.path(&d)
         }
     };
-    let readiness = match &m.readiness {
-        Some(v) => Some(Readiness::parse(v).map_err(|e| {
-            ApiError::internal(format!("template {raw}: recorded readiness: {e}"))
-        })?),
-        None => None,
-    };
+    let readiness =
+        match &m.readiness {
+            Some(v) => Some(Readiness::parse(v).map_err(|e| {
+                ApiError::internal(format!("template {raw}: recorded readiness: {e}"))
+            })?),
+            None => None,
+        };
     let mut labels: BTreeMap<String, String> = m.oci.labels.clone();
     labels.insert("dev.nullspace.template".into(), row.name.clone());
     let tag = ref_tag(raw).unwrap_or_else(|| "latest".into());
