@@ -255,3 +255,45 @@ fn a_failed_export_leaves_nothing() {
     assert_eq!(std::fs::read(&z).unwrap(), b"keep");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
 }
+
+/// A disk whose superblock says the journal needs recovery (as a snapshot
+/// of a mounted root file system does) is read from a replayed copy: the
+/// same image as the clean disk, and the disk itself is left unchanged.
+#[test]
+fn a_disk_needing_journal_recovery_is_replayed_on_a_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean.ext4");
+    make_disk(&clean);
+    let dirty = dir.path().join("dirty.ext4");
+    std::fs::copy(&clean, &dirty).unwrap();
+    let out = Command::new("debugfs")
+        .args(["-w", "-R", "feature needs_recovery"])
+        .arg(&dirty)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = std::fs::read(&dirty).unwrap();
+    let img = nullspace_rootfs::ext4_read::Ext4Image::open(&dirty, dir.path()).unwrap();
+    assert!(img.replayed_journal);
+    drop(img);
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let sa = export_template(&spec(&clean, &a, ExportFormat::Oci, LayerCompression::Gzip)).unwrap();
+    let sb = export_template(&spec(&dirty, &b, ExportFormat::Oci, LayerCompression::Gzip)).unwrap();
+    assert_eq!(sa.manifest_digest, sb.manifest_digest);
+    assert!(
+        std::fs::read(&dirty).unwrap() == before,
+        "the disk was written"
+    );
+    // The replay's copy is gone.
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -623,3 +623,30 @@ fn replay_journal(image: &Path, scratch: &Path) -> Result<tempfile::TempPath, Re
     }
     Ok(tmp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::acl_to_xattr;
+
+    #[test]
+    fn ext4_acls_become_xattr_acls() {
+        // ext4 v1: USER_OBJ rw-, USER 1000 r--, GROUP_OBJ r--, MASK r--, OTHER ---.
+        let mut v1 = 1u32.to_le_bytes().to_vec();
+        v1.extend([1, 0, 6, 0]);
+        v1.extend([2, 0, 4, 0, 0xe8, 3, 0, 0]);
+        v1.extend([4, 0, 4, 0]);
+        v1.extend([0x10, 0, 4, 0]);
+        v1.extend([0x20, 0, 0, 0]);
+        let x = acl_to_xattr(&v1).unwrap();
+        assert_eq!(&x[..4], &2u32.to_le_bytes());
+        assert_eq!(x.len(), 4 + 5 * 8);
+        assert_eq!(&x[4..12], &[1, 0, 6, 0, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(&x[12..20], &[2, 0, 4, 0, 0xe8, 3, 0, 0]);
+        // Already in the xattr format: unchanged.
+        assert_eq!(acl_to_xattr(&x).unwrap(), x);
+        // Truncated or unknown versions are refused.
+        assert!(acl_to_xattr(&v1[..v1.len() - 2]).is_none());
+        assert!(acl_to_xattr(&[3, 0, 0, 0]).is_none());
+        assert!(acl_to_xattr(&[1, 0]).is_none());
+    }
+}
