@@ -116,6 +116,22 @@ pub fn runtime_config(rt: &TemplateRuntime) -> RuntimeConfig {
 /// Exports the disk as a one-layer image. A failure leaves nothing at
 /// `spec.output`.
 pub fn export_template(spec: &ExportSpec) -> Result<ExportSummary, TemplateExportError> {
+    // Refused before the long part, not after it.
+    let out = spec.output.display().to_string();
+    match spec.format {
+        ExportFormat::Oci => {
+            nullspace_oci::layout::check_output_dir(&spec.output).map_err(|source| {
+                ExportError::Io {
+                    object: out,
+                    source,
+                }
+            })?
+        }
+        ExportFormat::OciArchive if spec.output.symlink_metadata().is_ok() => {
+            return Err(ExportError::Exists(out).into());
+        }
+        ExportFormat::OciArchive => {}
+    }
     let image = Ext4Image::open(&spec.disk, &spec.scratch)?;
     let opts = LayerOptions {
         compression: spec.compression,

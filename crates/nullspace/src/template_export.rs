@@ -63,8 +63,12 @@ pub fn export(a: ExportArgs) -> Result<()> {
     if let Some(p) = &a.push {
         push_target(p)?;
     }
-    if a.output.symlink_metadata().is_ok() && a.format == ExportFormatArg::OciArchive {
-        bail!("output {} exists", a.output.display());
+    match a.format {
+        ExportFormatArg::OciArchive if a.output.symlink_metadata().is_ok() => {
+            bail!("output {} exists", a.output.display());
+        }
+        ExportFormatArg::OciArchive => {}
+        ExportFormatArg::Oci => nullspace_oci::layout::check_output_dir(&a.output)?,
     }
     let api = Api::from_env()?;
     let compression = match a.compression {

@@ -51,7 +51,7 @@ fn build(server: &Server, key: &str, data: &Path, image: &str) -> PathBuf {
             "--set-user",
             "root",
             "--run-cmd",
-            "echo ran > /ran.txt && ln /ran.txt /ran.link && ln -s ran.txt /ran.sym && chmod 4750 /ran.txt && chown 1234:4321 /ran.txt && mkdir -p /srv/deep && echo page > /srv/deep/index.html",
+            "echo ran > /ran.txt && ln /ran.txt /ran.link && ln -s ran.txt /ran.sym && chown 1234:4321 /ran.txt && chmod 4750 /ran.txt && mkdir -p /srv/deep && echo page > /srv/deep/index.html",
             "--set-runtime-env",
             "MODE=prod",
             "--set-workdir",
