@@ -266,11 +266,11 @@ fn append<W: Write>(
         pax.push(("path".into(), name.clone().into_bytes()));
         h.set_path("@PaxPath").map_err(err("path"))?;
     }
-    if let Some(link) = link {
-        if link.len() > 100 || h.set_link_name(link).is_err() {
-            pax.push(("linkpath".into(), link.as_bytes().to_vec()));
-            h.set_link_name("@PaxLink").map_err(err("link name"))?;
-        }
+    if let Some(link) = link
+        && (link.len() > 100 || h.set_link_name(link).is_err())
+    {
+        pax.push(("linkpath".into(), link.as_bytes().to_vec()));
+        h.set_link_name("@PaxLink").map_err(err("link name"))?;
     }
     for (k, v) in &node.xattrs {
         pax.push((format!("SCHILY.xattr.{k}"), v.clone()));
