@@ -56,6 +56,28 @@ pub struct ExportArgs {
     json: bool,
 }
 
+/// What `--json` prints.
+#[derive(serde::Serialize)]
+struct ExportOut<'a> {
+    template_ref: &'a str,
+    output: &'a Path,
+    format: &'static str,
+    compression: &'static str,
+    manifest_digest: String,
+    pushed: Option<&'a str>,
+}
+
+/// containers-auth.json(5), as skopeo reads it.
+#[derive(serde::Serialize)]
+struct AuthFile {
+    auths: std::collections::BTreeMap<String, AuthEntry>,
+}
+
+#[derive(serde::Serialize)]
+struct AuthEntry {
+    auth: String,
+}
+
 /// An export can take a while: the server writes the whole archive first.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -124,14 +146,17 @@ pub fn export(a: ExportArgs) -> Result<()> {
             nullspace_oci::layout::write_layout(&image, &a.output, &Bar::new())?;
         }
     }
-    let summary = serde_json::json!({
-        "template_ref": a.template_ref,
-        "output": a.output,
-        "format": match a.format { ExportFormatArg::Oci => "oci", ExportFormatArg::OciArchive => "oci-archive" },
-        "compression": compression,
-        "manifest_digest": image.manifest_digest.to_string(),
-        "pushed": a.push,
-    });
+    let summary = ExportOut {
+        template_ref: &a.template_ref,
+        output: &a.output,
+        format: match a.format {
+            ExportFormatArg::Oci => "oci",
+            ExportFormatArg::OciArchive => "oci-archive",
+        },
+        compression,
+        manifest_digest: image.manifest_digest.to_string(),
+        pushed: a.push.as_deref(),
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -190,7 +215,9 @@ fn push(archive: &Path, target: &str, insecure: &[String]) -> Result<()> {
         (Some(u), Some(p)) => {
             use base64::Engine as _;
             let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
-            let auth = serde_json::json!({"auths": {host: {"auth": token}}});
+            let auth = AuthFile {
+                auths: [(host.to_owned(), AuthEntry { auth: token })].into(),
+            };
             // tempfile creates it 0600.
             let mut f = tempfile::NamedTempFile::new().context("an auth file for skopeo")?;
             f.write_all(serde_json::to_string(&auth)?.as_bytes())?;
