@@ -173,6 +173,14 @@ fn exported_templates_pass_oci_tools_match_the_disk_and_are_reproducible() {
         "umoci: {}",
         String::from_utf8_lossy(&u.stderr)
     );
+    // The snapshot is taken with the root file system mounted: its journal
+    // needs recovery, which the reader replays on a copy.
+    let img = nullspace_rootfs::ext4_read::Ext4Image::open(&disk_a, t).unwrap();
+    assert!(
+        img.replayed_journal,
+        "the snapshot's disk had a clean journal"
+    );
+    drop(img);
     let want = export_tree::from_image(&disk_a, t).unwrap();
     let ran = &want["ran.txt"];
     assert_eq!(
