@@ -297,3 +297,33 @@ fn a_disk_needing_journal_recovery_is_replayed_on_a_copy() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A hostile image: a directory linked into itself is refused, not walked
+/// forever.
+#[test]
+fn a_directory_loop_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.ext4");
+    make_disk(&disk);
+    let out = Command::new("debugfs")
+        .args(["-w", "-R", "ln /etc /etc/loop"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = dir.path().join("out");
+    let e = export_template(&spec(
+        &disk,
+        &out,
+        ExportFormat::Oci,
+        LayerCompression::Gzip,
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("etc/loop"), "{e}");
+    assert!(e.to_string().contains("loop"), "{e}");
+    assert!(!out.exists());
+}

@@ -194,6 +194,61 @@ fn exported_templates_pass_oci_tools_match_the_disk_and_are_reproducible() {
     let d = export_tree::diff(&want, &got);
     assert!(d.is_empty(), "umoci's tree differs:\n{}", d.join("\n"));
 
+    // Another namespace does not see the private template; a bad
+    // compression is the caller's error; zstd passes skopeo too.
+    let key_other = a.key("team-z");
+    let mut cmd = Command::new(nullspace_bin());
+    cmd.args(["template", "export", "web", "--output"])
+        .arg(t.join("other.oci.tar"))
+        .env("NULLSPACE_API_URL", &a.url)
+        .env("NULLSPACE_API_KEY", &key_other);
+    let r = run(&mut cmd);
+    assert_eq!(r.status.code(), Some(1), "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+    assert!(!t.join("other.oci.tar").exists());
+    let status = {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(a.url.trim_start_matches("http://")).unwrap();
+        write!(
+            c,
+            "GET /v1/templates/refs/web/export?compression=xz HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key_a}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        answer.lines().next().unwrap_or_default().to_string()
+    };
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    let arch_z = t.join("z.oci.tar");
+    cli(
+        &a,
+        &key_a,
+        &[
+            "template",
+            "export",
+            "web",
+            "--output",
+            arch_z.to_str().unwrap(),
+            "--compression",
+            "zstd",
+        ],
+    );
+    let insp = Command::new("skopeo")
+        .args(["inspect"])
+        .arg(format!("oci-archive:{}", arch_z.display()))
+        .output()
+        .unwrap();
+    assert!(
+        insp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&insp.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&insp.stdout).unwrap();
+    assert_eq!(
+        m["LayersData"][0]["MIMEType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
+
     // Pushed and imported again: the same tree.
     let pushed = format!("docker://{}/exported/web:1", reg.addr);
     let arch_p = t.join("p.oci.tar");
