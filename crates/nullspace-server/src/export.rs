@@ -1,7 +1,7 @@
 //! `GET /v1/templates/refs/{ref}/export`: a ready template as one
 //! `image.oci.tar` (`nullspace_build::export`), written to a private file
-//! under `DATA_DIR/tmp/exports` and streamed from its open descriptor (the
-//! name is removed first, so nothing outlives the request).
+//! under `DATA_DIR/run/<this server>/exports` and streamed from its open
+//! descriptor (the name is removed first, so nothing outlives the request).
 //!
 //! The disk read is the snapshot's `disk.ext4` (what native steps wrote),
 //! or the imported rootfs for a template built without a VM. Both are
@@ -71,7 +71,10 @@ pub async fn export_archive(
     let mut labels: BTreeMap<String, String> = m.oci.labels.clone();
     labels.insert("dev.nullspace.template".into(), row.name.clone());
     let tag = ref_tag(raw).unwrap_or_else(|| "latest".into());
-    let scratch = state.config.data_dir.join("tmp/exports");
+    // In this server's own run directory: what a crash leaves there is
+    // removed with the directory when the server is found dead
+    // (`nullspace_vm::process::reap_stale`).
+    let scratch = state.run_root().join(&state.owner).join("exports");
     std::fs::create_dir_all(&scratch).map_err(ApiError::internal)?;
     let output: PathBuf = scratch.join(format!("{}.oci.tar", nullspace_store::new_id("exp")));
     let spec = ExportSpec {

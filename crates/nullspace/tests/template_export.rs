@@ -234,7 +234,7 @@ fn exported_templates_pass_oci_tools_match_the_disk_and_are_reproducible() {
         ],
     );
     let insp = Command::new("skopeo")
-        .args(["inspect"])
+        .args(["inspect", "--raw"])
         .arg(format!("oci-archive:{}", arch_z.display()))
         .output()
         .unwrap();
@@ -245,7 +245,7 @@ fn exported_templates_pass_oci_tools_match_the_disk_and_are_reproducible() {
     );
     let m: serde_json::Value = serde_json::from_slice(&insp.stdout).unwrap();
     assert_eq!(
-        m["LayersData"][0]["MIMEType"],
+        m["layers"][0]["mediaType"],
         "application/vnd.oci.image.layer.v1.tar+zstd"
     );
 
