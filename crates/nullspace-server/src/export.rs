@@ -53,7 +53,7 @@ pub async fn export_archive(
     }
     let m = templates::manifest_of(state, &rec, raw).await?;
     let disk = match templates::snapshot_dir(state, &m) {
-        Some(dir) => dir.join("disk.ext4"),
+        Some(dir) => snapshot_disk(&dir, raw)?,
         None => {
             let d = nullspace_digest::Digest::parse(&m.rootfs).map_err(|_| {
                 ApiError::internal(format!("template {raw}: rootfs digest {:?}", m.rootfs))
@@ -120,5 +120,27 @@ fn ref_tag(raw: &str) -> Option<String> {
             ..
         } => Some(t),
         _ => None,
+    }
+}
+
+/// The one raw disk of a build's snapshot. A snapshot whose disk is a
+/// chain (a restored VM's: a base plus qcow2 layers) is refused rather
+/// than exported without its upper layers.
+fn snapshot_disk(dir: &std::path::Path, raw: &str) -> ApiResult<PathBuf> {
+    use nullspace_model::snapshot::{DiskFormat, MANIFEST_FILE, SnapshotManifest};
+    let bytes = std::fs::read(dir.join(MANIFEST_FILE)).map_err(ApiError::internal)?;
+    let m: SnapshotManifest = serde_json::from_slice(&bytes).map_err(ApiError::internal)?;
+    match m.disk.as_slice() {
+        [only]
+            if only.format == DiskFormat::Raw
+                && !only.file.path.contains('/')
+                && !only.file.path.starts_with('.') =>
+        {
+            Ok(dir.join(&only.file.path))
+        }
+        layers => Err(ApiError::internal(format!(
+            "template {raw}: its snapshot's disk has {} layers; only a single raw disk can be exported",
+            layers.len()
+        ))),
     }
 }
