@@ -7,6 +7,7 @@
 pub mod context;
 pub mod dockerfile;
 pub mod engine;
+pub mod export;
 pub mod import;
 pub mod render;
 pub mod template;

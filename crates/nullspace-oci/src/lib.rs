@@ -15,6 +15,7 @@ pub mod demo;
 /// Digests live in their own crate (the rootfs cache needs them too).
 pub use nullspace_digest as digest;
 pub mod error;
+pub mod export;
 pub mod layout;
 mod local;
 pub mod manifest;

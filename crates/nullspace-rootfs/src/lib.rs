@@ -121,6 +121,8 @@ mod build;
 mod cache;
 mod decode;
 mod error;
+pub mod ext4_read;
+pub mod layer_write;
 mod path;
 mod tree;
 

@@ -37,6 +37,7 @@ fn template_routes() -> Vec<Route> {
     const LOGS: &[QueryParam] = &[OFFSET, CURSOR_OFFSET, FOLLOW];
     const HISTORY: &[QueryParam] = &[LIMIT, CURSOR_PAGE, STATUS, BACKEND, SOURCE_TYPE];
     const FIELDS_ONLY: &[QueryParam] = &[FIELDS];
+    const EXPORT: &[QueryParam] = &[COMPRESSION];
     vec![
         Op::post("/v1/templates/builds", "Start a background template build")
             .body::<BuildRequest>()
@@ -111,6 +112,13 @@ fn template_routes() -> Vec<Route> {
             .reply_with(200, template_masked_schema)
             .to(template_get),
         Op::delete("/v1/templates/refs/{ref}", "Delete a template").to(template_delete),
+        Op::get(
+            "/v1/templates/refs/{ref}/export",
+            "Export a template as an OCI archive (image.oci.tar)",
+        )
+        .query(EXPORT)
+        .reply_bytes()
+        .to(template_export),
         Op::get("/v1/templates/refs/{ref}/builds", "Build history")
             .query(HISTORY)
             .reply::<BuildPage>(200)
@@ -821,6 +829,11 @@ const SOURCE_TYPE: QueryParam = QueryParam {
     name: "source_type",
     description: "Only builds of this source type",
     kind: QueryKind::OneOf(SOURCE_TYPES),
+};
+const COMPRESSION: QueryParam = QueryParam {
+    name: "compression",
+    description: "Layer compression: `gzip` (default) or `zstd`",
+    kind: QueryKind::OneOf(&["gzip", "zstd"]),
 };
 const FIELDS: QueryParam = QueryParam {
     name: "fields",
@@ -1622,6 +1635,50 @@ async fn template_get(
         serde_json::to_value(info).map_err(ApiError::internal)?,
         q.get(FIELDS.name),
     )))
+}
+
+/// Streams the archive; `X-Manifest-Digest` names the image.
+async fn template_export(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let compression = match q.get(COMPRESSION.name).map(String::as_str) {
+        None | Some("gzip") => nullspace_build::export::LayerCompression::Gzip,
+        Some("zstd") => nullspace_build::export::LayerCompression::Zstd,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "compression {other:?}: expected gzip or zstd"
+            )));
+        }
+    };
+    let e = crate::export::export_archive(&s, &c, &r, compression).await?;
+    let file = tokio::fs::File::from_std(e.file);
+    let stream = futures_util::stream::unfold(file, |mut f| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 256 << 10];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
+            }
+            Err(err) => Some((Err(err), f)),
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-tar".to_owned()),
+            (header::CONTENT_LENGTH, e.size.to_string()),
+            (
+                axum::http::HeaderName::from_static("x-manifest-digest"),
+                e.manifest_digest,
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 async fn template_delete(

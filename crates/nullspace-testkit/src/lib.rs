@@ -1,6 +1,7 @@
 //! Test fixtures: images written by code ([`image`]) and real servers
 //! started on loopback ([`registry`]). Tests read as scenarios on top.
 
+pub mod export_tree;
 pub mod image;
 pub mod inet;
 pub mod registry;

@@ -6,6 +6,7 @@ mod progress;
 mod server;
 mod shell;
 mod template;
+mod template_export;
 
 use std::process::ExitCode;
 

@@ -147,6 +147,8 @@ pub enum TemplateCommand {
     /// Assign, list or remove tags.
     #[command(subcommand)]
     Tag(TagCommand),
+    /// Export a template as an OCI image (archive or layout), optionally pushing it.
+    Export(Box<crate::template_export::ExportArgs>),
 }
 
 #[derive(Subcommand)]
@@ -526,6 +528,7 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
             print_info(&info, json)
         }
         TemplateCommand::Exists { template_ref } => exists(&template_ref),
+        TemplateCommand::Export(a) => crate::template_export::export(*a),
         TemplateCommand::Delete { template_ref } => {
             Api::from_env()?.send_json::<IgnoredAny>(
                 Method::DELETE,
@@ -742,6 +745,28 @@ impl Api {
             return Err(err.into());
         }
         unreachable!("the retry loop returns")
+    }
+
+    /// A GET whose body is a large download (no retries; `timeout` for
+    /// the whole transfer).
+    pub(crate) fn download(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<reqwest::blocking::Response> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.key)
+            .timeout(timeout)
+            .send()
+            .with_context(|| format!("GET {url}"))?;
+        let status = resp.status().as_u16();
+        if status >= 400 {
+            return Err(ApiError::from_body(status, &resp.text().unwrap_or_default()).into());
+        }
+        Ok(resp)
     }
 
     /// A JSON call read as `R` (the server's response type); an empty

@@ -106,7 +106,7 @@ fn openapi_document_lists_every_route() {
             ops += 1;
         }
     }
-    // 27 template operations, 54 machine operations and 7 of ports and
+    // 30 template operations (export among them), 54 machine operations and 7 of ports and
     // preview URLs under each of `/v1/machines` and `/v1/sandboxes`,
     // `…/ssh-access` and `…/egress` (1.0.x only), 3 snapshot operations,
     // the 4 signed transfer routes, `/openapi.json` and `/healthz`, and 18
@@ -114,7 +114,7 @@ fn openapi_document_lists_every_route() {
     // 10 of warm pools and `/metrics`.
     assert_eq!(
         ops,
-        29 + 2 * (54 + 7) + 2 + 3 + 4 + 18 + 10 + 1,
+        30 + 2 * (54 + 7) + 2 + 3 + 4 + 18 + 10 + 1,
         "operations documented"
     );
     for p in [
