@@ -90,10 +90,11 @@ fn template_routes() -> Vec<Route> {
             .to(validate_request),
         Op::post(
             "/v1/templates/plan",
-            "The build plan: what a build of this request runs, with its digests",
+            "The build plan: what a build of this request runs, with its digests; `view` picks another view of the same plan",
         )
+        .query(&[crate::plan_views::VIEW])
         .body::<BuildRequest>()
-        .reply::<PlanResponse>(200)
+        .reply::<crate::plan_views::PlanAnswer>(200)
         .to(plan_request),
         Op::get("/v1/templates", "List templates")
             .query(FIELDS_ONLY)
@@ -1407,11 +1408,15 @@ async fn validate_request(
 async fn plan_request(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
     JsonBody(req): JsonBody<BuildRequest>,
-) -> ApiResult<Json<PlanResponse>> {
+) -> ApiResult<Json<crate::plan_views::PlanAnswer>> {
+    let view = crate::plan_views::parse_view(q.get("view").map(String::as_str))?;
     let plan =
         validate::plan(&req, &c.namespace, &s.engines).map_err(|i| validate::rejection(&i))?;
-    Ok(Json(crate::plan::response(plan)))
+    Ok(Json(
+        crate::plan_views::answer(&s, &c.namespace, &req, plan, view).await,
+    ))
 }
 
 // ---- blobs -----------------------------------------------------------------

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod model;
 pub mod openapi;
 pub mod plan;
+pub mod plan_views;
 pub mod preview;
 pub mod refs;
 pub mod runtime;

@@ -3,6 +3,8 @@
 //! `$NULLSPACE_API_URL` with `$NULLSPACE_API_KEY`; request and response
 //! shapes follow docs/sdk-contract.md (section numbers cited below).
 
+mod plan_view;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
@@ -37,8 +39,9 @@ pub enum TemplateCommand {
     Build(Box<BuildArgs>),
     /// Check a build request on the server without building.
     Validate(Box<InspectArgs>),
-    /// Show the build plan the server derives from a request (JSON).
-    Plan(Box<InspectArgs>),
+    /// Show the build plan the server derives from a request (JSON), or
+    /// one of its views.
+    Plan(Box<PlanArgs>),
     /// List a template's builds, newest first.
     Builds {
         template_ref: String,
@@ -227,6 +230,16 @@ pub struct BuildArgs {
     /// Print the final build record as JSON (the log goes to stderr).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    inspect: InspectArgs,
+    /// Which view of the plan: plan (the default, JSON), deps, dry-run
+    /// (what would run and what the server's caches hold), steps, outputs.
+    #[arg(long, value_enum)]
+    view: Option<plan_view::ViewArg>,
 }
 
 #[derive(Args)]
@@ -966,11 +979,9 @@ fn validate(a: InspectArgs, m: &ArgMatches) -> Result<()> {
     Ok(())
 }
 
-fn plan(a: InspectArgs, m: &ArgMatches) -> Result<()> {
-    let body = request(&a.spec, m)?;
-    // Shown as the server wrote it: the CLI reads none of its fields.
-    let v: Value = Api::from_env()?.post("/v1/templates/plan", &body)?;
-    print_json(&v)
+fn plan(a: PlanArgs, m: &ArgMatches) -> Result<()> {
+    let body = request(&a.inspect.spec, m)?;
+    plan_view::show(&body, a.view, a.inspect.json)
 }
 
 // ---- the request body (contract §3) ----------------------------------------
