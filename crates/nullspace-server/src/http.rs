@@ -112,6 +112,13 @@ fn template_routes() -> Vec<Route> {
             .reply_with(200, template_masked_schema)
             .to(template_get),
         Op::delete("/v1/templates/refs/{ref}", "Delete a template").to(template_delete),
+        Op::get(
+            "/v1/templates/refs/{ref}/disk",
+            "The template as a bootable disk image (partition table, syslinux, kernel, initramfs, ext4 root) for plain QEMU",
+        )
+        .query(&[crate::export_disk::FORMAT])
+        .reply_bytes()
+        .to(template_disk),
         Op::get("/v1/templates/refs/{ref}/builds", "Build history")
             .query(HISTORY)
             .reply::<BuildPage>(200)
@@ -1627,6 +1634,16 @@ async fn template_get(
         serde_json::to_value(info).map_err(ApiError::internal)?,
         q.get(FIELDS.name),
     )))
+}
+
+async fn template_disk(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let format = crate::export_disk::parse_format(q.get("format").map(String::as_str))?;
+    crate::export_disk::disk(&s, &c, &r, format).await
 }
 
 async fn template_delete(

@@ -12,6 +12,7 @@ pub mod base;
 pub mod builds;
 pub mod edge;
 pub mod error;
+pub mod export_disk;
 pub mod gc;
 pub mod git;
 pub mod guest;
