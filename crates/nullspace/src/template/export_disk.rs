@@ -41,10 +41,12 @@ pub fn export(template_ref: &str, output: &Path, format: DiskFormatArg) -> Resul
         .prefix(".nullspace-disk-")
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    // Read before the body: afterwards it is what is left (0).
+    let length = resp.content_length();
     let n = resp
         .copy_to(tmp.as_file_mut())
         .with_context(|| format!("downloading the disk of {template_ref}"))?;
-    if let Some(expected) = resp.content_length()
+    if let Some(expected) = length
         && expected != n
     {
         anyhow::bail!("the disk of {template_ref} ended after {n} of {expected} bytes");
