@@ -33,6 +33,11 @@ pub fn parse_format(v: Option<&str>) -> ApiResult<DiskFormat> {
     }
 }
 
+/// Exports at once per server: each writes a whole disk under
+/// `DATA_DIR/work` before it streams, so they are bounded like machines.
+const MAX_EXPORTS: usize = 2;
+static EXPORTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_EXPORTS);
+
 pub async fn disk(
     state: &Shared,
     caller: &Caller,
@@ -57,6 +62,14 @@ pub async fn disk(
             "this server runs without --build-vm: it has no guest kernel modules to put on a disk",
         ));
     };
+    // Held until the disk is written and opened (streaming needs no more).
+    let _permit = EXPORTS.try_acquire().map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "capacity_exceeded",
+            format!("{MAX_EXPORTS} disk exports are running on this server: retry later"),
+        )
+    })?;
     let snapshot_dir = crate::builds::snapshot_path(state, snapshot);
     let mut config = GuestConfig::new(&hostname(r));
     config.env = m.env.clone();
