@@ -19,8 +19,9 @@ use crate::error::ApiError;
 use crate::openapi::{QueryKind, QueryParam};
 use crate::state::{RunSecrets, Shared};
 
-/// How long a dry-run waits for a registry before saying "unknown".
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a dry-run waits for a registry before saying "unknown" (well
+/// under a client's patience: the answer is a look, not a build).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `?view=`, documented in `/openapi.json`.
 pub const VIEW: QueryParam = QueryParam {

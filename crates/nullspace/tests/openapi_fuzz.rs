@@ -114,7 +114,8 @@ fn openapi_document_lists_every_route() {
     // 10 of warm pools and `/metrics`.
     assert_eq!(
         ops,
-        29 + 2 * (54 + 7) + 2 + 3 + 4 + 18 + 10 + 1,
+        // (+1: the template's bootable disk, `…/refs/{ref}/disk`.)
+        30 + 2 * (54 + 7) + 2 + 3 + 4 + 18 + 10 + 1,
         "operations documented"
     );
     for p in [
@@ -124,6 +125,7 @@ fn openapi_document_lists_every_route() {
         "/v1/templates/builds/{build_id}/logs",
         "/v1/templates/validate",
         "/v1/templates/plan",
+        "/v1/templates/refs/{ref}/disk",
         "/v1/templates/blobs/{blob_id}",
         "/v1/templates/refs/{ref}/visibility",
         "/v1/machines",
