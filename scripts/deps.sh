@@ -34,6 +34,7 @@ NULLSPACE_APT_PACKAGES=(
   # The SBOM tests' fixture databases, written by the real package managers
   # (crates/nullspace-sbom/tests/fixtures/make-rootfs.sh), and their schema check.
   rpm db5.3-util pacman-package-manager libarchive-tools python3-jsonschema
+  syslinux syslinux-common mtools dosfstools  # exported disks: a FAT boot partition made and made bootable without a mount
 )
 # The VMM and qemu-img come from bookworm-backports (QEMU 10): the same
 # version for both, and the one the machine image already carries for
@@ -90,12 +91,14 @@ REQUIRED_PROGRAMS=(
   mkfs.ext4 htpasswd openssl cpio unshare runuser busybox curl debootstrap python3
   cargo cargo-fuzz git ldd chromium ssh ssh-keygen ip nft
   dpkg-deb rpm rpmbuild db5.3_load pacman bsdtar
+  syslinux mcopy mkfs.vfat
 )
 missing=()
 for p in "${REQUIRED_PROGRAMS[@]}"; do command -v "$p" >/dev/null 2>&1 || missing+=("$p"); done
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
 for p in initdb pg_ctl postgres pg_dump; do [ -x "$pgbin/$p" ] || missing+=("$p (postgresql)"); done
 ls /boot/vmlinuz-*cloud-amd64 >/dev/null 2>&1 || missing+=("/boot/vmlinuz-*-cloud-amd64 (linux-image-cloud-amd64)")
+[ -f /usr/lib/syslinux/mbr/mbr.bin ] || missing+=("/usr/lib/syslinux/mbr/mbr.bin (syslinux-common)")
 if ((${#missing[@]})); then
   echo "error: set-up finished but these programs are missing: ${missing[*]}" >&2
   exit 1

@@ -11,7 +11,9 @@
 //! `/nullspace/config.json` (read before the switch; with `defer_start` the
 //! host starts it later through the agent's `start` op), zombie reaping, and the
 //! agent on the virtio-serial port named `nullspace.agent` (see `agent.rs`
-//! for the protocol).
+//! for the protocol). An exported disk (`nullspace_vm::disk_export`) boots
+//! the same way with `root_device` and `standalone` in its config: root on
+//! a partition, and no agent.
 
 mod agent;
 mod exec;
@@ -145,11 +147,14 @@ fn stage1() -> Config {
         let _ = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
         fatal("poweroff failed");
     }
-    if !wait_for("/dev/vda", Duration::from_secs(20)) {
-        fatal("/dev/vda did not appear (virtio_blk not loaded or no disk)");
+    let root = cfg.root_device.as_deref().unwrap_or("/dev/vda");
+    if !wait_for(root, Duration::from_secs(20)) {
+        fatal(&format!(
+            "{root} did not appear (virtio_blk not loaded or no disk)"
+        ));
     }
     mkdir_p("/newroot", 0o755);
-    mount("/dev/vda", "/newroot", "ext4", MountFlags::empty(), "").unwrap_or_else(|e| fatal(&e));
+    mount(root, "/newroot", "ext4", MountFlags::empty(), "").unwrap_or_else(|e| fatal(&e));
     for d in ["dev", "proc", "sys"] {
         let target = format!("/newroot/{d}");
         mkdir_p(&target, 0o755);
@@ -245,5 +250,13 @@ fn main() {
         "userspace ready in {} ms",
         boot.elapsed().as_millis()
     ));
+    if cfg.standalone {
+        // An exported disk under plain QEMU: no host agent will connect;
+        // the reaper thread keeps PID 1's only other duty.
+        log("standalone: no agent");
+        loop {
+            std::thread::park();
+        }
+    }
     agent::serve(state);
 }

@@ -41,6 +41,15 @@ pub struct GuestConfig {
     /// `nameserver 10.0.2.3` (QEMU's DNS forwarder) into it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub network: bool,
+    /// The root file system's block device (`/dev/vda` when absent): an
+    /// exported disk's root is its second partition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_device: Option<String>,
+    /// Booted without nullspace (an exported disk under plain QEMU): no
+    /// host agent will ever connect, so init runs the start command and
+    /// only reaps, instead of waiting for the agent's port.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub standalone: bool,
 }
 
 impl Default for GuestConfig {
@@ -55,6 +64,8 @@ impl Default for GuestConfig {
             probe_only: false,
             defer_start: false,
             network: false,
+            root_device: None,
+            standalone: false,
         }
     }
 }
@@ -98,6 +109,7 @@ mod tests {
         let j = serde_json::to_value(&c).unwrap();
         assert_eq!(j["agent_port"], AGENT_PORT);
         assert!(j.get("probe_only").is_none(), "false switches are omitted");
+        assert!(j.get("standalone").is_none() && j.get("root_device").is_none());
         assert_eq!(serde_json::from_value::<GuestConfig>(j).unwrap(), c);
 
         // Missing fields take the defaults; blanks are none.

@@ -197,6 +197,22 @@ impl LayerCache {
         }
     }
 
+    /// Whether a complete entry for `digest` is there, without leasing it,
+    /// refreshing its recency or removing a broken one: a look for a
+    /// dry-run, which must not change what the cache would do next.
+    pub fn holds(&self, digest: &str) -> Result<bool, Error> {
+        let (tar, json) = self.paths(digest)?;
+        let Some(rec) = fs::read(&json)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+        else {
+            return Ok(false);
+        };
+        Ok(rec.digest == digest
+            && parse_digest(&rec.diff_id).is_ok()
+            && fs::metadata(&tar).is_ok_and(|m| m.len() == rec.size))
+    }
+
     /// Start inserting `digest`: returns a temp file to pass to
     /// [`crate::decode_layer`] as the spool. Commit it with
     /// [`CacheInsert::commit`]; dropping it uncommitted deletes the temp.
@@ -465,6 +481,26 @@ mod tests {
         a.evict(&[]).unwrap();
         assert!(a.get(&d1).unwrap().is_none() && a.get(&d2).unwrap().is_none());
         assert_eq!(b.stats().evictions + a.stats().evictions, 2);
+    }
+
+    #[test]
+    fn holds_is_a_look_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = LayerCache::open(dir.path(), u64::MAX).unwrap();
+        let d = format!("sha256:{}", "3".repeat(64));
+        assert!(!c.holds(&d).unwrap());
+        let tar = insert(&c, &d, b"layer three").tar_path;
+        let before = fs::metadata(&tar).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(c.holds(&d).unwrap());
+        // No recency bump, no stats: nothing the next import sees changed.
+        assert_eq!(fs::metadata(&tar).unwrap().modified().unwrap(), before);
+        assert_eq!((c.stats().hits, c.stats().misses), (0, 0));
+        // A truncated spool is not held (and is left for `get` to clean).
+        fs::write(&tar, b"short").unwrap();
+        assert!(!c.holds(&d).unwrap());
+        assert!(tar.exists());
+        assert!(c.holds("sha256:../x").is_err());
     }
 
     #[test]

@@ -91,10 +91,11 @@ fn template_routes() -> Vec<Route> {
             .to(validate_request),
         Op::post(
             "/v1/templates/plan",
-            "The build plan: what a build of this request runs, with its digests",
+            "The build plan: what a build of this request runs, with its digests; `view` picks another view of the same plan",
         )
+        .query(&[crate::plan_views::VIEW])
         .body::<BuildRequest>()
-        .reply::<PlanResponse>(200)
+        .reply::<crate::plan_views::PlanAnswer>(200)
         .to(plan_request),
         Op::get("/v1/templates", "List templates")
             .query(FIELDS_ONLY)
@@ -119,6 +120,13 @@ fn template_routes() -> Vec<Route> {
         .query(EXPORT)
         .reply_bytes()
         .to(template_export),
+        Op::get(
+            "/v1/templates/refs/{ref}/disk",
+            "The template as a bootable disk image (partition table, syslinux, kernel, initramfs, ext4 root) for plain QEMU",
+        )
+        .query(&[crate::export_disk::FORMAT])
+        .reply_bytes()
+        .to(template_disk),
         Op::get("/v1/templates/refs/{ref}/builds", "Build history")
             .query(HISTORY)
             .reply::<BuildPage>(200)
@@ -1420,11 +1428,15 @@ async fn validate_request(
 async fn plan_request(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
     JsonBody(req): JsonBody<BuildRequest>,
-) -> ApiResult<Json<PlanResponse>> {
+) -> ApiResult<Json<crate::plan_views::PlanAnswer>> {
+    let view = crate::plan_views::parse_view(q.get("view").map(String::as_str))?;
     let plan =
         validate::plan(&req, &c.namespace, &s.engines).map_err(|i| validate::rejection(&i))?;
-    Ok(Json(crate::plan::response(plan)))
+    Ok(Json(
+        crate::plan_views::answer(&s, &c.namespace, &req, plan, view).await,
+    ))
 }
 
 // ---- blobs -----------------------------------------------------------------
@@ -1679,6 +1691,16 @@ async fn template_export(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+async fn template_disk(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let format = crate::export_disk::parse_format(q.get("format").map(String::as_str))?;
+    crate::export_disk::disk(&s, &c, &r, format).await
 }
 
 async fn template_delete(

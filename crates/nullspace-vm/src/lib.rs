@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod cpio;
+pub mod disk_export;
 pub mod error;
 pub mod init_binary;
 pub mod initramfs;

@@ -3,6 +3,9 @@
 //! `$NULLSPACE_API_URL` with `$NULLSPACE_API_KEY`; request and response
 //! shapes follow docs/sdk-contract.md (section numbers cited below).
 
+mod export_disk;
+mod plan_view;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
@@ -37,8 +40,9 @@ pub enum TemplateCommand {
     Build(Box<BuildArgs>),
     /// Check a build request on the server without building.
     Validate(Box<InspectArgs>),
-    /// Show the build plan the server derives from a request (JSON).
-    Plan(Box<InspectArgs>),
+    /// Show the build plan the server derives from a request (JSON), or
+    /// one of its views.
+    Plan(Box<PlanArgs>),
     /// List a template's builds, newest first.
     Builds {
         template_ref: String,
@@ -137,6 +141,19 @@ pub enum TemplateCommand {
     Exists { template_ref: String },
     /// Delete a template.
     Delete { template_ref: String },
+    /// Export a template: `--format disk` writes a bootable disk image
+    /// (boot it with `qemu-system-x86_64 -drive file=FILE,if=virtio
+    /// -nic user,model=virtio-net-pci`).
+    Export {
+        template_ref: String,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// The disk image's format (`--format disk`).
+        #[arg(long, value_enum, default_value = "qcow2")]
+        disk_format: export_disk::DiskFormatArg,
+    },
     /// Rename a template; the old name stays as an alias.
     Rename {
         template_ref: String,
@@ -229,6 +246,24 @@ pub struct BuildArgs {
     /// Print the final build record as JSON (the log goes to stderr).
     #[arg(long)]
     json: bool,
+}
+
+/// `template export --format`.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    /// A bootable disk image (partition table, bootloader, kernel,
+    /// initramfs, ext4 root).
+    Disk,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    inspect: InspectArgs,
+    /// Which view of the plan: plan (the default, JSON), deps, dry-run
+    /// (what would run and what the server's caches hold), steps, outputs.
+    #[arg(long, value_enum)]
+    view: Option<plan_view::ViewArg>,
 }
 
 #[derive(Args)]
@@ -538,6 +573,12 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
             println!("deleted {template_ref}");
             Ok(())
         }
+        TemplateCommand::Export {
+            template_ref,
+            format: ExportFormat::Disk,
+            output,
+            disk_format,
+        } => export_disk::export(&template_ref, &output, disk_format),
         TemplateCommand::Rename {
             template_ref,
             new_name,
@@ -991,11 +1032,9 @@ fn validate(a: InspectArgs, m: &ArgMatches) -> Result<()> {
     Ok(())
 }
 
-fn plan(a: InspectArgs, m: &ArgMatches) -> Result<()> {
-    let body = request(&a.spec, m)?;
-    // Shown as the server wrote it: the CLI reads none of its fields.
-    let v: Value = Api::from_env()?.post("/v1/templates/plan", &body)?;
-    print_json(&v)
+fn plan(a: PlanArgs, m: &ArgMatches) -> Result<()> {
+    let body = request(&a.inspect.spec, m)?;
+    plan_view::show(&body, a.view, a.inspect.json)
 }
 
 // ---- the request body (contract §3) ----------------------------------------

@@ -106,7 +106,8 @@ fn openapi_document_lists_every_route() {
             ops += 1;
         }
     }
-    // 30 template operations (export among them), 54 machine operations and 7 of ports and
+    // 31 template operations (the OCI export and the bootable disk among
+    // them), 54 machine operations and 7 of ports and
     // preview URLs under each of `/v1/machines` and `/v1/sandboxes`,
     // `…/ssh-access` and `…/egress` (1.0.x only), 3 snapshot operations,
     // the 4 signed transfer routes, `/openapi.json` and `/healthz`, and 18
@@ -114,7 +115,7 @@ fn openapi_document_lists_every_route() {
     // 10 of warm pools and `/metrics`.
     assert_eq!(
         ops,
-        30 + 2 * (54 + 7) + 2 + 3 + 4 + 18 + 10 + 1,
+        31 + 2 * (54 + 7) + 2 + 3 + 4 + 18 + 10 + 1,
         "operations documented"
     );
     for p in [
@@ -124,6 +125,7 @@ fn openapi_document_lists_every_route() {
         "/v1/templates/builds/{build_id}/logs",
         "/v1/templates/validate",
         "/v1/templates/plan",
+        "/v1/templates/refs/{ref}/disk",
         "/v1/templates/blobs/{blob_id}",
         "/v1/templates/refs/{ref}/visibility",
         "/v1/machines",

@@ -14,7 +14,9 @@
 //! - [`status`]: the status, phase, code and log vocabularies, exactly the
 //!   strings the SDK accepts;
 //! - [`wire`]: the template API's response bodies (build records, logs,
-//!   templates, tags), sent by the server and read by the CLI.
+//!   templates, tags), sent by the server and read by the CLI;
+//! - [`views`]: the plan's views (deps, dry-run, steps, outputs), each a
+//!   function of the plan.
 
 pub mod context;
 pub mod plan;
@@ -23,4 +25,5 @@ pub mod request;
 pub mod rules;
 pub mod status;
 pub mod step;
+pub mod views;
 pub mod wire;

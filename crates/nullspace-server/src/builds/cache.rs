@@ -22,11 +22,14 @@ use nullspace_oci::{Image, ResolveOptions, SourceRef};
 use serde::Serialize;
 use serde_json::json;
 
+use nullspace_build::engine::{DockerfileEngine, RegistryCredential};
+use nullspace_model::build::views::CachedKey;
+
 use super::execute::engine::EngineJob;
 use super::execute::{Run, cache_entry};
 use super::{ArtifactManifest, Failure, parse_record};
 use crate::model::*;
-use crate::state::Shared;
+use crate::state::{RunSecrets, Shared};
 use nullspace_store::artifacts::Leased;
 
 /// The lookup's answer.
@@ -81,7 +84,9 @@ pub async fn lookup(
         }
     };
     let key = final_cache_key(run, p, job, &bases);
-    if let Some(m) = cached_artifact(run.state, &rec.build_id, &rec.namespace_slug, &key).await {
+    if let Some(m) =
+        cached_artifact(run.state, Some(&rec.build_id), &rec.namespace_slug, &key).await
+    {
         rec.cache_summary.final_artifact_hits = 1;
         cache_entry(run, rec, "final_artifact", "hit", None, &key, None).await;
         return Ok(Lookup::Hit(Box::new(m)));
@@ -107,10 +112,32 @@ async fn resolve_bases(
     run: &Run<'_>,
     job: &EngineJob,
 ) -> Result<Result<Vec<(String, String)>, String>, Failure> {
-    let refs = job.base_refs.clone();
-    let creds = job.creds.clone();
-    let insecure = run.state.config.insecure_registries.clone();
-    let mut task = tokio::task::spawn_blocking(move || {
+    let mut task = tokio::task::spawn_blocking(resolver(
+        job.base_refs.clone(),
+        job.creds.clone(),
+        run.state.config.insecure_registries.clone(),
+    ));
+    loop {
+        tokio::select! {
+            r = &mut task => {
+                return Ok(r.unwrap_or_else(|e| Err(format!("resolving base images: {e}"))));
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if run.token.is_cancelled() {
+                    return Err(Failure::Cancelled);
+                }
+            }
+        }
+    }
+}
+
+/// The blocking resolution of `refs` (registry round trips).
+fn resolver(
+    refs: Vec<String>,
+    creds: Vec<RegistryCredential>,
+    insecure: Vec<String>,
+) -> impl FnOnce() -> Result<Vec<(String, String)>, String> + Send + 'static {
+    move || {
         let mut out = vec![];
         for r in refs {
             let source = SourceRef::parse(&r).map_err(|e| format!("base image {r:?}: {e}"))?;
@@ -131,19 +158,37 @@ async fn resolve_bases(
             out.push((r, image.manifest_digest.to_string()));
         }
         Ok(out)
-    });
-    loop {
-        tokio::select! {
-            r = &mut task => {
-                return Ok(r.unwrap_or_else(|e| Err(format!("resolving base images: {e}"))));
-            }
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                if run.token.is_cancelled() {
-                    return Err(Failure::Cancelled);
-                }
-            }
-        }
     }
+}
+
+/// A dry-run's look at the cache: the key a build of `p` would have now
+/// and whether a ready build's artifact is stored under it. Nothing is
+/// leased, logged or counted; `Err` says why the key cannot be known.
+pub async fn probe(
+    state: &Shared,
+    ns: &str,
+    p: &BuildPlan,
+    secrets: &RunSecrets,
+) -> Result<CachedKey, String> {
+    let engine = state
+        .engine_list
+        .iter()
+        .find(|e| e.name() == p.backend.as_str())
+        .cloned()
+        .ok_or_else(|| format!("engine {} is not available on this server", p.backend))?;
+    // The cache-bust argument is not part of the key (the Dockerfile is).
+    let inputs = super::execute::engine::inputs(p, secrets, "dry-run").map_err(|f| f.message())?;
+    let refs = inputs.base_refs.clone();
+    let bases = tokio::task::spawn_blocking(resolver(
+        refs,
+        inputs.creds,
+        state.config.insecure_registries.clone(),
+    ))
+    .await
+    .map_err(|e| format!("resolving base images: {e}"))??;
+    let key = key_of(state, p, engine.as_ref(), &inputs.dockerfile, &bases);
+    let cached = cached_artifact(state, None, ns, &key).await.is_some();
+    Ok(CachedKey { key, cached })
 }
 
 /// The key (see the module docs).
@@ -153,7 +198,16 @@ fn final_cache_key(
     job: &EngineJob,
     bases: &[(String, String)],
 ) -> String {
-    let state = run.state;
+    key_of(run.state, p, job.engine.as_ref(), &job.dockerfile, bases)
+}
+
+fn key_of(
+    state: &Shared,
+    p: &BuildPlan,
+    engine: &dyn DockerfileEngine,
+    dockerfile: &str,
+    bases: &[(String, String)],
+) -> String {
     let vm = state.vmm.as_ref().map(|v| {
         json!({
             "kernel": v.kernel.version,
@@ -167,9 +221,9 @@ fn final_cache_key(
         "v": 3,
         "nullspace": env!("CARGO_PKG_VERSION"),
         "inputs": p.cache.final_artifact_inputs,
-        "engine": [job.engine.name(), job.engine.version()],
+        "engine": [engine.name(), engine.version()],
         "bases": bases,
-        "dockerfile_digest": sha256_json(&job.dockerfile),
+        "dockerfile_digest": sha256_json(&dockerfile),
         "vm": vm,
     }))
 }
@@ -180,10 +234,11 @@ fn sha256_json(v: &impl Serialize) -> String {
 
 /// The artifact a ready build stored under `key`, if all of it is still
 /// there (the collector may have removed it), leased to `holder` (the build
-/// that reuses it) until that build's own record references it.
+/// that reuses it) until that build's own record references it; a look
+/// only (no lease) without a holder.
 async fn cached_artifact(
     state: &Shared,
-    holder: &str,
+    holder: Option<&str>,
     ns: &str,
     key: &str,
 ) -> Option<ArtifactManifest> {
@@ -196,7 +251,7 @@ async fn cached_artifact(
     let digest = nullspace_digest::Digest::parse(rec.artifact_ids.first()?).ok()?;
     let artifacts = state.artifacts.clone();
     let snapshots = state.template_snapshots_dir();
-    let holder = holder.to_string();
+    let holder = holder.map(str::to_string);
     // Read and lease under one hold of the store, so the collector cannot
     // remove what was just found.
     tokio::task::spawn_blocking(move || {
@@ -212,10 +267,17 @@ async fn cached_artifact(
             }
             keep.push(Leased::Snapshot(name));
         }
-        for what in &keep {
-            if !w.lease(&holder, what).ok()? {
-                return None;
+        if let Some(holder) = &holder {
+            for what in &keep {
+                if !w.lease(holder, what).ok()? {
+                    return None;
+                }
             }
+        } else if !keep.iter().all(|what| match what {
+            Leased::Artifact(d) => artifacts.path(d).is_file(),
+            Leased::Snapshot(_) => true,
+        }) {
+            return None;
         }
         Some(m)
     })

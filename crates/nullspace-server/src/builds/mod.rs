@@ -136,6 +136,16 @@ pub enum Failure {
     },
 }
 
+impl Failure {
+    /// The one line a caller outside a run shows (a dry-run's "unknown").
+    pub fn message(&self) -> String {
+        match self {
+            Failure::Cancelled => "cancelled".to_string(),
+            Failure::Failed { message, .. } => message.clone(),
+        }
+    }
+}
+
 /// A failed step: its 1-based index among the plan's steps (the SDK's
 /// `error_detail.step_index`) and how many steps the plan has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

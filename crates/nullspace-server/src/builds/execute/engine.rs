@@ -13,6 +13,7 @@ use super::context::{basic_credentials, context_entries, registry_credentials};
 use crate::builds::lifecycle::entry;
 use crate::builds::{Failure, failed, upload_failed};
 use crate::model::*;
+use crate::state::RunSecrets;
 use nullspace_model::build::plan::{BuildPlan, Source};
 
 /// Everything the engine will be given, decided before the cache lookup
@@ -53,7 +54,56 @@ pub async fn prepare(
             )
         })?;
     rec.engine = Some(format!("{} {}", engine.name(), engine.version()));
-    let (dockerfile, bust, mut build_args, target) = match &p.source {
+    let inputs = inputs(p, run.secrets, &rec.build_id)?;
+    let entries = context_entries(run, rec, p.context.as_ref()).await?;
+    let df_name = if entries.iter().any(|e| e.path == "Dockerfile") {
+        ".nullspace.Dockerfile"
+    } else {
+        "Dockerfile"
+    };
+    let EngineInputs {
+        dockerfile,
+        build_args,
+        target,
+        base_refs,
+        creds,
+    } = inputs;
+    Ok(EngineJob {
+        engine,
+        dockerfile,
+        df_name,
+        entries,
+        creds,
+        build_args,
+        base_refs,
+        build_secrets: run
+            .secrets
+            .build_secrets
+            .iter()
+            .map(|s| (s.id.clone(), s.value.clone().unwrap_or_default()))
+            .collect(),
+        network: p.vm.internet_access,
+        target,
+    })
+}
+
+/// What the engine is given that the final-artifact key is made of,
+/// decided from the plan and the request's credentials alone (a dry-run
+/// computes the same key with it).
+pub struct EngineInputs {
+    pub dockerfile: String,
+    pub build_args: BTreeMap<String, String>,
+    pub target: Option<String>,
+    /// The external images the Dockerfile starts from or copies from.
+    pub base_refs: Vec<String>,
+    pub creds: Vec<RegistryCredential>,
+}
+
+/// The Dockerfile (given, or rendered from the steps with its cache-bust
+/// argument set to `bust`), its external images and the credentials per
+/// registry.
+pub fn inputs(p: &BuildPlan, secrets: &RunSecrets, bust: &str) -> Result<EngineInputs, Failure> {
+    let (dockerfile, bust_arg, mut build_args, target) = match &p.source {
         Source::Dockerfile {
             text,
             build_args,
@@ -66,14 +116,8 @@ pub async fn prepare(
             (r.dockerfile, r.cache_bust_arg, BTreeMap::new(), None)
         }
     };
-    let entries = context_entries(run, rec, p.context.as_ref()).await?;
-    let df_name = if entries.iter().any(|e| e.path == "Dockerfile") {
-        ".nullspace.Dockerfile"
-    } else {
-        "Dockerfile"
-    };
-    if let Some(b) = bust {
-        build_args.insert(b, rec.build_id.clone());
+    if let Some(b) = bust_arg {
+        build_args.insert(b, bust.to_string());
     }
     let analysis = nullspace_build::dockerfile::analyze(&dockerfile, &build_args)
         .map_err(|e| failed("preflight", e.to_string(), false, "fix the Dockerfile"))?;
@@ -84,8 +128,8 @@ pub async fn prepare(
         .collect();
     base_refs.sort();
     base_refs.dedup();
-    let mut creds = registry_credentials(run.secrets);
-    if let Some(c) = basic_credentials(run.secrets)? {
+    let mut creds = registry_credentials(secrets);
+    if let Some(c) = basic_credentials(secrets)? {
         let host = match &p.source {
             Source::Dockerfile { .. } => analysis
                 .base_image_auth_host(&|r: &str| crate::refs::names_template(r, None).is_some())
@@ -107,22 +151,12 @@ pub async fn prepare(
             password: c.password,
         });
     }
-    Ok(EngineJob {
-        engine,
+    Ok(EngineInputs {
         dockerfile,
-        df_name,
-        entries,
-        creds,
         build_args,
-        base_refs,
-        build_secrets: run
-            .secrets
-            .build_secrets
-            .iter()
-            .map(|s| (s.id.clone(), s.value.clone().unwrap_or_default()))
-            .collect(),
-        network: p.vm.internet_access,
         target,
+        base_refs,
+        creds,
     })
 }
 

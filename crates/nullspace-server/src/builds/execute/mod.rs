@@ -99,6 +99,14 @@ impl Run<'_> {
     }
 }
 
+/// `base_image_auth` as registry credentials, for a caller outside a run
+/// (a dry-run resolving the base the way the build would).
+pub fn base_credentials(
+    secrets: &RunSecrets,
+) -> Result<Option<nullspace_oci::auth::Credentials>, String> {
+    context::basic_credentials(secrets).map_err(|f| f.message())
+}
+
 /// One build, stage by stage (see the module docs).
 pub async fn execute(run: &Run<'_>, rec: &mut BuildRecord) -> Result<Built, Failure> {
     let plan = preflight(run, rec)?;
