@@ -147,6 +147,8 @@ pub struct DirItem {
     pub name: String,
     pub inode: u32,
     pub is_dir: bool,
+    /// As the directory entry records it (not followed).
+    pub is_symlink: bool,
 }
 
 /// An open ext4 image (read-only).
@@ -389,6 +391,7 @@ impl Ext4Image {
                 name,
                 inode: e.inode,
                 is_dir: e.file_type == 2,
+                is_symlink: e.file_type == 7,
             });
         }
         out.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
@@ -456,6 +459,36 @@ impl Ext4Image {
             return Err(self.entry_err(path, "not a directory"));
         }
         self.children(path, ino)
+    }
+
+    /// The regular file at `path` (symlinks followed) as [`Self::read_file`]
+    /// reads it; `None` when nothing is there or it is not a regular file.
+    pub fn read_if_file(&self, path: &str, limit: u64) -> Result<Option<Vec<u8>>, Ext4ReadError> {
+        let ino = match self.resolve(path, true) {
+            Ok(i) => i,
+            Err(Ext4ReadError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let inode = self.fs.inode(ino).map_err(|e| self.entry_err(path, e))?;
+        if inode.file_type() != FileType::Regular {
+            return Ok(None);
+        }
+        self.read_file(path, limit).map(Some)
+    }
+
+    /// The directory at `path` (symlinks followed) as [`Self::list_dir`]
+    /// lists it; `None` when nothing is there or it is not a directory.
+    pub fn list_if_dir(&self, path: &str) -> Result<Option<Vec<DirItem>>, Ext4ReadError> {
+        let ino = match self.resolve(path, true) {
+            Ok(i) => i,
+            Err(Ext4ReadError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let inode = self.fs.inode(ino).map_err(|e| self.entry_err(path, e))?;
+        if inode.file_type() != FileType::Dir {
+            return Ok(None);
+        }
+        self.children(path, ino).map(Some)
     }
 
     /// Whether `path` exists (symlinks followed).

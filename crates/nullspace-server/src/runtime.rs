@@ -616,7 +616,7 @@ impl Runtime {
             drop(quiet);
             let snap = r?;
             if let Err(e) = save_envs(&out, &l.envs) {
-                let _ = std::fs::remove_dir_all(&out);
+                let _ = nullspace_vm::snapshot::remove_dir(&out);
                 return Err(RuntimeError::Io(format!("snapshot envs: {e}")));
             }
             if after == AfterSnapshot::Stop {

@@ -274,6 +274,30 @@ fn remember(md: &std::fs::Metadata, sha: &str) {
         .insert(identity(md), sha.to_string());
 }
 
+/// Removes a snapshot directory. Its files may be hard links of another
+/// snapshot's (a template's disk and RAM file); unlinking one changes that
+/// inode's ctime, so each file's verification is carried over to the
+/// identity the other links still have (read through an open descriptor
+/// after the unlink), or the template's next restore would hash it again.
+pub fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let Ok(f) = std::fs::File::open(&p) else {
+            continue;
+        };
+        let (Ok(before), true) = (f.metadata(), p.is_file()) else {
+            continue;
+        };
+        if before.nlink() > 1
+            && std::fs::remove_file(&p).is_ok()
+            && let Ok(after) = f.metadata()
+        {
+            still_verified(&before, &after);
+        }
+    }
+    std::fs::remove_dir_all(dir)
+}
+
 /// Whether two identities are the same file with no write between them (a
 /// write moves the mtime; only the ctime may differ).
 fn same_content(a: &Identity, b: &Identity) -> bool {
@@ -471,6 +495,36 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cached(p: &Path) -> Option<String> {
+        let md = std::fs::symlink_metadata(p).unwrap();
+        verified().lock().unwrap().get(&identity(&md)).cloned()
+    }
+
+    #[test]
+    fn links_made_and_removed_keep_a_files_verification_and_writes_do_not() {
+        let t = tempfile::tempdir().unwrap();
+        let a = t.path().join("memory.ram");
+        std::fs::write(&a, b"template memory").unwrap();
+        remember(&std::fs::metadata(&a).unwrap(), "sha-a");
+        let snap = t.path().join("snap");
+        std::fs::create_dir(&snap).unwrap();
+        link_or_copy(&a, &snap.join("memory.ram")).unwrap();
+        std::fs::write(snap.join("device.state"), b"own").unwrap();
+        assert_eq!(cached(&a).as_deref(), Some("sha-a"), "after a link");
+        remove_dir(&snap).unwrap();
+        assert!(!snap.exists());
+        assert_eq!(cached(&a).as_deref(), Some("sha-a"), "after its removal");
+        // A write (the mtime moves) is never carried over.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&a, b"tampered memory").unwrap();
+        let before = std::fs::metadata(&a).unwrap();
+        std::fs::create_dir(&snap).unwrap();
+        link_or_copy(&a, &snap.join("memory.ram")).unwrap();
+        let after = std::fs::metadata(&a).unwrap();
+        still_verified(&before, &after);
+        assert_eq!(cached(&a), None);
+    }
 
     #[test]
     fn sparse_copy_keeps_holes_and_content() {

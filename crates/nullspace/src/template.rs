@@ -3,7 +3,7 @@
 //! `$NULLSPACE_API_URL` with `$NULLSPACE_API_KEY`; request and response
 //! shapes follow docs/sdk-contract.md (section numbers cited below).
 
-mod export_disk;
+pub(crate) mod export_disk;
 mod plan_view;
 
 use std::collections::BTreeMap;
@@ -141,19 +141,6 @@ pub enum TemplateCommand {
     Exists { template_ref: String },
     /// Delete a template.
     Delete { template_ref: String },
-    /// Export a template: `--format disk` writes a bootable disk image
-    /// (boot it with `qemu-system-x86_64 -drive file=FILE,if=virtio
-    /// -nic user,model=virtio-net-pci`).
-    Export {
-        template_ref: String,
-        #[arg(long, value_enum)]
-        format: ExportFormat,
-        #[arg(long)]
-        output: std::path::PathBuf,
-        /// The disk image's format (`--format disk`).
-        #[arg(long, value_enum, default_value = "qcow2")]
-        disk_format: export_disk::DiskFormatArg,
-    },
     /// Rename a template; the old name stays as an alias.
     Rename {
         template_ref: String,
@@ -246,14 +233,6 @@ pub struct BuildArgs {
     /// Print the final build record as JSON (the log goes to stderr).
     #[arg(long)]
     json: bool,
-}
-
-/// `template export --format`.
-#[derive(Clone, Copy, ValueEnum)]
-pub enum ExportFormat {
-    /// A bootable disk image (partition table, bootloader, kernel,
-    /// initramfs, ext4 root).
-    Disk,
 }
 
 #[derive(Args)]
@@ -573,12 +552,6 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
             println!("deleted {template_ref}");
             Ok(())
         }
-        TemplateCommand::Export {
-            template_ref,
-            format: ExportFormat::Disk,
-            output,
-            disk_format,
-        } => export_disk::export(&template_ref, &output, disk_format),
         TemplateCommand::Rename {
             template_ref,
             new_name,

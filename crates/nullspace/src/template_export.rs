@@ -25,6 +25,10 @@ pub enum ExportFormatArg {
     Oci,
     /// One `image.oci.tar`.
     OciArchive,
+    /// A bootable disk image (partition table, bootloader, kernel,
+    /// initramfs, ext4 root): boot it with `qemu-system-x86_64 -m 512
+    /// -drive file=FILE,if=virtio -nic user,model=virtio-net-pci`.
+    Disk,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -44,6 +48,9 @@ pub struct ExportArgs {
     output: PathBuf,
     #[arg(long, value_enum, default_value = "gzip")]
     compression: CompressionArg,
+    /// The disk image's format (`--format disk`).
+    #[arg(long, value_enum, default_value = "qcow2")]
+    disk_format: crate::template::export_disk::DiskFormatArg,
     /// Also push the image: docker://HOST[:PORT]/REPO[:TAG] (with skopeo).
     #[arg(long)]
     push: Option<String>,
@@ -82,15 +89,24 @@ struct AuthEntry {
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(3600);
 
 pub fn export(a: ExportArgs) -> Result<()> {
+    // The disk is another artifact of the same template: its own route.
+    let layout = match a.format {
+        ExportFormatArg::Disk => {
+            if a.push.is_some() {
+                bail!("--push sends an OCI image: it does not apply to --format disk");
+            }
+            return crate::template::export_disk::export(&a.template_ref, &a.output, a.disk_format);
+        }
+        ExportFormatArg::Oci => true,
+        ExportFormatArg::OciArchive => false,
+    };
     if let Some(p) = &a.push {
         push_target(p)?;
     }
-    match a.format {
-        ExportFormatArg::OciArchive if a.output.symlink_metadata().is_ok() => {
-            bail!("output {} exists", a.output.display());
-        }
-        ExportFormatArg::OciArchive => {}
-        ExportFormatArg::Oci => nullspace_oci::layout::check_output_dir(&a.output)?,
+    if layout {
+        nullspace_oci::layout::check_output_dir(&a.output)?;
+    } else if a.output.symlink_metadata().is_ok() {
+        bail!("output {} exists", a.output.display());
     }
     let api = Api::from_env()?;
     let compression = match a.compression {
@@ -135,24 +151,18 @@ pub fn export(a: ExportArgs) -> Result<()> {
     if let Some(target) = &a.push {
         push(&archive, target, &a.insecure)?;
     }
-    match a.format {
-        ExportFormatArg::OciArchive => {
-            tmp.as_file().sync_all()?;
-            tmp.persist_noclobber(&a.output)
-                .map_err(|e| e.error)
-                .with_context(|| format!("writing {}", a.output.display()))?;
-        }
-        ExportFormatArg::Oci => {
-            nullspace_oci::layout::write_layout(&image, &a.output, &Bar::new())?;
-        }
+    if layout {
+        nullspace_oci::layout::write_layout(&image, &a.output, &Bar::new())?;
+    } else {
+        tmp.as_file().sync_all()?;
+        tmp.persist_noclobber(&a.output)
+            .map_err(|e| e.error)
+            .with_context(|| format!("writing {}", a.output.display()))?;
     }
     let summary = ExportOut {
         template_ref: &a.template_ref,
         output: &a.output,
-        format: match a.format {
-            ExportFormatArg::Oci => "oci",
-            ExportFormatArg::OciArchive => "oci-archive",
-        },
+        format: if layout { "oci" } else { "oci-archive" },
         compression,
         manifest_digest: image.manifest_digest.to_string(),
         pushed: a.push.as_deref(),

@@ -83,7 +83,7 @@ pub(super) async fn take(
             .map_err(|e| MachineError::Internal(format!("snapshot record: {e}")))?,
     };
     if let Err(e) = state.store.insert_snapshot(&srow).await {
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = nullspace_vm::snapshot::remove_dir(&dir);
         return Err(e.into());
     }
     tracing::info!(machine = %m.row.id, snapshot = %srow.id, kind = kind.as_str(), ms = meta.timings_ms.snapshot, "snapshot taken");
@@ -171,7 +171,7 @@ pub async fn delete(state: &Shared, c: &Caller, id: &str) -> MachineResult<()> {
     }
     state.store.delete_snapshot(&row.id).await?;
     let dir = state.machines.resolve(&doc.dir);
-    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+    let _ = tokio::task::spawn_blocking(move || nullspace_vm::snapshot::remove_dir(&dir)).await;
     Ok(())
 }
 
@@ -198,7 +198,8 @@ pub(super) async fn collect(state: &Shared, mut ids: Vec<String>) {
         }
         if state.store.delete_snapshot(&id).await.unwrap_or(false) {
             let dir = state.machines.resolve(&sdoc.dir);
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            let _ =
+                tokio::task::spawn_blocking(move || nullspace_vm::snapshot::remove_dir(&dir)).await;
             if !srow.parent_id.is_empty() {
                 ids.push(srow.parent_id);
             }
