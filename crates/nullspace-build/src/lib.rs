@@ -10,4 +10,5 @@ pub mod engine;
 pub mod export;
 pub mod import;
 pub mod render;
+pub mod sbom;
 pub mod template;

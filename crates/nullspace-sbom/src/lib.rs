@@ -34,7 +34,7 @@ pub const MAX_PACKAGES: usize = 1_000_000;
 
 /// What a root filesystem holds: its packages sorted by ecosystem, name and
 /// version (one per purl), and the metadata files that could not be read.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Inventory {
     pub packages: Vec<Package>,
     pub skipped: Vec<String>,

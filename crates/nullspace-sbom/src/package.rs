@@ -1,9 +1,9 @@
 //! One installed package, and its package URL (purl).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The package manager, or language ecosystem, that recorded a package.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Ecosystem {
     Deb,
@@ -29,7 +29,7 @@ impl Ecosystem {
 }
 
 /// An installed package as its database records it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Package {
     pub ecosystem: Ecosystem,
     pub name: String,

@@ -41,26 +41,8 @@ pub async fn export_archive(
     raw: &str,
     compression: LayerCompression,
 ) -> ApiResult<Exported> {
-    let (row, rec) = templates::resolve_build(state, caller, raw).await?;
-    if rec.status != BuildStatus::Ready {
-        return Err(ApiError::conflict(
-            "template_not_ready",
-            format!(
-                "template {raw} points at build {} which is {}",
-                rec.build_id, rec.status
-            ),
-        ));
-    }
-    let m = templates::manifest_of(state, &rec, raw).await?;
-    let disk = match templates::snapshot_dir(state, &m) {
-        Some(dir) => snapshot_disk(&dir, raw)?,
-        None => {
-            let d = nullspace_digest::Digest::parse(&m.rootfs).map_err(|_| {
-                ApiError::internal(format!("template {raw}: rootfs digest {:?}", m.rootfs))
-            })?;
-            state.artifacts.path(&d)
-        }
-    };
+    let (row, _, m) = ready_template(state, caller, raw).await?;
+    let disk = template_disk(state, &m, raw)?;
     let readiness =
         match &m.readiness {
             Some(v) => Some(Readiness::parse(v).map_err(|e| {
@@ -110,6 +92,49 @@ pub async fn export_archive(
     })
     .await
     .map_err(ApiError::internal)?
+}
+
+/// The template `raw` as the caller sees it, ready (else 409
+/// `template_not_ready`), with its artifact manifest.
+pub(crate) async fn ready_template(
+    state: &Shared,
+    caller: &Caller,
+    raw: &str,
+) -> ApiResult<(
+    nullspace_store::TemplateRow,
+    nullspace_model::build::wire::BuildRecord,
+    crate::builds::ArtifactManifest,
+)> {
+    let (row, rec) = templates::resolve_build(state, caller, raw).await?;
+    if rec.status != BuildStatus::Ready {
+        return Err(ApiError::conflict(
+            "template_not_ready",
+            format!(
+                "template {raw} points at build {} which is {}",
+                rec.build_id, rec.status
+            ),
+        ));
+    }
+    let m = templates::manifest_of(state, &rec, raw).await?;
+    Ok((row, rec, m))
+}
+
+/// The disk a template's machines boot: its snapshot's `disk.ext4`, or the
+/// imported rootfs of a template built without a VM.
+pub(crate) fn template_disk(
+    state: &Shared,
+    m: &crate::builds::ArtifactManifest,
+    what: &str,
+) -> ApiResult<PathBuf> {
+    match templates::snapshot_dir(state, m) {
+        Some(dir) => snapshot_disk(&dir, what),
+        None => {
+            let d = nullspace_digest::Digest::parse(&m.rootfs).map_err(|_| {
+                ApiError::internal(format!("template {what}: rootfs digest {:?}", m.rootfs))
+            })?;
+            Ok(state.artifacts.path(&d))
+        }
+    }
 }
 
 /// The tag a ref names (`name:tag`), for the archive's ref annotation.

@@ -121,6 +121,13 @@ fn template_routes() -> Vec<Route> {
         .reply_bytes()
         .to(template_export),
         Op::get(
+            "/v1/templates/refs/{ref}/sbom",
+            "The template's packages (listed when it was built) as SPDX 2.3 or CycloneDX 1.5 JSON",
+        )
+        .query(&[SBOM_FORMAT])
+        .reply_bytes()
+        .to(template_sbom),
+        Op::get(
             "/v1/templates/refs/{ref}/disk",
             "The template as a bootable disk image (partition table, syslinux, kernel, initramfs, ext4 root) for plain QEMU",
         )
@@ -842,6 +849,11 @@ const COMPRESSION: QueryParam = QueryParam {
     name: "compression",
     description: "Layer compression: `gzip` (default) or `zstd`",
     kind: QueryKind::OneOf(&["gzip", "zstd"]),
+};
+const SBOM_FORMAT: QueryParam = QueryParam {
+    name: "format",
+    description: "`spdx-json` (default) or `cyclonedx-json`",
+    kind: QueryKind::OneOf(&["spdx-json", "cyclonedx-json"]),
 };
 const FIELDS: QueryParam = QueryParam {
     name: "fields",
@@ -1691,6 +1703,22 @@ async fn template_export(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+async fn template_sbom(
+    State(s): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path(r): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let format: nullspace_sbom::Format = q
+        .get(SBOM_FORMAT.name)
+        .map(String::as_str)
+        .unwrap_or("spdx-json")
+        .parse()
+        .map_err(ApiError::invalid)?;
+    let doc = crate::sbom::document(&s, &c, &r, format).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response())
 }
 
 async fn template_disk(

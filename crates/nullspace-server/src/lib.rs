@@ -29,6 +29,7 @@ pub mod plan_views;
 pub mod preview;
 pub mod refs;
 pub mod runtime;
+pub mod sbom;
 pub mod signed_url;
 pub mod ssh;
 pub mod state;

@@ -141,6 +141,15 @@ pub enum TemplateCommand {
     Exists { template_ref: String },
     /// Delete a template.
     Delete { template_ref: String },
+    /// The template's packages (listed when it was built) as an SBOM.
+    Sbom {
+        template_ref: String,
+        #[arg(long, value_enum, default_value = "spdx-json")]
+        format: SbomFormat,
+        /// Write the document here (default: standard output).
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+    },
     /// Rename a template; the old name stays as an alias.
     Rename {
         template_ref: String,
@@ -233,6 +242,15 @@ pub struct BuildArgs {
     /// Print the final build record as JSON (the log goes to stderr).
     #[arg(long)]
     json: bool,
+}
+
+/// `template sbom --format`.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SbomFormat {
+    /// SPDX 2.3 JSON.
+    SpdxJson,
+    /// CycloneDX 1.5 JSON.
+    CyclonedxJson,
 }
 
 #[derive(Args)]
@@ -552,6 +570,11 @@ pub fn run(cmd: TemplateCommand, matches: &ArgMatches) -> Result<()> {
             println!("deleted {template_ref}");
             Ok(())
         }
+        TemplateCommand::Sbom {
+            template_ref,
+            format,
+            output,
+        } => sbom(&template_ref, format, output.as_deref()),
         TemplateCommand::Rename {
             template_ref,
             new_name,
@@ -842,6 +865,34 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 /// `urllib.parse.quote(x, safe='')`: refs and tags travel as one segment.
 pub(crate) fn enc(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+/// `template sbom`: the server's document, byte for byte.
+fn sbom(template_ref: &str, format: SbomFormat, output: Option<&std::path::Path>) -> Result<()> {
+    let f = match format {
+        SbomFormat::SpdxJson => "spdx-json",
+        SbomFormat::CyclonedxJson => "cyclonedx-json",
+    };
+    let path = ref_path(template_ref, &format!("/sbom?format={f}"));
+    let mut resp = Api::from_env()?.download(&path, Duration::from_secs(120))?;
+    match output {
+        None => {
+            resp.copy_to(&mut std::io::stdout().lock())?;
+        }
+        Some(p) => {
+            let parent = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            let mut tmp = tempfile::NamedTempFile::new_in(parent)
+                .with_context(|| format!("a temporary file in {}", parent.display()))?;
+            resp.copy_to(tmp.as_file_mut())?;
+            tmp.persist(p)
+                .map_err(|e| e.error)
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn ref_path(r: &str, rest: &str) -> String {

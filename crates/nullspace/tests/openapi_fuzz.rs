@@ -106,8 +106,8 @@ fn openapi_document_lists_every_route() {
             ops += 1;
         }
     }
-    // 31 template operations (the OCI export and the bootable disk among
-    // them), 54 machine operations and 7 of ports and
+    // 32 template operations (the OCI export, the SBOM and the bootable
+    // disk among them), 54 machine operations and 7 of ports and
     // preview URLs under each of `/v1/machines` and `/v1/sandboxes`,
     // `…/ssh-access` and `…/egress` (1.0.x only), 3 snapshot operations,
     // the 4 signed transfer routes, `/openapi.json` and `/healthz`, and 18
@@ -115,7 +115,7 @@ fn openapi_document_lists_every_route() {
     // 10 of warm pools and `/metrics`.
     assert_eq!(
         ops,
-        31 + 2 * (54 + 7) + 2 + 3 + 4 + 18 + 10 + 1,
+        32 + 2 * (54 + 7) + 2 + 3 + 4 + 18 + 10 + 1,
         "operations documented"
     );
     for p in [

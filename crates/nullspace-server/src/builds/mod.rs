@@ -60,6 +60,13 @@ pub struct ArtifactManifest {
     /// older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// The packages of the final disk (`nullspace_sbom::Inventory` as JSON,
+    /// an artifact digest), listed when the build ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sbom: Option<String>,
+    /// Why the packages could not be listed (a corrupt package database).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sbom_error: Option<String>,
 }
 
 /// Why a running build was stopped before it ended by itself.

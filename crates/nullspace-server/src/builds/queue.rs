@@ -166,7 +166,8 @@ async fn run_inner(state: &Shared, id: &str, attempt: i64, handle: &RunHandle) {
             )
             .await
         }
-        (Ok(built), None | Some(StopReason::Shutdown)) => {
+        (Ok(mut built), None | Some(StopReason::Shutdown)) => {
+            crate::sbom::record(state, &rec.build_id, &mut built.manifest).await;
             finish_ready(
                 state,
                 owner,

@@ -255,6 +255,8 @@ pub async fn import_source(
         readiness: readiness.clone(),
         image: serde_json::to_value(&meta.image).unwrap_or_default(),
         snapshot: None,
+        sbom: None,
+        sbom_error: None,
         oci: OciMetadataOut {
             labels: oci.labels.clone(),
             exposed_ports: oci.exposed_ports.clone(),
