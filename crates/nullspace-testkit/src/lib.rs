@@ -4,6 +4,7 @@
 pub mod export_tree;
 pub mod image;
 pub mod inet;
+pub mod plain_qemu;
 pub mod registry;
 pub mod server;
 pub mod tree;

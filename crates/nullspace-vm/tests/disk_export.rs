@@ -2,10 +2,8 @@
 //! nullspace) and runs the template's start command: its HTTP server
 //! answers through a QEMU user-network host forward.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nullspace_model::snapshot::DiskFormat;
@@ -32,82 +30,6 @@ fn import_demo(dir: &Path) -> anyhow::Result<PathBuf> {
         &nullspace_oci::layout::NoProgress,
     )?;
     Ok(out.join("rootfs.ext4"))
-}
-
-/// QEMU ended with the test, whatever happens.
-struct Qemu(Child);
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Boots `disk` under plain QEMU with a host forward to the guest's port
-/// 8080 and waits for an answer holding `needle` to GET `path`.
-fn boot_and_get(disk: &Path, format: &str, console: &Path, path: &str, needle: &str) -> String {
-    let port = free_port();
-    let t = Instant::now();
-    let _q = Qemu(
-        Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-m",
-                "512",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format={format}", disk.display()))
-            .arg("-nic")
-            .arg(format!(
-                "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:8080"
-            ))
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Some(a) = get(port, path).filter(|a| a.contains(needle)) {
-            eprintln!("[timing] boot to an HTTP answer: {:?}", t.elapsed());
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no answer through the host forward; console:\n{}",
-            std::fs::read_to_string(console).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(
-        &format!("127.0.0.1:{port}").parse().unwrap(),
-        Duration::from_secs(2),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    (!out.is_empty()).then_some(out)
 }
 
 #[test]
@@ -174,7 +96,7 @@ fn exported_disk_boots_under_plain_qemu_to_its_start_command() {
 
     // Plain QEMU: a `pc` machine, SeaBIOS → syslinux → the kernel.
     let console = dir.join("console.log");
-    let answer = boot_and_get(
+    let answer = nullspace_testkit::plain_qemu::boot_and_get(
         &disk,
         "qcow2",
         &console,
@@ -256,7 +178,8 @@ fn debian_python_disk_boots_to_its_http_server() {
     eprintln!("[timing] export {:?}, {} MiB raw", t.elapsed(), size >> 20);
     let console = dir.join("console.log");
     // python's listing of its working directory (/etc) names os-release.
-    let answer = boot_and_get(&disk, "raw", &console, "/", "os-release");
+    let answer =
+        nullspace_testkit::plain_qemu::boot_and_get(&disk, "raw", &console, "/", "os-release");
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(log.contains("standalone: no agent"), "{log}");

@@ -4,23 +4,13 @@
 //! HTTP server answers through a QEMU host forward. Another namespace
 //! cannot export it.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use nullspace_testkit::registry::{Auth, Registry};
 use nullspace_testkit::server::Server;
 use nullspace_testkit::{Run, nullspace_bin, run};
-
-struct Qemu(Child);
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn cli(server: &Server, key: &str, args: &[&str]) -> Run {
     let mut cmd = Command::new(nullspace_bin());
@@ -29,20 +19,6 @@ fn cli(server: &Server, key: &str, args: &[&str]) -> Run {
         .env("NULLSPACE_API_URL", &server.url)
         .env("NULLSPACE_API_KEY", key);
     run(&mut cmd)
-}
-
-fn get(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(
-        &format!("127.0.0.1:{port}").parse().unwrap(),
-        Duration::from_secs(2),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    (!out.is_empty()).then_some(out)
 }
 
 #[test]
@@ -148,52 +124,13 @@ fn exported_disk_boots_to_the_start_command_under_plain_qemu() {
         .unwrap_or(0);
     assert_eq!(work, 0, "export work directories left on the server");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let console = tmp.path().join("console.log");
-    let t = Instant::now();
-    let _q = Qemu(
-        Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-m",
-                "512",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-drive")
-            .arg(format!("file={},if=virtio", disk.display()))
-            .arg("-nic")
-            .arg(format!(
-                "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:8080"
-            ))
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64"),
+    let answer = nullspace_testkit::plain_qemu::boot_and_get(
+        &disk,
+        "qcow2",
+        &console,
+        "/index.html",
+        "disk-says-hello",
     );
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if get(port).is_some_and(|a| a.starts_with("HTTP/1.") && a.contains("disk-says-hello")) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no answer through the host forward; console:\n{}",
-            std::fs::read_to_string(&console).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    eprintln!(
-        "[timing] plain QEMU boot to an HTTP answer: {:?}",
-        t.elapsed()
-    );
+    assert!(answer.starts_with("HTTP/1."), "{answer}");
 }
