@@ -948,6 +948,42 @@ mod tests {
     }
 
     #[test]
+    fn dry_run_of_a_template_base() {
+        let p = planned(json!({"base_image": "team-a/base:v1"}));
+        let found = dry_run(
+            &p,
+            &CacheFacts {
+                build_vm: true,
+                base: Some(BaseFacts::Template {
+                    rootfs_digest: "sha256:r".into(),
+                }),
+                final_artifact: None,
+            },
+        );
+        let base = stage(&found, "resolve_base");
+        assert_eq!(
+            (base[0].action, base[0].cached),
+            (Action::Cached, Some(true))
+        );
+        assert!(base[0].detail.contains("sha256:r"));
+        assert_eq!(stage(&found, "rootfs")[0].action, Action::Skip);
+        assert!(stage(&found, "layer").is_empty());
+        let missing = dry_run(
+            &p,
+            &CacheFacts {
+                build_vm: true,
+                base: Some(BaseFacts::Unresolved(
+                    "template team-a/base:v1 not found".into(),
+                )),
+                final_artifact: None,
+            },
+        );
+        let base = stage(&missing, "resolve_base");
+        assert_eq!(base[0].action, Action::Unknown);
+        assert!(base[0].detail.contains("not found"));
+    }
+
+    #[test]
     fn dry_run_engine_cache_hit_covers_the_rest() {
         let p = planned(json!({"dockerfile": "FROM x\n"}));
         let facts = |cached| CacheFacts {
