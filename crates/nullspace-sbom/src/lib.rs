@@ -100,10 +100,11 @@ fn os_release_id(fs: &dyn RootFs) -> Result<Option<String>, SbomError> {
         for line in text.lines() {
             if let Some(v) = line.strip_prefix("ID=") {
                 let v = v.trim().trim_matches(['"', '\'']);
+                // os-release(5): ID is lower-case letters, digits, `.`, `_`
+                // and `-` (the purl namespace; anything else is dropped).
                 let plain = !v.is_empty()
-                    && v.bytes().all(|b| {
-                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)
-                    });
+                    && v.bytes()
+                        .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'));
                 return Ok(plain.then(|| v.to_owned()));
             }
         }
