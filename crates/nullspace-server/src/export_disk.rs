@@ -4,13 +4,12 @@
 //! under `DATA_DIR/work`, opened, unlinked, and streamed: nothing stays
 //! behind, whether the client reads it all or goes away.
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use nullspace_model::guest::GuestConfig;
 use nullspace_model::snapshot::DiskFormat;
 use nullspace_store::Caller;
-use tokio::io::AsyncReadExt;
 
 use crate::error::{ApiError, ApiResult};
 use crate::openapi::{QueryKind, QueryParam};
@@ -101,23 +100,12 @@ pub async fn disk(
     .map_err(ApiError::internal)?
     .map_err(|e| ApiError::internal(format!("exporting {r} as a disk: {e}")))?;
     let (file, size) = out;
-    let stream = futures_util::stream::unfold(file, |mut f| async move {
-        let mut buf = vec![0u8; 256 << 10];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
-            }
-            Err(e) => Some((Err(e), f)),
-        }
-    });
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
             (header::CONTENT_LENGTH, size.to_string()),
         ],
-        Body::from_stream(stream),
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 << 10)),
     )
         .into_response())
 }

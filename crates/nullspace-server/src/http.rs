@@ -1679,18 +1679,6 @@ async fn template_export(
     };
     let e = crate::export::export_archive(&s, &c, &r, compression).await?;
     let file = tokio::fs::File::from_std(e.file);
-    let stream = futures_util::stream::unfold(file, |mut f| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 256 << 10];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
-            }
-            Err(err) => Some((Err(err), f)),
-        }
-    });
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-tar".to_owned()),
@@ -1700,7 +1688,7 @@ async fn template_export(
                 e.manifest_digest,
             ),
         ],
-        Body::from_stream(stream),
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 << 10)),
     )
         .into_response())
 }
