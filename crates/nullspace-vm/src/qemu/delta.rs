@@ -149,7 +149,7 @@ pub fn filter<R: Read, W: Write>(
 ) -> Result<DeltaStats, DeltaError> {
     let mut f = Filter {
         r: Counting { inner: input, n: 0 },
-        w: CountingW { inner: out, n: 0 },
+        w: Counting { inner: out, n: 0 },
         block: block.as_bytes(),
         base,
         ram_section: None,
@@ -164,6 +164,7 @@ pub fn filter<R: Read, W: Write>(
     Ok(f.stats)
 }
 
+/// A reader or writer that counts the bytes through it.
 struct Counting<R> {
     inner: R,
     n: u64,
@@ -177,12 +178,7 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-struct CountingW<W> {
-    inner: W,
-    n: u64,
-}
-
-impl<W: Write> Write for CountingW<W> {
+impl<W: Write> Write for Counting<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.n += n as u64;
@@ -195,7 +191,7 @@ impl<W: Write> Write for CountingW<W> {
 
 struct Filter<'a, R, W> {
     r: Counting<R>,
-    w: CountingW<W>,
+    w: Counting<W>,
     block: &'a [u8],
     base: &'a Base<'a>,
     /// The RAM's section id, once its START was read.
