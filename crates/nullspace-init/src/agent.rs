@@ -512,6 +512,7 @@ fn dispatch(state: &State, resp: &Resp, op: Op) -> Outcome {
             set_time(unix_ns)
         }
         Op::Reseed { data } => reseed(&data),
+        Op::Resize { vcpus, memory_mib } => crate::resize::resize(vcpus, memory_mib),
         // Answered inline by `handle_line`.
         Op::Hello { .. } | Op::Ack { .. } | Op::Cancel { .. } => Ok(Event::Ok),
     }

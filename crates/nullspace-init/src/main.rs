@@ -24,6 +24,7 @@ mod pattern;
 mod procs;
 mod pty;
 mod replace;
+mod resize;
 mod search;
 mod tunnel;
 mod users;

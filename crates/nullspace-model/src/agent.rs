@@ -55,6 +55,7 @@
 //! | `mount {slot, mount_path, read_only, subpath, size_bytes}` | `volume {mounted, total_bytes, used_bytes, inodes_used}` |
 //! | `unmount {slot, mount_path}` | `ok` (sync first; nothing mounted is not an error) |
 //! | `volume_health {slot, mount_path}` | `volume {…}` |
+//! | `resize {vcpus, memory_mib}` | `resized {vcpus, memory_mib}` |
 //! | `ack {target, bytes}`, `cancel {target}` | none |
 //!
 //! Any request may instead end with `error {code, message}`; a line that is
@@ -433,6 +434,12 @@ pub enum Op {
         slot: u32,
         mount_path: String,
     },
+    /// Takes vCPUs and memory blocks on or offline toward `vcpus` and
+    /// `memory_mib` (see [`crate::size`]): `resized`, what is online.
+    Resize {
+        vcpus: u32,
+        memory_mib: u32,
+    },
 }
 
 /// Every `op` name, for telling an unknown op from a malformed one.
@@ -473,6 +480,7 @@ pub const OPS: &[&str] = &[
     "mount",
     "unmount",
     "volume_health",
+    "resize",
 ];
 
 impl Op {
@@ -515,6 +523,7 @@ impl Op {
             Op::Mount(_) => "mount",
             Op::Unmount { .. } => "unmount",
             Op::VolumeHealth { .. } => "volume_health",
+            Op::Resize { .. } => "resize",
         }
     }
 
@@ -796,6 +805,13 @@ pub enum Event {
     },
     Time {
         previous_unix_ns: u64,
+    },
+    /// What is online after a `resize`: vCPUs, and memory in whole
+    /// blocks (blocks the kernel cannot empty stay online; the host's
+    /// balloon takes up the difference).
+    Resized {
+        vcpus: u32,
+        memory_mib: u32,
     },
     /// A terminal session (`pty_start`, `pty_resize`).
     Pty {
@@ -1377,6 +1393,10 @@ mod tests {
             Op::VolumeHealth {
                 slot: 1,
                 mount_path: "/data".into(),
+            },
+            Op::Resize {
+                vcpus: 2,
+                memory_mib: 1024,
             },
         ];
         let names: std::collections::BTreeSet<&str> = ops.iter().map(Op::name).collect();

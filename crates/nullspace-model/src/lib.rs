@@ -4,7 +4,8 @@
 //! - [`agent`]: the host-guest agent protocol; [`guest`]: the guest
 //!   configuration; [`snapshot`]: the snapshot manifest;
 //! - [`refs`]: template names, tags and references;
-//! - [`shell`]: the one POSIX shell quoter;
+//! - [`shell`]: the one POSIX shell quoter; [`size`]: the sizes a VM can
+//!   take after its snapshot (its ceiling);
 //! - [`build`]: the build model: the request as the SDK sends it, its
 //!   normalisation into a [`build::plan::BuildPlan`] (steps, probes,
 //!   context manifest, digests) and the status/phase/code vocabularies;
@@ -22,6 +23,7 @@ pub mod machine;
 pub mod machine_files;
 pub mod refs;
 pub mod shell;
+pub mod size;
 pub mod snapshot;
 pub mod terminal;
 pub mod upload;

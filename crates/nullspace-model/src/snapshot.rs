@@ -107,6 +107,18 @@ pub struct Device {
     pub nic: bool,
     /// The kernel command line the VM booted with.
     pub kernel_cmdline: String,
+    /// QEMU's size when the VM was booted larger than `memory_mib` and
+    /// `vcpus` (the guest's size when the snapshot was taken); absent in
+    /// older manifests and for templates of exactly one size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<crate::size::Ceiling>,
+}
+
+impl Device {
+    /// QEMU's `-m`: the ceiling's memory when there is one.
+    pub fn qemu_memory_mib(&self) -> u32 {
+        self.ceiling.map_or(self.memory_mib, |c| c.memory_mib)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,17 +293,27 @@ impl SnapshotManifest {
                 return bad(format!("streamed memory with a RAM file {}", r.path));
             }
             (MemoryMode::Mapped | MemoryMode::Delta, Some(r))
-                if r.size != (self.device.memory_mib as u64) << 20 =>
+                if r.size != (self.device.qemu_memory_mib() as u64) << 20 =>
             {
                 return bad(format!(
                     "RAM file {}: {} bytes for {} MiB of guest memory",
-                    r.path, r.size, self.device.memory_mib
+                    r.path,
+                    r.size,
+                    self.device.qemu_memory_mib()
                 ));
             }
             _ => {}
         }
         if self.device.memory_mib == 0 || self.device.vcpus == 0 {
             return bad("memory_mib and vcpus must be positive".into());
+        }
+        if let Some(c) = &self.device.ceiling
+            && c.admits(self.device.vcpus, self.device.memory_mib).is_err()
+        {
+            return bad(format!(
+                "size {} vCPUs / {} MiB is outside its ceiling {c:?}",
+                self.device.vcpus, self.device.memory_mib
+            ));
         }
         if self.device.machine != "microvm" {
             return bad(format!("machine {:?} (only microvm)", self.device.machine));
@@ -364,6 +386,7 @@ mod tests {
                 spare_disks: 4,
                 nic: true,
                 kernel_cmdline: "console=ttyS0".into(),
+                ceiling: None,
             },
             disk: vec![DiskLayer {
                 format: DiskFormat::Raw,

@@ -173,6 +173,8 @@ pub struct Started {
     /// Taken from the pool (prepared ahead).
     pub pooled: bool,
     pub phases: nullspace_vm::RestorePhases,
+    /// Setting another size than the snapshot's (ms), when asked for.
+    pub resize_ms: Option<u64>,
 }
 
 /// Reads the node identity in `data_dir/node-id`, creating it once.
@@ -458,6 +460,7 @@ impl Runtime {
         pooled: Option<pool::Entry>,
         egress: Egress,
         volumes: Vec<Option<nullspace_vm::spares::SpareImage>>,
+        size: Option<(u32, u32)>,
     ) -> Result<(Arc<Live>, Started), RuntimeError> {
         let spec = MachineSpec {
             dir: self.machine_dir(id),
@@ -488,10 +491,19 @@ impl Runtime {
                         }
                     }
                 });
-                let r = match from_pool {
+                let mut r = match from_pool {
                     Some(r) => r,
                     None => machine::restore_with(&base, &spec, &volumes, &nc)?,
                 };
+                if let Some((vcpus, memory_mb)) = size {
+                    let t = std::time::Instant::now();
+                    if let Err(e) = r.vm.resize(vcpus, memory_mb, Duration::from_secs(60)) {
+                        drop(r);
+                        let _ = machine::remove_dir(&spec.dir);
+                        return Err(RuntimeError::Vm(e));
+                    }
+                    started.resize_ms = Some(t.elapsed().as_millis() as u64);
+                }
                 if !started.pooled {
                     started.phases = r.vm.phases;
                 }
@@ -581,7 +593,7 @@ impl Runtime {
                 .as_mut()
                 .ok_or_else(|| RuntimeError::Io("the machine's VM has ended".into()))?;
             // A full disk would show up as a failed migration: say what it is.
-            let need = ((vm.meta().memory_mb as u64) << 20)
+            let need = ((vm.meta().qemu_memory_mb() as u64) << 20)
                 + std::fs::metadata(l.handle.dir.join("disk.qcow2"))
                     .map(|m| m.len())
                     .unwrap_or(0);

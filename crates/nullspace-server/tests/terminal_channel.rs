@@ -52,6 +52,7 @@ fn boot() -> QemuVm {
         network: false,
         memory_mode: nullspace_vm::MemoryMode::Mapped,
         memory_file: None,
+        ceiling: None,
     };
     let mut vm = QemuVm::boot(&vmm, &spec, &nullspace_vm::CancellationToken::new()).unwrap();
     vm.agent().ping(T).unwrap();

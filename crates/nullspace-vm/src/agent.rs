@@ -1339,6 +1339,20 @@ impl AgentClient {
         }
     }
 
+    /// Takes vCPUs and memory blocks on or offline (`resize`); returns
+    /// the vCPUs and the memory (MiB, whole blocks) online afterwards.
+    pub fn resize(
+        &self,
+        vcpus: u32,
+        memory_mib: u32,
+        limit: Duration,
+    ) -> Result<(u32, u32), VmError> {
+        match self.call(Op::Resize { vcpus, memory_mib }, limit)? {
+            Event::Resized { vcpus, memory_mib } => Ok((vcpus, memory_mib)),
+            ev => Err(unexpected("resize", ev)),
+        }
+    }
+
     /// Sends 64 fresh bytes from the host's CSPRNG for the guest's kernel
     /// pool (credited) and reseeds its CRNG: after a restore, clones of one
     /// snapshot must not share RNG state.

@@ -57,6 +57,10 @@ pub enum VmError {
     Restore(String),
     #[error("kernel: {0}")]
     Kernel(String),
+    /// A size the VM cannot take (outside its ceiling), or that the guest
+    /// did not reach.
+    #[error("size: {0}")]
+    Size(String),
     /// The snapshot cannot be restored by this nullspace or this host's
     /// QEMU (format version, QEMU major version): one line naming the
     /// snapshot and saying to rebuild it.
@@ -93,7 +97,7 @@ impl VmError {
             VmError::Snapshot(_) => "snapshot",
             VmError::Restore(_) => "restore",
             VmError::Kernel(_) => "kernel",
-
+            VmError::Size(_) => "size",
             VmError::Incompatible { .. } => "snapshot_incompatible",
             VmError::Corrupt { .. } => "snapshot_corrupt",
             VmError::Process(_) | VmError::Io { .. } => "io",

@@ -18,6 +18,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
     "virtio_console",
+    // Machines smaller than their template's ceiling (`nullspace_model::size`).
+    "virtio_balloon",
 ];
 
 /// Modules for guest networking (`virtio-net-device`), loaded by init only

@@ -27,13 +27,13 @@
 
 use crate::VmError;
 use crate::template::GuestConfig;
+use nullspace_model::size::Ceiling;
 use nullspace_model::snapshot::{
     Accel, FileEntry, MANIFEST_FILE, ManifestError, MemoryMode, SnapshotManifest,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -65,12 +65,26 @@ pub struct VmMeta {
     /// template: no volumes until it is rebuilt).
     #[serde(default)]
     pub spare_disks: u32,
+    /// QEMU's size when larger than the guest's (`memory_mb`, `vcpus`: what
+    /// is online); see [`nullspace_model::size`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<Ceiling>,
 }
 
 impl VmMeta {
     /// Whether the VM has a NIC (older templates: only with `network`).
     pub fn has_nic(&self) -> bool {
         self.nic || self.network
+    }
+
+    /// QEMU's `-m` (the guest RAM file's size).
+    pub fn qemu_memory_mb(&self) -> u32 {
+        self.ceiling.map_or(self.memory_mb, |c| c.memory_mib)
+    }
+
+    /// QEMU's `-smp`.
+    pub fn qemu_vcpus(&self) -> u32 {
+        self.ceiling.map_or(self.vcpus, |c| c.vcpus)
     }
 }
 
@@ -208,6 +222,7 @@ impl Snapshot {
                 nic: m.device.nic,
                 memory_mode: m.memory.mode,
                 spare_disks: m.device.spare_disks,
+                ceiling: m.device.ceiling,
             },
             config,
             start: m.start.clone(),
@@ -369,18 +384,66 @@ fn verify_file(dir: &Path, role: &str, f: &FileEntry) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The sha256 of a file's content. Holes are hashed as the zeros they
+/// read as, without reading them: a guest RAM file is mostly holes, and
+/// reading a hole costs the kernel a zeroed page-cache page per 4 KiB.
 pub(crate) fn sha256_file(p: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(p)?;
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    let f = std::fs::File::open(p)?;
+    let len = f.metadata()?.len();
     let mut h = Sha256::new();
+    let zeros = |h: &mut Sha256, mut n: u64| {
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            h.update(&ZEROS[..k]);
+            n -= k as u64;
+        }
+    };
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
+    let mut pos = 0;
+    for (start, end) in data_extents(&f, len)? {
+        zeros(&mut h, start - pos);
+        let mut off = start;
+        while off < end {
+            let want = ((end - off) as usize).min(buf.len());
+            let n = f.read_at(&mut buf[..want], off)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{} shrank while hashed", p.display()),
+                ));
+            }
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        pos = end;
+    }
+    zeros(&mut h, len - pos);
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The data extents (start, end) of the first `len` bytes of `f`, in
+/// order, as the file system reports them (SEEK_DATA/SEEK_HOLE); the rest
+/// reads as zeros.
+pub(crate) fn data_extents(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::{SeekFrom, seek};
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let start = match seek(f, SeekFrom::Data(pos)) {
+            Ok(p) => p,
+            // Only a hole is left.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = seek(f, SeekFrom::Hole(start))?.min(len);
+        if end <= start {
             break;
         }
-        h.update(&buf[..n]);
+        out.push((start, end));
+        pos = end;
     }
-    Ok(hex::encode(h.finalize()))
+    Ok(out)
 }
 
 /// Commits `dir/name`: read-only, fsynced, hashed; returns its entry.
@@ -448,7 +511,6 @@ pub(crate) fn link_or_copy(src: &Path, dst: &Path) -> Result<(), VmError> {
 /// a guest RAM file is mostly holes). `std::fs::copy` would write the
 /// holes out as zeros on ext4, which has no reflinks.
 pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
-    use rustix::fs::SeekFrom;
     let s = std::fs::File::open(src)?;
     let len = s.metadata()?.len();
     let d = std::fs::OpenOptions::new()
@@ -456,15 +518,8 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
         .create_new(true)
         .open(dst)?;
     d.set_len(len)?;
-    let mut pos: u64 = 0;
     let mut buf = vec![];
-    while pos < len {
-        let start = match rustix::fs::seek(&s, SeekFrom::Data(pos)) {
-            Ok(p) => p,
-            Err(rustix::io::Errno::NXIO) => break, // only a hole is left
-            Err(e) => return Err(e.into()),
-        };
-        let end = rustix::fs::seek(&s, SeekFrom::Hole(start))?;
+    for (start, end) in data_extents(&s, len)? {
         let mut off = start;
         while off < end {
             let (mut a, mut b) = (off, off);
@@ -487,7 +542,6 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
             d.write_all_at(&buf[..got], off)?;
             off += got as u64;
         }
-        pos = end;
     }
     d.sync_all()
 }
@@ -495,6 +549,31 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sha256_of_a_sparse_file_is_the_sha256_of_its_content() {
+        let d = tempfile::tempdir().unwrap();
+        for (i, (len, writes)) in [
+            (0u64, vec![]),
+            (10 << 20, vec![]),
+            (10 << 20, vec![(0u64, 7usize)]),
+            (10 << 20, vec![(3 << 20, 5000), (9 << 20, 1)]),
+            ((10 << 20) + 3, vec![((10 << 20) - 2, 5)]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let p = d.path().join(format!("f{i}"));
+            let f = std::fs::File::create(&p).unwrap();
+            f.set_len(len).unwrap();
+            for (off, n) in writes {
+                f.write_all_at(&vec![0xa5; n], off).unwrap();
+            }
+            drop(f);
+            let whole = hex::encode(Sha256::digest(std::fs::read(&p).unwrap()));
+            assert_eq!(sha256_file(&p).unwrap(), whole, "case {i}");
+        }
+    }
 
     fn cached(p: &Path) -> Option<String> {
         let md = std::fs::symlink_metadata(p).unwrap();

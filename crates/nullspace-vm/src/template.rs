@@ -49,6 +49,9 @@ pub struct TemplateSpec {
     pub network: bool,
     /// How the snapshot stores guest memory (default: mapped).
     pub memory_mode: MemoryMode,
+    /// The largest size machines of the template may take
+    /// ([`nullspace_model::size`]); `None`: exactly `vcpus`/`memory_mb`.
+    pub ceiling: Option<nullspace_model::size::Ceiling>,
 }
 
 impl TemplateSpec {
@@ -63,6 +66,7 @@ impl TemplateSpec {
             boot_timeout: Duration::from_secs(60),
             network: false,
             memory_mode: MemoryMode::Mapped,
+            ceiling: None,
         }
     }
 }
@@ -186,6 +190,7 @@ fn build_inner(
         memory_mode: spec.memory_mode,
         // The guest writes its RAM straight into the snapshot's file.
         memory_file: Some(out.join("memory.ram")),
+        ceiling: spec.ceiling,
     };
     let mut vm = QemuVm::boot_watched(vmm, &boot, watch)?;
     let boot_ms = vm.ready_ms as u64;
@@ -323,6 +328,7 @@ fn build_inner(
             spare_disks: vm_meta.spare_disks,
             nic: vm_meta.nic,
             kernel_cmdline: cmdline,
+            ceiling: vm_meta.ceiling,
         },
         disk: vec![DiskLayer {
             format: DiskFormat::Raw,

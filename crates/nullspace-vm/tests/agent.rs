@@ -79,6 +79,7 @@ fn boot(name: &str, vcpus: u32) -> QemuVm {
         network: false,
         memory_mode: nullspace_vm::MemoryMode::Mapped,
         memory_file: None,
+        ceiling: None,
     };
     let t = Instant::now();
     let vm = QemuVm::boot(&f.vmm, &spec, &nullspace_vm::CancellationToken::new()).expect("boot");

@@ -548,6 +548,7 @@ fn boot_timeout_kills_the_vm() {
         network: false,
         memory_mode: nullspace_vm::MemoryMode::Mapped,
         memory_file: None,
+        ceiling: None,
     };
     let before = qemu_pids();
     let t = Instant::now();

@@ -437,6 +437,14 @@ pub struct BuildFlags {
     cpu_count: u32,
     #[arg(long, default_value_t = 512)]
     memory_mb: u32,
+    /// The most vCPUs a machine of the template may ask for (default: 4,
+    /// or --cpu-count if larger).
+    #[arg(long)]
+    max_cpu_count: Option<u32>,
+    /// The most memory a machine of the template may ask for (default:
+    /// 2048, or --memory-mb if larger).
+    #[arg(long)]
+    max_memory_mb: Option<u32>,
     /// Build without network access.
     #[arg(long)]
     no_internet_access: bool,
@@ -1127,6 +1135,8 @@ fn request(f: &BuildFlags, m: &ArgMatches) -> Result<BuildRequest> {
         // Sent only when false, like the SDK.
         internet_access: f.no_internet_access.then_some(false),
         disk_mb: None,
+        max_vcpus: f.max_cpu_count.map(Into::into),
+        max_memory_mib: f.max_memory_mb.map(Into::into),
     });
     body.build_backend = f.backend.as_ref().map(enum_name);
     if f.skip_cache {

@@ -113,7 +113,7 @@ const CHECKS: &[&str] = &[
     "idempotency_key_same_machine",
     "timeout_destroys_or_hibernates",
     "set_timeout",
-    "shape_mismatch_is_clear",
+    "sizes_from_one_template",
     "base_template",
 ];
 

@@ -179,6 +179,8 @@ pub struct VmSettings {
     /// `build_config.internet_access` (default true); the operator still
     /// decides whether build VMs have a network at all.
     pub internet_access: bool,
+    /// The sizes machines of the template may take ([`crate::size`]).
+    pub ceiling: Option<crate::size::Ceiling>,
 }
 
 /// The content digests of the build's inputs (`sha256:…`), the same in
@@ -549,11 +551,23 @@ pub fn plan(req: &BuildRequest, ctx: &PlanContext<'_>) -> Result<BuildPlan, Vec<
     in_range(c.vcpus, 1, 32, "vcpus", &mut errs);
     in_range(c.memory_mib, 128, 65536, "memory_mib", &mut errs);
     in_range(c.disk_mb, 513, 1_048_576, "disk_mb", &mut errs);
+    in_range(c.max_vcpus, 1, 32, "max_vcpus", &mut errs);
+    in_range(c.max_memory_mib, 128, 65536, "max_memory_mib", &mut errs);
+    let (vcpus, memory_mib) = (
+        c.vcpus.map_or(DEFAULT_VCPUS, |v| v as u32),
+        c.memory_mib.map_or(DEFAULT_MEMORY_MIB, |v| v as u32),
+    );
     let vm = VmSettings {
-        vcpus: c.vcpus.map_or(DEFAULT_VCPUS, |v| v as u32),
-        memory_mib: c.memory_mib.map_or(DEFAULT_MEMORY_MIB, |v| v as u32),
+        vcpus,
+        memory_mib,
         disk_mb: c.disk_mb.map(|d| d as u64),
         internet_access: c.internet_access != Some(false),
+        ceiling: Some(crate::size::Ceiling::plan(
+            vcpus,
+            memory_mib,
+            c.max_vcpus.map(|v| v as u32),
+            c.max_memory_mib.map(|v| v as u32),
+        )),
     };
 
     let context = match &req.build_context {
@@ -940,7 +954,11 @@ mod tests {
                 vcpus: 4,
                 memory_mib: 2048,
                 disk_mb: Some(4096),
-                internet_access: false
+                internet_access: false,
+                ceiling: Some(crate::size::Ceiling {
+                    vcpus: 4,
+                    memory_mib: 2048,
+                }),
             }
         );
     }

@@ -183,6 +183,15 @@ pub struct BuildConfig {
     pub internet_access: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_mb: Option<i64>,
+    /// nullspace's own: the most vCPUs a machine of the template may ask
+    /// for (default [`crate::size::DEFAULT_MAX_VCPUS`] or `vcpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<i64>,
+    /// nullspace's own: the most memory a machine of the template may ask
+    /// for (default [`crate::size::DEFAULT_MAX_MEMORY_MIB`] or
+    /// `memory_mib`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<i64>,
 }
 
 /// `build_secrets[]` (contract §3.7).

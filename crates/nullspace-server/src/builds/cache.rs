@@ -213,6 +213,7 @@ fn key_of(
             "kernel": v.kernel.version,
             "vcpus": p.vm.vcpus,
             "memory_mib": p.vm.memory_mib,
+            "ceiling": p.vm.ceiling,
             "disk_mb": p.vm.disk_mb,
             "network": state.config.build_vm_network && p.vm.internet_access,
         })

@@ -192,16 +192,37 @@ pub async fn create(
             template_source(state, c, raw).await?
         }
     };
-    // The VM's shape is part of its snapshot: a restore has exactly it.
+    // A restore has its snapshot's size; another size within the
+    // snapshot's ceiling is set in the guest right after.
     let (want_v, want_m) = (
         b.vcpus.unwrap_or(src.vcpus),
         b.memory_mb.unwrap_or(src.memory_mb),
     );
-    if (want_v, want_m) != (src.vcpus, src.memory_mb) {
-        return Err(MachineError::Incompatible(format!(
-            "template {:?}'s snapshot was taken with {} vCPUs and {} MiB, and a machine restored from it has exactly that shape; create it with vcpus={} memory_mb={} (asked: vcpus={want_v} memory_mb={want_m}), or rebuild the template with build_config vcpus/memory_mib",
-            src.template, src.vcpus, src.memory_mb, src.vcpus, src.memory_mb
-        )));
+    let resize = (want_v, want_m) != (src.vcpus, src.memory_mb);
+    if resize {
+        match src.snapshot.meta.vm.ceiling {
+            Some(c) => c.admits(want_v, want_m).map_err(|e| {
+                MachineError::Incompatible(format!("template {:?}: {e}", src.template))
+            })?,
+            None => {
+                return Err(MachineError::Incompatible(format!(
+                    "template {:?}'s snapshot was taken with {} vCPUs and {} MiB and was built before machine sizes could vary: create it with vcpus={} memory_mb={} (asked: vcpus={want_v} memory_mb={want_m}), or rebuild it to allow other sizes",
+                    src.template, src.vcpus, src.memory_mb, src.vcpus, src.memory_mb
+                )));
+            }
+        }
+        let names_pool = b
+            .warm_pool
+            .as_ref()
+            .and_then(|w| w.get("id"))
+            .and_then(|v| v.as_str())
+            .is_some_and(|s| !s.trim().is_empty());
+        if names_pool {
+            return Err(MachineError::Incompatible(format!(
+                "a warm pool's machines have their template's size ({} vCPUs, {} MiB); create without warm_pool for vcpus={want_v} memory_mb={want_m}",
+                src.vcpus, src.memory_mb
+            )));
+        }
     }
     if let Some(d) = b.disk_mb {
         let have = src.snapshot.meta.disk_bytes >> 20;
@@ -238,7 +259,9 @@ pub async fn create(
     // this snapshot and shape (the server's pool, or the warm pool the
     // create names): its id is the one it was prepared under, and it
     // brings the capacity it holds.
-    let (mut pooled, checkout) = if src.snapshot_id.is_none() {
+    // A machine of another size is restored for itself (pooled VMs hold
+    // the template's size and its capacity).
+    let (mut pooled, checkout) = if src.snapshot_id.is_none() && !resize {
         let plan = crate::warm_pools::plan_checkout(state, c, b.warm_pool.as_ref(), &src).await?;
         let machines = state.machines.clone();
         let (tid, snap) = (src.template_id.clone(), src.snapshot.clone());
@@ -255,7 +278,7 @@ pub async fn create(
         Some(r) => r,
         None => state
             .machines
-            .reserve(src.memory_mb)
+            .reserve(want_m)
             .map_err(|e| MachineError::runtime("(new)", e))?,
     };
     let id = pooled
@@ -269,8 +292,8 @@ pub async fn create(
         template: src.template.clone(),
         template_id: src.template_id.clone(),
         build_id: src.build_id.clone(),
-        vcpus: src.vcpus,
-        memory_mb: src.memory_mb,
+        vcpus: want_v,
+        memory_mb: want_m,
         created_at: now,
         started_at: None,
         timeout_ms,
@@ -368,9 +391,20 @@ async fn finish_create(
 ) -> MachineResult<MachineInfo> {
     let id = m.row.id.clone();
     let egress = super::egress::effective(m.doc.internet_access, m.doc.egress.as_ref());
+    let size = Some((m.doc.vcpus, m.doc.memory_mb))
+        .filter(|&s| s != (snapshot.meta.vm.vcpus, snapshot.meta.vm.memory_mb));
     match state
         .machines
-        .restore(&id, snapshot, envs, reservation, pooled, egress, Vec::new())
+        .restore(
+            &id,
+            snapshot,
+            envs,
+            reservation,
+            pooled,
+            egress,
+            Vec::new(),
+            size,
+        )
         .await
     {
         Ok((live, started)) => {
@@ -397,6 +431,7 @@ async fn finish_create(
                 spawn_ms = p.spawn,
                 load_ms = p.load,
                 start_ms = p.start,
+                resize_ms = started.resize_ms,
                 template = %m.doc.template,
                 "machine running"
             );

@@ -123,7 +123,7 @@ pub async fn resume(state: &Shared, c: &Caller, id: &str) -> MachineResult<Machi
     };
     match state
         .machines
-        .restore(id, snapshot, envs, reservation, None, egress, volumes)
+        .restore(id, snapshot, envs, reservation, None, egress, volumes, None)
         .await
     {
         Ok((live, started)) => {

@@ -77,9 +77,9 @@ impl CommandLine<'_> {
         a.extend(accel_args(meta.accel).iter().map(|s| s.to_string()));
         a.extend([
             "-m".to_string(),
-            meta.memory_mb.to_string(),
+            meta.qemu_memory_mb().to_string(),
             "-smp".into(),
-            meta.vcpus.to_string(),
+            meta.qemu_vcpus().to_string(),
             "-nographic".into(),
             "-no-reboot".into(),
         ]);
@@ -100,7 +100,7 @@ impl CommandLine<'_> {
             let mut o = json!({
                 "qom-type": "memory-backend-file",
                 "id": RAM_ID,
-                "size": (meta.memory_mb as u64) << 20,
+                "size": (meta.qemu_memory_mb() as u64) << 20,
                 "mem-path": path,
                 "share": !private,
             });
@@ -171,6 +171,10 @@ impl CommandLine<'_> {
                 "-device".into(),
                 "virtio-net-device,netdev=n0".into(),
             ]);
+        }
+        if meta.ceiling.is_some() {
+            // Holds the memory above the guest's size (`nullspace_model::size`).
+            a.extend(["-device".to_string(), "virtio-balloon-device".into()]);
         }
         if self.incoming {
             a.extend(["-incoming".to_string(), "defer".into()]);

@@ -106,26 +106,9 @@ impl<'a> Base<'a> {
     /// `bytes` mapped from `file`, whose data extents are asked of the
     /// file system (SEEK_DATA/SEEK_HOLE).
     pub fn of_file(bytes: &'a [u8], file: &std::fs::File) -> io::Result<Base<'a>> {
-        use rustix::fs::{SeekFrom, seek};
-        let len = bytes.len() as u64;
-        let mut data = Vec::new();
-        let mut pos = 0;
-        while pos < len {
-            let start = match seek(file, SeekFrom::Data(pos)) {
-                Ok(p) => p,
-                Err(rustix::io::Errno::NXIO) => break,
-                Err(e) => return Err(e.into()),
-            };
-            let end = seek(file, SeekFrom::Hole(start))?.min(len);
-            if end <= start {
-                break;
-            }
-            data.push((start, end));
-            pos = end;
-        }
         Ok(Base {
             bytes,
-            data: Some(data),
+            data: Some(crate::snapshot::data_extents(file, bytes.len() as u64)?),
         })
     }
 

@@ -10,7 +10,7 @@ use crate::agent::AgentClient;
 use crate::process::{self, Watch};
 use crate::qmp::RunState;
 use crate::snapshot::{self as snapfs, Snapshot};
-use nullspace_model::snapshot::{DiskFormat, DiskLayer, Memory, Parent, SnapshotManifest};
+use nullspace_model::snapshot::{Device, DiskFormat, DiskLayer, Memory, Parent, SnapshotManifest};
 use nullspace_model::snapshot::{MemoryMode, QemuVersion};
 use serde_json::json;
 use std::path::Path;
@@ -48,6 +48,7 @@ impl QemuVm {
         out: &Path,
         watch: &Watch,
     ) -> Result<(QemuVersion, Duration), VmError> {
+        self.settle_balloon(Duration::from_secs(120))?;
         // Drop the agent connection first: the guest sees the host leave,
         // and a restored guest waits for the next host to connect.
         self.agent = None;
@@ -240,6 +241,13 @@ impl QemuVm {
                 manifest_sha256: origin.manifest_sha256.clone(),
             }),
             start: start.unwrap_or_else(|| om.start.clone()),
+            // The machine's own size (a resize changes it), on its
+            // origin's device set.
+            device: Device {
+                memory_mib: self.meta.memory_mb,
+                vcpus: self.meta.vcpus,
+                ..om.device.clone()
+            },
             timings_ms: crate::snapshot::Timings {
                 snapshot: snapshot_ms,
                 commit: commit_ms,

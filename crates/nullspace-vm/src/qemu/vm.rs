@@ -48,6 +48,9 @@ pub struct QemuVm {
     pub ready_ms: u128,
     /// A restore's parts (zero for a build VM).
     pub phases: RestorePhases,
+    /// What the balloon was last asked to leave the guest (bytes of QEMU's
+    /// memory), until it has.
+    pub(super) balloon_target: Option<u64>,
 }
 
 /// Where a VM came from, which decides how it is snapshotted.
@@ -107,6 +110,7 @@ impl QemuVm {
             origin,
             ready_ms: 0,
             phases: RestorePhases::default(),
+            balloon_target: None,
         })
     }
 
@@ -143,6 +147,7 @@ impl QemuVm {
             agent: Some(agent),
             ready_ms: 0,
             phases: RestorePhases::default(),
+            balloon_target: None,
         })
     }
 
@@ -260,7 +265,15 @@ impl QemuVm {
             nic: true,
             memory_mode: spec.memory_mode,
             spare_disks: super::spares::SPARE_DISKS,
+            ceiling: spec.ceiling,
         };
+        if let Some(c) = spec.ceiling {
+            c.admits(spec.vcpus, spec.memory_mb)
+                .map_err(|e| VmError::VmCreate {
+                    message: format!("build VM size: {e}"),
+                    console_tail: String::new(),
+                })?;
+        }
         let disk = std::fs::canonicalize(&spec.disk)
             .map_err(VmError::io(spec.disk.display().to_string()))?;
         let memory_file = match spec.memory_mode {
@@ -290,7 +303,15 @@ impl QemuVm {
                 Some(p)
             }
         };
-        let cmdline = kernel_cmdline(vmm.accel);
+        let mut cmdline = kernel_cmdline(vmm.accel);
+        if let Some(c) = spec.ceiling {
+            // `nokaslr`: the kernel image stays low, out of the movable
+            // blocks (clones of one snapshot share one layout anyway).
+            cmdline.push_str(&format!(
+                " nokaslr movablecore={}M",
+                c.movable_mib(spec.memory_mb)
+            ));
+        }
         let layers = [Layer {
             path: disk,
             format: DiskFormat::Raw,
@@ -331,6 +352,16 @@ impl QemuVm {
             watch,
         )?;
         vm.attach_agent(t0 + spec.boot_timeout, watch)?;
+        if spec.ceiling.is_some() {
+            // The guest booted with everything online. Memory blocks go
+            // offline in a fraction of a second; a balloon for what they
+            // leave over (none for ceilings below 3 GiB) inflates while the
+            // build goes on, and the snapshot waits for it
+            // ([`QemuVm::settle_balloon`]).
+            vm.meta.vcpus = vm.meta.qemu_vcpus();
+            vm.meta.memory_mb = vm.meta.qemu_memory_mb();
+            vm.resize_begin(spec.vcpus, spec.memory_mb, Duration::from_secs(60))?;
+        }
         vm.ready_ms = t0.elapsed().as_millis();
         Ok(vm)
     }
@@ -365,6 +396,83 @@ impl QemuVm {
     pub(crate) fn release(self) -> (u32, PathBuf) {
         let QemuVm { qemu, dir, .. } = self;
         (qemu.release(), dir.keep())
+    }
+
+    /// Takes the guest to `vcpus` and `memory_mb`, within its ceiling
+    /// ([`nullspace_model::size`]): the guest takes vCPUs and memory blocks
+    /// on or offline, then the balloon holds what the blocks leave over;
+    /// waits until the guest has exactly that size, within `limit`. A VM
+    /// without a ceiling has exactly its size.
+    pub fn resize(&mut self, vcpus: u32, memory_mb: u32, limit: Duration) -> Result<(), VmError> {
+        self.resize_begin(vcpus, memory_mb, limit)?;
+        self.settle_balloon(limit)
+    }
+
+    /// [`QemuVm::resize`] without waiting for the balloon.
+    fn resize_begin(&mut self, vcpus: u32, memory_mb: u32, limit: Duration) -> Result<(), VmError> {
+        if (vcpus, memory_mb) == (self.meta.vcpus, self.meta.memory_mb) {
+            return Ok(());
+        }
+        let Some(c) = self.meta.ceiling else {
+            return Err(VmError::Size(format!(
+                "vcpus={vcpus} memory_mb={memory_mb} is not possible: this VM has exactly {} vCPUs and {} MiB (its template was built before sizes could vary); rebuild the template",
+                self.meta.vcpus, self.meta.memory_mb
+            )));
+        };
+        c.admits(vcpus, memory_mb)
+            .map_err(|e| VmError::Size(e.to_string()))?;
+        let (v, online) = crate::Vm::agent(self).resize(vcpus, memory_mb, limit)?;
+        self.meta.vcpus = v;
+        if v != vcpus {
+            return Err(VmError::Size(format!(
+                "the guest has {v} vCPUs online of the {vcpus} asked for"
+            )));
+        }
+        let online = online.min(c.memory_mib);
+        if online < memory_mb {
+            return Err(VmError::Size(format!(
+                "the guest brought only {online} MiB online of the {memory_mb} asked for"
+            )));
+        }
+        // QMP's `balloon` value is the memory the guest keeps of QEMU's.
+        let keep = c.memory_mib - (online - memory_mb);
+        self.qmp_now()?
+            .execute("balloon", json!({ "value": (keep as u64) << 20 }))?;
+        self.balloon_target = Some((keep as u64) << 20);
+        self.meta.memory_mb = memory_mb;
+        Ok(())
+    }
+
+    fn qmp_now(&self) -> Result<Qmp, VmError> {
+        Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))
+    }
+
+    /// Waits until the balloon holds what it was last asked to, within
+    /// `limit`. A snapshot must not hold a balloon half way: its restores
+    /// would go on inflating.
+    pub fn settle_balloon(&mut self, limit: Duration) -> Result<(), VmError> {
+        let Some(target) = self.balloon_target else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + limit;
+        let mut qmp = self.qmp_now()?;
+        loop {
+            let actual = qmp.execute("query-balloon", json!({}))?["actual"]
+                .as_u64()
+                .unwrap_or(0);
+            if actual == target {
+                self.balloon_target = None;
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(VmError::Size(format!(
+                    "the balloon reached {} MiB of QEMU's memory left to the guest, not {}, within {limit:?} (memory in use cannot be taken back)",
+                    actual >> 20,
+                    target >> 20
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn meta(&self) -> &VmMeta {

@@ -9,6 +9,7 @@ use crate::kernel::GuestKernel;
 use crate::snapshot::Snapshot;
 use crate::template::GuestConfig;
 use crate::{Vm, VmError, Vmm, initramfs};
+use nullspace_model::size::Ceiling;
 use nullspace_model::snapshot::{Accel, MemoryMode};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -107,6 +108,9 @@ pub struct BootSpec {
     /// Mapped: where guest RAM lives (must not exist; QEMU creates it).
     /// `None`: `memory.ram` in the VM's own directory.
     pub memory_file: Option<PathBuf>,
+    /// Boot this large, then take the guest down to `vcpus` and
+    /// `memory_mb` (which it must admit); `None`: exactly that size.
+    pub ceiling: Option<Ceiling>,
 }
 
 impl BootSpec {
@@ -121,6 +125,7 @@ impl BootSpec {
             network: false,
             memory_mode: MemoryMode::Mapped,
             memory_file: None,
+            ceiling: None,
         }
     }
 }

@@ -12,9 +12,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub struct Fixture {
-    vmm: QemuVmm,
-    rootfs: PathBuf,
-    dir: PathBuf,
+    pub vmm: QemuVmm,
+    pub rootfs: PathBuf,
+    pub dir: PathBuf,
 }
 
 pub fn fixture(name: &str) -> &'static Fixture {
@@ -76,6 +76,7 @@ pub fn boot(f: &Fixture, name: &str, vcpus: u32) -> QemuVm {
         network: false,
         memory_mode: nullspace_vm::MemoryMode::Mapped,
         memory_file: None,
+        ceiling: None,
     };
     let t = Instant::now();
     let mut vm =

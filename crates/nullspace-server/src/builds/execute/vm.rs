@@ -138,6 +138,7 @@ fn vm_spec(
         })?;
     spec.memory_mb = p.vm.memory_mib;
     spec.vcpus = p.vm.vcpus;
+    spec.ceiling = p.vm.ceiling;
     spec.disk_mb = p.vm.disk_mb;
     Ok(spec)
 }
