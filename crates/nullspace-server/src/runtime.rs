@@ -557,10 +557,15 @@ impl Runtime {
         handle: MachineHandle,
         base: Snapshot,
         reservation: Reservation,
+        size: (u32, u32),
     ) -> Result<Arc<Live>, RuntimeError> {
         let h = handle.clone();
         let r = tokio::task::spawn_blocking(move || {
-            machine::reattach(&h, base, Duration::from_secs(15))
+            machine::reattach(&h, base, Duration::from_secs(15)).map(|mut r| {
+                // A create may have resized it from its snapshot's size.
+                r.vm.assume_size(size.0, size.1);
+                r
+            })
         })
         .await
         .map_err(|e| RuntimeError::Io(format!("adopt task: {e}")))??;

@@ -40,7 +40,13 @@ pub async fn recover(state: &Shared) -> MachineResult<()> {
             match (&m.doc.vm, open_snapshot(state, &m.doc.base_dir)) {
                 (Some(v), Ok(base)) => match rt.reserve(m.doc.memory_mb) {
                     Ok(res) => rt
-                        .adopt(m.id(), rt.handle_of(m.id(), v.pid), base, res)
+                        .adopt(
+                            m.id(),
+                            rt.handle_of(m.id(), v.pid),
+                            base,
+                            res,
+                            (m.doc.vcpus, m.doc.memory_mb),
+                        )
                         .await
                         .map_err(|e| {
                             format!("its VM did not answer after the server restarted ({e})")

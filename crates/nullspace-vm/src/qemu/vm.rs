@@ -443,6 +443,13 @@ impl QemuVm {
         Ok(())
     }
 
+    /// Records the size a previous process left a taken-over VM at (its
+    /// origin snapshot says only the size it was restored with).
+    pub fn assume_size(&mut self, vcpus: u32, memory_mb: u32) {
+        self.meta.vcpus = vcpus;
+        self.meta.memory_mb = memory_mb;
+    }
+
     fn qmp_now(&self) -> Result<Qmp, VmError> {
         Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))
     }
