@@ -41,6 +41,8 @@ const CHECKS: &[&str] = &[
     "background_command_with_stdin_and_close_stdin",
     "connect_to_a_running_command_and_kill",
     "files_read_write_list_exists_info_mkdir_rename_remove",
+    "octet_stream_and_gzip_uploads_and_a_big_file",
+    "stream_input_users_and_a_command_timeout",
     "watch_dir_polled",
     "pty_create_input_resize_kill",
     "set_timeout_get_info_and_list_with_metadata_and_paging",

@@ -24,6 +24,17 @@ pub async fn health() -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+/// `e2b-code-interpreter`'s routes: not offered.
+pub async fn code_interpreter() -> RestError {
+    RestError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        format!(
+            "E2B's code interpreter (port {}, run_code) is not offered by nullspace: run code with commands.run",
+            super::CODE_INTERPRETER_PORT
+        ),
+    )
+}
+
 /// The user of a `/files` call: the header's, else `username`.
 fn user(e: &Envd, q: &HashMap<String, String>) -> Option<String> {
     e.user.clone().or_else(|| {

@@ -39,7 +39,7 @@ pub mod shapes;
 
 use axum::Router;
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 
 use crate::state::Shared;
 
@@ -60,6 +60,11 @@ pub fn routes(state: Shared) -> Router<Shared> {
         .route("/files", get(files::download).post(files::upload))
         .route("/process.Process/{method}", post(process::rpc))
         .route("/filesystem.Filesystem/{method}", post(filesystem::rpc))
+        // The code interpreter's routes (reached with E2b-Sandbox-Port
+        // 49999, which the gate refuses first).
+        .route("/execute", any(files::code_interpreter))
+        .route("/contexts", any(files::code_interpreter))
+        .route("/contexts/{*rest}", any(files::code_interpreter))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::envd_gate,

@@ -167,6 +167,45 @@ def _():
     assert sbx.commands.run(f"test -e {d}/sub || echo gone").stdout == "gone\n"
 
 
+@check("octet_stream_and_gzip_uploads_and_a_big_file")
+def _():
+    import io
+
+    d = f"/tmp/up-{RUN}"
+    sbx.files.write(f"{d}/stream.txt", io.BytesIO(b"streamed body"))
+    assert sbx.files.read(f"{d}/stream.txt") == "streamed body"
+    sbx.files.write(f"{d}/z.txt", "zipped body", gzip=True)
+    assert sbx.files.read(f"{d}/z.txt") == "zipped body"
+    big = os.urandom(3 << 20)
+    sbx.files.write(f"{d}/big.bin", big, use_octet_stream=True)
+    assert bytes(sbx.files.read(f"{d}/big.bin", format="bytes")) == big
+    assert sbx.commands.run(f"wc -c < {d}/big.bin").stdout.strip() == str(len(big))
+    try:
+        sbx.files.read(f"{d}/missing.txt")
+        raise AssertionError("a missing file was read")
+    except NotFoundException:
+        pass
+
+
+@check("stream_input_users_and_a_command_timeout")
+def _():
+    h = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.stream_input(h.pid, ["a", b"b", "c\n"])
+    sbx.commands.close_stdin(h.pid)
+    assert h.wait().stdout == "abc\n"
+    assert sbx.commands.run("id -u", user="root").stdout == "0\n"
+    default = sbx.commands.run("id -un").stdout.strip()
+    assert default == sbx.commands.run("id -un", user="user").stdout.strip(), default
+    sbx.files.write("/root/only-root.txt", "r", user="root")
+    assert sbx.files.get_info("/root/only-root.txt", user="root").owner == "root"
+    start = time.monotonic()
+    try:
+        sbx.commands.run("sleep 60", timeout=2)
+        raise AssertionError("the command outlived its timeout")
+    except Exception as e:  # noqa: BLE001 - the SDK's exception for a killed command
+        assert time.monotonic() - start < 30, e
+
+
 @check("watch_dir_polled")
 def _():
     d = f"/tmp/watch-{RUN}"
@@ -183,6 +222,21 @@ def _():
     assert "polled.txt" in names, names
 
 
+def _wait_quietly(h, out):
+    try:
+        h.wait(on_pty=lambda d: out.append(bytes(d)))
+    except Exception:  # noqa: BLE001 - a killed terminal exits non-zero
+        pass
+
+
+def _until(cond, what, out):
+    for _ in range(60):
+        if cond():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"{what!r} not in {b''.join(out)!r}")
+
+
 @check("pty_create_input_resize_kill")
 def _():
     out = []
@@ -197,21 +251,6 @@ def _():
     assert sbx.pty.kill(h.pid) is True
     t.join(20)
     assert not t.is_alive(), "the terminal's stream did not end after kill"
-
-
-def _wait_quietly(h, out):
-    try:
-        h.wait(on_pty=lambda d: out.append(bytes(d)))
-    except Exception:  # noqa: BLE001 - a killed terminal exits non-zero
-        pass
-
-
-def _until(cond, what, out):
-    for _ in range(60):
-        if cond():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"{what!r} not in {b''.join(out)!r}")
 
 
 @check("set_timeout_get_info_and_list_with_metadata_and_paging")
