@@ -5,7 +5,7 @@
 //! (template builds, volumes) answers 501 naming it.
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router, middleware};
@@ -91,10 +91,13 @@ fn machine_body(b: NewSandbox) -> RestResult<CreateMachineBody> {
 async fn create(
     State(s): State<Shared>,
     Extension(c): Extension<Caller>,
+    headers: HeaderMap,
     JsonBody(b): JsonBody<NewSandbox>,
 ) -> RestResult<Response> {
+    // A create retried with the same key answers the first one's sandbox.
+    let key = crate::machine_api::idempotency_key(&headers)?;
     let body = machine_body(b)?;
-    let m = creating::create(&s, &c, Flavor::Sandbox, body, None).await?;
+    let m = creating::create(&s, &c, Flavor::Sandbox, body, key).await?;
     let token = envd_token(&s, &m.id);
     Ok((StatusCode::CREATED, Json(Sandbox::of(&m, token))).into_response())
 }
