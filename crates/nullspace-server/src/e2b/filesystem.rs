@@ -89,7 +89,7 @@ fn entry(f: FileInfo) -> Option<Value> {
     let mode = f
         .mode
         .as_deref()
-        .and_then(|m| u32::from_str_radix(m, 8).ok())
+        .and_then(|m| nullspace_model::machine_files::parse_mode(m).ok())
         .unwrap_or(0);
     let mut v = json!({
         "name": f.name,
