@@ -185,6 +185,10 @@ pub async fn envd_gate(State(state): State<Shared>, mut req: Request, next: Next
         )
         .into_response()
     };
+    // An id no machine could have is not looked up.
+    if !crate::machines::record::plausible_id(&id) {
+        return not_found();
+    }
     let row = match state.store.machine(&id).await {
         Ok(Some(r)) => r,
         Ok(None) => return not_found(),
@@ -211,4 +215,43 @@ pub async fn envd_gate(State(state): State<Shared>, mut req: Request, next: Next
     };
     req.extensions_mut().insert(envd);
     next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envd(user: Option<&str>, cwd: Option<&str>) -> Envd {
+        Envd {
+            id: "mch_1".into(),
+            caller: Caller {
+                key_id: "k".into(),
+                namespace: "n".into(),
+            },
+            user: user.map(str::to_string),
+            cwd: cwd.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_users_home_or_the_workdir() {
+        assert_eq!(envd(None, Some("/srv")).path("a/b.txt"), "/srv/a/b.txt");
+        assert_eq!(envd(None, Some("/srv/")).path("./a"), "/srv/a");
+        assert_eq!(envd(None, None).path("."), "/");
+        assert_eq!(envd(Some("root"), Some("/srv")).path("x"), "/root/x");
+        assert_eq!(envd(None, Some("/srv")).path("/etc/hosts"), "/etc/hosts");
+    }
+
+    #[test]
+    fn the_user_comes_from_basic_auth_and_e2bs_default_is_the_templates() {
+        let mut h = HeaderMap::new();
+        assert_eq!(user_of(&h, None), None);
+        assert_eq!(user_of(&h, Some("app")), Some("app".into()));
+        h.insert(header::AUTHORIZATION, "Basic cm9vdDo=".parse().unwrap());
+        assert_eq!(user_of(&h, Some("app")), Some("root".into()));
+        h.insert(header::AUTHORIZATION, "Basic dXNlcjo=".parse().unwrap());
+        assert_eq!(user_of(&h, None), None, "E2B's `user`");
+        h.insert(header::AUTHORIZATION, "Basic !!!".parse().unwrap());
+        assert_eq!(user_of(&h, None), None, "garbage names no user");
+    }
 }

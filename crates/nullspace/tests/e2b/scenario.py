@@ -309,6 +309,18 @@ def _():
         assert code == 401 and b"still here" not in body, (code, body)
     code, _ = envd("/health", sbx.sandbox_id)
     assert code == 204, code
+    # The same machine through the Nullspace API, for its namespace only.
+    for key, want in [(os.environ["E2B_API_KEY"], 200), (OTHER, 404)]:
+        req = urllib.request.Request(f"{URL}/v1/machines/{sbx.sandbox_id}")
+        req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                code, body = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            code, body = e.code, e.read()
+        assert code == want, (code, body)
+        if want == 200:
+            assert b'"running"' in body, body
     code, body = envd("/health", "sbx_does_not_exist")
     assert code == 502 and b"was not found" in body, (code, body)
     code, body = envd("/execute", sbx.sandbox_id, token, port="49999", method="POST")
@@ -332,6 +344,24 @@ def _():
             await asyncio.sleep(0.25)
         await w.stop()
         assert "streamed.txt" in seen, seen
+        await a.files.write(f"{d}/bytes.bin", b"\x01\x02")
+        assert bytes(await a.files.read(f"{d}/bytes.bin", format="bytes")) == b"\x01\x02"
+        assert {e.name for e in await a.files.list(d)} >= {"streamed.txt", "bytes.bin"}
+        chunks = []
+        h = await a.commands.run(
+            "echo bg; sleep 600", background=True, timeout=0, on_stdout=chunks.append
+        )
+        for _ in range(40):
+            if chunks:
+                break
+            await asyncio.sleep(0.25)
+        assert chunks == ["bg\n"], chunks
+        assert await a.commands.kill(h.pid) is True
+        try:
+            await a.commands.run("exit 5")
+            raise AssertionError("exit 5 did not raise")
+        except CommandExitException as e:
+            assert e.exit_code == 5
 
     asyncio.run(main())
 
