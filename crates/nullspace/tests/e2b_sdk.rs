@@ -48,6 +48,7 @@ const CHECKS: &[&str] = &[
     "set_timeout_get_info_and_list_with_metadata_and_paging",
     "pause_then_connect_keeps_files_and_a_background_process",
     "isolation_between_namespaces_and_access_tokens",
+    "what_is_not_offered_names_itself",
     "async_sdk_runs_commands_and_watches_a_directory",
     "metrics_kill_and_kill_of_a_killed_sandbox",
 ];

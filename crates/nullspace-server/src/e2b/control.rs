@@ -71,6 +71,23 @@ fn machine_body(b: NewSandbox) -> RestResult<CreateMachineBody> {
             "mcp: E2B's MCP gateway is not offered by nullspace",
         ));
     }
+    // Set but empty (`{}`) asks for nothing.
+    let asks = |v: &Option<Value>| {
+        v.as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty()))
+    };
+    if asks(&b.network) {
+        return Err(RestError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "network: E2B's network rules are not offered by nullspace; set an egress policy with the Nullspace API (PATCH /v1/machines/{id}/egress)",
+        ));
+    }
+    if asks(&b.iam) {
+        return Err(RestError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "iam: E2B's IAM settings are not offered by nullspace",
+        ));
+    }
     let auto_resume = b.auto_resume.map(|a| a.enabled).filter(|e| *e);
     Ok(CreateMachineBody {
         template: b.template_id,
@@ -84,6 +101,9 @@ fn machine_body(b: NewSandbox) -> RestResult<CreateMachineBody> {
                 .collect::<Map<String, Value>>()
         }),
         internet_access: b.allow_internet_access,
+        // A template's snapshot fixes its shape: another count is refused
+        // by the create, naming both.
+        vcpus: b.cpu_count,
         ..Default::default()
     })
 }

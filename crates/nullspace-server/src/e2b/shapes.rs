@@ -30,6 +30,9 @@ pub struct NewSandbox {
     pub allow_internet_access: Option<bool>,
     pub volume_mounts: Option<Vec<Value>>,
     pub mcp: Option<Value>,
+    pub network: Option<Value>,
+    pub iam: Option<Value>,
+    pub cpu_count: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

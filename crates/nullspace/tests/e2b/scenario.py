@@ -327,6 +327,28 @@ def _():
     assert code == 501 and b"49999" in body, (code, body)
 
 
+@check("what_is_not_offered_names_itself")
+def _():
+    from e2b import SandboxException
+
+    for kw, word in [({"network": {"deny_out": ["0.0.0.0/0"]}}, "network"), ({"cpu_count": 7}, "vcpus")]:
+        try:
+            s = Sandbox.create(TEMPLATE, **kw)
+            s.kill()
+            raise AssertionError(f"{kw} was accepted")
+        except SandboxException as e:
+            assert word in str(e), e
+    req = urllib.request.Request(f"{URL}/templates", method="POST", data=b"{}")
+    req.add_header("X-API-KEY", os.environ["E2B_API_KEY"])
+    req.add_header("Content-Type", "application/json")
+    try:
+        urllib.request.urlopen(req, timeout=30)
+        raise AssertionError("/templates answered 2xx")
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        assert e.code == 501 and b"template build API" in body, (e.code, body)
+
+
 @check("async_sdk_runs_commands_and_watches_a_directory")
 def _():
     async def main():
