@@ -47,6 +47,7 @@ const CHECKS: &[&str] = &[
     "pty_create_input_resize_kill",
     "set_timeout_get_info_and_list_with_metadata_and_paging",
     "pause_then_connect_keeps_files_and_a_background_process",
+    "lifecycle_pause_at_the_timeout_then_connect_resumes",
     "isolation_between_namespaces_and_access_tokens",
     "what_is_not_offered_names_itself",
     "async_sdk_runs_commands_and_watches_a_directory",

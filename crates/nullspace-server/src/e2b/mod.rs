@@ -21,6 +21,7 @@
 //! | [`control`] | the control plane's handlers |
 //! | [`connect`] | the Connect protocol's framing (unary, envelopes, end of stream) |
 //! | [`process`] | `process.Process`: commands and terminals |
+//! | [`started`] | what each Start asked for, for `List` and tags |
 //! | [`filesystem`] | `filesystem.Filesystem`: stat, list, mkdir, move, remove, watches |
 //! | [`files`] | `/files` upload and download, `/health` |
 //!
@@ -36,6 +37,7 @@ pub mod files;
 pub mod filesystem;
 pub mod process;
 pub mod shapes;
+pub mod started;
 
 use axum::Router;
 use axum::middleware;

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::auth::Envd;
 use super::connect::{self, message};
 use super::errors::RpcError;
+use super::started::{self, Started};
 use crate::guest::{Chunk, GuestError};
 use crate::machines::MachineError;
 use crate::machines::commands::{command, running};
@@ -61,6 +62,7 @@ struct StartRequest {
     process: ProcessConfig,
     pty: Option<Pty>,
     stdin: Option<bool>,
+    tag: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,13 +73,16 @@ struct Selector {
 }
 
 impl Selector {
-    fn pid(&self) -> Result<u32, RpcError> {
+    fn pid(&self, e: &Envd) -> Result<u32, RpcError> {
         match (self.pid, &self.tag) {
             (Some(p), _) => Ok(p),
-            (None, Some(t)) => Err(RpcError::not_found(format!(
-                "process with tag {t:?}: selecting a process by tag is not offered by nullspace; use its pid"
-            ))),
-            (None, None) => Err(RpcError::invalid("process: a pid is required")),
+            (None, Some(t)) => started::by_tag(&e.id, t).ok_or_else(|| {
+                RpcError::not_found(format!(
+                    "process with tag {t:?} not found in sandbox {}",
+                    e.id
+                ))
+            }),
+            (None, None) => Err(RpcError::invalid("process: a pid or a tag is required")),
         }
     }
 }
@@ -215,6 +220,7 @@ async fn pump(
     }
     let last = match done.await {
         Ok(Ok(Some(code))) => {
+            started::forget(&e.id, pid);
             let _ = tx.send(end_event(code)).await;
             connect::end(None)
         }
@@ -285,6 +291,14 @@ async fn start(
 ) -> Result<Response, RpcError> {
     let r: StartRequest = connect::request(headers, body)?;
     let (m, live) = running(s, &e.caller, &e.id).await?;
+    let mut config = json!({"cmd": r.process.cmd, "args": r.process.args, "envs": r.process.envs});
+    if let Some(c) = &r.process.cwd {
+        config["cwd"] = json!(c);
+    }
+    let started = Started {
+        config,
+        tag: r.tag.clone(),
+    };
     let cwd = r
         .process
         .cwd
@@ -317,6 +331,7 @@ async fn start(
             .pty_start(spec)
             .await
             .map_err(|err| guest_err(e, err))?;
+        started::remember(&e.id, info.pid, started);
         return Ok(follow(e, headers, live, info.pid, true, true));
     }
     let line = shell_line(&live, &r.process).await;
@@ -342,6 +357,7 @@ async fn start(
         .spawn(cmd)
         .await
         .map_err(|err| guest_err(e, err))?;
+    started::remember(&e.id, pid, started);
     Ok(follow(e, headers, live, pid, false, true))
 }
 
@@ -360,7 +376,7 @@ async fn attach(
     body: &[u8],
 ) -> Result<Response, RpcError> {
     let r: Selected = connect::request(headers, body)?;
-    let pid = r.process.pid()?;
+    let pid = r.process.pid(e)?;
     let live = live(s, e).await?;
     if is_pty(&live, pid).await {
         return Ok(follow(e, headers, live, pid, true, false));
@@ -393,17 +409,15 @@ async fn list(s: &Shared, e: &Envd) -> Result<Value, RpcError> {
         .await
         .map_err(|err| guest_err(e, err))?;
     let ptys = live.guest.pty_list().await.unwrap_or_default();
-    let entry =
-        |pid: u32, cmd: &str| json!({"pid": pid, "config": {"cmd": cmd, "args": [], "envs": {}}});
     let mut out: Vec<Value> = ps
         .iter()
         .filter(|p| p.running)
-        .map(|p| entry(p.pid, &p.command))
+        .map(|p| started::info(&e.id, p.pid, &p.command))
         .collect();
     out.extend(
         ptys.iter()
             .filter(|p| p.running)
-            .map(|p| entry(p.pid, &p.command)),
+            .map(|p| started::info(&e.id, p.pid, &p.command)),
     );
     Ok(json!({"processes": out}))
 }
@@ -436,7 +450,7 @@ async fn send_input(
     body: &[u8],
 ) -> Result<Value, RpcError> {
     let r: Selected = connect::request(headers, body)?;
-    let pid = r.process.pid()?;
+    let pid = r.process.pid(e)?;
     let live = live(s, e).await?;
     input(&live, e, pid, &r.input.unwrap_or_default()).await?;
     Ok(json!({}))
@@ -451,7 +465,7 @@ async fn stream_input(s: &Shared, e: &Envd, body: &[u8]) -> Response {
         for m in connect::envelopes(body)? {
             let m: StreamInputMessage = connect::decode(&m)?;
             if let Some(st) = m.start {
-                pid = Some(st.process.pid()?);
+                pid = Some(st.process.pid(e)?);
             }
             if let Some(d) = m.data {
                 let pid = pid.ok_or_else(|| RpcError::invalid("StreamInput: data before start"))?;
@@ -487,7 +501,7 @@ async fn send_signal(
         signal: Value,
     }
     let r: Req = connect::request(headers, body)?;
-    let pid = r.process.pid()?;
+    let pid = r.process.pid(e)?;
     // SIGKILL and SIGTERM (the SDK's two) both end the process group.
     let known = matches!(
         &r.signal,
@@ -524,7 +538,7 @@ async fn close_stdin(
     body: &[u8],
 ) -> Result<Value, RpcError> {
     let r: Selected = connect::request(headers, body)?;
-    let pid = r.process.pid()?;
+    let pid = r.process.pid(e)?;
     let live = live(s, e).await?;
     live.guest
         .write_stdin(pid, vec![], true)
@@ -535,7 +549,7 @@ async fn close_stdin(
 
 async fn update(s: &Shared, e: &Envd, headers: &HeaderMap, body: &[u8]) -> Result<Value, RpcError> {
     let r: Selected = connect::request(headers, body)?;
-    let pid = r.process.pid()?;
+    let pid = r.process.pid(e)?;
     let Some(size) = r.pty.and_then(|p| p.size) else {
         return Ok(json!({}));
     };

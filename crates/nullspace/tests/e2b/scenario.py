@@ -117,7 +117,9 @@ def _():
 @check("connect_to_a_running_command_and_kill")
 def _():
     h = sbx.commands.run("echo started; sleep 600", background=True, timeout=0)
-    assert any(p.pid == h.pid for p in sbx.commands.list()), "not listed"
+    listed = [p for p in sbx.commands.list() if p.pid == h.pid]
+    assert listed, "not listed"
+    assert listed[0].cmd == "/bin/bash" and "sleep 600" in listed[0].args[-1], listed[0]
     h2 = sbx.commands.connect(h.pid, timeout=0)
     assert h2.pid == h.pid
     assert sbx.commands.kill(h.pid) is True
@@ -288,6 +290,24 @@ def _():
     assert back.files.read("/tmp/kept.txt") == "still here"
     assert any(p.pid == h.pid for p in back.commands.list()), "the process is gone"
     back.commands.kill(h.pid)
+
+
+@check("lifecycle_pause_at_the_timeout_then_connect_resumes")
+def _():
+    s = Sandbox.create(TEMPLATE, timeout=4, lifecycle={"on_timeout": "pause"})
+    try:
+        s.files.write("/tmp/at-timeout.txt", "kept")
+        for _ in range(60):
+            if s.get_info().state.value == "paused":
+                break
+            time.sleep(0.5)
+        assert s.get_info().state.value == "paused", s.get_info().state
+        assert not s.is_running()
+        back = Sandbox.connect(s.sandbox_id, timeout=120)
+        assert back.get_info().state.value == "running"
+        assert back.files.read("/tmp/at-timeout.txt") == "kept"
+    finally:
+        Sandbox.kill(s.sandbox_id)
 
 
 @check("isolation_between_namespaces_and_access_tokens")
