@@ -561,3 +561,103 @@ async fn update(s: &Shared, e: &Envd, headers: &HeaderMap, body: &[u8]) -> Resul
         .map_err(|err| guest_err(e, err))?;
     Ok(json!({}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nullspace_store::Caller;
+
+    fn envd() -> Envd {
+        Envd {
+            id: "mch_p".into(),
+            caller: Caller {
+                key_id: "k".into(),
+                namespace: "n".into(),
+            },
+            user: None,
+            cwd: None,
+        }
+    }
+
+    /// The envelopes' JSON (flags 0) and whether the last is end-of-stream.
+    async fn drain(mut rx: mpsc::Receiver<Bytes>) -> (Vec<Value>, bool) {
+        let mut msgs = vec![];
+        let mut ended = false;
+        while let Some(b) = rx.recv().await {
+            let v: Value = serde_json::from_slice(&b[5..]).unwrap();
+            if b[0] == 0x02 {
+                ended = true;
+                assert_eq!(v, json!({}), "end of stream without an error");
+            } else {
+                assert!(!ended, "a message after the end of stream");
+                msgs.push(v);
+            }
+        }
+        (msgs, ended)
+    }
+
+    #[tokio::test]
+    async fn a_stream_starts_sends_output_and_keepalives_then_ends_with_the_exit() {
+        let (tx, rx) = mpsc::channel(64);
+        let (otx, orx) = mpsc::channel(4);
+        let done = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            Ok(Some(3))
+        });
+        let producer = tokio::spawn(async move {
+            otx.send(Out::Chunk(Chunk::Stdout(b"hi\n".to_vec())))
+                .await
+                .unwrap();
+            // Silent for several keepalive periods, then the process ends.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        });
+        let stop = CancellationToken::new();
+        pump(
+            envd(),
+            tx,
+            7,
+            Duration::from_millis(60),
+            orx,
+            done,
+            stop.clone(),
+        )
+        .await;
+        producer.await.unwrap();
+        let (msgs, ended) = drain(rx).await;
+        assert!(ended);
+        assert_eq!(msgs[0], json!({"event": {"start": {"pid": 7}}}));
+        assert_eq!(msgs[1], json!({"event": {"data": {"stdout": "aGkK"}}}));
+        let keepalives = msgs
+            .iter()
+            .filter(|m| **m == json!({"event": {"keepalive": {}}}))
+            .count();
+        assert!(keepalives >= 2, "{msgs:?}");
+        let end = &msgs.last().unwrap()["event"]["end"];
+        assert_eq!(end["exitCode"], 3);
+        assert_eq!(end["exited"], true);
+        assert!(!stop.is_cancelled(), "an ended process needs no stop");
+    }
+
+    #[tokio::test]
+    async fn a_zero_exit_code_is_omitted_and_a_gone_client_stops_the_guest_stream() {
+        let b = end_event(0);
+        let v: Value = serde_json::from_slice(&b[5..]).unwrap();
+        assert!(v["event"]["end"].get("exitCode").is_none(), "{v}");
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let (_otx, orx) = mpsc::channel(1);
+        let done = tokio::spawn(async { Ok(None) });
+        let stop = CancellationToken::new();
+        pump(
+            envd(),
+            tx,
+            1,
+            Duration::from_secs(60),
+            orx,
+            done,
+            stop.clone(),
+        )
+        .await;
+        assert!(stop.is_cancelled(), "the guest stream was not stopped");
+    }
+}
