@@ -314,3 +314,57 @@ async fn metrics(
     let samples = file_ops::metrics(&s, &c, &id).await?;
     Ok(Json(samples.iter().map(Metric::of).collect()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_e2b_create_is_a_machine_create() {
+        let b: NewSandbox = serde_json::from_value(serde_json::json!({
+            "templateID": "web", "timeout": 120, "metadata": {"a": "b"},
+            "envVars": {"X": "1"}, "autoPause": true, "autoResume": {"enabled": true},
+            "network": {}, "cpuCount": 2, "unknownField": 1
+        }))
+        .unwrap();
+        let m = machine_body(b).unwrap();
+        assert_eq!(m.template.as_deref(), Some("web"));
+        assert_eq!(m.timeout_ms, Some(120_000));
+        assert_eq!(m.timeout_action.as_deref(), Some("hibernate"));
+        assert_eq!(m.auto_resume, Some(true));
+        assert_eq!(m.vcpus, Some(2));
+        assert_eq!(m.metadata.unwrap()["a"], "b");
+        assert_eq!(m.envs.unwrap()["X"], "1");
+        let default = machine_body(NewSandbox::default()).unwrap();
+        assert_eq!(default.timeout_ms, Some(300_000), "E2B's default timeout");
+        assert_eq!(default.timeout_action, None);
+    }
+
+    #[test]
+    fn what_is_not_offered_is_refused_by_name() {
+        for (body, word) in [
+            (
+                serde_json::json!({"volumeMounts": [{"name": "v", "path": "/v"}]}),
+                "volumeMounts",
+            ),
+            (
+                serde_json::json!({"network": {"denyOut": ["0.0.0.0/0"]}}),
+                "network",
+            ),
+            (serde_json::json!({"mcp": {"x": {}}}), "mcp"),
+            (serde_json::json!({"iam": {"role": "r"}}), "iam"),
+        ] {
+            let e = machine_body(serde_json::from_value(body).unwrap()).unwrap_err();
+            assert_eq!(e.status, StatusCode::NOT_IMPLEMENTED);
+            assert!(e.message.starts_with(word), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_metadata_filter_is_a_query_string() {
+        let m = metadata_filter("a=b&team=x%20y").unwrap();
+        assert_eq!(m["a"], "b");
+        assert_eq!(m["team"], "x y");
+        assert!(metadata_filter("").unwrap().is_empty());
+    }
+}

@@ -345,6 +345,24 @@ def _():
     assert code == 502 and b"was not found" in body, (code, body)
     code, body = envd("/execute", sbx.sandbox_id, token, port="49999", method="POST")
     assert code == 501 and b"49999" in body, (code, body)
+    # Hostile Connect bodies are refused with invalid_argument, in the
+    # stream or as a unary answer, and the sandbox still answers.
+    for path, ctype, body in [
+        ("/process.Process/Start", "application/connect+json", b"\x00\xff\xff\xff\xffx"),
+        ("/process.Process/Start", "application/connect+json", b"\x00\x00\x00\x00\x02[]"),
+        ("/filesystem.Filesystem/Stat", "application/json", b'{"path": 5}'),
+        ("/process.Process/SendInput", "application/json", b'{"process":{"pid":1},"input":{"stdin":"***"}}'),
+    ]:
+        req = urllib.request.Request(URL + path, method="POST", data=body)
+        for k, v in [("E2b-Sandbox-Id", sbx.sandbox_id), ("X-Access-Token", token), ("Content-Type", ctype)]:
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                code, out = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            code, out = e.code, e.read()
+        assert b"invalid_argument" in out and code in (200, 400), (path, code, out)
+    assert sbx.commands.run("echo alive").stdout == "alive\n"
 
 
 @check("what_is_not_offered_names_itself")
