@@ -178,6 +178,8 @@ def _():
     assert sbx.files.read(f"{d}/stream.txt") == "streamed body"
     sbx.files.write(f"{d}/z.txt", "zipped body", gzip=True)
     assert sbx.files.read(f"{d}/z.txt") == "zipped body"
+    # Accept-Encoding: gzip is answered uncompressed, which the SDK reads.
+    assert sbx.files.read(f"{d}/z.txt", gzip=True) == "zipped body"
     big = os.urandom(3 << 20)
     sbx.files.write(f"{d}/big.bin", big, use_octet_stream=True)
     assert bytes(sbx.files.read(f"{d}/big.bin", format="bytes")) == big
