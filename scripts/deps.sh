@@ -126,6 +126,18 @@ sdk_venv() { # sdk_venv DIR VERSION EXTRA...
 sdk_venv "${NULLSPACE_SDK_VENV:-$ROOT/target/sdk-venv}" 0.1.9 'schemathesis==4.32.5'
 sdk_venv "${NULLSPACE_SDK1_VENV:-$ROOT/target/sdk1-venv}" 1.0.3
 
+# E2B's published Python SDK, unpatched, drives the E2B dialect's suite
+# (crates/nullspace/tests/e2b_sdk.rs) from its own venv, pinned by the
+# suite's requirements file; made again when the file changes.
+E2B_VENV="${NULLSPACE_E2B_VENV:-$ROOT/target/e2b-venv}"
+E2B_REQ="$ROOT/crates/nullspace/tests/e2b/requirements.txt"
+if [ ! -x "$E2B_VENV/bin/python" ] || ! cmp -s "$E2B_REQ" "$E2B_VENV/requirements.txt"; then
+  rm -rf "$E2B_VENV"
+  python3 -m venv "$E2B_VENV"
+  "$E2B_VENV/bin/pip" install -q -r "$E2B_REQ"
+  cp "$E2B_REQ" "$E2B_VENV/requirements.txt"
+fi
+
 # The supply-chain checks test.sh runs (deny.toml; unused dependencies),
 # pinned, built from crates.io when missing or another version: in one
 # `cargo install` with one target directory (they share most crates), as

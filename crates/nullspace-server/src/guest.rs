@@ -456,6 +456,39 @@ impl Guest {
         .await
     }
 
+    /// [`Guest::attach`] that holds no gate (a snapshot ends it instead of
+    /// waiting for it): streams until the process exits (`Ok(Some(exit
+    /// code))`) or the stream is stopped (`Ok(None)`: `tx` closed or `stop`
+    /// cancelled); with `replay`, what its buffers hold first. For streams
+    /// a client may keep open for good.
+    pub async fn follow(
+        &self,
+        pid: u32,
+        replay: bool,
+        tx: tokio::sync::mpsc::Sender<Chunk>,
+        stop: CancellationToken,
+    ) -> Result<Option<i32>, GuestError> {
+        let limit = Duration::from_secs(7 * 24 * 3600);
+        self.with_streaming(stop, move |a, stop| {
+            let a = a.with_cancel(stop.clone());
+            let r = a.attach(pid, replay, limit, &mut |s: Stream, d: &[u8]| {
+                let c = match s {
+                    Stream::Stdout => Chunk::Stdout(d.to_vec()),
+                    Stream::Stderr => Chunk::Stderr(d.to_vec()),
+                };
+                if tx.blocking_send(c).is_err() {
+                    stop.cancel();
+                }
+            });
+            match r {
+                Ok(st) => Ok(Some(exit_code(st.code, st.signal))),
+                Err(VmError::Cancelled) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
     /// Writes to the stdin of a process started with `stdin_open`; `eof`
     /// closes it after the data.
     pub async fn write_stdin(&self, pid: u32, data: Vec<u8>, eof: bool) -> Result<(), GuestError> {

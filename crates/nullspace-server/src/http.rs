@@ -782,6 +782,9 @@ pub fn router(state: Shared) -> Router {
         // The preview proxy by path: the guest's own paths, not API
         // operations, so not in the table (by host name: the layer below).
         .merge(crate::preview::routes())
+        // E2B's SDK dialect: its own auth (X-API-KEY, the sandbox's
+        // access token) and error shapes, not API operations here.
+        .merge(crate::e2b::routes(state.clone()))
         .fallback(machine_api::not_offered::fallback)
         .method_not_allowed_fallback(machine_api::not_offered::method_not_allowed)
         // Context blobs are streamed to disk; JSON bodies are bounded.

@@ -10,6 +10,7 @@
 
 pub mod base;
 pub mod builds;
+pub mod e2b;
 pub mod edge;
 pub mod error;
 pub mod export;

@@ -464,6 +464,13 @@ mod tests {
                 .count(),
             3
         );
+        // The other: E2B's SDK dialect (its own keys, shapes and paths,
+        // documented by E2B, not in this document), merged once.
+        assert_eq!(
+            src.matches(".merge(crate::e2b::routes(state.clone()))")
+                .count(),
+            1
+        );
         // The one fallback answers errors only (501, JSON 404/405).
         assert_eq!(
             src.matches(".fallback(").count(),

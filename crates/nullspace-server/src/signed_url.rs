@@ -184,6 +184,25 @@ impl SigningKey {
         Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length")
     }
 
+    /// A secret for `label` that only this key yields (E2B's per-sandbox
+    /// `envdAccessToken`): stored nowhere, the same on every call.
+    pub fn derive(&self, label: &str) -> String {
+        let mut mac = self.mac();
+        mac.update(label.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Whether `token` is [`SigningKey::derive`]'s for `label`, in constant
+    /// time.
+    pub fn check_derived(&self, label: &str, token: &str) -> bool {
+        let Ok(tag) = hex::decode(token) else {
+            return false;
+        };
+        let mut mac = self.mac();
+        mac.update(label.as_bytes());
+        mac.verify_slice(&tag).is_ok()
+    }
+
     /// A token for `grant`.
     pub fn sign(&self, grant: &Grant) -> String {
         self.seal(grant)

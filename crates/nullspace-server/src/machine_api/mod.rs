@@ -208,7 +208,8 @@ pub fn snapshot_info(doc: &SnapshotDoc, f: Flavor) -> SnapshotInfo {
     }
 }
 
-fn idempotency_key(h: &HeaderMap) -> ApiResult<Option<String>> {
+/// The `Idempotency-Key` header (both dialects and E2B's create).
+pub(crate) fn idempotency_key(h: &HeaderMap) -> ApiResult<Option<String>> {
     match h.get("idempotency-key") {
         None => Ok(None),
         Some(v) => v
