@@ -847,7 +847,7 @@ import os
 from nullspace import Template, wait_for_port
 start = "sh -c 'echo small > /tmp/which; exec httpd -f -p 8080 -h /srv'"
 b = Template.build(Template.from_image(os.environ["NS_IMAGE"]).set_start_cmd(start, wait_for_port(8080)), name="small", cpu_count=1, memory_mb=384)
-print("BUILT", b.status.value)
+print("BUILT", b.status.value, b.build_id)
 "#;
 
 /// Creates one machine of each template named in argv and prints, per
@@ -960,19 +960,22 @@ fn pooled_vms_are_per_template_and_shape_and_end_with_the_server() {
     assert!(ok, "{out}\n{err}\n{}", s.server.log_text());
     let mut running: Vec<String> = parse(&out).iter().map(|m| m[1].clone()).collect();
     let entries = wait_entries(&s, &running, 4);
-    let (web_mb, small_mb) = ("-m 512 ", "-m 384 ");
+    // Both templates' VMs run at their ceiling (`-m 2048`): a pooled VM's
+    // template is the snapshot its memory file is mapped from
+    // (`snapshots/<build>.<attempt>/memory.ram`).
+    let small_build = r
+        .stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("tb_"))
+        .expect("the small template's build id")
+        .to_string();
+    let small_ram = format!("/{small_build}.");
     let kinds = |entries: &[(String, String)]| -> (Vec<String>, Vec<String>) {
-        let web = entries
-            .iter()
-            .filter(|e| e.1.contains(web_mb))
-            .map(|e| e.0.clone())
-            .collect();
-        let small = entries
-            .iter()
-            .filter(|e| e.1.contains(small_mb))
-            .map(|e| e.0.clone())
-            .collect();
-        (web, small)
+        let (small, web): (Vec<_>, Vec<_>) = entries.iter().partition(|e| e.1.contains(&small_ram));
+        (
+            web.into_iter().map(|e| e.0.clone()).collect(),
+            small.into_iter().map(|e| e.0.clone()).collect(),
+        )
     };
     let (web, small) = kinds(&entries);
     assert_eq!((web.len(), small.len()), (2, 2), "{entries:?}");

@@ -101,8 +101,8 @@ fn machine_body(b: NewSandbox) -> RestResult<CreateMachineBody> {
                 .collect::<Map<String, Value>>()
         }),
         internet_access: b.allow_internet_access,
-        // A template's snapshot fixes its shape: another count is refused
-        // by the create, naming both.
+        // Any count within the template's ceiling (`nullspace_model::size`);
+        // another is refused by the create, naming what is possible.
         vcpus: b.cpu_count,
         ..Default::default()
     })

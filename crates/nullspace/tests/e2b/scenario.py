@@ -371,6 +371,13 @@ def _():
 def _():
     from e2b import SandboxException
 
+    # Another vCPU count within the template's ceiling (4) is served...
+    s = Sandbox.create(TEMPLATE, cpu_count=4)
+    try:
+        assert s.commands.run("nproc").stdout.strip() == "4"
+    finally:
+        s.kill()
+    # ...one above it is refused, naming what is possible.
     for kw, word in [({"network": {"deny_out": ["0.0.0.0/0"]}}, "network"), ({"cpu_count": 7}, "vcpus")]:
         try:
             s = Sandbox.create(TEMPLATE, **kw)
