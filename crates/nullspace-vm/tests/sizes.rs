@@ -54,7 +54,7 @@ fn template_with_ceiling(f: &support::Fixture) -> Snapshot {
     config.env.insert("PATH".into(), "/bin".into());
     config.start_cmd = Some("sleep 100000".into());
     let mut spec = TemplateSpec::new(&disk, config);
-    spec.ceiling = Some(Ceiling::plan(2, 512, None, None));
+    spec.ceiling = Some(Ceiling::plan(2, 512, None, Some(2048)));
     let out = f.dir.join(name);
     let _ = std::fs::remove_dir_all(&out);
     template::build_snapshot(&f.vmm, &spec, &out, &CancellationToken::new()).expect("template")

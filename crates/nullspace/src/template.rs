@@ -442,7 +442,7 @@ pub struct BuildFlags {
     #[arg(long)]
     max_cpu_count: Option<u32>,
     /// The most memory a machine of the template may ask for (default:
-    /// 2048, or --memory-mb if larger).
+    /// 512, or --memory-mb if larger; a snapshot of a machine scans all of it).
     #[arg(long)]
     max_memory_mb: Option<u32>,
     /// Build without network access.

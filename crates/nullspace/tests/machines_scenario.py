@@ -345,9 +345,9 @@ def _():
 
 @check("sizes_from_one_template")
 def _():
-    # The template was built at 2 vCPUs / 512 MiB; its machines take any
-    # size up to its ceiling (4 vCPUs, 2048 MiB by default).
-    for vcpus, mb in ((4, 1024), (1, 256)):
+    # The template was built at 2 vCPUs / 512 MiB without maxima: its
+    # machines take 1 to 4 vCPUs and up to 512 MiB (its ceiling).
+    for vcpus, mb in ((4, 512), (1, 256)):
         m = create(vcpus=vcpus, memory_mb=mb)
         assert sh(m, "nproc").stdout.strip() == str(vcpus), (vcpus, sh(m, "nproc"))
         total = int(sh(m, "free -m | awk '/^Mem:/{print $2}'").stdout)
@@ -356,10 +356,10 @@ def _():
         assert "hello from a nullspace template" in page, page
         m.kill()
     try:
-        create(memory_mb=4096)
-        raise AssertionError("a 4096 MiB machine from a template whose ceiling is 2048 MiB")
+        create(memory_mb=1024)
+        raise AssertionError("a 1024 MiB machine from a template whose ceiling is 512 MiB")
     except BaseError as e:
-        assert e.code == "incompatible_snapshot" and "2048" in str(e), (e.code, str(e))
+        assert e.code == "incompatible_snapshot" and "512" in str(e) and "max_memory_mib" in str(e), (e.code, str(e))
 
 
 @check("base_template")

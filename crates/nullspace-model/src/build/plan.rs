@@ -961,6 +961,15 @@ mod tests {
                 }),
             }
         );
+        // Without maxima: 4 vCPUs, and the SDK's default create's 512 MiB.
+        let p = ok(json!({"base_image": "x:1"}));
+        assert_eq!(
+            p.vm.ceiling,
+            Some(crate::size::Ceiling {
+                vcpus: 4,
+                memory_mib: 512,
+            })
+        );
     }
 
     /// The digests depend on what the template is made of, never on names,
