@@ -54,6 +54,36 @@ pub enum SizeError {
         "memory_mb={asked} is not possible: machines of this template have {MIN_MEMORY_MIB} to {max} MiB (its build's ceiling; rebuild with build_config max_memory_mib for more)"
     )]
     Memory { asked: u32, max: u32 },
+    #[error(
+        "vcpus={asked_vcpus} memory_mb={asked_memory} is not possible: machines of this template have exactly {vcpus} vCPUs and {memory_mib} MiB (it was built before sizes could vary); create them with vcpus={vcpus} memory_mb={memory_mib}, or rebuild it to allow other sizes"
+    )]
+    Fixed {
+        vcpus: u32,
+        memory_mib: u32,
+        asked_vcpus: u32,
+        asked_memory: u32,
+    },
+}
+
+/// Whether a VM of `vcpus`/`memory_mib` under `ceiling` (`None`: a VM of
+/// exactly its size) can be taken to `to`.
+pub fn check(
+    ceiling: Option<Ceiling>,
+    (vcpus, memory_mib): (u32, u32),
+    to: (u32, u32),
+) -> Result<(), SizeError> {
+    if to == (vcpus, memory_mib) {
+        return Ok(());
+    }
+    match ceiling {
+        Some(c) => c.admits(to.0, to.1),
+        None => Err(SizeError::Fixed {
+            vcpus,
+            memory_mib,
+            asked_vcpus: to.0,
+            asked_memory: to.1,
+        }),
+    }
 }
 
 impl Ceiling {
@@ -152,5 +182,10 @@ mod tests {
         let e = c.admits(2, 4096).unwrap_err();
         assert!(e.to_string().contains("128 to 2048 MiB"), "{e}");
         assert!(c.admits(2, 64).is_err());
+        // Without a ceiling only the size itself.
+        assert!(check(None, (2, 512), (2, 512)).is_ok());
+        let e = check(None, (2, 512), (4, 512)).unwrap_err();
+        assert!(e.to_string().contains("exactly 2 vCPUs and 512 MiB"), "{e}");
+        assert!(check(Some(c), (2, 1024), (4, 2048)).is_ok());
     }
 }

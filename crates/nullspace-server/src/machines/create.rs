@@ -199,18 +199,13 @@ pub async fn create(
         b.memory_mb.unwrap_or(src.memory_mb),
     );
     let resize = (want_v, want_m) != (src.vcpus, src.memory_mb);
+    nullspace_model::size::check(
+        src.snapshot.meta.vm.ceiling,
+        (src.vcpus, src.memory_mb),
+        (want_v, want_m),
+    )
+    .map_err(|e| MachineError::Incompatible(format!("template {:?}: {e}", src.template)))?;
     if resize {
-        match src.snapshot.meta.vm.ceiling {
-            Some(c) => c.admits(want_v, want_m).map_err(|e| {
-                MachineError::Incompatible(format!("template {:?}: {e}", src.template))
-            })?,
-            None => {
-                return Err(MachineError::Incompatible(format!(
-                    "template {:?}'s snapshot was taken with {} vCPUs and {} MiB and was built before machine sizes could vary: create it with vcpus={} memory_mb={} (asked: vcpus={want_v} memory_mb={want_m}), or rebuild it to allow other sizes",
-                    src.template, src.vcpus, src.memory_mb, src.vcpus, src.memory_mb
-                )));
-            }
-        }
         let names_pool = b
             .warm_pool
             .as_ref()

@@ -410,17 +410,12 @@ impl QemuVm {
 
     /// [`QemuVm::resize`] without waiting for the balloon.
     fn resize_begin(&mut self, vcpus: u32, memory_mb: u32, limit: Duration) -> Result<(), VmError> {
-        if (vcpus, memory_mb) == (self.meta.vcpus, self.meta.memory_mb) {
-            return Ok(());
-        }
-        let Some(c) = self.meta.ceiling else {
-            return Err(VmError::Size(format!(
-                "vcpus={vcpus} memory_mb={memory_mb} is not possible: this VM has exactly {} vCPUs and {} MiB (its template was built before sizes could vary); rebuild the template",
-                self.meta.vcpus, self.meta.memory_mb
-            )));
-        };
-        c.admits(vcpus, memory_mb)
+        let now = (self.meta.vcpus, self.meta.memory_mb);
+        nullspace_model::size::check(self.meta.ceiling, now, (vcpus, memory_mb))
             .map_err(|e| VmError::Size(e.to_string()))?;
+        let Some(c) = self.meta.ceiling.filter(|_| (vcpus, memory_mb) != now) else {
+            return Ok(());
+        };
         let (v, online) = crate::Vm::agent(self).resize(vcpus, memory_mb, limit)?;
         self.meta.vcpus = v;
         if v != vcpus {
@@ -508,20 +503,17 @@ impl QemuVm {
 
     /// QMP `query-status` (`running`, `paused`, `postmigrate`, …).
     pub fn status(&mut self) -> Result<RunState, VmError> {
-        Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))?.status()
+        self.qmp_now()?.status()
     }
 
     /// Pauses the guest (QMP `stop`); the agent connection stays open.
     pub fn pause(&mut self) -> Result<(), VmError> {
-        Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))?
-            .execute("stop", json!({}))
-            .map(|_| ())
+        self.qmp_now()?.execute("stop", json!({})).map(|_| ())
     }
 
     /// Continues a paused guest (QMP `cont`) and makes sure the agent answers.
     pub fn resume(&mut self, limit: Duration) -> Result<(), VmError> {
-        Qmp::connect(&self.dir.path().join("qmp.sock"), Duration::from_secs(10))?
-            .execute("cont", json!({}))?;
+        self.qmp_now()?.execute("cont", json!({}))?;
         let answered = self.agent.as_mut().is_some_and(|a| a.ping(limit).is_ok());
         if answered {
             Ok(())
