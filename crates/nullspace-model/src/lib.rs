@@ -21,6 +21,7 @@ pub mod build;
 pub mod guest;
 pub mod machine;
 pub mod machine_files;
+pub mod node;
 pub mod refs;
 pub mod shell;
 pub mod size;

@@ -10,6 +10,7 @@
 
 pub mod base;
 pub mod builds;
+pub mod cluster;
 pub mod e2b;
 pub mod edge;
 pub mod error;
@@ -29,6 +30,7 @@ pub mod plan;
 pub mod plan_views;
 pub mod preview;
 pub mod refs;
+
 pub mod runtime;
 pub mod sbom;
 pub mod signed_url;
@@ -75,6 +77,8 @@ pub enum OpenError {
     },
     #[error("starting the build VM")]
     BuildVm(#[source] nullspace_vm::VmError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 fn create_dir(path: &Path) -> Result<(), OpenError> {
@@ -120,6 +124,7 @@ pub async fn open_store(config: Config) -> Result<Shared, OpenError> {
 pub async fn open(config: Config) -> Result<Shared, OpenError> {
     let work = config.data_dir.join("work");
     let mut state = open_offline(config).await?;
+    cluster::check_config(&state.config, state.store.backend)?;
     create_dir(&work)?;
     let config = &state.config;
     let mut engine_config =
@@ -255,6 +260,13 @@ pub async fn serve_until(
             ),
         }
     }
+    // A node of a cluster registers (a new epoch fences any earlier
+    // process of it) before it touches machines; a lone server on a store
+    // live nodes share is refused.
+    let membership = cluster::join(&state)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let heartbeat = membership.map(|m| cluster::spawn_heartbeat(state.clone(), m));
     // Pooled VMs are recorded in this server's run directory while pooled.
     state.machines.start_pool(lock.pids.clone());
     *state.run_lock.lock().expect("run lock") = Some(lock);
@@ -308,6 +320,10 @@ pub async fn serve_until(
     builds::queue::drain(&state, workers, state.config.shutdown_grace).await;
     let _ = monitor.await;
     let _ = recovery.await;
+    if let Some(h) = heartbeat {
+        let _ = h.await;
+        cluster::leave(&state).await;
+    }
     if let Some(c) = collector {
         c.abort();
         let _ = c.await;

@@ -87,6 +87,16 @@ pub struct Config {
     pub preview_response_timeout: Duration,
     /// Connections and header deadlines at the HTTP edge.
     pub http: crate::edge::HttpLimits,
+    /// Many nodes: where the other nodes reach this one's API (`None`: a
+    /// single node; see [`crate::cluster`]).
+    pub node_url: Option<String>,
+    /// Many nodes: the registry templates are published to and pulled
+    /// from (`HOST[:PORT]/REPO`).
+    pub artifact_registry: Option<String>,
+    /// How long a node's lease runs without a renewal (renewed every fifth).
+    pub node_lease: Duration,
+    /// How long after its lease ran out a node is declared dead.
+    pub node_grace: Duration,
 }
 
 impl Config {
@@ -119,6 +129,10 @@ impl Config {
             preview_domain: Some("localhost".into()),
             preview_response_timeout: Duration::from_secs(60),
             http: crate::edge::HttpLimits::default(),
+            node_url: None,
+            artifact_registry: None,
+            node_lease: crate::cluster::DEFAULT_LEASE,
+            node_grace: crate::cluster::DEFAULT_GRACE,
         }
     }
 
@@ -227,6 +241,8 @@ pub struct AppState {
     pub ssh: Arc<crate::ssh::Ssh>,
     /// Use of preview grants since this server started.
     pub preview_usage: crate::machines::ports::UsageTable,
+    /// This node's membership of a cluster, once joined (many nodes only).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Membership>>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -256,6 +272,7 @@ impl AppState {
             uploads: Arc::new(uploads),
             signing_key,
             preview_usage: Default::default(),
+            cluster: Default::default(),
             cache_dir: config.data_dir.join("cache"),
             work_dir: config.data_dir.join("work"),
             config,

@@ -15,12 +15,14 @@ pub mod artifacts;
 pub mod inflight;
 pub mod lifecycle;
 pub mod machines;
+pub mod nodes;
 pub mod previews;
 pub mod volumes;
 pub mod warm_pools;
 
 pub use lifecycle::{LifecycleEvent, LifecycleFilter, LifecyclePage, Order, StoredLifecycleEvent};
 pub use machines::{Inserted, MachineRow, SnapshotRow};
+pub use nodes::{NodeLease, NodeRow};
 pub use previews::PreviewGrantRow;
 pub use volumes::{AttachOutcome, AttachmentRow, VolumeRow};
 pub use warm_pools::WarmPoolRow;
@@ -98,6 +100,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "warm pools",
         include_str!("../migrations/0007_warm_pools.sql"),
     ),
+    (8, "nodes", include_str!("../migrations/0008_nodes.sql")),
 ];
 
 #[derive(Debug)]

@@ -54,11 +54,17 @@ impl Server {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new(nullspace_bin());
-        cmd.arg("serve").arg("--listen").arg(&self.addr).args(
-            self.args
-                .iter()
-                .filter(|a| *a != "--auto-build-vm" && *a != "--base-template"),
-        );
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(&self.addr)
+            .args(self.args.iter().filter(|a| {
+                *a != "--auto-build-vm" && *a != "--base-template" && *a != "--node-url-self"
+            }));
+        // A node of a cluster, reached at its own address (a testkit-only
+        // marker: the address is picked here).
+        if self.args.iter().any(|a| a == "--node-url-self") {
+            cmd.arg("--node-url").arg(&self.url);
+        }
         // Likewise the base template (a build VM boot at every start): only
         // for tests that ask with `--base-template` (a testkit-only marker).
         if !self.args.iter().any(|a| a == "--base-template") {

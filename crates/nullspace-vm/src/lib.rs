@@ -39,7 +39,7 @@ pub use process::reap_stale;
 pub use qemu::spares;
 pub use qemu::{
     Accel, AfterSnapshot, BootSpec, MemoryMode, PreparedVm, QemuVm, QemuVmm, RestorePhases,
-    RestoreSpec,
+    RestoreSpec, qemu_version,
 };
 pub use readiness::{Probe, Readiness, ReadyReport};
 pub use snapshot::{Snapshot, SnapshotMeta};

@@ -102,6 +102,30 @@ pub struct ServeArgs {
     ssh_public_host: Option<String>,
     #[command(flatten)]
     lifecycle: LifecycleArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Many nodes: one Postgres store and one artifact registry shared by
+/// every node (see the README, "Many nodes").
+#[derive(Args)]
+pub struct ClusterArgs {
+    /// Join the nodes sharing --database-url: the URL the other nodes reach
+    /// this server's API at (e.g. http://10.0.0.2:8080). Needs Postgres and
+    /// --artifact-registry.
+    #[arg(long, env = "NULLSPACE_NODE_URL")]
+    node_url: Option<String>,
+    /// The registry (HOST[:PORT]/REPO) templates are published to and
+    /// pulled from; credentials come from the Docker config, as for pulls.
+    #[arg(long, env = "NULLSPACE_ARTIFACT_REGISTRY")]
+    artifact_registry: Option<String>,
+    /// Milliseconds a node's lease runs without a renewal (renewed every
+    /// fifth of it); a node whose lease ran out --node-grace-ms ago is
+    /// declared dead and its running machines end.
+    #[arg(long, env = "NULLSPACE_NODE_LEASE_MS", default_value_t = 10_000)]
+    node_lease_ms: u64,
+    #[arg(long, env = "NULLSPACE_NODE_GRACE_MS", default_value_t = 20_000)]
+    node_grace_ms: u64,
 }
 
 /// Leases, shutdown and the periodic collector.
@@ -267,6 +291,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         std::time::Duration::from_secs(a.lifecycle.header_read_timeout_secs.max(1));
     config.http.write_stall_timeout =
         std::time::Duration::from_secs(a.lifecycle.write_stall_timeout_secs.max(1));
+    config.node_url = a.cluster.node_url;
+    config.artifact_registry = a.cluster.artifact_registry;
+    config.node_lease = std::time::Duration::from_millis(a.cluster.node_lease_ms.max(500));
+    config.node_grace = std::time::Duration::from_millis(a.cluster.node_grace_ms);
     runtime()?.block_on(async move {
         let state = nullspace_server::open(config)
             .await

@@ -129,6 +129,14 @@ pub fn dialect(f: Flavor, e: MachineError) -> ApiError {
         ),
         MachineError::Template(e) => e,
         MachineError::Guest { id, err } => guest(f, &id, err),
+        MachineError::TemplateUnavailable(m) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "template_unavailable", m)
+        }
+        e @ MachineError::Fenced(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_fenced",
+            e.to_string(),
+        ),
         MachineError::Capacity(m) => {
             // Not 429: the client retries those; this does not clear soon.
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "capacity_exceeded", m)

@@ -141,6 +141,11 @@ pub async fn create(
     key: Option<String>,
 ) -> MachineResult<MachineInfo> {
     rules::refuse_unsupported(&b)?;
+    if let Some(m) = state.cluster.get()
+        && m.is_fenced()
+    {
+        return Err(MachineError::Fenced(m.node_id.clone()));
+    }
     // Checked before anything is made; attached once the machine runs.
     let volumes = crate::volumes::rules::mounts(b.volumes.as_ref())?;
     crate::volumes::attach::check_at_create(state, c, &volumes).await?;

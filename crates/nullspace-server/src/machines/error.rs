@@ -62,6 +62,14 @@ pub enum MachineError {
     /// The node has no room for it.
     #[error("{0}")]
     Capacity(String),
+    /// This node was fenced (another process registered it, or it was
+    /// declared dead): it takes no new machines.
+    /// The template is on another node and could not be fetched now (the
+    /// artifact registry is unreachable, or what it holds did not verify).
+    #[error("{0}")]
+    TemplateUnavailable(String),
+    #[error("node {0} was fenced and takes no new machines; send the request to another node")]
+    Fenced(String),
     /// The VM could not be started, snapshotted or ended.
     #[error("machine {id}: {reason}")]
     Vm { id: String, reason: String },

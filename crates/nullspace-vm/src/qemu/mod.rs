@@ -49,6 +49,6 @@ pub use nullspace_model::snapshot::{Accel, MemoryMode, QemuVersion};
 pub use restore::PreparedVm;
 pub(crate) use snapshot::DirGuard;
 pub use vm::{AfterSnapshot, QemuVm, RestorePhases};
-pub use vmm::{BootSpec, QemuVmm, RestoreSpec};
+pub use vmm::{BootSpec, QemuVmm, RestoreSpec, qemu_version};
 
 pub const AGENT_PORT: &str = nullspace_model::guest::AGENT_PORT;

@@ -78,6 +78,25 @@ impl QemuVmm {
     }
 }
 
+/// QEMU's version as `qemu-system-x86_64 --version` prints it
+/// (`major.minor.micro`): a node's label, since a snapshot's device state
+/// loads only on the QEMU that wrote it. `None` when QEMU is missing or
+/// prints something else.
+pub fn qemu_version() -> Option<String> {
+    let out = std::process::Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.split("version ").nth(1)?.split_whitespace().next()?;
+    let parts: Vec<&str> = v.split('.').collect();
+    (parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())))
+    .then(|| v.to_string())
+}
+
 pub(super) fn which(bin: &str) -> Result<(), VmError> {
     if crate::process::on_path(bin) {
         Ok(())
