@@ -487,8 +487,16 @@ impl Drop for Session {
 fn is_unreachable(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
+        // A body that broke off mid-transfer counts: the registry died or
+        // stopped answering.
         if let Some(r) = err.downcast_ref::<reqwest::Error>()
-            && (r.is_connect() || r.is_timeout())
+            && (r.is_connect() || r.is_timeout() || r.is_body())
+        {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps: look at it.
+        if let Some(inner) = err.downcast_ref::<io::Error>().and_then(|io| io.get_ref())
+            && is_unreachable(inner)
         {
             return true;
         }

@@ -550,3 +550,105 @@ fn a_registry_that_hangs_is_unreachable_after_the_read_timeout() {
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert!(!into.exists() && !partial(&into).exists());
 }
+
+/// Serves `docs` (path → body) over HTTP/1.1 keep-alive; a path in
+/// `stall` gets its headers and half its body, then nothing.
+fn fake_registry(
+    docs: std::collections::HashMap<String, (String, Vec<u8>)>,
+    stall: String,
+) -> String {
+    use std::io::BufRead;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let docs = std::sync::Arc::new(docs);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let docs = docs.clone();
+            let stall = stall.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut parts = line.split_whitespace();
+                    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                    let (status, ct, body) = match docs.get(path) {
+                        Some((ct, b)) => ("200 OK", ct.as_str(), b.clone()),
+                        None if path == "/v2/" => ("200 OK", "application/json", b"{}".to_vec()),
+                        None => ("404 Not Found", "application/json", b"{}".to_vec()),
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if conn.write_all(head.as_bytes()).is_err() {
+                        return;
+                    }
+                    if method == "HEAD" {
+                        continue;
+                    }
+                    if path == stall {
+                        let _ = conn.write_all(&body[..body.len() / 2]);
+                        std::thread::sleep(Duration::from_secs(60));
+                        return;
+                    }
+                    if conn.write_all(&body).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_registry_that_stops_mid_chunk_is_unreachable_after_the_read_timeout() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let files = make_files(&src);
+    push(&reg, "1", &src, &files, &serde_json::json!({})).unwrap();
+    let m = get_manifest(&reg, "1");
+    let mut docs = std::collections::HashMap::new();
+    docs.insert(
+        "/v2/arts/t/manifests/1".to_string(),
+        (
+            "application/vnd.oci.image.manifest.v1+json".to_string(),
+            serde_json::to_vec(&m).unwrap(),
+        ),
+    );
+    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    for l in m["layers"].as_array().unwrap() {
+        blobs.push(l["digest"].as_str().unwrap().to_string());
+    }
+    for d in &blobs {
+        docs.insert(
+            format!("/v2/arts/t/blobs/{d}"),
+            ("application/octet-stream".to_string(), get_blob(&reg, d)),
+        );
+    }
+    // The second chunk stalls after half its bytes.
+    let fake = fake_registry(docs, format!("/v2/arts/t/blobs/{}", blobs[2]));
+    let o = RegistryOptions {
+        read_timeout: Duration::from_secs(2),
+        ..opts()
+    };
+    let into = tmp.path().join("out");
+    let t = Instant::now();
+    let e = artifact::pull(&format!("{fake}/arts/t:1"), &into, &o, TYPE, &never).unwrap_err();
+    assert!(matches!(e, ArtifactError::Unreachable { .. }), "{e}");
+    assert!(e.to_string().contains("chunk 4 of big"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(!into.exists() && !partial(&into).exists());
+}
