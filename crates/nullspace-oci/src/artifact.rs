@@ -80,6 +80,7 @@ pub struct FileSpec {
     pub sha256: String,
 }
 
+#[derive(Debug, Clone, Copy)]
 pub struct PushSpec<'a> {
     /// Files are `dir/name`.
     pub dir: &'a Path,

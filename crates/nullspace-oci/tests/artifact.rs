@@ -652,3 +652,31 @@ fn a_registry_that_stops_mid_chunk_is_unreachable_after_the_read_timeout() {
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert!(!into.exists() && !partial(&into).exists());
 }
+
+#[test]
+fn an_artifact_without_layers_round_trips() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("empty"), b"").unwrap();
+    let hole = std::fs::File::create(src.join("hole")).unwrap();
+    hole.set_len(3 * CHUNK + 1).unwrap();
+    drop(hole);
+    for names in [&["empty", "hole"][..], &[][..]] {
+        let files = specs(&src, names);
+        let payload = serde_json::json!({"names": names});
+        let p = push(&reg, "1", &src, &files, &payload).unwrap();
+        assert_eq!((p.chunks, p.stored_bytes), (0, 0), "{p:?}");
+        let into = tmp.path().join(format!("out{}", names.len()));
+        let pulled = artifact::pull(&p.reference, &into, &opts(), TYPE, &never).unwrap();
+        assert_eq!((pulled.files, pulled.payload), (files.clone(), payload));
+        let names_in: Vec<_> = std::fs::read_dir(&into).unwrap().collect();
+        assert_eq!(names_in.len(), names.len());
+        for f in &files {
+            assert_eq!(sha256_file(&into.join(&f.name)).unwrap(), f.sha256);
+            let md = std::fs::metadata(into.join(&f.name)).unwrap();
+            assert_eq!((md.len(), md.blocks()), (f.size, 0));
+        }
+    }
+}
