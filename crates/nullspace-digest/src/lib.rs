@@ -6,6 +6,8 @@
 //! turned into a path (`blobs/<alg>/<hex>`). Only the algorithms the OCI image
 //! spec registers are accepted, with hex of exactly the right length.
 
+pub mod sparse;
+
 use std::fmt;
 use std::io::{self, Read};
 

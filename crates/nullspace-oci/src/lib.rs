@@ -6,9 +6,11 @@
 //!   ([`platform`]), document checks ([`manifest`]), digests ([`digest`]).
 //! - [`config`]: runtime defaults and metadata from the image config.
 //! - [`layout`]: writing a verified OCI image layout.
+//! - [`artifact`]: a set of files as an OCI 1.1 artifact in a registry.
 //!
 //! This crate knows nothing of root filesystems or templates.
 
+pub mod artifact;
 pub mod auth;
 pub mod config;
 pub mod demo;

@@ -384,67 +384,8 @@ fn verify_file(dir: &Path, role: &str, f: &FileEntry) -> Result<(), VmError> {
     Ok(())
 }
 
-/// The sha256 of a file's content. Holes are hashed as the zeros they
-/// read as, without reading them: a guest RAM file is mostly holes, and
-/// reading a hole costs the kernel a zeroed page-cache page per 4 KiB.
-pub(crate) fn sha256_file(p: &Path) -> std::io::Result<String> {
-    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-    let f = std::fs::File::open(p)?;
-    let len = f.metadata()?.len();
-    let mut h = Sha256::new();
-    let zeros = |h: &mut Sha256, mut n: u64| {
-        while n > 0 {
-            let k = n.min(ZEROS.len() as u64) as usize;
-            h.update(&ZEROS[..k]);
-            n -= k as u64;
-        }
-    };
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0;
-    for (start, end) in data_extents(&f, len)? {
-        zeros(&mut h, start - pos);
-        let mut off = start;
-        while off < end {
-            let want = ((end - off) as usize).min(buf.len());
-            let n = f.read_at(&mut buf[..want], off)?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("{} shrank while hashed", p.display()),
-                ));
-            }
-            h.update(&buf[..n]);
-            off += n as u64;
-        }
-        pos = end;
-    }
-    zeros(&mut h, len - pos);
-    Ok(hex::encode(h.finalize()))
-}
-
-/// The data extents (start, end) of the first `len` bytes of `f`, in
-/// order, as the file system reports them (SEEK_DATA/SEEK_HOLE); the rest
-/// reads as zeros.
-pub(crate) fn data_extents(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use rustix::fs::{SeekFrom, seek};
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < len {
-        let start = match seek(f, SeekFrom::Data(pos)) {
-            Ok(p) => p,
-            // Only a hole is left.
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let end = seek(f, SeekFrom::Hole(start))?.min(len);
-        if end <= start {
-            break;
-        }
-        out.push((start, end));
-        pos = end;
-    }
-    Ok(out)
-}
+// The sparse-file rules (extents, content hash) live in nullspace-digest.
+pub(crate) use nullspace_digest::sparse::{data_extents, sha256_file};
 
 /// Commits `dir/name`: read-only, fsynced, hashed; returns its entry.
 pub(crate) fn commit_file(dir: &Path, name: &str) -> Result<FileEntry, VmError> {
@@ -549,31 +490,6 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sha256_of_a_sparse_file_is_the_sha256_of_its_content() {
-        let d = tempfile::tempdir().unwrap();
-        for (i, (len, writes)) in [
-            (0u64, vec![]),
-            (10 << 20, vec![]),
-            (10 << 20, vec![(0u64, 7usize)]),
-            (10 << 20, vec![(3 << 20, 5000), (9 << 20, 1)]),
-            ((10 << 20) + 3, vec![((10 << 20) - 2, 5)]),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let p = d.path().join(format!("f{i}"));
-            let f = std::fs::File::create(&p).unwrap();
-            f.set_len(len).unwrap();
-            for (off, n) in writes {
-                f.write_all_at(&vec![0xa5; n], off).unwrap();
-            }
-            drop(f);
-            let whole = hex::encode(Sha256::digest(std::fs::read(&p).unwrap()));
-            assert_eq!(sha256_file(&p).unwrap(), whole, "case {i}");
-        }
-    }
 
     fn cached(p: &Path) -> Option<String> {
         let md = std::fs::symlink_metadata(p).unwrap();
