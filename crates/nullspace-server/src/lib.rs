@@ -30,6 +30,7 @@ pub mod plan;
 pub mod plan_views;
 pub mod preview;
 pub mod refs;
+pub mod replicate;
 
 pub mod runtime;
 pub mod sbom;

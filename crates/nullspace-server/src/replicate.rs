@@ -186,7 +186,11 @@ pub async fn publish(
 /// Makes a ready build's artifact manifest and snapshot local: nothing to
 /// do on the node that built it (or one that pulled it already); else the
 /// artifact the record names is pulled, once, however many wait.
-pub async fn ensure_local(state: &Shared, rec: &BuildRecord, raw: &str) -> Result<(), ReplicateError> {
+pub async fn ensure_local(
+    state: &Shared,
+    rec: &BuildRecord,
+    raw: &str,
+) -> Result<(), ReplicateError> {
     let digest = rec
         .artifact_ids
         .first()
@@ -232,7 +236,12 @@ pub async fn ensure_local(state: &Shared, rec: &BuildRecord, raw: &str) -> Resul
 
 /// The blocking pull: the artifact into the snapshot directory its payload
 /// names, then the manifest bytes into the artifact store.
-fn pull(state: &Shared, reference: &str, digest: &Digest, build: &str) -> Result<u64, ReplicateError> {
+fn pull(
+    state: &Shared,
+    reference: &str,
+    digest: &Digest,
+    build: &str,
+) -> Result<u64, ReplicateError> {
     let opts = registry_options(state);
     let map = |e: ArtifactError| match e {
         ArtifactError::Unreachable { .. } => ReplicateError::Unavailable(e.to_string()),
@@ -257,8 +266,11 @@ fn pull(state: &Shared, reference: &str, digest: &Digest, build: &str) -> Result
         let _ = std::fs::remove_dir_all(&staging);
         e
     };
-    let payload: Payload = serde_json::from_value(pulled.payload)
-        .map_err(|e| cleanup(ReplicateError::Failed(format!("artifact {reference}: payload: {e}"))))?;
+    let payload: Payload = serde_json::from_value(pulled.payload).map_err(|e| {
+        cleanup(ReplicateError::Failed(format!(
+            "artifact {reference}: payload: {e}"
+        )))
+    })?;
     let bytes = payload.manifest.into_bytes();
     let actual = Digest::sha256_of(&bytes);
     if &actual != digest {
@@ -268,7 +280,9 @@ fn pull(state: &Shared, reference: &str, digest: &Digest, build: &str) -> Result
     }
     if let Some(rel) = &payload.snapshot {
         let m: ArtifactManifest = serde_json::from_slice(&bytes).map_err(|e| {
-            cleanup(ReplicateError::Failed(format!("artifact {reference}: manifest: {e}")))
+            cleanup(ReplicateError::Failed(format!(
+                "artifact {reference}: manifest: {e}"
+            )))
         })?;
         if m.snapshot.as_deref() != Some(rel.as_str()) || !plain_snapshot_path(rel) {
             return Err(cleanup(ReplicateError::Failed(format!(
@@ -279,8 +293,9 @@ fn pull(state: &Shared, reference: &str, digest: &Digest, build: &str) -> Result
         if target.exists() {
             let _ = std::fs::remove_dir_all(&staging);
         } else {
-            std::fs::rename(&staging, &target)
-                .map_err(|e| cleanup(ReplicateError::Failed(format!("{}: {e}", target.display()))))?;
+            std::fs::rename(&staging, &target).map_err(|e| {
+                cleanup(ReplicateError::Failed(format!("{}: {e}", target.display())))
+            })?;
         }
     } else {
         let _ = std::fs::remove_dir_all(&staging);
@@ -309,7 +324,14 @@ mod tests {
     #[test]
     fn snapshot_paths_from_a_payload_are_plain() {
         assert!(plain_snapshot_path("snapshots/bld_1.1"));
-        for bad in ["snapshots/../x", "snapshots/a/b", "/etc", "snapshots/", "x/bld_1", "snapshots/.pull-x"] {
+        for bad in [
+            "snapshots/../x",
+            "snapshots/a/b",
+            "/etc",
+            "snapshots/",
+            "x/bld_1",
+            "snapshots/.pull-x",
+        ] {
             assert!(!plain_snapshot_path(bad), "{bad}");
         }
     }

@@ -243,6 +243,8 @@ pub struct AppState {
     pub preview_usage: crate::machines::ports::UsageTable,
     /// This node's membership of a cluster, once joined (many nodes only).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Membership>>,
+    /// Templates being pulled from the artifact registry (one per build).
+    pub pulls: crate::replicate::Pulls,
 }
 
 pub type Shared = Arc<AppState>;
@@ -273,6 +275,7 @@ impl AppState {
             signing_key,
             preview_usage: Default::default(),
             cluster: Default::default(),
+            pulls: Default::default(),
             cache_dir: config.data_dir.join("cache"),
             work_dir: config.data_dir.join("work"),
             config,

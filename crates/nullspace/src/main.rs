@@ -29,7 +29,7 @@ enum Command {
     #[command(subcommand)]
     Image(image::ImageCommand),
     /// Serve the template build API.
-    Serve(server::ServeArgs),
+    Serve(Box<server::ServeArgs>),
     /// Manage API keys.
     #[command(subcommand)]
     Keys(server::KeysCommand),
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Image(c) => image::run(c),
-        Command::Serve(a) => server::serve(a),
+        Command::Serve(a) => server::serve(*a),
         Command::Keys(c) => server::keys(c),
         Command::Gc(a) => server::gc(a),
         Command::Template(c) => template::run(c, &matches),

@@ -194,7 +194,7 @@ const BUILD: &str = r#"
 import os
 from nullspace import Template, wait_for_port
 IMAGE = os.environ["NS_IMAGE"]
-start = "sh -c 'echo from-a > /srv/index.html; exec httpd -f -p 8080 -h /srv'"
+start = "sh -c 'echo from-a > /tmp/mark; exec httpd -f -p 8080 -h /srv'"
 b = Template.build(Template.from_image(IMAGE).set_start_cmd(start, wait_for_port(8080)), name="web")
 print("BUILD", b.build_id)
 "#;
@@ -207,7 +207,7 @@ out, errors = [None] * n, []
 def one(i):
     try:
         m = Machine.create(template="web")
-        r = m.commands.run("cat /srv/index.html; hostname")
+        r = m.commands.run("cat /tmp/mark")
         assert r.exit_code == 0, r
         out[i] = (m.id, r.stdout.split()[0])
     except Exception as e:

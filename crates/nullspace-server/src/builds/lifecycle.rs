@@ -640,10 +640,11 @@ pub async fn finish_ready(
     let bytes = serde_json::to_vec(&m).unwrap_or_default();
     let artifacts = state.artifacts.clone();
     let holder = rec.build_id.clone();
+    let to_store = bytes.clone();
     // Leased until the ready record below references it.
     let stored = tokio::task::spawn_blocking(move || {
         let w = artifacts.writing()?;
-        let stored = w.put(&bytes[..])?;
+        let stored = w.put(&to_store[..])?;
         w.lease(&holder, &Leased::Artifact(stored.0.clone()))?;
         Ok(stored)
     })
@@ -666,6 +667,24 @@ pub async fn finish_ready(
         }
     };
     rec.artifact_ids = vec![manifest_digest.to_string()];
+    // Many nodes: published before it is ready, so that a ready template
+    // is one every node can restore.
+    match crate::replicate::publish(state, rec, &m, &bytes).await {
+        Ok(Some(reference)) => rec.artifact_ids.push(reference),
+        Ok(None) => {}
+        Err(e) => {
+            return fail(
+                state,
+                Writer::Owner(owner),
+                rec,
+                "finalize",
+                &format!("publishing to the artifact registry: {e}"),
+                true,
+                "retry the build once the artifact registry answers",
+            )
+            .await;
+        }
+    }
     rec.runtime_defaults = RuntimeDefaultsOut {
         default_env_keys: m.env.keys().cloned().collect(),
         start_cmd: m.start_cmd.clone(),

@@ -78,6 +78,15 @@ pub async fn template_source(state: &Shared, c: &Caller, raw: &str) -> MachineRe
             ),
         ));
     }
+    // Built on another node: pulled from the artifact registry first.
+    crate::replicate::ensure_local(state, &rec, raw)
+        .await
+        .map_err(|e| match e {
+            crate::replicate::ReplicateError::NotPublished(m) => {
+                MachineError::conflict("template_unavailable", m)
+            }
+            e => MachineError::TemplateUnavailable(e.to_string()),
+        })?;
     let m = templates::manifest_of(state, &rec, raw).await?;
     let Some(dir) = templates::snapshot_dir(state, &m) else {
         return Err(MachineError::conflict(
