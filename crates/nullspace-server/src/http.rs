@@ -793,6 +793,11 @@ pub fn router(state: Shared) -> Router {
             state.clone(),
             crate::preview::by_host,
         ))
+        // Many nodes: a request for another node's machine goes to it.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::cluster::forward::to_owner,
+        ))
         // The edge, outermost: error answers in one JSON shape, and bodies
         // a handler left unread drained (`edge`).
         .layer(middleware::from_fn(crate::edge::errors::json_errors))

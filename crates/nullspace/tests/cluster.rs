@@ -106,6 +106,10 @@ fn nodes_hold_leases_and_a_dead_node_is_declared_and_a_stale_one_fenced() {
     ];
     let a = Server::start_with(&tmp.path().join("a"), Some(&pg.url), &args);
     let mut b = Server::start_with(&tmp.path().join("b"), Some(&pg.url), &args);
+    // A server listens a moment before it registers.
+    wait_for("both registered", Duration::from_secs(10), || {
+        nodes(&pg).len() == 2
+    });
     let (na, nb) = (node_of(&pg, &a.url), node_of(&pg, &b.url));
     assert_eq!(nodes(&pg).len(), 2);
     for n in [&na, &nb] {
@@ -141,8 +145,12 @@ fn nodes_hold_leases_and_a_dead_node_is_declared_and_a_stale_one_fenced() {
     );
     assert_eq!(node_of(&pg, &a.url).status, NodeStatus::Ready);
 
-    // B starts again: the same node id, a new epoch, ready.
+    // B starts again: the same node id, a new epoch, ready (it listens a
+    // moment before it registers).
     b.start_again();
+    wait_for("B registered again", Duration::from_secs(10), || {
+        node_of(&pg, &b.url).status == NodeStatus::Ready
+    });
     let nb2 = node_of(&pg, &b.url);
     assert_eq!(nb2.id, nb.id);
     assert_eq!(nb2.epoch, nb.epoch + 1);
@@ -220,6 +228,30 @@ for mid, page in out:
     print("MACHINE", mid, page)
 "#;
 
+/// B's machine, driven through another node: exec (streamed), files and a
+/// terminal; every request is forwarded to B.
+const DRIVE: &str = r#"
+import os, time
+from nullspace import Machine
+m = Machine.connect(os.environ["NS_MACHINE"])
+seen = []
+r = m.commands.run("echo one; sleep 1; echo two", on_stdout=lambda d: seen.append(d))
+assert r.exit_code == 0 and "two" in r.stdout and any("one" in d for d in seen), (r, seen)
+m.files.write("/tmp/through.txt", "via-" + os.environ["NS_VIA"])
+assert m.files.read("/tmp/through.txt") == "via-" + os.environ["NS_VIA"]
+s = m.pty.create_session(cols=80, rows=24)
+got = []
+import threading
+threading.Thread(target=lambda: [got.append(c) for c in s], daemon=True).start()
+s.send_input("echo pty-$((6*7))\n")
+t = time.time()
+while b"pty-42" not in b"".join(got) and time.time() - t < 60:
+    time.sleep(0.1)
+assert b"pty-42" in b"".join(got), got
+m.pty.kill_session(s.session_id)
+print("DRIVEN", m.id)
+"#;
+
 #[test]
 fn a_template_built_on_one_node_is_pulled_once_by_each_other_node() {
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -236,6 +268,10 @@ fn a_template_built_on_one_node_is_pulled_once_by_each_other_node() {
         "--node-url-self",
         "--artifact-registry",
         &artifacts,
+        "--node-lease-ms",
+        "2000",
+        "--node-grace-ms",
+        "3000",
     ];
     let a = Server::start_with(&tmp.path().join("a"), Some(&pg.url), &args);
     let key = a.key("team-a");
@@ -295,6 +331,38 @@ fn a_template_built_on_one_node_is_pulled_once_by_each_other_node() {
             .contains(&tmp.path().join("a").display().to_string())
     );
 
+    // B's machine driven through A and through C: forwarded to B.
+    let r = nullspace_testkit::server::run_sdk_version(
+        nullspace_testkit::server::Sdk::V1_0_3,
+        &b,
+        &key,
+        CREATE,
+        &[],
+    );
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let on_b = r
+        .stdout
+        .lines()
+        .find_map(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .to_string();
+    for (via, name) in [(&a, "a"), (&c, "c")] {
+        let r = nullspace_testkit::server::run_sdk_version(
+            nullspace_testkit::server::Sdk::V1_0_3,
+            via,
+            &key,
+            DRIVE,
+            &[("NS_MACHINE", &on_b), ("NS_VIA", name)],
+        );
+        assert!(
+            r.status.success() && r.stdout.contains("DRIVEN"),
+            "{}\n{}\n{}",
+            r.stdout,
+            r.stderr,
+            via.log_text()
+        );
+    }
+
     // With the registry gone, the warm nodes still create; a cold node
     // fails fast with a clear 503.
     drop(reg);
@@ -318,4 +386,44 @@ fn a_template_built_on_one_node_is_pulled_once_by_each_other_node() {
         &[],
     );
     assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+
+    // B killed (its QEMUs too): its machine, asked through A, is 503 with
+    // Retry-After until B is declared dead; then it has ended in `error`,
+    // with the reason.
+    let mut b = b;
+    let qemus = b.qemu_pids();
+    b.kill();
+    for p in qemus {
+        let _ = Command::new("kill")
+            .args(["-KILL", &p.to_string()])
+            .status();
+    }
+    let http = reqwest::blocking::Client::new();
+    let get = || {
+        http.get(format!("{}/v1/machines/{on_b}", a.url))
+            .bearer_auth(&key)
+            .send()
+            .unwrap()
+    };
+    let r = get();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["code"], "machine_unavailable", "{body}");
+    let t = Instant::now();
+    let mut last = serde_json::Value::Null;
+    // An ended machine reads as not found, naming its status and reason.
+    let ended = |v: &serde_json::Value| {
+        v["code"] == "machine_not_found"
+            && v["error"]
+                .as_str()
+                .is_some_and(|m| m.contains("is error") && m.contains("declared dead"))
+    };
+    while !ended(&last) && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+        last = get().json().unwrap();
+    }
+    assert!(ended(&last), "{last}\n{}", a.log_text());
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(node_of(&pg, &b.url).status, NodeStatus::Dead);
 }

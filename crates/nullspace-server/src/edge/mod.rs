@@ -10,9 +10,12 @@
 //! - [`errors`]: every error answer the API's routes give is the API's
 //!   JSON error shape, including the framework's own rejections (413, 415,
 //!   bad paths or queries) that would otherwise be plain text.
+//! - [`proxy`]: one HTTP/1 exchange (upgrades included) over a stream the
+//!   caller opened: the preview proxy's and the forward to another node's.
 
 pub mod drain;
 pub mod errors;
+pub mod proxy;
 pub mod serve;
 
 use std::time::Duration;

@@ -1,12 +1,12 @@
-//! One proxied request: sent over a fresh tunnel with hyper's HTTP/1
-//! client, the answer streamed back (chunked and SSE included); an
-//! upgrade (WebSocket) is answered, then both upgraded streams are joined.
+//! One proxied request into a guest: its headers made fit for the guest's
+//! app, then exchanged over a fresh tunnel (`edge::proxy::exchange`).
 
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper_util::rt::TokioIo;
+use axum::http::{HeaderValue, Request, Response, header};
+
+use crate::edge::proxy::ExchangeError;
 
 use super::ProxyError;
 use crate::guest::Guest;
@@ -32,9 +32,6 @@ pub async fn forward(
     response_timeout: Duration,
     usage: Option<std::sync::Arc<crate::machines::ports::Usage>>,
 ) -> Result<Response<Body>, ProxyError> {
-    let client_upgrade = is_upgrade(&req)
-        .then(|| req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>())
-        .flatten();
     *req.uri_mut() = rewrite
         .path_and_query
         .parse()
@@ -63,43 +60,15 @@ pub async fn forward(
             } => ProxyError::Busy(message),
             e => ProxyError::Unreachable(port, e.to_string()),
         })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    crate::edge::proxy::exchange(io, req, response_timeout)
         .await
-        .map_err(|e| ProxyError::Upstream(port, e.to_string()))?;
-    tokio::spawn(conn.with_upgrades());
-    let mut resp = tokio::time::timeout(response_timeout, sender.send_request(req))
-        .await
-        .map_err(|_| ProxyError::NoAnswer(port, response_timeout))?
-        .map_err(|e| ProxyError::Upstream(port, e.to_string()))?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client) = client_upgrade else {
-            return Err(ProxyError::Upstream(
-                port,
-                "the guest's server switched protocols unasked".into(),
-            ));
-        };
-        let upstream = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            if let (Ok(c), Ok(u)) = tokio::join!(client, upstream) {
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+        .map_err(|e| match e {
+            ExchangeError::NoAnswer(t) => ProxyError::NoAnswer(port, t),
+            ExchangeError::UnaskedSwitch => {
+                ProxyError::Upstream(port, "the guest's server switched protocols unasked".into())
             }
-        });
-        let (parts, _) = resp.into_parts();
-        return Ok(Response::from_parts(parts, Body::empty()));
-    }
-    Ok(resp.map(Body::new))
-}
-
-pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            ExchangeError::Upstream(m) => ProxyError::Upstream(port, m),
         })
-        && req.headers().contains_key(header::UPGRADE)
 }
 
 /// Removes the proxy's own cookie from what the guest's app sees.

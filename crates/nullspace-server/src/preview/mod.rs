@@ -255,7 +255,7 @@ async fn proxy(
         .ok_or_else(|| ProxyError::NotRunning(id.to_string(), m.status()))?;
     let (path_and_query, token) = take_query_token(&path_and_query);
     if let Some(u) = &grant {
-        u.record(forward::is_upgrade(&req));
+        u.record(crate::edge::proxy::is_upgrade(&req));
     }
     let mut resp = forward::forward(
         &live.guest,

@@ -7,6 +7,8 @@
 //! by the database's clock (`nullspace_store::nodes`); see
 //! `docs/ARCHITECTURE.md`, "Many nodes".
 
+pub mod forward;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
