@@ -195,6 +195,18 @@ fn nodes_hold_leases_and_a_dead_node_is_declared_and_a_stale_one_fenced() {
     assert_eq!(node_of(&pg, &a.url).status, NodeStatus::Stopped);
 }
 
+/// Prints a log line's measured fields (`ms`, `*_mib`, `chunks`) for the
+/// issue's benchmark figures.
+fn figures(node: &Server, event: &str) {
+    for l in node.log_text().lines().filter(|l| l.contains(event)) {
+        let kept: Vec<&str> = l
+            .split_whitespace()
+            .filter(|w| w.starts_with("ms=") || w.contains("_mib=") || w.starts_with("chunks="))
+            .collect();
+        eprintln!("[figures] {event}: {}", kept.join(" "));
+    }
+}
+
 /// The template, built on A with the build VM, and what B and C do with it
 /// through SDK 1.0.3: each creates a machine (a cold pull from the
 /// registry), runs a command and reads the start command's page.
@@ -325,7 +337,9 @@ fn a_template_built_on_one_node_is_pulled_once_by_each_other_node() {
             .matches("template pulled from the artifact registry")
             .count();
         assert_eq!(pulls, 1, "{}", node.log_text());
+        figures(node, "template pulled from the artifact registry");
     }
+    figures(&a, "template published");
     assert!(
         !b.log_text()
             .contains(&tmp.path().join("a").display().to_string())
