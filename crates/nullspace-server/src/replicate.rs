@@ -215,16 +215,17 @@ pub async fn ensure_local(
     }
     let started = std::time::Instant::now();
     let (st, build) = (state.clone(), rec.build_id.clone());
-    let r = tokio::task::spawn_blocking(move || pull(&st, &reference, &digest, &build))
+    let fetched = tokio::task::spawn_blocking(move || pull(&st, &reference, &digest, &build))
         .await
-        .map_err(|e| ReplicateError::Failed(e.to_string()))?;
+        .map_err(|e| ReplicateError::Failed(e.to_string()))??;
+    // Kept after a failure, so that retries still take turns (they share
+    // the staging directory); gone once the template is local.
     state
         .pulls
         .inflight
         .lock()
         .expect("pulls lock")
         .remove(&rec.build_id);
-    let fetched = r?;
     tracing::info!(
         build = %rec.build_id,
         fetched_mib = fetched >> 20,
@@ -243,6 +244,12 @@ fn pull(
     build: &str,
 ) -> Result<u64, ReplicateError> {
     let opts = registry_options(state);
+    // The collector waits while a pull is under way: it would take the
+    // staging directory and the snapshot for things nothing marks.
+    let w = state
+        .artifacts
+        .writing()
+        .map_err(|e| ReplicateError::Failed(e.to_string()))?;
     let map = |e: ArtifactError| match e {
         ArtifactError::Unreachable { .. } => ReplicateError::Unavailable(e.to_string()),
         e => ReplicateError::Failed(e.to_string()),
@@ -300,10 +307,6 @@ fn pull(
     } else {
         let _ = std::fs::remove_dir_all(&staging);
     }
-    let w = state
-        .artifacts
-        .writing()
-        .map_err(|e| ReplicateError::Failed(e.to_string()))?;
     w.put(&bytes[..])
         .map_err(|e| ReplicateError::Failed(e.to_string()))?;
     Ok(pulled.fetched_bytes)
